@@ -1,0 +1,112 @@
+// zero::Comm: collectives over flat buffers between the ranks of one data-parallel group.
+//
+// Contract (NCCL's, so that the CPU and GPU backends are interchangeable):
+//  * Counts are in elements, never bytes. `count` is the per-rank element count of reduce-scatter and
+//    all-gather, and the whole buffer's count for all-reduce and broadcast.
+//  * ReduceScatter sums `world_size * count` elements of `send` across ranks and leaves rank r's slice
+//    [r*count, (r+1)*count) in `recv`. It is in place when recv == send + rank * count.
+//  * AllGather concatenates every rank's `count` elements in rank order into `recv` (world_size * count).
+//    It is in place when send == recv + rank * count.
+//  * All functions of a Comm must be called in the same order, with the same counts and dtypes, by every rank.
+//    A rank that breaks this gets an error (a timeout, or the reason a peer aborted with), never a hang.
+//  * Every wait polls against CommOptions::timeout. After a timeout or an Abort the Comm is broken: every later
+//    call returns the status that broke it, naming the collective that failed.
+//  * Not thread-safe: one thread issues a Comm's collectives.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "zero/status.h"
+#include "zero/types.h"
+
+namespace zero {
+
+enum class ReduceOp : uint8_t { kSum, kMax, kMin };
+
+struct CommOptions {
+  // How long any single wait may take before the Comm is marked broken. Default 300 s; a stalled peer costs
+  // this much wall time before every rank gets an error.
+  std::chrono::milliseconds timeout{300'000};
+  // Test seam: largest element count of one point-to-point message (MPI counts are int). Default 2^30.
+  int64_t TEST_max_message_elements = int64_t{1} << 30;
+};
+
+// Describes one call for counters and error messages.
+struct CollectiveOptions {
+  // Control traffic (agreement checks, norms) is counted apart from data traffic, so that the data counters
+  // match the ZeRO communication formulas exactly.
+  bool control = false;
+  // What this collective is, for error messages ("bucket 3 of unit 2, step 7"). May be null.
+  const char* what = nullptr;
+};
+
+// Elements moved per collective kind, as issued by this rank, data traffic only. Reduce-scatter and
+// all-gather count the whole (world_size * count) buffer; all-reduce and broadcast count their buffer.
+struct CommCounters {
+  int64_t reduce_scatter = 0;
+  int64_t all_gather = 0;
+  int64_t all_reduce = 0;
+  int64_t broadcast = 0;
+  int64_t control_calls = 0;     // number of control collectives
+  int64_t control_elements = 0;  // elements of control collectives
+  // The ZeRO paper's volume: reduce-scatter + all-gather + 2 * all-reduce.
+  int64_t Volume() const { return reduce_scatter + all_gather + 2 * all_reduce; }
+};
+
+class Comm {
+ public:
+  virtual ~Comm() = default;
+  Comm(const Comm&) = delete;
+  Comm& operator=(const Comm&) = delete;
+
+  // A communicator over MPI_COMM_WORLD. Initializes MPI (MPI_THREAD_MULTIPLE) if nobody has yet; in that case
+  // the returned Comm finalizes MPI when it is destroyed.
+  static Status OpenMpi(const CommOptions& options, std::unique_ptr<Comm>* comm);
+  // A communicator over an existing MPI communicator (for example a data-parallel subgroup), given by its
+  // Fortran handle (MPI_Comm_c2f(comm)) so that this header needs no mpi.h. The communicator is duplicated;
+  // the caller keeps ownership of the original and of MPI itself.
+  static Status FromMpiComm(int64_t mpi_comm_fortran_handle, const CommOptions& options,
+                            std::unique_ptr<Comm>* comm);
+  // A world of one rank: every collective is a copy.
+  static std::unique_ptr<Comm> Single();
+
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+
+  // Sum only. f32 and f64.
+  virtual Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
+                               const CollectiveOptions& opts = {}) = 0;
+  // Any dtype.
+  virtual Status AllGather(const void* send, void* recv, int64_t count, DType dtype,
+                           const CollectiveOptions& opts = {}) = 0;
+  // f32, f64 and i64. When count is a multiple of world_size, sums run in the same fixed ring order as
+  // ReduceScatter, so results are bitwise reproducible.
+  virtual Status AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
+                           const CollectiveOptions& opts = {}) = 0;
+  // Any dtype. In place on every rank.
+  virtual Status Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts = {}) = 0;
+  virtual Status Barrier(const CollectiveOptions& opts = {}) = 0;
+
+  // Marks this Comm broken with `reason` and tells every peer, whose current or next wait then returns
+  // Status::Aborted naming this rank and the reason. Use it when this rank can no longer follow the
+  // collective order (so peers fail instead of hanging).
+  virtual void Abort(const Status& reason) = 0;
+  // OK, or the status that broke this Comm.
+  virtual Status health() const = 0;
+
+  const CommCounters& counters() const { return counters_; }
+  void ResetCounters() { counters_ = CommCounters(); }
+
+ protected:
+  Comm(int rank, int world_size) : rank_(rank), world_size_(world_size) {}
+  CommCounters counters_;
+
+ private:
+  int rank_;
+  int world_size_;
+};
+
+}  // namespace zero

@@ -1,0 +1,157 @@
+// zero::Engine: ZeRO-partitioned parameters, gradients and optimizer state for one trainer.
+//
+// The engine owns parameter and gradient storage in flat, padded buckets; the trainer sees plain views.
+// Protocol per optimizer step (every rank, same order; see README "API contract"):
+//
+//   for micro in 0..M-1:
+//     BeginMicroStep(micro, micro == M-1)            // cross-rank agreement check
+//     loss *= LossScale()
+//     for unit in forward order:  Acquire(u, kForward);  forward(u);  Release(u, kForward)
+//     for unit in reverse order:  Acquire(u, kBackward); backward(u) /* += into Grad views */;
+//                                 GradsReady(u);        Release(u, kBackward)
+//   Step(args, &result)
+//
+// Views: Param(p) is valid while p's unit is acquired (always, in stages 0-2); Grad(p) from the first
+// Acquire(u, kBackward) of a micro-step to GradsReady(u). The engine zeroes gradients; the trainer only adds.
+// Gradients are averaged: the engine divides the sum over ranks and micro-steps by world_size * M.
+//
+// Errors: calls return Status. A protocol error detected before any collective (unknown unit, GradsReady twice)
+// leaves the engine usable. A disagreement between ranks is reported on every rank (kMismatch) and poisons
+// the engine: every later call returns that status (healthy() says so). Not thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "zero/comm.h"
+#include "zero/options.h"
+#include "zero/status.h"
+#include "zero/types.h"
+
+namespace zero {
+
+enum class Pass : uint8_t { kForward, kBackward };
+
+struct StepArgs {
+  // Learning rate for this step; negative: the optimizer options' lr. Per-parameter lr_mult applies on top.
+  double lr = -1.0;
+};
+
+struct StepResult {
+  bool skipped = false;      // a gradient was not finite: nothing was updated
+  double grad_norm = 0.0;    // global L2 norm of the averaged gradient, before clipping
+  double clip_coef = 1.0;    // factor applied by clipping (1 when not clipping)
+  float loss_scale = 1.0f;   // the loss scale used for this step
+  double lr = 0.0;           // the base learning rate used
+  int64_t step = 0;          // optimizer steps taken so far (skipped steps do not count)
+};
+
+// Bytes per category, current and peak, for one kind of memory.
+struct MemoryUsage {
+  int64_t current[kNumMemoryCategories] = {};
+  int64_t peak[kNumMemoryCategories] = {};
+  int64_t Total() const;
+  int64_t PeakTotal() const;
+};
+
+struct MemoryReport {
+  MemoryUsage device;
+  MemoryUsage host;  // pinned + pageable host memory the engine allocated
+};
+
+// Fills one owned fragment at Engine::InitParams: write `count` fp32 values of parameter `param`, elements
+// [param_off, param_off + count), to dst. Called only for what this rank owns: no rank holds the whole model.
+using FillFn = std::function<void(int param, int64_t param_off, int64_t count, float* dst)>;
+
+class Engine;
+
+// RAII scope with full parameters of some units on every rank (merge, export, sampling). Collective: every
+// rank opens and closes it in the same order. Param views obtained from the engine are valid inside it.
+class FullParamsScope {
+ public:
+  FullParamsScope() = default;
+  FullParamsScope(FullParamsScope&& other) noexcept;
+  FullParamsScope& operator=(FullParamsScope&& other) noexcept;
+  ~FullParamsScope();
+  // Ends the scope early (collective in stage 3). Returns the release status.
+  Status Close();
+
+ private:
+  friend class Engine;
+  Engine* engine_ = nullptr;
+  std::vector<int> units_;
+};
+
+class Engine {
+ public:
+  // Validates options and specs, checks that every rank passed the same ones (kMismatch naming the first
+  // difference otherwise, on every rank), builds the partition plan and allocates every buffer the run needs.
+  // `comm` must outlive the engine.
+  static Status Open(const Options& options, Comm* comm, std::vector<ParamSpec> specs,
+                     std::unique_ptr<Engine>* engine);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Sets every parameter from `fill`, called per owned fragment; then makes full copies where the stage
+  // keeps them. Resets optimizer state and the step count. Collective.
+  Status InitParams(const FillFn& fill);
+
+  // Starts micro-step `micro` (0-based) of the current step; `is_last` marks the last one. Issues one small
+  // all-reduce that checks every rank agrees on (step, micro, is_last, plan, units used so far).
+  Status BeginMicroStep(int micro, bool is_last);
+  // The factor the trainer multiplies its loss by (1 in fp32).
+  float LossScale() const;
+
+  // Makes unit `unit`'s parameters available for `pass` (stage 3: gathers them, prefetching the next units of
+  // the recorded order). A unit may be acquired several times per pass (tied weights); reference-counted.
+  Status Acquire(int unit, Pass pass);
+  // Ends one use of the unit (stage 3: frees its gathered copy when no use remains, unless kept).
+  Status Release(int unit, Pass pass);
+  // The unit's gradients for this micro-step are complete (call once, after its last backward use).
+  // Stage 0-1: on the last micro-step, reduces its buckets; stage 2-3: reduce-scatters them every micro-step.
+  Status GradsReady(int unit);
+
+  // Reduces what remains, clips, applies the optimizer to owned state and re-gathers parameters. Collective.
+  Status Step(const StepArgs& args, StepResult* result);
+
+  // Forward-only passes (evaluation, generation) between steps: no gradient buffers, their own stage-3 trace.
+  Status BeginEval();
+  Status EndEval();
+
+  // Full parameters of `units` on every rank until the scope closes. Collective.
+  Status GatherFull(std::span<const int> units, FullParamsScope* scope);
+
+  // Views of parameter / gradient `param` (spec index). Invalid (data == null) outside their validity window.
+  TensorView Param(int param) const;
+  TensorView Grad(int param) const;
+
+  const std::vector<ParamSpec>& specs() const;
+  const Options& options() const;
+  int num_units() const;
+  int64_t step() const;
+  MemoryReport Memory() const;
+  const CommCounters& comm_counters() const;
+  // OK, or the status that poisoned the engine.
+  Status healthy() const;
+
+  // Test seam: the engine's event log (what was issued, in order). See src/engine_impl.h.
+  struct Event {
+    enum Kind : uint8_t { kAcquire, kRelease, kGradsReady, kGather, kReduce, kStep } kind;
+    int unit;
+    int bucket;  // -1 when not about one bucket
+  };
+  const std::vector<Event>& TEST_events() const;
+
+ private:
+  friend class FullParamsScope;
+  class Impl;
+  explicit Engine(std::unique_ptr<Impl> impl);
+  Status ReleaseFull(const std::vector<int>& units);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace zero

@@ -1,0 +1,96 @@
+// zero::Options and zero::ParamSpec: everything an Engine is configured with, validated once in Engine::Open.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "zero/types.h"
+
+namespace zero {
+
+// How much training state is partitioned across the ranks (Rajbhandari et al., "ZeRO", 2019).
+enum class Stage : uint8_t {
+  kDataParallel = 0,     // nothing partitioned; gradients all-reduced; the baseline
+  kOptimizerStates = 1,  // optimizer state partitioned; gradients reduce-scattered after the last micro-step
+  kGradients = 2,        // + gradients partitioned; reduce-scattered every micro-step into shard accumulators
+  kParameters = 3,       // + parameters partitioned; gathered per unit at Acquire, freed at Release
+};
+const char* StageName(Stage stage);
+
+enum class OptimizerKind : uint8_t {
+  kAdamW,        // torch.optim.AdamW: bias correction, decoupled weight decay; state m, v (8 bytes/param)
+  kSgdMomentum,  // torch.optim.SGD with momentum (coupled weight decay); state: momentum (4 bytes/param)
+};
+
+struct AdamWOptions {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float weight_decay = 1e-2f;
+};
+
+struct SgdOptions {
+  float lr = 1e-2f;
+  float momentum = 0.9f;
+  float dampening = 0.0f;
+  float weight_decay = 0.0f;
+  bool nesterov = false;
+};
+
+// One parameter tensor as the trainer registers it. Every rank passes identical specs, in the same order.
+struct ParamSpec {
+  std::string name;            // unique; used in errors and checkpoints
+  std::vector<int64_t> shape;  // row-major; numel = product (an empty shape is a scalar)
+  int unit = 0;                // gather/reduce granularity (a block, the embedding); number units in forward order
+  bool trainable = true;       // false: frozen (no gradient, no optimizer state; e.g. a LoRA base weight)
+  float lr_mult = 1.0f;        // this parameter's learning rate = lr * lr_mult
+  float wd_mult = 1.0f;        // this parameter's weight decay = weight_decay * wd_mult (0 for norms, biases)
+
+  int64_t numel() const;
+};
+
+struct Options {
+  Stage stage = Stage::kGradients;
+  Backend backend = Backend::kCpu;
+
+  OptimizerKind optimizer = OptimizerKind::kAdamW;
+  AdamWOptions adamw;
+  SgdOptions sgd;
+
+  // Global-norm gradient clipping (torch.nn.utils.clip_grad_norm_ semantics); 0 disables. Costs one fp64
+  // sum of squares over the owned gradient shard and one 2-double all-reduce per step (done anyway).
+  double clip_norm = 0.0;
+
+  // Parameters per bucket (elements). A unit's parameters are split into buckets of at most this many
+  // elements (a larger parameter gets a bucket of its own); each bucket is padded to a multiple of 64 * world
+  // and is one collective. Default 2^25 (128 MiB in fp32): large enough to be bandwidth-bound.
+  int64_t bucket_elements = int64_t{1} << 25;
+
+  // Stages 2-3: full-size gradient buffers in the pool, each as large as the largest trainable unit. A unit
+  // holds one from Acquire(u, kBackward) to GradsReady(u); a tied unit holds its buffer across the units in
+  // between, so 2 is the minimum for models with tied weights. Default 2.
+  int grad_pool_buffers = 2;
+
+  // Stage 3: buffers for gathered units (acquired or prefetched), each as large as the largest non-persistent
+  // unit. Default 3 (the current unit, one prefetched, one tied or kept).
+  int gather_slots = 3;
+  // Stage 3: prefetch the next units of the recorded order while their gathered-but-unused bytes stay
+  // within this budget. 0 disables prefetch. Default 256 MiB.
+  int64_t prefetch_bytes = int64_t{256} << 20;
+  // Stage 3: units whose full parameters take at most this many bytes stay gathered for the whole run
+  // (they cost full memory, save two gathers per micro-step). Default 0: none.
+  int64_t persist_bytes = 0;
+  // Stage 3: units that stay gathered across the forward -> backward turn (e.g. the last block). Default none.
+  std::vector<int> keep_gathered_units;
+
+  // Capacity of device memory in bytes (0: unlimited on the CPU backend; the free memory on CUDA). Exceeding it
+  // fails with an OutOfMemory status that carries the per-category breakdown.
+  int64_t device_capacity_bytes = 0;
+
+  // Threads for CPU kernels on this rank. 0: cores per node / local ranks. Default 0.
+  int cpu_threads = 0;
+};
+
+}  // namespace zero
