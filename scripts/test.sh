@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# scripts/test.sh: everything CI checks, in one command (.ci/run runs it).
+#
+#   deps       install missing Debian packages (scripts/deps.sh)
+#   configure  Release into build/: tests, benchmarks and examples on, warnings as errors, CUDA when nvcc is
+#              present (compiled for sm_80 and sm_90; nothing CUDA runs here)
+#   build      everything, -j$(nproc), through ccache
+#   install    cmake --install into a temporary prefix, then build and run tests/install_consumer against it
+#              (find_package(zero) + zero::zero from an outside project)
+#   test       ctest; multi-rank suites run under mpiexec
+#
+# Prints each phase's wall time at the end, also when a phase fails. Exits non-zero on any failure. Re-running
+# with nothing changed only re-checks: no package manager, a quick re-configure, an up-to-date build.
+# Extra arguments go to ctest:  scripts/test.sh -R comm      scripts/test.sh -L mpi -V
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+build=build
+
+# --- phase timing -----------------------------------------------------------------------------------------------
+now_us() { echo "${EPOCHREALTIME//[!0-9]/}"; }  # bash 5: microseconds since the epoch, locale-proof
+fmt_s() { printf '%d.%d s' $(($1 / 1000000)) $(($1 / 100000 % 10)); }
+phase_names=()
+phase_us=()
+phase=""
+phase_start=0
+total_start=$(now_us)
+tmp=""
+
+end_phase() {
+  if [[ -n $phase ]]; then
+    phase_names+=("$phase")
+    phase_us+=($(($(now_us) - phase_start)))
+    phase=""
+  fi
+}
+begin_phase() {
+  end_phase
+  phase=$1
+  phase_start=$(now_us)
+  echo "==> $phase"
+}
+on_exit() {
+  local rc=$?
+  local failed=$phase
+  end_phase
+  [[ -n $tmp ]] && rm -rf "$tmp"
+  echo
+  echo "==> wall time per phase"
+  local i
+  for i in "${!phase_names[@]}"; do
+    printf '  %-10s %10s%s\n' "${phase_names[$i]}" "$(fmt_s "${phase_us[$i]}")" \
+      "$([[ ${phase_names[$i]} == "$failed" && $rc -ne 0 ]] && echo "   FAILED")"
+  done
+  printf '  %-10s %10s\n' total "$(fmt_s $(($(now_us) - total_start)))"
+  if ((rc == 0)); then echo "==> test.sh: OK"; else echo "==> test.sh: FAILED (exit $rc)"; fi
+  exit "$rc"
+}
+trap on_exit EXIT
+
+# --- deps ---------------------------------------------------------------------------------------------------------
+begin_phase deps
+scripts/deps.sh
+
+# --- configure ----------------------------------------------------------------------------------------------------
+begin_phase configure
+# Every option is passed every time, so build/ always holds CI's configuration, whoever configured it before
+# (scripts/example.sh shares build/ and never turns these off once they are on).
+cmake_args=(-S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DZERO_WITH_CUDA=AUTO -DZERO_BUILD_TESTS=ON
+            -DZERO_BUILD_BENCHMARKS=ON -DZERO_BUILD_EXAMPLES=ON -DZERO_WERROR=ON)
+nvcc=$(command -v nvcc || true)
+if [[ -z $nvcc && -x /usr/local/cuda/bin/nvcc ]]; then
+  nvcc=/usr/local/cuda/bin/nvcc
+fi
+if [[ -n $nvcc ]]; then
+  export CUDACXX=${CUDACXX:-$nvcc}  # read by CMake on the first configure only
+  cmake_args+=("-DCMAKE_CUDA_ARCHITECTURES=80;90")
+fi
+cmake "${cmake_args[@]}"
+
+# --- build --------------------------------------------------------------------------------------------------------
+begin_phase build
+cmake --build "$build" --parallel "$(nproc)"
+
+# --- install ------------------------------------------------------------------------------------------------------
+begin_phase install
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/zero-install.XXXXXX")
+cmake --install "$build" --prefix "$tmp/prefix" >"$tmp/install.log" 2>&1 || { cat "$tmp/install.log"; false; }
+echo "installed into a temporary prefix: $(cd "$tmp/prefix" && find . ! -type d | sort | tr '\n' ' ')"
+cmake -S tests/install_consumer -B "$tmp/consumer" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$tmp/prefix" \
+  >"$tmp/consumer.log" 2>&1 || { cat "$tmp/consumer.log"; false; }
+cmake --build "$tmp/consumer" >>"$tmp/consumer.log" 2>&1 || { cat "$tmp/consumer.log"; false; }
+"$tmp/consumer/app"
+
+# --- test ---------------------------------------------------------------------------------------------------------
+begin_phase test
+# --no-tests=error: a filter that matches nothing is a failure, not a silent pass.
+ctest --test-dir "$build" --output-on-failure --no-tests=error --parallel "$(nproc)" "$@"
+end_phase
