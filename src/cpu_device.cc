@@ -1,1 +1,121 @@
-// placeholder
+// Device accounting and the CPU backend's device: host memory standing in for GPU memory.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <sstream>
+
+#include "device.h"
+
+namespace zero {
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    device_ = other.device_;
+    data_ = other.data_;
+    bytes_ = other.bytes_;
+    category_ = other.category_;
+    kind_ = other.kind_;
+    other.device_ = nullptr;
+    other.data_ = nullptr;
+    other.bytes_ = 0;
+  }
+  return *this;
+}
+
+void DeviceBuffer::Reset() {
+  if (device_ != nullptr) device_->Free(this);
+  device_ = nullptr;
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
+std::string FormatBytes(int64_t bytes) {
+  static const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (v >= 1024.0 && u < 4) {
+    v /= 1024.0;
+    ++u;
+  }
+  std::ostringstream os;
+  os.precision(u == 0 ? 0 : 2);
+  os << std::fixed << v << " " << kUnits[u];
+  return os.str();
+}
+
+Status Device::Allocate(int64_t bytes, MemoryCategory category, MemoryKind kind, const std::string& what,
+                        DeviceBuffer* out) {
+  out->Reset();
+  if (bytes < 0) return Status::InvalidArgument("negative allocation size for " + what);
+  std::lock_guard<std::mutex> lock(mu_);
+  MemoryUsage& usage = kind == MemoryKind::kDevice ? report_.device : report_.host;
+  if (kind == MemoryKind::kDevice && capacity_ > 0 && usage.Total() + bytes > capacity_) {
+    std::ostringstream os;
+    os << "allocating " << FormatBytes(bytes) << " for " << what << " would bring device memory to "
+       << FormatBytes(usage.Total() + bytes) << ", over the capacity of " << FormatBytes(capacity_)
+       << " (in use: ";
+    for (int c = 0; c < kNumMemoryCategories; ++c) {
+      os << (c ? ", " : "") << MemoryCategoryName(static_cast<MemoryCategory>(c)) << " "
+         << FormatBytes(usage.current[c]);
+    }
+    os << ")";
+    return Status::OutOfMemory(os.str());
+  }
+  void* ptr = bytes == 0 ? nullptr : RawAllocate(bytes, kind);
+  if (bytes > 0 && ptr == nullptr) {
+    return Status::OutOfMemory("the system refused " + FormatBytes(bytes) + " for " + what);
+  }
+  const int c = static_cast<int>(category);
+  usage.current[c] += bytes;
+  usage.peak[c] = std::max(usage.peak[c], usage.current[c]);
+  usage.peak_total = std::max(usage.peak_total, usage.Total());
+  out->device_ = this;
+  out->data_ = ptr;
+  out->bytes_ = bytes;
+  out->category_ = category;
+  out->kind_ = kind;
+  return Status::Ok();
+}
+
+void Device::Free(DeviceBuffer* buffer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  MemoryUsage& usage = buffer->kind_ == MemoryKind::kDevice ? report_.device : report_.host;
+  usage.current[static_cast<int>(buffer->category_)] -= buffer->bytes_;
+  if (buffer->data_ != nullptr) RawFree(buffer->data_, buffer->bytes_, buffer->kind_);
+}
+
+MemoryReport Device::report() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return report_;
+}
+
+int64_t MemoryUsage::Total() const {
+  int64_t t = 0;
+  for (int64_t b : current) t += b;
+  return t;
+}
+
+namespace {
+
+class CpuDevice final : public Device {
+ public:
+  Backend backend() const override { return Backend::kCpu; }
+
+ protected:
+  void* RawAllocate(int64_t bytes, MemoryKind) override {
+    constexpr size_t kAlign = 64;
+    const size_t rounded = (static_cast<size_t>(bytes) + kAlign - 1) / kAlign * kAlign;
+    void* p = std::aligned_alloc(kAlign, rounded);
+    if (p != nullptr) std::memset(p, 0, rounded);
+    return p;
+  }
+  void RawFree(void* ptr, int64_t, MemoryKind) override { std::free(ptr); }
+};
+
+}  // namespace
+
+std::unique_ptr<Device> NewCpuDevice() { return std::make_unique<CpuDevice>(); }
+
+}  // namespace zero

@@ -51,10 +51,11 @@ struct StepResult {
 
 // Bytes per category, current and peak, for one kind of memory.
 struct MemoryUsage {
-  int64_t current[kNumMemoryCategories] = {};
-  int64_t peak[kNumMemoryCategories] = {};
+  int64_t current[kNumMemoryCategories] = {};  // index: MemoryCategory
+  int64_t peak[kNumMemoryCategories] = {};     // per-category high-water marks
+  int64_t peak_total = 0;                      // high-water mark of the sum over categories
   int64_t Total() const;
-  int64_t PeakTotal() const;
+  int64_t Current(MemoryCategory c) const { return current[static_cast<int>(c)]; }
 };
 
 struct MemoryReport {

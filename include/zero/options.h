@@ -82,7 +82,8 @@ struct Options {
   // Stage 3: units whose full parameters take at most this many bytes stay gathered for the whole run
   // (they cost full memory, save two gathers per micro-step). Default 0: none.
   int64_t persist_bytes = 0;
-  // Stage 3: units that stay gathered across the forward -> backward turn (e.g. the last block). Default none.
+  // Stage 3: units that stay gathered from their forward Acquire until their next backward Release, across
+  // the forward -> backward turn (the last block; a tied embedding used again by the head). Default none.
   std::vector<int> keep_gathered_units;
 
   // Capacity of device memory in bytes (0: unlimited on the CPU backend; the free memory on CUDA). Exceeding it

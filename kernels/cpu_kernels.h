@@ -1,0 +1,29 @@
+// CPU instantiations of zero's device math (kernels/optimizer.cuh) and the gradient helpers the engine
+// runs on host memory. Loops are vectorizable; large ranges are split over `threads` OpenMP threads. Every
+// function is deterministic: results do not depend on the thread count.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/optimizer.cuh"
+
+namespace zero::kernels {
+
+// p, m, v, g: n floats. Updates p, m, v in place.
+void AdamWCpu(const AdamWCoeffs& c, float* p, float* m, float* v, const float* g, int64_t n, int threads);
+// p, buf, g: n floats. Updates p and buf in place.
+void SgdCpu(const SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n, int threads);
+
+// acc[i] += x[i].
+void AccumulateCpu(float* acc, const float* x, int64_t n, int threads);
+
+struct SumSquares {
+  double sum = 0.0;        // sum of squares of the finite elements, in fp64
+  int64_t nonfinite = 0;   // count of inf/nan elements
+};
+// Sums fixed blocks of kSumBlock elements sequentially in fp64, then the block sums in order: the result is
+// the same for any thread count, so it can be mirrored by a reference.
+inline constexpr int64_t kSumBlock = 4096;
+SumSquares SumSquaresCpu(const float* x, int64_t n, int threads);
+
+}  // namespace zero::kernels
