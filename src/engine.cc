@@ -1,1 +1,570 @@
-// placeholder
+// Engine: opening (validation, cross-rank spec agreement, buffer allocation), the agreement check, views, and
+// the public methods' guards. The protocol itself is in engine_units.cc and engine_step.cc.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+#include <thread>
+
+#include "engine_impl.h"
+
+namespace zero {
+namespace {
+
+constexpr uint64_t kHashMask = (uint64_t{1} << 52) - 1;  // exact in a double
+
+uint64_t Fnv1a(const void* data, size_t n, uint64_t h = 1469598103934665603ull) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) {
+    h ^= p[i];
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+// One line per option group and per spec: ranks compare these to name the first difference.
+std::vector<std::string> DescribeConfig(const Options& o, const std::vector<ParamSpec>& specs, int world) {
+  std::vector<std::string> lines;
+  std::ostringstream os;
+  os.precision(9);
+  os << "world_size=" << world << " stage=" << static_cast<int>(o.stage) << " backend=" << static_cast<int>(o.backend)
+     << " optimizer=" << static_cast<int>(o.optimizer) << " bucket_elements=" << o.bucket_elements
+     << " clip_norm=" << o.clip_norm << " grad_pool_buffers=" << o.grad_pool_buffers
+     << " gather_slots=" << o.gather_slots << " prefetch_bytes=" << o.prefetch_bytes
+     << " persist_bytes=" << o.persist_bytes << " keep_gathered_units=" << o.keep_gathered_units.size();
+  lines.push_back(os.str());
+  os.str("");
+  os << "adamw(lr=" << o.adamw.lr << " betas=" << o.adamw.beta1 << "," << o.adamw.beta2 << " eps=" << o.adamw.eps
+     << " wd=" << o.adamw.weight_decay << ") sgd(lr=" << o.sgd.lr << " momentum=" << o.sgd.momentum
+     << " dampening=" << o.sgd.dampening << " wd=" << o.sgd.weight_decay << " nesterov=" << o.sgd.nesterov << ")";
+  lines.push_back(os.str());
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const ParamSpec& s = specs[i];
+    os.str("");
+    os << "param " << i << " '" << s.name << "': shape [";
+    for (size_t d = 0; d < s.shape.size(); ++d) os << (d ? "," : "") << s.shape[d];
+    os << "] unit " << s.unit << (s.trainable ? " trainable" : " frozen") << " lr_mult " << s.lr_mult
+       << " wd_mult " << s.wd_mult;
+    lines.push_back(os.str());
+  }
+  return lines;
+}
+
+std::string Join(const std::vector<std::string>& lines) {
+  std::string out;
+  for (const std::string& l : lines) out += l + "\n";
+  return out;
+}
+
+std::vector<std::string> Split(const std::string& text) {
+  std::vector<std::string> lines;
+  std::istringstream is(text);
+  for (std::string l; std::getline(is, l);) lines.push_back(l);
+  return lines;
+}
+
+Status ValidateOptions(const Options& o, int num_units) {
+  auto bad = [](const std::string& m) { return Status::InvalidArgument("invalid Options: " + m); };
+  if (o.backend != Backend::kCpu) {
+    return Status::Unavailable("Options.backend = kCuda, but this build of zero has no CUDA device backend; "
+                               "use Backend::kCpu");
+  }
+  if (static_cast<int>(o.stage) > 3) return bad("stage must be one of Stage::k*");
+  if (o.optimizer != OptimizerKind::kAdamW && o.optimizer != OptimizerKind::kSgdMomentum) {
+    return bad("optimizer must be kAdamW or kSgdMomentum");
+  }
+  if (o.bucket_elements < 1) return bad("bucket_elements must be >= 1 (default 2^25)");
+  if (o.clip_norm < 0 || !std::isfinite(o.clip_norm)) return bad("clip_norm must be finite and >= 0 (0 disables)");
+  if (o.grad_pool_buffers < 1) return bad("grad_pool_buffers must be >= 1 (default 2)");
+  if (o.gather_slots < 1) return bad("gather_slots must be >= 1 (default 3)");
+  if (o.prefetch_bytes < 0) return bad("prefetch_bytes must be >= 0");
+  if (o.persist_bytes < 0) return bad("persist_bytes must be >= 0");
+  if (o.device_capacity_bytes < 0) return bad("device_capacity_bytes must be >= 0 (0: unlimited)");
+  if (o.cpu_threads < 0) return bad("cpu_threads must be >= 0 (0: cores per node / local ranks)");
+  for (int u : o.keep_gathered_units) {
+    if (u < 0 || u >= num_units) {
+      return bad("keep_gathered_units names unit " + std::to_string(u) + ", but units are 0.." +
+                 std::to_string(num_units - 1));
+    }
+  }
+  const AdamWOptions& a = o.adamw;
+  if (o.optimizer == OptimizerKind::kAdamW) {
+    if (!(a.lr >= 0)) return bad("adamw.lr must be >= 0");
+    if (!(a.beta1 >= 0 && a.beta1 < 1) || !(a.beta2 >= 0 && a.beta2 < 1)) return bad("adamw betas must be in [0, 1)");
+    if (!(a.eps > 0)) return bad("adamw.eps must be > 0");
+    if (!(a.weight_decay >= 0)) return bad("adamw.weight_decay must be >= 0");
+  } else {
+    const SgdOptions& s = o.sgd;
+    if (!(s.lr >= 0)) return bad("sgd.lr must be >= 0");
+    if (!(s.momentum >= 0)) return bad("sgd.momentum must be >= 0");
+    if (!(s.weight_decay >= 0)) return bad("sgd.weight_decay must be >= 0");
+    if (s.nesterov && (s.momentum <= 0 || s.dampening != 0)) {
+      return bad("sgd.nesterov needs momentum > 0 and dampening 0 (as torch.optim.SGD)");
+    }
+  }
+  return Status::Ok();
+}
+
+int DefaultThreads(int world) {
+  int local = world;
+  if (const char* env = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) local = std::max(1, std::atoi(env));
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return std::max(1, cores / local);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// Agreement
+
+void Engine::Impl::HashEvent(int a, int b) {
+  const int v[2] = {a, b};
+  trace_hash = Fnv1a(v, sizeof(v), trace_hash) & kHashMask;
+}
+
+std::string Engine::Impl::Where() const {
+  std::ostringstream os;
+  os << "rank " << rank << ", step " << step;
+  if (micro >= 0) os << ", micro-step " << micro;
+  return os.str();
+}
+
+std::string Engine::Impl::UnitName(int unit) const {
+  const std::vector<int>& ps = plan.units[static_cast<size_t>(unit)].params;
+  return "unit " + std::to_string(unit) + " ('" + specs[static_cast<size_t>(ps.front())].name + "'...)";
+}
+
+Status Engine::Impl::CheckUsable() const {
+  if (!poison.ok()) return poison;
+  Status h = comm->health();
+  if (!h.ok()) return h.WithContext("the communicator is broken");
+  return Status::Ok();
+}
+
+Status Engine::Impl::ValidUnit(int unit, const char* call) const {
+  if (unit < 0 || unit >= static_cast<int>(units.size())) {
+    return Status::InvalidArgument(std::string(call) + "(" + std::to_string(unit) + ") on " + Where() +
+                                   ": unknown unit; units are 0.." + std::to_string(units.size() - 1));
+  }
+  return Status::Ok();
+}
+
+Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
+  static const char* kFieldNames[kAgreeFields] = {"call",      "optimizer step", "micro-step index",
+                                                  "is_last",   "partition plan", "units used so far",
+                                                  "argument",  "local error"};
+  double v[2 * kAgreeFields];
+  v[kAgreeKind] = static_cast<double>(kind);
+  v[kAgreeStep] = static_cast<double>(step);
+  v[kAgreeMicro] = static_cast<double>(kind == AgreeKind::kBeginMicroStep ? arg : micros_done);
+  v[kAgreeIsLast] = micro_is_last ? 1 : 0;
+  v[kAgreePlan] = static_cast<double>(plan.hash);
+  v[kAgreeTrace] = static_cast<double>(trace_hash);
+  v[kAgreeArg] = static_cast<double>(arg);
+  v[kAgreeLocalError] = local.ok() ? 0 : 1;
+  for (int i = 0; i < kAgreeFields; ++i) v[kAgreeFields + i] = -v[i];
+  CollectiveOptions co;
+  co.control = true;
+  co.what = "agreement check";
+  double out[2 * kAgreeFields];
+  Status s = comm->AllReduce(v, out, 2 * kAgreeFields, DType::kF64, ReduceOp::kMax, co);
+  if (!s.ok()) {
+    poison = s.WithContext("agreement check failed on " + Where());
+    return poison;
+  }
+  int first = -1;
+  for (int i = 0; i < kAgreeFields && first < 0; ++i) {
+    if (out[i] != -out[kAgreeFields + i]) first = i;
+  }
+  if (first < 0) return local;  // every rank agrees (and had no local error, or every rank had one)
+  // Something differs: collect every rank's vector so that every rank can name who disagrees.
+  std::vector<double> all(static_cast<size_t>(world) * kAgreeFields);
+  co.what = "agreement check (gathering the disagreement)";
+  s = comm->AllGather(v, all.data(), kAgreeFields, DType::kF64, co);
+  if (!s.ok()) {
+    poison = s.WithContext("agreement check failed on " + Where());
+    return poison;
+  }
+  if (!local.ok()) return local;
+  auto field = [&](int r, int f) { return static_cast<int64_t>(all[static_cast<size_t>(r) * kAgreeFields + f]); };
+  std::ostringstream os;
+  if (first == kAgreeLocalError) {
+    for (int r = 0; r < world; ++r) {
+      if (field(r, kAgreeLocalError) != 0) {
+        return Status::FailedPrecondition("rank " + std::to_string(r) + " rejected this call at " + Where() +
+                                          "; see that rank's status (nothing was changed here)");
+      }
+    }
+  }
+  os << "ranks disagree on the " << kFieldNames[first] << " at " << Where() << ":";
+  for (int r = 0; r < world; ++r) os << (r ? "," : "") << " rank " << r << " has " << field(r, first);
+  if (first == kAgreeKind) {
+    os << " (1=BeginMicroStep 2=Step 3=BeginEval 4=EndEval 5=Acquire 6=GatherFull 7=ReleaseFull 8=InitParams)";
+  }
+  os << ". Every rank must make the same engine calls, with the same micro-steps and units, in the same order";
+  Status m = Status::Mismatch(os.str());
+  // Units or steps that already diverged mean collectives may have been mismatched: the engine cannot go on.
+  if (first == kAgreeStep || first == kAgreePlan || first == kAgreeTrace) poison = m;
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Views
+
+float* Engine::Impl::FullParamBase(const Bucket& b) {
+  DeviceBuffer& buf = b.trainable ? trainable_params : frozen_params;
+  return buf.as<float>() + b.offset;
+}
+
+float* Engine::Impl::ShardParamBase(const Bucket& b) {
+  DeviceBuffer& buf = b.trainable ? trainable_params : frozen_params;
+  return buf.as<float>() + b.shard_offset;
+}
+
+float* Engine::Impl::UnitParamBase(int unit) {
+  UnitState& u = units[static_cast<size_t>(unit)];
+  if (u.persistent) return persistent_params.as<float>() + u.persistent_offset;
+  if (u.gather_slot >= 0) return slots[static_cast<size_t>(u.gather_slot)].buffer.as<float>();
+  if (u.full_scope.data() != nullptr) return u.full_scope.as<float>();
+  return nullptr;
+}
+
+float* Engine::Impl::ParamPtr(int param) {
+  const ParamLocation& loc = plan.params[static_cast<size_t>(param)];
+  const Bucket& b = plan.buckets[static_cast<size_t>(loc.bucket)];
+  if (options.stage != Stage::kParameters) return FullParamBase(b) + loc.offset;
+  float* base = UnitParamBase(b.unit);
+  if (base == nullptr) return nullptr;
+  return base + buckets[static_cast<size_t>(loc.bucket)].unit_offset + loc.offset;
+}
+
+TensorView Engine::Param(int param) const {
+  TensorView v;
+  if (param < 0 || param >= static_cast<int>(impl_->specs.size())) return v;
+  const ParamSpec& s = impl_->specs[static_cast<size_t>(param)];
+  v.numel = s.numel();
+  v.shape = s.shape;
+  v.data = impl_->ParamPtr(param);
+  return v;
+}
+
+TensorView Engine::Grad(int param) const {
+  TensorView v;
+  if (param < 0 || param >= static_cast<int>(impl_->specs.size())) return v;
+  const ParamSpec& s = impl_->specs[static_cast<size_t>(param)];
+  const ParamLocation& loc = impl_->plan.params[static_cast<size_t>(param)];
+  const Bucket& b = impl_->plan.buckets[static_cast<size_t>(loc.bucket)];
+  const UnitState& u = impl_->units[static_cast<size_t>(b.unit)];
+  v.numel = s.numel();
+  v.shape = s.shape;
+  if (!s.trainable || !u.grad_window) return v;
+  const Stage st = impl_->options.stage;
+  if (st == Stage::kDataParallel || st == Stage::kOptimizerStates) {
+    v.data = impl_->grads.as<float>() + b.offset + loc.offset;
+  } else if (u.pool_slot >= 0) {
+    v.data = impl_->grad_pool[static_cast<size_t>(u.pool_slot)].as<float>() +
+             impl_->buckets[static_cast<size_t>(loc.bucket)].unit_offset + loc.offset;
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Open
+
+Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Engine::~Engine() = default;
+
+Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> specs,
+                    std::unique_ptr<Engine>* engine) {
+  engine->reset();
+  if (comm == nullptr) return Status::InvalidArgument("Engine::Open: comm is null");
+  ZERO_RETURN_IF_ERROR(comm->health());
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->comm = comm;
+  impl->rank = comm->rank();
+  impl->world = comm->world_size();
+  const std::string where = "Engine::Open on rank " + std::to_string(impl->rank);
+
+  // Validate locally, but agree on the outcome before returning so that no rank is left waiting.
+  Status local = PartitionPlan::Build(specs, impl->world, options.bucket_elements, &impl->plan);
+  if (local.ok()) local = ValidateOptions(options, static_cast<int>(impl->plan.units.size()));
+  if (!local.ok()) local = local.WithContext(where);
+
+  // Every rank must pass the same options and specs: compare hashes, then name the first difference.
+  const std::string config = Join(DescribeConfig(options, specs, impl->world));
+  const int64_t mine[2] = {static_cast<int64_t>(Fnv1a(config.data(), config.size()) & kHashMask),
+                           local.ok() ? 0 : 1};
+  std::vector<int64_t> all(2 * static_cast<size_t>(impl->world));
+  CollectiveOptions co;
+  co.control = true;
+  co.what = "Engine::Open spec agreement";
+  ZERO_RETURN_IF_ERROR(comm->AllGather(mine, all.data(), 2, DType::kI64, co));
+  int differs = -1, failed = -1;
+  for (int r = 0; r < impl->world; ++r) {
+    if (differs < 0 && all[2 * static_cast<size_t>(r)] != all[0]) differs = r;
+    if (failed < 0 && all[2 * static_cast<size_t>(r) + 1] != 0) failed = r;
+  }
+  if (differs > 0) {
+    // Broadcast rank 0's and rank `differs`'s descriptions; every rank names the same first difference.
+    std::string texts[2];
+    const int roots[2] = {0, differs};
+    for (int k = 0; k < 2; ++k) {
+      int64_t len = impl->rank == roots[k] ? static_cast<int64_t>(config.size()) : 0;
+      ZERO_RETURN_IF_ERROR(comm->Broadcast(&len, 1, DType::kI64, roots[k], co));
+      texts[k] = impl->rank == roots[k] ? config : std::string(static_cast<size_t>(len), '\0');
+      ZERO_RETURN_IF_ERROR(comm->Broadcast(texts[k].data(), len, DType::kU8, roots[k], co));
+    }
+    const std::vector<std::string> a = Split(texts[0]), b = Split(texts[1]);
+    size_t i = 0;
+    while (i < a.size() && i < b.size() && a[i] == b[i]) ++i;
+    const std::string la = i < a.size() ? a[i] : "(no more params)";
+    const std::string lb = i < b.size() ? b[i] : "(no more params)";
+    return Status::Mismatch(where + ": ranks passed different options or param specs. First difference: rank 0 has '" +
+                            la + "', rank " + std::to_string(differs) + " has '" + lb +
+                            "'. Every rank must pass identical Options and ParamSpecs in the same order");
+  }
+  if (!local.ok()) return local;
+  if (failed >= 0) {
+    return Status::InvalidArgument(where + ": rank " + std::to_string(failed) +
+                                   " rejected the options or specs; see its status");
+  }
+
+  Impl& e = *impl;
+  e.specs = std::move(specs);
+  e.threads = options.cpu_threads > 0 ? options.cpu_threads : DefaultThreads(e.world);
+  e.device = NewCpuDevice();
+  e.device->set_capacity(options.device_capacity_bytes);
+  const Stage st = options.stage;
+  const bool stage3 = st == Stage::kParameters;
+
+  // Unit layouts.
+  e.buckets.resize(e.plan.buckets.size());
+  e.units.resize(e.plan.units.size());
+  for (size_t u = 0; u < e.plan.units.size(); ++u) {
+    const UnitPlan& up = e.plan.units[u];
+    UnitState& us = e.units[u];
+    int64_t off = 0;
+    for (int b : up.trainable_buckets) {
+      e.buckets[static_cast<size_t>(b)].unit_offset = off;
+      off += e.plan.buckets[static_cast<size_t>(b)].padded;
+    }
+    us.trainable_elems = off;
+    for (int b : up.frozen_buckets) {
+      e.buckets[static_cast<size_t>(b)].unit_offset = off;
+      off += e.plan.buckets[static_cast<size_t>(b)].padded;
+    }
+    us.full_elems = off;
+  }
+  for (int u : options.keep_gathered_units) e.units[static_cast<size_t>(u)].keep_gathered = true;
+  for (int u = static_cast<int>(e.plan.units.size()) - 1; u >= 0; --u) {
+    for (int b : e.plan.units[static_cast<size_t>(u)].trainable_buckets) e.reduce_order.push_back(b);
+  }
+
+  // Allocation, in one place, so the accounting tests can write the closed form next to it.
+  auto alloc = [&](int64_t elems, MemoryCategory cat, const std::string& what, DeviceBuffer* out) {
+    return e.device->Allocate(elems * static_cast<int64_t>(sizeof(float)), cat, MemoryKind::kDevice, what, out);
+  };
+  const int64_t tp = e.plan.trainable_padded, fp = e.plan.frozen_padded;
+  const int64_t ts = e.plan.trainable_shard, fs = e.plan.frozen_shard;
+  Status s;
+  auto run = [&]() -> Status {
+    ZERO_RETURN_IF_ERROR(alloc(stage3 ? ts : tp, MemoryCategory::kParams, "trainable parameters", &e.trainable_params));
+    ZERO_RETURN_IF_ERROR(alloc(stage3 ? fs : fp, MemoryCategory::kParams, "frozen parameters", &e.frozen_params));
+    const bool sharded_grads = st == Stage::kGradients || stage3;
+    ZERO_RETURN_IF_ERROR(alloc(sharded_grads ? ts : tp, MemoryCategory::kGrads, "gradients", &e.grads));
+    const int64_t opt = st == Stage::kDataParallel ? tp : ts;
+    ZERO_RETURN_IF_ERROR(alloc(opt, MemoryCategory::kOptimizer, "optimizer state", &e.state0));
+    if (options.optimizer == OptimizerKind::kAdamW) {
+      ZERO_RETURN_IF_ERROR(alloc(opt, MemoryCategory::kOptimizer, "optimizer state", &e.state1));
+    }
+    if (sharded_grads) {
+      for (const UnitState& u : e.units) e.pool_elems = std::max(e.pool_elems, u.trainable_elems);
+      if (e.pool_elems > 0) {
+        e.grad_pool.resize(static_cast<size_t>(options.grad_pool_buffers));
+        e.pool_owner.assign(e.grad_pool.size(), -1);
+        for (DeviceBuffer& b : e.grad_pool) {
+          ZERO_RETURN_IF_ERROR(alloc(e.pool_elems, MemoryCategory::kBuffers, "gradient pool", &b));
+        }
+      }
+    }
+    if (stage3) {
+      int64_t persistent = 0;
+      for (UnitState& u : e.units) {
+        u.persistent = u.full_elems * static_cast<int64_t>(sizeof(float)) <= options.persist_bytes;
+        if (u.persistent) {
+          u.persistent_offset = persistent;
+          persistent += u.full_elems;
+        } else {
+          e.slot_elems = std::max(e.slot_elems, u.full_elems);
+        }
+      }
+      ZERO_RETURN_IF_ERROR(alloc(persistent, MemoryCategory::kParams, "persistent stage-3 units", &e.persistent_params));
+      if (e.slot_elems > 0) {
+        e.slots.resize(static_cast<size_t>(options.gather_slots));
+        for (GatherSlot& slot : e.slots) {
+          ZERO_RETURN_IF_ERROR(alloc(e.slot_elems, MemoryCategory::kBuffers, "stage-3 gather slots", &slot.buffer));
+        }
+      }
+    }
+    return Status::Ok();
+  };
+  s = run();
+  // Allocation can fail on one rank only (capacities may differ): agree before returning.
+  int64_t oom = s.ok() ? 0 : 1, any_oom = 0;
+  co.what = "Engine::Open allocation agreement";
+  ZERO_RETURN_IF_ERROR(comm->AllReduce(&oom, &any_oom, 1, DType::kI64, ReduceOp::kMax, co));
+  if (!s.ok()) return s.WithContext(where + " (" + StageName(st) + ")");
+  if (any_oom) return Status::OutOfMemory(where + ": another rank ran out of memory; see its status");
+  engine->reset(new Engine(std::move(impl)));
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Public methods: guards, then the implementation.
+
+Status Engine::InitParams(const FillFn& fill) {
+  ZERO_RETURN_IF_ERROR(impl_->CheckUsable());
+  return impl_->InitParamsImpl(fill);
+}
+
+Status Engine::BeginMicroStep(int micro, bool is_last) {
+  Impl& e = *impl_;
+  ZERO_RETURN_IF_ERROR(e.CheckUsable());
+  Status local;
+  if (e.in_eval) {
+    local = Status::FailedPrecondition("BeginMicroStep on " + e.Where() + " inside an eval pass; call EndEval first");
+  } else if (micro != e.micros_done) {
+    local = Status::FailedPrecondition("BeginMicroStep(" + std::to_string(micro) + ") on " + e.Where() +
+                                       ": expected micro-step " + std::to_string(e.micros_done) +
+                                       " (micro-steps count from 0 after each Step)");
+  } else if (e.micro >= 0 && e.micro_is_last) {
+    local = Status::FailedPrecondition("BeginMicroStep after the last micro-step on " + e.Where() +
+                                       "; call Step first");
+  } else if (e.micro >= 0) {
+    for (size_t u = 0; u < e.units.size() && local.ok(); ++u) {
+      const UnitState& us = e.units[u];
+      if (us.fwd_refs > 0 || us.bwd_refs > 0) {
+        local = Status::FailedPrecondition("BeginMicroStep on " + e.Where() + ": " + e.UnitName(static_cast<int>(u)) +
+                                           " is still acquired; Release it first");
+      } else if (us.trainable_elems > 0 && !us.grads_ready) {
+        local = Status::FailedPrecondition("BeginMicroStep on " + e.Where() + ": " + e.UnitName(static_cast<int>(u)) +
+                                           " has no GradsReady in the previous micro-step");
+      }
+    }
+  }
+  // The agreement compares is_last too: set it for the check, restore on failure.
+  const bool prev_last = e.micro_is_last;
+  e.micro_is_last = is_last;
+  Status s = e.Agree(AgreeKind::kBeginMicroStep, micro, local);
+  if (!s.ok()) {
+    e.micro_is_last = prev_last;
+    return s;
+  }
+  Trace& t = e.train_trace;
+  if (t.recording) {  // the first micro-step's trace is complete
+    t.recording = false;
+    t.recorded = true;
+  } else if (!t.recorded && e.options.stage == Stage::kParameters) {
+    t.recording = true;
+  }
+  t.pos = 0;
+  e.micro = micro;
+  e.micros_done = micro + 1;
+  e.next_reduce = 0;
+  for (UnitState& u : e.units) {
+    u.grads_ready = false;
+    u.grad_window = false;
+  }
+  // Units kept gathered across the turn but not used in backward would hold their slot forever.
+  for (GatherSlot& slot : e.slots) {
+    if (slot.unit >= 0) e.units[static_cast<size_t>(slot.unit)].gather_slot = -1;
+    slot.unit = -1;
+    slot.prefetched = false;
+  }
+  return Status::Ok();
+}
+
+float Engine::LossScale() const { return 1.0f; }
+
+Status Engine::Acquire(int unit, Pass pass) {
+  ZERO_RETURN_IF_ERROR(impl_->CheckUsable());
+  ZERO_RETURN_IF_ERROR(impl_->ValidUnit(unit, "Acquire"));
+  return impl_->AcquireImpl(unit, pass);
+}
+
+Status Engine::Release(int unit, Pass pass) {
+  ZERO_RETURN_IF_ERROR(impl_->CheckUsable());
+  ZERO_RETURN_IF_ERROR(impl_->ValidUnit(unit, "Release"));
+  return impl_->ReleaseImpl(unit, pass);
+}
+
+Status Engine::GradsReady(int unit) {
+  ZERO_RETURN_IF_ERROR(impl_->CheckUsable());
+  ZERO_RETURN_IF_ERROR(impl_->ValidUnit(unit, "GradsReady"));
+  return impl_->GradsReadyImpl(unit);
+}
+
+Status Engine::Step(const StepArgs& args, StepResult* result) {
+  ZERO_RETURN_IF_ERROR(impl_->CheckUsable());
+  return impl_->StepImpl(args, result);
+}
+
+Status Engine::BeginEval() {
+  Impl& e = *impl_;
+  ZERO_RETURN_IF_ERROR(e.CheckUsable());
+  Status local;
+  if (e.in_eval) local = Status::FailedPrecondition("BeginEval on " + e.Where() + ": already in an eval pass");
+  if (e.micro >= 0) {
+    local = Status::FailedPrecondition("BeginEval on " + e.Where() +
+                                       ": a training step is in progress; call Step first");
+  }
+  ZERO_RETURN_IF_ERROR(e.Agree(AgreeKind::kBeginEval, 0, local));
+  e.in_eval = true;
+  Trace& t = e.eval_trace;
+  if (t.recording) {
+    t.recording = false;
+    t.recorded = true;
+  } else if (!t.recorded && e.options.stage == Stage::kParameters) {
+    t.recording = true;
+  }
+  t.pos = 0;
+  return Status::Ok();
+}
+
+Status Engine::EndEval() {
+  Impl& e = *impl_;
+  ZERO_RETURN_IF_ERROR(e.CheckUsable());
+  Status local;
+  if (!e.in_eval) local = Status::FailedPrecondition("EndEval on " + e.Where() + " without BeginEval");
+  for (size_t u = 0; u < e.units.size() && local.ok(); ++u) {
+    if (e.units[u].fwd_refs > 0) {
+      local = Status::FailedPrecondition("EndEval on " + e.Where() + ": " + e.UnitName(static_cast<int>(u)) +
+                                         " is still acquired; Release it first");
+    }
+  }
+  ZERO_RETURN_IF_ERROR(e.Agree(AgreeKind::kEndEval, 0, local));
+  e.in_eval = false;
+  // Eval-only gathers (prefetched, unused) must not survive into training.
+  for (GatherSlot& slot : e.slots) {
+    if (slot.unit >= 0 && e.units[static_cast<size_t>(slot.unit)].fwd_refs == 0 &&
+        e.units[static_cast<size_t>(slot.unit)].bwd_refs == 0) {
+      e.units[static_cast<size_t>(slot.unit)].gather_slot = -1;
+      slot.unit = -1;
+      slot.prefetched = false;
+    }
+  }
+  return Status::Ok();
+}
+
+const std::vector<ParamSpec>& Engine::specs() const { return impl_->specs; }
+const Options& Engine::options() const { return impl_->options; }
+int Engine::num_units() const { return static_cast<int>(impl_->units.size()); }
+int64_t Engine::step() const { return impl_->step; }
+MemoryReport Engine::Memory() const { return impl_->device->report(); }
+const CommCounters& Engine::comm_counters() const { return impl_->comm->counters(); }
+Status Engine::healthy() const { return impl_->CheckUsable(); }
+const std::vector<Engine::Event>& Engine::TEST_events() const { return impl_->events; }
+
+}  // namespace zero

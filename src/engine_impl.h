@@ -1,0 +1,174 @@
+// Engine::Impl: the engine's state, shared by engine.cc (open, checks, views), engine_units.cc (acquire,
+// release, reductions, stage-3 gathers) and engine_step.cc (init, norms, optimizer, re-gather).
+//
+// Buffers (all allocated at Open; nothing is allocated on the step path except GatherFull scopes):
+//
+//   stage | params (kParams)                  | grads (kGrads)       | optimizer      | buffers (kBuffers)
+//   ------+-----------------------------------+----------------------+----------------+---------------------------
+//     0   | full trainable + full frozen      | full trainable       | full trainable | -
+//     1   | full trainable + full frozen      | full trainable       | shard          | -
+//     2   | full trainable + full frozen      | shard accumulator    | shard          | grad pool
+//     3   | shards + full persistent units    | shard accumulator    | shard          | grad pool + gather slots
+//
+// "full trainable" is one flat buffer of every trainable bucket in plan order (PartitionPlan offsets), "shard"
+// one flat buffer of this rank's shards. A unit's full layout (gather slots, pool buffers, persistent buffer)
+// is its trainable buckets then its frozen buckets, contiguous (BucketInfo::unit_offset).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "device.h"
+#include "partition_plan.h"
+#include "zero/engine.h"
+
+namespace zero {
+
+// Components of the cross-rank agreement vector (see Engine::Impl::Agree).
+enum AgreeField : int {
+  kAgreeKind = 0,    // which call (AgreeKind)
+  kAgreeStep,        // optimizer step count
+  kAgreeMicro,       // micro-step index argument
+  kAgreeIsLast,      // is_last argument
+  kAgreePlan,        // plan hash
+  kAgreeTrace,       // hash of the units used since the step began
+  kAgreeArg,         // call-specific argument (unit, unit-list hash)
+  kAgreeLocalError,  // 1 when this rank found a local error it reports itself
+  kAgreeFields
+};
+
+enum class AgreeKind : int {
+  kBeginMicroStep = 1,
+  kStep,
+  kBeginEval,
+  kEndEval,
+  kAcquireRecord,
+  kGatherFull,
+  kReleaseFull,
+  kInitParams
+};
+
+struct BucketInfo {
+  int64_t unit_offset = 0;  // start within its unit's full layout
+};
+
+struct UnitState {
+  int fwd_refs = 0;            // current forward acquisitions
+  int bwd_refs = 0;            // current backward acquisitions
+  bool grad_window = false;    // between the first Acquire(kBackward) and GradsReady in this micro-step
+  bool grads_ready = false;    // GradsReady called in this micro-step
+  int pool_slot = -1;          // stage 2-3: gradient pool buffer bound to the unit
+  int gather_slot = -1;        // stage 3: slot holding its full parameters, -1 when not resident
+  bool persistent = false;     // stage 3: gathered for the whole run
+  bool keep_gathered = false;  // stage 3: stays gathered across the forward -> backward turn
+  int64_t trainable_elems = 0; // padded elements of its trainable buckets
+  int64_t full_elems = 0;      // padded elements of all its buckets
+  int64_t persistent_offset = 0;  // stage 3, persistent units: start in the persistent buffer
+  DeviceBuffer full_scope;     // stage 3: GatherFull scope copy
+};
+
+struct GatherSlot {
+  DeviceBuffer buffer;
+  int unit = -1;          // resident unit, or -1
+  bool prefetched = false;  // gathered ahead of its Acquire and not yet acquired
+};
+
+// One entry of the stage-3 trace: an Acquire.
+struct TraceEntry {
+  int unit;
+  Pass pass;
+  bool operator==(const TraceEntry& o) const { return unit == o.unit && pass == o.pass; }
+};
+
+struct Trace {
+  std::vector<TraceEntry> entries;
+  bool recorded = false;  // complete and fixed
+  bool recording = false;
+  size_t pos = 0;         // next expected entry in the current pass
+};
+
+class Engine::Impl {
+ public:
+  Options options;
+  Comm* comm = nullptr;
+  int rank = 0;
+  int world = 1;
+  int threads = 1;
+  std::vector<ParamSpec> specs;
+  PartitionPlan plan;
+  std::unique_ptr<Device> device;
+
+  std::vector<BucketInfo> buckets;       // index: plan bucket
+  std::vector<int> reduce_order;         // trainable buckets: units descending, buckets ascending
+  std::vector<UnitState> units;
+
+  // Parameters. Stages 0-2: full buffers; stage 3: shard buffers + persistent full buffer.
+  DeviceBuffer trainable_params, frozen_params;
+  DeviceBuffer persistent_params;
+  // Gradients: stages 0-1 full trainable; stages 2-3 shard accumulator.
+  DeviceBuffer grads;
+  std::vector<DeviceBuffer> grad_pool;
+  std::vector<int> pool_owner;  // unit bound to each pool buffer, or -1
+  int64_t pool_elems = 0;
+  // Optimizer state: AdamW m and v, or SGD momentum in state0.
+  DeviceBuffer state0, state1;
+  // Stage 3 gather slots.
+  std::vector<GatherSlot> slots;
+  int64_t slot_elems = 0;
+
+  // Protocol state.
+  int64_t step = 0;          // optimizer steps taken
+  int micro = -1;            // current micro-step, -1 between steps
+  bool micro_is_last = false;
+  int micros_done = 0;       // micro-steps begun in this step
+  bool in_eval = false;
+  size_t next_reduce = 0;    // position in reduce_order for the current micro-step
+  bool reduced_this_step = false;
+  uint64_t trace_hash = 0;   // of the units used since the step began
+  Trace train_trace, eval_trace;
+  Status poison;             // non-OK: the engine is unusable
+  bool sgd_first_step = true;
+  std::vector<int> full_scope_units;  // units of the open GatherFull scope
+
+  std::vector<Engine::Event> events;
+
+  // --- engine.cc ---
+  Status CheckUsable() const;
+  // Issues the agreement all-reduce. `local` is this rank's own error (reported to the caller as is); any
+  // disagreement between ranks or any rank's local error yields an error on every rank.
+  Status Agree(AgreeKind kind, int64_t arg, const Status& local);
+  void Log(Engine::Event::Kind kind, int unit, int bucket) { events.push_back({kind, unit, bucket}); }
+  void HashEvent(int a, int b);
+  std::string UnitName(int unit) const;
+  std::string Where() const;  // "rank R, step S, micro M"
+  Status ValidUnit(int unit, const char* call) const;
+
+  // Pointer helpers (elements are fp32 in this version).
+  float* FullParamBase(const Bucket& b);                   // stages 0-2: bucket start in the full buffer
+  float* ShardParamBase(const Bucket& b);                  // stage 3: this rank's shard of the bucket
+  float* UnitParamBase(int unit);                          // stage 3: unit's full layout, or null
+  float* ParamPtr(int param);                              // current view pointer, or null
+
+  // --- engine_units.cc ---
+  Status AcquireImpl(int unit, Pass pass);
+  Status ReleaseImpl(int unit, Pass pass);
+  Status GradsReadyImpl(int unit);
+  Status BindPool(int unit);
+  Status IssueReadyReductions();
+  Status ReduceBucket(int bucket);
+  Status GatherUnit(int unit, float* dst);
+  Status EnsureResident(int unit);
+  Status Prefetch();
+  int FreeSlot();
+  Trace& CurrentTrace() { return in_eval ? eval_trace : train_trace; }
+
+  // --- engine_step.cc ---
+  Status InitParamsImpl(const FillFn& fill);
+  Status StepImpl(const StepArgs& args, StepResult* result);
+  Status GatherAfterStep();
+  void ZeroGrads();
+};
+
+}  // namespace zero

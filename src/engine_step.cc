@@ -1,0 +1,300 @@
+// Engine: InitParams, Step (global norm, clipping, optimizer over owned fragments, re-gather) and GatherFull.
+//
+// The global norm is computed from owned shards only: each rank sums the squares of its shard of every
+// trainable bucket (plan order, fp64, fixed blocks), the per-rank partials are all-gathered and added in rank
+// order. Every rank therefore gets the same bits, and a single-process reference can mirror the order.
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+#include "engine_impl.h"
+#include "kernels/cpu_kernels.h"
+
+namespace zero {
+
+namespace {
+constexpr double kClipEps = 1e-6;  // torch.nn.utils.clip_grad_norm_
+}  // namespace
+
+void Engine::Impl::ZeroGrads() {
+  if (grads.data() != nullptr) std::memset(grads.data(), 0, static_cast<size_t>(grads.bytes()));
+}
+
+Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
+  Status local;
+  if (!fill) local = Status::InvalidArgument("InitParams on " + Where() + ": fill is empty");
+  if (micro >= 0 || in_eval) {
+    local = Status::FailedPrecondition("InitParams on " + Where() + ": a step or eval pass is in progress");
+  }
+  ZERO_RETURN_IF_ERROR(Agree(AgreeKind::kInitParams, 0, local));
+  const bool stage3 = options.stage == Stage::kParameters;
+  for (const Bucket& b : plan.buckets) {
+    float* base = stage3 ? ShardParamBase(b) : FullParamBase(b) + rank * b.shard;
+    for (const Fragment& f : b.fragments[static_cast<size_t>(rank)]) fill(f.param, f.param_off, f.count, base + f.shard_off);
+  }
+  Status s;
+  if (!stage3) {
+    for (const Bucket& b : plan.buckets) {
+      float* full = FullParamBase(b);
+      CollectiveOptions co;
+      co.what = "InitParams gather";
+      s = comm->AllGather(full + rank * b.shard, full, b.shard, DType::kF32, co);
+      if (!s.ok()) break;
+    }
+  } else {
+    for (GatherSlot& slot : slots) {
+      if (slot.unit >= 0) units[static_cast<size_t>(slot.unit)].gather_slot = -1;
+      slot.unit = -1;
+      slot.prefetched = false;
+    }
+    for (size_t u = 0; u < units.size() && s.ok(); ++u) {
+      if (units[u].persistent) s = GatherUnit(static_cast<int>(u), UnitParamBase(static_cast<int>(u)));
+    }
+  }
+  if (!s.ok()) {
+    poison = s;
+    return s;
+  }
+  for (DeviceBuffer* b : {&state0, &state1}) {
+    if (b->data() != nullptr) std::memset(b->data(), 0, static_cast<size_t>(b->bytes()));
+  }
+  ZeroGrads();
+  step = 0;
+  sgd_first_step = true;
+  return Status::Ok();
+}
+
+Status Engine::Impl::GatherAfterStep() {
+  CollectiveOptions co;
+  co.what = "parameter all-gather after the step";
+  if (options.stage == Stage::kOptimizerStates || options.stage == Stage::kGradients) {
+    for (const Bucket& b : plan.buckets) {
+      if (!b.trainable) continue;
+      float* full = FullParamBase(b);
+      ZERO_RETURN_IF_ERROR(comm->AllGather(full + rank * b.shard, full, b.shard, DType::kF32, co));
+      Log(Engine::Event::kGather, b.unit, b.index);
+    }
+  } else if (options.stage == Stage::kParameters) {
+    for (size_t u = 0; u < units.size(); ++u) {
+      if (!units[u].persistent) continue;
+      float* dst = UnitParamBase(static_cast<int>(u));
+      for (int bi : plan.units[u].trainable_buckets) {
+        const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
+        ZERO_RETURN_IF_ERROR(comm->AllGather(ShardParamBase(b), dst + buckets[static_cast<size_t>(bi)].unit_offset,
+                                             b.shard, DType::kF32, co));
+        Log(Engine::Event::kGather, b.unit, bi);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
+  const std::string call = "Step on " + Where();
+  Status local;
+  if (result == nullptr) local = Status::InvalidArgument(call + ": result is null");
+  if (in_eval) local = Status::FailedPrecondition(call + ": inside an eval pass; call EndEval first");
+  if (micro < 0) local = Status::FailedPrecondition(call + ": no micro-step was run; call BeginMicroStep first");
+  if (local.ok() && !micro_is_last) {
+    local = Status::FailedPrecondition(call + ": the current micro-step was not begun with is_last = true");
+  }
+  if (local.ok() && !full_scope_units.empty()) {
+    local = Status::FailedPrecondition(call + ": a GatherFull scope is open; close it first");
+  }
+  for (size_t u = 0; u < units.size() && local.ok(); ++u) {
+    const UnitState& us = units[u];
+    if (us.fwd_refs > 0 || us.bwd_refs > 0) {
+      local = Status::FailedPrecondition(call + ": " + UnitName(static_cast<int>(u)) + " is still acquired");
+    } else if (us.trainable_elems > 0 && !us.grads_ready) {
+      local = Status::FailedPrecondition(call + ": " + UnitName(static_cast<int>(u)) +
+                                         " is not ready; call GradsReady for every unit in every micro-step");
+    }
+  }
+  // Some reductions of this micro-step may already be out while this rank cannot finish the rest: peers would
+  // wait for them forever, so abort the communicator (they get this reason) instead of reporting locally.
+  if (!local.ok() && next_reduce > 0 && next_reduce < reduce_order.size()) {
+    poison = local.WithContext("the engine is unusable, its reductions were left half done");
+    comm->Abort(local);
+    return poison;
+  }
+  ZERO_RETURN_IF_ERROR(Agree(AgreeKind::kStep, 0, local));
+
+  // Global norm from owned shards (see the file comment).
+  const Stage st = options.stage;
+  const bool full_grads = st == Stage::kDataParallel || st == Stage::kOptimizerStates;
+  double mine[2] = {0.0, 0.0};
+  for (const Bucket& b : plan.buckets) {
+    if (!b.trainable) continue;
+    const float* g = grads.as<float>() + (full_grads ? b.offset + rank * b.shard : b.shard_offset);
+    const kernels::SumSquares ss = kernels::SumSquaresCpu(g, b.shard, threads);
+    mine[0] += ss.sum;
+    mine[1] += static_cast<double>(ss.nonfinite);
+  }
+  std::vector<double> all(2 * static_cast<size_t>(world));
+  CollectiveOptions co;
+  co.control = true;
+  co.what = "gradient norm";
+  Status s = comm->AllGather(mine, all.data(), 2, DType::kF64, co);
+  if (!s.ok()) {
+    poison = s;
+    return s;
+  }
+  double sumsq = 0.0, nonfinite = 0.0;
+  for (int r = 0; r < world; ++r) {
+    sumsq += all[2 * static_cast<size_t>(r)];
+    nonfinite += all[2 * static_cast<size_t>(r) + 1];
+  }
+  const double inv_avg = 1.0 / (static_cast<double>(world) * micros_done);
+  StepResult res;
+  res.grad_norm = std::sqrt(sumsq) * inv_avg;
+  if (options.clip_norm > 0) {
+    const double c = options.clip_norm / (res.grad_norm + kClipEps);
+    if (c < 1.0) res.clip_coef = c;
+  }
+  res.loss_scale = 1.0f;
+  const bool adamw = options.optimizer == OptimizerKind::kAdamW;
+  res.lr = args.lr >= 0 ? args.lr : (adamw ? options.adamw.lr : options.sgd.lr);
+  res.skipped = nonfinite > 0;
+
+  if (!res.skipped) {
+    const double grad_scale = inv_avg * res.clip_coef;
+    const int64_t t = step + 1;
+    float* params = trainable_params.as<float>();
+    float* g = grads.as<float>();
+    // Stage 0 keeps a replicated optimizer: every rank updates every rank's part.
+    const int first_owner = st == Stage::kDataParallel ? 0 : rank;
+    const int last_owner = st == Stage::kDataParallel ? world - 1 : rank;
+    for (const Bucket& b : plan.buckets) {
+      if (!b.trainable) continue;
+      for (int r = first_owner; r <= last_owner; ++r) {
+        for (const Fragment& f : b.fragments[static_cast<size_t>(r)]) {
+          const int64_t pos = b.offset + r * b.shard + f.shard_off;  // in the full trainable layout
+          const int64_t spos = b.shard_offset + f.shard_off;         // in the shard layout
+          float* p = params + (st == Stage::kParameters ? spos : pos);
+          const float* gr = g + (full_grads ? pos : spos);
+          const int64_t opos = st == Stage::kDataParallel ? pos : spos;
+          const ParamSpec& spec = specs[static_cast<size_t>(f.param)];
+          const double lr = res.lr * spec.lr_mult;
+          if (adamw) {
+            const AdamWOptions& a = options.adamw;
+            const auto c = kernels::MakeAdamWCoeffs(lr, a.beta1, a.beta2, a.eps, a.weight_decay * spec.wd_mult, t,
+                                                    grad_scale);
+            kernels::AdamWCpu(c, p, state0.as<float>() + opos, state1.as<float>() + opos, gr, f.count, threads);
+          } else {
+            const SgdOptions& o = options.sgd;
+            const auto c = kernels::MakeSgdCoeffs(lr, o.momentum, o.dampening, o.weight_decay * spec.wd_mult,
+                                                  o.nesterov, sgd_first_step, grad_scale);
+            kernels::SgdCpu(c, p, state0.as<float>() + opos, gr, f.count, threads);
+          }
+        }
+      }
+    }
+    ++step;
+    sgd_first_step = false;
+    // Stage-3 gathered copies are stale now.
+    for (GatherSlot& slot : slots) {
+      if (slot.unit >= 0) units[static_cast<size_t>(slot.unit)].gather_slot = -1;
+      slot.unit = -1;
+      slot.prefetched = false;
+    }
+    s = GatherAfterStep();
+    if (!s.ok()) {
+      poison = s;
+      return s;
+    }
+  }
+  ZeroGrads();
+  res.step = step;
+  Log(Engine::Event::kStep, -1, -1);
+  micro = -1;
+  micros_done = 0;
+  micro_is_last = false;
+  next_reduce = 0;
+  trace_hash = 0;
+  for (UnitState& u : units) {
+    u.grads_ready = false;
+    u.grad_window = false;
+  }
+  *result = res;
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GatherFull
+
+Status Engine::GatherFull(std::span<const int> unit_list, FullParamsScope* scope) {
+  Impl& e = *impl_;
+  ZERO_RETURN_IF_ERROR(e.CheckUsable());
+  Status local;
+  if (scope == nullptr) local = Status::InvalidArgument("GatherFull on " + e.Where() + ": scope is null");
+  if (local.ok() && e.micro >= 0) {
+    local = Status::FailedPrecondition("GatherFull on " + e.Where() + ": a training step is in progress");
+  }
+  if (local.ok() && !e.full_scope_units.empty()) {
+    local = Status::FailedPrecondition("GatherFull on " + e.Where() + ": another GatherFull scope is open");
+  }
+  uint64_t h = 0;
+  for (int u : unit_list) {
+    if (local.ok()) local = e.ValidUnit(u, "GatherFull");
+    h = (h * 1000003u + static_cast<uint64_t>(u) + 1) & ((uint64_t{1} << 52) - 1);
+  }
+  ZERO_RETURN_IF_ERROR(e.Agree(AgreeKind::kGatherFull, static_cast<int64_t>(h), local));
+  std::vector<int> list(unit_list.begin(), unit_list.end());
+  if (e.options.stage == Stage::kParameters) {
+    for (int u : list) {
+      UnitState& us = e.units[static_cast<size_t>(u)];
+      if (us.persistent || us.full_scope.data() != nullptr) continue;
+      Status s = e.device->Allocate(us.full_elems * 4, MemoryCategory::kBuffers, MemoryKind::kDevice,
+                                    "GatherFull of " + e.UnitName(u), &us.full_scope);
+      // Allocation may fail on one rank only; the gathers below must still run everywhere, so a failing rank
+      // aborts the communicator instead of leaving its peers waiting.
+      if (!s.ok()) {
+        e.poison = s;
+        e.comm->Abort(s);
+        return s;
+      }
+      s = e.GatherUnit(u, us.full_scope.as<float>());
+      if (!s.ok()) {
+        e.poison = s;
+        return s;
+      }
+    }
+  }
+  e.full_scope_units = list;
+  *scope = FullParamsScope();
+  scope->engine_ = this;
+  scope->units_ = std::move(list);
+  return Status::Ok();
+}
+
+Status Engine::ReleaseFull(const std::vector<int>& unit_list) {
+  Impl& e = *impl_;
+  ZERO_RETURN_IF_ERROR(e.CheckUsable());
+  ZERO_RETURN_IF_ERROR(e.Agree(AgreeKind::kReleaseFull, static_cast<int64_t>(unit_list.size()), Status::Ok()));
+  for (int u : unit_list) e.units[static_cast<size_t>(u)].full_scope.Reset();
+  e.full_scope_units.clear();
+  return Status::Ok();
+}
+
+FullParamsScope::FullParamsScope(FullParamsScope&& other) noexcept { *this = std::move(other); }
+
+FullParamsScope& FullParamsScope::operator=(FullParamsScope&& other) noexcept {
+  if (this != &other) {
+    (void)Close();
+    engine_ = other.engine_;
+    units_ = std::move(other.units_);
+    other.engine_ = nullptr;
+  }
+  return *this;
+}
+
+FullParamsScope::~FullParamsScope() { (void)Close(); }
+
+Status FullParamsScope::Close() {
+  if (engine_ == nullptr) return Status::Ok();
+  Engine* e = engine_;
+  engine_ = nullptr;
+  return e->ReleaseFull(units_);
+}
+
+}  // namespace zero

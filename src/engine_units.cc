@@ -1,0 +1,276 @@
+// Engine: the per-unit protocol. Acquire/Release (stage-3 gathers, the recorded trace, prefetch) and
+// GradsReady (gradient pool, bucket reductions in a fixed order).
+//
+// Collective order: every rank issues the same collectives in the same order because every decision below
+// depends only on state that is identical across ranks (the plan, the recorded trace, slot and pool occupancy,
+// which all follow the same sequence of calls). Reductions go out in `reduce_order` (units descending, the order
+// backward produces them); a unit whose gradients are ready waits for the units before it in that order.
+#include <cstring>
+#include <sstream>
+
+#include "engine_impl.h"
+#include "kernels/cpu_kernels.h"
+
+namespace zero {
+
+namespace {
+const char* PassName(Pass p) { return p == Pass::kForward ? "kForward" : "kBackward"; }
+}  // namespace
+
+Status Engine::Impl::AcquireImpl(int unit, Pass pass) {
+  UnitState& u = units[static_cast<size_t>(unit)];
+  const std::string call = std::string("Acquire(") + std::to_string(unit) + ", " + PassName(pass) + ") on " + Where();
+  if (in_eval && pass == Pass::kBackward) {
+    return Status::FailedPrecondition(call + ": eval passes are forward-only");
+  }
+  if (!in_eval && micro < 0) return Status::FailedPrecondition(call + ": outside a micro-step; call BeginMicroStep");
+  if (pass == Pass::kBackward && u.grads_ready) {
+    return Status::FailedPrecondition(call + ": GradsReady was already called for this unit in this micro-step");
+  }
+  const bool stage3 = options.stage == Stage::kParameters;
+  if (stage3) {
+    Trace& t = CurrentTrace();
+    const TraceEntry entry{unit, pass};
+    if (t.recording) {
+      // While the trace is being recorded, every rank checks each Acquire before gathering, so that ranks
+      // with different unit orders get an error instead of mismatched gathers.
+      ZERO_RETURN_IF_ERROR(Agree(AgreeKind::kAcquireRecord, 2 * unit + (pass == Pass::kBackward), Status::Ok()));
+      t.entries.push_back(entry);
+    } else if (t.recorded) {
+      if (t.pos >= t.entries.size() || !(t.entries[t.pos] == entry)) {
+        std::ostringstream os;
+        os << call << " deviates from the recorded stage-3 order at position " << t.pos << " (expected ";
+        if (t.pos < t.entries.size()) {
+          os << "Acquire(" << t.entries[t.pos].unit << ", " << PassName(t.entries[t.pos].pass) << ")";
+        } else {
+          os << "no more acquisitions in this " << (in_eval ? "eval pass" : "micro-step");
+        }
+        os << "). Stage 3 gathers in the order recorded by the first micro-step; every micro-step must acquire the "
+              "same units in the same order. The communicator was aborted so that peers fail too";
+        poison = Status::Mismatch(os.str());
+        comm->Abort(poison);
+        return poison;
+      }
+      ++t.pos;
+    }
+  }
+  HashEvent(1 + static_cast<int>(pass), unit);
+  Log(Engine::Event::kAcquire, unit, -1);
+  if (pass == Pass::kBackward) {
+    if (!u.grad_window) {
+      u.grad_window = true;
+      const bool pooled = options.stage == Stage::kGradients || stage3;
+      if (pooled && u.trainable_elems > 0 && u.pool_slot < 0) ZERO_RETURN_IF_ERROR(BindPool(unit));
+    }
+    ++u.bwd_refs;
+  } else {
+    ++u.fwd_refs;
+  }
+  if (stage3) {
+    Status s = EnsureResident(unit);
+    if (!s.ok()) {
+      poison = s;
+      return s;
+    }
+    s = Prefetch();
+    if (!s.ok()) {
+      poison = s;
+      return s;
+    }
+  }
+  return Status::Ok();
+}
+
+Status Engine::Impl::ReleaseImpl(int unit, Pass pass) {
+  UnitState& u = units[static_cast<size_t>(unit)];
+  int& refs = pass == Pass::kForward ? u.fwd_refs : u.bwd_refs;
+  if (refs == 0) {
+    return Status::FailedPrecondition(std::string("Release(") + std::to_string(unit) + ", " + PassName(pass) +
+                                      ") on " + Where() + " without a matching Acquire");
+  }
+  --refs;
+  HashEvent(3 + static_cast<int>(pass), unit);
+  Log(Engine::Event::kRelease, unit, -1);
+  if (options.stage == Stage::kParameters && u.fwd_refs == 0 && u.bwd_refs == 0 && u.gather_slot >= 0) {
+    const bool keep = u.keep_gathered && pass == Pass::kForward && !in_eval;
+    if (!keep) {
+      slots[static_cast<size_t>(u.gather_slot)].unit = -1;
+      u.gather_slot = -1;
+    }
+  }
+  return Status::Ok();
+}
+
+Status Engine::Impl::GradsReadyImpl(int unit) {
+  UnitState& u = units[static_cast<size_t>(unit)];
+  const std::string call = "GradsReady(" + std::to_string(unit) + ") on " + Where();
+  if (in_eval) return Status::FailedPrecondition(call + ": eval passes have no gradients");
+  if (micro < 0) return Status::FailedPrecondition(call + ": outside a micro-step; call BeginMicroStep");
+  if (u.grads_ready) {
+    return Status::FailedPrecondition(call + ": called twice in one micro-step; call it once, after the unit's "
+                                      "last backward use");
+  }
+  u.grads_ready = true;
+  u.grad_window = false;
+  HashEvent(5, unit);
+  Log(Engine::Event::kGradsReady, unit, -1);
+  if (u.trainable_elems == 0) return Status::Ok();
+  const bool pooled = options.stage == Stage::kGradients || options.stage == Stage::kParameters;
+  // A unit that got no backward this micro-step still contributes (zero) gradients to its reductions.
+  if (pooled && u.pool_slot < 0) ZERO_RETURN_IF_ERROR(BindPool(unit));
+  Status s = IssueReadyReductions();
+  if (!s.ok()) poison = s;
+  return s;
+}
+
+Status Engine::Impl::BindPool(int unit) {
+  for (size_t i = 0; i < grad_pool.size(); ++i) {
+    if (pool_owner[i] >= 0) continue;
+    pool_owner[i] = unit;
+    UnitState& u = units[static_cast<size_t>(unit)];
+    u.pool_slot = static_cast<int>(i);
+    std::memset(grad_pool[i].data(), 0, static_cast<size_t>(u.trainable_elems) * sizeof(float));
+    return Status::Ok();
+  }
+  std::ostringstream os;
+  os << "Acquire(" << unit << ", kBackward) on " << Where() << ": the gradient pool is exhausted: all "
+     << grad_pool.size() << " buffers are bound, to units";
+  for (int owner : pool_owner) os << " " << owner;
+  os << ". A unit holds a buffer from its first backward Acquire until its reduction, which waits for the units "
+        "after it (reductions go out in descending unit order). Raise Options.grad_pool_buffers, or call "
+        "GradsReady in descending unit order";
+  return Status::FailedPrecondition(os.str());
+}
+
+Status Engine::Impl::IssueReadyReductions() {
+  const bool pooled = options.stage == Stage::kGradients || options.stage == Stage::kParameters;
+  if (!pooled && !micro_is_last) return Status::Ok();  // stages 0-1 reduce once, after the last micro-step
+  while (next_reduce < reduce_order.size()) {
+    const int b = reduce_order[next_reduce];
+    const int unit = plan.buckets[static_cast<size_t>(b)].unit;
+    UnitState& u = units[static_cast<size_t>(unit)];
+    if (!u.grads_ready) break;
+    ZERO_RETURN_IF_ERROR(ReduceBucket(b));
+    ++next_reduce;
+    const bool unit_done = next_reduce == reduce_order.size() ||
+                           plan.buckets[static_cast<size_t>(reduce_order[next_reduce])].unit != unit;
+    if (pooled && unit_done) {
+      pool_owner[static_cast<size_t>(u.pool_slot)] = -1;
+      u.pool_slot = -1;
+    }
+  }
+  return Status::Ok();
+}
+
+Status Engine::Impl::ReduceBucket(int bucket) {
+  const Bucket& b = plan.buckets[static_cast<size_t>(bucket)];
+  const std::string what = "reduction of bucket " + std::to_string(bucket) + " (" + UnitName(b.unit) + ") at " +
+                           Where();
+  CollectiveOptions co;
+  co.what = what.c_str();
+  float* g = grads.as<float>();
+  switch (options.stage) {
+    case Stage::kDataParallel:
+      ZERO_RETURN_IF_ERROR(comm->AllReduce(g + b.offset, g + b.offset, b.padded, DType::kF32, ReduceOp::kSum, co));
+      break;
+    case Stage::kOptimizerStates:
+      ZERO_RETURN_IF_ERROR(comm->ReduceScatter(g + b.offset, g + b.offset + rank * b.shard, b.shard, DType::kF32, co));
+      break;
+    case Stage::kGradients:
+    case Stage::kParameters: {
+      const UnitState& u = units[static_cast<size_t>(b.unit)];
+      float* full = grad_pool[static_cast<size_t>(u.pool_slot)].as<float>() +
+                    buckets[static_cast<size_t>(bucket)].unit_offset;
+      ZERO_RETURN_IF_ERROR(comm->ReduceScatter(full, full + rank * b.shard, b.shard, DType::kF32, co));
+      kernels::AccumulateCpu(g + b.shard_offset, full + rank * b.shard, b.shard, threads);
+      break;
+    }
+  }
+  Log(Engine::Event::kReduce, b.unit, bucket);
+  return Status::Ok();
+}
+
+Status Engine::Impl::GatherUnit(int unit, float* dst) {
+  const UnitPlan& up = plan.units[static_cast<size_t>(unit)];
+  for (const std::vector<int>* set : {&up.trainable_buckets, &up.frozen_buckets}) {
+    for (int bi : *set) {
+      const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
+      const std::string what = "gather of bucket " + std::to_string(bi) + " (" + UnitName(unit) + ") at " + Where();
+      CollectiveOptions co;
+      co.what = what.c_str();
+      ZERO_RETURN_IF_ERROR(comm->AllGather(ShardParamBase(b), dst + buckets[static_cast<size_t>(bi)].unit_offset,
+                                           b.shard, DType::kF32, co));
+      Log(Engine::Event::kGather, unit, bi);
+    }
+  }
+  return Status::Ok();
+}
+
+int Engine::Impl::FreeSlot() {
+  for (size_t i = 0; i < slots.size(); ++i) {
+    if (slots[i].unit < 0) return static_cast<int>(i);
+  }
+  // Evict a prefetched unit that nobody holds yet; it is gathered again when acquired.
+  for (size_t i = 0; i < slots.size(); ++i) {
+    if (slots[i].prefetched) {
+      units[static_cast<size_t>(slots[i].unit)].gather_slot = -1;
+      slots[i].unit = -1;
+      slots[i].prefetched = false;
+      return static_cast<int>(i);
+    }
+  }
+  return -1;
+}
+
+Status Engine::Impl::EnsureResident(int unit) {
+  UnitState& u = units[static_cast<size_t>(unit)];
+  if (u.persistent) return Status::Ok();
+  if (u.gather_slot >= 0) {
+    slots[static_cast<size_t>(u.gather_slot)].prefetched = false;
+    return Status::Ok();
+  }
+  const int s = FreeSlot();
+  if (s < 0) {
+    std::ostringstream os;
+    os << "Acquire(" << unit << ") on " << Where() << ": all " << slots.size()
+       << " stage-3 gather slots hold acquired units:";
+    for (const GatherSlot& slot : slots) os << " " << slot.unit;
+    os << ". Raise Options.gather_slots (each costs " << slot_elems * 4 << " bytes) or release units earlier";
+    return Status::FailedPrecondition(os.str());
+  }
+  GatherSlot& slot = slots[static_cast<size_t>(s)];
+  ZERO_RETURN_IF_ERROR(GatherUnit(unit, slot.buffer.as<float>()));
+  slot.unit = unit;
+  slot.prefetched = false;
+  u.gather_slot = s;
+  return Status::Ok();
+}
+
+Status Engine::Impl::Prefetch() {
+  Trace& t = CurrentTrace();
+  if (options.prefetch_bytes == 0 || !t.recorded) return Status::Ok();
+  int64_t budget = options.prefetch_bytes;
+  for (const GatherSlot& slot : slots) {
+    if (slot.prefetched) budget -= units[static_cast<size_t>(slot.unit)].full_elems * 4;
+  }
+  for (size_t j = t.pos; j < t.entries.size(); ++j) {
+    const int next = t.entries[j].unit;
+    UnitState& w = units[static_cast<size_t>(next)];
+    if (w.persistent || w.gather_slot >= 0) continue;
+    if (w.full_elems * 4 > budget) break;
+    int s = -1;
+    for (size_t i = 0; i < slots.size() && s < 0; ++i) {
+      if (slots[i].unit < 0) s = static_cast<int>(i);
+    }
+    if (s < 0) break;  // never evict for a prefetch
+    GatherSlot& slot = slots[static_cast<size_t>(s)];
+    ZERO_RETURN_IF_ERROR(GatherUnit(next, slot.buffer.as<float>()));
+    slot.unit = next;
+    slot.prefetched = true;
+    w.gather_slot = s;
+    budget -= w.full_elems * 4;
+  }
+  return Status::Ok();
+}
+
+}  // namespace zero
