@@ -1,0 +1,189 @@
+// Memory and communication accounting of every stage against the ZeRO closed forms (fp32: p = g = 4 bytes,
+// K = 8 for AdamW's m and v, 4 for SGD's momentum; the fp32 parameters are their own master copy).
+//
+// Toy model sizes (see testing/toy_model.h) with one bucket per unit and set, R(x) = x rounded up to 64 * N:
+//   unit 0  embed 77                               -> R(77)
+//   unit 1  w1 91 @0, b1 13 @96, w2 91 @112 (8-aligned starts), used 203 -> R(203)
+//   unit 2  frozen 49                              -> R(49)  (frozen)
+//   unit 3  w3 49 @0, gain 1 @56, used 57          -> R(57)
+//   Ψt = R(77) + R(203) + R(57), Ψf = R(49)
+// Per-rank bytes (N ranks, P pool buffers of the largest trainable unit, S gather slots of the largest
+// non-persistent unit, Ψp the persistent units' padded elements):
+//   stage 0: params 4(Ψt+Ψf)         grads 4Ψt    optimizer KΨt    buffers 0
+//   stage 1: params 4(Ψt+Ψf)         grads 4Ψt    optimizer KΨt/N  buffers 0
+//   stage 2: params 4(Ψt+Ψf)         grads 4Ψt/N  optimizer KΨt/N  buffers 4P·max_t
+//   stage 3: params 4(Ψt+Ψf)/N+4Ψp   grads 4Ψt/N  optimizer KΨt/N  buffers 4P·max_t + 4S·max_full
+// Communication per step, in elements (M micro-steps; all-reduce counted twice in Volume()):
+//   stage 0: all-reduce Ψt;  stage 1: reduce-scatter Ψt + all-gather Ψt;  stage 2: M·Ψt + Ψt
+//   stage 3: all-gather 2M(Ψt+Ψf−Ψp) + 2M·Ψ0 (the tied unit 0 is acquired twice per pass) − 2M·Ψ0 when unit 0
+//            is kept gathered (from its first forward Acquire to its backward Release: 2 gathers per micro-step
+//            instead of 4), + the persistent trainable elements after the step;
+//            reduce-scatter M·Ψt.
+#include <gtest/gtest.h>
+
+#include "partition_plan.h"
+#include "testing/engine_harness.h"
+#include "testing/mpi_env.h"
+
+namespace zero::testing {
+namespace {
+
+int64_t R(int64_t x, int world) {
+  const int64_t q = 64 * world;
+  return (x + q - 1) / q * q;
+}
+
+struct Sizes {
+  int64_t t, f, unit0, unit1, unit2, unit3;
+};
+
+Sizes ToySizes(int n) {
+  Sizes s;
+  s.unit0 = R(77, n);
+  s.unit1 = R(203, n);
+  s.unit2 = R(49, n);
+  s.unit3 = R(57, n);
+  s.t = s.unit0 + s.unit1 + s.unit3;
+  s.f = s.unit2;
+  return s;
+}
+
+Options Base(Stage stage, OptimizerKind opt) {
+  Options o;
+  o.stage = stage;
+  o.optimizer = opt;
+  o.bucket_elements = 1 << 20;
+  o.cpu_threads = 1;
+  return o;
+}
+
+TEST(AccountingTest, PlanMatchesHandComputedSizes) {
+  const int n = WorldSize();
+  PartitionPlan plan;
+  ASSERT_TRUE(PartitionPlan::Build(ToySpecs(), n, 1 << 20, &plan).ok());
+  const Sizes s = ToySizes(n);
+  EXPECT_EQ(plan.trainable_padded, s.t);
+  EXPECT_EQ(plan.frozen_padded, s.f);
+}
+
+TEST(AccountingTest, MemoryMatchesClosedFormPerStage) {
+  auto comm = WorldComm();
+  const int n = comm->world_size();
+  const Sizes s = ToySizes(n);
+  for (OptimizerKind opt : {OptimizerKind::kAdamW, OptimizerKind::kSgdMomentum}) {
+    const int64_t k = opt == OptimizerKind::kAdamW ? 8 : 4;
+    for (int st = 0; st <= 3; ++st) {
+      SCOPED_TRACE("stage " + std::to_string(st) + (k == 8 ? " adamw" : " sgd"));
+      Options o = Base(static_cast<Stage>(st), opt);
+      o.grad_pool_buffers = 2;
+      o.gather_slots = 3;
+      o.persist_bytes = st == 3 ? R(57, n) * 4 : 0;  // stage 3: units 2 and 3 (each R(57) = R(49)) persist
+      auto engine = OpenToyEngine(o, comm.get());
+      ASSERT_NE(engine, nullptr);
+      int64_t params = 4 * (s.t + s.f), grads = 4 * s.t, optimizer = k * s.t, buffers = 0;
+      const int64_t max_t = std::max({s.unit0, s.unit1, s.unit3});
+      if (st >= 1) optimizer = k * s.t / n;
+      if (st >= 2) {
+        grads = 4 * s.t / n;
+        buffers = 4 * 2 * max_t;
+      }
+      if (st == 3) {
+        // A unit persists when its full padded bytes fit persist_bytes = 4 R(57): units 2 and 3 always, units 0
+        // and 1 at the world sizes where their rounding reaches R(57).
+        int64_t persistent = 0, max_full = 0;
+        for (int64_t u : {s.unit0, s.unit1, s.unit2, s.unit3}) {
+          if (u <= R(57, n)) persistent += u; else max_full = std::max(max_full, u);
+        }
+        params = 4 * (s.t + s.f) / n + 4 * persistent;
+        buffers += max_full > 0 ? 4 * 3 * max_full : 0;
+      }
+      auto check = [&](const char* when) {
+        const MemoryReport m = engine->Memory();
+        SCOPED_TRACE(when);
+        EXPECT_EQ(m.device.Current(MemoryCategory::kParams), params);
+        EXPECT_EQ(m.device.Current(MemoryCategory::kGrads), grads);
+        EXPECT_EQ(m.device.Current(MemoryCategory::kOptimizer), optimizer);
+        EXPECT_EQ(m.device.Current(MemoryCategory::kBuffers), buffers);
+        EXPECT_EQ(m.device.peak_total, params + grads + optimizer + buffers);  // nothing beyond the arenas
+        EXPECT_EQ(m.host.Total(), 0);
+      };
+      check("after Open");
+      TrainToyStep(*engine, *comm, 0, 2, 24);
+      check("after a step (no allocation on the step path)");
+    }
+  }
+}
+
+struct CommCase {
+  Stage stage;
+  int micros;
+  int64_t prefetch_bytes;
+  bool persist;  // stage 3: units 2 and 3 persistent
+  bool keep0;    // stage 3: unit 0 kept across the turn
+};
+
+void PrintTo(const CommCase& c, std::ostream* os) {
+  *os << "stage " << static_cast<int>(c.stage) << " M=" << c.micros << " prefetch=" << c.prefetch_bytes
+      << " persist=" << c.persist << " keep0=" << c.keep0;
+}
+
+class CommFormulaTest : public ::testing::TestWithParam<CommCase> {};
+
+TEST_P(CommFormulaTest, CountersMatchFormula) {
+  const CommCase c = GetParam();
+  auto comm = WorldComm();
+  const int n = comm->world_size();
+  const Sizes s = ToySizes(n);
+  Options o = Base(c.stage, OptimizerKind::kAdamW);
+  o.prefetch_bytes = c.prefetch_bytes;
+  o.persist_bytes = c.persist ? R(57, n) * 4 : 0;
+  if (c.keep0) o.keep_gathered_units = {0};
+  auto engine = OpenToyEngine(o, comm.get());
+  ASSERT_NE(engine, nullptr);
+  // Two steps: the first records the stage-3 trace, the second prefetches from it.
+  for (int step = 0; step < 2; ++step) {
+    const CommCounters before = comm->counters();
+    TrainToyStep(*engine, *comm, step, c.micros, 24);
+    const CommCounters& after = comm->counters();
+    const int64_t rs = after.reduce_scatter - before.reduce_scatter;
+    const int64_t ag = after.all_gather - before.all_gather;
+    const int64_t ar = after.all_reduce - before.all_reduce;
+    const int64_t m = c.micros;
+    int64_t want_rs = 0, want_ag = 0, want_ar = 0;
+    switch (c.stage) {
+      case Stage::kDataParallel: want_ar = s.t; break;
+      case Stage::kOptimizerStates: want_rs = s.t; want_ag = s.t; break;
+      case Stage::kGradients: want_rs = m * s.t; want_ag = s.t; break;
+      case Stage::kParameters: {
+        // Persistent: units whose padded size fits persist_bytes = 4 R(57) (see the memory test).
+        auto persists = [&](int64_t u) { return c.persist && u <= R(57, n); };
+        int64_t persistent = 0, persistent_trainable = 0;
+        for (int64_t u : {s.unit0, s.unit1, s.unit3}) persistent_trainable += persists(u) ? u : 0;
+        persistent = persistent_trainable + (persists(s.unit2) ? s.unit2 : 0);
+        const int64_t tied = persists(s.unit0) ? 0 : s.unit0;
+        want_rs = m * s.t;
+        want_ag = 2 * m * (s.t + s.f - persistent) + 2 * m * tied - (c.keep0 ? 2 * m * tied : 0) + persistent_trainable;
+        break;
+      }
+    }
+    SCOPED_TRACE("step " + std::to_string(step));
+    EXPECT_EQ(rs, want_rs);
+    EXPECT_EQ(ag, want_ag);
+    EXPECT_EQ(ar, want_ar);
+    if (c.stage != Stage::kParameters && m == 1) {
+      EXPECT_EQ(after.Volume() - before.Volume(), 2 * s.t);  // the paper's 2Ψ for stages 0-2 at M = 1
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllStages, CommFormulaTest,
+    ::testing::Values(CommCase{Stage::kDataParallel, 1, 0, false, false}, CommCase{Stage::kDataParallel, 3, 0, false, false},
+                      CommCase{Stage::kOptimizerStates, 1, 0, false, false}, CommCase{Stage::kOptimizerStates, 3, 0, false, false},
+                      CommCase{Stage::kGradients, 1, 0, false, false}, CommCase{Stage::kGradients, 3, 0, false, false},
+                      CommCase{Stage::kParameters, 1, 0, false, false}, CommCase{Stage::kParameters, 2, 1 << 20, false, false},
+                      CommCase{Stage::kParameters, 2, 1 << 20, true, false}, CommCase{Stage::kParameters, 2, 1 << 20, true, true},
+                      CommCase{Stage::kParameters, 2, 0, false, true}));
+
+}  // namespace
+}  // namespace zero::testing

@@ -1,0 +1,149 @@
+// The central test: the toy model trained by every stage, at the world size mpiexec gave this run, against a
+// single-process unsharded reference. 20 steps, 2 micro-steps each, clipping active.
+//  * Mirrored reference (same summation order): fp32 parameters and norms must be bitwise equal.
+//  * Naive reference (whole batch at once, plain fp64 norm): max|p - p_ref| / max(1, |p_ref|) within 1e-5 for
+//    SGD and 1e-4 for AdamW with eps 1e-6. Why those bounds: the two runs differ only in float summation order
+//    (~1e-7 relative per step); SGD passes that through linearly over 20 steps, while AdamW divides by
+//    sqrt(v) + eps, which amplifies differences in tiny gradient components by up to |g|/eps.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "testing/engine_harness.h"
+#include "testing/mpi_env.h"
+#include "testing/reference.h"
+
+namespace zero::testing {
+namespace {
+
+constexpr int kSteps = 20;
+constexpr int kMicros = 2;
+constexpr int kGlobalBatch = 24;  // divisible by 1, 2, 3 and 4 ranks
+
+struct Case {
+  const char* name;
+  Stage stage;
+  OptimizerKind optimizer;
+  int64_t bucket_elements;
+  int64_t persist_bytes = 0;
+  int64_t prefetch_bytes = 1 << 20;
+  std::vector<int> keep_gathered = {};
+};
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+Options MakeOptions(const Case& c) {
+  Options o;
+  o.stage = c.stage;
+  o.optimizer = c.optimizer;
+  o.bucket_elements = c.bucket_elements;
+  o.clip_norm = 0.25;  // below the toy's gradient norms for most steps: clipping is active
+  o.adamw.lr = 1e-2f;
+  o.adamw.eps = 1e-6f;
+  o.adamw.weight_decay = 0.05f;
+  o.sgd.lr = 0.2f;
+  o.sgd.momentum = 0.9f;
+  o.sgd.weight_decay = 0.01f;
+  o.persist_bytes = c.persist_bytes;
+  o.prefetch_bytes = c.prefetch_bytes;
+  o.keep_gathered_units = c.keep_gathered;
+  o.cpu_threads = 1;
+  return o;
+}
+
+class EquivalenceTest : public ::testing::TestWithParam<Case> {};
+
+// Relative error as the issue defines it.
+double MaxRelError(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b) {
+  double worst = 0.0;
+  for (size_t p = 0; p < a.size(); ++p) {
+    for (size_t i = 0; i < a[p].size(); ++i) {
+      const double ref = b[p][i];
+      worst = std::max(worst, std::abs(a[p][i] - ref) / std::max(1.0, std::abs(ref)));
+    }
+  }
+  return worst;
+}
+
+TEST_P(EquivalenceTest, MatchesUnshardedReference) {
+  const Case& c = GetParam();
+  auto comm = WorldComm();
+  ASSERT_NE(comm, nullptr);
+  const Options options = MakeOptions(c);
+  auto engine = OpenToyEngine(options, comm.get());
+  ASSERT_NE(engine, nullptr);
+
+  ReferenceConfig rc;
+  rc.options = options;
+  rc.world = comm->world_size();
+  rc.micro_steps = kMicros;
+  rc.global_batch = kGlobalBatch;
+  Reference mirrored(rc);
+  rc.mirror = false;
+  Reference naive(rc);
+
+  int clipped = 0;
+  for (int step = 0; step < kSteps; ++step) {
+    const StepResult got = TrainToyStep(*engine, *comm, step, kMicros, kGlobalBatch);
+    const StepResult want = mirrored.Step(step);
+    naive.Step(step);
+    ASSERT_EQ(got.grad_norm, want.grad_norm) << "step " << step;  // bitwise: same order
+    ASSERT_EQ(got.clip_coef, want.clip_coef) << "step " << step;
+    ASSERT_FALSE(got.skipped);
+    ASSERT_EQ(got.step, step + 1);
+    clipped += got.clip_coef < 1.0;
+  }
+  EXPECT_GT(clipped, 0) << "clipping never engaged; lower clip_norm so the test covers it";
+
+  const auto params = GatherToyParams(*engine);
+  std::vector<std::vector<float>> want_mirror, want_naive;
+  for (int p = 0; p < kToyParams; ++p) {
+    want_mirror.push_back(mirrored.param(p));
+    want_naive.push_back(naive.param(p));
+  }
+  int mismatches = 0;
+  for (int p = 0; p < kToyParams; ++p) {
+    ASSERT_EQ(params[p].size(), want_mirror[p].size());
+    for (size_t i = 0; i < params[p].size(); ++i) {
+      if (std::memcmp(&params[p][i], &want_mirror[p][i], sizeof(float)) != 0 && ++mismatches <= 5) {
+        ADD_FAILURE() << "param " << p << " element " << i << ": engine " << params[p][i] << " reference "
+                      << want_mirror[p][i];
+      }
+    }
+  }
+  EXPECT_EQ(mismatches, 0) << "elements not bitwise equal to the mirrored reference";
+  const double mirror_err = MaxRelError(params, want_mirror);
+  const double naive_err = MaxRelError(params, want_naive);
+  const double bound = c.optimizer == OptimizerKind::kAdamW ? 1e-4 : 1e-5;
+  EXPECT_LE(naive_err, bound);
+  // Training must actually have moved the parameters (a no-op engine would match a no-op reference).
+  EXPECT_GT(MaxRelError(params, ToyInitialParams()), 1e-3);
+  if (comm->rank() == 0) {
+    std::printf("[ max error ] %s world %d: mirrored %.3g, naive %.3g (bound %.0e), clipped %d/%d steps\n", c.name,
+                comm->world_size(), mirror_err, naive_err, bound, clipped, kSteps);
+  }
+}
+
+const Case kCases[] = {
+    {"stage0_adamw", Stage::kDataParallel, OptimizerKind::kAdamW, 1 << 20},
+    {"stage0_sgd", Stage::kDataParallel, OptimizerKind::kSgdMomentum, 64},
+    {"stage1_adamw", Stage::kOptimizerStates, OptimizerKind::kAdamW, 64},
+    {"stage1_sgd", Stage::kOptimizerStates, OptimizerKind::kSgdMomentum, 1 << 20},
+    {"stage2_adamw", Stage::kGradients, OptimizerKind::kAdamW, 64},
+    {"stage2_sgd", Stage::kGradients, OptimizerKind::kSgdMomentum, 100},
+    {"stage3_adamw", Stage::kParameters, OptimizerKind::kAdamW, 64},
+    {"stage3_sgd", Stage::kParameters, OptimizerKind::kSgdMomentum, 1 << 20},
+    {"stage3_adamw_noprefetch", Stage::kParameters, OptimizerKind::kAdamW, 100, 0, 0},
+    // Unit 3 (b2: 49 + 1 params) stays gathered; unit 0 stays gathered across the forward/backward turn.
+    {"stage3_adamw_persistent_kept", Stage::kParameters, OptimizerKind::kAdamW, 64, 1024, 1 << 20, {0}},
+};
+
+INSTANTIATE_TEST_SUITE_P(AllStages, EquivalenceTest, ::testing::ValuesIn(kCases),
+                         [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
+
+}  // namespace
+}  // namespace zero::testing

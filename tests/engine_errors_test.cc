@@ -1,0 +1,183 @@
+// Bad input that every rank makes alike: each gets a clear status, and the engine either stays usable (and
+// a following step works) or says it is not.
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "testing/engine_harness.h"
+#include "testing/mpi_env.h"
+
+namespace zero::testing {
+namespace {
+
+Options Small(Stage stage) {
+  Options o;
+  o.stage = stage;
+  o.bucket_elements = 64;
+  o.cpu_threads = 1;
+  return o;
+}
+
+bool Contains(const Status& s, const std::string& text) { return s.message().find(text) != std::string::npos; }
+
+TEST(EngineErrorsTest, InvalidOptionsFailOpenOnEveryRank) {
+  auto comm = WorldComm();
+  std::unique_ptr<Engine> engine;
+  Options o = Small(Stage::kGradients);
+  o.bucket_elements = 0;
+  Status s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(s, "bucket_elements")) << s.ToString();
+  EXPECT_TRUE(Contains(s, "rank " + std::to_string(comm->rank()))) << s.ToString();
+  EXPECT_EQ(engine, nullptr);
+
+  o = Small(Stage::kGradients);
+  o.keep_gathered_units = {7};
+  s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(s, "keep_gathered_units")) << s.ToString();
+
+  o = Small(Stage::kGradients);
+  o.backend = Backend::kCuda;
+  s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+
+  auto specs = ToySpecs();
+  specs[2].shape = {-1};
+  s = Engine::Open(Small(Stage::kGradients), comm.get(), specs, &engine);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(s, "b1.b1")) << s.ToString();
+  // The communicator is still healthy: a correct Open works.
+  EXPECT_NE(OpenToyEngine(Small(Stage::kGradients), comm.get()), nullptr);
+}
+
+TEST(EngineErrorsTest, CapacityExceededReportsBreakdown) {
+  auto comm = WorldComm();
+  for (Stage st : {Stage::kDataParallel, Stage::kParameters}) {
+    Options o = Small(st);
+    o.device_capacity_bytes = 2000;
+    std::unique_ptr<Engine> engine;
+    Status s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
+    EXPECT_EQ(s.code(), StatusCode::kOutOfMemory) << s.ToString();
+    EXPECT_TRUE(Contains(s, "capacity")) << s.ToString();
+    EXPECT_TRUE(Contains(s, "params")) << s.ToString();
+    EXPECT_TRUE(Contains(s, StageName(st))) << s.ToString();
+  }
+}
+
+TEST(EngineErrorsTest, UnknownUnitAndGradsReadyTwiceLeaveEngineUsable) {
+  auto comm = WorldComm();
+  for (Stage st : {Stage::kDataParallel, Stage::kGradients, Stage::kParameters}) {
+    SCOPED_TRACE(StageName(st));
+    auto engine = OpenToyEngine(Small(st), comm.get());
+    ASSERT_NE(engine, nullptr);
+    ASSERT_TRUE(engine->BeginMicroStep(0, true).ok());
+    Status s = engine->Acquire(99, Pass::kForward);
+    EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+    EXPECT_TRUE(Contains(s, "unknown unit")) << s.ToString();
+    s = engine->Release(1, Pass::kForward);
+    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
+    EXPECT_TRUE(Contains(s, "without a matching Acquire")) << s.ToString();
+    EngineAccess access(engine.get());
+    ToyForwardBackward(access, ToyMicroBatch(0, 0, comm->rank(), comm->world_size(), 24));
+    s = engine->GradsReady(0);
+    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+    EXPECT_TRUE(Contains(s, "twice")) << s.ToString();
+    EXPECT_TRUE(engine->healthy().ok());
+    StepResult r;
+    s = engine->Step(StepArgs(), &r);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    EXPECT_EQ(r.step, 1);
+  }
+}
+
+TEST(EngineErrorsTest, StepWithUnitNotReady) {
+  auto comm = WorldComm();
+  for (Stage st : {Stage::kOptimizerStates, Stage::kGradients}) {
+    SCOPED_TRACE(StageName(st));
+    auto engine = OpenToyEngine(Small(st), comm.get());
+    ASSERT_NE(engine, nullptr);
+    // Unit 3 comes first in reduction order: without its GradsReady nothing was reduced, so every rank
+    // reports the error, nothing changes, and the step can be completed afterwards.
+    ASSERT_TRUE(engine->BeginMicroStep(0, true).ok());
+    for (int u = 0; u < 4; ++u) {
+      ASSERT_TRUE(engine->Acquire(u, Pass::kForward).ok());
+      ASSERT_TRUE(engine->Release(u, Pass::kForward).ok());
+    }
+    for (int u : {1, 2, 0}) ASSERT_TRUE(engine->GradsReady(u).ok());
+    StepResult r;
+    Status s = engine->Step(StepArgs(), &r);
+    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+    EXPECT_TRUE(Contains(s, "unit 3")) << s.ToString();
+    EXPECT_TRUE(engine->healthy().ok());
+    ASSERT_TRUE(engine->GradsReady(3).ok());
+    s = engine->Step(StepArgs(), &r);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+
+    // Unit 0 comes last: units 3 and 1 were already reduced, so the step cannot be finished consistently;
+    // the engine says so and stays unusable.
+    ASSERT_TRUE(engine->BeginMicroStep(0, true).ok());
+    for (int u : {3, 2, 1}) ASSERT_TRUE(engine->GradsReady(u).ok());
+    s = engine->Step(StepArgs(), &r);
+    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
+    EXPECT_TRUE(Contains(s, "unit 0")) << s.ToString();
+    EXPECT_FALSE(engine->healthy().ok());
+    EXPECT_FALSE(engine->BeginMicroStep(0, true).ok());
+  }
+}
+
+TEST(EngineErrorsTest, ProtocolOrderErrors) {
+  auto comm = WorldComm();
+  auto engine = OpenToyEngine(Small(Stage::kGradients), comm.get());
+  ASSERT_NE(engine, nullptr);
+  StepResult r;
+  Status s = engine->Step(StepArgs(), &r);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(s, "BeginMicroStep")) << s.ToString();
+  s = engine->BeginMicroStep(1, false);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(s, "expected micro-step 0")) << s.ToString();
+  s = engine->Acquire(0, Pass::kForward);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(engine->BeginMicroStep(0, false).ok());
+  EngineAccess access(engine.get());
+  ToyForwardBackward(access, ToyMicroBatch(0, 0, comm->rank(), comm->world_size(), 24));
+  s = engine->Step(StepArgs(), &r);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(s, "is_last")) << s.ToString();
+  EXPECT_EQ(engine->BeginEval().code(), StatusCode::kFailedPrecondition);
+  // Finish the step properly: still usable.
+  ASSERT_TRUE(engine->BeginMicroStep(1, true).ok());
+  ToyForwardBackward(access, ToyMicroBatch(0, 1, comm->rank(), comm->world_size(), 24));
+  EXPECT_TRUE(engine->Step(StepArgs(), &r).ok());
+  EXPECT_FALSE(access.failed());
+}
+
+TEST(EngineErrorsTest, EvalIsForwardOnlyAndMatchesTraining) {
+  auto comm = WorldComm();
+  for (Stage st : {Stage::kDataParallel, Stage::kParameters}) {
+    SCOPED_TRACE(StageName(st));
+    auto engine = OpenToyEngine(Small(st), comm.get());
+    ASSERT_NE(engine, nullptr);
+    EngineAccess access(engine.get());
+    float losses[3];
+    for (int i = 0; i < 3; ++i) {  // the second and third eval passes use the recorded stage-3 eval trace
+      ASSERT_TRUE(engine->BeginEval().ok());
+      losses[i] = ToyForward(access, ToyMicroBatch(0, 0, comm->rank(), comm->world_size(), 24));
+      EXPECT_EQ(engine->Acquire(1, Pass::kBackward).code(), StatusCode::kFailedPrecondition);
+      ASSERT_TRUE(engine->EndEval().ok());
+    }
+    EXPECT_EQ(losses[0], losses[1]);
+    EXPECT_EQ(losses[1], losses[2]);
+    const StepResult r = TrainToyStep(*engine, *comm, 0, 1, 24);
+    EXPECT_EQ(r.step, 1);
+    ASSERT_TRUE(engine->BeginEval().ok());
+    const float after = ToyForward(access, ToyMicroBatch(0, 0, comm->rank(), comm->world_size(), 24));
+    ASSERT_TRUE(engine->EndEval().ok());
+    EXPECT_LT(after, losses[0]) << "one AdamW step on the same batch should lower its loss";
+    EXPECT_FALSE(access.failed());
+  }
+}
+
+}  // namespace
+}  // namespace zero::testing

@@ -1,0 +1,94 @@
+// Drives the toy model through a real Engine: the access adapter, a training loop, and gathering the final
+// parameters on every rank for comparison against a reference.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "testing/toy_model.h"
+#include "zero/zero.h"
+
+namespace zero::testing {
+
+// ToyAccess over an Engine; a failed call is a test failure (and a scratch buffer keeps the model running so
+// that every rank keeps issuing the same collectives).
+class EngineAccess : public ToyAccess {
+ public:
+  explicit EngineAccess(Engine* engine) : engine_(engine), scratch_(4096, 0.0f) {}
+  void Acquire(int unit, bool backward) override {
+    Check(engine_->Acquire(unit, backward ? Pass::kBackward : Pass::kForward));
+  }
+  void Release(int unit, bool backward) override {
+    Check(engine_->Release(unit, backward ? Pass::kBackward : Pass::kForward));
+  }
+  void GradsReady(int unit) override { Check(engine_->GradsReady(unit)); }
+  float* Param(int p) override { return OrScratch(engine_->Param(p).as<float>(), "Param", p); }
+  float* Grad(int p) override { return OrScratch(engine_->Grad(p).as<float>(), "Grad", p); }
+  bool failed() const { return failed_; }
+
+ private:
+  void Check(const Status& s) {
+    if (!s.ok()) {
+      failed_ = true;
+      ADD_FAILURE() << s.ToString();
+    }
+  }
+  float* OrScratch(float* p, const char* what, int param) {
+    if (p != nullptr) return p;
+    failed_ = true;
+    ADD_FAILURE() << what << "(" << param << ") returned an invalid view";
+    return scratch_.data();
+  }
+  Engine* engine_;
+  std::vector<float> scratch_;
+  bool failed_ = false;
+};
+
+// Opens an engine over the toy model and initializes its parameters from ToyInit.
+inline std::unique_ptr<Engine> OpenToyEngine(const Options& options, Comm* comm) {
+  std::unique_ptr<Engine> engine;
+  Status s = Engine::Open(options, comm, ToySpecs(), &engine);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  if (!s.ok()) return nullptr;
+  s = engine->InitParams([](int p, int64_t off, int64_t n, float* dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = ToyInit(p, off + i);
+  });
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return engine;
+}
+
+// One optimizer step of `micros` micro-steps on this rank's slices of the global batch.
+inline StepResult TrainToyStep(Engine& engine, Comm& comm, int step, int micros, int global_batch) {
+  EngineAccess access(&engine);
+  for (int m = 0; m < micros; ++m) {
+    Status s = engine.BeginMicroStep(m, m == micros - 1);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    ToyForwardBackward(access, ToyMicroBatch(step, m, comm.rank(), comm.world_size(), global_batch));
+  }
+  StepResult r;
+  Status s = engine.Step(StepArgs(), &r);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return r;
+}
+
+// Full copies of every parameter, on every rank (collective in stage 3).
+inline std::vector<std::vector<float>> GatherToyParams(Engine& engine) {
+  std::vector<int> all_units(static_cast<size_t>(engine.num_units()));
+  for (int u = 0; u < engine.num_units(); ++u) all_units[static_cast<size_t>(u)] = u;
+  FullParamsScope scope;
+  Status s = engine.GatherFull(all_units, &scope);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  std::vector<std::vector<float>> out;
+  for (int p = 0; p < static_cast<int>(engine.specs().size()); ++p) {
+    TensorView v = engine.Param(p);
+    const float* d = v.as<float>();
+    out.emplace_back(d, d == nullptr ? d : d + v.numel);
+  }
+  s = scope.Close();
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return out;
+}
+
+}  // namespace zero::testing

@@ -1,0 +1,58 @@
+// The deterministic toy model of DESIGN.md, used by the equivalence, memory and communication tests.
+//
+// Units (forward order) and parameters:
+//   unit 0  embed [11, 7]                 tied: the token lookup and the output head (acquired twice per pass)
+//   unit 1  b1.w1 [7, 13], b1.b1 [13] (wd_mult 0), b1.w2 [13, 7]
+//   unit 2  frozen.f [7, 7]               frozen (no gradient, no optimizer state)
+//   unit 3  b2.w3 [7, 7] (lr_mult 0.5), b2.gain [1] (wd_mult 0; smaller than any world size > 1)
+// Per token t with target y:
+//   x0 = E[t];  h1 = tanh(x0 W1 + b1);  x1 = x0 + h1 W2;  x2 = x1 + tanh(x1 F);  x3 = x2 + gain * tanh(x2 W3)
+//   loss = logsumexp(x3 E^T) - (x3 E^T)[y], averaged over the micro-batch.
+// Sizes are odd on purpose so that buckets and shards never line up with parameters.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "zero/options.h"
+
+namespace zero::testing {
+
+inline constexpr int kVocab = 11;
+inline constexpr int kDim = 7;
+inline constexpr int kHidden = 13;
+inline constexpr int kToyUnits = 4;
+inline constexpr int kToyParams = 7;
+
+std::vector<ParamSpec> ToySpecs();
+// Deterministic initial value of element `off` of parameter `param`.
+float ToyInit(int param, int64_t off);
+// Every parameter's initial values (ToyInit), per parameter.
+std::vector<std::vector<float>> ToyInitialParams();
+
+struct ToyBatch {
+  std::vector<int> tokens;
+  std::vector<int> targets;
+};
+// The micro-batch of `rank` (of `world`) for micro-step `micro` of step `step`: a fixed global batch of
+// `global` tokens per micro-step split into equal contiguous parts by rank.
+ToyBatch ToyMicroBatch(int step, int micro, int rank, int world, int global);
+
+// What the model needs from whoever owns parameters: the engine, or a reference's plain arrays.
+class ToyAccess {
+ public:
+  virtual ~ToyAccess() = default;
+  virtual void Acquire(int unit, bool backward) = 0;
+  virtual void Release(int unit, bool backward) = 0;
+  virtual void GradsReady(int unit) = 0;
+  virtual float* Param(int param) = 0;
+  virtual float* Grad(int param) = 0;  // gradients are accumulated (+=)
+};
+
+// Runs forward and backward of one micro-batch through `access` in the protocol's order (the tied unit is
+// acquired twice in each pass), accumulating gradients. Returns the micro-batch's mean loss.
+float ToyForwardBackward(ToyAccess& access, const ToyBatch& batch);
+// Forward only (acquires in forward order), returns the mean loss.
+float ToyForward(ToyAccess& access, const ToyBatch& batch);
+
+}  // namespace zero::testing
