@@ -92,10 +92,12 @@ TEST(EngineErrorsTest, UnknownUnitAndGradsReadyTwiceLeaveEngineUsable) {
 }
 
 TEST(EngineErrorsTest, StepWithUnitNotReady) {
-  auto comm = WorldComm();
   for (Stage st : {Stage::kOptimizerStates, Stage::kGradients}) {
     SCOPED_TRACE(StageName(st));
-    auto engine = OpenToyEngine(Small(st), comm.get());
+    auto comm = WorldComm();  // the second half aborts it
+    Options o = Small(st);
+    o.grad_pool_buffers = 3;  // units 1 and 0 hold their buffers while unit 3, first in reduction order, waits
+    auto engine = OpenToyEngine(o, comm.get());
     ASSERT_NE(engine, nullptr);
     // Unit 3 comes first in reduction order: without its GradsReady nothing was reduced, so every rank
     // reports the error, nothing changes, and the step can be completed afterwards.
