@@ -187,3 +187,38 @@ INSTANTIATE_TEST_SUITE_P(
 
 }  // namespace
 }  // namespace zero::testing
+
+namespace zero::testing {
+namespace {
+
+// Stage-3 prefetch, asserted on the engine's event log (what was issued before what), never on time: with
+// prefetch on, the second step gathers unit 1 before unit 0's first Release; with it off, only after.
+TEST(PrefetchTest, NextUnitIsGatheredBeforeCurrentRelease) {
+  auto comm = WorldComm();
+  for (int64_t prefetch : {int64_t{1} << 20, int64_t{0}}) {
+    SCOPED_TRACE("prefetch_bytes " + std::to_string(prefetch));
+    Options o = Base(Stage::kParameters, OptimizerKind::kAdamW);
+    o.prefetch_bytes = prefetch;
+    auto engine = OpenToyEngine(o, comm.get());
+    ASSERT_NE(engine, nullptr);
+    TrainToyStep(*engine, *comm, 0, 1, 24);  // records the order
+    const size_t from = engine->TEST_events().size();
+    TrainToyStep(*engine, *comm, 1, 1, 24);
+    const auto& ev = engine->TEST_events();
+    size_t first_release0 = 0, first_gather1 = 0;
+    for (size_t i = ev.size(); i-- > from;) {
+      if (ev[i].kind == Engine::Event::kRelease && ev[i].unit == 0) first_release0 = i;
+      if (ev[i].kind == Engine::Event::kGather && ev[i].unit == 1) first_gather1 = i;
+    }
+    ASSERT_GT(first_release0, from);
+    ASSERT_GT(first_gather1, from);
+    if (prefetch > 0) {
+      EXPECT_LT(first_gather1, first_release0);
+    } else {
+      EXPECT_GT(first_gather1, first_release0);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace zero::testing
