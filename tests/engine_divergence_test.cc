@@ -11,16 +11,6 @@
 namespace zero::testing {
 namespace {
 
-Options Small(Stage stage) {
-  Options o;
-  o.stage = stage;
-  o.bucket_elements = 64;
-  o.cpu_threads = 1;
-  return o;
-}
-
-bool Contains(const Status& s, const std::string& text) { return s.message().find(text) != std::string::npos; }
-
 TEST(DivergenceTest, SpecsThatDifferFailOpenOnEveryRankNamingTheDifference) {
   auto comm = WorldComm();
   ASSERT_GE(comm->world_size(), 2);
@@ -28,14 +18,14 @@ TEST(DivergenceTest, SpecsThatDifferFailOpenOnEveryRankNamingTheDifference) {
   auto specs = ToySpecs();
   if (odd) specs[3].shape = {7, 13};  // b1.w2 transposed on one rank
   std::unique_ptr<Engine> engine;
-  Status s = Engine::Open(Small(Stage::kGradients), comm.get(), specs, &engine);
+  Status s = Engine::Open(SmallToyOptions(Stage::kGradients), comm.get(), specs, &engine);
   EXPECT_EQ(s.code(), StatusCode::kMismatch) << s.ToString();
   EXPECT_TRUE(Contains(s, "b1.w2")) << s.ToString();
   EXPECT_TRUE(Contains(s, "[13,7]")) << s.ToString();
   EXPECT_TRUE(Contains(s, "[7,13]")) << s.ToString();
   EXPECT_TRUE(Contains(s, "rank " + std::to_string(comm->world_size() - 1))) << s.ToString();
 
-  Options o = Small(Stage::kGradients);
+  Options o = SmallToyOptions(Stage::kGradients);
   if (odd) o.clip_norm = 1.0;
   s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
   EXPECT_EQ(s.code(), StatusCode::kMismatch) << s.ToString();
@@ -47,7 +37,7 @@ TEST(DivergenceTest, MicroStepCountsThatDifferFailEveryRank) {
   const bool odd = comm->rank() == comm->world_size() - 1;
   for (Stage st : {Stage::kDataParallel, Stage::kGradients, Stage::kParameters}) {
     SCOPED_TRACE(StageName(st));
-    auto engine = OpenToyEngine(Small(st), comm.get());
+    auto engine = OpenToyEngine(SmallToyOptions(st), comm.get());
     ASSERT_NE(engine, nullptr);
     // The odd rank thinks micro-step 0 is the last one.
     Status s = engine->BeginMicroStep(0, odd);
@@ -73,7 +63,7 @@ TEST(DivergenceTest, UnitOrderThatDiffersFailsEveryRank) {
   auto comm = WorldComm(std::chrono::milliseconds(5000));
   const bool odd = comm->rank() == comm->world_size() - 1;
   // Stage 1: no collective inside a non-last micro-step, so the divergence is found by the next check.
-  auto engine = OpenToyEngine(Small(Stage::kOptimizerStates), comm.get());
+  auto engine = OpenToyEngine(SmallToyOptions(Stage::kOptimizerStates), comm.get());
   ASSERT_NE(engine, nullptr);
   ASSERT_TRUE(engine->BeginMicroStep(0, false).ok());
   for (int u = 0; u < 4; ++u) {
@@ -91,7 +81,7 @@ TEST(DivergenceTest, UnitOrderThatDiffersFailsEveryRank) {
 TEST(DivergenceTest, Stage3AcquireOffTheRecordedTraceAbortsEveryRank) {
   auto comm = WorldComm(std::chrono::milliseconds(10000));
   const bool odd = comm->rank() == comm->world_size() - 1;
-  auto engine = OpenToyEngine(Small(Stage::kParameters), comm.get());
+  auto engine = OpenToyEngine(SmallToyOptions(Stage::kParameters), comm.get());
   ASSERT_NE(engine, nullptr);
   TrainToyStep(*engine, *comm, 0, 1, 24);  // records the trace
   ASSERT_TRUE(engine->BeginMicroStep(0, true).ok());

@@ -10,20 +10,10 @@
 namespace zero::testing {
 namespace {
 
-Options Small(Stage stage) {
-  Options o;
-  o.stage = stage;
-  o.bucket_elements = 64;
-  o.cpu_threads = 1;
-  return o;
-}
-
-bool Contains(const Status& s, const std::string& text) { return s.message().find(text) != std::string::npos; }
-
 TEST(EngineErrorsTest, InvalidOptionsFailOpenOnEveryRank) {
   auto comm = WorldComm();
   std::unique_ptr<Engine> engine;
-  Options o = Small(Stage::kGradients);
+  Options o = SmallToyOptions(Stage::kGradients);
   o.bucket_elements = 0;
   Status s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
@@ -31,30 +21,30 @@ TEST(EngineErrorsTest, InvalidOptionsFailOpenOnEveryRank) {
   EXPECT_TRUE(Contains(s, "rank " + std::to_string(comm->rank()))) << s.ToString();
   EXPECT_EQ(engine, nullptr);
 
-  o = Small(Stage::kGradients);
+  o = SmallToyOptions(Stage::kGradients);
   o.keep_gathered_units = {7};
   s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(Contains(s, "keep_gathered_units")) << s.ToString();
 
-  o = Small(Stage::kGradients);
+  o = SmallToyOptions(Stage::kGradients);
   o.backend = Backend::kCuda;
   s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
   EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
 
   auto specs = ToySpecs();
   specs[2].shape = {-1};
-  s = Engine::Open(Small(Stage::kGradients), comm.get(), specs, &engine);
+  s = Engine::Open(SmallToyOptions(Stage::kGradients), comm.get(), specs, &engine);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(Contains(s, "b1.b1")) << s.ToString();
   // The communicator is still healthy: a correct Open works.
-  EXPECT_NE(OpenToyEngine(Small(Stage::kGradients), comm.get()), nullptr);
+  EXPECT_NE(OpenToyEngine(SmallToyOptions(Stage::kGradients), comm.get()), nullptr);
 }
 
 TEST(EngineErrorsTest, CapacityExceededReportsBreakdown) {
   auto comm = WorldComm();
   for (Stage st : {Stage::kDataParallel, Stage::kParameters}) {
-    Options o = Small(st);
+    Options o = SmallToyOptions(st);
     o.device_capacity_bytes = 2000;
     std::unique_ptr<Engine> engine;
     Status s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
@@ -69,7 +59,7 @@ TEST(EngineErrorsTest, UnknownUnitAndGradsReadyTwiceLeaveEngineUsable) {
   auto comm = WorldComm();
   for (Stage st : {Stage::kDataParallel, Stage::kGradients, Stage::kParameters}) {
     SCOPED_TRACE(StageName(st));
-    auto engine = OpenToyEngine(Small(st), comm.get());
+    auto engine = OpenToyEngine(SmallToyOptions(st), comm.get());
     ASSERT_NE(engine, nullptr);
     ASSERT_TRUE(engine->BeginMicroStep(0, true).ok());
     Status s = engine->Acquire(99, Pass::kForward);
@@ -95,7 +85,7 @@ TEST(EngineErrorsTest, StepWithUnitNotReady) {
   for (Stage st : {Stage::kOptimizerStates, Stage::kGradients}) {
     SCOPED_TRACE(StageName(st));
     auto comm = WorldComm();  // the second half aborts it
-    Options o = Small(st);
+    Options o = SmallToyOptions(st);
     o.grad_pool_buffers = 3;  // units 1 and 0 hold their buffers while unit 3, first in reduction order, waits
     auto engine = OpenToyEngine(o, comm.get());
     ASSERT_NE(engine, nullptr);
@@ -130,7 +120,7 @@ TEST(EngineErrorsTest, StepWithUnitNotReady) {
 
 TEST(EngineErrorsTest, ProtocolOrderErrors) {
   auto comm = WorldComm();
-  auto engine = OpenToyEngine(Small(Stage::kGradients), comm.get());
+  auto engine = OpenToyEngine(SmallToyOptions(Stage::kGradients), comm.get());
   ASSERT_NE(engine, nullptr);
   StepResult r;
   Status s = engine->Step(StepArgs(), &r);
@@ -159,7 +149,7 @@ TEST(EngineErrorsTest, EvalIsForwardOnlyAndMatchesTraining) {
   auto comm = WorldComm();
   for (Stage st : {Stage::kDataParallel, Stage::kParameters}) {
     SCOPED_TRACE(StageName(st));
-    auto engine = OpenToyEngine(Small(st), comm.get());
+    auto engine = OpenToyEngine(SmallToyOptions(st), comm.get());
     ASSERT_NE(engine, nullptr);
     EngineAccess access(engine.get());
     float losses[3];

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -45,6 +46,19 @@ class EngineAccess : public ToyAccess {
   std::vector<float> scratch_;
   bool failed_ = false;
 };
+
+// Options for protocol tests: small buckets (several per unit), one thread.
+inline Options SmallToyOptions(Stage stage) {
+  Options o;
+  o.stage = stage;
+  o.bucket_elements = 64;
+  o.cpu_threads = 1;
+  return o;
+}
+
+inline bool Contains(const Status& s, const std::string& text) {
+  return s.message().find(text) != std::string::npos;
+}
 
 // Opens an engine over the toy model and initializes its parameters from ToyInit.
 inline std::unique_ptr<Engine> OpenToyEngine(const Options& options, Comm* comm) {
