@@ -82,6 +82,9 @@ constexpr int64_t kPiecesPerWait = 64;  // messages per peer per wait: bounds th
 constexpr int kSpinPolls = 200;
 constexpr auto kNap = std::chrono::microseconds(20);
 constexpr auto kCancelGrace = std::chrono::milliseconds(50);  // how long cancelled requests may take to finish
+// How long a broken Comm's destructor keeps progressing its abort notices so that peers (maybe descheduled on
+// an oversubscribed node) receive them; paid only by broken communicators.
+constexpr auto kNoticeGrace = std::chrono::seconds(2);
 constexpr size_t kMaxAbortBytes = 1024;                       // abort notices stay small (eager) messages
 constexpr int kAbortTag = 1;                                  // the abort channel carries nothing else
 
@@ -218,7 +221,7 @@ MpiComm::~MpiComm() {
     CancelPending();  // normally empty: every wait clears its requests
     // Abort notices are small (eager) and complete at once unless a peer's queue is full; give them a moment.
     std::lock_guard<std::mutex> lock(mu_);
-    const auto give_up = Clock::now() + 4 * kCancelGrace;
+    const auto give_up = Clock::now() + kNoticeGrace;
     int done = notice_sends_.empty();
     while (!done && Clock::now() < give_up) {
       MPI_Testall(static_cast<int>(notice_sends_.size()), notice_sends_.data(), &done, MPI_STATUSES_IGNORE);
