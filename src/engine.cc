@@ -150,6 +150,21 @@ Status Engine::Impl::ValidUnit(int unit, const char* call) const {
   return Status::Ok();
 }
 
+Status Engine::Impl::CheckUnitsDone(const std::string& call, bool need_grads) const {
+  for (size_t u = 0; u < units.size(); ++u) {
+    const UnitState& us = units[u];
+    if (us.fwd_refs > 0 || us.bwd_refs > 0) {
+      return Status::FailedPrecondition(call + ": " + UnitName(static_cast<int>(u)) +
+                                        " is still acquired; Release it first");
+    }
+    if (need_grads && us.trainable_elems > 0 && !us.grads_ready) {
+      return Status::FailedPrecondition(call + ": " + UnitName(static_cast<int>(u)) +
+                                        " is not ready; call GradsReady for every unit in every micro-step");
+    }
+  }
+  return Status::Ok();
+}
+
 Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
   static const char* kFieldNames[kAgreeFields] = {"call",      "optimizer step", "micro-step index",
                                                   "is_last",   "partition plan", "units used so far",
@@ -443,16 +458,7 @@ Status Engine::BeginMicroStep(int micro, bool is_last) {
     local = Status::FailedPrecondition("BeginMicroStep after the last micro-step on " + e.Where() +
                                        "; call Step first");
   } else if (e.micro >= 0) {
-    for (size_t u = 0; u < e.units.size() && local.ok(); ++u) {
-      const UnitState& us = e.units[u];
-      if (us.fwd_refs > 0 || us.bwd_refs > 0) {
-        local = Status::FailedPrecondition("BeginMicroStep on " + e.Where() + ": " + e.UnitName(static_cast<int>(u)) +
-                                           " is still acquired; Release it first");
-      } else if (us.trainable_elems > 0 && !us.grads_ready) {
-        local = Status::FailedPrecondition("BeginMicroStep on " + e.Where() + ": " + e.UnitName(static_cast<int>(u)) +
-                                           " has no GradsReady in the previous micro-step");
-      }
-    }
+    local = e.CheckUnitsDone("BeginMicroStep on " + e.Where(), /*need_grads=*/true);
   }
   // The agreement compares is_last too: set it for the check, restore on failure.
   const bool prev_last = e.micro_is_last;
@@ -478,11 +484,7 @@ Status Engine::BeginMicroStep(int micro, bool is_last) {
     u.grad_window = false;
   }
   // Units kept gathered across the turn but not used in backward would hold their slot forever.
-  for (GatherSlot& slot : e.slots) {
-    if (slot.unit >= 0) e.units[static_cast<size_t>(slot.unit)].gather_slot = -1;
-    slot.unit = -1;
-    slot.prefetched = false;
-  }
+  e.DropUnheldSlots();
   return Status::Ok();
 }
 
@@ -538,23 +540,11 @@ Status Engine::EndEval() {
   ZERO_RETURN_IF_ERROR(e.CheckUsable());
   Status local;
   if (!e.in_eval) local = Status::FailedPrecondition("EndEval on " + e.Where() + " without BeginEval");
-  for (size_t u = 0; u < e.units.size() && local.ok(); ++u) {
-    if (e.units[u].fwd_refs > 0) {
-      local = Status::FailedPrecondition("EndEval on " + e.Where() + ": " + e.UnitName(static_cast<int>(u)) +
-                                         " is still acquired; Release it first");
-    }
-  }
+  if (local.ok()) local = e.CheckUnitsDone("EndEval on " + e.Where(), /*need_grads=*/false);
   ZERO_RETURN_IF_ERROR(e.Agree(AgreeKind::kEndEval, 0, local));
   e.in_eval = false;
   // Eval-only gathers (prefetched, unused) must not survive into training.
-  for (GatherSlot& slot : e.slots) {
-    if (slot.unit >= 0 && e.units[static_cast<size_t>(slot.unit)].fwd_refs == 0 &&
-        e.units[static_cast<size_t>(slot.unit)].bwd_refs == 0) {
-      e.units[static_cast<size_t>(slot.unit)].gather_slot = -1;
-      slot.unit = -1;
-      slot.prefetched = false;
-    }
-  }
+  e.DropUnheldSlots();
   return Status::Ok();
 }
 

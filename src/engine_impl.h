@@ -144,6 +144,9 @@ class Engine::Impl {
   std::string UnitName(int unit) const;
   std::string Where() const;  // "rank R, step S, micro M"
   Status ValidUnit(int unit, const char* call) const;
+  // The end of a micro-step (or eval pass): no unit acquired and, when `need_grads`, every unit with trainable
+  // parameters got GradsReady. `call` names the caller in the message.
+  Status CheckUnitsDone(const std::string& call, bool need_grads) const;
 
   // Pointer helpers (elements are fp32 in this version).
   float* FullParamBase(const Bucket& b);                   // stages 0-2: bucket start in the full buffer
@@ -162,6 +165,9 @@ class Engine::Impl {
   Status EnsureResident(int unit);
   Status Prefetch();
   int FreeSlot();
+  void DropSlot(GatherSlot& slot);
+  // Frees every gather slot whose unit nobody holds (stale after Step, unused after a pass).
+  void DropUnheldSlots();
   Trace& CurrentTrace() { return in_eval ? eval_trace : train_trace; }
 
   // --- engine_step.cc ---

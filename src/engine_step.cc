@@ -42,11 +42,7 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
       if (!s.ok()) break;
     }
   } else {
-    for (GatherSlot& slot : slots) {
-      if (slot.unit >= 0) units[static_cast<size_t>(slot.unit)].gather_slot = -1;
-      slot.unit = -1;
-      slot.prefetched = false;
-    }
+    DropUnheldSlots();
     for (size_t u = 0; u < units.size() && s.ok(); ++u) {
       if (units[u].persistent) s = GatherUnit(static_cast<int>(u), UnitParamBase(static_cast<int>(u)));
     }
@@ -101,15 +97,7 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   if (local.ok() && !full_scope_units.empty()) {
     local = Status::FailedPrecondition(call + ": a GatherFull scope is open; close it first");
   }
-  for (size_t u = 0; u < units.size() && local.ok(); ++u) {
-    const UnitState& us = units[u];
-    if (us.fwd_refs > 0 || us.bwd_refs > 0) {
-      local = Status::FailedPrecondition(call + ": " + UnitName(static_cast<int>(u)) + " is still acquired");
-    } else if (us.trainable_elems > 0 && !us.grads_ready) {
-      local = Status::FailedPrecondition(call + ": " + UnitName(static_cast<int>(u)) +
-                                         " is not ready; call GradsReady for every unit in every micro-step");
-    }
-  }
+  if (local.ok()) local = CheckUnitsDone(call, /*need_grads=*/true);
   // Some reductions of this micro-step may already be out while this rank cannot finish the rest: peers would
   // wait for them forever, so abort the communicator (they get this reason) instead of reporting locally.
   if (!local.ok() && next_reduce > 0 && next_reduce < reduce_order.size()) {
@@ -191,12 +179,7 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
     }
     ++step;
     sgd_first_step = false;
-    // Stage-3 gathered copies are stale now.
-    for (GatherSlot& slot : slots) {
-      if (slot.unit >= 0) units[static_cast<size_t>(slot.unit)].gather_slot = -1;
-      slot.unit = -1;
-      slot.prefetched = false;
-    }
+    DropUnheldSlots();  // stage-3 gathered copies are stale now (nothing is held at Step)
     s = GatherAfterStep();
     if (!s.ok()) {
       poison = s;

@@ -93,10 +93,7 @@ Status Engine::Impl::ReleaseImpl(int unit, Pass pass) {
   Log(Engine::Event::kRelease, unit, -1);
   if (options.stage == Stage::kParameters && u.fwd_refs == 0 && u.bwd_refs == 0 && u.gather_slot >= 0) {
     const bool keep = u.keep_gathered && pass == Pass::kForward && !in_eval;
-    if (!keep) {
-      slots[static_cast<size_t>(u.gather_slot)].unit = -1;
-      u.gather_slot = -1;
-    }
+    if (!keep) DropSlot(slots[static_cast<size_t>(u.gather_slot)]);
   }
   return Status::Ok();
 }
@@ -206,6 +203,20 @@ Status Engine::Impl::GatherUnit(int unit, float* dst) {
   return Status::Ok();
 }
 
+void Engine::Impl::DropSlot(GatherSlot& slot) {
+  if (slot.unit >= 0) units[static_cast<size_t>(slot.unit)].gather_slot = -1;
+  slot.unit = -1;
+  slot.prefetched = false;
+}
+
+void Engine::Impl::DropUnheldSlots() {
+  for (GatherSlot& slot : slots) {
+    if (slot.unit < 0) continue;
+    const UnitState& u = units[static_cast<size_t>(slot.unit)];
+    if (u.fwd_refs == 0 && u.bwd_refs == 0) DropSlot(slot);
+  }
+}
+
 int Engine::Impl::FreeSlot() {
   for (size_t i = 0; i < slots.size(); ++i) {
     if (slots[i].unit < 0) return static_cast<int>(i);
@@ -213,9 +224,7 @@ int Engine::Impl::FreeSlot() {
   // Evict a prefetched unit that nobody holds yet; it is gathered again when acquired.
   for (size_t i = 0; i < slots.size(); ++i) {
     if (slots[i].prefetched) {
-      units[static_cast<size_t>(slots[i].unit)].gather_slot = -1;
-      slots[i].unit = -1;
-      slots[i].prefetched = false;
+      DropSlot(slots[i]);
       return static_cast<int>(i);
     }
   }
