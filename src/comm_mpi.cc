@@ -36,6 +36,12 @@
 // Cancellation is best effort: Open MPI cancels unmatched receives but not sends. Requests still pending
 // kCancelGrace after a failure are freed, and the scratch buffer they may target is leaked rather than reused.
 //
+// A broken Comm is never freed, only leaked (two MPI communicators): peers' notices and data may still be in
+// flight to it, and Open MPI gives a freed communicator's context id to the next one, where such leftovers
+// break matching (seen here: a stale notice on a reused id made the next communicator's real notice never
+// match, and a peer waited out its timeout). The token is a second line of defence for notices that reach a
+// communicator destroyed while it looked healthy.
+//
 // Threads: one thread issues a Comm's collectives; Abort() and health() may be called from any thread (this
 // needs MPI_THREAD_MULTIPLE, which OpenMpi requests).
 #include <mpi.h>
@@ -82,9 +88,8 @@ constexpr int64_t kPiecesPerWait = 64;  // messages per peer per wait: bounds th
 constexpr int kSpinPolls = 200;
 constexpr auto kNap = std::chrono::microseconds(20);
 constexpr auto kCancelGrace = std::chrono::milliseconds(50);  // how long cancelled requests may take to finish
-// How long a broken Comm's destructor keeps progressing its abort notices so that peers (maybe descheduled on
-// an oversubscribed node) receive them; paid only by broken communicators.
-constexpr auto kNoticeGrace = std::chrono::seconds(2);
+// How long a broken Comm's destructor progresses its own abort notices before leaving them to MPI.
+constexpr auto kNoticeGrace = std::chrono::milliseconds(200);
 constexpr size_t kMaxAbortBytes = 1024;                       // abort notices stay small (eager) messages
 constexpr int kAbortTag = 1;                                  // the abort channel carries nothing else
 
@@ -218,6 +223,8 @@ MpiComm::~MpiComm() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) {
+    // Reads notices that already arrived, so that a Comm whose peer broke it counts as broken below.
+    const bool broken = !CheckBroken().ok();
     CancelPending();  // normally empty: every wait clears its requests
     // Abort notices are small (eager) and complete at once unless a peer's queue is full; give them a moment.
     std::lock_guard<std::mutex> lock(mu_);
@@ -233,8 +240,10 @@ MpiComm::~MpiComm() {
       }
       (void)notice_.release();  // MPI may still read it
     }
-    MPI_Comm_free(&data_);
-    MPI_Comm_free(&abort_);
+    if (!broken) {  // see "A broken Comm is never freed" at the top
+      MPI_Comm_free(&data_);
+      MPI_Comm_free(&abort_);
+    }
     if (owns_mpi_) MPI_Finalize();
   }
   if (leaked_requests_) (void)scratch_.release();  // MPI may still write into it
