@@ -61,7 +61,7 @@ TEST(EngineErrorsTest, UnknownUnitAndGradsReadyTwiceLeaveEngineUsable) {
     SCOPED_TRACE(StageName(st));
     auto engine = OpenToyEngine(SmallToyOptions(st), comm.get());
     ASSERT_NE(engine, nullptr);
-    ASSERT_TRUE(engine->BeginMicroStep(0, true).ok());
+    ZERO_ASSERT_OK(engine->BeginMicroStep(0, true));
     Status s = engine->Acquire(99, Pass::kForward);
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
     EXPECT_TRUE(Contains(s, "unknown unit")) << s.ToString();
@@ -73,7 +73,7 @@ TEST(EngineErrorsTest, UnknownUnitAndGradsReadyTwiceLeaveEngineUsable) {
     s = engine->GradsReady(0);
     EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
     EXPECT_TRUE(Contains(s, "twice")) << s.ToString();
-    EXPECT_TRUE(engine->healthy().ok());
+    ZERO_EXPECT_OK(engine->healthy());
     StepResult r;
     s = engine->Step(StepArgs(), &r);
     EXPECT_TRUE(s.ok()) << s.ToString();
@@ -91,27 +91,32 @@ TEST(EngineErrorsTest, StepWithUnitNotReady) {
     ASSERT_NE(engine, nullptr);
     // Unit 3 comes first in reduction order: without its GradsReady nothing was reduced, so every rank
     // reports the error, nothing changes, and the step can be completed afterwards.
-    ASSERT_TRUE(engine->BeginMicroStep(0, true).ok());
+    ZERO_ASSERT_OK(engine->BeginMicroStep(0, true));
     for (int u = 0; u < 4; ++u) {
-      ASSERT_TRUE(engine->Acquire(u, Pass::kForward).ok());
-      ASSERT_TRUE(engine->Release(u, Pass::kForward).ok());
+      ZERO_ASSERT_OK(engine->Acquire(u, Pass::kForward));
+      ZERO_ASSERT_OK(engine->Release(u, Pass::kForward));
     }
-    for (int u : {1, 2, 0}) ASSERT_TRUE(engine->GradsReady(u).ok());
+    for (int u : {1, 2, 0}) ZERO_ASSERT_OK(engine->GradsReady(u));
     StepResult r;
     Status s = engine->Step(StepArgs(), &r);
     EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
     EXPECT_TRUE(Contains(s, "unit 3")) << s.ToString();
-    EXPECT_TRUE(engine->healthy().ok());
-    ASSERT_TRUE(engine->GradsReady(3).ok());
+    ZERO_EXPECT_OK(engine->healthy());
+    ZERO_ASSERT_OK(engine->GradsReady(3));
     s = engine->Step(StepArgs(), &r);
     EXPECT_TRUE(s.ok()) << s.ToString();
 
     // Unit 0 comes last: units 3 and 1 were already reduced, so the step cannot be finished consistently;
-    // the engine says so and stays unusable.
-    ASSERT_TRUE(engine->BeginMicroStep(0, true).ok());
-    for (int u : {3, 2, 1}) ASSERT_TRUE(engine->GradsReady(u).ok());
-    s = engine->Step(StepArgs(), &r);
-    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
+    // the engine aborts the communicator and stays unusable. A rank that is slower than its peers may get
+    // their abort while it is still in a reduction, so the first error may come from GradsReady, as kAborted
+    // carrying the peer's reason.
+    ZERO_ASSERT_OK(engine->BeginMicroStep(0, true));
+    s = Status::Ok();
+    for (int u : {3, 2, 1}) {
+      if (s.ok()) s = engine->GradsReady(u);
+    }
+    if (s.ok()) s = engine->Step(StepArgs(), &r);
+    EXPECT_TRUE(s.code() == StatusCode::kFailedPrecondition || s.code() == StatusCode::kAborted) << s.ToString();
     EXPECT_TRUE(Contains(s, "unit 0")) << s.ToString();
     EXPECT_FALSE(engine->healthy().ok());
     EXPECT_FALSE(engine->BeginMicroStep(0, true).ok());
@@ -131,7 +136,7 @@ TEST(EngineErrorsTest, ProtocolOrderErrors) {
   EXPECT_TRUE(Contains(s, "expected micro-step 0")) << s.ToString();
   s = engine->Acquire(0, Pass::kForward);
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
-  ASSERT_TRUE(engine->BeginMicroStep(0, false).ok());
+  ZERO_ASSERT_OK(engine->BeginMicroStep(0, false));
   EngineAccess access(engine.get());
   ToyForwardBackward(access, ToyMicroBatch(0, 0, comm->rank(), comm->world_size(), 24));
   s = engine->Step(StepArgs(), &r);
@@ -139,9 +144,9 @@ TEST(EngineErrorsTest, ProtocolOrderErrors) {
   EXPECT_TRUE(Contains(s, "is_last")) << s.ToString();
   EXPECT_EQ(engine->BeginEval().code(), StatusCode::kFailedPrecondition);
   // Finish the step properly: still usable.
-  ASSERT_TRUE(engine->BeginMicroStep(1, true).ok());
+  ZERO_ASSERT_OK(engine->BeginMicroStep(1, true));
   ToyForwardBackward(access, ToyMicroBatch(0, 1, comm->rank(), comm->world_size(), 24));
-  EXPECT_TRUE(engine->Step(StepArgs(), &r).ok());
+  ZERO_EXPECT_OK(engine->Step(StepArgs(), &r));
   EXPECT_FALSE(access.failed());
 }
 
@@ -154,18 +159,18 @@ TEST(EngineErrorsTest, EvalIsForwardOnlyAndMatchesTraining) {
     EngineAccess access(engine.get());
     float losses[3];
     for (int i = 0; i < 3; ++i) {  // the second and third eval passes use the recorded stage-3 eval trace
-      ASSERT_TRUE(engine->BeginEval().ok());
+      ZERO_ASSERT_OK(engine->BeginEval());
       losses[i] = ToyForward(access, ToyMicroBatch(0, 0, comm->rank(), comm->world_size(), 24));
       EXPECT_EQ(engine->Acquire(1, Pass::kBackward).code(), StatusCode::kFailedPrecondition);
-      ASSERT_TRUE(engine->EndEval().ok());
+      ZERO_ASSERT_OK(engine->EndEval());
     }
     EXPECT_EQ(losses[0], losses[1]);
     EXPECT_EQ(losses[1], losses[2]);
     const StepResult r = TrainToyStep(*engine, *comm, 0, 1, 24);
     EXPECT_EQ(r.step, 1);
-    ASSERT_TRUE(engine->BeginEval().ok());
+    ZERO_ASSERT_OK(engine->BeginEval());
     const float after = ToyForward(access, ToyMicroBatch(0, 0, comm->rank(), comm->world_size(), 24));
-    ASSERT_TRUE(engine->EndEval().ok());
+    ZERO_ASSERT_OK(engine->EndEval());
     EXPECT_LT(after, losses[0]) << "one AdamW step on the same batch should lower its loss";
     EXPECT_FALSE(access.failed());
   }

@@ -11,6 +11,18 @@
 #include "testing/toy_model.h"
 #include "zero/zero.h"
 
+// Status assertions that print the status when they fail.
+#define ZERO_ASSERT_OK(expr)                        \
+  do {                                              \
+    const ::zero::Status zero_s_ = (expr);          \
+    ASSERT_TRUE(zero_s_.ok()) << zero_s_.ToString(); \
+  } while (0)
+#define ZERO_EXPECT_OK(expr)                        \
+  do {                                              \
+    const ::zero::Status zero_s_ = (expr);          \
+    EXPECT_TRUE(zero_s_.ok()) << zero_s_.ToString(); \
+  } while (0)
+
 namespace zero::testing {
 
 // ToyAccess over an Engine; a failed call is a test failure (and a scratch buffer keeps the model running so
