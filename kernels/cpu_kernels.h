@@ -5,7 +5,9 @@
 
 #include <cstdint>
 
+#include "kernels/cast.cuh"
 #include "kernels/optimizer.cuh"
+#include "zero/types.h"
 
 namespace zero::kernels {
 
@@ -16,6 +18,11 @@ void SgdCpu(const SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n,
 
 // acc[i] += x[i].
 void AccumulateCpu(float* acc, const float* x, int64_t n, int threads);
+// x[i] *= s.
+void ScaleCpu(float* x, float s, int64_t n, int threads);
+// dst[i] = src[i] converted (round to nearest even when narrowing). Supported pairs: f32 -> {f32, bf16, f16}
+// and {bf16, f16} -> f32. Returns false (and writes nothing) for any other pair.
+bool CastCpu(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n, int threads);
 
 struct SumSquares {
   double sum = 0.0;        // sum of squares of the finite elements, in fp64
@@ -25,5 +32,8 @@ struct SumSquares {
 // the same for any thread count, so it can be mirrored by a reference.
 inline constexpr int64_t kSumBlock = 4096;
 SumSquares SumSquaresCpu(const float* x, int64_t n, int threads);
+// The same over bf16 or fp16 elements (each widened exactly to fp32 first); f32 forwards to the above.
+// REQUIRES: dtype is kF32, kBF16 or kF16.
+SumSquares SumSquaresCpu(const void* x, DType dtype, int64_t n, int threads);
 
 }  // namespace zero::kernels

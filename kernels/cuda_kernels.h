@@ -1,10 +1,12 @@
 // CUDA instantiations of zero's device math (kernels/optimizer.cuh): thin grid-stride launchers. Streams are
 // passed as void* (a cudaStream_t) so that this header needs no CUDA headers. Each call only enqueues work on
-// the stream and returns the launch status as a cudaError_t value (0 = success).
+// the stream and returns the launch status as a cudaError_t value (0 = success). nvcc compiles these as C++17
+// (CMake 3.25 cannot ask nvcc 13 for C++20), so this header includes no public zero header.
 #pragma once
 
 #include <cstdint>
 
+#include "kernels/cast.cuh"
 #include "kernels/optimizer.cuh"
 
 namespace zero::kernels {
@@ -12,5 +14,11 @@ namespace zero::kernels {
 int AdamWCuda(const AdamWCoeffs& c, float* p, float* m, float* v, const float* g, int64_t n, void* stream);
 int SgdCuda(const SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n, void* stream);
 int AccumulateCuda(float* acc, const float* x, int64_t n, void* stream);
+int ScaleCuda(float* x, float s, int64_t n, void* stream);
+// The conversions CastCpu supports, one function each.
+int CastF32ToBf16Cuda(const float* src, Bf16Bits* dst, int64_t n, void* stream);
+int CastF32ToF16Cuda(const float* src, F16Bits* dst, int64_t n, void* stream);
+int CastBf16ToF32Cuda(const Bf16Bits* src, float* dst, int64_t n, void* stream);
+int CastF16ToF32Cuda(const F16Bits* src, float* dst, int64_t n, void* stream);
 
 }  // namespace zero::kernels
