@@ -77,6 +77,11 @@ class Device {
 
 std::unique_ptr<Device> NewCpuDevice();
 
+// The CUDA device `ordinal`: device memory from cudaMalloc, pinned host memory from cudaHostAlloc, pageable
+// host memory from malloc; the capacity defaults to the device's total memory. Fails with Unavailable, saying
+// why, when this build has no CUDA support or the machine has no usable device (no driver, no GPU).
+Status NewCudaDevice(int ordinal, std::unique_ptr<Device>* device);
+
 // "1.50 MiB" style formatting for messages.
 std::string FormatBytes(int64_t bytes);
 
