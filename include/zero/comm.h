@@ -70,6 +70,11 @@ class Comm {
   // the caller keeps ownership of the original and of MPI itself.
   static Status FromMpiComm(int64_t mpi_comm_fortran_handle, const CommOptions& options,
                             std::unique_ptr<Comm>* comm);
+  // A communicator over NCCL on CUDA devices, bootstrapped over the given MPI communicator (Fortran handle;
+  // MPI must be initialized): each rank uses GPU (node-local rank % GPUs per node). Buffers must be device
+  // memory. Every rank returns Unavailable, saying why, when any rank has no usable GPU or this build has no
+  // NCCL. Unlike OpenMpi's Comm, Abort must be called from the thread that issues the collectives.
+  static Status OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& options, std::unique_ptr<Comm>* comm);
   // A world of one rank: every collective is a copy.
   static std::unique_ptr<Comm> Single();
 

@@ -1,0 +1,301 @@
+// NcclComm: zero::Comm over NCCL on CUDA devices (Comm::OpenNccl), bootstrapped over MPI.
+//
+// Bootstrap: ranks first agree over MPI that every one of them has a usable device (so a rank without one
+// makes all of them fail, instead of leaving the others in ncclCommInitRankConfig); the local device is
+// local_rank % device_count, local_rank from MPI_Comm_split_type(MPI_COMM_TYPE_SHARED); rank 0's
+// ncclGetUniqueId is broadcast with MPI_Bcast.
+//
+// Waiting: the communicator is non-blocking (ncclConfig_t::blocking = 0) and every collective runs on this
+// Comm's own stream. A call enqueues, then polls cudaStreamQuery and ncclCommGetAsyncError against
+// CommOptions::timeout. On an NCCL error the Comm breaks with NCCL's own error string (ncclGetLastError); on a
+// timeout it calls ncclCommAbort, so a peer whose kernel waits for this rank gets an error from its NCCL
+// instead of spinning forever, and breaks with a status naming the collective. Every later call returns the
+// breaking status. Buffers are device memory; counts are elements; the in-place forms are NCCL's.
+//
+// Not run on machines without a GPU (none here has one): it is compiled with warnings as errors, kept small,
+// and OpenNccl without a device returns Unavailable on every rank (tested).
+#include <mpi.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "comm_internal.h"
+#include "zero/comm.h"
+
+#if defined(ZERO_WITH_CUDA)
+#include <cuda_runtime.h>
+#include <nccl.h>
+#endif
+
+namespace zero {
+
+#if defined(ZERO_WITH_CUDA)
+namespace {
+
+using internal::CallInfo;
+using internal::CollectiveKind;
+using Clock = std::chrono::steady_clock;
+
+constexpr int kSpinPolls = 200;
+constexpr auto kNap = std::chrono::microseconds(20);
+
+bool NcclType(DType dtype, ncclDataType_t* out) {
+  switch (dtype) {
+    case DType::kF32: *out = ncclFloat32; return true;
+    case DType::kF64: *out = ncclFloat64; return true;
+    case DType::kBF16: *out = ncclBfloat16; return true;
+    case DType::kF16: *out = ncclFloat16; return true;
+    case DType::kU8: *out = ncclUint8; return true;
+    case DType::kI64: *out = ncclInt64; return true;
+  }
+  return false;
+}
+
+ncclRedOp_t NcclOp(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return ncclSum;
+    case ReduceOp::kMax: return ncclMax;
+    case ReduceOp::kMin: return ncclMin;
+  }
+  return ncclSum;
+}
+
+class NcclComm final : public Comm {
+ public:
+  NcclComm(ncclComm_t comm, cudaStream_t stream, void* scratch, int device, int rank, int world,
+           const CommOptions& options)
+      : Comm(rank, world), comm_(comm), stream_(stream), scratch_(scratch), device_(device), options_(options) {}
+
+  ~NcclComm() override {
+    cudaSetDevice(device_);
+    if (comm_aborted_) {
+      // ncclCommAbort already freed the communicator.
+    } else if (broken_.ok()) {
+      // Flush, then destroy; a finalize that does not finish within the timeout is aborted instead.
+      ncclResult_t state = ncclCommFinalize(comm_);
+      const auto deadline = Clock::now() + options_.timeout;
+      while (state == ncclInProgress || (state == ncclSuccess && Pending())) {
+        if (Clock::now() >= deadline) break;
+        std::this_thread::sleep_for(kNap);
+        if (ncclCommGetAsyncError(comm_, &state) != ncclSuccess) break;
+      }
+      if (state == ncclSuccess) {
+        ncclCommDestroy(comm_);
+      } else {
+        ncclCommAbort(comm_);
+      }
+    } else {
+      ncclCommAbort(comm_);
+    }
+    cudaFree(scratch_);
+    cudaStreamDestroy(stream_);
+  }
+
+  Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
+                       const CollectiveOptions& opts) override {
+    const CallInfo call{CollectiveKind::kReduceScatter, opts.what, count, dtype, ReduceOp::kSum, 0};
+    return Run(call, opts, send, recv, [&](ncclDataType_t t) {
+      return ncclReduceScatter(send, recv, static_cast<size_t>(count), t, ncclSum, comm_, stream_);
+    });
+  }
+
+  Status AllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override {
+    const CallInfo call{CollectiveKind::kAllGather, opts.what, count, dtype, ReduceOp::kSum, 0};
+    return Run(call, opts, send, recv, [&](ncclDataType_t t) {
+      return ncclAllGather(send, recv, static_cast<size_t>(count), t, comm_, stream_);
+    });
+  }
+
+  Status AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
+                   const CollectiveOptions& opts) override {
+    const CallInfo call{CollectiveKind::kAllReduce, opts.what, count, dtype, op, 0};
+    return Run(call, opts, send, recv, [&](ncclDataType_t t) {
+      return ncclAllReduce(send, recv, static_cast<size_t>(count), t, NcclOp(op), comm_, stream_);
+    });
+  }
+
+  Status Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) override {
+    const CallInfo call{CollectiveKind::kBroadcast, opts.what, count, dtype, ReduceOp::kSum, root};
+    return Run(call, opts, nullptr, buffer, [&](ncclDataType_t t) {
+      return ncclBroadcast(buffer, buffer, static_cast<size_t>(count), t, root, comm_, stream_);
+    });
+  }
+
+  Status Barrier(const CollectiveOptions& opts) override {
+    // A one-element all-reduce on the device scratch word, counted as Barrier (no data).
+    const CallInfo call{CollectiveKind::kBarrier, opts.what, 0, DType::kF32, ReduceOp::kSum, 0};
+    return Run(call, opts, nullptr, nullptr, [&](ncclDataType_t) {
+      return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_);
+    });
+  }
+
+  void Abort(const Status& reason) override {
+    if (!broken_.ok()) return;
+    broken_ = internal::AbortedBy(rank(), internal::AbortReasonText(reason));
+    ncclCommAbort(comm_);  // peers' pending collectives with this rank fail in their NCCL
+    comm_aborted_ = true;
+  }
+
+  Status health() const override { return broken_; }
+
+ private:
+  // Validates, counts, enqueues `issue` on the stream and waits for it.
+  template <typename Issue>
+  Status Run(const CallInfo& call, const CollectiveOptions& opts, const void* send, const void* recv, Issue issue) {
+    if (!broken_.ok()) return broken_;
+    ncclDataType_t type = ncclFloat32;
+    Status bad;
+    if (!NcclType(call.dtype, &type)) bad = Status::InvalidArgument(internal::DescribeCall(call) + ": bad dtype");
+    if (bad.ok() && call.kind != CollectiveKind::kBarrier) {
+      bad = internal::ValidateCall(call, send, recv, rank(), world_size());
+    }
+    if (!bad.ok()) {
+      // Peers will issue this collective and wait for this rank: abort so that their NCCL fails them.
+      broken_ = bad;
+      ncclCommAbort(comm_);
+      comm_aborted_ = true;
+      return broken_;
+    }
+    internal::CountCall(&counters_, call, opts, world_size());
+    if (call.count == 0 && call.kind != CollectiveKind::kBarrier) return Status::Ok();
+    cudaSetDevice(device_);
+    const ncclResult_t rc = issue(type);
+    if (rc != ncclSuccess && rc != ncclInProgress) return Break(call, rc, "enqueue");
+    return Wait(call);
+  }
+
+  bool Pending() const { return cudaStreamQuery(stream_) == cudaErrorNotReady; }
+
+  Status Wait(const CallInfo& call) {
+    const auto deadline = Clock::now() + options_.timeout;
+    for (int polls = 0;; ++polls) {
+      ncclResult_t async = ncclSuccess;
+      if (ncclCommGetAsyncError(comm_, &async) != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
+        return Break(call, async, "asynchronous error");
+      }
+      const cudaError_t q = cudaStreamQuery(stream_);
+      if (q == cudaSuccess && async == ncclSuccess) return Status::Ok();
+      if (q != cudaSuccess && q != cudaErrorNotReady) {
+        broken_ = Status::Internal(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) +
+                                   ": CUDA error " + cudaGetErrorString(q) + "; this communicator is now unusable");
+        return broken_;
+      }
+      if (Clock::now() >= deadline) {
+        ncclCommAbort(comm_);
+        comm_aborted_ = true;
+        broken_ = Status::Timeout(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) + " of " +
+                                  std::to_string(world_size()) + " did not complete within " +
+                                  std::to_string(options_.timeout.count()) +
+                                  " ms: a peer is stalled or the ranks issued collectives in different orders; the "
+                                  "NCCL communicator was aborted and is now unusable");
+        return broken_;
+      }
+      if (polls >= kSpinPolls) std::this_thread::sleep_for(kNap);
+    }
+  }
+
+  // Breaks with NCCL's error (its own last-error text when there is one) and aborts the communicator.
+  Status Break(const CallInfo& call, ncclResult_t rc, const char* when) {
+    const char* last = comm_aborted_ ? "" : ncclGetLastError(comm_);
+    broken_ = Status::Internal(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) + ": NCCL " +
+                               when + ": " + ncclGetErrorString(rc) + (last && *last ? std::string(" (") + last + ")" : "") +
+                               "; this communicator is now unusable");
+    ncclCommAbort(comm_);
+    comm_aborted_ = true;
+    return broken_;
+  }
+
+  ncclComm_t comm_;
+  cudaStream_t stream_;
+  void* scratch_;  // one float for Barrier
+  int device_;
+  const CommOptions options_;
+  Status broken_;
+  bool comm_aborted_ = false;
+};
+
+}  // namespace
+
+Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& options, std::unique_ptr<Comm>* comm) {
+  comm->reset();
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) return Status::FailedPrecondition("Comm::OpenNccl: MPI is not initialized");
+  MPI_Comm parent = MPI_Comm_f2c(static_cast<MPI_Fint>(mpi_comm_fortran_handle));
+  int rank = 0, world = 1;
+  MPI_Comm_rank(parent, &rank);
+  MPI_Comm_size(parent, &world);
+  MPI_Comm local = MPI_COMM_NULL;
+  MPI_Comm_split_type(parent, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &local);
+  int local_rank = 0;
+  MPI_Comm_rank(local, &local_rank);
+  MPI_Comm_free(&local);
+
+  // Every rank must have a device, or none proceeds.
+  int devices = 0;
+  cudaError_t crc = cudaGetDeviceCount(&devices);
+  std::string why;
+  if (crc != cudaSuccess) {
+    cudaGetLastError();
+    why = cudaGetErrorString(crc);
+  } else if (devices == 0) {
+    why = "no CUDA device";
+  }
+  int ok = why.empty() ? 1 : 0, all_ok = 0;
+  MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, parent);
+  if (!all_ok) {
+    return Status::Unavailable("Comm::OpenNccl on rank " + std::to_string(rank) + ": " +
+                               (why.empty() ? "another rank has no usable CUDA device" : why) +
+                               "; use Comm::OpenMpi and Backend::kCpu on machines without GPUs");
+  }
+  const int device = local_rank % devices;
+  ncclUniqueId id;
+  if (rank == 0) ncclGetUniqueId(&id);
+  MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, parent);
+
+  cudaSetDevice(device);
+  cudaStream_t stream = nullptr;
+  void* scratch = nullptr;
+  crc = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  if (crc == cudaSuccess) crc = cudaMalloc(&scratch, sizeof(float));
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  ncclComm_t nccl = nullptr;
+  ncclResult_t rc = crc == cudaSuccess ? ncclCommInitRankConfig(&nccl, world, id, rank, &config) : ncclSystemError;
+  const auto deadline = Clock::now() + options.timeout;
+  while (rc == ncclInProgress && Clock::now() < deadline) {
+    std::this_thread::sleep_for(kNap);
+    ncclCommGetAsyncError(nccl, &rc);
+  }
+  // Agree on the outcome: a rank whose init failed must not leave the others with a half-built communicator.
+  ok = rc == ncclSuccess ? 1 : 0;
+  MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, parent);
+  if (!all_ok) {
+    if (nccl != nullptr) ncclCommAbort(nccl);
+    if (scratch != nullptr) cudaFree(scratch);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+    const std::string detail = crc != cudaSuccess ? cudaGetErrorString(crc)
+                               : rc == ncclInProgress ? "timed out"
+                               : rc != ncclSuccess   ? ncclGetErrorString(rc)
+                                                     : "another rank failed";
+    return Status::Unavailable("Comm::OpenNccl on rank " + std::to_string(rank) + ": NCCL initialization failed: " +
+                               detail);
+  }
+  comm->reset(new NcclComm(nccl, stream, scratch, device, rank, world, options));
+  return Status::Ok();
+}
+
+#else
+
+Status Comm::OpenNccl(int64_t, const CommOptions&, std::unique_ptr<Comm>* comm) {
+  comm->reset();
+  return Status::Unavailable(
+      "Comm::OpenNccl: this build of zero has no CUDA/NCCL support (ZERO_WITH_CUDA=OFF or no toolkit); use "
+      "Comm::OpenMpi");
+}
+
+#endif
+
+}  // namespace zero
