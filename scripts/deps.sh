@@ -14,6 +14,7 @@ packages=(
   libgtest-dev libgmock-dev        # tests
   libbenchmark-dev                 # benchmarks
   ccache                           # fast rebuilds; CMakeLists.txt uses it when found
+  clang libomp-dev                 # the ThreadSanitizer build (scripts/test.sh's tsan phase)
   python3                          # benchmark reports
 )
 

@@ -8,6 +8,7 @@
 #   install    cmake --install into a temporary prefix, then build and run tests/install_consumer against it
 #              (find_package(zero) + zero::zero from an outside project)
 #   test       ctest; multi-rank suites run under mpiexec
+#   tsan       the protocol suites (ctest label tsan) again in build-tsan/: clang + ThreadSanitizer, CPU only
 #
 # Prints each phase's wall time at the end, also when a phase fails. Exits non-zero on any failure. Re-running
 # with nothing changed only re-checks: no package manager, a quick re-configure, an up-to-date build.
@@ -96,4 +97,18 @@ cmake --build "$tmp/consumer" >>"$tmp/consumer.log" 2>&1 || { cat "$tmp/consumer
 begin_phase test
 # --no-tests=error: a filter that matches nothing is a failure, not a silent pass.
 ctest --test-dir "$build" --output-on-failure --no-tests=error --parallel "$(nproc)" "$@"
+
+# --- tsan ---------------------------------------------------------------------------------------------------------
+# The protocol suites again, built with clang and ThreadSanitizer (CPU backend only): streams are worker threads,
+# so a missing wait is a data race that TSan reports, and a report fails the test. ZERO_SKIP_TSAN=1 skips it.
+if [[ ${ZERO_SKIP_TSAN:-0} != 1 ]]; then
+  begin_phase tsan
+  cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
+    -DZERO_SANITIZE=thread -DZERO_WITH_CUDA=OFF -DZERO_BUILD_TESTS=ON -DZERO_BUILD_BENCHMARKS=OFF \
+    -DZERO_BUILD_EXAMPLES=OFF -DZERO_WERROR=OFF >/dev/null  # TSan defeats '#pragma omp simd': clang warns
+  cmake --build build-tsan --parallel "$(nproc)"
+  # With a ctest filter from the command line the intersection may be empty: that is not a failure here.
+  ctest --test-dir build-tsan -L tsan --output-on-failure --no-tests="$([[ $# -gt 0 ]] && echo ignore || echo error)" \
+    --parallel "$(nproc)" "$@"
+fi
 end_phase
