@@ -2,18 +2,12 @@
 // launchers; compiled for sm_80 and sm_90 with warnings as errors whenever CUDA is on.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "kernels/cast.cuh"
 #include "kernels/cuda_kernels.h"
+#include "kernels/launch.cuh"
 
 namespace zero::kernels {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
-
-int BlocksFor(int64_t n) { return static_cast<int>(std::min<int64_t>(kMaxBlocks, (n + kThreads - 1) / kThreads)); }
 
 template <typename From, typename To, typename Fn>
 __global__ void ConvertKernel(const From* in, To* out, int64_t n, Fn fn) {

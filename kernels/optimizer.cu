@@ -2,18 +2,11 @@
 // Compiled for sm_80 and sm_90 with warnings as errors whenever CUDA is on; never run on machines without a GPU.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "kernels/cuda_kernels.h"
+#include "kernels/launch.cuh"
 
 namespace zero::kernels {
 namespace {
-
-constexpr int kThreads = 256;
-// Enough blocks to fill any current GPU; the grid-stride loop covers the rest.
-constexpr int64_t kMaxBlocks = 65535;
-
-int BlocksFor(int64_t n) { return static_cast<int>(std::min<int64_t>(kMaxBlocks, (n + kThreads - 1) / kThreads)); }
 
 __global__ void AdamWKernel(AdamWElement f, float* p, float* m, float* v, const float* g, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
