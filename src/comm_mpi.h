@@ -48,6 +48,7 @@ class MpiComm final : public Comm {
     int peer;
     bool recv;
     int count;
+    const void* at;  // the buffer (for ThreadSanitizer's view of what MPI read or wrote)
   };
 
   MpiComm(MPI_Comm data, MPI_Comm abort, uint64_t token, int rank, int world, int tag_mask,
@@ -59,13 +60,16 @@ class MpiComm final : public Comm {
         options_(options),
         max_message_(static_cast<int>(std::min<int64_t>(options.TEST_max_message_elements, INT32_MAX))),
         tag_mask_(tag_mask),
-        owns_mpi_(owns_mpi) {}
+        owns_mpi_(owns_mpi) {
+    timeout_ = options.timeout;
+  }
 
   Status Begin(const CallInfo& info, const CollectiveOptions& opts, const void* send, const void* recv,
                Call* call);
   void PostOne(const Call& call, bool recv, const void* at, int count, int peer);
   void Post(const Call& call, bool recv, const void* buf, int64_t count, int peer);
   Status Wait(const Call& call);
+  void AnnotateCompleted(const Call& call) const;
   Status RingReduce(const Call& call, const char* send, char* own_out, int64_t total);
   Status RingGather(const Call& call, char* buf, int64_t total);
 

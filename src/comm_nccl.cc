@@ -66,7 +66,9 @@ class NcclComm final : public Comm {
  public:
   NcclComm(ncclComm_t comm, cudaStream_t stream, void* scratch, int device, int rank, int world,
            const CommOptions& options)
-      : Comm(rank, world), comm_(comm), stream_(stream), scratch_(scratch), device_(device), options_(options) {}
+      : Comm(rank, world), comm_(comm), stream_(stream), scratch_(scratch), device_(device), options_(options) {
+    timeout_ = options.timeout;
+  }
 
   ~NcclComm() override {
     cudaSetDevice(device_);

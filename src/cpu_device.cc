@@ -5,6 +5,7 @@
 #include <new>
 #include <sstream>
 
+#include "cpu_stream.h"
 #include "device.h"
 
 namespace zero {
@@ -99,9 +100,70 @@ int64_t MemoryUsage::Total() const {
 
 namespace {
 
+class CpuDeviceEvent final : public Event {
+ public:
+  bool Query() const override { return event.Query(); }
+  Status Synchronize(std::chrono::milliseconds timeout, const std::string& what) const override {
+    return event.Synchronize(timeout, what.c_str());
+  }
+  CpuEvent event;
+};
+
+// A CpuStream whose tasks return a status: the first failure is kept and every later task is skipped, as a CUDA
+// stream after a sticky error. Record and Wait tasks still run, so events fire and waiters are released.
+class CpuDeviceStream final : public Stream {
+ public:
+  explicit CpuDeviceStream(const char* name) : stream_(name), sticky_(std::make_shared<Sticky>()) {}
+
+  void Launch(StreamTask task) override {
+    stream_.Enqueue([sticky = sticky_, task = std::move(task)] {
+      {
+        std::lock_guard<std::mutex> lock(sticky->mu);
+        if (!sticky->status.ok()) return;
+      }
+      Status s = task(nullptr);
+      if (s.ok()) return;
+      std::lock_guard<std::mutex> lock(sticky->mu);
+      if (sticky->status.ok()) sticky->status = std::move(s);
+    });
+  }
+  void Record(Event* event) override { stream_.Record(&static_cast<CpuDeviceEvent*>(event)->event); }
+  void Wait(const Event& event) override { stream_.Wait(static_cast<const CpuDeviceEvent&>(event).event); }
+  Status Synchronize(std::chrono::milliseconds timeout) override {
+    ZERO_RETURN_IF_ERROR(stream_.Synchronize(timeout));
+    return status();
+  }
+  Status status() const override {
+    std::lock_guard<std::mutex> lock(sticky_->mu);
+    return sticky_->status;
+  }
+
+ private:
+  struct Sticky {
+    std::mutex mu;
+    Status status;
+  };
+  CpuStream stream_;
+  std::shared_ptr<Sticky> sticky_;  // shared with queued tasks
+};
+
 class CpuDevice final : public Device {
  public:
   Backend backend() const override { return Backend::kCpu; }
+
+  Status NewStream(const char* name, bool, std::unique_ptr<Stream>* out) override {
+    *out = std::make_unique<CpuDeviceStream>(name);
+    return Status::Ok();
+  }
+  Status NewEvent(std::unique_ptr<Event>* out) override {
+    *out = std::make_unique<CpuDeviceEvent>();
+    return Status::Ok();
+  }
+  // A fresh CpuEvent is complete: the calling thread's work up to here is done by definition.
+  void RecordCompute(Event* event) override { static_cast<CpuDeviceEvent*>(event)->event = CpuEvent(); }
+  Status WaitCompute(const Event& event, std::chrono::milliseconds timeout, const std::string& what) override {
+    return event.Synchronize(timeout, what);
+  }
 
  protected:
   void* RawAllocate(int64_t bytes, MemoryKind) override {

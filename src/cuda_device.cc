@@ -1,12 +1,18 @@
 // CudaDevice: the Device interface over the CUDA runtime (never the driver library, so binaries load and report
-// Unavailable on machines without a driver). Allocation only; streams and events come with the stream protocol.
+// Unavailable on machines without a driver). Streams are non-blocking (no implicit ordering with the legacy
+// default stream, which is the compute stream the trainer launches on unless it passes its own); events are
+// created with cudaEventDisableTiming. Nothing here synchronizes the whole device.
+//
+// Not run on machines without a GPU (none here has one): compiled with warnings as errors and kept small.
 #include "device.h"
 
 #if defined(ZERO_WITH_CUDA)
 #include <cuda_runtime.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 #endif
 
 namespace zero {
@@ -14,10 +20,110 @@ namespace zero {
 #if defined(ZERO_WITH_CUDA)
 namespace {
 
+Status CudaError(const std::string& what, cudaError_t rc) {
+  return Status::Internal(what + " failed: " + cudaGetErrorString(rc));
+}
+
+class CudaEvent final : public Event {
+ public:
+  explicit CudaEvent(cudaEvent_t e) : event(e) {}
+  ~CudaEvent() override { cudaEventDestroy(event); }
+  CudaEvent(const CudaEvent&) = delete;
+  CudaEvent& operator=(const CudaEvent&) = delete;
+  bool Query() const override { return cudaEventQuery(event) != cudaErrorNotReady; }
+  // Polls (never cudaEventSynchronize, which cannot time out).
+  Status Synchronize(std::chrono::milliseconds timeout, const std::string& what) const override {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const cudaError_t rc = cudaEventQuery(event);
+      if (rc == cudaSuccess) return Status::Ok();
+      if (rc != cudaErrorNotReady) return CudaError(what, rc);
+      if (std::chrono::steady_clock::now() >= deadline) {
+        return Status::Timeout(what + " did not complete within " + std::to_string(timeout.count()) + " ms");
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+  cudaEvent_t event;
+};
+
+class CudaStream final : public Stream {
+ public:
+  CudaStream(cudaStream_t stream, const char* name) : stream_(stream), name_(name) {}
+  ~CudaStream() override {
+    (void)Synchronize(std::chrono::milliseconds(300'000));
+    cudaStreamDestroy(stream_);
+  }
+  CudaStream(const CudaStream&) = delete;
+  CudaStream& operator=(const CudaStream&) = delete;
+
+  void Launch(StreamTask task) override {
+    if (!status_.ok()) return;
+    Status s = task(stream_);
+    if (!s.ok()) status_ = s;
+  }
+  void Record(Event* event) override {
+    const cudaError_t rc = cudaEventRecord(static_cast<CudaEvent*>(event)->event, stream_);
+    if (rc != cudaSuccess && status_.ok()) status_ = CudaError(std::string("cudaEventRecord on ") + name_, rc);
+  }
+  void Wait(const Event& event) override {
+    const cudaError_t rc = cudaStreamWaitEvent(stream_, static_cast<const CudaEvent&>(event).event, 0);
+    if (rc != cudaSuccess && status_.ok()) status_ = CudaError(std::string("cudaStreamWaitEvent on ") + name_, rc);
+  }
+  Status Synchronize(std::chrono::milliseconds timeout) override {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const cudaError_t rc = cudaStreamQuery(stream_);
+      if (rc == cudaSuccess) return status_;
+      if (rc != cudaErrorNotReady) {
+        if (status_.ok()) status_ = CudaError(std::string("work on ") + name_, rc);
+        return status_;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        return Status::Timeout(std::string(name_) + " did not drain within " + std::to_string(timeout.count()) +
+                               " ms");
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+  Status status() const override { return status_; }
+
+ private:
+  cudaStream_t stream_;
+  const char* name_;
+  Status status_;
+};
+
 class CudaDevice final : public Device {
  public:
   explicit CudaDevice(int ordinal) : ordinal_(ordinal) {}
   Backend backend() const override { return Backend::kCuda; }
+
+  Status NewStream(const char* name, bool high_priority, std::unique_ptr<Stream>* out) override {
+    int least = 0, greatest = 0;
+    cudaError_t rc = cudaSetDevice(ordinal_);
+    if (rc == cudaSuccess) rc = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+    cudaStream_t stream = nullptr;
+    if (rc == cudaSuccess) {
+      rc = cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, high_priority ? greatest : least);
+    }
+    if (rc != cudaSuccess) return CudaError(std::string("creating stream ") + name, rc);
+    *out = std::make_unique<CudaStream>(stream, name);
+    return Status::Ok();
+  }
+  Status NewEvent(std::unique_ptr<Event>* out) override {
+    cudaEvent_t e = nullptr;
+    const cudaError_t rc = cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
+    if (rc != cudaSuccess) return CudaError("cudaEventCreateWithFlags", rc);
+    *out = std::make_unique<CudaEvent>(e);
+    return Status::Ok();
+  }
+  // The compute stream is the legacy default stream (0).
+  void RecordCompute(Event* event) override { cudaEventRecord(static_cast<CudaEvent*>(event)->event, nullptr); }
+  Status WaitCompute(const Event& event, std::chrono::milliseconds, const std::string& what) override {
+    const cudaError_t rc = cudaStreamWaitEvent(nullptr, static_cast<const CudaEvent&>(event).event, 0);
+    return rc == cudaSuccess ? Status::Ok() : CudaError("waiting for " + what, rc);
+  }
 
  protected:
   // Zero-filled like CpuDevice: padding must be zero. Allocation is never on the step path, so the synchronous

@@ -5,7 +5,9 @@
 // testable. A CUDA device implements the same interface.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -47,10 +49,52 @@ class DeviceBuffer {
   MemoryKind kind_ = MemoryKind::kDevice;
 };
 
+// An event: a point in a stream's work (cudaEvent_t created with cudaEventDisableTiming; a fence on the CPU).
+// An event never recorded is complete.
+class Event {
+ public:
+  virtual ~Event() = default;
+  // True when the work before its most recent Record has run.
+  virtual bool Query() const = 0;
+  // Blocks the calling thread until Query() is true; Timeout naming `what` after `timeout`.
+  virtual Status Synchronize(std::chrono::milliseconds timeout, const std::string& what) const = 0;
+};
+
+// Work for a stream. `native` is the backend's stream handle (a cudaStream_t on CUDA, null on the CPU). On the
+// CPU the task runs on the stream's worker thread, in order; on CUDA it runs at Launch on the calling thread and
+// only enqueues device work on `native` (kernels, NCCL calls). A non-OK status breaks the stream.
+using StreamTask = std::function<Status(void* native)>;
+
+// An in-order queue of work (cudaStream_t; a worker thread on the CPU). Launch, Record and Wait never block the
+// calling thread on the CPU backend. One thread launches on a given stream.
+class Stream {
+ public:
+  virtual ~Stream() = default;
+  virtual void Launch(StreamTask task) = 0;
+  // `event` fires when everything launched before this call has run (cudaEventRecord).
+  virtual void Record(Event* event) = 0;
+  // Work launched after this call runs after `event`'s most recent Record (cudaStreamWaitEvent).
+  virtual void Wait(const Event& event) = 0;
+  // Blocks until everything launched so far has run; returns status().
+  virtual Status Synchronize(std::chrono::milliseconds timeout) = 0;
+  // OK, or the first failed task's status. A broken stream skips every later task (CUDA's sticky errors).
+  virtual Status status() const = 0;
+};
+
 class Device {
  public:
   virtual ~Device() = default;
   virtual Backend backend() const = 0;
+
+  // A new stream; `high_priority` asks for the device's highest stream priority (stage-3 gathers).
+  virtual Status NewStream(const char* name, bool high_priority, std::unique_ptr<Stream>* out) = 0;
+  virtual Status NewEvent(std::unique_ptr<Event>* out) = 0;
+  // The compute stream is the trainer's (its kernels between Acquire and Release). On the CPU backend it is the
+  // calling thread itself: RecordCompute makes `event` complete (everything the thread did is already done)
+  // and WaitCompute blocks the thread until `event` fires. On CUDA: cudaEventRecord / cudaStreamWaitEvent on
+  // the compute stream, never blocking.
+  virtual void RecordCompute(Event* event) = 0;
+  virtual Status WaitCompute(const Event& event, std::chrono::milliseconds timeout, const std::string& what) = 0;
 
   // Allocates `bytes` (zero-filled, 64-byte aligned) of `kind`, counted under `category`. Fails with
   // OutOfMemory naming `what`, the capacity and the per-category use when a device capacity would be exceeded.

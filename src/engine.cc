@@ -31,7 +31,8 @@ std::vector<std::string> DescribeConfig(const Options& o, const std::vector<Para
   os << "world_size=" << world << " stage=" << static_cast<int>(o.stage) << " backend=" << static_cast<int>(o.backend)
      << " optimizer=" << static_cast<int>(o.optimizer) << " bucket_elements=" << o.bucket_elements
      << " clip_norm=" << o.clip_norm << " grad_pool_buffers=" << o.grad_pool_buffers
-     << " gather_slots=" << o.gather_slots << " prefetch_bytes=" << o.prefetch_bytes
+     << " gather_slots=" << o.gather_slots << " overlap_reductions=" << o.overlap_reductions
+     << " reductions_in_flight=" << o.reductions_in_flight << " prefetch_bytes=" << o.prefetch_bytes
      << " persist_bytes=" << o.persist_bytes << " keep_gathered_units=" << o.keep_gathered_units.size();
   lines.push_back(os.str());
   os.str("");
@@ -78,6 +79,7 @@ Status ValidateOptions(const Options& o, int num_units) {
   if (o.clip_norm < 0 || !std::isfinite(o.clip_norm)) return bad("clip_norm must be finite and >= 0 (0 disables)");
   if (o.grad_pool_buffers < 1) return bad("grad_pool_buffers must be >= 1 (default 2)");
   if (o.gather_slots < 1) return bad("gather_slots must be >= 1 (default 3)");
+  if (o.reductions_in_flight < 1) return bad("reductions_in_flight must be >= 1 (default 4)");
   if (o.prefetch_bytes < 0) return bad("prefetch_bytes must be >= 0");
   if (o.persist_bytes < 0) return bad("persist_bytes must be >= 0");
   if (o.device_capacity_bytes < 0) return bad("device_capacity_bytes must be >= 0 (0: unlimited)");
@@ -137,8 +139,57 @@ std::string Engine::Impl::UnitName(int unit) const {
 
 Status Engine::Impl::CheckUsable() const {
   if (!poison.ok()) return poison;
-  Status h = comm->health();
-  if (!h.ok()) return h.WithContext("the communicator is broken");
+  // Not comm->health(): that polls MPI from this thread while the communication thread may be inside a
+  // collective, and Open MPI would then copy that collective's messages on this thread. Collectives run on the
+  // communication stream only; their failures (including a peer's abort notice) arrive through its status.
+  if (comm_stream != nullptr) {
+    Status a = comm_stream->status();
+    if (!a.ok()) return a;
+  }
+  return Status::Ok();
+}
+
+void Engine::Impl::LaunchComm(std::function<Status()> task) {
+  std::atomic<bool>* gate = test.gate;
+  std::atomic<bool>* gate_waiting = test.gate_waiting;
+  std::chrono::milliseconds stall{0};
+  if (test.stall_rank == rank && test.stall.count() > 0) {
+    stall = test.stall;
+    test.stall = std::chrono::milliseconds(0);
+  }
+  comm_stream->Launch([gate, gate_waiting, stall, task = std::move(task)](void*) -> Status {
+    if (gate != nullptr) {
+      if (gate_waiting != nullptr) gate_waiting->store(true, std::memory_order_relaxed);
+      while (!gate->load(std::memory_order_relaxed)) std::this_thread::yield();
+    }
+    if (stall.count() > 0) std::this_thread::sleep_for(stall);
+    return task();
+  });
+}
+
+Status Engine::Impl::DrainComm() {
+  Status s = comm_stream->Synchronize(wait_timeout);
+  if (!s.ok() && poison.ok()) poison = s;
+  return s;
+}
+
+Status Engine::Impl::RunComm(std::function<Status()> task) {
+  LaunchComm(std::move(task));
+  return DrainComm();
+}
+
+Status Engine::Impl::WaitOnCompute(const zero::Event& event, const std::string& what) {
+  Status s = device->WaitCompute(event, wait_timeout, what + " (waited for at " + Where() + ")");
+  // The awaited work may have been skipped because an earlier collective failed: that failure is the news.
+  if (Status a = comm_stream->status(); !a.ok()) s = a;
+  if (!s.ok() && poison.ok()) poison = s;
+  return s;
+}
+
+Status Engine::Impl::WaitParams() {
+  if (!params_pending) return Status::Ok();
+  ZERO_RETURN_IF_ERROR(WaitOnCompute(*params_ready, "the parameter all-gather after the step"));
+  params_pending = false;
   return Status::Ok();
 }
 
@@ -183,7 +234,7 @@ Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
   co.control = true;
   co.what = "agreement check";
   double out[2 * kAgreeFields];
-  Status s = comm->AllReduce(v, out, 2 * kAgreeFields, DType::kF64, ReduceOp::kMax, co);
+  Status s = RunComm([&] { return comm->AllReduce(v, out, 2 * kAgreeFields, DType::kF64, ReduceOp::kMax, co); });
   if (!s.ok()) {
     poison = s.WithContext("agreement check failed on " + Where());
     return poison;
@@ -196,7 +247,7 @@ Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
   // Something differs: collect every rank's vector so that every rank can name who disagrees.
   std::vector<double> all(static_cast<size_t>(world) * kAgreeFields);
   co.what = "agreement check (gathering the disagreement)";
-  s = comm->AllGather(v, all.data(), kAgreeFields, DType::kF64, co);
+  s = RunComm([&] { return comm->AllGather(v, all.data(), kAgreeFields, DType::kF64, co); });
   if (!s.ok()) {
     poison = s.WithContext("agreement check failed on " + Where());
     return poison;
@@ -257,6 +308,7 @@ float* Engine::Impl::ParamPtr(int param) {
 TensorView Engine::Param(int param) const {
   TensorView v;
   if (param < 0 || param >= static_cast<int>(impl_->specs.size())) return v;
+  if (!impl_->WaitParams().ok()) return v;  // post-step gather -> the trainer's read; healthy() says why
   const ParamSpec& s = impl_->specs[static_cast<size_t>(param)];
   v.numel = s.numel();
   v.shape = s.shape;
@@ -288,7 +340,10 @@ TensorView Engine::Grad(int param) const {
 // Open
 
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-Engine::~Engine() = default;
+// Work still queued on the communication stream uses the engine's buffers: let it finish (or fail) first.
+Engine::~Engine() {
+  if (impl_ != nullptr && impl_->comm_stream != nullptr) (void)impl_->comm_stream->Synchronize(impl_->wait_timeout);
+}
 
 Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> specs,
                     std::unique_ptr<Engine>* engine) {
@@ -397,7 +452,14 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     if (sharded_grads) {
       for (const UnitState& u : e.units) e.pool_elems = std::max(e.pool_elems, u.trainable_elems);
       if (e.pool_elems > 0) {
-        e.grad_pool.resize(static_cast<size_t>(options.grad_pool_buffers));
+        // Without overlap every unit's buffer stays bound until the micro-step's last GradsReady.
+        int buffers = options.grad_pool_buffers;
+        if (!options.overlap_reductions) {
+          int trainable_units = 0;
+          for (const UnitState& u : e.units) trainable_units += u.trainable_elems > 0;
+          buffers = std::max(buffers, trainable_units);
+        }
+        e.grad_pool.resize(static_cast<size_t>(buffers));
         e.pool_owner.assign(e.grad_pool.size(), -1);
         for (DeviceBuffer& b : e.grad_pool) {
           ZERO_RETURN_IF_ERROR(alloc(e.pool_elems, MemoryCategory::kBuffers, "gradient pool", &b));
@@ -423,8 +485,23 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
         }
       }
     }
+    // Streams and events (engine_impl.h's table).
+    ZERO_RETURN_IF_ERROR(e.device->NewStream("communication stream", /*high_priority=*/false, &e.comm_stream));
+    auto events = [&](size_t n, std::vector<std::unique_ptr<zero::Event>>* out) -> Status {
+      out->resize(n);
+      for (auto& ev : *out) ZERO_RETURN_IF_ERROR(e.device->NewEvent(&ev));
+      return Status::Ok();
+    };
+    ZERO_RETURN_IF_ERROR(events(e.units.size(), &e.grads_done));
+    ZERO_RETURN_IF_ERROR(events(e.grad_pool.size(), &e.pool_free));
+    ZERO_RETURN_IF_ERROR(events(static_cast<size_t>(options.reductions_in_flight), &e.in_flight));
+    ZERO_RETURN_IF_ERROR(events(e.slots.size(), &e.slot_ready));
+    ZERO_RETURN_IF_ERROR(events(e.slots.size(), &e.slot_free));
+    for (size_t i = 0; i < e.slots.size(); ++i) e.slots[i].index = static_cast<int>(i);
+    ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.params_ready));
     return Status::Ok();
   };
+  e.wait_timeout = 2 * comm->timeout() + std::chrono::milliseconds(60'000);
   s = run();
   // Allocation can fail on one rank only (capacities may differ): agree before returning.
   int64_t oom = s.ok() ? 0 : 1, any_oom = 0;
@@ -553,8 +630,19 @@ const Options& Engine::options() const { return impl_->options; }
 int Engine::num_units() const { return static_cast<int>(impl_->units.size()); }
 int64_t Engine::step() const { return impl_->step; }
 MemoryReport Engine::Memory() const { return impl_->device->report(); }
-const CommCounters& Engine::comm_counters() const { return impl_->comm->counters(); }
-Status Engine::healthy() const { return impl_->CheckUsable(); }
+// The communication thread updates the counters: let it finish what is queued first.
+const CommCounters& Engine::comm_counters() const {
+  (void)impl_->comm_stream->Synchronize(impl_->wait_timeout);
+  return impl_->comm->counters();
+}
+Status Engine::healthy() const {
+  ZERO_RETURN_IF_ERROR(impl_->CheckUsable());
+  // With the communication stream idle, the communicator may be polled for a peer's abort notice.
+  ZERO_RETURN_IF_ERROR(impl_->comm_stream->Synchronize(impl_->wait_timeout));
+  Status h = impl_->comm->health();
+  if (!h.ok()) return h.WithContext("the communicator is broken");
+  return Status::Ok();
+}
 const std::vector<Engine::Event>& Engine::TEST_events() const { return impl_->events; }
 
 }  // namespace zero

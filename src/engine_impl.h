@@ -13,8 +13,36 @@
 // "full trainable" is one flat buffer of every trainable bucket in plan order (PartitionPlan offsets), "shard"
 // one flat buffer of this rank's shards. A unit's full layout (gather slots, pool buffers, persistent buffer)
 // is its trainable buckets then its frozen buckets, contiguous (BucketInfo::unit_offset).
+//
+// Streams and events. The trainer's kernels run on the compute stream (on the CPU backend: the calling thread);
+// every collective of the engine runs on one communication stream (on the CPU backend: one worker thread, so all
+// of a communicator's collectives are issued by one thread, in the host's call order, which is the same on every
+// rank). Each cross-stream dependency is an event; the table lists every edge:
+//
+//   edge                          recorded on / when                       waited on / by
+//   ----------------------------  ---------------------------------------  -------------------------------------
+//   compute -> reduce             compute, GradsReady(u): grads_done[u]    comm stream, before u's reductions
+//   reduce -> pool                comm, after u's last reduction and its   compute, at BindPool before zeroing
+//                                 accumulation: pool_free[buffer]          the buffer for its next unit
+//   reductions in flight          comm, after each reduction: in_flight[   compute, before issuing reduction k
+//                                 k % reductions_in_flight]                (bounds queued work and pool reuse)
+//   gather -> compute             comm, after a unit's gathers:            compute, in Acquire (after issuing
+//                                 slot_ready[slot]                         the prefetches)
+//   compute -> gather slot        compute, when a slot is dropped          comm stream, before a gather into it
+//                                 (Release, Step, eviction): slot_free[s]
+//   reduce/accumulate -> Step     every reduction precedes Step's          Step drains the comm stream before
+//                                 agreement check on the comm stream       reading gradient shards
+//   post-step gather -> Acquire   comm, after GatherAfterStep:             compute: Acquire, Param(), BeginEval,
+//                                 params_ready                             GatherFull, InitParams (WaitParams)
+//   control collectives           run on the comm stream and waited for    (agreement checks, norms) in order
+//
+// Offload H2D -> gather is added with CPU offload. Errors of work on the comm stream are sticky: the stream
+// skips everything after a failed collective, and the next engine call that waits (or checks health) returns
+// that status, which names the collective, bucket and step.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -70,6 +98,7 @@ struct UnitState {
 };
 
 struct GatherSlot {
+  int index = 0;
   DeviceBuffer buffer;
   int unit = -1;          // resident unit, or -1
   bool prefetched = false;  // gathered ahead of its Acquire and not yet acquired
@@ -87,6 +116,19 @@ struct Trace {
   bool recorded = false;  // complete and fixed
   bool recording = false;
   size_t pos = 0;         // next expected entry in the current pass
+};
+
+// Test-only hooks (tests/testing/engine_harness.h reaches them through EngineAccess). Never set in production.
+struct EngineTestHooks {
+  // Which wait to leave out, so that ThreadSanitizer must report the race it protects against.
+  enum class SkipWait { kNone, kSlotReady, kPoolFree } skip_wait = SkipWait::kNone;
+  // When set, every task on the communication stream first announces itself in `gate_waiting` and then spins
+  // until *gate is true. Relaxed atomics only: they order nothing, so they cannot hide a race from TSan.
+  std::atomic<bool>* gate = nullptr;
+  std::atomic<bool>* gate_waiting = nullptr;
+  // The first reduction on rank `stall_rank` sleeps this long before its collective (the timeout path).
+  int stall_rank = -1;
+  std::chrono::milliseconds stall{0};
 };
 
 class Engine::Impl {
@@ -134,6 +176,19 @@ class Engine::Impl {
 
   std::vector<Engine::Event> events;
 
+  // Streams and events (the table at the top of this file).
+  std::unique_ptr<Stream> comm_stream;
+  std::vector<std::unique_ptr<zero::Event>> grads_done;  // per unit
+  std::vector<std::unique_ptr<zero::Event>> pool_free;   // per pool buffer
+  std::vector<std::unique_ptr<zero::Event>> in_flight;   // ring of reductions_in_flight
+  std::vector<std::unique_ptr<zero::Event>> slot_ready;  // per gather slot
+  std::vector<std::unique_ptr<zero::Event>> slot_free;   // per gather slot
+  std::unique_ptr<zero::Event> params_ready;
+  bool params_pending = false;
+  int64_t reductions_issued = 0;
+  std::chrono::milliseconds wait_timeout{0};  // host waits: the comm timeout plus a margin
+  EngineTestHooks test;
+
   // --- engine.cc ---
   Status CheckUsable() const;
   // Issues the agreement all-reduce. `local` is this rank's own error (reported to the caller as is); any
@@ -154,6 +209,17 @@ class Engine::Impl {
   float* UnitParamBase(int unit);                          // stage 3: unit's full layout, or null
   float* ParamPtr(int param);                              // current view pointer, or null
 
+  // Runs `task` on the communication stream (with the test hooks).
+  void LaunchComm(std::function<Status()> task);
+  // Runs `task` on the communication stream and waits for it (and everything before it).
+  Status RunComm(std::function<Status()> task);
+  // Waits for everything on the communication stream; poisons the engine with its first error.
+  Status DrainComm();
+  // The compute stream waits for `event`; a failure (or the comm stream's error) poisons the engine.
+  Status WaitOnCompute(const zero::Event& event, const std::string& what);
+  // post-step gather -> the trainer's next use of parameters.
+  Status WaitParams();
+
   // --- engine_units.cc ---
   Status AcquireImpl(int unit, Pass pass);
   Status ReleaseImpl(int unit, Pass pass);
@@ -161,8 +227,13 @@ class Engine::Impl {
   Status BindPool(int unit);
   Status IssueReadyReductions();
   Status ReduceBucket(int bucket);
-  Status GatherUnit(int unit, float* dst);
-  Status EnsureResident(int unit);
+  // Launches the gathers of `unit` into dst (full unit layout) on the communication stream.
+  void GatherUnit(int unit, float* dst);
+  // Stage 3: makes the unit resident (issuing its gather into a slot if needed); *wait_slot is the slot to wait
+  // for before the trainer uses it, or -1 (persistent units).
+  Status EnsureResident(int unit, int* wait_slot);
+  // Issues the gathers of `unit` into slot `s` (after the slot's compute -> gather edge) and binds them.
+  void GatherInto(int unit, int s, bool prefetched);
   Status Prefetch();
   int FreeSlot();
   void DropSlot(GatherSlot& slot);
@@ -173,7 +244,7 @@ class Engine::Impl {
   // --- engine_step.cc ---
   Status InitParamsImpl(const FillFn& fill);
   Status StepImpl(const StepArgs& args, StepResult* result);
-  Status GatherAfterStep();
+  void GatherAfterStep();
   void ZeroGrads();
 };
 

@@ -32,21 +32,25 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
     float* base = stage3 ? ShardParamBase(b) : FullParamBase(b) + rank * b.shard;
     for (const Fragment& f : b.fragments[static_cast<size_t>(rank)]) fill(f.param, f.param_off, f.count, base + f.shard_off);
   }
-  Status s;
   if (!stage3) {
     for (const Bucket& b : plan.buckets) {
       float* full = FullParamBase(b);
-      CollectiveOptions co;
-      co.what = "InitParams gather";
-      s = comm->AllGather(full + rank * b.shard, full, b.shard, DType::kF32, co);
-      if (!s.ok()) break;
+      const int64_t shard = b.shard;
+      const int r = rank;
+      LaunchComm([this, full, shard, r] {
+        CollectiveOptions co;
+        co.what = "InitParams gather";
+        return comm->AllGather(full + r * shard, full, shard, DType::kF32, co);
+      });
     }
   } else {
     DropUnheldSlots();
-    for (size_t u = 0; u < units.size() && s.ok(); ++u) {
-      if (units[u].persistent) s = GatherUnit(static_cast<int>(u), UnitParamBase(static_cast<int>(u)));
+    for (size_t u = 0; u < units.size(); ++u) {
+      if (units[u].persistent) GatherUnit(static_cast<int>(u), UnitParamBase(static_cast<int>(u)));
     }
   }
+  Status s = DrainComm();
+  params_pending = false;
   if (!s.ok()) {
     poison = s;
     return s;
@@ -60,14 +64,19 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
   return Status::Ok();
 }
 
-Status Engine::Impl::GatherAfterStep() {
-  CollectiveOptions co;
-  co.what = "parameter all-gather after the step";
+// Issues the post-step parameter gathers; the trainer's next use waits for params_ready (WaitParams).
+void Engine::Impl::GatherAfterStep() {
   if (options.stage == Stage::kOptimizerStates || options.stage == Stage::kGradients) {
     for (const Bucket& b : plan.buckets) {
       if (!b.trainable) continue;
       float* full = FullParamBase(b);
-      ZERO_RETURN_IF_ERROR(comm->AllGather(full + rank * b.shard, full, b.shard, DType::kF32, co));
+      const int64_t shard = b.shard;
+      const int r = rank;
+      LaunchComm([this, full, shard, r] {
+        CollectiveOptions co;
+        co.what = "parameter all-gather after the step";
+        return comm->AllGather(full + r * shard, full, shard, DType::kF32, co);
+      });
       Log(Engine::Event::kGather, b.unit, b.index);
     }
   } else if (options.stage == Stage::kParameters) {
@@ -76,13 +85,20 @@ Status Engine::Impl::GatherAfterStep() {
       float* dst = UnitParamBase(static_cast<int>(u));
       for (int bi : plan.units[u].trainable_buckets) {
         const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
-        ZERO_RETURN_IF_ERROR(comm->AllGather(ShardParamBase(b), dst + buckets[static_cast<size_t>(bi)].unit_offset,
-                                             b.shard, DType::kF32, co));
+        const float* src = ShardParamBase(b);
+        float* out = dst + buckets[static_cast<size_t>(bi)].unit_offset;
+        const int64_t shard = b.shard;
+        LaunchComm([this, src, out, shard] {
+          CollectiveOptions co;
+          co.what = "parameter all-gather after the step";
+          return comm->AllGather(src, out, shard, DType::kF32, co);
+        });
         Log(Engine::Event::kGather, b.unit, bi);
       }
     }
   }
-  return Status::Ok();
+  comm_stream->Record(params_ready.get());
+  params_pending = true;
 }
 
 Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
@@ -106,6 +122,9 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
     return poison;
   }
   ZERO_RETURN_IF_ERROR(Agree(AgreeKind::kStep, 0, local));
+  // reduce/accumulate -> Step: the agreement check ran after every reduction on the comm stream; drain anyway,
+  // so the edge does not rest on that.
+  ZERO_RETURN_IF_ERROR(DrainComm());
 
   // Global norm from owned shards (see the file comment).
   const Stage st = options.stage;
@@ -122,7 +141,7 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   CollectiveOptions co;
   co.control = true;
   co.what = "gradient norm";
-  Status s = comm->AllGather(mine, all.data(), 2, DType::kF64, co);
+  Status s = RunComm([&] { return comm->AllGather(mine, all.data(), 2, DType::kF64, co); });
   if (!s.ok()) {
     poison = s;
     return s;
@@ -180,11 +199,7 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
     ++step;
     sgd_first_step = false;
     DropUnheldSlots();  // stage-3 gathered copies are stale now (nothing is held at Step)
-    s = GatherAfterStep();
-    if (!s.ok()) {
-      poison = s;
-      return s;
-    }
+    GatherAfterStep();
   }
   ZeroGrads();
   res.step = step;
@@ -236,13 +251,11 @@ Status Engine::GatherFull(std::span<const int> unit_list, FullParamsScope* scope
         e.comm->Abort(s);
         return s;
       }
-      s = e.GatherUnit(u, us.full_scope.as<float>());
-      if (!s.ok()) {
-        e.poison = s;
-        return s;
-      }
+      e.GatherUnit(u, us.full_scope.as<float>());
     }
   }
+  ZERO_RETURN_IF_ERROR(e.DrainComm());  // also the post-step gathers of stages 1-2
+  e.params_pending = false;
   e.full_scope_units = list;
   *scope = FullParamsScope();
   scope->engine_ = this;

@@ -66,16 +66,18 @@ Status Engine::Impl::AcquireImpl(int unit, Pass pass) {
   } else {
     ++u.fwd_refs;
   }
+  ZERO_RETURN_IF_ERROR(WaitParams());
   if (stage3) {
-    Status s = EnsureResident(unit);
+    int wait_slot = -1;
+    Status s = EnsureResident(unit, &wait_slot);
+    if (s.ok()) s = Prefetch();  // issued before waiting, so the next gathers run while this unit computes
     if (!s.ok()) {
       poison = s;
       return s;
     }
-    s = Prefetch();
-    if (!s.ok()) {
-      poison = s;
-      return s;
+    if (wait_slot >= 0 && test.skip_wait != EngineTestHooks::SkipWait::kSlotReady) {
+      ZERO_RETURN_IF_ERROR(WaitOnCompute(*slot_ready[static_cast<size_t>(wait_slot)], "the gather of " +
+                                                                                            UnitName(unit)));
     }
   }
   return Status::Ok();
@@ -112,6 +114,7 @@ Status Engine::Impl::GradsReadyImpl(int unit) {
   HashEvent(5, unit);
   Log(Engine::Event::kGradsReady, unit, -1);
   if (u.trainable_elems == 0) return Status::Ok();
+  device->RecordCompute(grads_done[static_cast<size_t>(unit)].get());
   const bool pooled = options.stage == Stage::kGradients || options.stage == Stage::kParameters;
   // A unit that got no backward this micro-step still contributes (zero) gradients to its reductions.
   if (pooled && u.pool_slot < 0) ZERO_RETURN_IF_ERROR(BindPool(unit));
@@ -126,6 +129,10 @@ Status Engine::Impl::BindPool(int unit) {
     pool_owner[i] = unit;
     UnitState& u = units[static_cast<size_t>(unit)];
     u.pool_slot = static_cast<int>(i);
+    // reduce -> pool: the buffer's previous reduction (and accumulation) must be done before it is zeroed.
+    if (test.skip_wait != EngineTestHooks::SkipWait::kPoolFree) {
+      ZERO_RETURN_IF_ERROR(WaitOnCompute(*pool_free[i], "the reduction of gradient pool buffer " + std::to_string(i)));
+    }
     std::memset(grad_pool[i].data(), 0, static_cast<size_t>(u.trainable_elems) * sizeof(float));
     return Status::Ok();
   }
@@ -142,16 +149,33 @@ Status Engine::Impl::BindPool(int unit) {
 Status Engine::Impl::IssueReadyReductions() {
   const bool pooled = options.stage == Stage::kGradients || options.stage == Stage::kParameters;
   if (!pooled && !micro_is_last) return Status::Ok();  // stages 0-1 reduce once, after the last micro-step
+  if (!options.overlap_reductions) {
+    // Without overlap every reduction waits for the micro-step's last GradsReady.
+    for (const UnitState& u : units) {
+      if (u.trainable_elems > 0 && !u.grads_ready) return Status::Ok();
+    }
+  }
+  int last_unit = -1;
   while (next_reduce < reduce_order.size()) {
     const int b = reduce_order[next_reduce];
     const int unit = plan.buckets[static_cast<size_t>(b)].unit;
     UnitState& u = units[static_cast<size_t>(unit)];
     if (!u.grads_ready) break;
+    if (unit != last_unit) comm_stream->Wait(*grads_done[static_cast<size_t>(unit)]);  // compute -> reduce
+    last_unit = unit;
+    // At most reductions_in_flight reductions queued or running.
+    const size_t ring = static_cast<size_t>(reductions_issued % options.reductions_in_flight);
+    if (reductions_issued >= options.reductions_in_flight) {
+      ZERO_RETURN_IF_ERROR(WaitOnCompute(*in_flight[ring], "an earlier reduction"));
+    }
     ZERO_RETURN_IF_ERROR(ReduceBucket(b));
+    comm_stream->Record(in_flight[ring].get());
+    ++reductions_issued;
     ++next_reduce;
     const bool unit_done = next_reduce == reduce_order.size() ||
                            plan.buckets[static_cast<size_t>(reduce_order[next_reduce])].unit != unit;
     if (pooled && unit_done) {
+      comm_stream->Record(pool_free[static_cast<size_t>(u.pool_slot)].get());  // reduce -> pool
       pool_owner[static_cast<size_t>(u.pool_slot)] = -1;
       u.pool_slot = -1;
     }
@@ -161,50 +185,64 @@ Status Engine::Impl::IssueReadyReductions() {
 
 Status Engine::Impl::ReduceBucket(int bucket) {
   const Bucket& b = plan.buckets[static_cast<size_t>(bucket)];
-  const std::string what = "reduction of bucket " + std::to_string(bucket) + " (" + UnitName(b.unit) + ") at " +
-                           Where();
-  CollectiveOptions co;
-  co.what = what.c_str();
+  std::string what = "reduction of bucket " + std::to_string(bucket) + " (" + UnitName(b.unit) + ") at " + Where();
   float* g = grads.as<float>();
-  switch (options.stage) {
-    case Stage::kDataParallel:
-      ZERO_RETURN_IF_ERROR(comm->AllReduce(g + b.offset, g + b.offset, b.padded, DType::kF32, ReduceOp::kSum, co));
-      break;
-    case Stage::kOptimizerStates:
-      ZERO_RETURN_IF_ERROR(comm->ReduceScatter(g + b.offset, g + b.offset + rank * b.shard, b.shard, DType::kF32, co));
-      break;
-    case Stage::kGradients:
-    case Stage::kParameters: {
-      const UnitState& u = units[static_cast<size_t>(b.unit)];
-      float* full = grad_pool[static_cast<size_t>(u.pool_slot)].as<float>() +
-                    buckets[static_cast<size_t>(bucket)].unit_offset;
-      ZERO_RETURN_IF_ERROR(comm->ReduceScatter(full, full + rank * b.shard, b.shard, DType::kF32, co));
-      kernels::AccumulateCpu(g + b.shard_offset, full + rank * b.shard, b.shard, threads);
-      break;
-    }
+  const int r = rank;
+  const int64_t shard = b.shard;
+  const Stage st = options.stage;
+  Comm* c = comm;
+  const int nthreads = threads;
+  float* full = nullptr;  // stages 2-3: the unit's pool buffer at this bucket
+  if (st == Stage::kGradients || st == Stage::kParameters) {
+    const UnitState& u = units[static_cast<size_t>(b.unit)];
+    full = grad_pool[static_cast<size_t>(u.pool_slot)].as<float>() + buckets[static_cast<size_t>(bucket)].unit_offset;
   }
+  float* in_grads = st == Stage::kGradients || st == Stage::kParameters ? g + b.shard_offset : g + b.offset;
+  const int64_t padded = b.padded;
+  LaunchComm([=, what = std::move(what)]() -> Status {
+    CollectiveOptions co;
+    co.what = what.c_str();
+    switch (st) {
+      case Stage::kDataParallel:
+        return c->AllReduce(in_grads, in_grads, padded, DType::kF32, ReduceOp::kSum, co);
+      case Stage::kOptimizerStates:
+        return c->ReduceScatter(in_grads, in_grads + r * shard, shard, DType::kF32, co);
+      case Stage::kGradients:
+      case Stage::kParameters:
+        ZERO_RETURN_IF_ERROR(c->ReduceScatter(full, full + r * shard, shard, DType::kF32, co));
+        kernels::AccumulateCpu(in_grads, full + r * shard, shard, nthreads);
+        return Status::Ok();
+    }
+    return Status::Ok();
+  });
   Log(Engine::Event::kReduce, b.unit, bucket);
   return Status::Ok();
 }
 
-Status Engine::Impl::GatherUnit(int unit, float* dst) {
+void Engine::Impl::GatherUnit(int unit, float* dst) {
   const UnitPlan& up = plan.units[static_cast<size_t>(unit)];
   for (const std::vector<int>* set : {&up.trainable_buckets, &up.frozen_buckets}) {
     for (int bi : *set) {
       const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
-      const std::string what = "gather of bucket " + std::to_string(bi) + " (" + UnitName(unit) + ") at " + Where();
-      CollectiveOptions co;
-      co.what = what.c_str();
-      ZERO_RETURN_IF_ERROR(comm->AllGather(ShardParamBase(b), dst + buckets[static_cast<size_t>(bi)].unit_offset,
-                                           b.shard, DType::kF32, co));
+      std::string what = "gather of bucket " + std::to_string(bi) + " (" + UnitName(unit) + ") at " + Where();
+      const float* src = ShardParamBase(b);
+      float* out = dst + buckets[static_cast<size_t>(bi)].unit_offset;
+      const int64_t shard = b.shard;
+      Comm* c = comm;
+      LaunchComm([=, what = std::move(what)]() -> Status {
+        CollectiveOptions co;
+        co.what = what.c_str();
+        return c->AllGather(src, out, shard, DType::kF32, co);
+      });
       Log(Engine::Event::kGather, unit, bi);
     }
   }
-  return Status::Ok();
 }
 
 void Engine::Impl::DropSlot(GatherSlot& slot) {
-  if (slot.unit >= 0) units[static_cast<size_t>(slot.unit)].gather_slot = -1;
+  if (slot.unit < 0) return;
+  device->RecordCompute(slot_free[static_cast<size_t>(slot.index)].get());  // compute -> gather slot
+  units[static_cast<size_t>(slot.unit)].gather_slot = -1;
   slot.unit = -1;
   slot.prefetched = false;
 }
@@ -231,11 +269,13 @@ int Engine::Impl::FreeSlot() {
   return -1;
 }
 
-Status Engine::Impl::EnsureResident(int unit) {
+Status Engine::Impl::EnsureResident(int unit, int* wait_slot) {
+  *wait_slot = -1;
   UnitState& u = units[static_cast<size_t>(unit)];
   if (u.persistent) return Status::Ok();
   if (u.gather_slot >= 0) {
     slots[static_cast<size_t>(u.gather_slot)].prefetched = false;
+    *wait_slot = u.gather_slot;
     return Status::Ok();
   }
   const int s = FreeSlot();
@@ -247,12 +287,19 @@ Status Engine::Impl::EnsureResident(int unit) {
     os << ". Raise Options.gather_slots (each costs " << slot_elems * 4 << " bytes) or release units earlier";
     return Status::FailedPrecondition(os.str());
   }
-  GatherSlot& slot = slots[static_cast<size_t>(s)];
-  ZERO_RETURN_IF_ERROR(GatherUnit(unit, slot.buffer.as<float>()));
-  slot.unit = unit;
-  slot.prefetched = false;
-  u.gather_slot = s;
+  GatherInto(unit, s, /*prefetched=*/false);
+  *wait_slot = s;
   return Status::Ok();
+}
+
+void Engine::Impl::GatherInto(int unit, int s, bool prefetched) {
+  GatherSlot& slot = slots[static_cast<size_t>(s)];
+  comm_stream->Wait(*slot_free[static_cast<size_t>(s)]);  // compute -> gather slot
+  GatherUnit(unit, slot.buffer.as<float>());
+  comm_stream->Record(slot_ready[static_cast<size_t>(s)].get());  // gather -> compute
+  slot.unit = unit;
+  slot.prefetched = prefetched;
+  units[static_cast<size_t>(unit)].gather_slot = s;
 }
 
 Status Engine::Impl::Prefetch() {
@@ -272,11 +319,7 @@ Status Engine::Impl::Prefetch() {
       if (slots[i].unit < 0) s = static_cast<int>(i);
     }
     if (s < 0) break;  // never evict for a prefetch
-    GatherSlot& slot = slots[static_cast<size_t>(s)];
-    ZERO_RETURN_IF_ERROR(GatherUnit(next, slot.buffer.as<float>()));
-    slot.unit = next;
-    slot.prefetched = true;
-    w.gather_slot = s;
+    GatherInto(next, s, /*prefetched=*/true);
     budget -= w.full_elems * 4;
   }
   return Status::Ok();

@@ -142,9 +142,9 @@ TEST_P(CommFormulaTest, CountersMatchFormula) {
   ASSERT_NE(engine, nullptr);
   // Two steps: the first records the stage-3 trace, the second prefetches from it.
   for (int step = 0; step < 2; ++step) {
-    const CommCounters before = comm->counters();
+    const CommCounters before = engine->comm_counters();
     TrainToyStep(*engine, *comm, step, c.micros, 24);
-    const CommCounters& after = comm->counters();
+    const CommCounters& after = engine->comm_counters();
     const int64_t rs = after.reduce_scatter - before.reduce_scatter;
     const int64_t ag = after.all_gather - before.all_gather;
     const int64_t ar = after.all_reduce - before.all_reduce;

@@ -80,6 +80,8 @@ class Comm {
 
   int rank() const { return rank_; }
   int world_size() const { return world_size_; }
+  // CommOptions::timeout: how long one wait may take.
+  std::chrono::milliseconds timeout() const { return timeout_; }
 
   // Sum only. f32 and f64.
   virtual Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
@@ -108,6 +110,7 @@ class Comm {
  protected:
   Comm(int rank, int world_size) : rank_(rank), world_size_(world_size) {}
   CommCounters counters_;
+  std::chrono::milliseconds timeout_{300'000};
 
  private:
   int rank_;

@@ -149,6 +149,7 @@ class Engine {
 
  private:
   friend class FullParamsScope;
+  friend struct EngineTestPeer;  // tests only (tests/testing/engine_harness.h): reaches the test hooks
   class Impl;
   explicit Engine(std::unique_ptr<Impl> impl);
   Status ReleaseFull(const std::vector<int>& units);

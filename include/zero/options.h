@@ -73,6 +73,13 @@ struct Options {
   // between, so 2 is the minimum for models with tied weights. Default 2.
   int grad_pool_buffers = 2;
 
+  // Issue each unit's reductions as soon as its GradsReady (and those of the units before it in reduction
+  // order) arrives, so they run during the rest of backward. false: issue them all after the micro-step's last
+  // GradsReady (stages 2-3 then need a gradient pool buffer per trainable unit, which Open allocates). Default true.
+  bool overlap_reductions = true;
+  // At most this many bucket reductions queued or running; GradsReady waits for the oldest beyond it. Default 4.
+  int reductions_in_flight = 4;
+
   // Stage 3: buffers for gathered units (acquired or prefetched), each as large as the largest non-persistent
   // unit. Default 3 (the current unit, one prefetched, one tied or kept).
   int gather_slots = 3;

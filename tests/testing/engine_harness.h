@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include "engine_impl.h"
 #include "testing/toy_model.h"
 #include "zero/zero.h"
 
@@ -22,6 +23,15 @@
     const ::zero::Status zero_s_ = (expr);          \
     EXPECT_TRUE(zero_s_.ok()) << zero_s_.ToString(); \
   } while (0)
+
+namespace zero {
+
+// The engine's test hooks (src/engine_impl.h, EngineTestHooks).
+struct EngineTestPeer {
+  static EngineTestHooks& Hooks(Engine& engine) { return engine.impl_->test; }
+};
+
+}  // namespace zero
 
 namespace zero::testing {
 
