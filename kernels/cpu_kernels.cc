@@ -56,18 +56,7 @@ SumSquares BlockedSumSquares(int64_t n, int threads, Load load) {
   std::vector<SumSquares> partial(static_cast<size_t>(blocks));
 #pragma omp parallel for num_threads(ThreadsFor(n, threads)) schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t end = std::min(n, (b + 1) * kSumBlock);
-    double s = 0.0;
-    int64_t bad = 0;
-    for (int64_t i = b * kSumBlock; i < end; ++i) {
-      const float e = load(i);
-      if (std::isfinite(e)) {
-        s += static_cast<double>(e) * static_cast<double>(e);
-      } else {
-        ++bad;
-      }
-    }
-    partial[static_cast<size_t>(b)] = {s, bad};
+    partial[static_cast<size_t>(b)] = SumSquaresBlock(b * kSumBlock, std::min(n, (b + 1) * kSumBlock), load);
   }
   SumSquares total;
   for (const SumSquares& p : partial) {

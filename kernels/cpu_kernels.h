@@ -7,6 +7,7 @@
 
 #include "kernels/cast.cuh"
 #include "kernels/optimizer.cuh"
+#include "kernels/sum_squares.cuh"
 #include "zero/types.h"
 
 namespace zero::kernels {
@@ -24,13 +25,8 @@ void ScaleCpu(float* x, float s, int64_t n, int threads);
 // and {bf16, f16} -> f32. Returns false (and writes nothing) for any other pair.
 bool CastCpu(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n, int threads);
 
-struct SumSquares {
-  double sum = 0.0;        // sum of squares of the finite elements, in fp64
-  int64_t nonfinite = 0;   // count of inf/nan elements
-};
-// Sums fixed blocks of kSumBlock elements sequentially in fp64, then the block sums in order: the result is
-// the same for any thread count, so it can be mirrored by a reference.
-inline constexpr int64_t kSumBlock = 4096;
+// Sums fixed blocks of kSumBlock elements sequentially in fp64, then the block sums in order
+// (kernels/sum_squares.cuh): the result is the same for any thread count, so it can be mirrored by a reference.
 SumSquares SumSquaresCpu(const float* x, int64_t n, int threads);
 // The same over bf16 or fp16 elements (each widened exactly to fp32 first); f32 forwards to the above.
 // REQUIRES: dtype is kF32, kBF16 or kF16.

@@ -8,6 +8,7 @@
 
 #include "kernels/cast.cuh"
 #include "kernels/optimizer.cuh"
+#include "kernels/sum_squares.cuh"
 
 namespace zero::kernels {
 
@@ -20,5 +21,10 @@ int CastF32ToBf16Cuda(const float* src, Bf16Bits* dst, int64_t n, void* stream);
 int CastF32ToF16Cuda(const float* src, F16Bits* dst, int64_t n, void* stream);
 int CastBf16ToF32Cuda(const Bf16Bits* src, float* dst, int64_t n, void* stream);
 int CastF16ToF32Cuda(const F16Bits* src, float* dst, int64_t n, void* stream);
+
+// Sum of squares of x[0, n) (device memory) into scratch[0]; scratch (device memory) holds
+// SumSquaresScratchCount(n) elements. Bitwise equal to SumSquaresCpu.
+int64_t SumSquaresScratchCount(int64_t n);
+int SumSquaresCuda(const float* x, int64_t n, SumSquares* scratch, void* stream);
 
 }  // namespace zero::kernels

@@ -92,43 +92,47 @@ class NcclComm final : public Comm {
       ncclCommAbort(comm_);
     }
     cudaFree(scratch_);
+    if (stage_ != nullptr) cudaFree(stage_);
+    if (order_event_ != nullptr) cudaEventDestroy(order_event_);
     cudaStreamDestroy(stream_);
   }
+
+  int cuda_device() const override { return device_; }
 
   Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
                        const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kReduceScatter, opts.what, count, dtype, ReduceOp::kSum, 0};
-    return Run(call, opts, send, recv, [&](ncclDataType_t t) {
-      return ncclReduceScatter(send, recv, static_cast<size_t>(count), t, ncclSum, comm_, stream_);
+    return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t) {
+      return ncclReduceScatter(s, r, static_cast<size_t>(count), t, ncclSum, comm_, stream_);
     });
   }
 
   Status AllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kAllGather, opts.what, count, dtype, ReduceOp::kSum, 0};
-    return Run(call, opts, send, recv, [&](ncclDataType_t t) {
-      return ncclAllGather(send, recv, static_cast<size_t>(count), t, comm_, stream_);
+    return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t) {
+      return ncclAllGather(s, r, static_cast<size_t>(count), t, comm_, stream_);
     });
   }
 
   Status AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
                    const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kAllReduce, opts.what, count, dtype, op, 0};
-    return Run(call, opts, send, recv, [&](ncclDataType_t t) {
-      return ncclAllReduce(send, recv, static_cast<size_t>(count), t, NcclOp(op), comm_, stream_);
+    return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t) {
+      return ncclAllReduce(s, r, static_cast<size_t>(count), t, NcclOp(op), comm_, stream_);
     });
   }
 
   Status Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kBroadcast, opts.what, count, dtype, ReduceOp::kSum, root};
-    return Run(call, opts, nullptr, buffer, [&](ncclDataType_t t) {
-      return ncclBroadcast(buffer, buffer, static_cast<size_t>(count), t, root, comm_, stream_);
+    return Run(call, opts, nullptr, buffer, [&](const void*, void* r, ncclDataType_t t) {
+      return ncclBroadcast(r, r, static_cast<size_t>(count), t, root, comm_, stream_);
     });
   }
 
   Status Barrier(const CollectiveOptions& opts) override {
     // A one-element all-reduce on the device scratch word, counted as Barrier (no data).
     const CallInfo call{CollectiveKind::kBarrier, opts.what, 0, DType::kF32, ReduceOp::kSum, 0};
-    return Run(call, opts, nullptr, nullptr, [&](ncclDataType_t) {
+    return Run(call, opts, nullptr, nullptr, [&](const void*, void*, ncclDataType_t) {
       return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_);
     });
   }
@@ -143,15 +147,24 @@ class NcclComm final : public Comm {
   Status health() const override { return broken_; }
 
  private:
-  // Validates, counts, enqueues `issue` on the stream and waits for it.
+  // Validates, counts, enqueues `issue` on this Comm's stream (after opts.stream's earlier work) and waits for it.
+  // Host buffers (small control messages: agreement checks, norms) are staged through device memory.
   template <typename Issue>
-  Status Run(const CallInfo& call, const CollectiveOptions& opts, const void* send, const void* recv, Issue issue) {
+  Status Run(const CallInfo& call, const CollectiveOptions& opts, const void* send, void* recv, Issue issue) {
     if (!broken_.ok()) return broken_;
     ncclDataType_t type = ncclFloat32;
     Status bad;
     if (!NcclType(call.dtype, &type)) bad = Status::InvalidArgument(internal::DescribeCall(call) + ": bad dtype");
     if (bad.ok() && call.kind != CollectiveKind::kBarrier) {
       bad = internal::ValidateCall(call, send, recv, rank(), world_size());
+    }
+    size_t send_bytes = 0, recv_bytes = 0;
+    Sizes(call, &send_bytes, &recv_bytes);
+    const bool staged = call.kind != CollectiveKind::kBarrier && (IsHost(send) || IsHost(recv));
+    if (bad.ok() && staged && send_bytes + recv_bytes > kMaxStagedBytes) {
+      bad = Status::InvalidArgument(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) +
+                                    ": NcclComm moves device memory; host buffers are staged only up to " +
+                                    std::to_string(kMaxStagedBytes) + " bytes (control messages)");
     }
     if (!bad.ok()) {
       // Peers will issue this collective and wait for this rank: abort so that their NCCL fails them.
@@ -163,9 +176,82 @@ class NcclComm final : public Comm {
     internal::CountCall(&counters_, call, opts, world_size());
     if (call.count == 0 && call.kind != CollectiveKind::kBarrier) return Status::Ok();
     cudaSetDevice(device_);
-    const ncclResult_t rc = issue(type);
+    if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(Follow(call, static_cast<cudaStream_t>(opts.stream)));
+    if (!staged) {
+      const ncclResult_t rc = issue(send, recv, type);
+      if (rc != ncclSuccess && rc != ncclInProgress) return Break(call, rc, "enqueue");
+      return Wait(call);
+    }
+    ZERO_RETURN_IF_ERROR(EnsureStage(call, send_bytes + recv_bytes + kStageAlign));
+    char* stage_send = static_cast<char*>(stage_);
+    char* stage_recv = stage_send + (send_bytes + kStageAlign - 1) / kStageAlign * kStageAlign;
+    cudaError_t crc = cudaSuccess;
+    if (send_bytes > 0) crc = cudaMemcpyAsync(stage_send, send, send_bytes, cudaMemcpyHostToDevice, stream_);
+    // Broadcast is in place: the root's data starts in the receive buffer.
+    if (crc == cudaSuccess && call.kind == CollectiveKind::kBroadcast) {
+      crc = cudaMemcpyAsync(stage_recv, recv, recv_bytes, cudaMemcpyHostToDevice, stream_);
+    }
+    if (crc != cudaSuccess) return CudaBreak(call, crc);
+    const ncclResult_t rc = issue(stage_send, stage_recv, type);
     if (rc != ncclSuccess && rc != ncclInProgress) return Break(call, rc, "enqueue");
-    return Wait(call);
+    ZERO_RETURN_IF_ERROR(Wait(call));
+    crc = cudaMemcpyAsync(recv, stage_recv, recv_bytes, cudaMemcpyDeviceToHost, stream_);
+    if (crc == cudaSuccess) crc = cudaStreamSynchronize(stream_);  // this Comm's stream only: a few bytes
+    return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, crc);
+  }
+
+  static constexpr size_t kMaxStagedBytes = size_t{1} << 20;
+  static constexpr size_t kStageAlign = 256;
+
+  static bool IsHost(const void* p) {
+    if (p == nullptr) return false;
+    cudaPointerAttributes attr;
+    if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+      cudaGetLastError();  // not a CUDA pointer at all: plain host memory
+      return true;
+    }
+    return attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged;
+  }
+
+  void Sizes(const CallInfo& call, size_t* send_bytes, size_t* recv_bytes) const {
+    const size_t n = static_cast<size_t>(call.count) * DTypeSize(call.dtype);
+    const size_t all = n * static_cast<size_t>(world_size());
+    switch (call.kind) {
+      case CollectiveKind::kReduceScatter: *send_bytes = all; *recv_bytes = n; break;
+      case CollectiveKind::kAllGather: *send_bytes = n; *recv_bytes = all; break;
+      case CollectiveKind::kAllReduce: *send_bytes = n; *recv_bytes = n; break;
+      case CollectiveKind::kBroadcast: *send_bytes = 0; *recv_bytes = n; break;
+      default: *send_bytes = 0; *recv_bytes = 0; break;
+    }
+  }
+
+  // This Comm's stream waits for the work `caller` has so far (the engine's communication stream).
+  Status Follow(const CallInfo& call, cudaStream_t caller) {
+    cudaError_t crc = cudaSuccess;
+    if (order_event_ == nullptr) crc = cudaEventCreateWithFlags(&order_event_, cudaEventDisableTiming);
+    if (crc == cudaSuccess) crc = cudaEventRecord(order_event_, caller);
+    if (crc == cudaSuccess) crc = cudaStreamWaitEvent(stream_, order_event_, 0);
+    return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, crc);
+  }
+
+  // Grows the staging buffer (control messages only, so at most kMaxStagedBytes plus alignment).
+  Status EnsureStage(const CallInfo& call, size_t bytes) {
+    if (bytes <= stage_bytes_) return Status::Ok();
+    if (stage_ != nullptr) cudaFree(stage_);
+    stage_ = nullptr;
+    stage_bytes_ = 0;
+    const cudaError_t crc = cudaMalloc(&stage_, bytes);
+    if (crc != cudaSuccess) return CudaBreak(call, crc);
+    stage_bytes_ = bytes;
+    return Status::Ok();
+  }
+
+  Status CudaBreak(const CallInfo& call, cudaError_t crc) {
+    broken_ = Status::Internal(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) + ": CUDA error " +
+                               cudaGetErrorString(crc) + "; this communicator is now unusable");
+    ncclCommAbort(comm_);
+    comm_aborted_ = true;
+    return broken_;
   }
 
   bool Pending() const { return cudaStreamQuery(stream_) == cudaErrorNotReady; }
@@ -213,6 +299,9 @@ class NcclComm final : public Comm {
   cudaStream_t stream_;
   void* scratch_;  // one float for Barrier
   int device_;
+  cudaEvent_t order_event_ = nullptr;  // Follow's cross-stream edge
+  void* stage_ = nullptr;             // device staging for host buffers
+  size_t stage_bytes_ = 0;
   const CommOptions options_;
   Status broken_;
   bool comm_aborted_ = false;

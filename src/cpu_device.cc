@@ -7,6 +7,7 @@
 
 #include "cpu_stream.h"
 #include "device.h"
+#include "kernels/cpu_kernels.h"
 
 namespace zero {
 
@@ -164,6 +165,38 @@ class CpuDevice final : public Device {
   Status WaitCompute(const Event& event, std::chrono::milliseconds timeout, const std::string& what) override {
     return event.Synchronize(timeout, what);
   }
+
+  Status Zero(void* p, int64_t bytes, void*) override {
+    if (bytes > 0) std::memset(p, 0, static_cast<size_t>(bytes));
+    return Status::Ok();
+  }
+  Status Accumulate(float* acc, const float* x, int64_t n, void*) override {
+    kernels::AccumulateCpu(acc, x, n, threads());
+    return Status::Ok();
+  }
+  Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, int64_t n,
+               void*) override {
+    kernels::AdamWCpu(c, p, m, v, g, n, threads());
+    return Status::Ok();
+  }
+  Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n, void*) override {
+    kernels::SgdCpu(c, p, buf, g, n, threads());
+    return Status::Ok();
+  }
+  Status SumSquares(const float* x, int64_t n, void*, kernels::SumSquares* out) override {
+    *out = kernels::SumSquaresCpu(x, n, threads());
+    return Status::Ok();
+  }
+  int64_t SumSquaresScratchBytes(int64_t) const override { return 0; }
+  Status CopyToDevice(void* dst, const void* src, int64_t bytes) override {
+    if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
+    return Status::Ok();
+  }
+  Status CopyToHost(void* dst, const void* src, int64_t bytes) override {
+    if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
+    return Status::Ok();
+  }
+  bool host_addressable() const override { return true; }
 
  protected:
   void* RawAllocate(int64_t bytes, MemoryKind) override {

@@ -9,6 +9,8 @@
 #if defined(ZERO_WITH_CUDA)
 #include <cuda_runtime.h>
 
+#include "kernels/cuda_kernels.h"
+
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -125,6 +127,40 @@ class CudaDevice final : public Device {
     return rc == cudaSuccess ? Status::Ok() : CudaError("waiting for " + what, rc);
   }
 
+  Status Zero(void* p, int64_t bytes, void* stream) override {
+    if (bytes <= 0) return Status::Ok();
+    return Check("cudaMemsetAsync", cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), Native(stream)));
+  }
+  Status Accumulate(float* acc, const float* x, int64_t n, void* stream) override {
+    return Launched("accumulate", kernels::AccumulateCuda(acc, x, n, stream));
+  }
+  Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, int64_t n,
+               void* stream) override {
+    return Launched("AdamW", kernels::AdamWCuda(c, p, m, v, g, n, stream));
+  }
+  Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n, void* stream) override {
+    return Launched("SGD", kernels::SgdCuda(c, p, buf, g, n, stream));
+  }
+  Status SumSquares(const float* x, int64_t n, void* scratch, kernels::SumSquares* out) override {
+    auto* s = static_cast<kernels::SumSquares*>(scratch);
+    ZERO_RETURN_IF_ERROR(Launched("sum of squares", kernels::SumSquaresCuda(x, n, s, nullptr)));
+    ZERO_RETURN_IF_ERROR(
+        Check("cudaMemcpyAsync", cudaMemcpyAsync(out, s, sizeof(*out), cudaMemcpyDeviceToHost, nullptr)));
+    return Check("cudaStreamSynchronize", cudaStreamSynchronize(nullptr));  // the compute stream only
+  }
+  int64_t SumSquaresScratchBytes(int64_t n) const override {
+    return kernels::SumSquaresScratchCount(n) * static_cast<int64_t>(sizeof(kernels::SumSquares));
+  }
+  Status CopyToDevice(void* dst, const void* src, int64_t bytes) override {
+    if (bytes <= 0) return Status::Ok();
+    return Check("cudaMemcpy to the device", cudaMemcpy(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault));
+  }
+  Status CopyToHost(void* dst, const void* src, int64_t bytes) override {
+    if (bytes <= 0) return Status::Ok();
+    return Check("cudaMemcpy to the host", cudaMemcpy(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault));
+  }
+  bool host_addressable() const override { return false; }
+
  protected:
   // Zero-filled like CpuDevice: padding must be zero. Allocation is never on the step path, so the synchronous
   // memset costs nothing that matters.
@@ -159,6 +195,12 @@ class CudaDevice final : public Device {
   }
 
  private:
+  static cudaStream_t Native(void* stream) { return static_cast<cudaStream_t>(stream); }
+  static Status Check(const char* what, cudaError_t rc) { return rc == cudaSuccess ? Status::Ok() : CudaError(what, rc); }
+  static Status Launched(const char* what, int rc) {
+    return Check((std::string("launching the ") + what + " kernel").c_str(), static_cast<cudaError_t>(rc));
+  }
+
   int ordinal_;
 };
 

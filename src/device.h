@@ -12,6 +12,8 @@
 #include <mutex>
 #include <string>
 
+#include "kernels/optimizer.cuh"
+#include "kernels/sum_squares.cuh"
 #include "zero/engine.h"
 #include "zero/status.h"
 #include "zero/types.h"
@@ -96,6 +98,26 @@ class Device {
   virtual void RecordCompute(Event* event) = 0;
   virtual Status WaitCompute(const Event& event, std::chrono::milliseconds timeout, const std::string& what) = 0;
 
+  // Device math (kernels/, written once). `stream` is a native stream handle from a StreamTask, or null for the
+  // compute stream. The CPU backend runs each call now, on the calling thread, over set_threads() OpenMP
+  // threads; CUDA enqueues a kernel and returns the launch status.
+  virtual Status Zero(void* p, int64_t bytes, void* stream) = 0;
+  virtual Status Accumulate(float* acc, const float* x, int64_t n, void* stream) = 0;
+  virtual Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, int64_t n,
+                       void* stream) = 0;
+  virtual Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n, void* stream) = 0;
+  // Sum of squares and non-finite count of x[0, n) on the compute stream, waiting for the result. `scratch` is
+  // device memory of SumSquaresScratchBytes(n) (unused on the CPU).
+  virtual Status SumSquares(const float* x, int64_t n, void* scratch, kernels::SumSquares* out) = 0;
+  virtual int64_t SumSquaresScratchBytes(int64_t n) const = 0;
+  // Synchronous copies between host memory and this device's memory (Open, InitParams: not the step path).
+  virtual Status CopyToDevice(void* dst, const void* host_src, int64_t bytes) = 0;
+  virtual Status CopyToHost(void* host_dst, const void* src, int64_t bytes) = 0;
+  // True when device memory is host-addressable (the CPU backend).
+  virtual bool host_addressable() const = 0;
+  void set_threads(int threads) { threads_ = threads; }
+  int threads() const { return threads_; }
+
   // Allocates `bytes` (zero-filled, 64-byte aligned) of `kind`, counted under `category`. Fails with
   // OutOfMemory naming `what`, the capacity and the per-category use when a device capacity would be exceeded.
   Status Allocate(int64_t bytes, MemoryCategory category, MemoryKind kind, const std::string& what,
@@ -115,6 +137,7 @@ class Device {
   void Free(DeviceBuffer* buffer);
 
   mutable std::mutex mu_;
+  int threads_ = 1;
   int64_t capacity_ = 0;
   MemoryReport report_;
 };

@@ -67,10 +67,7 @@ std::vector<std::string> Split(const std::string& text) {
 
 Status ValidateOptions(const Options& o, int num_units) {
   auto bad = [](const std::string& m) { return Status::InvalidArgument("invalid Options: " + m); };
-  if (o.backend != Backend::kCpu) {
-    return Status::Unavailable("Options.backend = kCuda, but this build of zero has no CUDA device backend; "
-                               "use Backend::kCpu");
-  }
+  if (o.backend != Backend::kCpu && o.backend != Backend::kCuda) return bad("backend must be kCpu or kCuda");
   if (static_cast<int>(o.stage) > 3) return bad("stage must be one of Stage::k*");
   if (o.optimizer != OptimizerKind::kAdamW && o.optimizer != OptimizerKind::kSgdMomentum) {
     return bad("optimizer must be kAdamW or kSgdMomentum");
@@ -149,7 +146,7 @@ Status Engine::Impl::CheckUsable() const {
   return Status::Ok();
 }
 
-void Engine::Impl::LaunchComm(std::function<Status()> task) {
+void Engine::Impl::LaunchComm(std::function<Status(void* stream)> task) {
   std::atomic<bool>* gate = test.gate;
   std::atomic<bool>* gate_waiting = test.gate_waiting;
   std::chrono::milliseconds stall{0};
@@ -157,13 +154,13 @@ void Engine::Impl::LaunchComm(std::function<Status()> task) {
     stall = test.stall;
     test.stall = std::chrono::milliseconds(0);
   }
-  comm_stream->Launch([gate, gate_waiting, stall, task = std::move(task)](void*) -> Status {
+  comm_stream->Launch([gate, gate_waiting, stall, task = std::move(task)](void* stream) -> Status {
     if (gate != nullptr) {
       if (gate_waiting != nullptr) gate_waiting->store(true, std::memory_order_relaxed);
       while (!gate->load(std::memory_order_relaxed)) std::this_thread::yield();
     }
     if (stall.count() > 0) std::this_thread::sleep_for(stall);
-    return task();
+    return task(stream);
   });
 }
 
@@ -173,7 +170,7 @@ Status Engine::Impl::DrainComm() {
   return s;
 }
 
-Status Engine::Impl::RunComm(std::function<Status()> task) {
+Status Engine::Impl::RunComm(std::function<Status(void* stream)> task) {
   LaunchComm(std::move(task));
   return DrainComm();
 }
@@ -234,7 +231,7 @@ Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
   co.control = true;
   co.what = "agreement check";
   double out[2 * kAgreeFields];
-  Status s = RunComm([&] { return comm->AllReduce(v, out, 2 * kAgreeFields, DType::kF64, ReduceOp::kMax, co); });
+  Status s = RunComm([&](void*) { return comm->AllReduce(v, out, 2 * kAgreeFields, DType::kF64, ReduceOp::kMax, co); });
   if (!s.ok()) {
     poison = s.WithContext("agreement check failed on " + Where());
     return poison;
@@ -247,7 +244,7 @@ Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
   // Something differs: collect every rank's vector so that every rank can name who disagrees.
   std::vector<double> all(static_cast<size_t>(world) * kAgreeFields);
   co.what = "agreement check (gathering the disagreement)";
-  s = RunComm([&] { return comm->AllGather(v, all.data(), kAgreeFields, DType::kF64, co); });
+  s = RunComm([&](void*) { return comm->AllGather(v, all.data(), kAgreeFields, DType::kF64, co); });
   if (!s.ok()) {
     poison = s.WithContext("agreement check failed on " + Where());
     return poison;
@@ -404,8 +401,6 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   Impl& e = *impl;
   e.specs = std::move(specs);
   e.threads = options.cpu_threads > 0 ? options.cpu_threads : DefaultThreads(e.world);
-  e.device = NewCpuDevice();
-  e.device->set_capacity(options.device_capacity_bytes);
   const Stage st = options.stage;
   const bool stage3 = st == Stage::kParameters;
 
@@ -440,6 +435,22 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   const int64_t ts = e.plan.trainable_shard, fs = e.plan.frozen_shard;
   Status s;
   auto run = [&]() -> Status {
+    // The device (a rank without its GPU fails here, and the agreement below tells the others).
+    if (options.backend == Backend::kCuda) {
+      if (comm->cuda_device() < 0) {
+        return Status::InvalidArgument("Options.backend = kCuda needs a Comm from Comm::OpenNccl, which moves device "
+                                       "memory; this Comm moves host memory. Use Backend::kCpu with it");
+      }
+      ZERO_RETURN_IF_ERROR(NewCudaDevice(comm->cuda_device(), &e.device));
+    } else {
+      if (comm->cuda_device() >= 0) {
+        return Status::InvalidArgument("Options.backend = kCpu with a Comm from Comm::OpenNccl, which moves device "
+                                       "memory only. Use Backend::kCuda, or Comm::OpenMpi for the CPU backend");
+      }
+      e.device = NewCpuDevice();
+    }
+    if (options.device_capacity_bytes > 0) e.device->set_capacity(options.device_capacity_bytes);
+    e.device->set_threads(e.threads);
     ZERO_RETURN_IF_ERROR(alloc(stage3 ? ts : tp, MemoryCategory::kParams, "trainable parameters", &e.trainable_params));
     ZERO_RETURN_IF_ERROR(alloc(stage3 ? fs : fp, MemoryCategory::kParams, "frozen parameters", &e.frozen_params));
     const bool sharded_grads = st == Stage::kGradients || stage3;
@@ -485,6 +496,13 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
         }
       }
     }
+    int64_t largest_shard = 0;
+    for (const Bucket& b : e.plan.buckets) largest_shard = std::max(largest_shard, b.trainable ? b.shard : 0);
+    const int64_t scratch = e.device->SumSquaresScratchBytes(largest_shard);
+    if (scratch > 0) {
+      ZERO_RETURN_IF_ERROR(e.device->Allocate(scratch, MemoryCategory::kBuffers, MemoryKind::kDevice,
+                                              "gradient norm scratch", &e.norm_scratch));
+    }
     // Streams and events (engine_impl.h's table).
     ZERO_RETURN_IF_ERROR(e.device->NewStream("communication stream", /*high_priority=*/false, &e.comm_stream));
     auto events = [&](size_t n, std::vector<std::unique_ptr<zero::Event>>* out) -> Status {
@@ -499,6 +517,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     ZERO_RETURN_IF_ERROR(events(e.slots.size(), &e.slot_free));
     for (size_t i = 0; i < e.slots.size(); ++i) e.slots[i].index = static_cast<int>(i);
     ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.params_ready));
+    ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.optimizer_done));
     return Status::Ok();
   };
   e.wait_timeout = 2 * comm->timeout() + std::chrono::milliseconds(60'000);

@@ -30,13 +30,21 @@
 //                                 slot_ready[slot]                         the prefetches)
 //   compute -> gather slot        compute, when a slot is dropped          comm stream, before a gather into it
 //                                 (Release, Step, eviction): slot_free[s]
+//   optimizer -> gathers          compute, after the optimizer:            comm stream, before the post-step
+//                                 optimizer_done                           gathers (and so every later gather)
 //   reduce/accumulate -> Step     every reduction precedes Step's          Step drains the comm stream before
 //                                 agreement check on the comm stream       reading gradient shards
-//   post-step gather -> Acquire   comm, after GatherAfterStep:             compute: Acquire, Param(), BeginEval,
-//                                 params_ready                             GatherFull, InitParams (WaitParams)
+//   post-step gather -> Acquire   comm, after GatherAfterStep:             compute: Acquire and Param()
+//                                 params_ready                             (WaitParams); GatherFull drains
 //   control collectives           run on the comm stream and waited for    (agreement checks, norms) in order
 //
-// Offload H2D -> gather is added with CPU offload. Errors of work on the comm stream are sticky: the stream
+// One communication stream carries gathers and reductions alike, in the host's issue order: on the CPU a second
+// worker would issue collectives on the same communicator from two threads, in an order that could differ
+// between ranks. On CUDA, NcclComm issues each collective on its own stream after the communication stream's
+// earlier work (CollectiveOptions::stream) and returns when it completes, so the device-side order is the
+// table's while the host thread waits per collective (overlapping NCCL with the host's next launches, and a
+// separate high-priority gather stream, need a GPU to measure and are not done). Offload H2D -> gather is added
+// with CPU offload. Errors of work on the comm stream are sticky: the stream
 // skips everything after a failed collective, and the next engine call that waits (or checks health) returns
 // that status, which names the collective, bucket and step.
 #pragma once
@@ -184,6 +192,8 @@ class Engine::Impl {
   std::vector<std::unique_ptr<zero::Event>> slot_ready;  // per gather slot
   std::vector<std::unique_ptr<zero::Event>> slot_free;   // per gather slot
   std::unique_ptr<zero::Event> params_ready;
+  std::unique_ptr<zero::Event> optimizer_done;
+  DeviceBuffer norm_scratch;  // CUDA: the sum of squares' block partials (none on the CPU)
   bool params_pending = false;
   int64_t reductions_issued = 0;
   std::chrono::milliseconds wait_timeout{0};  // host waits: the comm timeout plus a margin
@@ -210,9 +220,9 @@ class Engine::Impl {
   float* ParamPtr(int param);                              // current view pointer, or null
 
   // Runs `task` on the communication stream (with the test hooks).
-  void LaunchComm(std::function<Status()> task);
+  void LaunchComm(std::function<Status(void* stream)> task);
   // Runs `task` on the communication stream and waits for it (and everything before it).
-  Status RunComm(std::function<Status()> task);
+  Status RunComm(std::function<Status(void* stream)> task);
   // Waits for everything on the communication stream; poisons the engine with its first error.
   Status DrainComm();
   // The compute stream waits for `event`; a failure (or the comm stream's error) poisons the engine.

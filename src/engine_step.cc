@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <sstream>
+#include <vector>
 
 #include "engine_impl.h"
 #include "kernels/cpu_kernels.h"
@@ -17,7 +18,7 @@ constexpr double kClipEps = 1e-6;  // torch.nn.utils.clip_grad_norm_
 }  // namespace
 
 void Engine::Impl::ZeroGrads() {
-  if (grads.data() != nullptr) std::memset(grads.data(), 0, static_cast<size_t>(grads.bytes()));
+  if (grads.data() != nullptr) (void)device->Zero(grads.data(), grads.bytes(), nullptr);
 }
 
 Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
@@ -28,17 +29,31 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
   }
   ZERO_RETURN_IF_ERROR(Agree(AgreeKind::kInitParams, 0, local));
   const bool stage3 = options.stage == Stage::kParameters;
+  std::vector<float> staging;  // device memory that the host cannot address is filled through a host copy
   for (const Bucket& b : plan.buckets) {
     float* base = stage3 ? ShardParamBase(b) : FullParamBase(b) + rank * b.shard;
-    for (const Fragment& f : b.fragments[static_cast<size_t>(rank)]) fill(f.param, f.param_off, f.count, base + f.shard_off);
+    for (const Fragment& f : b.fragments[static_cast<size_t>(rank)]) {
+      if (device->host_addressable()) {
+        fill(f.param, f.param_off, f.count, base + f.shard_off);
+        continue;
+      }
+      staging.assign(static_cast<size_t>(f.count), 0.0f);
+      fill(f.param, f.param_off, f.count, staging.data());
+      if (Status e = device->CopyToDevice(base + f.shard_off, staging.data(), f.count * 4); !e.ok()) {
+        poison = e.WithContext("InitParams at " + Where());
+        comm->Abort(poison);  // peers wait in the gathers below
+        return poison;
+      }
+    }
   }
   if (!stage3) {
     for (const Bucket& b : plan.buckets) {
       float* full = FullParamBase(b);
       const int64_t shard = b.shard;
       const int r = rank;
-      LaunchComm([this, full, shard, r] {
+      LaunchComm([this, full, shard, r](void* stream) {
         CollectiveOptions co;
+        co.stream = stream;
         co.what = "InitParams gather";
         return comm->AllGather(full + r * shard, full, shard, DType::kF32, co);
       });
@@ -56,7 +71,7 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
     return s;
   }
   for (DeviceBuffer* b : {&state0, &state1}) {
-    if (b->data() != nullptr) std::memset(b->data(), 0, static_cast<size_t>(b->bytes()));
+    if (b->data() != nullptr) (void)device->Zero(b->data(), b->bytes(), nullptr);
   }
   ZeroGrads();
   step = 0;
@@ -66,14 +81,18 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
 
 // Issues the post-step parameter gathers; the trainer's next use waits for params_ready (WaitParams).
 void Engine::Impl::GatherAfterStep() {
+  // optimizer -> post-step gather: later gathers (these, and stage 3's at Acquire) read the updated shards.
+  device->RecordCompute(optimizer_done.get());
+  comm_stream->Wait(*optimizer_done);
   if (options.stage == Stage::kOptimizerStates || options.stage == Stage::kGradients) {
     for (const Bucket& b : plan.buckets) {
       if (!b.trainable) continue;
       float* full = FullParamBase(b);
       const int64_t shard = b.shard;
       const int r = rank;
-      LaunchComm([this, full, shard, r] {
+      LaunchComm([this, full, shard, r](void* stream) {
         CollectiveOptions co;
+        co.stream = stream;
         co.what = "parameter all-gather after the step";
         return comm->AllGather(full + r * shard, full, shard, DType::kF32, co);
       });
@@ -88,8 +107,9 @@ void Engine::Impl::GatherAfterStep() {
         const float* src = ShardParamBase(b);
         float* out = dst + buckets[static_cast<size_t>(bi)].unit_offset;
         const int64_t shard = b.shard;
-        LaunchComm([this, src, out, shard] {
+        LaunchComm([this, src, out, shard](void* stream) {
           CollectiveOptions co;
+          co.stream = stream;
           co.what = "parameter all-gather after the step";
           return comm->AllGather(src, out, shard, DType::kF32, co);
         });
@@ -133,7 +153,12 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   for (const Bucket& b : plan.buckets) {
     if (!b.trainable) continue;
     const float* g = grads.as<float>() + (full_grads ? b.offset + rank * b.shard : b.shard_offset);
-    const kernels::SumSquares ss = kernels::SumSquaresCpu(g, b.shard, threads);
+    kernels::SumSquares ss;
+    if (Status e = device->SumSquares(g, b.shard, norm_scratch.data(), &ss); !e.ok()) {
+      poison = e.WithContext("gradient norm at " + Where());
+      comm->Abort(poison);  // peers wait in the norm all-gather below
+      return poison;
+    }
     mine[0] += ss.sum;
     mine[1] += static_cast<double>(ss.nonfinite);
   }
@@ -141,7 +166,7 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   CollectiveOptions co;
   co.control = true;
   co.what = "gradient norm";
-  Status s = RunComm([&] { return comm->AllGather(mine, all.data(), 2, DType::kF64, co); });
+  Status s = RunComm([&](void*) { return comm->AllGather(mine, all.data(), 2, DType::kF64, co); });
   if (!s.ok()) {
     poison = s;
     return s;
@@ -171,6 +196,7 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
     // Stage 0 keeps a replicated optimizer: every rank updates every rank's part.
     const int first_owner = st == Stage::kDataParallel ? 0 : rank;
     const int last_owner = st == Stage::kDataParallel ? world - 1 : rank;
+    Status opt;
     for (const Bucket& b : plan.buckets) {
       if (!b.trainable) continue;
       for (int r = first_owner; r <= last_owner; ++r) {
@@ -186,15 +212,20 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
             const AdamWOptions& a = options.adamw;
             const auto c = kernels::MakeAdamWCoeffs(lr, a.beta1, a.beta2, a.eps, a.weight_decay * spec.wd_mult, t,
                                                     grad_scale);
-            kernels::AdamWCpu(c, p, state0.as<float>() + opos, state1.as<float>() + opos, gr, f.count, threads);
+            opt = device->AdamW(c, p, state0.as<float>() + opos, state1.as<float>() + opos, gr, f.count, nullptr);
           } else {
             const SgdOptions& o = options.sgd;
             const auto c = kernels::MakeSgdCoeffs(lr, o.momentum, o.dampening, o.weight_decay * spec.wd_mult,
                                                   o.nesterov, sgd_first_step, grad_scale);
-            kernels::SgdCpu(c, p, state0.as<float>() + opos, gr, f.count, threads);
+            opt = device->Sgd(c, p, state0.as<float>() + opos, gr, f.count, nullptr);
           }
         }
       }
+    }
+    if (!opt.ok()) {
+      poison = opt.WithContext("optimizer at " + Where());
+      comm->Abort(poison);  // peers wait in the parameter gathers
+      return poison;
     }
     ++step;
     sgd_first_step = false;

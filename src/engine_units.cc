@@ -9,7 +9,6 @@
 #include <sstream>
 
 #include "engine_impl.h"
-#include "kernels/cpu_kernels.h"
 
 namespace zero {
 
@@ -133,8 +132,7 @@ Status Engine::Impl::BindPool(int unit) {
     if (test.skip_wait != EngineTestHooks::SkipWait::kPoolFree) {
       ZERO_RETURN_IF_ERROR(WaitOnCompute(*pool_free[i], "the reduction of gradient pool buffer " + std::to_string(i)));
     }
-    std::memset(grad_pool[i].data(), 0, static_cast<size_t>(u.trainable_elems) * sizeof(float));
-    return Status::Ok();
+    return device->Zero(grad_pool[i].data(), u.trainable_elems * static_cast<int64_t>(sizeof(float)), nullptr);
   }
   std::ostringstream os;
   os << "Acquire(" << unit << ", kBackward) on " << Where() << ": the gradient pool is exhausted: all "
@@ -191,7 +189,7 @@ Status Engine::Impl::ReduceBucket(int bucket) {
   const int64_t shard = b.shard;
   const Stage st = options.stage;
   Comm* c = comm;
-  const int nthreads = threads;
+  Device* dev = device.get();
   float* full = nullptr;  // stages 2-3: the unit's pool buffer at this bucket
   if (st == Stage::kGradients || st == Stage::kParameters) {
     const UnitState& u = units[static_cast<size_t>(b.unit)];
@@ -199,9 +197,10 @@ Status Engine::Impl::ReduceBucket(int bucket) {
   }
   float* in_grads = st == Stage::kGradients || st == Stage::kParameters ? g + b.shard_offset : g + b.offset;
   const int64_t padded = b.padded;
-  LaunchComm([=, what = std::move(what)]() -> Status {
+  LaunchComm([=, what = std::move(what)](void* stream) -> Status {
     CollectiveOptions co;
     co.what = what.c_str();
+    co.stream = stream;
     switch (st) {
       case Stage::kDataParallel:
         return c->AllReduce(in_grads, in_grads, padded, DType::kF32, ReduceOp::kSum, co);
@@ -210,8 +209,7 @@ Status Engine::Impl::ReduceBucket(int bucket) {
       case Stage::kGradients:
       case Stage::kParameters:
         ZERO_RETURN_IF_ERROR(c->ReduceScatter(full, full + r * shard, shard, DType::kF32, co));
-        kernels::AccumulateCpu(in_grads, full + r * shard, shard, nthreads);
-        return Status::Ok();
+        return dev->Accumulate(in_grads, full + r * shard, shard, stream);
     }
     return Status::Ok();
   });
@@ -229,9 +227,10 @@ void Engine::Impl::GatherUnit(int unit, float* dst) {
       float* out = dst + buckets[static_cast<size_t>(bi)].unit_offset;
       const int64_t shard = b.shard;
       Comm* c = comm;
-      LaunchComm([=, what = std::move(what)]() -> Status {
+      LaunchComm([=, what = std::move(what)](void* stream) -> Status {
         CollectiveOptions co;
         co.what = what.c_str();
+        co.stream = stream;
         return c->AllGather(src, out, shard, DType::kF32, co);
       });
       Log(Engine::Event::kGather, unit, bi);

@@ -19,6 +19,9 @@
 //            is kept gathered (from its first forward Acquire to its backward Release: 2 gathers per micro-step
 //            instead of 4), + the persistent trainable elements after the step;
 //            reduce-scatter M·Ψt.
+#include <string>
+#include <tuple>
+
 #include <gtest/gtest.h>
 
 #include "partition_plan.h"
@@ -66,8 +69,10 @@ TEST(AccountingTest, PlanMatchesHandComputedSizes) {
   EXPECT_EQ(plan.frozen_padded, s.f);
 }
 
-TEST(AccountingTest, MemoryMatchesClosedFormPerStage) {
-  auto comm = WorldComm();
+class MemoryTest : public ::testing::TestWithParam<Backend> {};
+
+TEST_P(MemoryTest, MemoryMatchesClosedFormPerStage) {
+  ZERO_BACKEND_COMM(comm, GetParam());
   const int n = comm->world_size();
   const Sizes s = ToySizes(n);
   for (OptimizerKind opt : {OptimizerKind::kAdamW, OptimizerKind::kSgdMomentum}) {
@@ -75,6 +80,7 @@ TEST(AccountingTest, MemoryMatchesClosedFormPerStage) {
     for (int st = 0; st <= 3; ++st) {
       SCOPED_TRACE("stage " + std::to_string(st) + (k == 8 ? " adamw" : " sgd"));
       Options o = Base(static_cast<Stage>(st), opt);
+      o.backend = GetParam();
       o.grad_pool_buffers = 2;
       o.gather_slots = 3;
       o.persist_bytes = st == 3 ? R(57, n) * 4 : 0;  // stage 3: units 2 and 3 (each R(57) = R(49)) persist
@@ -97,6 +103,9 @@ TEST(AccountingTest, MemoryMatchesClosedFormPerStage) {
         params = 4 * (s.t + s.f) / n + 4 * persistent;
         buffers += max_full > 0 ? 4 * 3 * max_full : 0;
       }
+      // CUDA: the sum of squares' block partials (kernels/reduce.cu) for the largest trainable shard, 16 bytes
+      // per 4096-element block plus the total.
+      if (GetParam() == Backend::kCuda) buffers += ((max_t / n + 4095) / 4096 + 1) * 16;
       auto check = [&](const char* when) {
         const MemoryReport m = engine->Memory();
         SCOPED_TRACE(when);
@@ -114,6 +123,9 @@ TEST(AccountingTest, MemoryMatchesClosedFormPerStage) {
   }
 }
 
+INSTANTIATE_TEST_SUITE_P(Backends, MemoryTest, ::testing::Values(Backend::kCpu, Backend::kCuda),
+                         [](const ::testing::TestParamInfo<Backend>& info) { return BackendName(info.param); });
+
 struct CommCase {
   Stage stage;
   int micros;
@@ -127,14 +139,15 @@ void PrintTo(const CommCase& c, std::ostream* os) {
       << " persist=" << c.persist << " keep0=" << c.keep0;
 }
 
-class CommFormulaTest : public ::testing::TestWithParam<CommCase> {};
+class CommFormulaTest : public ::testing::TestWithParam<std::tuple<CommCase, Backend>> {};
 
 TEST_P(CommFormulaTest, CountersMatchFormula) {
-  const CommCase c = GetParam();
-  auto comm = WorldComm();
+  const CommCase c = std::get<0>(GetParam());
+  ZERO_BACKEND_COMM(comm, std::get<1>(GetParam()));
   const int n = comm->world_size();
   const Sizes s = ToySizes(n);
   Options o = Base(c.stage, OptimizerKind::kAdamW);
+  o.backend = std::get<1>(GetParam());
   o.prefetch_bytes = c.prefetch_bytes;
   o.persist_bytes = c.persist ? R(57, n) * 4 : 0;
   if (c.keep0) o.keep_gathered_units = {0};
@@ -178,12 +191,20 @@ TEST_P(CommFormulaTest, CountersMatchFormula) {
 
 INSTANTIATE_TEST_SUITE_P(
     AllStages, CommFormulaTest,
+    ::testing::Combine(
     ::testing::Values(CommCase{Stage::kDataParallel, 1, 0, false, false}, CommCase{Stage::kDataParallel, 3, 0, false, false},
                       CommCase{Stage::kOptimizerStates, 1, 0, false, false}, CommCase{Stage::kOptimizerStates, 3, 0, false, false},
                       CommCase{Stage::kGradients, 1, 0, false, false}, CommCase{Stage::kGradients, 3, 0, false, false},
                       CommCase{Stage::kParameters, 1, 0, false, false}, CommCase{Stage::kParameters, 2, 1 << 20, false, false},
                       CommCase{Stage::kParameters, 2, 1 << 20, true, false}, CommCase{Stage::kParameters, 2, 1 << 20, true, true},
-                      CommCase{Stage::kParameters, 2, 0, false, true}));
+                      CommCase{Stage::kParameters, 2, 0, false, true}),
+                      ::testing::Values(Backend::kCpu, Backend::kCuda)),
+    [](const ::testing::TestParamInfo<std::tuple<CommCase, Backend>>& info) {
+      const CommCase& c = std::get<0>(info.param);
+      return "stage" + std::to_string(static_cast<int>(c.stage)) + "_M" + std::to_string(c.micros) +
+             (c.prefetch_bytes > 0 ? "_prefetch" : "") + (c.persist ? "_persist" : "") + (c.keep0 ? "_keep0" : "") +
+             "_" + BackendName(std::get<1>(info.param));
+    });
 
 }  // namespace
 }  // namespace zero::testing

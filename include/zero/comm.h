@@ -41,6 +41,9 @@ struct CollectiveOptions {
   bool control = false;
   // What this collective is, for error messages ("bucket 3 of unit 2, step 7"). May be null.
   const char* what = nullptr;
+  // NcclComm: a cudaStream_t whose earlier work the collective must follow (the engine's communication stream).
+  // Null: no ordering beyond the call itself. Ignored by host-memory communicators.
+  void* stream = nullptr;
 };
 
 // Elements moved per collective kind, as issued by this rank, data traffic only. Reduce-scatter and
@@ -80,6 +83,8 @@ class Comm {
 
   int rank() const { return rank_; }
   int world_size() const { return world_size_; }
+  // The CUDA device whose memory this Comm moves (OpenNccl), or -1 for host memory (OpenMpi, Single).
+  virtual int cuda_device() const { return -1; }
   // CommOptions::timeout: how long one wait may take.
   std::chrono::milliseconds timeout() const { return timeout_; }
 

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "engine_impl.h"
+#include "testing/device_copy.h"
 #include "testing/toy_model.h"
 #include "zero/zero.h"
 
@@ -36,19 +37,53 @@ struct EngineTestPeer {
 namespace zero::testing {
 
 // ToyAccess over an Engine; a failed call is a test failure (and a scratch buffer keeps the model running so
-// that every rank keeps issuing the same collectives).
+// that every rank keeps issuing the same collectives). On Backend::kCuda the views are device memory: the model
+// works on host mirrors, parameters copied in at each Param call and gradients copied out at GradsReady.
 class EngineAccess : public ToyAccess {
  public:
-  explicit EngineAccess(Engine* engine) : engine_(engine), scratch_(4096, 0.0f) {}
+  explicit EngineAccess(Engine* engine)
+      : engine_(engine),
+        scratch_(4096, 0.0f),
+        device_(engine->options().backend != Backend::kCpu),
+        param_mirror_(engine->specs().size()),
+        grad_mirror_(engine->specs().size()) {}
   void Acquire(int unit, bool backward) override {
     Check(engine_->Acquire(unit, backward ? Pass::kBackward : Pass::kForward));
   }
   void Release(int unit, bool backward) override {
     Check(engine_->Release(unit, backward ? Pass::kBackward : Pass::kForward));
   }
-  void GradsReady(int unit) override { Check(engine_->GradsReady(unit)); }
-  float* Param(int p) override { return OrScratch(engine_->Param(p).as<float>(), "Param", p); }
-  float* Grad(int p) override { return OrScratch(engine_->Grad(p).as<float>(), "Grad", p); }
+  void GradsReady(int unit) override {
+    if (device_) {
+      for (size_t p = 0; p < grad_mirror_.size(); ++p) {
+        if (grad_mirror_[p].empty() || engine_->specs()[p].unit != unit) continue;
+        const TensorView v = engine_->Grad(static_cast<int>(p));
+        if (v.data != nullptr) Check(CopyToDevice(v.data, grad_mirror_[p].data(), v.numel * 4));
+        grad_mirror_[p].clear();
+      }
+    }
+    Check(engine_->GradsReady(unit));
+  }
+  float* Param(int p) override {
+    const TensorView v = engine_->Param(p);
+    float* d = OrScratch(v.as<float>(), "Param", p);
+    if (!device_ || d == scratch_.data()) return d;
+    std::vector<float>& m = param_mirror_[static_cast<size_t>(p)];
+    m.resize(static_cast<size_t>(v.numel));
+    Check(CopyFromDevice(m.data(), v.data, v.numel * 4));
+    return m.data();
+  }
+  float* Grad(int p) override {
+    const TensorView v = engine_->Grad(p);
+    float* d = OrScratch(v.as<float>(), "Grad", p);
+    if (!device_ || d == scratch_.data()) return d;
+    std::vector<float>& m = grad_mirror_[static_cast<size_t>(p)];
+    if (m.empty()) {  // first use in this micro-step: start from the engine's (zeroed or accumulated) values
+      m.resize(static_cast<size_t>(v.numel));
+      Check(CopyFromDevice(m.data(), v.data, v.numel * 4));
+    }
+    return m.data();
+  }
   bool failed() const { return failed_; }
 
  private:
@@ -66,6 +101,8 @@ class EngineAccess : public ToyAccess {
   }
   Engine* engine_;
   std::vector<float> scratch_;
+  bool device_;
+  std::vector<std::vector<float>> param_mirror_, grad_mirror_;
   bool failed_ = false;
 };
 
@@ -120,6 +157,13 @@ inline std::vector<std::vector<float>> GatherToyParams(Engine& engine) {
   for (int p = 0; p < static_cast<int>(engine.specs().size()); ++p) {
     TensorView v = engine.Param(p);
     const float* d = v.as<float>();
+    if (d != nullptr && engine.options().backend != Backend::kCpu) {
+      std::vector<float> host(static_cast<size_t>(v.numel));
+      s = CopyFromDevice(host.data(), d, v.numel * 4);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+      out.push_back(std::move(host));
+      continue;
+    }
     out.emplace_back(d, d == nullptr ? d : d + v.numel);
   }
   s = scope.Close();

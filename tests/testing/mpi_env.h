@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <memory>
+#include <string>
 
 #include <gtest/gtest.h>
 
@@ -23,6 +24,26 @@ inline std::unique_ptr<Comm> WorldComm(std::chrono::milliseconds timeout = std::
   return comm;
 }
 
+// A Comm for `backend` over MPI_COMM_WORLD: MPI for the CPU, NCCL for CUDA (collective: every rank calls it).
+// Returns null with *skip set to the reason when the backend cannot run on this machine (no GPU); the caller
+// then GTEST_SKIP()s with that reason. Use through ZERO_BACKEND_COMM.
+inline std::unique_ptr<Comm> BackendComm(Backend backend, std::string* skip,
+                                         std::chrono::milliseconds timeout = std::chrono::milliseconds(20'000)) {
+  if (backend == Backend::kCpu) return WorldComm(timeout);
+  CommOptions options;
+  options.timeout = timeout;
+  std::unique_ptr<Comm> comm;
+  Status s = Comm::OpenNccl(MPI_Comm_c2f(MPI_COMM_WORLD), options, &comm);
+  if (s.code() == StatusCode::kUnavailable) {
+    *skip = "Backend::kCuda cannot run here: " + s.message();
+    return nullptr;
+  }
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return comm;
+}
+
+inline const char* BackendName(Backend b) { return b == Backend::kCpu ? "cpu" : "cuda"; }
+
 inline int WorldRank() {
   int r = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &r);
@@ -36,3 +57,10 @@ inline int WorldSize() {
 }
 
 }  // namespace zero::testing
+
+// Declares `var`, a Comm for `backend`; skips the test (with the reason) when the backend cannot run here.
+#define ZERO_BACKEND_COMM(var, backend)                                         \
+  std::string var##_skip;                                                       \
+  auto var = ::zero::testing::BackendComm((backend), &var##_skip);              \
+  if (var == nullptr && !var##_skip.empty()) GTEST_SKIP() << var##_skip;        \
+  ASSERT_NE(var, nullptr)
