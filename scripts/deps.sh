@@ -13,6 +13,7 @@ packages=(
   libopenmpi-dev openmpi-bin       # Open MPI: the CPU backend's communicator, and mpiexec for tests and examples
   libgtest-dev libgmock-dev        # tests
   libbenchmark-dev                 # benchmarks
+  libhwy-dev                       # Google Highway: SIMD with run-time dispatch for the CPU AdamW kernel
   ccache                           # fast rebuilds; CMakeLists.txt uses it when found
   clang libomp-dev                 # the ThreadSanitizer build (scripts/test.sh's tsan phase)
   python3                          # benchmark reports
