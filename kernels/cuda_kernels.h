@@ -12,8 +12,13 @@
 
 namespace zero::kernels {
 
-int AdamWCuda(const AdamWCoeffs& c, float* p, float* m, float* v, const float* g, int64_t n, void* stream);
-int SgdCuda(const SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n, void* stream);
+// The low-precision copy an optimizer step writes of the updated fp32 parameters (DType without the public
+// header, which nvcc's C++17 cannot read).
+enum class CopyKind : int { kNone, kBf16, kF16 };
+int AdamWCuda(const AdamWCoeffs& c, float* p, float* m, float* v, const float* g, void* copy, CopyKind kind,
+              int64_t n, void* stream);
+int SgdCuda(const SgdCoeffs& c, float* p, float* buf, const float* g, void* copy, CopyKind kind, int64_t n,
+            void* stream);
 int AccumulateCuda(float* acc, const float* x, int64_t n, void* stream);
 int ScaleCuda(float* x, float s, int64_t n, void* stream);
 // The conversions CastCpu supports, one function each.

@@ -7,6 +7,7 @@
 
 #include "cpu_stream.h"
 #include "device.h"
+#include "kernels/cpu_adamw.h"
 #include "kernels/cpu_kernels.h"
 
 namespace zero {
@@ -174,13 +175,20 @@ class CpuDevice final : public Device {
     kernels::AccumulateCpu(acc, x, n, threads());
     return Status::Ok();
   }
-  Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, int64_t n,
-               void*) override {
-    kernels::AdamWCpu(c, p, m, v, g, n, threads());
+  // AdamW: the one SIMD CPU kernel (kernels/cpu_adamw.h), which writes the copy in its single pass.
+  Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, void* copy,
+               DType copy_dtype, int64_t n, void*) override {
+    if (!kernels::AdamWStepCpu(c, p, m, v, g, DType::kF32, copy, copy_dtype, n, threads())) {
+      return Status::InvalidArgument(std::string("AdamW: unsupported copy dtype ") + DTypeName(copy_dtype));
+    }
     return Status::Ok();
   }
-  Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n, void*) override {
+  Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, void* copy, DType copy_dtype,
+             int64_t n, void*) override {
     kernels::SgdCpu(c, p, buf, g, n, threads());
+    if (copy != nullptr && !kernels::CastCpu(p, DType::kF32, copy, copy_dtype, n, threads())) {
+      return Status::InvalidArgument(std::string("SGD: unsupported copy dtype ") + DTypeName(copy_dtype));
+    }
     return Status::Ok();
   }
   Status SumSquares(const float* x, int64_t n, void*, kernels::SumSquares* out) override {

@@ -134,12 +134,13 @@ class CudaDevice final : public Device {
   Status Accumulate(float* acc, const float* x, int64_t n, void* stream) override {
     return Launched("accumulate", kernels::AccumulateCuda(acc, x, n, stream));
   }
-  Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, int64_t n,
-               void* stream) override {
-    return Launched("AdamW", kernels::AdamWCuda(c, p, m, v, g, n, stream));
+  Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, void* copy,
+               DType copy_dtype, int64_t n, void* stream) override {
+    return Launched("AdamW", kernels::AdamWCuda(c, p, m, v, g, copy, Kind(copy, copy_dtype), n, stream));
   }
-  Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n, void* stream) override {
-    return Launched("SGD", kernels::SgdCuda(c, p, buf, g, n, stream));
+  Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, void* copy, DType copy_dtype,
+             int64_t n, void* stream) override {
+    return Launched("SGD", kernels::SgdCuda(c, p, buf, g, copy, Kind(copy, copy_dtype), n, stream));
   }
   Status SumSquares(const float* x, int64_t n, void* scratch, kernels::SumSquares* out) override {
     auto* s = static_cast<kernels::SumSquares*>(scratch);
@@ -196,6 +197,10 @@ class CudaDevice final : public Device {
 
  private:
   static cudaStream_t Native(void* stream) { return static_cast<cudaStream_t>(stream); }
+  static kernels::CopyKind Kind(const void* copy, DType dtype) {
+    if (copy == nullptr) return kernels::CopyKind::kNone;
+    return dtype == DType::kF16 ? kernels::CopyKind::kF16 : kernels::CopyKind::kBf16;
+  }
   static Status Check(const char* what, cudaError_t rc) { return rc == cudaSuccess ? Status::Ok() : CudaError(what, rc); }
   static Status Launched(const char* what, int rc) {
     return Check((std::string("launching the ") + what + " kernel").c_str(), static_cast<cudaError_t>(rc));

@@ -103,9 +103,12 @@ class Device {
   // threads; CUDA enqueues a kernel and returns the launch status.
   virtual Status Zero(void* p, int64_t bytes, void* stream) = 0;
   virtual Status Accumulate(float* acc, const float* x, int64_t n, void* stream) = 0;
-  virtual Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, int64_t n,
-                       void* stream) = 0;
-  virtual Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n, void* stream) = 0;
+  // Optimizer steps on fp32 p (the master), state and gradient; when `copy` is not null they also write p
+  // converted to copy_dtype (kBF16 or kF16, round to nearest even) there, in the same pass.
+  virtual Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, void* copy,
+                       DType copy_dtype, int64_t n, void* stream) = 0;
+  virtual Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, void* copy, DType copy_dtype,
+                     int64_t n, void* stream) = 0;
   // Sum of squares and non-finite count of x[0, n) on the compute stream, waiting for the result. `scratch` is
   // device memory of SumSquaresScratchBytes(n) (unused on the CPU).
   virtual Status SumSquares(const float* x, int64_t n, void* scratch, kernels::SumSquares* out) = 0;

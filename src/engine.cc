@@ -32,7 +32,10 @@ std::vector<std::string> DescribeConfig(const Options& o, const std::vector<Para
      << " optimizer=" << static_cast<int>(o.optimizer) << " bucket_elements=" << o.bucket_elements
      << " clip_norm=" << o.clip_norm << " grad_pool_buffers=" << o.grad_pool_buffers
      << " gather_slots=" << o.gather_slots << " overlap_reductions=" << o.overlap_reductions
-     << " reductions_in_flight=" << o.reductions_in_flight << " prefetch_bytes=" << o.prefetch_bytes
+     << " reductions_in_flight=" << o.reductions_in_flight << " param_dtype=" << DTypeName(o.param_dtype)
+     << " grad_dtype=" << DTypeName(o.grad_dtype) << " loss_scale=" << static_cast<int>(o.loss_scale.mode) << "/"
+     << o.loss_scale.initial << "/" << o.loss_scale.growth_interval << "/" << o.loss_scale.hysteresis << "/"
+     << o.loss_scale.min_scale << " prefetch_bytes=" << o.prefetch_bytes
      << " persist_bytes=" << o.persist_bytes << " keep_gathered_units=" << o.keep_gathered_units.size();
   lines.push_back(os.str());
   os.str("");
@@ -81,6 +84,22 @@ Status ValidateOptions(const Options& o, int num_units) {
   if (o.persist_bytes < 0) return bad("persist_bytes must be >= 0");
   if (o.device_capacity_bytes < 0) return bad("device_capacity_bytes must be >= 0 (0: unlimited)");
   if (o.cpu_threads < 0) return bad("cpu_threads must be >= 0 (0: cores per node / local ranks)");
+  if (o.param_dtype != DType::kF32 && o.param_dtype != DType::kBF16 && o.param_dtype != DType::kF16) {
+    return bad("param_dtype must be kF32, kBF16 or kF16");
+  }
+  if (o.grad_dtype != DType::kF32) {
+    return bad("grad_dtype must be kF32 in this version (bf16/fp16 gradients are not implemented yet)");
+  }
+  const LossScaleOptions& ls = o.loss_scale;
+  auto pow2 = [](float x) {
+    int e = 0;
+    return x > 0 && std::isfinite(x) && std::frexp(x, &e) == 0.5f;
+  };
+  if (!pow2(ls.initial) || !pow2(ls.min_scale) || ls.min_scale > ls.initial) {
+    return bad("loss_scale.initial and min_scale must be powers of two with min_scale <= initial (unscaling must be "
+               "exact)");
+  }
+  if (ls.growth_interval < 1 || ls.hysteresis < 1) return bad("loss_scale.growth_interval and hysteresis must be >= 1");
   for (int u : o.keep_gathered_units) {
     if (u < 0 || u >= num_units) {
       return bad("keep_gathered_units names unit " + std::to_string(u) + ", but units are 0.." +
@@ -275,31 +294,36 @@ Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
 // ---------------------------------------------------------------------------------------------------------------
 // Views
 
-float* Engine::Impl::FullParamBase(const Bucket& b) {
+char* Engine::Impl::FullParamBase(const Bucket& b) {
   DeviceBuffer& buf = b.trainable ? trainable_params : frozen_params;
-  return buf.as<float>() + b.offset;
+  return PAt(buf.as<char>(), b.offset);
 }
 
-float* Engine::Impl::ShardParamBase(const Bucket& b) {
+char* Engine::Impl::ShardParamBase(const Bucket& b) {
   DeviceBuffer& buf = b.trainable ? trainable_params : frozen_params;
-  return buf.as<float>() + b.shard_offset;
+  return PAt(buf.as<char>(), b.shard_offset);
 }
 
-float* Engine::Impl::UnitParamBase(int unit) {
+char* Engine::Impl::UnitParamBase(int unit) {
   UnitState& u = units[static_cast<size_t>(unit)];
-  if (u.persistent) return persistent_params.as<float>() + u.persistent_offset;
-  if (u.gather_slot >= 0) return slots[static_cast<size_t>(u.gather_slot)].buffer.as<float>();
-  if (u.full_scope.data() != nullptr) return u.full_scope.as<float>();
+  if (u.persistent) return PAt(persistent_params.as<char>(), u.persistent_offset);
+  if (u.gather_slot >= 0) return slots[static_cast<size_t>(u.gather_slot)].buffer.as<char>();
+  if (u.full_scope.data() != nullptr) return u.full_scope.as<char>();
   return nullptr;
 }
 
-float* Engine::Impl::ParamPtr(int param) {
+char* Engine::Impl::ParamPtr(int param) {
   const ParamLocation& loc = plan.params[static_cast<size_t>(param)];
   const Bucket& b = plan.buckets[static_cast<size_t>(loc.bucket)];
-  if (options.stage != Stage::kParameters) return FullParamBase(b) + loc.offset;
-  float* base = UnitParamBase(b.unit);
+  if (options.stage != Stage::kParameters) return PAt(FullParamBase(b), loc.offset);
+  char* base = UnitParamBase(b.unit);
   if (base == nullptr) return nullptr;
-  return base + buckets[static_cast<size_t>(loc.bucket)].unit_offset + loc.offset;
+  return PAt(base, buckets[static_cast<size_t>(loc.bucket)].unit_offset + loc.offset);
+}
+
+float* Engine::Impl::MasterAt(int64_t opos, int64_t full_pos, int64_t shard_pos) {
+  if (mixed) return master.as<float>() + opos;
+  return trainable_params.as<float>() + (options.stage == Stage::kParameters ? shard_pos : full_pos);
 }
 
 TensorView Engine::Param(int param) const {
@@ -309,6 +333,8 @@ TensorView Engine::Param(int param) const {
   const ParamSpec& s = impl_->specs[static_cast<size_t>(param)];
   v.numel = s.numel();
   v.shape = s.shape;
+  v.dtype = impl_->pdt;
+  v.backend = impl_->options.backend;
   v.data = impl_->ParamPtr(param);
   return v;
 }
@@ -322,6 +348,7 @@ TensorView Engine::Grad(int param) const {
   const UnitState& u = impl_->units[static_cast<size_t>(b.unit)];
   v.numel = s.numel();
   v.shape = s.shape;
+  v.backend = impl_->options.backend;
   if (!s.trainable || !u.grad_window) return v;
   const Stage st = impl_->options.stage;
   if (st == Stage::kDataParallel || st == Stage::kOptimizerStates) {
@@ -428,8 +455,15 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   }
 
   // Allocation, in one place, so the accounting tests can write the closed form next to it.
+  e.pdt = options.param_dtype;
+  e.pe = static_cast<int64_t>(DTypeSize(e.pdt));
+  e.mixed = e.pdt != DType::kF32;
+  // fp32 elements, or compute-parameter elements (pe bytes) with allocp.
   auto alloc = [&](int64_t elems, MemoryCategory cat, const std::string& what, DeviceBuffer* out) {
     return e.device->Allocate(elems * static_cast<int64_t>(sizeof(float)), cat, MemoryKind::kDevice, what, out);
+  };
+  auto allocp = [&](int64_t elems, MemoryCategory cat, const std::string& what, DeviceBuffer* out) {
+    return e.device->Allocate(elems * e.pe, cat, MemoryKind::kDevice, what, out);
   };
   const int64_t tp = e.plan.trainable_padded, fp = e.plan.frozen_padded;
   const int64_t ts = e.plan.trainable_shard, fs = e.plan.frozen_shard;
@@ -451,11 +485,12 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     }
     if (options.device_capacity_bytes > 0) e.device->set_capacity(options.device_capacity_bytes);
     e.device->set_threads(e.threads);
-    ZERO_RETURN_IF_ERROR(alloc(stage3 ? ts : tp, MemoryCategory::kParams, "trainable parameters", &e.trainable_params));
-    ZERO_RETURN_IF_ERROR(alloc(stage3 ? fs : fp, MemoryCategory::kParams, "frozen parameters", &e.frozen_params));
+    ZERO_RETURN_IF_ERROR(allocp(stage3 ? ts : tp, MemoryCategory::kParams, "trainable parameters", &e.trainable_params));
+    ZERO_RETURN_IF_ERROR(allocp(stage3 ? fs : fp, MemoryCategory::kParams, "frozen parameters", &e.frozen_params));
     const bool sharded_grads = st == Stage::kGradients || stage3;
     ZERO_RETURN_IF_ERROR(alloc(sharded_grads ? ts : tp, MemoryCategory::kGrads, "gradients", &e.grads));
     const int64_t opt = st == Stage::kDataParallel ? tp : ts;
+    if (e.mixed) ZERO_RETURN_IF_ERROR(alloc(opt, MemoryCategory::kOptimizer, "fp32 master parameters", &e.master));
     ZERO_RETURN_IF_ERROR(alloc(opt, MemoryCategory::kOptimizer, "optimizer state", &e.state0));
     if (options.optimizer == OptimizerKind::kAdamW) {
       ZERO_RETURN_IF_ERROR(alloc(opt, MemoryCategory::kOptimizer, "optimizer state", &e.state1));
@@ -480,7 +515,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     if (stage3) {
       int64_t persistent = 0;
       for (UnitState& u : e.units) {
-        u.persistent = u.full_elems * static_cast<int64_t>(sizeof(float)) <= options.persist_bytes;
+        u.persistent = u.full_elems * e.pe <= options.persist_bytes;
         if (u.persistent) {
           u.persistent_offset = persistent;
           persistent += u.full_elems;
@@ -488,11 +523,11 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
           e.slot_elems = std::max(e.slot_elems, u.full_elems);
         }
       }
-      ZERO_RETURN_IF_ERROR(alloc(persistent, MemoryCategory::kParams, "persistent stage-3 units", &e.persistent_params));
+      ZERO_RETURN_IF_ERROR(allocp(persistent, MemoryCategory::kParams, "persistent stage-3 units", &e.persistent_params));
       if (e.slot_elems > 0) {
         e.slots.resize(static_cast<size_t>(options.gather_slots));
         for (GatherSlot& slot : e.slots) {
-          ZERO_RETURN_IF_ERROR(alloc(e.slot_elems, MemoryCategory::kBuffers, "stage-3 gather slots", &slot.buffer));
+          ZERO_RETURN_IF_ERROR(allocp(e.slot_elems, MemoryCategory::kBuffers, "stage-3 gather slots", &slot.buffer));
         }
       }
     }
@@ -528,6 +563,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   ZERO_RETURN_IF_ERROR(comm->AllReduce(&oom, &any_oom, 1, DType::kI64, ReduceOp::kMax, co));
   if (!s.ok()) return s.WithContext(where + " (" + StageName(st) + ")");
   if (any_oom) return Status::OutOfMemory(where + ": another rank ran out of memory; see its status");
+  e.ResetScaler();
   engine->reset(new Engine(std::move(impl)));
   return Status::Ok();
 }
@@ -584,7 +620,7 @@ Status Engine::BeginMicroStep(int micro, bool is_last) {
   return Status::Ok();
 }
 
-float Engine::LossScale() const { return 1.0f; }
+float Engine::LossScale() const { return impl_->loss_scale; }
 
 Status Engine::Acquire(int unit, Pass pass) {
   ZERO_RETURN_IF_ERROR(impl_->CheckUsable());

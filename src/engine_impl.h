@@ -154,7 +154,13 @@ class Engine::Impl {
   std::vector<int> reduce_order;         // trainable buckets: units descending, buckets ascending
   std::vector<UnitState> units;
 
-  // Parameters. Stages 0-2: full buffers; stage 3: shard buffers + persistent full buffer.
+  // Parameters for compute, in param_dtype. Stages 0-2: full buffers; stage 3: shard buffers + persistent full
+  // buffer. With a low-precision param_dtype the fp32 master is apart (`master`, kOptimizer, laid out like the
+  // optimizer state: full in stage 0, this rank's shard otherwise).
+  DType pdt = DType::kF32;
+  int64_t pe = 4;        // bytes per compute-parameter element
+  bool mixed = false;    // pdt != kF32
+  DeviceBuffer master;
   DeviceBuffer trainable_params, frozen_params;
   DeviceBuffer persistent_params;
   // Gradients: stages 0-1 full trainable; stages 2-3 shard accumulator.
@@ -167,6 +173,13 @@ class Engine::Impl {
   // Stage 3 gather slots.
   std::vector<GatherSlot> slots;
   int64_t slot_elems = 0;
+
+  // Loss scaling (DeepSpeed's dynamic scaler when dynamic_scale; a fixed scale otherwise).
+  bool dynamic_scale = false;
+  float loss_scale = 1.0f;
+  int scale_hysteresis = 0;       // overflows still tolerated before the scale halves
+  int64_t scaler_iter = 0;        // steps seen by the scaler (taken or skipped)
+  int64_t last_overflow_iter = -1;
 
   // Protocol state.
   int64_t step = 0;          // optimizer steps taken
@@ -213,11 +226,15 @@ class Engine::Impl {
   // parameters got GradsReady. `call` names the caller in the message.
   Status CheckUnitsDone(const std::string& call, bool need_grads) const;
 
-  // Pointer helpers (elements are fp32 in this version).
-  float* FullParamBase(const Bucket& b);                   // stages 0-2: bucket start in the full buffer
-  float* ShardParamBase(const Bucket& b);                  // stage 3: this rank's shard of the bucket
-  float* UnitParamBase(int unit);                          // stage 3: unit's full layout, or null
-  float* ParamPtr(int param);                              // current view pointer, or null
+  // Pointer helpers over compute parameters (param_dtype elements; `pe` bytes each).
+  char* FullParamBase(const Bucket& b);                    // stages 0-2: bucket start in the full buffer
+  char* ShardParamBase(const Bucket& b);                   // stage 3: this rank's shard of the bucket
+  char* UnitParamBase(int unit);                           // stage 3: unit's full layout, or null
+  char* ParamPtr(int param);                               // current view pointer, or null
+  char* PAt(char* base, int64_t elems) const { return base + elems * pe; }
+  // The fp32 master of the trainable elements at `opos` (the optimizer state's layout): the compute
+  // parameters themselves in fp32, the separate master otherwise.
+  float* MasterAt(int64_t opos, int64_t full_pos, int64_t shard_pos);
 
   // Runs `task` on the communication stream (with the test hooks).
   void LaunchComm(std::function<Status(void* stream)> task);
@@ -238,7 +255,7 @@ class Engine::Impl {
   Status IssueReadyReductions();
   Status ReduceBucket(int bucket);
   // Launches the gathers of `unit` into dst (full unit layout) on the communication stream.
-  void GatherUnit(int unit, float* dst);
+  void GatherUnit(int unit, char* dst);
   // Stage 3: makes the unit resident (issuing its gather into a slot if needed); *wait_slot is the slot to wait
   // for before the trainer uses it, or -1 (persistent units).
   Status EnsureResident(int unit, int* wait_slot);
@@ -255,6 +272,8 @@ class Engine::Impl {
   Status InitParamsImpl(const FillFn& fill);
   Status StepImpl(const StepArgs& args, StepResult* result);
   void GatherAfterStep();
+  void ResetScaler();
+  bool UpdateScaler(bool overflow);
   void ZeroGrads();
 };
 

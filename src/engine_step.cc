@@ -3,6 +3,7 @@
 // The global norm is computed from owned shards only: each rank sums the squares of its shard of every
 // trainable bucket (plan order, fp64, fixed blocks), the per-rank partials are all-gathered and added in rank
 // order. Every rank therefore gets the same bits, and a single-process reference can mirror the order.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -29,17 +30,31 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
   }
   ZERO_RETURN_IF_ERROR(Agree(AgreeKind::kInitParams, 0, local));
   const bool stage3 = options.stage == Stage::kParameters;
-  std::vector<float> staging;  // device memory that the host cannot address is filled through a host copy
+  // Each owned fragment: fill in fp32, then the fp32 master (low-precision param_dtype) and the compute copy.
+  const bool stage0 = options.stage == Stage::kDataParallel;
+  std::vector<float> staging;
+  std::vector<char> staging_p;
+  Status e;
   for (const Bucket& b : plan.buckets) {
-    float* base = stage3 ? ShardParamBase(b) : FullParamBase(b) + rank * b.shard;
+    char* base = stage3 ? ShardParamBase(b) : PAt(FullParamBase(b), rank * b.shard);
+    const int64_t master_base = stage0 ? b.offset + rank * b.shard : b.shard_offset;
     for (const Fragment& f : b.fragments[static_cast<size_t>(rank)]) {
-      if (device->host_addressable()) {
-        fill(f.param, f.param_off, f.count, base + f.shard_off);
+      char* dst = PAt(base, f.shard_off);
+      if (!mixed && device->host_addressable()) {
+        fill(f.param, f.param_off, f.count, reinterpret_cast<float*>(dst));
         continue;
       }
       staging.assign(static_cast<size_t>(f.count), 0.0f);
       fill(f.param, f.param_off, f.count, staging.data());
-      if (Status e = device->CopyToDevice(base + f.shard_off, staging.data(), f.count * 4); !e.ok()) {
+      if (!mixed) {
+        e = device->CopyToDevice(dst, staging.data(), f.count * 4);
+      } else {
+        if (b.trainable) e = device->CopyToDevice(master.as<float>() + master_base + f.shard_off, staging.data(), f.count * 4);
+        staging_p.resize(static_cast<size_t>(f.count * pe));
+        kernels::CastCpu(staging.data(), DType::kF32, staging_p.data(), pdt, f.count, 1);
+        if (e.ok()) e = device->CopyToDevice(dst, staging_p.data(), f.count * pe);
+      }
+      if (!e.ok()) {
         poison = e.WithContext("InitParams at " + Where());
         comm->Abort(poison);  // peers wait in the gathers below
         return poison;
@@ -48,15 +63,26 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
   }
   if (!stage3) {
     for (const Bucket& b : plan.buckets) {
-      float* full = FullParamBase(b);
+      char* full = FullParamBase(b);
       const int64_t shard = b.shard;
       const int r = rank;
-      LaunchComm([this, full, shard, r](void* stream) {
+      const DType dt = pdt;
+      const int64_t bytes = pe;
+      LaunchComm([this, full, shard, r, dt, bytes](void* stream) {
         CollectiveOptions co;
         co.stream = stream;
         co.what = "InitParams gather";
-        return comm->AllGather(full + r * shard, full, shard, DType::kF32, co);
+        return comm->AllGather(full + r * shard * bytes, full, shard, dt, co);
       });
+      if (stage0 && mixed && b.trainable) {  // stage 0 keeps a full fp32 master on every rank
+        float* m = master.as<float>() + b.offset;
+        LaunchComm([this, m, shard, r](void* stream) {
+          CollectiveOptions co;
+          co.stream = stream;
+          co.what = "InitParams gather of the fp32 master";
+          return comm->AllGather(m + r * shard, m, shard, DType::kF32, co);
+        });
+      }
     }
   } else {
     DropUnheldSlots();
@@ -76,7 +102,41 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
   ZeroGrads();
   step = 0;
   sgd_first_step = true;
+  ResetScaler();
   return Status::Ok();
+}
+
+void Engine::Impl::ResetScaler() {
+  const LossScaleOptions& o = options.loss_scale;
+  dynamic_scale = o.mode == LossScaleOptions::Mode::kDynamic ||
+                  (o.mode == LossScaleOptions::Mode::kAuto && pdt == DType::kF16);
+  loss_scale = dynamic_scale || o.mode == LossScaleOptions::Mode::kStatic ? o.initial : 1.0f;
+  scale_hysteresis = o.hysteresis;
+  scaler_iter = 0;
+  last_overflow_iter = -1;
+}
+
+// DeepSpeed's DynamicLossScaler.update_scale (consecutive_hysteresis = false). Returns false when an overflow
+// happened at the minimum scale: nothing can make the step representable.
+bool Engine::Impl::UpdateScaler(bool overflow) {
+  bool ok = true;
+  if (dynamic_scale) {
+    const LossScaleOptions& o = options.loss_scale;
+    if (overflow) {
+      if (scale_hysteresis <= 1) {
+        if (loss_scale <= o.min_scale) ok = false;
+        loss_scale = std::max(loss_scale / 2.0f, o.min_scale);
+      } else {
+        --scale_hysteresis;
+      }
+      last_overflow_iter = scaler_iter;
+    } else if ((scaler_iter - last_overflow_iter) % o.growth_interval == 0) {
+      scale_hysteresis = o.hysteresis;
+      loss_scale *= 2.0f;
+    }
+  }
+  ++scaler_iter;
+  return ok;
 }
 
 // Issues the post-step parameter gathers; the trainer's next use waits for params_ready (WaitParams).
@@ -84,34 +144,35 @@ void Engine::Impl::GatherAfterStep() {
   // optimizer -> post-step gather: later gathers (these, and stage 3's at Acquire) read the updated shards.
   device->RecordCompute(optimizer_done.get());
   comm_stream->Wait(*optimizer_done);
+  const DType dt = pdt;
   if (options.stage == Stage::kOptimizerStates || options.stage == Stage::kGradients) {
     for (const Bucket& b : plan.buckets) {
       if (!b.trainable) continue;
-      float* full = FullParamBase(b);
+      char* full = FullParamBase(b);
+      const char* mine = PAt(full, rank * b.shard);
       const int64_t shard = b.shard;
-      const int r = rank;
-      LaunchComm([this, full, shard, r](void* stream) {
+      LaunchComm([this, full, mine, shard, dt](void* stream) {
         CollectiveOptions co;
         co.stream = stream;
         co.what = "parameter all-gather after the step";
-        return comm->AllGather(full + r * shard, full, shard, DType::kF32, co);
+        return comm->AllGather(mine, full, shard, dt, co);
       });
       Log(Engine::Event::kGather, b.unit, b.index);
     }
   } else if (options.stage == Stage::kParameters) {
     for (size_t u = 0; u < units.size(); ++u) {
       if (!units[u].persistent) continue;
-      float* dst = UnitParamBase(static_cast<int>(u));
+      char* dst = UnitParamBase(static_cast<int>(u));
       for (int bi : plan.units[u].trainable_buckets) {
         const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
-        const float* src = ShardParamBase(b);
-        float* out = dst + buckets[static_cast<size_t>(bi)].unit_offset;
+        const char* src = ShardParamBase(b);
+        char* out = PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset);
         const int64_t shard = b.shard;
-        LaunchComm([this, src, out, shard](void* stream) {
+        LaunchComm([this, src, out, shard, dt](void* stream) {
           CollectiveOptions co;
           co.stream = stream;
           co.what = "parameter all-gather after the step";
-          return comm->AllGather(src, out, shard, DType::kF32, co);
+          return comm->AllGather(src, out, shard, dt, co);
         });
         Log(Engine::Event::kGather, b.unit, bi);
       }
@@ -178,20 +239,23 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   }
   const double inv_avg = 1.0 / (static_cast<double>(world) * micros_done);
   StepResult res;
-  res.grad_norm = std::sqrt(sumsq) * inv_avg;
+  // The gradients carry the loss scale (a power of two, so dividing it out is exact).
+  res.loss_scale = loss_scale;
+  res.grad_norm = std::sqrt(sumsq) * inv_avg / loss_scale;
   if (options.clip_norm > 0) {
     const double c = options.clip_norm / (res.grad_norm + kClipEps);
     if (c < 1.0) res.clip_coef = c;
   }
-  res.loss_scale = 1.0f;
   const bool adamw = options.optimizer == OptimizerKind::kAdamW;
   res.lr = args.lr >= 0 ? args.lr : (adamw ? options.adamw.lr : options.sgd.lr);
   res.skipped = nonfinite > 0;
 
+  // Every rank saw the same sums, so every rank takes the same decision and the same scaler update.
+  const bool scale_ok = UpdateScaler(res.skipped);
+
   if (!res.skipped) {
-    const double grad_scale = inv_avg * res.clip_coef;
+    const double grad_scale = inv_avg * res.clip_coef / res.loss_scale;
     const int64_t t = step + 1;
-    float* params = trainable_params.as<float>();
     float* g = grads.as<float>();
     // Stage 0 keeps a replicated optimizer: every rank updates every rank's part.
     const int first_owner = st == Stage::kDataParallel ? 0 : rank;
@@ -203,21 +267,26 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
         for (const Fragment& f : b.fragments[static_cast<size_t>(r)]) {
           const int64_t pos = b.offset + r * b.shard + f.shard_off;  // in the full trainable layout
           const int64_t spos = b.shard_offset + f.shard_off;         // in the shard layout
-          float* p = params + (st == Stage::kParameters ? spos : pos);
           const float* gr = g + (full_grads ? pos : spos);
           const int64_t opos = st == Stage::kDataParallel ? pos : spos;
+          float* p = MasterAt(opos, pos, spos);
+          // The low-precision compute copy, written in the same pass.
+          void* copy = mixed ? PAt(trainable_params.as<char>(), st == Stage::kParameters ? spos : pos) : nullptr;
           const ParamSpec& spec = specs[static_cast<size_t>(f.param)];
           const double lr = res.lr * spec.lr_mult;
           if (adamw) {
             const AdamWOptions& a = options.adamw;
             const auto c = kernels::MakeAdamWCoeffs(lr, a.beta1, a.beta2, a.eps, a.weight_decay * spec.wd_mult, t,
                                                     grad_scale);
-            opt = device->AdamW(c, p, state0.as<float>() + opos, state1.as<float>() + opos, gr, f.count, nullptr);
+            if (opt.ok()) {
+              opt = device->AdamW(c, p, state0.as<float>() + opos, state1.as<float>() + opos, gr, copy, pdt, f.count,
+                                  nullptr);
+            }
           } else {
             const SgdOptions& o = options.sgd;
             const auto c = kernels::MakeSgdCoeffs(lr, o.momentum, o.dampening, o.weight_decay * spec.wd_mult,
                                                   o.nesterov, sgd_first_step, grad_scale);
-            opt = device->Sgd(c, p, state0.as<float>() + opos, gr, f.count, nullptr);
+            if (opt.ok()) opt = device->Sgd(c, p, state0.as<float>() + opos, gr, copy, pdt, f.count, nullptr);
           }
         }
       }
@@ -245,6 +314,12 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
     u.grad_window = false;
   }
   *result = res;
+  if (!scale_ok) {
+    return Status::FailedPrecondition(
+        call + ": the gradients overflowed at the minimum loss scale (" + std::to_string(options.loss_scale.min_scale) +
+        "), so the step was skipped and the scale cannot go lower. Training has diverged or the values do not fit "
+        "fp16: lower the learning rate, clip gradients, or use param_dtype = kBF16. The engine stays usable");
+  }
   return Status::Ok();
 }
 
@@ -273,7 +348,7 @@ Status Engine::GatherFull(std::span<const int> unit_list, FullParamsScope* scope
     for (int u : list) {
       UnitState& us = e.units[static_cast<size_t>(u)];
       if (us.persistent || us.full_scope.data() != nullptr) continue;
-      Status s = e.device->Allocate(us.full_elems * 4, MemoryCategory::kBuffers, MemoryKind::kDevice,
+      Status s = e.device->Allocate(us.full_elems * e.pe, MemoryCategory::kBuffers, MemoryKind::kDevice,
                                     "GatherFull of " + e.UnitName(u), &us.full_scope);
       // Allocation may fail on one rank only; the gathers below must still run everywhere, so a failing rank
       // aborts the communicator instead of leaving its peers waiting.
@@ -282,7 +357,7 @@ Status Engine::GatherFull(std::span<const int> unit_list, FullParamsScope* scope
         e.comm->Abort(s);
         return s;
       }
-      e.GatherUnit(u, us.full_scope.as<float>());
+      e.GatherUnit(u, us.full_scope.as<char>());
     }
   }
   ZERO_RETURN_IF_ERROR(e.DrainComm());  // also the post-step gathers of stages 1-2

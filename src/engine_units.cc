@@ -217,21 +217,22 @@ Status Engine::Impl::ReduceBucket(int bucket) {
   return Status::Ok();
 }
 
-void Engine::Impl::GatherUnit(int unit, float* dst) {
+void Engine::Impl::GatherUnit(int unit, char* dst) {
   const UnitPlan& up = plan.units[static_cast<size_t>(unit)];
   for (const std::vector<int>* set : {&up.trainable_buckets, &up.frozen_buckets}) {
     for (int bi : *set) {
       const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
       std::string what = "gather of bucket " + std::to_string(bi) + " (" + UnitName(unit) + ") at " + Where();
-      const float* src = ShardParamBase(b);
-      float* out = dst + buckets[static_cast<size_t>(bi)].unit_offset;
+      const char* src = ShardParamBase(b);
+      char* out = PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset);
       const int64_t shard = b.shard;
+      const DType dt = pdt;
       Comm* c = comm;
       LaunchComm([=, what = std::move(what)](void* stream) -> Status {
         CollectiveOptions co;
         co.what = what.c_str();
         co.stream = stream;
-        return c->AllGather(src, out, shard, DType::kF32, co);
+        return c->AllGather(src, out, shard, dt, co);
       });
       Log(Engine::Event::kGather, unit, bi);
     }
@@ -283,7 +284,7 @@ Status Engine::Impl::EnsureResident(int unit, int* wait_slot) {
     os << "Acquire(" << unit << ") on " << Where() << ": all " << slots.size()
        << " stage-3 gather slots hold acquired units:";
     for (const GatherSlot& slot : slots) os << " " << slot.unit;
-    os << ". Raise Options.gather_slots (each costs " << slot_elems * 4 << " bytes) or release units earlier";
+    os << ". Raise Options.gather_slots (each costs " << slot_elems * pe << " bytes) or release units earlier";
     return Status::FailedPrecondition(os.str());
   }
   GatherInto(unit, s, /*prefetched=*/false);
@@ -294,7 +295,7 @@ Status Engine::Impl::EnsureResident(int unit, int* wait_slot) {
 void Engine::Impl::GatherInto(int unit, int s, bool prefetched) {
   GatherSlot& slot = slots[static_cast<size_t>(s)];
   comm_stream->Wait(*slot_free[static_cast<size_t>(s)]);  // compute -> gather slot
-  GatherUnit(unit, slot.buffer.as<float>());
+  GatherUnit(unit, slot.buffer.as<char>());
   comm_stream->Record(slot_ready[static_cast<size_t>(s)].get());  // gather -> compute
   slot.unit = unit;
   slot.prefetched = prefetched;
@@ -306,20 +307,20 @@ Status Engine::Impl::Prefetch() {
   if (options.prefetch_bytes == 0 || !t.recorded) return Status::Ok();
   int64_t budget = options.prefetch_bytes;
   for (const GatherSlot& slot : slots) {
-    if (slot.prefetched) budget -= units[static_cast<size_t>(slot.unit)].full_elems * 4;
+    if (slot.prefetched) budget -= units[static_cast<size_t>(slot.unit)].full_elems * pe;
   }
   for (size_t j = t.pos; j < t.entries.size(); ++j) {
     const int next = t.entries[j].unit;
     UnitState& w = units[static_cast<size_t>(next)];
     if (w.persistent || w.gather_slot >= 0) continue;
-    if (w.full_elems * 4 > budget) break;
+    if (w.full_elems * pe > budget) break;
     int s = -1;
     for (size_t i = 0; i < slots.size() && s < 0; ++i) {
       if (slots[i].unit < 0) s = static_cast<int>(i);
     }
     if (s < 0) break;  // never evict for a prefetch
     GatherInto(next, s, /*prefetched=*/true);
-    budget -= w.full_elems * 4;
+    budget -= w.full_elems * pe;
   }
   return Status::Ok();
 }

@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include "device.h"
+#include "kernels/cast.cuh"
 #include "testing/engine_harness.h"
 
 namespace zero::testing {
@@ -70,35 +71,76 @@ void ExpectBitwise(const std::vector<float>& got, const std::vector<float>& want
   EXPECT_EQ(bad, 0) << what;
 }
 
+// The low-precision copy (none, bf16, fp16) the optimizer writes in the same pass, as 16-bit patterns.
+std::vector<uint16_t> CopyOf(const std::vector<float>& p, DType dtype) {
+  std::vector<uint16_t> out(p.size());
+  for (size_t i = 0; i < p.size(); ++i) {
+    out[i] = dtype == DType::kBF16 ? kernels::FloatToBf16(p[i]) : kernels::FloatToF16(p[i]);
+  }
+  return out;
+}
+
+class CopyTarget {
+ public:
+  CopyTarget(Device* device, DType dtype, int64_t n) : dtype_(dtype), n_(n) {
+    if (dtype == DType::kF32) return;  // kF32 stands for "no copy" here
+    EXPECT_TRUE(device->Allocate(n * 2 + 2, MemoryCategory::kBuffers, MemoryKind::kDevice, "copy", &buf_).ok());
+    device_ = device;
+  }
+  void* ptr() const { return dtype_ == DType::kF32 ? nullptr : buf_.data(); }
+  void Expect(const std::vector<float>& p) const {
+    if (dtype_ == DType::kF32) return;
+    std::vector<uint16_t> got(static_cast<size_t>(n_));
+    ASSERT_TRUE(device_->CopyToHost(got.data(), buf_.data(), n_ * 2).ok());
+    EXPECT_EQ(got, CopyOf(p, dtype_)) << "the " << DTypeName(dtype_) << " copy";
+  }
+
+ private:
+  DType dtype_;
+  int64_t n_;
+  Device* device_ = nullptr;
+  DeviceBuffer buf_;
+};
+
 TEST_P(DeviceMathTest, AdamWEqualsTheScalarFunctor) {
-  for (int64_t n : kSizes) {
-    SCOPED_TRACE("n = " + std::to_string(n));
-    std::vector<float> p = Random(n, 1, -1, 1), m = Random(n, 2, -0.1f, 0.1f), v = Random(n, 3, 0, 0.01f);
-    const std::vector<float> g = Random(n, 4, -2, 2);
-    const auto c = kernels::MakeAdamWCoeffs(1e-3, 0.9, 0.999, 1e-8, 0.01, 7, 0.25);
-    DeviceBuffer dp = Upload(p), dm = Upload(m), dv = Upload(v), dg = Upload(g);
-    ASSERT_TRUE(device_->AdamW(c, dp.as<float>(), dm.as<float>(), dv.as<float>(), dg.as<float>(), n, nullptr).ok());
-    const kernels::AdamWElement f{c};
-    for (int64_t i = 0; i < n; ++i) f(p[i], m[i], v[i], g[i]);
-    ExpectBitwise(Download(dp, n), p, "p");
-    ExpectBitwise(Download(dm, n), m, "m");
-    ExpectBitwise(Download(dv, n), v, "v");
+  for (DType copy : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (int64_t n : kSizes) {
+      SCOPED_TRACE("n = " + std::to_string(n) + ", copy " + DTypeName(copy));
+      std::vector<float> p = Random(n, 1, -1, 1), m = Random(n, 2, -0.1f, 0.1f), v = Random(n, 3, 0, 0.01f);
+      const std::vector<float> g = Random(n, 4, -2, 2);
+      const auto c = kernels::MakeAdamWCoeffs(1e-3, 0.9, 0.999, 1e-8, 0.01, 7, 0.25);
+      DeviceBuffer dp = Upload(p), dm = Upload(m), dv = Upload(v), dg = Upload(g);
+      CopyTarget target(device_.get(), copy, n);
+      ASSERT_TRUE(device_->AdamW(c, dp.as<float>(), dm.as<float>(), dv.as<float>(), dg.as<float>(), target.ptr(),
+                                 copy, n, nullptr).ok());
+      const kernels::AdamWElement f{c};
+      for (int64_t i = 0; i < n; ++i) f(p[i], m[i], v[i], g[i]);
+      ExpectBitwise(Download(dp, n), p, "p");
+      ExpectBitwise(Download(dm, n), m, "m");
+      ExpectBitwise(Download(dv, n), v, "v");
+      target.Expect(p);
+    }
   }
 }
 
 TEST_P(DeviceMathTest, SgdEqualsTheScalarFunctor) {
-  for (bool first : {true, false}) {
-    for (int64_t n : kSizes) {
-      SCOPED_TRACE("n = " + std::to_string(n) + (first ? " first step" : ""));
-      std::vector<float> p = Random(n, 5, -1, 1), buf = Random(n, 6, -0.1f, 0.1f);
-      const std::vector<float> g = Random(n, 7, -2, 2);
-      const auto c = kernels::MakeSgdCoeffs(0.1, 0.9, 0.1, 0.01, /*nesterov=*/!first, first, 0.5);
-      DeviceBuffer dp = Upload(p), db = Upload(buf), dg = Upload(g);
-      ASSERT_TRUE(device_->Sgd(c, dp.as<float>(), db.as<float>(), dg.as<float>(), n, nullptr).ok());
-      const kernels::SgdElement f{c};
-      for (int64_t i = 0; i < n; ++i) f(p[i], buf[i], g[i]);
-      ExpectBitwise(Download(dp, n), p, "p");
-      ExpectBitwise(Download(db, n), buf, "buf");
+  for (DType copy : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (bool first : {true, false}) {
+      for (int64_t n : kSizes) {
+        SCOPED_TRACE("n = " + std::to_string(n) + (first ? " first step" : "") + ", copy " + DTypeName(copy));
+        std::vector<float> p = Random(n, 5, -1, 1), buf = Random(n, 6, -0.1f, 0.1f);
+        const std::vector<float> g = Random(n, 7, -2, 2);
+        const auto c = kernels::MakeSgdCoeffs(0.1, 0.9, 0.1, 0.01, /*nesterov=*/!first, first, 0.5);
+        DeviceBuffer dp = Upload(p), db = Upload(buf), dg = Upload(g);
+        CopyTarget target(device_.get(), copy, n);
+        ASSERT_TRUE(device_->Sgd(c, dp.as<float>(), db.as<float>(), dg.as<float>(), target.ptr(), copy, n, nullptr)
+                        .ok());
+        const kernels::SgdElement f{c};
+        for (int64_t i = 0; i < n; ++i) f(p[i], buf[i], g[i]);
+        ExpectBitwise(Download(dp, n), p, "p");
+        ExpectBitwise(Download(db, n), buf, "buf");
+        target.Expect(p);
+      }
     }
   }
 }

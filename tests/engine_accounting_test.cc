@@ -1,5 +1,6 @@
 // Memory and communication accounting of every stage against the ZeRO closed forms (fp32: p = g = 4 bytes,
-// K = 8 for AdamW's m and v, 4 for SGD's momentum; the fp32 parameters are their own master copy).
+// K = 8 for AdamW's m and v, 4 for SGD's momentum; the fp32 parameters are their own master copy. bf16
+// parameters: p = 2 and K grows by the 4-byte fp32 master, the paper's mixed-precision K = 12 for Adam).
 //
 // Toy model sizes (see testing/toy_model.h) with one bucket per unit and set, R(x) = x rounded up to 64 * N:
 //   unit 0  embed 77                               -> R(77)
@@ -75,18 +76,23 @@ TEST_P(MemoryTest, MemoryMatchesClosedFormPerStage) {
   ZERO_BACKEND_COMM(comm, GetParam());
   const int n = comm->world_size();
   const Sizes s = ToySizes(n);
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+  // pb: bytes per compute parameter; a low-precision param_dtype adds a 4-byte fp32 master to the optimizer.
+  const int64_t pb = static_cast<int64_t>(DTypeSize(dt));
   for (OptimizerKind opt : {OptimizerKind::kAdamW, OptimizerKind::kSgdMomentum}) {
-    const int64_t k = opt == OptimizerKind::kAdamW ? 8 : 4;
+    const int64_t k = (opt == OptimizerKind::kAdamW ? 8 : 4) + (dt == DType::kF32 ? 0 : 4);
     for (int st = 0; st <= 3; ++st) {
-      SCOPED_TRACE("stage " + std::to_string(st) + (k == 8 ? " adamw" : " sgd"));
+      SCOPED_TRACE("stage " + std::to_string(st) + (opt == OptimizerKind::kAdamW ? " adamw " : " sgd ") +
+                   DTypeName(dt));
       Options o = Base(static_cast<Stage>(st), opt);
       o.backend = GetParam();
+      o.param_dtype = dt;
       o.grad_pool_buffers = 2;
       o.gather_slots = 3;
       o.persist_bytes = st == 3 ? R(57, n) * 4 : 0;  // stage 3: units 2 and 3 (each R(57) = R(49)) persist
       auto engine = OpenToyEngine(o, comm.get());
       ASSERT_NE(engine, nullptr);
-      int64_t params = 4 * (s.t + s.f), grads = 4 * s.t, optimizer = k * s.t, buffers = 0;
+      int64_t params = pb * (s.t + s.f), grads = 4 * s.t, optimizer = k * s.t, buffers = 0;
       const int64_t max_t = std::max({s.unit0, s.unit1, s.unit3});
       if (st >= 1) optimizer = k * s.t / n;
       if (st >= 2) {
@@ -98,10 +104,10 @@ TEST_P(MemoryTest, MemoryMatchesClosedFormPerStage) {
         // and 1 at the world sizes where their rounding reaches R(57).
         int64_t persistent = 0, max_full = 0;
         for (int64_t u : {s.unit0, s.unit1, s.unit2, s.unit3}) {
-          if (u <= R(57, n)) persistent += u; else max_full = std::max(max_full, u);
+          if (u * pb <= o.persist_bytes) persistent += u; else max_full = std::max(max_full, u);
         }
-        params = 4 * (s.t + s.f) / n + 4 * persistent;
-        buffers += max_full > 0 ? 4 * 3 * max_full : 0;
+        params = pb * (s.t + s.f) / n + pb * persistent;
+        buffers += max_full > 0 ? pb * 3 * max_full : 0;
       }
       // CUDA: the sum of squares' block partials (kernels/reduce.cu) for the largest trainable shard, 16 bytes
       // per 4096-element block plus the total.
@@ -120,6 +126,7 @@ TEST_P(MemoryTest, MemoryMatchesClosedFormPerStage) {
       TrainToyStep(*engine, *comm, 0, 2, 24);
       check("after a step (no allocation on the step path)");
     }
+  }
   }
 }
 

@@ -51,9 +51,29 @@ struct ParamSpec {
   int64_t numel() const;
 };
 
+// Loss scaling for low-precision gradients. kAuto: DeepSpeed's dynamic scaler when param_dtype is kF16, a fixed
+// scale of 1 otherwise. Dynamic: start at `initial`; an overflow (any rank) skips the step and, after
+// `hysteresis` overflows, halves the scale (not below min_scale); every growth_interval clean steps since the
+// last overflow double it. kStatic: always `initial`. Scales are powers of two so that unscaling is exact.
+struct LossScaleOptions {
+  enum class Mode : uint8_t { kAuto, kDynamic, kStatic } mode = Mode::kAuto;
+  float initial = 65536.0f;
+  int growth_interval = 1000;
+  int hysteresis = 2;
+  float min_scale = 1.0f;
+};
+
 struct Options {
   Stage stage = Stage::kGradients;
   Backend backend = Backend::kCpu;
+
+  // Parameters as the trainer computes with them: kF32, kBF16 or kF16. With bf16/fp16 the engine keeps an fp32
+  // master copy (counted as optimizer state, so AdamW costs 12 bytes per trainable parameter on its owner) and
+  // writes the low-precision copy in the optimizer's pass; frozen parameters exist only in param_dtype.
+  DType param_dtype = DType::kF32;
+  // Gradients as the trainer accumulates them. kF32 only in this version.
+  DType grad_dtype = DType::kF32;
+  LossScaleOptions loss_scale;
 
   OptimizerKind optimizer = OptimizerKind::kAdamW;
   AdamWOptions adamw;

@@ -2,6 +2,7 @@
 // parameters on every rank for comparison against a reference.
 #pragma once
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -9,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "engine_impl.h"
+#include "kernels/cpu_kernels.h"
 #include "testing/device_copy.h"
 #include "testing/toy_model.h"
 #include "zero/zero.h"
@@ -30,6 +32,8 @@ namespace zero {
 // The engine's test hooks (src/engine_impl.h, EngineTestHooks).
 struct EngineTestPeer {
   static EngineTestHooks& Hooks(Engine& engine) { return engine.impl_->test; }
+  // The engine's state, read-only (use `const auto&`: the type is private to Engine).
+  static const Engine::Impl& State(Engine& engine) { return *engine.impl_; }
 };
 
 }  // namespace zero
@@ -45,6 +49,7 @@ class EngineAccess : public ToyAccess {
       : engine_(engine),
         scratch_(4096, 0.0f),
         device_(engine->options().backend != Backend::kCpu),
+        convert_(engine->options().param_dtype != DType::kF32),
         param_mirror_(engine->specs().size()),
         grad_mirror_(engine->specs().size()) {}
   void Acquire(int unit, bool backward) override {
@@ -67,10 +72,18 @@ class EngineAccess : public ToyAccess {
   float* Param(int p) override {
     const TensorView v = engine_->Param(p);
     float* d = OrScratch(v.as<float>(), "Param", p);
-    if (!device_ || d == scratch_.data()) return d;
+    if ((!device_ && !convert_) || d == scratch_.data()) return d;
+    // Device memory is copied to the host; bf16/fp16 parameters are widened to fp32 (exactly).
     std::vector<float>& m = param_mirror_[static_cast<size_t>(p)];
     m.resize(static_cast<size_t>(v.numel));
-    Check(CopyFromDevice(m.data(), v.data, v.numel * 4));
+    const int64_t bytes = v.numel * static_cast<int64_t>(DTypeSize(v.dtype));
+    raw_.resize(static_cast<size_t>(bytes));
+    if (device_) {
+      Check(CopyFromDevice(raw_.data(), v.data, bytes));
+    } else {
+      std::memcpy(raw_.data(), v.data, static_cast<size_t>(bytes));
+    }
+    kernels::CastCpu(raw_.data(), v.dtype, m.data(), DType::kF32, v.numel, 1);
     return m.data();
   }
   float* Grad(int p) override {
@@ -102,6 +115,8 @@ class EngineAccess : public ToyAccess {
   Engine* engine_;
   std::vector<float> scratch_;
   bool device_;
+  bool convert_;
+  std::vector<char> raw_;
   std::vector<std::vector<float>> param_mirror_, grad_mirror_;
   bool failed_ = false;
 };
@@ -138,7 +153,8 @@ inline StepResult TrainToyStep(Engine& engine, Comm& comm, int step, int micros,
   for (int m = 0; m < micros; ++m) {
     Status s = engine.BeginMicroStep(m, m == micros - 1);
     EXPECT_TRUE(s.ok()) << s.ToString();
-    ToyForwardBackward(access, ToyMicroBatch(step, m, comm.rank(), comm.world_size(), global_batch));
+    ToyForwardBackward(access, ToyMicroBatch(step, m, comm.rank(), comm.world_size(), global_batch),
+                       engine.LossScale());
   }
   StepResult r;
   Status s = engine.Step(StepArgs(), &r);
@@ -157,10 +173,17 @@ inline std::vector<std::vector<float>> GatherToyParams(Engine& engine) {
   for (int p = 0; p < static_cast<int>(engine.specs().size()); ++p) {
     TensorView v = engine.Param(p);
     const float* d = v.as<float>();
-    if (d != nullptr && engine.options().backend != Backend::kCpu) {
+    if (d != nullptr && (engine.options().backend != Backend::kCpu || v.dtype != DType::kF32)) {
+      const int64_t bytes = v.numel * static_cast<int64_t>(DTypeSize(v.dtype));
+      std::vector<char> raw(static_cast<size_t>(bytes));
+      if (engine.options().backend != Backend::kCpu) {
+        s = CopyFromDevice(raw.data(), d, bytes);
+        EXPECT_TRUE(s.ok()) << s.ToString();
+      } else {
+        std::memcpy(raw.data(), d, static_cast<size_t>(bytes));
+      }
       std::vector<float> host(static_cast<size_t>(v.numel));
-      s = CopyFromDevice(host.data(), d, v.numel * 4);
-      EXPECT_TRUE(s.ok()) << s.ToString();
+      kernels::CastCpu(raw.data(), v.dtype, host.data(), DType::kF32, v.numel, 1);
       out.push_back(std::move(host));
       continue;
     }

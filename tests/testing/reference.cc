@@ -51,6 +51,17 @@ Reference::Reference(const ReferenceConfig& config) : config_(config), specs_(To
     state0_.emplace_back(v.size(), 0.0f);
     state1_.emplace_back(v.size(), 0.0f);
   }
+  RoundCompute();
+}
+
+void Reference::RoundCompute() {
+  const DType dt = config_.mirror ? config_.options.param_dtype : DType::kF32;
+  compute_ = params_;
+  if (dt == DType::kF32) return;
+  for (std::vector<float>& v : compute_) {
+    for (float& x : v) x = dt == DType::kBF16 ? kernels::Bf16ToFloat(kernels::FloatToBf16(x))
+                                              : kernels::F16ToFloat(kernels::FloatToF16(x));
+  }
 }
 
 StepResult Reference::Step(int step) { return config_.mirror ? StepMirrored(step) : StepNaive(step); }
@@ -74,6 +85,7 @@ void Reference::Optimize(const Grads& raw, double grad_scale, double lr) {
     }
   }
   ++steps_taken_;
+  RoundCompute();
 }
 
 StepResult Reference::StepMirrored(int step) {
@@ -107,7 +119,7 @@ StepResult Reference::StepMirrored(int step) {
     std::vector<Grads> local(static_cast<size_t>(world), ZeroGrads(specs_));
     for (int m = 0; m < micros; ++m) {
       for (int r = 0; r < world; ++r) {
-        ArrayAccess access(&params_, &local[static_cast<size_t>(r)]);
+        ArrayAccess access(&compute_, &local[static_cast<size_t>(r)]);
         ToyForwardBackward(access, ToyMicroBatch(step, m, r, world, config_.global_batch));
       }
     }
@@ -117,7 +129,7 @@ StepResult Reference::StepMirrored(int step) {
     for (int m = 0; m < micros; ++m) {
       std::vector<Grads> local(static_cast<size_t>(world), ZeroGrads(specs_));
       for (int r = 0; r < world; ++r) {
-        ArrayAccess access(&params_, &local[static_cast<size_t>(r)]);
+        ArrayAccess access(&compute_, &local[static_cast<size_t>(r)]);
         ToyForwardBackward(access, ToyMicroBatch(step, m, r, world, config_.global_batch));
       }
       const Grads red = ring_reduce(local);
@@ -163,7 +175,7 @@ StepResult Reference::StepNaive(int step) {
       all.tokens.insert(all.tokens.end(), b.tokens.begin(), b.tokens.end());
       all.targets.insert(all.targets.end(), b.targets.begin(), b.targets.end());
     }
-    ArrayAccess access(&params_, &g);
+    ArrayAccess access(&compute_, &g);
     ToyForwardBackward(access, all);
   }
   double sumsq = 0.0;

@@ -18,7 +18,7 @@
 namespace zero::testing {
 
 struct ReferenceConfig {
-  Options options;       // stage, optimizer, clip_norm, bucket_elements are used
+  Options options;       // stage, optimizer, clip_norm, bucket_elements, param_dtype (mirrored) are used
   int world = 1;
   int micro_steps = 2;
   int global_batch = 24;  // tokens per micro-step, split evenly across ranks
@@ -30,7 +30,9 @@ class Reference {
   explicit Reference(const ReferenceConfig& config);
   // Runs optimizer step `step` (0-based) over micro_steps micro-batches. Returns what Engine::Step reports.
   StepResult Step(int step);
-  const std::vector<float>& param(int p) const { return params_[static_cast<size_t>(p)]; }
+  // The parameters the trainer computes with: the fp32 values, or with a low-precision param_dtype (mirrored
+  // references only) the master rounded to it and widened back.
+  const std::vector<float>& param(int p) const { return compute_[static_cast<size_t>(p)]; }
 
  private:
   void Optimize(const std::vector<std::vector<float>>& raw_grads, double grad_scale, double lr);
@@ -39,7 +41,9 @@ class Reference {
 
   ReferenceConfig config_;
   std::vector<ParamSpec> specs_;
-  std::vector<std::vector<float>> params_, state0_, state1_;
+  void RoundCompute();  // compute_ = params_ rounded to param_dtype
+
+  std::vector<std::vector<float>> params_, compute_, state0_, state1_;
   int64_t steps_taken_ = 0;
 };
 

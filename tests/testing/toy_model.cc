@@ -243,9 +243,13 @@ ToyBatch ToyMicroBatch(int step, int micro, int rank, int world, int global) {
   return b;
 }
 
-float ToyForwardBackward(ToyAccess& m, const ToyBatch& batch) {
+float ToyForwardBackward(ToyAccess& m, const ToyBatch& batch, float loss_scale) {
   Acts a;
   const float loss = Forward(m, batch, a);
+  // The trainer's loss * LossScale(): a power of two, so every gradient is scaled exactly.
+  if (loss_scale != 1.0f) {
+    for (float& d : a.dlogits) d *= loss_scale;
+  }
   m.Acquire(0, true);  // tied head first
   HeadBackward(m.Param(kEmbed), m.Grad(kEmbed), a);
   m.Release(0, true);

@@ -51,7 +51,8 @@ class ToyAccess {
 
 // Runs forward and backward of one micro-batch through `access` in the protocol's order (the tied unit is
 // acquired twice in each pass), accumulating gradients. Returns the micro-batch's mean loss.
-float ToyForwardBackward(ToyAccess& access, const ToyBatch& batch);
+// `loss_scale` multiplies the loss before backward, as a mixed-precision trainer does with Engine::LossScale().
+float ToyForwardBackward(ToyAccess& access, const ToyBatch& batch, float loss_scale = 1.0f);
 // Forward only (acquires in forward order), returns the mean loss.
 float ToyForward(ToyAccess& access, const ToyBatch& batch);
 
