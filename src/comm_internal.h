@@ -72,13 +72,15 @@ inline Status ValidateCall(const CallInfo& call, const void* send, const void* r
   const size_t elem = DTypeSize(call.dtype);
   if (elem == 0) return invalid("unknown dtype");
   if (call.count < 0) return invalid("count must be >= 0");
-  if (call.kind == CollectiveKind::kReduceScatter && call.dtype != DType::kF32 && call.dtype != DType::kF64) {
-    return invalid("ReduceScatter supports f32 and f64 only");
+  const bool half = call.dtype == DType::kBF16 || call.dtype == DType::kF16;
+  if (call.kind == CollectiveKind::kReduceScatter && call.dtype != DType::kF32 && call.dtype != DType::kF64 && !half) {
+    return invalid("ReduceScatter supports f32, f64, bf16 and f16 only");
   }
   if (call.kind == CollectiveKind::kAllReduce) {
-    if (call.dtype != DType::kF32 && call.dtype != DType::kF64 && call.dtype != DType::kI64) {
-      return invalid("AllReduce supports f32, f64 and i64 only");
+    if (call.dtype != DType::kF32 && call.dtype != DType::kF64 && call.dtype != DType::kI64 && !half) {
+      return invalid("AllReduce supports f32, f64, i64, bf16 and f16 only");
     }
+    if (half && call.op != ReduceOp::kSum) return invalid("bf16 and f16 AllReduce support kSum only");
     if (call.op != ReduceOp::kSum && call.op != ReduceOp::kMax && call.op != ReduceOp::kMin) {
       return invalid("unknown ReduceOp");
     }

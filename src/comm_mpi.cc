@@ -80,6 +80,7 @@ extern "C" void __tsan_write_range(void* addr, unsigned long size);  // NOLINT(r
 #include "comm_mpi.h"
 
 #include "comm_internal.h"
+#include "kernels/cast.cuh"
 #include "ring_order.h"
 #include "zero/comm.h"
 
@@ -178,10 +179,22 @@ CombineFn CombineFor(ReduceOp op) {
   }
   return nullptr;
 }
-CombineFn GetCombine(DType dtype, ReduceOp op) {  // dtype and op were validated
+// bf16 / fp16 sums: each hop widens both operands exactly to fp32, adds, and rounds to nearest even (what NCCL
+// does per hop), so the result is fixed by the ring order like the other types.
+template <float (*Widen)(uint16_t), uint16_t (*Narrow)(float)>
+void CombineHalf(void* dst, const void* received, const void* own, int64_t n) {
+  auto* d = static_cast<uint16_t*>(dst);
+  const auto* a = static_cast<const uint16_t*>(received);
+  const auto* b = static_cast<const uint16_t*>(own);
+  for (int64_t i = 0; i < n; ++i) d[i] = Narrow(Widen(a[i]) + Widen(b[i]));
+}
+
+CombineFn GetCombine(DType dtype, ReduceOp op) {  // dtype and op were validated (16-bit types: sums only)
   switch (dtype) {
     case DType::kF64: return CombineFor<double>(op);
     case DType::kI64: return CombineFor<int64_t>(op);
+    case DType::kBF16: return &CombineHalf<kernels::Bf16ToFloat, kernels::FloatToBf16>;
+    case DType::kF16: return &CombineHalf<kernels::F16ToFloat, kernels::FloatToF16>;
     default: return CombineFor<float>(op);
   }
 }

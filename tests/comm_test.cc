@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -21,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/cast.cuh"
 #include "ring_order.h"
 #include "testing/mpi_env.h"
 #include "zero/comm.h"
@@ -589,9 +591,10 @@ TEST(CommBrokenTest, BadArgumentsAreRejected) {
     std::function<Status(Comm*)> call;
   };
   const Case cases[] = {
-      {"f32 and f64 only", [&](Comm* c) { return c->ReduceScatter(a.data(), b.data(), 2, DType::kI64); }},
-      {"f32, f64 and i64 only",
-       [&](Comm* c) { return c->AllReduce(a.data(), b.data(), 2, DType::kBF16, ReduceOp::kSum); }},
+      {"f32, f64, bf16 and f16 only", [&](Comm* c) { return c->ReduceScatter(a.data(), b.data(), 2, DType::kI64); }},
+      {"kSum only", [&](Comm* c) { return c->AllReduce(a.data(), b.data(), 2, DType::kBF16, ReduceOp::kMax); }},
+      {"f32, f64, i64, bf16 and f16 only",
+       [&](Comm* c) { return c->AllReduce(a.data(), b.data(), 2, DType::kU8, ReduceOp::kSum); }},
       {"count must be >= 0", [&](Comm* c) { return c->AllGather(a.data(), b.data(), -1, DType::kF64); }},
       {"root must be in", [&](Comm* c) { return c->Broadcast(a.data(), 2, DType::kF64, n); }},
       {"partially overlap",
@@ -604,6 +607,55 @@ TEST(CommBrokenTest, BadArgumentsAreRejected) {
     EXPECT_TRUE(Contains(s.message(), c.expect)) << s.ToString();
     EXPECT_EQ(comm->health().message(), s.message());
     EXPECT_EQ(comm->Barrier().code(), StatusCode::kInvalidArgument);
+  }
+}
+
+// bf16 / fp16 sums (the gradient reductions of grad_dtype = kBF16 / kF16): every hop widens to fp32, adds and
+// rounds to nearest even, in the ring order of ring_order.h. The reference is RingSum over a 16-bit type whose
+// + does exactly that.
+template <float (*Widen)(uint16_t), uint16_t (*Narrow)(float)>
+struct Half {
+  uint16_t bits;
+  Half operator+(Half o) const { return {Narrow(Widen(bits) + Widen(o.bits))}; }
+};
+
+template <float (*Widen)(uint16_t), uint16_t (*Narrow)(float)>
+void CheckHalfSums(Comm* comm, DType dtype, int64_t count) {
+  SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " count " << count);
+  using H = Half<Widen, Narrow>;
+  const int n = comm->world_size(), r = comm->rank();
+  // Values with many significant bits, so that each hop really rounds.
+  auto value = [](int rank, int64_t j) {
+    return Narrow(std::sin(static_cast<float>(rank * 31 + j) * 0.37f) * 3.0f);
+  };
+  std::vector<uint16_t> buf(static_cast<size_t>(n * count)), out(static_cast<size_t>(count));
+  for (int64_t j = 0; j < n * count; ++j) buf[static_cast<size_t>(j)] = value(r, j);
+  Status s = comm->ReduceScatter(buf.data(), out.data(), count, dtype);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  std::vector<H> by_rank(static_cast<size_t>(n));
+  int bad = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    for (int k = 0; k < n; ++k) by_rank[static_cast<size_t>(k)] = {value(k, r * count + j)};
+    bad += RingSum(by_rank.data(), n, r).bits != out[static_cast<size_t>(j)];
+  }
+  EXPECT_EQ(bad, 0) << "reduce-scatter elements differ from the per-hop-rounded ring sum";
+  std::vector<uint16_t> all(static_cast<size_t>(count)), sum(static_cast<size_t>(count));
+  for (int64_t j = 0; j < count; ++j) all[static_cast<size_t>(j)] = value(r, j);
+  s = comm->AllReduce(all.data(), sum.data(), count, dtype, ReduceOp::kSum);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  bad = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    for (int k = 0; k < n; ++k) by_rank[static_cast<size_t>(k)] = {value(k, j)};
+    bad += RingSum(by_rank.data(), n, RingChunkOwner(count, n, j)).bits != sum[static_cast<size_t>(j)];
+  }
+  EXPECT_EQ(bad, 0) << "all-reduce elements differ from the per-hop-rounded ring sum";
+}
+
+TEST(CommTest, HalfPrecisionSumsRoundEveryHopInRingOrder) {
+  auto comm = testing::WorldComm();
+  for (int64_t count : {0, 1, 7, 1000}) {
+    CheckHalfSums<kernels::Bf16ToFloat, kernels::FloatToBf16>(comm.get(), DType::kBF16, count);
+    CheckHalfSums<kernels::F16ToFloat, kernels::FloatToF16>(comm.get(), DType::kF16, count);
   }
 }
 

@@ -88,13 +88,13 @@ class Comm {
   // CommOptions::timeout: how long one wait may take.
   std::chrono::milliseconds timeout() const { return timeout_; }
 
-  // Sum only. f32 and f64.
+  // Sum only. f32, f64, bf16 and f16 (16-bit sums: each step adds in fp32 and rounds to nearest even).
   virtual Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
                                const CollectiveOptions& opts = {}) = 0;
   // Any dtype.
   virtual Status AllGather(const void* send, void* recv, int64_t count, DType dtype,
                            const CollectiveOptions& opts = {}) = 0;
-  // f32, f64 and i64. When count is a multiple of world_size, sums run in the same fixed ring order as
+  // f32, f64 and i64; bf16 and f16 with kSum. When count is a multiple of world_size, sums run in the same fixed ring order as
   // ReduceScatter, so results are bitwise reproducible.
   virtual Status AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
                            const CollectiveOptions& opts = {}) = 0;
