@@ -34,6 +34,51 @@ void AccumulateCpu(float* acc, const float* x, int64_t n, int threads) {
   for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
 }
 
+namespace {
+
+template <typename Load>
+void SgdLoad(const SgdCoeffs& c, float* p, float* buf, Load load, int64_t n, int threads) {
+  const SgdElement f{c};
+#pragma omp parallel for num_threads(ThreadsFor(n, threads)) schedule(static)
+  for (int64_t i = 0; i < n; ++i) f(p[i], buf[i], load(i));
+}
+
+template <float (*Widen)(uint16_t), uint16_t (*Narrow)(float)>
+void AccumulateHalf(void* acc, const void* x, int64_t n, int threads) {
+  auto* a = static_cast<uint16_t*>(acc);
+  const auto* b = static_cast<const uint16_t*>(x);
+#pragma omp parallel for num_threads(ThreadsFor(n, threads)) schedule(static)
+  for (int64_t i = 0; i < n; ++i) a[i] = Narrow(Widen(a[i]) + Widen(b[i]));
+}
+
+}  // namespace
+
+bool SgdCpu(const SgdCoeffs& c, float* p, float* buf, const void* g, DType g_dtype, int64_t n, int threads) {
+  switch (g_dtype) {
+    case DType::kF32: SgdCpu(c, p, buf, static_cast<const float*>(g), n, threads); return true;
+    case DType::kBF16: {
+      const auto* h = static_cast<const Bf16Bits*>(g);
+      SgdLoad(c, p, buf, [h](int64_t i) { return Bf16ToFloat(h[i]); }, n, threads);
+      return true;
+    }
+    case DType::kF16: {
+      const auto* h = static_cast<const F16Bits*>(g);
+      SgdLoad(c, p, buf, [h](int64_t i) { return F16ToFloat(h[i]); }, n, threads);
+      return true;
+    }
+    default: return false;
+  }
+}
+
+bool AccumulateCpu(void* acc, const void* x, DType dtype, int64_t n, int threads) {
+  switch (dtype) {
+    case DType::kF32: AccumulateCpu(static_cast<float*>(acc), static_cast<const float*>(x), n, threads); return true;
+    case DType::kBF16: AccumulateHalf<Bf16ToFloat, FloatToBf16>(acc, x, n, threads); return true;
+    case DType::kF16: AccumulateHalf<F16ToFloat, FloatToF16>(acc, x, n, threads); return true;
+    default: return false;
+  }
+}
+
 void ScaleCpu(float* x, float s, int64_t n, int threads) {
 #pragma omp parallel for simd num_threads(ThreadsFor(n, threads)) schedule(static)
   for (int64_t i = 0; i < n; ++i) x[i] *= s;

@@ -17,8 +17,14 @@ void AdamWCpu(const AdamWCoeffs& c, float* p, float* m, float* v, const float* g
 // p, buf, g: n floats. Updates p and buf in place.
 void SgdCpu(const SgdCoeffs& c, float* p, float* buf, const float* g, int64_t n, int threads);
 
+// The same with a bf16/fp16/fp32 gradient, widened exactly to fp32. Returns false for another dtype.
+bool SgdCpu(const SgdCoeffs& c, float* p, float* buf, const void* g, DType g_dtype, int64_t n, int threads);
+
 // acc[i] += x[i].
 void AccumulateCpu(float* acc, const float* x, int64_t n, int threads);
+// The same in f32, bf16 or f16 (16-bit: widen both exactly, add in fp32, round to nearest even, as a
+// 16-bit reduction hop does). Returns false for another dtype.
+bool AccumulateCpu(void* acc, const void* x, DType dtype, int64_t n, int threads);
 // x[i] *= s.
 void ScaleCpu(float* x, float s, int64_t n, int threads);
 // dst[i] = src[i] converted (round to nearest even when narrowing). Supported pairs: f32 -> {f32, bf16, f16}

@@ -15,11 +15,14 @@ namespace zero::kernels {
 // The low-precision copy an optimizer step writes of the updated fp32 parameters (DType without the public
 // header, which nvcc's C++17 cannot read).
 enum class CopyKind : int { kNone, kBf16, kF16 };
-int AdamWCuda(const AdamWCoeffs& c, float* p, float* m, float* v, const float* g, void* copy, CopyKind kind,
-              int64_t n, void* stream);
-int SgdCuda(const SgdCoeffs& c, float* p, float* buf, const float* g, void* copy, CopyKind kind, int64_t n,
-            void* stream);
-int AccumulateCuda(float* acc, const float* x, int64_t n, void* stream);
+// The element type of a gradient (widened exactly to fp32 where it is read).
+enum class GradKind : int { kF32, kBf16, kF16 };
+int AdamWCuda(const AdamWCoeffs& c, float* p, float* m, float* v, const void* g, GradKind gk, void* copy,
+              CopyKind kind, int64_t n, void* stream);
+int SgdCuda(const SgdCoeffs& c, float* p, float* buf, const void* g, GradKind gk, void* copy, CopyKind kind,
+            int64_t n, void* stream);
+// acc[i] += x[i] in the gradient's dtype (16-bit: add in fp32, round to nearest even).
+int AccumulateCuda(void* acc, const void* x, GradKind gk, int64_t n, void* stream);
 int ScaleCuda(float* x, float s, int64_t n, void* stream);
 // The conversions CastCpu supports, one function each.
 int CastF32ToBf16Cuda(const float* src, Bf16Bits* dst, int64_t n, void* stream);
@@ -30,6 +33,6 @@ int CastF16ToF32Cuda(const F16Bits* src, float* dst, int64_t n, void* stream);
 // Sum of squares of x[0, n) (device memory) into scratch[0]; scratch (device memory) holds
 // SumSquaresScratchCount(n) elements. Bitwise equal to SumSquaresCpu.
 int64_t SumSquaresScratchCount(int64_t n);
-int SumSquaresCuda(const float* x, int64_t n, SumSquares* scratch, void* stream);
+int SumSquaresCuda(const void* x, GradKind gk, int64_t n, SumSquares* scratch, void* stream);
 
 }  // namespace zero::kernels

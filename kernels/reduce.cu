@@ -5,6 +5,7 @@
 // worth more here than the last factor of bandwidth.
 #include <cuda_runtime.h>
 
+#include "kernels/cast.cuh"
 #include "kernels/cuda_kernels.h"
 #include "kernels/launch.cuh"
 #include "kernels/sum_squares.cuh"
@@ -16,11 +17,20 @@ struct LoadF32 {
   const float* x;
   __device__ float operator()(int64_t i) const { return x[i]; }
 };
+struct LoadBf16 {
+  const Bf16Bits* x;
+  __device__ float operator()(int64_t i) const { return Bf16ToFloat(x[i]); }
+};
+struct LoadF16 {
+  const F16Bits* x;
+  __device__ float operator()(int64_t i) const { return F16ToFloat(x[i]); }
+};
 
-__global__ void BlockSumsKernel(const float* x, int64_t n, int64_t blocks, SumSquares* partials) {
+template <typename Load>
+__global__ void BlockSumsKernel(Load x, int64_t n, int64_t blocks, SumSquares* partials) {
   for (int64_t b = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; b < blocks; b += int64_t{gridDim.x} * blockDim.x) {
     const int64_t end = (b + 1) * kSumBlock < n ? (b + 1) * kSumBlock : n;
-    partials[b] = SumSquaresBlock(b * kSumBlock, end, LoadF32{x});
+    partials[b] = SumSquaresBlock(b * kSumBlock, end, x);
   }
 }
 
@@ -38,10 +48,23 @@ __global__ void OrderedTotalKernel(const SumSquares* partials, int64_t blocks, S
 
 int64_t SumSquaresScratchCount(int64_t n) { return (n + kSumBlock - 1) / kSumBlock + 1; }
 
-int SumSquaresCuda(const float* x, int64_t n, SumSquares* scratch, void* stream) {
+int SumSquaresCuda(const void* x, GradKind gk, int64_t n, SumSquares* scratch, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
-  if (blocks > 0) BlockSumsKernel<<<BlocksFor(blocks), kThreads, 0, s>>>(x, n, blocks, scratch + 1);
+  if (blocks > 0) {
+    const int grid = BlocksFor(blocks);
+    switch (gk) {
+      case GradKind::kF32:
+        BlockSumsKernel<<<grid, kThreads, 0, s>>>(LoadF32{static_cast<const float*>(x)}, n, blocks, scratch + 1);
+        break;
+      case GradKind::kBf16:
+        BlockSumsKernel<<<grid, kThreads, 0, s>>>(LoadBf16{static_cast<const Bf16Bits*>(x)}, n, blocks, scratch + 1);
+        break;
+      case GradKind::kF16:
+        BlockSumsKernel<<<grid, kThreads, 0, s>>>(LoadF16{static_cast<const F16Bits*>(x)}, n, blocks, scratch + 1);
+        break;
+    }
+  }
   OrderedTotalKernel<<<1, 1, 0, s>>>(scratch + 1, blocks, scratch);
   return static_cast<int>(cudaGetLastError());
 }

@@ -171,28 +171,29 @@ class CpuDevice final : public Device {
     if (bytes > 0) std::memset(p, 0, static_cast<size_t>(bytes));
     return Status::Ok();
   }
-  Status Accumulate(float* acc, const float* x, int64_t n, void*) override {
-    kernels::AccumulateCpu(acc, x, n, threads());
+  Status Accumulate(void* acc, const void* x, DType dtype, int64_t n, void*) override {
+    if (!kernels::AccumulateCpu(acc, x, dtype, n, threads())) return Unsupported("accumulate", dtype);
     return Status::Ok();
   }
   // AdamW: the one SIMD CPU kernel (kernels/cpu_adamw.h), which writes the copy in its single pass.
-  Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, void* copy,
+  Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const void* g, DType g_dtype, void* copy,
                DType copy_dtype, int64_t n, void*) override {
-    if (!kernels::AdamWStepCpu(c, p, m, v, g, DType::kF32, copy, copy_dtype, n, threads())) {
-      return Status::InvalidArgument(std::string("AdamW: unsupported copy dtype ") + DTypeName(copy_dtype));
+    if (!kernels::AdamWStepCpu(c, p, m, v, g, g_dtype, copy, copy_dtype, n, threads())) {
+      return Unsupported("AdamW", copy != nullptr ? copy_dtype : g_dtype);
     }
     return Status::Ok();
   }
-  Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, void* copy, DType copy_dtype,
-             int64_t n, void*) override {
-    kernels::SgdCpu(c, p, buf, g, n, threads());
+  Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const void* g, DType g_dtype, void* copy,
+             DType copy_dtype, int64_t n, void*) override {
+    if (!kernels::SgdCpu(c, p, buf, g, g_dtype, n, threads())) return Unsupported("SGD", g_dtype);
     if (copy != nullptr && !kernels::CastCpu(p, DType::kF32, copy, copy_dtype, n, threads())) {
-      return Status::InvalidArgument(std::string("SGD: unsupported copy dtype ") + DTypeName(copy_dtype));
+      return Unsupported("SGD copy", copy_dtype);
     }
     return Status::Ok();
   }
-  Status SumSquares(const float* x, int64_t n, void*, kernels::SumSquares* out) override {
-    *out = kernels::SumSquaresCpu(x, n, threads());
+  Status SumSquares(const void* x, DType dtype, int64_t n, void*, kernels::SumSquares* out) override {
+    if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) return Unsupported("norm", dtype);
+    *out = kernels::SumSquaresCpu(x, dtype, n, threads());
     return Status::Ok();
   }
   int64_t SumSquaresScratchBytes(int64_t) const override { return 0; }
@@ -205,6 +206,11 @@ class CpuDevice final : public Device {
     return Status::Ok();
   }
   bool host_addressable() const override { return true; }
+
+ private:
+  static Status Unsupported(const char* what, DType dtype) {
+    return Status::InvalidArgument(std::string(what) + ": unsupported dtype " + DTypeName(dtype));
+  }
 
  protected:
   void* RawAllocate(int64_t bytes, MemoryKind) override {

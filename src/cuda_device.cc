@@ -131,20 +131,20 @@ class CudaDevice final : public Device {
     if (bytes <= 0) return Status::Ok();
     return Check("cudaMemsetAsync", cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), Native(stream)));
   }
-  Status Accumulate(float* acc, const float* x, int64_t n, void* stream) override {
-    return Launched("accumulate", kernels::AccumulateCuda(acc, x, n, stream));
+  Status Accumulate(void* acc, const void* x, DType dtype, int64_t n, void* stream) override {
+    return Launched("accumulate", kernels::AccumulateCuda(acc, x, Grad(dtype), n, stream));
   }
-  Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, void* copy,
+  Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const void* g, DType g_dtype, void* copy,
                DType copy_dtype, int64_t n, void* stream) override {
-    return Launched("AdamW", kernels::AdamWCuda(c, p, m, v, g, copy, Kind(copy, copy_dtype), n, stream));
+    return Launched("AdamW", kernels::AdamWCuda(c, p, m, v, g, Grad(g_dtype), copy, Kind(copy, copy_dtype), n, stream));
   }
-  Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, void* copy, DType copy_dtype,
-             int64_t n, void* stream) override {
-    return Launched("SGD", kernels::SgdCuda(c, p, buf, g, copy, Kind(copy, copy_dtype), n, stream));
+  Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const void* g, DType g_dtype, void* copy,
+             DType copy_dtype, int64_t n, void* stream) override {
+    return Launched("SGD", kernels::SgdCuda(c, p, buf, g, Grad(g_dtype), copy, Kind(copy, copy_dtype), n, stream));
   }
-  Status SumSquares(const float* x, int64_t n, void* scratch, kernels::SumSquares* out) override {
+  Status SumSquares(const void* x, DType dtype, int64_t n, void* scratch, kernels::SumSquares* out) override {
     auto* s = static_cast<kernels::SumSquares*>(scratch);
-    ZERO_RETURN_IF_ERROR(Launched("sum of squares", kernels::SumSquaresCuda(x, n, s, nullptr)));
+    ZERO_RETURN_IF_ERROR(Launched("sum of squares", kernels::SumSquaresCuda(x, Grad(dtype), n, s, nullptr)));
     ZERO_RETURN_IF_ERROR(
         Check("cudaMemcpyAsync", cudaMemcpyAsync(out, s, sizeof(*out), cudaMemcpyDeviceToHost, nullptr)));
     return Check("cudaStreamSynchronize", cudaStreamSynchronize(nullptr));  // the compute stream only
@@ -197,6 +197,12 @@ class CudaDevice final : public Device {
 
  private:
   static cudaStream_t Native(void* stream) { return static_cast<cudaStream_t>(stream); }
+  // The engine validates dtypes at Open: gradients are kF32, kBF16 or kF16.
+  static kernels::GradKind Grad(DType dtype) {
+    return dtype == DType::kBF16 ? kernels::GradKind::kBf16
+           : dtype == DType::kF16 ? kernels::GradKind::kF16
+                                  : kernels::GradKind::kF32;
+  }
   static kernels::CopyKind Kind(const void* copy, DType dtype) {
     if (copy == nullptr) return kernels::CopyKind::kNone;
     return dtype == DType::kF16 ? kernels::CopyKind::kF16 : kernels::CopyKind::kBf16;

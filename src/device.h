@@ -102,16 +102,18 @@ class Device {
   // compute stream. The CPU backend runs each call now, on the calling thread, over set_threads() OpenMP
   // threads; CUDA enqueues a kernel and returns the launch status.
   virtual Status Zero(void* p, int64_t bytes, void* stream) = 0;
-  virtual Status Accumulate(float* acc, const float* x, int64_t n, void* stream) = 0;
-  // Optimizer steps on fp32 p (the master), state and gradient; when `copy` is not null they also write p
-  // converted to copy_dtype (kBF16 or kF16, round to nearest even) there, in the same pass.
-  virtual Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const float* g, void* copy,
-                       DType copy_dtype, int64_t n, void* stream) = 0;
-  virtual Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const float* g, void* copy, DType copy_dtype,
-                     int64_t n, void* stream) = 0;
-  // Sum of squares and non-finite count of x[0, n) on the compute stream, waiting for the result. `scratch` is
-  // device memory of SumSquaresScratchBytes(n) (unused on the CPU).
-  virtual Status SumSquares(const float* x, int64_t n, void* scratch, kernels::SumSquares* out) = 0;
+  // acc[i] += x[i] in `dtype` (kF32, kBF16, kF16; 16-bit: fp32 add, round to nearest even).
+  virtual Status Accumulate(void* acc, const void* x, DType dtype, int64_t n, void* stream) = 0;
+  // Optimizer steps on fp32 p (the master) and state, with a gradient of g_dtype (kF32, kBF16, kF16; widened
+  // exactly); when `copy` is not null they also write p converted to copy_dtype (kBF16 or kF16, round to nearest
+  // even) there, in the same pass.
+  virtual Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const void* g, DType g_dtype,
+                       void* copy, DType copy_dtype, int64_t n, void* stream) = 0;
+  virtual Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const void* g, DType g_dtype, void* copy,
+                     DType copy_dtype, int64_t n, void* stream) = 0;
+  // Sum of squares and non-finite count of x[0, n) (kF32, kBF16, kF16) on the compute stream, waiting for the
+  // result. `scratch` is device memory of SumSquaresScratchBytes(n) (unused on the CPU).
+  virtual Status SumSquares(const void* x, DType dtype, int64_t n, void* scratch, kernels::SumSquares* out) = 0;
   virtual int64_t SumSquaresScratchBytes(int64_t n) const = 0;
   // Synchronous copies between host memory and this device's memory (Open, InitParams: not the step path).
   virtual Status CopyToDevice(void* dst, const void* host_src, int64_t bytes) = 0;

@@ -87,8 +87,8 @@ Status ValidateOptions(const Options& o, int num_units) {
   if (o.param_dtype != DType::kF32 && o.param_dtype != DType::kBF16 && o.param_dtype != DType::kF16) {
     return bad("param_dtype must be kF32, kBF16 or kF16");
   }
-  if (o.grad_dtype != DType::kF32) {
-    return bad("grad_dtype must be kF32 in this version (bf16/fp16 gradients are not implemented yet)");
+  if (o.grad_dtype != DType::kF32 && o.grad_dtype != DType::kBF16 && o.grad_dtype != DType::kF16) {
+    return bad("grad_dtype must be kF32, kBF16 or kF16");
   }
   const LossScaleOptions& ls = o.loss_scale;
   auto pow2 = [](float x) {
@@ -351,11 +351,12 @@ TensorView Engine::Grad(int param) const {
   v.backend = impl_->options.backend;
   if (!s.trainable || !u.grad_window) return v;
   const Stage st = impl_->options.stage;
+  v.dtype = impl_->gdt;
   if (st == Stage::kDataParallel || st == Stage::kOptimizerStates) {
-    v.data = impl_->grads.as<float>() + b.offset + loc.offset;
+    v.data = impl_->GAt(impl_->grads.as<char>(), b.offset + loc.offset);
   } else if (u.pool_slot >= 0) {
-    v.data = impl_->grad_pool[static_cast<size_t>(u.pool_slot)].as<float>() +
-             impl_->buckets[static_cast<size_t>(loc.bucket)].unit_offset + loc.offset;
+    v.data = impl_->GAt(impl_->grad_pool[static_cast<size_t>(u.pool_slot)].as<char>(),
+                        impl_->buckets[static_cast<size_t>(loc.bucket)].unit_offset + loc.offset);
   }
   return v;
 }
@@ -458,9 +459,14 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   e.pdt = options.param_dtype;
   e.pe = static_cast<int64_t>(DTypeSize(e.pdt));
   e.mixed = e.pdt != DType::kF32;
+  e.gdt = options.grad_dtype;
+  e.ge = static_cast<int64_t>(DTypeSize(e.gdt));
   // fp32 elements, or compute-parameter elements (pe bytes) with allocp.
   auto alloc = [&](int64_t elems, MemoryCategory cat, const std::string& what, DeviceBuffer* out) {
     return e.device->Allocate(elems * static_cast<int64_t>(sizeof(float)), cat, MemoryKind::kDevice, what, out);
+  };
+  auto allocg = [&](int64_t elems, MemoryCategory cat, const std::string& what, DeviceBuffer* out) {
+    return e.device->Allocate(elems * e.ge, cat, MemoryKind::kDevice, what, out);
   };
   auto allocp = [&](int64_t elems, MemoryCategory cat, const std::string& what, DeviceBuffer* out) {
     return e.device->Allocate(elems * e.pe, cat, MemoryKind::kDevice, what, out);
@@ -488,7 +494,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     ZERO_RETURN_IF_ERROR(allocp(stage3 ? ts : tp, MemoryCategory::kParams, "trainable parameters", &e.trainable_params));
     ZERO_RETURN_IF_ERROR(allocp(stage3 ? fs : fp, MemoryCategory::kParams, "frozen parameters", &e.frozen_params));
     const bool sharded_grads = st == Stage::kGradients || stage3;
-    ZERO_RETURN_IF_ERROR(alloc(sharded_grads ? ts : tp, MemoryCategory::kGrads, "gradients", &e.grads));
+    ZERO_RETURN_IF_ERROR(allocg(sharded_grads ? ts : tp, MemoryCategory::kGrads, "gradients", &e.grads));
     const int64_t opt = st == Stage::kDataParallel ? tp : ts;
     if (e.mixed) ZERO_RETURN_IF_ERROR(alloc(opt, MemoryCategory::kOptimizer, "fp32 master parameters", &e.master));
     ZERO_RETURN_IF_ERROR(alloc(opt, MemoryCategory::kOptimizer, "optimizer state", &e.state0));
@@ -508,7 +514,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
         e.grad_pool.resize(static_cast<size_t>(buffers));
         e.pool_owner.assign(e.grad_pool.size(), -1);
         for (DeviceBuffer& b : e.grad_pool) {
-          ZERO_RETURN_IF_ERROR(alloc(e.pool_elems, MemoryCategory::kBuffers, "gradient pool", &b));
+          ZERO_RETURN_IF_ERROR(allocg(e.pool_elems, MemoryCategory::kBuffers, "gradient pool", &b));
         }
       }
     }

@@ -162,6 +162,8 @@ class Engine::Impl {
   bool mixed = false;    // pdt != kF32
   DeviceBuffer master;
   DeviceBuffer trainable_params, frozen_params;
+  DType gdt = DType::kF32;  // grad_dtype: gradient buffers, the pool and the reductions
+  int64_t ge = 4;           // bytes per gradient element
   DeviceBuffer persistent_params;
   // Gradients: stages 0-1 full trainable; stages 2-3 shard accumulator.
   DeviceBuffer grads;
@@ -232,6 +234,7 @@ class Engine::Impl {
   char* UnitParamBase(int unit);                           // stage 3: unit's full layout, or null
   char* ParamPtr(int param);                               // current view pointer, or null
   char* PAt(char* base, int64_t elems) const { return base + elems * pe; }
+  char* GAt(char* base, int64_t elems) const { return base + elems * ge; }
   // The fp32 master of the trainable elements at `opos` (the optimizer state's layout): the compute
   // parameters themselves in fp32, the separate master otherwise.
   float* MasterAt(int64_t opos, int64_t full_pos, int64_t shard_pos);

@@ -109,7 +109,7 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
 void Engine::Impl::ResetScaler() {
   const LossScaleOptions& o = options.loss_scale;
   dynamic_scale = o.mode == LossScaleOptions::Mode::kDynamic ||
-                  (o.mode == LossScaleOptions::Mode::kAuto && pdt == DType::kF16);
+                  (o.mode == LossScaleOptions::Mode::kAuto && (pdt == DType::kF16 || gdt == DType::kF16));
   loss_scale = dynamic_scale || o.mode == LossScaleOptions::Mode::kStatic ? o.initial : 1.0f;
   scale_hysteresis = o.hysteresis;
   scaler_iter = 0;
@@ -213,9 +213,9 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   double mine[2] = {0.0, 0.0};
   for (const Bucket& b : plan.buckets) {
     if (!b.trainable) continue;
-    const float* g = grads.as<float>() + (full_grads ? b.offset + rank * b.shard : b.shard_offset);
+    const char* g = GAt(grads.as<char>(), full_grads ? b.offset + rank * b.shard : b.shard_offset);
     kernels::SumSquares ss;
-    if (Status e = device->SumSquares(g, b.shard, norm_scratch.data(), &ss); !e.ok()) {
+    if (Status e = device->SumSquares(g, gdt, b.shard, norm_scratch.data(), &ss); !e.ok()) {
       poison = e.WithContext("gradient norm at " + Where());
       comm->Abort(poison);  // peers wait in the norm all-gather below
       return poison;
@@ -256,7 +256,7 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   if (!res.skipped) {
     const double grad_scale = inv_avg * res.clip_coef / res.loss_scale;
     const int64_t t = step + 1;
-    float* g = grads.as<float>();
+    char* g = grads.as<char>();
     // Stage 0 keeps a replicated optimizer: every rank updates every rank's part.
     const int first_owner = st == Stage::kDataParallel ? 0 : rank;
     const int last_owner = st == Stage::kDataParallel ? world - 1 : rank;
@@ -267,7 +267,7 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
         for (const Fragment& f : b.fragments[static_cast<size_t>(r)]) {
           const int64_t pos = b.offset + r * b.shard + f.shard_off;  // in the full trainable layout
           const int64_t spos = b.shard_offset + f.shard_off;         // in the shard layout
-          const float* gr = g + (full_grads ? pos : spos);
+          const char* gr = GAt(g, full_grads ? pos : spos);
           const int64_t opos = st == Stage::kDataParallel ? pos : spos;
           float* p = MasterAt(opos, pos, spos);
           // The low-precision compute copy, written in the same pass.
@@ -279,14 +279,14 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
             const auto c = kernels::MakeAdamWCoeffs(lr, a.beta1, a.beta2, a.eps, a.weight_decay * spec.wd_mult, t,
                                                     grad_scale);
             if (opt.ok()) {
-              opt = device->AdamW(c, p, state0.as<float>() + opos, state1.as<float>() + opos, gr, copy, pdt, f.count,
-                                  nullptr);
+              opt = device->AdamW(c, p, state0.as<float>() + opos, state1.as<float>() + opos, gr, gdt, copy, pdt,
+                                  f.count, nullptr);
             }
           } else {
             const SgdOptions& o = options.sgd;
             const auto c = kernels::MakeSgdCoeffs(lr, o.momentum, o.dampening, o.weight_decay * spec.wd_mult,
                                                   o.nesterov, sgd_first_step, grad_scale);
-            if (opt.ok()) opt = device->Sgd(c, p, state0.as<float>() + opos, gr, copy, pdt, f.count, nullptr);
+            if (opt.ok()) opt = device->Sgd(c, p, state0.as<float>() + opos, gr, gdt, copy, pdt, f.count, nullptr);
           }
         }
       }

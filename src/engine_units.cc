@@ -132,7 +132,7 @@ Status Engine::Impl::BindPool(int unit) {
     if (test.skip_wait != EngineTestHooks::SkipWait::kPoolFree) {
       ZERO_RETURN_IF_ERROR(WaitOnCompute(*pool_free[i], "the reduction of gradient pool buffer " + std::to_string(i)));
     }
-    return device->Zero(grad_pool[i].data(), u.trainable_elems * static_cast<int64_t>(sizeof(float)), nullptr);
+    return device->Zero(grad_pool[i].data(), u.trainable_elems * ge, nullptr);
   }
   std::ostringstream os;
   os << "Acquire(" << unit << ", kBackward) on " << Where() << ": the gradient pool is exhausted: all "
@@ -184,18 +184,19 @@ Status Engine::Impl::IssueReadyReductions() {
 Status Engine::Impl::ReduceBucket(int bucket) {
   const Bucket& b = plan.buckets[static_cast<size_t>(bucket)];
   std::string what = "reduction of bucket " + std::to_string(bucket) + " (" + UnitName(b.unit) + ") at " + Where();
-  float* g = grads.as<float>();
-  const int r = rank;
+  char* g = grads.as<char>();
   const int64_t shard = b.shard;
   const Stage st = options.stage;
+  const DType dt = gdt;
   Comm* c = comm;
   Device* dev = device.get();
-  float* full = nullptr;  // stages 2-3: the unit's pool buffer at this bucket
+  char* full = nullptr;  // stages 2-3: the unit's pool buffer at this bucket
   if (st == Stage::kGradients || st == Stage::kParameters) {
     const UnitState& u = units[static_cast<size_t>(b.unit)];
-    full = grad_pool[static_cast<size_t>(u.pool_slot)].as<float>() + buckets[static_cast<size_t>(bucket)].unit_offset;
+    full = GAt(grad_pool[static_cast<size_t>(u.pool_slot)].as<char>(), buckets[static_cast<size_t>(bucket)].unit_offset);
   }
-  float* in_grads = st == Stage::kGradients || st == Stage::kParameters ? g + b.shard_offset : g + b.offset;
+  char* in_grads = GAt(g, st == Stage::kGradients || st == Stage::kParameters ? b.shard_offset : b.offset);
+  char* mine = GAt(st == Stage::kOptimizerStates ? in_grads : full, rank * shard);  // this rank's reduced slice
   const int64_t padded = b.padded;
   LaunchComm([=, what = std::move(what)](void* stream) -> Status {
     CollectiveOptions co;
@@ -203,13 +204,13 @@ Status Engine::Impl::ReduceBucket(int bucket) {
     co.stream = stream;
     switch (st) {
       case Stage::kDataParallel:
-        return c->AllReduce(in_grads, in_grads, padded, DType::kF32, ReduceOp::kSum, co);
+        return c->AllReduce(in_grads, in_grads, padded, dt, ReduceOp::kSum, co);
       case Stage::kOptimizerStates:
-        return c->ReduceScatter(in_grads, in_grads + r * shard, shard, DType::kF32, co);
+        return c->ReduceScatter(in_grads, mine, shard, dt, co);
       case Stage::kGradients:
       case Stage::kParameters:
-        ZERO_RETURN_IF_ERROR(c->ReduceScatter(full, full + r * shard, shard, DType::kF32, co));
-        return dev->Accumulate(in_grads, full + r * shard, shard, stream);
+        ZERO_RETURN_IF_ERROR(c->ReduceScatter(full, mine, shard, dt, co));
+        return dev->Accumulate(in_grads, mine, dt, shard, stream);
     }
     return Status::Ok();
   });

@@ -16,6 +16,7 @@
 
 #include "device.h"
 #include "kernels/cast.cuh"
+#include "kernels/cpu_kernels.h"
 #include "testing/engine_harness.h"
 
 namespace zero::testing {
@@ -43,6 +44,8 @@ class DeviceMathTest : public ::testing::TestWithParam<Backend> {
     EXPECT_TRUE(device_->CopyToDevice(b.data(), host.data(), static_cast<int64_t>(host.size()) * 4).ok());
     return b;
   }
+  // `values` rounded to dtype (kF32: as is) on the device, with their exact widening for the reference.
+  struct Grad UploadGrad(const std::vector<float>& values, DType dtype);
   std::vector<float> Download(const DeviceBuffer& b, int64_t n) {
     std::vector<float> host(static_cast<size_t>(n));
     EXPECT_TRUE(device_->CopyToHost(host.data(), b.data(), n * 4).ok());
@@ -102,24 +105,50 @@ class CopyTarget {
   DeviceBuffer buf_;
 };
 
+// A gradient of `dtype` on the device, and its exact fp32 widening on the host.
+struct Grad {
+  DeviceBuffer buffer;
+  std::vector<float> widened;
+};
+
+Grad DeviceMathTest::UploadGrad(const std::vector<float>& values, DType dtype) {
+  Grad g;
+  const int64_t n = static_cast<int64_t>(values.size());
+  g.widened = values;
+  if (dtype == DType::kF32) {
+    g.buffer = Upload(values);
+    return g;
+  }
+  std::vector<uint16_t> bits(values.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    bits[i] = dtype == DType::kBF16 ? kernels::FloatToBf16(values[i]) : kernels::FloatToF16(values[i]);
+    g.widened[i] = dtype == DType::kBF16 ? kernels::Bf16ToFloat(bits[i]) : kernels::F16ToFloat(bits[i]);
+  }
+  EXPECT_TRUE(device_->Allocate(n * 2 + 2, MemoryCategory::kBuffers, MemoryKind::kDevice, "grad", &g.buffer).ok());
+  EXPECT_TRUE(device_->CopyToDevice(g.buffer.data(), bits.data(), n * 2).ok());
+  return g;
+}
+
 TEST_P(DeviceMathTest, AdamWEqualsTheScalarFunctor) {
+  for (DType gd : {DType::kF32, DType::kBF16, DType::kF16}) {
   for (DType copy : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (int64_t n : kSizes) {
-      SCOPED_TRACE("n = " + std::to_string(n) + ", copy " + DTypeName(copy));
+      SCOPED_TRACE("n = " + std::to_string(n) + ", grad " + DTypeName(gd) + ", copy " + DTypeName(copy));
       std::vector<float> p = Random(n, 1, -1, 1), m = Random(n, 2, -0.1f, 0.1f), v = Random(n, 3, 0, 0.01f);
-      const std::vector<float> g = Random(n, 4, -2, 2);
+      Grad g = UploadGrad(Random(n, 4, -2, 2), gd);
       const auto c = kernels::MakeAdamWCoeffs(1e-3, 0.9, 0.999, 1e-8, 0.01, 7, 0.25);
-      DeviceBuffer dp = Upload(p), dm = Upload(m), dv = Upload(v), dg = Upload(g);
+      DeviceBuffer dp = Upload(p), dm = Upload(m), dv = Upload(v);
       CopyTarget target(device_.get(), copy, n);
-      ASSERT_TRUE(device_->AdamW(c, dp.as<float>(), dm.as<float>(), dv.as<float>(), dg.as<float>(), target.ptr(),
-                                 copy, n, nullptr).ok());
+      ASSERT_TRUE(device_->AdamW(c, dp.as<float>(), dm.as<float>(), dv.as<float>(), g.buffer.data(), gd,
+                                 target.ptr(), copy, n, nullptr).ok());
       const kernels::AdamWElement f{c};
-      for (int64_t i = 0; i < n; ++i) f(p[i], m[i], v[i], g[i]);
+      for (int64_t i = 0; i < n; ++i) f(p[i], m[i], v[i], g.widened[i]);
       ExpectBitwise(Download(dp, n), p, "p");
       ExpectBitwise(Download(dm, n), m, "m");
       ExpectBitwise(Download(dv, n), v, "v");
       target.Expect(p);
     }
+  }
   }
 }
 
@@ -133,8 +162,8 @@ TEST_P(DeviceMathTest, SgdEqualsTheScalarFunctor) {
         const auto c = kernels::MakeSgdCoeffs(0.1, 0.9, 0.1, 0.01, /*nesterov=*/!first, first, 0.5);
         DeviceBuffer dp = Upload(p), db = Upload(buf), dg = Upload(g);
         CopyTarget target(device_.get(), copy, n);
-        ASSERT_TRUE(device_->Sgd(c, dp.as<float>(), db.as<float>(), dg.as<float>(), target.ptr(), copy, n, nullptr)
-                        .ok());
+        ASSERT_TRUE(device_->Sgd(c, dp.as<float>(), db.as<float>(), dg.as<float>(), DType::kF32, target.ptr(), copy,
+                                 n, nullptr).ok());
         const kernels::SgdElement f{c};
         for (int64_t i = 0; i < n; ++i) f(p[i], buf[i], g[i]);
         ExpectBitwise(Download(dp, n), p, "p");
@@ -151,11 +180,39 @@ TEST_P(DeviceMathTest, AccumulateAndZero) {
     std::vector<float> acc = Random(n, 8, -1, 1);
     const std::vector<float> x = Random(n, 9, -1, 1);
     DeviceBuffer da = Upload(acc), dx = Upload(x);
-    ASSERT_TRUE(device_->Accumulate(da.as<float>(), dx.as<float>(), n, nullptr).ok());
+    ASSERT_TRUE(device_->Accumulate(da.as<float>(), dx.as<float>(), DType::kF32, n, nullptr).ok());
     for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
     ExpectBitwise(Download(da, n), acc, "acc");
     ASSERT_TRUE(device_->Zero(da.data(), n * 4, nullptr).ok());
     ExpectBitwise(Download(da, n), std::vector<float>(static_cast<size_t>(n), 0.0f), "zeroed");
+  }
+}
+
+TEST_P(DeviceMathTest, HalfPrecisionAccumulateAndSumSquares) {
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    for (int64_t n : kSizes) {
+      SCOPED_TRACE("n = " + std::to_string(n) + " " + DTypeName(dt));
+      Grad acc = UploadGrad(Random(n, 11, -1, 1), dt), x = UploadGrad(Random(n, 12, -1, 1), dt);
+      ASSERT_TRUE(device_->Accumulate(acc.buffer.data(), x.buffer.data(), dt, n, nullptr).ok());
+      std::vector<uint16_t> got(static_cast<size_t>(n)), want(static_cast<size_t>(n));
+      ASSERT_TRUE(device_->CopyToHost(got.data(), acc.buffer.data(), n * 2).ok());
+      for (int64_t i = 0; i < n; ++i) {
+        const float sum = acc.widened[i] + x.widened[i];  // fp32 add of the exact widenings, then rounded
+        want[i] = dt == DType::kBF16 ? kernels::FloatToBf16(sum) : kernels::FloatToF16(sum);
+      }
+      EXPECT_EQ(got, want);
+      DeviceBuffer scratch;
+      const int64_t scratch_bytes = device_->SumSquaresScratchBytes(n);
+      if (scratch_bytes > 0) {
+        ASSERT_TRUE(device_->Allocate(scratch_bytes, MemoryCategory::kBuffers, MemoryKind::kDevice, "scratch",
+                                      &scratch).ok());
+      }
+      kernels::SumSquares ss;
+      ASSERT_TRUE(device_->SumSquares(x.buffer.data(), dt, n, scratch.data(), &ss).ok());
+      const kernels::SumSquares ref = kernels::SumSquaresCpu(x.widened.data(), n, 1);
+      EXPECT_EQ(std::memcmp(&ss.sum, &ref.sum, sizeof(double)), 0) << ss.sum << " vs " << ref.sum;
+      EXPECT_EQ(ss.nonfinite, ref.nonfinite);
+    }
   }
 }
 
@@ -174,7 +231,7 @@ TEST_P(DeviceMathTest, SumSquaresEqualsBlockedScalarSum) {
                                     &scratch).ok());
     }
     kernels::SumSquares got;
-    ASSERT_TRUE(device_->SumSquares(dx.as<float>(), n, scratch.data(), &got).ok());
+    ASSERT_TRUE(device_->SumSquares(dx.as<float>(), DType::kF32, n, scratch.data(), &got).ok());
     // The reference: fp64 per 4096-element block in order, then the block sums in order.
     double want = 0.0;
     int64_t bad = 0;

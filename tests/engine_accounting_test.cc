@@ -22,6 +22,7 @@
 //            reduce-scatter M·Ψt.
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include <gtest/gtest.h>
 
@@ -76,28 +77,32 @@ TEST_P(MemoryTest, MemoryMatchesClosedFormPerStage) {
   ZERO_BACKEND_COMM(comm, GetParam());
   const int n = comm->world_size();
   const Sizes s = ToySizes(n);
-  for (DType dt : {DType::kF32, DType::kBF16}) {
-  // pb: bytes per compute parameter; a low-precision param_dtype adds a 4-byte fp32 master to the optimizer.
-  const int64_t pb = static_cast<int64_t>(DTypeSize(dt));
+  const std::pair<DType, DType> dtypes[] = {{DType::kF32, DType::kF32}, {DType::kBF16, DType::kF32},
+                                             {DType::kF16, DType::kF16}};
+  for (const auto& [dt, gd] : dtypes) {
+  // pb: bytes per compute parameter (a low-precision param_dtype adds a 4-byte fp32 master to the optimizer);
+  // gb: bytes per gradient element (gradient buffers and the pool).
+  const int64_t pb = static_cast<int64_t>(DTypeSize(dt)), gb = static_cast<int64_t>(DTypeSize(gd));
   for (OptimizerKind opt : {OptimizerKind::kAdamW, OptimizerKind::kSgdMomentum}) {
     const int64_t k = (opt == OptimizerKind::kAdamW ? 8 : 4) + (dt == DType::kF32 ? 0 : 4);
     for (int st = 0; st <= 3; ++st) {
       SCOPED_TRACE("stage " + std::to_string(st) + (opt == OptimizerKind::kAdamW ? " adamw " : " sgd ") +
-                   DTypeName(dt));
+                   DTypeName(dt) + " params, " + DTypeName(gd) + " grads");
       Options o = Base(static_cast<Stage>(st), opt);
       o.backend = GetParam();
       o.param_dtype = dt;
+      o.grad_dtype = gd;
       o.grad_pool_buffers = 2;
       o.gather_slots = 3;
       o.persist_bytes = st == 3 ? R(57, n) * 4 : 0;  // stage 3: units 2 and 3 (each R(57) = R(49)) persist
       auto engine = OpenToyEngine(o, comm.get());
       ASSERT_NE(engine, nullptr);
-      int64_t params = pb * (s.t + s.f), grads = 4 * s.t, optimizer = k * s.t, buffers = 0;
+      int64_t params = pb * (s.t + s.f), grads = gb * s.t, optimizer = k * s.t, buffers = 0;
       const int64_t max_t = std::max({s.unit0, s.unit1, s.unit3});
       if (st >= 1) optimizer = k * s.t / n;
       if (st >= 2) {
-        grads = 4 * s.t / n;
-        buffers = 4 * 2 * max_t;
+        grads = gb * s.t / n;
+        buffers = gb * 2 * max_t;
       }
       if (st == 3) {
         // A unit persists when its full padded bytes fit persist_bytes = 4 R(57): units 2 and 3 always, units 0

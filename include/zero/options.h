@@ -51,8 +51,8 @@ struct ParamSpec {
   int64_t numel() const;
 };
 
-// Loss scaling for low-precision gradients. kAuto: DeepSpeed's dynamic scaler when param_dtype is kF16, a fixed
-// scale of 1 otherwise. Dynamic: start at `initial`; an overflow (any rank) skips the step and, after
+// Loss scaling for low-precision gradients. kAuto: DeepSpeed's dynamic scaler when param_dtype or grad_dtype is
+// kF16, a fixed scale of 1 otherwise. Dynamic: start at `initial`; an overflow (any rank) skips the step and, after
 // `hysteresis` overflows, halves the scale (not below min_scale); every growth_interval clean steps since the
 // last overflow double it. kStatic: always `initial`. Scales are powers of two so that unscaling is exact.
 struct LossScaleOptions {
@@ -71,7 +71,9 @@ struct Options {
   // master copy (counted as optimizer state, so AdamW costs 12 bytes per trainable parameter on its owner) and
   // writes the low-precision copy in the optimizer's pass; frozen parameters exist only in param_dtype.
   DType param_dtype = DType::kF32;
-  // Gradients as the trainer accumulates them. kF32 only in this version.
+  // Gradients as the trainer accumulates them, and as they are reduced and accumulated across micro-steps:
+  // kF32, kBF16 or kF16 (16-bit reductions add in fp32 and round every hop, as NCCL does; the optimizer widens
+  // them exactly). kF16 turns on the dynamic loss scaler under kAuto, like a kF16 param_dtype.
   DType grad_dtype = DType::kF32;
   LossScaleOptions loss_scale;
 

@@ -50,6 +50,7 @@ class EngineAccess : public ToyAccess {
         scratch_(4096, 0.0f),
         device_(engine->options().backend != Backend::kCpu),
         convert_(engine->options().param_dtype != DType::kF32),
+        convert_grads_(engine->options().grad_dtype != DType::kF32),
         param_mirror_(engine->specs().size()),
         grad_mirror_(engine->specs().size()) {}
   void Acquire(int unit, bool backward) override {
@@ -59,11 +60,21 @@ class EngineAccess : public ToyAccess {
     Check(engine_->Release(unit, backward ? Pass::kBackward : Pass::kForward));
   }
   void GradsReady(int unit) override {
-    if (device_) {
+    if (device_ || convert_grads_) {
       for (size_t p = 0; p < grad_mirror_.size(); ++p) {
         if (grad_mirror_[p].empty() || engine_->specs()[p].unit != unit) continue;
         const TensorView v = engine_->Grad(static_cast<int>(p));
-        if (v.data != nullptr) Check(CopyToDevice(v.data, grad_mirror_[p].data(), v.numel * 4));
+        if (v.data != nullptr) {
+          // The micro-step's fp32 sum, rounded once to grad_dtype, as a trainer's backward writes it.
+          const int64_t bytes = v.numel * static_cast<int64_t>(DTypeSize(v.dtype));
+          raw_.resize(static_cast<size_t>(bytes));
+          kernels::CastCpu(grad_mirror_[p].data(), DType::kF32, raw_.data(), v.dtype, v.numel, 1);
+          if (device_) {
+            Check(CopyToDevice(v.data, raw_.data(), bytes));
+          } else {
+            std::memcpy(v.data, raw_.data(), static_cast<size_t>(bytes));
+          }
+        }
         grad_mirror_[p].clear();
       }
     }
@@ -89,11 +100,18 @@ class EngineAccess : public ToyAccess {
   float* Grad(int p) override {
     const TensorView v = engine_->Grad(p);
     float* d = OrScratch(v.as<float>(), "Grad", p);
-    if (!device_ || d == scratch_.data()) return d;
+    if ((!device_ && !convert_grads_) || d == scratch_.data()) return d;
     std::vector<float>& m = grad_mirror_[static_cast<size_t>(p)];
     if (m.empty()) {  // first use in this micro-step: start from the engine's (zeroed or accumulated) values
       m.resize(static_cast<size_t>(v.numel));
-      Check(CopyFromDevice(m.data(), v.data, v.numel * 4));
+      const int64_t bytes = v.numel * static_cast<int64_t>(DTypeSize(v.dtype));
+      raw_.resize(static_cast<size_t>(bytes));
+      if (device_) {
+        Check(CopyFromDevice(raw_.data(), v.data, bytes));
+      } else {
+        std::memcpy(raw_.data(), v.data, static_cast<size_t>(bytes));
+      }
+      kernels::CastCpu(raw_.data(), v.dtype, m.data(), DType::kF32, v.numel, 1);
     }
     return m.data();
   }
@@ -116,6 +134,7 @@ class EngineAccess : public ToyAccess {
   std::vector<float> scratch_;
   bool device_;
   bool convert_;
+  bool convert_grads_;
   std::vector<char> raw_;
   std::vector<std::vector<float>> param_mirror_, grad_mirror_;
   bool failed_ = false;
