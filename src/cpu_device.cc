@@ -4,9 +4,11 @@
 #include <cstring>
 #include <new>
 #include <sstream>
+#include <unordered_map>
 
 #include "cpu_stream.h"
 #include "device.h"
+#include "host_memory.h"
 #include "kernels/cpu_adamw.h"
 #include "kernels/cpu_kernels.h"
 
@@ -197,6 +199,10 @@ class CpuDevice final : public Device {
     return Status::Ok();
   }
   int64_t SumSquaresScratchBytes(int64_t) const override { return 0; }
+  Status Copy(void* dst, const void* src, int64_t bytes, void*) override {
+    if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
+    return Status::Ok();
+  }
   Status CopyToDevice(void* dst, const void* src, int64_t bytes) override {
     if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
     return Status::Ok();
@@ -213,14 +219,43 @@ class CpuDevice final : public Device {
   }
 
  protected:
-  void* RawAllocate(int64_t bytes, MemoryKind) override {
+  // Pinned host memory (offload) comes from host_memory.h: huge pages for large buffers, first-touched and
+  // mlocked (pageable with a warning when the memlock limit refuses). Everything else is aligned malloc.
+  void* RawAllocate(int64_t bytes, MemoryKind kind) override {
+    if (kind == MemoryKind::kPinnedHost) {
+      HostMemoryOptions o;
+      o.huge_pages = bytes >= kHugePageBytes;
+      HostAllocation a;
+      if (!AllocateHost(bytes, o, nullptr, &a).ok()) return nullptr;
+      std::lock_guard<std::mutex> lock(pinned_mu_);
+      pinned_[a.ptr] = a;
+      return a.ptr;
+    }
     constexpr size_t kAlign = 64;
     const size_t rounded = (static_cast<size_t>(bytes) + kAlign - 1) / kAlign * kAlign;
     void* p = std::aligned_alloc(kAlign, rounded);
     if (p != nullptr) std::memset(p, 0, rounded);
     return p;
   }
-  void RawFree(void* ptr, int64_t, MemoryKind) override { std::free(ptr); }
+  void RawFree(void* ptr, int64_t, MemoryKind kind) override {
+    if (kind == MemoryKind::kPinnedHost) {
+      HostAllocation a;
+      {
+        std::lock_guard<std::mutex> lock(pinned_mu_);
+        auto it = pinned_.find(ptr);
+        if (it == pinned_.end()) return;
+        a = it->second;
+        pinned_.erase(it);
+      }
+      FreeHost(a, nullptr);
+      return;
+    }
+    std::free(ptr);
+  }
+
+ private:
+  std::mutex pinned_mu_;
+  std::unordered_map<void*, HostAllocation> pinned_;
 };
 
 }  // namespace

@@ -152,6 +152,11 @@ class CudaDevice final : public Device {
   int64_t SumSquaresScratchBytes(int64_t n) const override {
     return kernels::SumSquaresScratchCount(n) * static_cast<int64_t>(sizeof(kernels::SumSquares));
   }
+  Status Copy(void* dst, const void* src, int64_t bytes, void* stream) override {
+    if (bytes <= 0) return Status::Ok();
+    return Check("cudaMemcpyAsync",
+                 cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, Native(stream)));
+  }
   Status CopyToDevice(void* dst, const void* src, int64_t bytes) override {
     if (bytes <= 0) return Status::Ok();
     return Check("cudaMemcpy to the device", cudaMemcpy(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault));

@@ -115,6 +115,8 @@ class Device {
   // result. `scratch` is device memory of SumSquaresScratchBytes(n) (unused on the CPU).
   virtual Status SumSquares(const void* x, DType dtype, int64_t n, void* scratch, kernels::SumSquares* out) = 0;
   virtual int64_t SumSquaresScratchBytes(int64_t n) const = 0;
+  // Asynchronous copy of `bytes` between any two of this device's or host memory on `stream` (CPU: now).
+  virtual Status Copy(void* dst, const void* src, int64_t bytes, void* stream) = 0;
   // Synchronous copies between host memory and this device's memory (Open, InitParams: not the step path).
   virtual Status CopyToDevice(void* dst, const void* host_src, int64_t bytes) = 0;
   virtual Status CopyToHost(void* host_dst, const void* src, int64_t bytes) = 0;

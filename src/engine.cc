@@ -35,7 +35,7 @@ std::vector<std::string> DescribeConfig(const Options& o, const std::vector<Para
      << " reductions_in_flight=" << o.reductions_in_flight << " param_dtype=" << DTypeName(o.param_dtype)
      << " grad_dtype=" << DTypeName(o.grad_dtype) << " loss_scale=" << static_cast<int>(o.loss_scale.mode) << "/"
      << o.loss_scale.initial << "/" << o.loss_scale.growth_interval << "/" << o.loss_scale.hysteresis << "/"
-     << o.loss_scale.min_scale << " prefetch_bytes=" << o.prefetch_bytes
+     << o.loss_scale.min_scale << " offload=" << o.offload_optimizer << "/" << o.offload_params << " prefetch_bytes=" << o.prefetch_bytes
      << " persist_bytes=" << o.persist_bytes << " keep_gathered_units=" << o.keep_gathered_units.size();
   lines.push_back(os.str());
   os.str("");
@@ -100,6 +100,12 @@ Status ValidateOptions(const Options& o, int num_units) {
                "exact)");
   }
   if (ls.growth_interval < 1 || ls.hysteresis < 1) return bad("loss_scale.growth_interval and hysteresis must be >= 1");
+  if (o.offload_optimizer && o.stage == Stage::kDataParallel) {
+    return bad("offload_optimizer needs stage 1, 2 or 3 (stage 0 replicates the optimizer on every rank)");
+  }
+  if (o.offload_params && (o.stage != Stage::kParameters || !o.offload_optimizer)) {
+    return bad("offload_params needs stage 3 with offload_optimizer");
+  }
   for (int u : o.keep_gathered_units) {
     if (u < 0 || u >= num_units) {
       return bad("keep_gathered_units names unit " + std::to_string(u) + ", but units are 0.." +
@@ -322,7 +328,7 @@ char* Engine::Impl::ParamPtr(int param) {
 }
 
 float* Engine::Impl::MasterAt(int64_t opos, int64_t full_pos, int64_t shard_pos) {
-  if (mixed) return master.as<float>() + opos;
+  if (sep_master) return master.as<float>() + opos;
   return trainable_params.as<float>() + (options.stage == Stage::kParameters ? shard_pos : full_pos);
 }
 
@@ -459,12 +465,12 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   e.pdt = options.param_dtype;
   e.pe = static_cast<int64_t>(DTypeSize(e.pdt));
   e.mixed = e.pdt != DType::kF32;
+  e.offload = options.offload_optimizer;
+  e.offload_params = options.offload_params;
+  e.sep_master = e.mixed || e.offload;
   e.gdt = options.grad_dtype;
   e.ge = static_cast<int64_t>(DTypeSize(e.gdt));
-  // fp32 elements, or compute-parameter elements (pe bytes) with allocp.
-  auto alloc = [&](int64_t elems, MemoryCategory cat, const std::string& what, DeviceBuffer* out) {
-    return e.device->Allocate(elems * static_cast<int64_t>(sizeof(float)), cat, MemoryKind::kDevice, what, out);
-  };
+  // Device allocations of gradient (ge bytes) or compute-parameter (pe bytes) elements.
   auto allocg = [&](int64_t elems, MemoryCategory cat, const std::string& what, DeviceBuffer* out) {
     return e.device->Allocate(elems * e.ge, cat, MemoryKind::kDevice, what, out);
   };
@@ -491,15 +497,34 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     }
     if (options.device_capacity_bytes > 0) e.device->set_capacity(options.device_capacity_bytes);
     e.device->set_threads(e.threads);
-    ZERO_RETURN_IF_ERROR(allocp(stage3 ? ts : tp, MemoryCategory::kParams, "trainable parameters", &e.trainable_params));
-    ZERO_RETURN_IF_ERROR(allocp(stage3 ? fs : fp, MemoryCategory::kParams, "frozen parameters", &e.frozen_params));
+    // Offloaded parameter shards and optimizer state live in pinned host memory, counted as host bytes.
+    const MemoryKind param_kind = e.offload_params ? MemoryKind::kPinnedHost : MemoryKind::kDevice;
+    const MemoryKind opt_kind = e.offload ? MemoryKind::kPinnedHost : MemoryKind::kDevice;
+    ZERO_RETURN_IF_ERROR(e.device->Allocate((stage3 ? ts : tp) * e.pe, MemoryCategory::kParams, param_kind,
+                                            "trainable parameters", &e.trainable_params));
+    ZERO_RETURN_IF_ERROR(e.device->Allocate((stage3 ? fs : fp) * e.pe, MemoryCategory::kParams, param_kind,
+                                            "frozen parameters", &e.frozen_params));
     const bool sharded_grads = st == Stage::kGradients || stage3;
     ZERO_RETURN_IF_ERROR(allocg(sharded_grads ? ts : tp, MemoryCategory::kGrads, "gradients", &e.grads));
     const int64_t opt = st == Stage::kDataParallel ? tp : ts;
-    if (e.mixed) ZERO_RETURN_IF_ERROR(alloc(opt, MemoryCategory::kOptimizer, "fp32 master parameters", &e.master));
-    ZERO_RETURN_IF_ERROR(alloc(opt, MemoryCategory::kOptimizer, "optimizer state", &e.state0));
-    if (options.optimizer == OptimizerKind::kAdamW) {
-      ZERO_RETURN_IF_ERROR(alloc(opt, MemoryCategory::kOptimizer, "optimizer state", &e.state1));
+    auto alloco = [&](const std::string& what, DeviceBuffer* out) {
+      return e.device->Allocate(opt * 4, MemoryCategory::kOptimizer, opt_kind, what, out);
+    };
+    if (e.sep_master) ZERO_RETURN_IF_ERROR(alloco("fp32 master parameters", &e.master));
+    ZERO_RETURN_IF_ERROR(alloco("optimizer state", &e.state0));
+    if (options.optimizer == OptimizerKind::kAdamW) ZERO_RETURN_IF_ERROR(alloco("optimizer state", &e.state1));
+    if (e.offload) {
+      // Double-buffered host staging of the largest trainable bucket shard: gradients down, parameters up.
+      int64_t largest = 0;
+      for (const Bucket& b : e.plan.buckets) largest = std::max(largest, b.trainable ? b.shard : 0);
+      for (int i = 0; i < 2; ++i) {
+        ZERO_RETURN_IF_ERROR(e.device->Allocate(largest * e.ge, MemoryCategory::kGrads, MemoryKind::kPinnedHost,
+                                                "offload gradient staging", &e.host_grad[i]));
+        if (!e.offload_params) {
+          ZERO_RETURN_IF_ERROR(e.device->Allocate(largest * e.pe, MemoryCategory::kBuffers, MemoryKind::kPinnedHost,
+                                                  "offload parameter staging", &e.host_copy[i]));
+        }
+      }
     }
     if (sharded_grads) {
       for (const UnitState& u : e.units) e.pool_elems = std::max(e.pool_elems, u.trainable_elems);
@@ -559,6 +584,14 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     for (size_t i = 0; i < e.slots.size(); ++i) e.slots[i].index = static_cast<int>(i);
     ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.params_ready));
     ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.optimizer_done));
+    if (e.offload) {
+      ZERO_RETURN_IF_ERROR(e.device->NewStream("offload copy stream", /*high_priority=*/false, &e.copy_stream));
+      for (int i = 0; i < 2; ++i) {
+        ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.d2h_done[i]));
+        ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.h2d_done[i]));
+      }
+      ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.step_begin));
+    }
     return Status::Ok();
   };
   e.wait_timeout = 2 * comm->timeout() + std::chrono::milliseconds(60'000);

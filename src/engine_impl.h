@@ -160,6 +160,9 @@ class Engine::Impl {
   DType pdt = DType::kF32;
   int64_t pe = 4;        // bytes per compute-parameter element
   bool mixed = false;    // pdt != kF32
+  bool offload = false;         // Options.offload_optimizer: master and optimizer state in pinned host memory
+  bool offload_params = false;  // Options.offload_params: stage-3 parameter shards in pinned host memory
+  bool sep_master = false;      // the fp32 master is apart from the compute parameters (mixed or offload)
   DeviceBuffer master;
   DeviceBuffer trainable_params, frozen_params;
   DType gdt = DType::kF32;  // grad_dtype: gradient buffers, the pool and the reductions
@@ -201,6 +204,9 @@ class Engine::Impl {
 
   // Streams and events (the table at the top of this file).
   std::unique_ptr<Stream> comm_stream;
+  std::unique_ptr<Stream> copy_stream;  // offload: gradient shards to the host, parameters back
+  DeviceBuffer host_grad[2], host_copy[2];  // offload: double-buffered staging (pinned host)
+  std::unique_ptr<zero::Event> d2h_done[2], h2d_done[2], step_begin;
   std::vector<std::unique_ptr<zero::Event>> grads_done;  // per unit
   std::vector<std::unique_ptr<zero::Event>> pool_free;   // per pool buffer
   std::vector<std::unique_ptr<zero::Event>> in_flight;   // ring of reductions_in_flight
@@ -275,6 +281,14 @@ class Engine::Impl {
   Status InitParamsImpl(const FillFn& fill);
   Status StepImpl(const StepArgs& args, StepResult* result);
   void GatherAfterStep();
+  // Stages 1-2: queues the all-gather of trainable bucket `bucket`'s updated shards.
+  void GatherBucketAfterStep(const Bucket& b);
+  // Stage 3: queues the gathers of the persistent units' trainable buckets.
+  void GatherPersistentAfterStep();
+  // Offload: the optimizer on the host, bucket by bucket, pipelined with the copies and gathers.
+  Status OffloadOptimizer(double grad_scale, double lr, int64_t t);
+  // Queues the gather of bucket `bi` of a stage-3 unit into `out` (the unit's full layout at the bucket).
+  void LaunchShardGather(int bi, char* out, const std::string& what);
   void ResetScaler();
   bool UpdateScaler(bool overflow);
   void ZeroGrads();

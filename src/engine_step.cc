@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine_impl.h"
+#include "kernels/cpu_adamw.h"
 #include "kernels/cpu_kernels.h"
 
 namespace zero {
@@ -40,16 +41,18 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
     const int64_t master_base = stage0 ? b.offset + rank * b.shard : b.shard_offset;
     for (const Fragment& f : b.fragments[static_cast<size_t>(rank)]) {
       char* dst = PAt(base, f.shard_off);
-      if (!mixed && device->host_addressable()) {
+      if (!sep_master && device->host_addressable()) {
         fill(f.param, f.param_off, f.count, reinterpret_cast<float*>(dst));
         continue;
       }
       staging.assign(static_cast<size_t>(f.count), 0.0f);
       fill(f.param, f.param_off, f.count, staging.data());
+      if (b.trainable && sep_master) {
+        e = device->CopyToDevice(master.as<float>() + master_base + f.shard_off, staging.data(), f.count * 4);
+      }
       if (!mixed) {
-        e = device->CopyToDevice(dst, staging.data(), f.count * 4);
+        if (e.ok()) e = device->CopyToDevice(dst, staging.data(), f.count * 4);
       } else {
-        if (b.trainable) e = device->CopyToDevice(master.as<float>() + master_base + f.shard_off, staging.data(), f.count * 4);
         staging_p.resize(static_cast<size_t>(f.count * pe));
         kernels::CastCpu(staging.data(), DType::kF32, staging_p.data(), pdt, f.count, 1);
         if (e.ok()) e = device->CopyToDevice(dst, staging_p.data(), f.count * pe);
@@ -74,7 +77,7 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
         co.what = "InitParams gather";
         return comm->AllGather(full + r * shard * bytes, full, shard, dt, co);
       });
-      if (stage0 && mixed && b.trainable) {  // stage 0 keeps a full fp32 master on every rank
+      if (stage0 && sep_master && b.trainable) {  // stage 0 keeps a full fp32 master on every rank
         float* m = master.as<float>() + b.offset;
         LaunchComm([this, m, shard, r](void* stream) {
           CollectiveOptions co;
@@ -144,42 +147,118 @@ void Engine::Impl::GatherAfterStep() {
   // optimizer -> post-step gather: later gathers (these, and stage 3's at Acquire) read the updated shards.
   device->RecordCompute(optimizer_done.get());
   comm_stream->Wait(*optimizer_done);
-  const DType dt = pdt;
   if (options.stage == Stage::kOptimizerStates || options.stage == Stage::kGradients) {
     for (const Bucket& b : plan.buckets) {
-      if (!b.trainable) continue;
-      char* full = FullParamBase(b);
-      const char* mine = PAt(full, rank * b.shard);
-      const int64_t shard = b.shard;
-      LaunchComm([this, full, mine, shard, dt](void* stream) {
-        CollectiveOptions co;
-        co.stream = stream;
-        co.what = "parameter all-gather after the step";
-        return comm->AllGather(mine, full, shard, dt, co);
-      });
-      Log(Engine::Event::kGather, b.unit, b.index);
+      if (b.trainable) GatherBucketAfterStep(b);
     }
   } else if (options.stage == Stage::kParameters) {
-    for (size_t u = 0; u < units.size(); ++u) {
-      if (!units[u].persistent) continue;
-      char* dst = UnitParamBase(static_cast<int>(u));
-      for (int bi : plan.units[u].trainable_buckets) {
-        const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
-        const char* src = ShardParamBase(b);
-        char* out = PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset);
-        const int64_t shard = b.shard;
-        LaunchComm([this, src, out, shard, dt](void* stream) {
-          CollectiveOptions co;
-          co.stream = stream;
-          co.what = "parameter all-gather after the step";
-          return comm->AllGather(src, out, shard, dt, co);
-        });
-        Log(Engine::Event::kGather, b.unit, bi);
-      }
-    }
+    GatherPersistentAfterStep();
   }
   comm_stream->Record(params_ready.get());
   params_pending = true;
+}
+
+void Engine::Impl::GatherBucketAfterStep(const Bucket& b) {
+  char* full = FullParamBase(b);
+  const char* mine = PAt(full, rank * b.shard);
+  const int64_t shard = b.shard;
+  const DType dt = pdt;
+  LaunchComm([this, full, mine, shard, dt](void* stream) {
+    CollectiveOptions co;
+    co.stream = stream;
+    co.what = "parameter all-gather after the step";
+    return comm->AllGather(mine, full, shard, dt, co);
+  });
+  Log(Engine::Event::kGather, b.unit, b.index);
+}
+
+void Engine::Impl::GatherPersistentAfterStep() {
+  for (size_t u = 0; u < units.size(); ++u) {
+    if (!units[u].persistent) continue;
+    char* dst = UnitParamBase(static_cast<int>(u));
+    for (int bi : plan.units[u].trainable_buckets) {
+      LaunchShardGather(bi, PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset),
+                        "parameter all-gather after the step");
+      Log(Engine::Event::kGather, static_cast<int>(u), bi);
+    }
+  }
+}
+
+// The offloaded optimizer (stages 1-3). For trainable bucket k in plan order, with staging slot i = k % 2:
+//   copy stream:  gradient shard of k+1 -> host_grad[(k+1)%2]     (issued before k is updated: overlaps it)
+//   host:         wait d2h_done[i]; wait h2d_done[i] (bucket k-2 has left host_copy[i]); update master, m, v of
+//                 k's fragments on the CPU, writing the new compute copy to host_copy[i] (or, with offloaded
+//                 parameters, straight into the host shard)
+//   copy stream:  host_copy[i] -> the device parameters of k; record h2d_done[i]
+//   comm stream:  wait h2d_done[i]; stages 1-2: all-gather k (overlaps the update of k+1)
+// The host thread never waits for a gather; the trainer's next use of parameters waits for params_ready.
+Status Engine::Impl::OffloadOptimizer(double grad_scale, double lr, int64_t t) {
+  const Stage st = options.stage;
+  const bool full_grads = st == Stage::kOptimizerStates;
+  const bool adamw = options.optimizer == OptimizerKind::kAdamW;
+  Device* dev = device.get();
+  std::vector<const Bucket*> order;
+  for (const Bucket& b : plan.buckets) {
+    if (b.trainable) order.push_back(&b);
+  }
+  // compute -> copies: the trainer's last kernels may still read the device parameters the copies overwrite.
+  device->RecordCompute(step_begin.get());
+  copy_stream->Wait(*step_begin);
+  auto down = [&](size_t k) {
+    const Bucket& b = *order[k];
+    const char* src = GAt(grads.as<char>(), full_grads ? b.offset + rank * b.shard : b.shard_offset);
+    void* dst = host_grad[k % 2].data();
+    const int64_t bytes = b.shard * ge;
+    copy_stream->Launch([dev, dst, src, bytes](void* stream) { return dev->Copy(dst, src, bytes, stream); });
+    copy_stream->Record(d2h_done[k % 2].get());
+  };
+  if (!order.empty()) down(0);
+  for (size_t k = 0; k < order.size(); ++k) {
+    const Bucket& b = *order[k];
+    const size_t i = k % 2;
+    if (k + 1 < order.size()) down(k + 1);
+    ZERO_RETURN_IF_ERROR(d2h_done[i]->Synchronize(wait_timeout, "the gradient copy to the host"));
+    if (k >= 2) ZERO_RETURN_IF_ERROR(h2d_done[i]->Synchronize(wait_timeout, "the parameter copy to the device"));
+    ZERO_RETURN_IF_ERROR(copy_stream->status());
+    const char* hg = host_grad[i].as<char>();
+    for (const Fragment& f : b.fragments[static_cast<size_t>(rank)]) {
+      const int64_t spos = b.shard_offset + f.shard_off;
+      const ParamSpec& spec = specs[static_cast<size_t>(f.param)];
+      const double plr = lr * spec.lr_mult;
+      float* p = master.as<float>() + spos;
+      const void* g = hg + f.shard_off * ge;
+      void* copy = offload_params ? PAt(trainable_params.as<char>(), spos) : PAt(host_copy[i].as<char>(), f.shard_off);
+      bool ok;
+      if (adamw) {
+        const AdamWOptions& a = options.adamw;
+        const auto c = kernels::MakeAdamWCoeffs(plr, a.beta1, a.beta2, a.eps, a.weight_decay * spec.wd_mult, t,
+                                                grad_scale);
+        ok = kernels::AdamWStepCpu(c, p, state0.as<float>() + spos, state1.as<float>() + spos, g, gdt, copy, pdt,
+                                   f.count, threads);
+      } else {
+        const SgdOptions& o = options.sgd;
+        const auto c = kernels::MakeSgdCoeffs(plr, o.momentum, o.dampening, o.weight_decay * spec.wd_mult,
+                                              o.nesterov, sgd_first_step, grad_scale);
+        ok = kernels::SgdCpu(c, p, state0.as<float>() + spos, g, gdt, f.count, threads) &&
+             kernels::CastCpu(p, DType::kF32, copy, pdt, f.count, threads);
+      }
+      if (!ok) return Status::Internal("offloaded optimizer: unsupported dtype at " + Where());
+    }
+    if (!offload_params) {
+      // Fragment by fragment, so that the shard's padding on the device is never written.
+      char* base = st == Stage::kParameters ? ShardParamBase(b) : PAt(FullParamBase(b), rank * b.shard);
+      for (const Fragment& f : b.fragments[static_cast<size_t>(rank)]) {
+        char* dst = PAt(base, f.shard_off);
+        const char* src = PAt(host_copy[i].as<char>(), f.shard_off);
+        const int64_t bytes = f.count * pe;
+        copy_stream->Launch([dev, dst, src, bytes](void* stream) { return dev->Copy(dst, src, bytes, stream); });
+      }
+      copy_stream->Record(h2d_done[i].get());
+      comm_stream->Wait(*h2d_done[i]);
+    }
+    if (st != Stage::kParameters) GatherBucketAfterStep(b);
+  }
+  return Status::Ok();
 }
 
 Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
@@ -253,7 +332,21 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   // Every rank saw the same sums, so every rank takes the same decision and the same scaler update.
   const bool scale_ok = UpdateScaler(res.skipped);
 
-  if (!res.skipped) {
+  if (!res.skipped && offload) {
+    const double grad_scale = inv_avg * res.clip_coef / res.loss_scale;
+    Status o = OffloadOptimizer(grad_scale, res.lr, step + 1);
+    if (!o.ok()) {
+      poison = o.WithContext("offloaded optimizer at " + Where());
+      comm->Abort(poison);  // peers wait in the parameter gathers
+      return poison;
+    }
+    ++step;
+    sgd_first_step = false;
+    DropUnheldSlots();
+    if (options.stage == Stage::kParameters) GatherPersistentAfterStep();
+    comm_stream->Record(params_ready.get());
+    params_pending = true;
+  } else if (!res.skipped) {
     const double grad_scale = inv_avg * res.clip_coef / res.loss_scale;
     const int64_t t = step + 1;
     char* g = grads.as<char>();

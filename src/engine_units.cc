@@ -222,22 +222,32 @@ void Engine::Impl::GatherUnit(int unit, char* dst) {
   const UnitPlan& up = plan.units[static_cast<size_t>(unit)];
   for (const std::vector<int>* set : {&up.trainable_buckets, &up.frozen_buckets}) {
     for (int bi : *set) {
-      const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
-      std::string what = "gather of bucket " + std::to_string(bi) + " (" + UnitName(unit) + ") at " + Where();
-      const char* src = ShardParamBase(b);
-      char* out = PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset);
-      const int64_t shard = b.shard;
-      const DType dt = pdt;
-      Comm* c = comm;
-      LaunchComm([=, what = std::move(what)](void* stream) -> Status {
-        CollectiveOptions co;
-        co.what = what.c_str();
-        co.stream = stream;
-        return c->AllGather(src, out, shard, dt, co);
-      });
+      LaunchShardGather(bi, PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset),
+                        "gather of bucket " + std::to_string(bi) + " (" + UnitName(unit) + ") at " + Where());
       Log(Engine::Event::kGather, unit, bi);
     }
   }
+}
+
+void Engine::Impl::LaunchShardGather(int bi, char* out, const std::string& what_text) {
+  const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
+  const char* src = ShardParamBase(b);
+  const int64_t shard = b.shard;
+  const DType dt = pdt;
+  Comm* c = comm;
+  Device* dev = device.get();
+  // Offloaded shards live in host memory: this rank's shard is first copied into its place in the gathered
+  // layout (offload H2D -> gather, in order on the communication stream), and the all-gather runs in place.
+  char* mine = offload_params ? PAt(out, rank * shard) : nullptr;
+  const int64_t bytes = shard * pe;
+  LaunchComm([=, what = what_text](void* stream) -> Status {
+    CollectiveOptions co;
+    co.what = what.c_str();
+    co.stream = stream;
+    if (mine == nullptr) return c->AllGather(src, out, shard, dt, co);
+    ZERO_RETURN_IF_ERROR(dev->Copy(mine, src, bytes, stream));
+    return c->AllGather(mine, out, shard, dt, co);
+  });
 }
 
 void Engine::Impl::DropSlot(GatherSlot& slot) {

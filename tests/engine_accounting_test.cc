@@ -135,6 +135,60 @@ TEST_P(MemoryTest, MemoryMatchesClosedFormPerStage) {
   }
 }
 
+// CPU offload moves the fp32 master and the optimizer state (and, with offload_params, the stage-3 parameter
+// shards) from device to host bytes, and adds two host staging buffers of the largest trainable bucket shard
+// for gradients (gb bytes per element) and, unless the shards are on the host already, for parameters (pb).
+//   device: params as without offload (0 with offload_params, stage 3) | grads, buffers unchanged | optimizer 0
+//   host:   optimizer (K + 4) Ψt/N | grads 2 gb max_t/N | buffers 2 pb max_t/N | params pb(Ψt+Ψf)/N
+TEST_P(MemoryTest, OffloadMovesOptimizerAndShardsToHostBytes) {
+  ZERO_BACKEND_COMM(comm, GetParam());
+  const int n = comm->world_size();
+  const Sizes s = ToySizes(n);
+  const int64_t max_t = std::max({s.unit0, s.unit1, s.unit3});
+  const int64_t max_full = std::max({s.unit0, s.unit1, s.unit2, s.unit3});
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    const int64_t pb = static_cast<int64_t>(DTypeSize(dt)), gb = 4;
+    for (int st = 1; st <= 3; ++st) {
+      for (bool params_too : {false, true}) {
+        if (params_too && st != 3) continue;
+        SCOPED_TRACE("stage " + std::to_string(st) + " " + DTypeName(dt) + (params_too ? " offload_params" : ""));
+        Options o = Base(static_cast<Stage>(st), OptimizerKind::kAdamW);
+        o.backend = GetParam();
+        o.param_dtype = dt;
+        o.offload_optimizer = true;
+        o.offload_params = params_too;
+        auto engine = OpenToyEngine(o, comm.get());
+        ASSERT_NE(engine, nullptr);
+        int64_t d_params = st == 3 ? pb * (s.t + s.f) / n : pb * (s.t + s.f);
+        if (params_too) d_params = 0;
+        const int64_t d_grads = st == 1 ? gb * s.t : gb * s.t / n;
+        int64_t d_buffers = st >= 2 ? gb * 2 * max_t : 0;
+        if (st == 3) d_buffers += pb * 3 * max_full;
+        if (GetParam() == Backend::kCuda) d_buffers += ((max_t / n + 4095) / 4096 + 1) * 16;
+        const int64_t h_opt = (8 + 4) * s.t / n, h_grads = 2 * gb * max_t / n;
+        const int64_t h_buffers = params_too ? 0 : 2 * pb * max_t / n;
+        const int64_t h_params = params_too ? pb * (s.t + s.f) / n : 0;
+        auto check = [&](const char* when) {
+          SCOPED_TRACE(when);
+          const MemoryReport m = engine->Memory();
+          EXPECT_EQ(m.device.Current(MemoryCategory::kParams), d_params);
+          EXPECT_EQ(m.device.Current(MemoryCategory::kGrads), d_grads);
+          EXPECT_EQ(m.device.Current(MemoryCategory::kOptimizer), 0);
+          EXPECT_EQ(m.device.Current(MemoryCategory::kBuffers), d_buffers);
+          EXPECT_EQ(m.host.Current(MemoryCategory::kOptimizer), h_opt);
+          EXPECT_EQ(m.host.Current(MemoryCategory::kGrads), h_grads);
+          EXPECT_EQ(m.host.Current(MemoryCategory::kBuffers), h_buffers);
+          EXPECT_EQ(m.host.Current(MemoryCategory::kParams), h_params);
+          EXPECT_EQ(m.host.peak_total, h_opt + h_grads + h_buffers + h_params);
+        };
+        check("after Open");
+        TrainToyStep(*engine, *comm, 0, 2, 24);
+        check("after a step");
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, MemoryTest, ::testing::Values(Backend::kCpu, Backend::kCuda),
                          [](const ::testing::TestParamInfo<Backend>& info) { return BackendName(info.param); });
 

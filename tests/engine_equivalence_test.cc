@@ -39,6 +39,7 @@ struct Case {
   std::vector<int> keep_gathered = {};
   DType param_dtype = DType::kF32;
   DType grad_dtype = DType::kF32;
+  int offload = 0;  // 1: optimizer state and master on the host; 2: and (stage 3) the parameter shards
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
@@ -61,6 +62,8 @@ Options MakeOptions(const Case& c) {
   o.cpu_threads = 1;
   o.param_dtype = c.param_dtype;
   o.grad_dtype = c.grad_dtype;
+  o.offload_optimizer = c.offload >= 1;
+  o.offload_params = c.offload >= 2;
   // fp16 gradients: start the dynamic scale where the toy's summed gradients cannot overflow fp16 (a skipped
   // step would be correct but would leave the reference behind).
   if (c.grad_dtype == DType::kF16) o.loss_scale.initial = 1024.0f;
@@ -196,6 +199,20 @@ const Case kCases[] = {
      DType::kBF16},
     {"stage3_adamw_fp16_fp16grads", Stage::kParameters, OptimizerKind::kAdamW, 64, 0, 1 << 20, {}, DType::kF16,
      DType::kF16},
+    // CPU offload: the same kernels on the host, so fp32 runs are bitwise equal to the mirrored reference (and
+    // therefore to the non-offloaded runs above).
+    {"stage1_adamw_offload", Stage::kOptimizerStates, OptimizerKind::kAdamW, 64, 0, 1 << 20, {}, DType::kF32,
+     DType::kF32, 1},
+    {"stage2_sgd_offload", Stage::kGradients, OptimizerKind::kSgdMomentum, 100, 0, 1 << 20, {}, DType::kF32,
+     DType::kF32, 1},
+    {"stage3_adamw_offload", Stage::kParameters, OptimizerKind::kAdamW, 64, 0, 1 << 20, {}, DType::kF32, DType::kF32,
+     1},
+    {"stage3_adamw_offload_params_persistent", Stage::kParameters, OptimizerKind::kAdamW, 64, 512, 1 << 20, {0},
+     DType::kF32, DType::kF32, 2},
+    {"stage2_adamw_bf16_offload", Stage::kGradients, OptimizerKind::kAdamW, 64, 0, 1 << 20, {}, DType::kBF16,
+     DType::kF32, 1},
+    {"stage3_sgd_fp16_fp16grads_offload_params", Stage::kParameters, OptimizerKind::kSgdMomentum, 64, 0, 1 << 20, {},
+     DType::kF16, DType::kF16, 2},
 };
 
 INSTANTIATE_TEST_SUITE_P(AllStages, EquivalenceTest,

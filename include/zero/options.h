@@ -115,6 +115,17 @@ struct Options {
   // the forward -> backward turn (the last block; a tied embedding used again by the head). Default none.
   std::vector<int> keep_gathered_units;
 
+  // CPU offload (stages 1-3): the fp32 master and the optimizer state live in pinned host memory and the
+  // optimizer runs on the CPU (the SIMD AdamW), bucket by bucket: the reduced gradient shard is copied to the
+  // host after the last micro-step, updated, and the new parameters copied back, pipelined so that the CPU
+  // update of bucket b overlaps the copies of its neighbours and the all-gather of earlier buckets. Device
+  // memory drops by (4 + K) bytes per owned trainable parameter; host memory grows by as much plus two staging
+  // buffers of the largest bucket shard.
+  bool offload_optimizer = false;
+  // Stage 3, with offload_optimizer: parameter shards live in pinned host memory too; each gather first copies
+  // this rank's shard to the device. Device memory keeps only gathered units, persistent units and buffers.
+  bool offload_params = false;
+
   // Capacity of device memory in bytes (0: unlimited on the CPU backend; the free memory on CUDA). Exceeding it
   // fails with an OutOfMemory status that carries the per-category breakdown.
   int64_t device_capacity_bytes = 0;
