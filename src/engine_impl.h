@@ -37,16 +37,25 @@
 //   post-step gather -> Acquire   comm, after GatherAfterStep:             compute: Acquire and Param()
 //                                 params_ready                             (WaitParams); GatherFull drains
 //   control collectives           run on the comm stream and waited for    (agreement checks, norms) in order
+//   offload: compute -> copies    compute, at Step: step_begin             copy stream, before any copy
+//   offload: gradient D2H -> CPU  copy, after bucket k's shard is on the   host thread, before updating k
+//                                 host: d2h_done[k % 2]
+//   offload: staging reuse        copy, after bucket k's parameters went   host thread, before bucket k+2 writes
+//                                 up: h2d_done[k % 2]                      the same staging buffer
+//   offload: H2D -> gather        the same h2d_done[k % 2]                 comm stream, before k's all-gather
+//   offload_params: H2D -> gather a stage-3 gather's task copies the host  (same stream: in order)
+//                                 shard into its slot, then all-gathers
 //
 // One communication stream carries gathers and reductions alike, in the host's issue order: on the CPU a second
 // worker would issue collectives on the same communicator from two threads, in an order that could differ
 // between ranks. On CUDA, NcclComm issues each collective on its own stream after the communication stream's
 // earlier work (CollectiveOptions::stream) and returns when it completes, so the device-side order is the
 // table's while the host thread waits per collective (overlapping NCCL with the host's next launches, and a
-// separate high-priority gather stream, need a GPU to measure and are not done). Offload H2D -> gather is added
-// with CPU offload. Errors of work on the comm stream are sticky: the stream
-// skips everything after a failed collective, and the next engine call that waits (or checks health) returns
-// that status, which names the collective, bucket and step.
+// separate high-priority gather stream, need a GPU to measure and are not done).
+//
+// Errors of work on the comm stream are sticky: the stream skips everything after a failed collective, and the
+// next engine call that waits (or checks health) returns that status, which names the collective, bucket and
+// step.
 #pragma once
 
 #include <atomic>
