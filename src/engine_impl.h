@@ -294,7 +294,9 @@ class Engine::Impl {
   void GatherBucketAfterStep(const Bucket& b);
   // Stage 3: queues the gathers of the persistent units' trainable buckets.
   void GatherPersistentAfterStep();
-  // Offload: the optimizer on the host, bucket by bucket, pipelined with the copies and gathers.
+  // The optimizer over this rank's owned state on the device (DeviceOptimizer) or, with offload, on the host,
+  // bucket by bucket, pipelined with the copies and gathers (OffloadOptimizer).
+  Status DeviceOptimizer(double grad_scale, double lr, int64_t t);
   Status OffloadOptimizer(double grad_scale, double lr, int64_t t);
   // Queues the gather of bucket `bi` of a stage-3 unit into `out` (the unit's full layout at the bucket).
   void LaunchShardGather(int bi, char* out, const std::string& what);

@@ -261,6 +261,50 @@ Status Engine::Impl::OffloadOptimizer(double grad_scale, double lr, int64_t t) {
   return Status::Ok();
 }
 
+// The optimizer on the device (stage 0: every rank updates the replicated state; otherwise this rank's shard),
+// writing the low-precision compute copy in the same pass when parameters are bf16/fp16.
+Status Engine::Impl::DeviceOptimizer(double grad_scale, double lr, int64_t t) {
+  const Stage st = options.stage;
+  const bool full_grads = st == Stage::kDataParallel || st == Stage::kOptimizerStates;
+  const bool adamw = options.optimizer == OptimizerKind::kAdamW;
+  char* g = grads.as<char>();
+  // Stage 0 keeps a replicated optimizer: every rank updates every rank's part.
+  const int first_owner = st == Stage::kDataParallel ? 0 : rank;
+  const int last_owner = st == Stage::kDataParallel ? world - 1 : rank;
+  Status opt;
+  for (const Bucket& b : plan.buckets) {
+    if (!b.trainable) continue;
+    for (int r = first_owner; r <= last_owner; ++r) {
+      for (const Fragment& f : b.fragments[static_cast<size_t>(r)]) {
+        const int64_t pos = b.offset + r * b.shard + f.shard_off;  // in the full trainable layout
+        const int64_t spos = b.shard_offset + f.shard_off;         // in the shard layout
+        const char* gr = GAt(g, full_grads ? pos : spos);
+        const int64_t opos = st == Stage::kDataParallel ? pos : spos;
+        float* p = MasterAt(opos, pos, spos);
+        // The low-precision compute copy, written in the same pass.
+        void* copy = mixed ? PAt(trainable_params.as<char>(), st == Stage::kParameters ? spos : pos) : nullptr;
+        const ParamSpec& spec = specs[static_cast<size_t>(f.param)];
+        const double plr = lr * spec.lr_mult;
+        if (adamw) {
+          const AdamWOptions& a = options.adamw;
+          const auto c = kernels::MakeAdamWCoeffs(plr, a.beta1, a.beta2, a.eps, a.weight_decay * spec.wd_mult, t,
+                                                  grad_scale);
+          if (opt.ok()) {
+            opt = device->AdamW(c, p, state0.as<float>() + opos, state1.as<float>() + opos, gr, gdt, copy, pdt,
+                                f.count, nullptr);
+          }
+        } else {
+          const SgdOptions& o = options.sgd;
+          const auto c = kernels::MakeSgdCoeffs(plr, o.momentum, o.dampening, o.weight_decay * spec.wd_mult,
+                                                o.nesterov, sgd_first_step, grad_scale);
+          if (opt.ok()) opt = device->Sgd(c, p, state0.as<float>() + opos, gr, gdt, copy, pdt, f.count, nullptr);
+        }
+      }
+    }
+  }
+  return opt;
+}
+
 Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   const std::string call = "Step on " + Where();
   Status local;
@@ -332,58 +376,10 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   // Every rank saw the same sums, so every rank takes the same decision and the same scaler update.
   const bool scale_ok = UpdateScaler(res.skipped);
 
-  if (!res.skipped && offload) {
+  if (!res.skipped) {
     const double grad_scale = inv_avg * res.clip_coef / res.loss_scale;
-    Status o = OffloadOptimizer(grad_scale, res.lr, step + 1);
-    if (!o.ok()) {
-      poison = o.WithContext("offloaded optimizer at " + Where());
-      comm->Abort(poison);  // peers wait in the parameter gathers
-      return poison;
-    }
-    ++step;
-    sgd_first_step = false;
-    DropUnheldSlots();
-    if (options.stage == Stage::kParameters) GatherPersistentAfterStep();
-    comm_stream->Record(params_ready.get());
-    params_pending = true;
-  } else if (!res.skipped) {
-    const double grad_scale = inv_avg * res.clip_coef / res.loss_scale;
-    const int64_t t = step + 1;
-    char* g = grads.as<char>();
-    // Stage 0 keeps a replicated optimizer: every rank updates every rank's part.
-    const int first_owner = st == Stage::kDataParallel ? 0 : rank;
-    const int last_owner = st == Stage::kDataParallel ? world - 1 : rank;
-    Status opt;
-    for (const Bucket& b : plan.buckets) {
-      if (!b.trainable) continue;
-      for (int r = first_owner; r <= last_owner; ++r) {
-        for (const Fragment& f : b.fragments[static_cast<size_t>(r)]) {
-          const int64_t pos = b.offset + r * b.shard + f.shard_off;  // in the full trainable layout
-          const int64_t spos = b.shard_offset + f.shard_off;         // in the shard layout
-          const char* gr = GAt(g, full_grads ? pos : spos);
-          const int64_t opos = st == Stage::kDataParallel ? pos : spos;
-          float* p = MasterAt(opos, pos, spos);
-          // The low-precision compute copy, written in the same pass.
-          void* copy = mixed ? PAt(trainable_params.as<char>(), st == Stage::kParameters ? spos : pos) : nullptr;
-          const ParamSpec& spec = specs[static_cast<size_t>(f.param)];
-          const double lr = res.lr * spec.lr_mult;
-          if (adamw) {
-            const AdamWOptions& a = options.adamw;
-            const auto c = kernels::MakeAdamWCoeffs(lr, a.beta1, a.beta2, a.eps, a.weight_decay * spec.wd_mult, t,
-                                                    grad_scale);
-            if (opt.ok()) {
-              opt = device->AdamW(c, p, state0.as<float>() + opos, state1.as<float>() + opos, gr, gdt, copy, pdt,
-                                  f.count, nullptr);
-            }
-          } else {
-            const SgdOptions& o = options.sgd;
-            const auto c = kernels::MakeSgdCoeffs(lr, o.momentum, o.dampening, o.weight_decay * spec.wd_mult,
-                                                  o.nesterov, sgd_first_step, grad_scale);
-            if (opt.ok()) opt = device->Sgd(c, p, state0.as<float>() + opos, gr, gdt, copy, pdt, f.count, nullptr);
-          }
-        }
-      }
-    }
+    const Status opt = offload ? OffloadOptimizer(grad_scale, res.lr, step + 1)
+                               : DeviceOptimizer(grad_scale, res.lr, step + 1);
     if (!opt.ok()) {
       poison = opt.WithContext("optimizer at " + Where());
       comm->Abort(poison);  // peers wait in the parameter gathers
@@ -392,7 +388,14 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
     ++step;
     sgd_first_step = false;
     DropUnheldSlots();  // stage-3 gathered copies are stale now (nothing is held at Step)
-    GatherAfterStep();
+    if (offload) {
+      // Stages 1-2 queued their gathers bucket by bucket; stage 3's persistent units follow.
+      if (options.stage == Stage::kParameters) GatherPersistentAfterStep();
+      comm_stream->Record(params_ready.get());
+      params_pending = true;
+    } else {
+      GatherAfterStep();
+    }
   }
   ZeroGrads();
   res.step = step;

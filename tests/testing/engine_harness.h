@@ -40,6 +40,20 @@ struct EngineTestPeer {
 
 namespace zero::testing {
 
+// A view's elements widened exactly to fp32 on the host (copied from the device first on Backend::kCuda).
+inline Status ReadWidened(const TensorView& v, std::vector<float>* out) {
+  const int64_t bytes = v.numel * static_cast<int64_t>(DTypeSize(v.dtype));
+  std::vector<char> raw(static_cast<size_t>(bytes));
+  if (v.backend != Backend::kCpu) {
+    ZERO_RETURN_IF_ERROR(CopyFromDevice(raw.data(), v.data, bytes));
+  } else if (bytes > 0) {
+    std::memcpy(raw.data(), v.data, static_cast<size_t>(bytes));
+  }
+  out->resize(static_cast<size_t>(v.numel));
+  kernels::CastCpu(raw.data(), v.dtype, out->data(), DType::kF32, v.numel, 1);
+  return Status::Ok();
+}
+
 // ToyAccess over an Engine; a failed call is a test failure (and a scratch buffer keeps the model running so
 // that every rank keeps issuing the same collectives). On Backend::kCuda the views are device memory: the model
 // works on host mirrors, parameters copied in at each Param call and gradients copied out at GradsReady.
@@ -86,15 +100,7 @@ class EngineAccess : public ToyAccess {
     if ((!device_ && !convert_) || d == scratch_.data()) return d;
     // Device memory is copied to the host; bf16/fp16 parameters are widened to fp32 (exactly).
     std::vector<float>& m = param_mirror_[static_cast<size_t>(p)];
-    m.resize(static_cast<size_t>(v.numel));
-    const int64_t bytes = v.numel * static_cast<int64_t>(DTypeSize(v.dtype));
-    raw_.resize(static_cast<size_t>(bytes));
-    if (device_) {
-      Check(CopyFromDevice(raw_.data(), v.data, bytes));
-    } else {
-      std::memcpy(raw_.data(), v.data, static_cast<size_t>(bytes));
-    }
-    kernels::CastCpu(raw_.data(), v.dtype, m.data(), DType::kF32, v.numel, 1);
+    Check(ReadWidened(v, &m));
     return m.data();
   }
   float* Grad(int p) override {
@@ -102,17 +108,8 @@ class EngineAccess : public ToyAccess {
     float* d = OrScratch(v.as<float>(), "Grad", p);
     if ((!device_ && !convert_grads_) || d == scratch_.data()) return d;
     std::vector<float>& m = grad_mirror_[static_cast<size_t>(p)];
-    if (m.empty()) {  // first use in this micro-step: start from the engine's (zeroed or accumulated) values
-      m.resize(static_cast<size_t>(v.numel));
-      const int64_t bytes = v.numel * static_cast<int64_t>(DTypeSize(v.dtype));
-      raw_.resize(static_cast<size_t>(bytes));
-      if (device_) {
-        Check(CopyFromDevice(raw_.data(), v.data, bytes));
-      } else {
-        std::memcpy(raw_.data(), v.data, static_cast<size_t>(bytes));
-      }
-      kernels::CastCpu(raw_.data(), v.dtype, m.data(), DType::kF32, v.numel, 1);
-    }
+    // First use in this micro-step: start from the engine's (zeroed or accumulated) values.
+    if (m.empty()) Check(ReadWidened(v, &m));
     return m.data();
   }
   bool failed() const { return failed_; }
@@ -192,17 +189,10 @@ inline std::vector<std::vector<float>> GatherToyParams(Engine& engine) {
   for (int p = 0; p < static_cast<int>(engine.specs().size()); ++p) {
     TensorView v = engine.Param(p);
     const float* d = v.as<float>();
-    if (d != nullptr && (engine.options().backend != Backend::kCpu || v.dtype != DType::kF32)) {
-      const int64_t bytes = v.numel * static_cast<int64_t>(DTypeSize(v.dtype));
-      std::vector<char> raw(static_cast<size_t>(bytes));
-      if (engine.options().backend != Backend::kCpu) {
-        s = CopyFromDevice(raw.data(), d, bytes);
-        EXPECT_TRUE(s.ok()) << s.ToString();
-      } else {
-        std::memcpy(raw.data(), d, static_cast<size_t>(bytes));
-      }
-      std::vector<float> host(static_cast<size_t>(v.numel));
-      kernels::CastCpu(raw.data(), v.dtype, host.data(), DType::kF32, v.numel, 1);
+    if (d != nullptr && (v.backend != Backend::kCpu || v.dtype != DType::kF32)) {
+      std::vector<float> host;
+      s = ReadWidened(v, &host);
+      EXPECT_TRUE(s.ok()) << s.ToString();
       out.push_back(std::move(host));
       continue;
     }
