@@ -1,0 +1,674 @@
+// The LLaMA-style decoder of model.h: forward and backward by hand, fp32, CBLAS sgemm + OpenMP.
+//
+// Conventions: activations are row-major [N, features] with N = batch * seq and row n = b * seq + t; a linear
+// weight W is [out, in] (Hugging Face), so y = x W^T. Backward walks the blocks in reverse, carrying the gradient
+// of the residual stream in one [N, dim] buffer that each block updates in place.
+#include "examples/lora_finetune/model.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numbers>
+
+// OpenBLAS's own thread pool: bounded by `threads` when the BLAS linked is OpenBLAS (weak: absent elsewhere).
+extern "C" void openblas_set_num_threads(int) __attribute__((weak));
+
+namespace lora {
+namespace {
+
+// The seven projections of a block, in parameter order.
+enum Proj { kQ, kK, kV, kO, kGate, kUp, kDown, kNumProj };
+constexpr const char* kProjName[kNumProj] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                             "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
+                                             "mlp.down_proj"};
+
+struct Linear {
+  int w = -1, a = -1, b = -1;  // parameter indices; a, b = -1 without an adapter
+  int in = 0, out = 0;
+};
+
+struct Block {
+  int ln1 = -1, ln2 = -1;
+  Linear proj[kNumProj];
+};
+
+// Parameter indices and infos, built in one place so Parameters() and the kernels agree.
+struct Layout {
+  int embed = -1, norm = -1;
+  std::vector<Block> blocks;
+  std::vector<ParamInfo> params;
+};
+
+bool Targeted(const LoraConfig& lora, int p) {
+  const bool t[kNumProj] = {lora.q, lora.k, lora.v, lora.o, lora.gate, lora.up, lora.down};
+  return lora.enabled && t[p];
+}
+
+Layout BuildLayout(const ModelConfig& m, const LoraConfig& lora) {
+  Layout l;
+  const bool base_trainable = !lora.enabled;
+  auto add = [&](std::string name, std::vector<int64_t> shape, int unit, bool trainable) {
+    l.params.push_back({std::move(name), std::move(shape), unit, trainable});
+    return static_cast<int>(l.params.size()) - 1;
+  };
+  const int hd = m.dim / m.heads;
+  const int qd = m.heads * hd, kvd = m.kv_heads * hd;
+  const int in[kNumProj] = {m.dim, m.dim, m.dim, qd, m.dim, m.dim, m.ffn};
+  const int out[kNumProj] = {qd, kvd, kvd, m.dim, m.ffn, m.ffn, m.dim};
+  l.embed = add("model.embed_tokens.weight", {m.vocab, m.dim}, 0, base_trainable);
+  for (int i = 0; i < m.layers; ++i) {
+    const std::string prefix = "model.layers." + std::to_string(i) + ".";
+    Block b;
+    for (int p = 0; p < kNumProj; ++p) {
+      if (p == kQ) b.ln1 = add(prefix + "input_layernorm.weight", {m.dim}, i + 1, base_trainable);
+      if (p == kGate) b.ln2 = add(prefix + "post_attention_layernorm.weight", {m.dim}, i + 1, base_trainable);
+      Linear& lin = b.proj[p];
+      lin.in = in[p];
+      lin.out = out[p];
+      const std::string name = prefix + kProjName[p];
+      lin.w = add(name + ".weight", {out[p], in[p]}, i + 1, base_trainable);
+      if (Targeted(lora, p)) {
+        lin.a = add(name + ".lora_A.weight", {lora.r, in[p]}, i + 1, true);
+        lin.b = add(name + ".lora_B.weight", {out[p], lora.r}, i + 1, true);
+      }
+    }
+    l.blocks.push_back(b);
+  }
+  l.norm = add("model.norm.weight", {m.dim}, m.layers + 1, base_trainable);
+  return l;
+}
+
+// Counter-based hashing (splitmix64's finalizer): the same value for (seed, stream, index) on every rank.
+uint64_t Mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+uint64_t Hash(uint64_t seed, uint64_t stream, uint64_t index) { return Mix(Mix(Mix(seed) ^ stream) ^ index); }
+// Uniform in [0, 1) with 24 bits: exact in float.
+float Uniform(uint64_t h) { return static_cast<float>(h >> 40) * (1.0f / 16777216.0f); }
+
+[[noreturn]] void Die(const std::string& what) {
+  std::fprintf(stderr, "lora model: %s\n", what.c_str());
+  std::abort();
+}
+
+int Threads(int threads) {
+  threads = std::max(1, threads);
+  if (openblas_set_num_threads != nullptr) openblas_set_num_threads(threads);
+  return threads;
+}
+
+// y[M,N] = alpha * x[M,K] W[N,K]^T + beta * y
+void MatMulNT(int M, int N, int K, float alpha, const float* x, const float* w, float beta, float* y) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, alpha, x, K, w, K, beta, y, N);
+}
+// y[M,N] = alpha * x[M,K] W[K,N] + beta * y
+void MatMulNN(int M, int N, int K, float alpha, const float* x, const float* w, float beta, float* y) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, N, K, alpha, x, K, w, N, beta, y, N);
+}
+// y[M,N] = alpha * d[K,M]^T x[K,N] + beta * y   (weight gradients: dW[out,in] += dy^T x)
+void MatMulTN(int M, int N, int K, float alpha, const float* d, const float* x, float beta, float* y) {
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, M, N, K, alpha, d, M, x, N, beta, y, N);
+}
+
+// Everything one pass needs besides the parameters.
+struct Pass {
+  Pass(const ModelConfig& model, const LoraConfig& adapter, const Layout& lay, ParamAccess& acc)
+      : m(model), lora(adapter), layout(lay), access(acc) {}
+  const ModelConfig& m;
+  const LoraConfig& lora;
+  const Layout& layout;
+  ParamAccess& access;
+  int n = 0, batch = 0, seq = 0, threads = 1;
+  int omp_threads = 1;  // threads for the OpenMP loops: 1 for tiny passes, where a team costs more than it saves
+  int hd = 0, qd = 0, kvd = 0;
+  bool training = false;  // backward requested: dropout on, gradients written
+  uint64_t dropout_seed = 0;
+  float lora_scale = 0.f;       // alpha / r
+  std::vector<float> cos, sin;  // RoPE table [seq, hd / 2]
+
+  bool Dropout() const { return training && lora.dropout > 0.f; }
+  float* GradOrNull(int p) const { return layout.params[p].trainable ? access.Grad(p) : nullptr; }
+};
+
+// Per-block activations kept for backward.
+struct BlockActs {
+  std::vector<float> x_in, inv1, xn1;   // block input [N,D], 1/rms [N], normed [N,D]
+  std::vector<float> q, k, v;           // after RoPE (q, k): [N,QD], [N,KVD], [N,KVD]
+  std::vector<float> probs;             // attention [B,H,T,T], zero above the diagonal
+  std::vector<float> att;               // attention output [N,QD]
+  std::vector<float> x_mid, inv2, xn2;  // after the attention residual
+  std::vector<float> g, u, h;           // SwiGLU gate, up, silu(g) * u: [N,F]
+  std::vector<float> lora_u[kNumProj];  // A dropout(x): [N,r] per adapter
+};
+
+// Keep-mask of element idx of the adapter input of (layer, proj): the same in forward and backward.
+bool Keep(const Pass& ps, int layer, int proj, int64_t idx) {
+  return Uniform(Hash(ps.dropout_seed, static_cast<uint64_t>(layer) * kNumProj + proj + 1,
+                      static_cast<uint64_t>(idx))) >= ps.lora.dropout;
+}
+
+// The adapter's input: x, or dropout(x) in training with dropout > 0 (then written to *tmp).
+const float* AdapterInput(const Pass& ps, int layer, int proj, const float* x, int in, std::vector<float>* tmp) {
+  if (!ps.Dropout()) return x;
+  const int64_t total = static_cast<int64_t>(ps.n) * in;
+  tmp->resize(total);
+  const float keep_scale = 1.f / (1.f - ps.lora.dropout);
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int64_t i = 0; i < total; ++i) (*tmp)[i] = Keep(ps, layer, proj, i) ? x[i] * keep_scale : 0.f;
+  return tmp->data();
+}
+
+// y[N,out] = x W^T (+ s B A dropout(x)); keeps A dropout(x) in *lora_u.
+void LinearForward(const Pass& ps, int layer, int proj, const float* x, float* y, std::vector<float>* lora_u) {
+  const Linear& lin = ps.layout.blocks[layer].proj[proj];
+  MatMulNT(ps.n, lin.out, lin.in, 1.f, x, ps.access.Param(lin.w), 0.f, y);
+  if (lin.a < 0) return;
+  std::vector<float> tmp;
+  const float* xd = AdapterInput(ps, layer, proj, x, lin.in, &tmp);
+  lora_u->assign(static_cast<size_t>(ps.n) * ps.lora.r, 0.f);
+  MatMulNT(ps.n, ps.lora.r, lin.in, 1.f, xd, ps.access.Param(lin.a), 0.f, lora_u->data());
+  MatMulNT(ps.n, lin.out, ps.lora.r, ps.lora_scale, lora_u->data(), ps.access.Param(lin.b), 1.f, y);
+}
+
+// Given dy [N,out]: dx += dy W (+ the adapter's path); weight gradients into trainable Grad views.
+void LinearBackward(const Pass& ps, int layer, int proj, const float* x, const float* dy,
+                    const std::vector<float>& lora_u, float* dx) {
+  const Linear& lin = ps.layout.blocks[layer].proj[proj];
+  if (float* dw = ps.GradOrNull(lin.w)) MatMulTN(lin.out, lin.in, ps.n, 1.f, dy, x, 1.f, dw);
+  MatMulNN(ps.n, lin.in, lin.out, 1.f, dy, ps.access.Param(lin.w), 1.f, dx);
+  if (lin.a < 0) return;
+  const int r = ps.lora.r;
+  const float s = ps.lora_scale;
+  if (float* db = ps.GradOrNull(lin.b)) MatMulTN(lin.out, r, ps.n, s, dy, lora_u.data(), 1.f, db);
+  std::vector<float> du(static_cast<size_t>(ps.n) * r);  // d(A xd) = s dy B
+  MatMulNN(ps.n, r, lin.out, s, dy, ps.access.Param(lin.b), 0.f, du.data());
+  std::vector<float> tmp;
+  const float* xd = AdapterInput(ps, layer, proj, x, lin.in, &tmp);
+  if (float* da = ps.GradOrNull(lin.a)) MatMulTN(r, lin.in, ps.n, 1.f, du.data(), xd, 1.f, da);
+  if (!ps.Dropout()) {
+    MatMulNN(ps.n, lin.in, r, 1.f, du.data(), ps.access.Param(lin.a), 1.f, dx);
+    return;
+  }
+  std::vector<float> dxd(static_cast<size_t>(ps.n) * lin.in);
+  MatMulNN(ps.n, lin.in, r, 1.f, du.data(), ps.access.Param(lin.a), 0.f, dxd.data());
+  const float keep_scale = 1.f / (1.f - ps.lora.dropout);
+  const int64_t total = static_cast<int64_t>(ps.n) * lin.in;
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int64_t i = 0; i < total; ++i) {
+    if (Keep(ps, layer, proj, i)) dx[i] += dxd[i] * keep_scale;
+  }
+}
+
+// y = x / rms(x) * w per row; inv[n] = 1 / rms(x_n).
+void RmsNormForward(const Pass& ps, const float* x, const float* w, float* y, float* inv) {
+  const int d = ps.m.dim;
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int n = 0; n < ps.n; ++n) {
+    const float* xr = x + static_cast<int64_t>(n) * d;
+    float ss = 0.f;
+    for (int j = 0; j < d; ++j) ss += xr[j] * xr[j];
+    const float iv = 1.f / std::sqrt(ss / d + ps.m.norm_eps);
+    inv[n] = iv;
+    float* yr = y + static_cast<int64_t>(n) * d;
+    for (int j = 0; j < d; ++j) yr[j] = xr[j] * iv * w[j];
+  }
+}
+
+// dx += d/dx, dw += d/dw (dw may be null: frozen) of y = x * inv * w given dy.
+void RmsNormBackward(const Pass& ps, const float* x, const float* w, const float* inv, const float* dy, float* dx,
+                     float* dw) {
+  const int d = ps.m.dim;
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int n = 0; n < ps.n; ++n) {
+    const float* xr = x + static_cast<int64_t>(n) * d;
+    const float* dyr = dy + static_cast<int64_t>(n) * d;
+    float* dxr = dx + static_cast<int64_t>(n) * d;
+    float dot = 0.f;  // sum_j dy_j w_j x_j
+    for (int j = 0; j < d; ++j) dot += dyr[j] * w[j] * xr[j];
+    const float iv = inv[n];
+    const float c = dot * iv * iv * iv / d;
+    for (int j = 0; j < d; ++j) dxr[j] += dyr[j] * w[j] * iv - xr[j] * c;
+  }
+  if (dw == nullptr) return;
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int j = 0; j < d; ++j) {
+    float acc = 0.f;
+    for (int n = 0; n < ps.n; ++n) {
+      const int64_t i = static_cast<int64_t>(n) * d + j;
+      acc += dy[i] * x[i] * inv[n];
+    }
+    dw[j] += acc;
+  }
+}
+
+// Rotates each head of x [N, heads * hd] by its position (Hugging Face rotate-half: pairs (j, j + hd/2)).
+// inverse = true applies the transpose rotation (the backward of the forward rotation).
+void Rope(const Pass& ps, float* x, int heads, bool inverse) {
+  const int half = ps.hd / 2;
+  const float sign = inverse ? -1.f : 1.f;
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int n = 0; n < ps.n; ++n) {
+    const int t = n % ps.seq;
+    const float* c = ps.cos.data() + static_cast<int64_t>(t) * half;
+    const float* s = ps.sin.data() + static_cast<int64_t>(t) * half;
+    for (int h = 0; h < heads; ++h) {
+      float* v = x + (static_cast<int64_t>(n) * heads + h) * ps.hd;
+      for (int j = 0; j < half; ++j) {
+        const float a = v[j], b = v[j + half];
+        v[j] = a * c[j] - sign * b * s[j];
+        v[j + half] = b * c[j] + sign * a * s[j];
+      }
+    }
+  }
+}
+
+// Causal grouped-query attention: query head h reads kv head h / (heads / kv_heads).
+void AttentionForward(const Pass& ps, BlockActs& a) {
+  const int H = ps.m.heads, T = ps.seq, hd = ps.hd, group = ps.m.heads / ps.m.kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  a.probs.assign(static_cast<size_t>(ps.batch) * H * T * T, 0.f);
+  a.att.assign(static_cast<size_t>(ps.n) * ps.qd, 0.f);
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int bh = 0; bh < ps.batch * H; ++bh) {
+    const int b = bh / H, h = bh % H, g = h / group;
+    for (int t = 0; t < T; ++t) {
+      const float* q = a.q.data() + (static_cast<int64_t>(b * T + t) * H + h) * hd;
+      float* p = a.probs.data() + (static_cast<int64_t>(bh) * T + t) * T;
+      float mx = -INFINITY;
+      for (int s = 0; s <= t; ++s) {
+        const float* k = a.k.data() + (static_cast<int64_t>(b * T + s) * ps.m.kv_heads + g) * hd;
+        float dot = 0.f;
+        for (int j = 0; j < hd; ++j) dot += q[j] * k[j];
+        p[s] = dot * scale;
+        mx = std::max(mx, p[s]);
+      }
+      float sum = 0.f;
+      for (int s = 0; s <= t; ++s) {
+        p[s] = std::exp(p[s] - mx);
+        sum += p[s];
+      }
+      const float inv = 1.f / sum;
+      float* o = a.att.data() + (static_cast<int64_t>(b * T + t) * H + h) * hd;
+      for (int s = 0; s <= t; ++s) {
+        p[s] *= inv;
+        const float* v = a.v.data() + (static_cast<int64_t>(b * T + s) * ps.m.kv_heads + g) * hd;
+        for (int j = 0; j < hd; ++j) o[j] += p[s] * v[j];
+      }
+    }
+  }
+}
+
+// From datt [N,QD]: dq [N,QD], dk and dv [N,KVD] (gradients w.r.t. the rotated q and k). Parallel over
+// (batch, kv head) so that the heads sharing a kv head accumulate into it from one thread.
+void AttentionBackward(const Pass& ps, const BlockActs& a, const float* datt, float* dq, float* dk, float* dv) {
+  const int H = ps.m.heads, KV = ps.m.kv_heads, T = ps.seq, hd = ps.hd, group = H / KV;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  std::fill(dk, dk + static_cast<int64_t>(ps.n) * ps.kvd, 0.f);
+  std::fill(dv, dv + static_cast<int64_t>(ps.n) * ps.kvd, 0.f);
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int bg = 0; bg < ps.batch * KV; ++bg) {
+    const int b = bg / KV, g = bg % KV;
+    std::vector<float> dp(T);
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      for (int t = 0; t < T; ++t) {
+        const int64_t qrow = (static_cast<int64_t>(b * T + t) * H + h) * hd;
+        const float* q = a.q.data() + qrow;
+        const float* dout = datt + qrow;
+        float* dqr = dq + qrow;
+        const float* p = a.probs.data() + ((static_cast<int64_t>(b) * H + h) * T + t) * T;
+        float pdp = 0.f;
+        for (int s = 0; s <= t; ++s) {
+          const float* v = a.v.data() + (static_cast<int64_t>(b * T + s) * KV + g) * hd;
+          float dot = 0.f;
+          for (int j = 0; j < hd; ++j) dot += dout[j] * v[j];
+          dp[s] = dot;
+          pdp += p[s] * dot;
+        }
+        for (int j = 0; j < hd; ++j) dqr[j] = 0.f;
+        for (int s = 0; s <= t; ++s) {
+          const int64_t krow = (static_cast<int64_t>(b * T + s) * KV + g) * hd;
+          const float ds = p[s] * (dp[s] - pdp) * scale;
+          const float* k = a.k.data() + krow;
+          for (int j = 0; j < hd; ++j) {
+            dqr[j] += ds * k[j];
+            dk[krow + j] += ds * q[j];
+            dv[krow + j] += p[s] * dout[j];
+          }
+        }
+      }
+    }
+  }
+}
+
+float Silu(float g) { return g / (1.f + std::exp(-g)); }
+
+void BlockForward(const Pass& ps, int layer, float* x, BlockActs& a) {
+  const Block& blk = ps.layout.blocks[layer];
+  const int64_t nd = static_cast<int64_t>(ps.n) * ps.m.dim, nf = static_cast<int64_t>(ps.n) * ps.m.ffn;
+  a.x_in.assign(x, x + nd);
+  a.inv1.resize(ps.n);
+  a.xn1.resize(nd);
+  RmsNormForward(ps, x, ps.access.Param(blk.ln1), a.xn1.data(), a.inv1.data());
+  a.q.resize(static_cast<size_t>(ps.n) * ps.qd);
+  a.k.resize(static_cast<size_t>(ps.n) * ps.kvd);
+  a.v.resize(static_cast<size_t>(ps.n) * ps.kvd);
+  LinearForward(ps, layer, kQ, a.xn1.data(), a.q.data(), &a.lora_u[kQ]);
+  LinearForward(ps, layer, kK, a.xn1.data(), a.k.data(), &a.lora_u[kK]);
+  LinearForward(ps, layer, kV, a.xn1.data(), a.v.data(), &a.lora_u[kV]);
+  Rope(ps, a.q.data(), ps.m.heads, false);
+  Rope(ps, a.k.data(), ps.m.kv_heads, false);
+  AttentionForward(ps, a);
+  std::vector<float> tmp(nd);
+  LinearForward(ps, layer, kO, a.att.data(), tmp.data(), &a.lora_u[kO]);
+  for (int64_t i = 0; i < nd; ++i) x[i] += tmp[i];
+  a.x_mid.assign(x, x + nd);
+  a.inv2.resize(ps.n);
+  a.xn2.resize(nd);
+  RmsNormForward(ps, x, ps.access.Param(blk.ln2), a.xn2.data(), a.inv2.data());
+  a.g.resize(nf);
+  a.u.resize(nf);
+  a.h.resize(nf);
+  LinearForward(ps, layer, kGate, a.xn2.data(), a.g.data(), &a.lora_u[kGate]);
+  LinearForward(ps, layer, kUp, a.xn2.data(), a.u.data(), &a.lora_u[kUp]);
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int64_t i = 0; i < nf; ++i) a.h[i] = Silu(a.g[i]) * a.u[i];
+  LinearForward(ps, layer, kDown, a.h.data(), tmp.data(), &a.lora_u[kDown]);
+  for (int64_t i = 0; i < nd; ++i) x[i] += tmp[i];
+}
+
+// dx: gradient w.r.t. the block's output on entry, w.r.t. its input on return.
+void BlockBackward(const Pass& ps, int layer, const BlockActs& a, float* dx) {
+  const Block& blk = ps.layout.blocks[layer];
+  const int64_t nd = static_cast<int64_t>(ps.n) * ps.m.dim, nf = static_cast<int64_t>(ps.n) * ps.m.ffn;
+  // MLP branch: x_out = x_mid + down(silu(gate(xn2)) * up(xn2)).
+  std::vector<float> dh(nf, 0.f), dg(nf), du(nf);
+  LinearBackward(ps, layer, kDown, a.h.data(), dx, a.lora_u[kDown], dh.data());
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int64_t i = 0; i < nf; ++i) {
+    const float g = a.g[i], sig = 1.f / (1.f + std::exp(-g));
+    du[i] = dh[i] * g * sig;
+    dg[i] = dh[i] * a.u[i] * sig * (1.f + g * (1.f - sig));
+  }
+  std::vector<float> dxn(nd, 0.f);
+  LinearBackward(ps, layer, kGate, a.xn2.data(), dg.data(), a.lora_u[kGate], dxn.data());
+  LinearBackward(ps, layer, kUp, a.xn2.data(), du.data(), a.lora_u[kUp], dxn.data());
+  RmsNormBackward(ps, a.x_mid.data(), ps.access.Param(blk.ln2), a.inv2.data(), dxn.data(), dx, ps.GradOrNull(blk.ln2));
+  // Attention branch: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
+  std::vector<float> datt(static_cast<size_t>(ps.n) * ps.qd, 0.f);
+  LinearBackward(ps, layer, kO, a.att.data(), dx, a.lora_u[kO], datt.data());
+  std::vector<float> dq(static_cast<size_t>(ps.n) * ps.qd), dk(static_cast<size_t>(ps.n) * ps.kvd),
+      dv(static_cast<size_t>(ps.n) * ps.kvd);
+  AttentionBackward(ps, a, datt.data(), dq.data(), dk.data(), dv.data());
+  Rope(ps, dq.data(), ps.m.heads, true);
+  Rope(ps, dk.data(), ps.m.kv_heads, true);
+  std::fill(dxn.begin(), dxn.end(), 0.f);
+  LinearBackward(ps, layer, kQ, a.xn1.data(), dq.data(), a.lora_u[kQ], dxn.data());
+  LinearBackward(ps, layer, kK, a.xn1.data(), dk.data(), a.lora_u[kK], dxn.data());
+  LinearBackward(ps, layer, kV, a.xn1.data(), dv.data(), a.lora_u[kV], dxn.data());
+  RmsNormBackward(ps, a.x_in.data(), ps.access.Param(blk.ln1), a.inv1.data(), dxn.data(), dx, ps.GradOrNull(blk.ln1));
+}
+
+Pass MakePass(const ModelConfig& m, const LoraConfig& lora, const Layout& layout, ParamAccess& access,
+              const Batch& batch, int threads) {
+  const std::string error = CheckConfig(m, lora);
+  if (!error.empty()) Die(error);
+  if (batch.batch <= 0 || batch.seq <= 0 || batch.tokens == nullptr) Die("empty batch or null tokens");
+  Pass ps(m, lora, layout, access);
+  ps.batch = batch.batch;
+  ps.seq = batch.seq;
+  ps.n = batch.batch * batch.seq;
+  ps.threads = Threads(threads);
+  // Below ~16k elements per activation a loop takes microseconds, and an OpenMP barrier on a loaded core can
+  // take milliseconds.
+  ps.omp_threads = static_cast<int64_t>(ps.n) * std::max(m.dim, m.ffn) >= (1 << 14) ? ps.threads : 1;
+  ps.hd = m.dim / m.heads;
+  ps.qd = m.heads * ps.hd;
+  ps.kvd = m.kv_heads * ps.hd;
+  ps.lora_scale = lora.enabled ? lora.alpha / static_cast<float>(lora.r) : 0.f;
+  const int half = ps.hd / 2;
+  ps.cos.resize(static_cast<size_t>(ps.seq) * half);
+  ps.sin.resize(static_cast<size_t>(ps.seq) * half);
+  for (int t = 0; t < ps.seq; ++t) {
+    for (int j = 0; j < half; ++j) {
+      // inv_freq_j = theta^(-2j/hd), computed in double then rounded, as the tables of HF's fp32 path.
+      const double angle = t * std::pow(static_cast<double>(m.rope_theta), -2.0 * j / ps.hd);
+      ps.cos[static_cast<size_t>(t) * half + j] = static_cast<float>(std::cos(angle));
+      ps.sin[static_cast<size_t>(t) * half + j] = static_cast<float>(std::sin(angle));
+    }
+  }
+  for (int i = 0; i < ps.n; ++i) {
+    if (batch.tokens[i] < 0 || batch.tokens[i] >= m.vocab) Die("token out of range at position " + std::to_string(i));
+  }
+  return ps;
+}
+
+// The forward protocol up to the final norm's output xnf [N,D]; activations into acts (every block's when keep,
+// else one reused buffer), x_final, invf.
+void Trunk(const Pass& ps, const Batch& batch, bool keep, std::vector<BlockActs>* acts, std::vector<float>* x_final,
+           std::vector<float>* invf, std::vector<float>* xnf) {
+  const int D = ps.m.dim;
+  const int64_t nd = static_cast<int64_t>(ps.n) * D;
+  std::vector<float> x(nd);
+  ps.access.Acquire(0, false);
+  {
+    const float* emb = ps.access.Param(ps.layout.embed);
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+    for (int n = 0; n < ps.n; ++n) {
+      std::copy_n(emb + static_cast<int64_t>(batch.tokens[n]) * D, D, x.data() + static_cast<int64_t>(n) * D);
+    }
+  }
+  ps.access.Release(0, false);
+  acts->resize(keep ? ps.m.layers : 1);
+  for (int l = 0; l < ps.m.layers; ++l) {
+    ps.access.Acquire(l + 1, false);
+    BlockForward(ps, l, x.data(), (*acts)[keep ? l : 0]);
+    ps.access.Release(l + 1, false);
+  }
+  const int final_unit = ps.m.layers + 1;
+  ps.access.Acquire(final_unit, false);
+  invf->resize(ps.n);
+  xnf->resize(nd);
+  RmsNormForward(ps, x.data(), ps.access.Param(ps.layout.norm), xnf->data(), invf->data());
+  ps.access.Release(final_unit, false);
+  *x_final = std::move(x);
+}
+
+}  // namespace
+
+std::string CheckConfig(const ModelConfig& m, const LoraConfig& lora) {
+  if (m.vocab <= 0 || m.dim <= 0 || m.layers < 0 || m.heads <= 0 || m.kv_heads <= 0 || m.ffn <= 0) {
+    return "vocab, dim, heads, kv_heads and ffn must be positive and layers non-negative";
+  }
+  if (m.dim % m.heads != 0) return "dim (" + std::to_string(m.dim) + ") must be a multiple of heads";
+  if ((m.dim / m.heads) % 2 != 0) return "head_dim = dim / heads must be even (RoPE rotates pairs)";
+  if (m.heads % m.kv_heads != 0) return "kv_heads must divide heads (grouped-query attention)";
+  if (lora.enabled && lora.r <= 0) return "LoRA rank r must be positive";
+  if (lora.dropout < 0.f || lora.dropout >= 1.f) return "LoRA dropout must be in [0, 1)";
+  return "";
+}
+
+std::vector<ParamInfo> Parameters(const ModelConfig& m, const LoraConfig& lora) { return BuildLayout(m, lora).params; }
+
+namespace {
+
+// How InitValue draws each parameter, precomputed once per configuration (InitParams calls it per element).
+struct InitRule {
+  enum Kind { kOne, kZero, kUniform, kNormal } kind;
+  float scale;      // bound (uniform) or standard deviation (normal)
+  uint64_t stream;  // FNV-1a of the name: a base weight draws the same values with and without adapters
+};
+
+bool SameConfig(const ModelConfig& a, const LoraConfig& la, const ModelConfig& b, const LoraConfig& lb) {
+  return a.vocab == b.vocab && a.dim == b.dim && a.layers == b.layers && a.heads == b.heads &&
+         a.kv_heads == b.kv_heads && a.ffn == b.ffn && la.enabled == lb.enabled && la.r == lb.r && la.q == lb.q &&
+         la.k == lb.k && la.v == lb.v && la.o == lb.o && la.gate == lb.gate && la.up == lb.up && la.down == lb.down;
+}
+
+std::vector<InitRule> InitRules(const ModelConfig& m, const LoraConfig& lora) {
+  std::vector<InitRule> rules;
+  for (const ParamInfo& info : Parameters(m, lora)) {
+    const std::string& name = info.name;
+    auto ends_with = [&](const std::string& suffix) {
+      return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    };
+    uint64_t stream = 1469598103934665603ull;
+    for (char c : name) stream = (stream ^ static_cast<unsigned char>(c)) * 1099511628211ull;
+    if (ends_with("layernorm.weight") || name == "model.norm.weight") {
+      rules.push_back({InitRule::kOne, 1.f, stream});
+    } else if (ends_with("lora_B.weight")) {
+      rules.push_back({InitRule::kZero, 0.f, stream});
+    } else if (ends_with("lora_A.weight")) {
+      rules.push_back({InitRule::kUniform, 1.f / std::sqrt(static_cast<float>(info.shape[1])), stream});
+    } else {
+      double std_dev = 0.02;
+      if (ends_with("o_proj.weight") || ends_with("down_proj.weight"))
+        std_dev /= std::sqrt(2.0 * std::max(1, m.layers));
+      rules.push_back({InitRule::kNormal, static_cast<float>(std_dev), stream});
+    }
+  }
+  return rules;
+}
+
+}  // namespace
+
+float InitValue(const ModelConfig& m, const LoraConfig& lora, int param, int64_t i, uint64_t seed) {
+  static thread_local ModelConfig cached_m;
+  static thread_local LoraConfig cached_lora;
+  static thread_local std::vector<InitRule> rules;
+  if (rules.empty() || !SameConfig(m, lora, cached_m, cached_lora)) {
+    rules = InitRules(m, lora);
+    cached_m = m;
+    cached_lora = lora;
+  }
+  const InitRule& rule = rules.at(param);
+  switch (rule.kind) {
+    case InitRule::kOne:
+      return 1.f;
+    case InitRule::kZero:
+      return 0.f;
+    case InitRule::kUniform:
+      return (2.f * Uniform(Hash(seed, rule.stream, static_cast<uint64_t>(i) * 2)) - 1.f) * rule.scale;
+    case InitRule::kNormal:
+      break;
+  }
+  // Box-Muller from two 53-bit uniforms.
+  const uint64_t h1 = Hash(seed, rule.stream, static_cast<uint64_t>(i) * 2);
+  const uint64_t h2 = Hash(seed, rule.stream, static_cast<uint64_t>(i) * 2 + 1);
+  const double u1 = (static_cast<double>(h1 >> 11) + 1.0) * 0x1.0p-53;  // (0, 1]
+  const double u2 = static_cast<double>(h2 >> 11) * 0x1.0p-53;
+  const double z = std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2);
+  return static_cast<float>(z * rule.scale);
+}
+
+float Forward(const ModelConfig& m, const LoraConfig& lora, ParamAccess& access, const Batch& batch, bool backward,
+              float loss_scale, uint64_t dropout_seed, int threads) {
+  const Layout layout = BuildLayout(m, lora);
+  Pass ps = MakePass(m, lora, layout, access, batch, threads);
+  ps.training = backward;
+  ps.dropout_seed = dropout_seed;
+  const int D = m.dim, V = m.vocab;
+  if (batch.targets == nullptr) Die("Forward needs targets");
+  std::vector<BlockActs> acts;
+  std::vector<float> x_final, invf, xnf;
+  Trunk(ps, batch, backward, &acts, &x_final, &invf, &xnf);
+
+  // Head (tied embedding): logits, then softmax in place; loss over non-ignored targets.
+  std::vector<float> probs(static_cast<size_t>(ps.n) * V);
+  access.Acquire(0, false);
+  MatMulNT(ps.n, V, D, 1.f, xnf.data(), access.Param(layout.embed), 0.f, probs.data());
+  access.Release(0, false);
+  int count = 0;
+  double loss_sum = 0.0;
+  for (int n = 0; n < ps.n; ++n) {
+    const int32_t t = batch.targets[n];
+    if (t < -1 || t >= V) Die("target out of range at position " + std::to_string(n));
+    count += t >= 0;
+  }
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static) reduction(+ : loss_sum)
+  for (int n = 0; n < ps.n; ++n) {
+    float* row = probs.data() + static_cast<int64_t>(n) * V;
+    const float mx = *std::max_element(row, row + V);
+    float sum = 0.f;
+    for (int v = 0; v < V; ++v) {
+      row[v] = std::exp(row[v] - mx);
+      sum += row[v];
+    }
+    const float inv = 1.f / sum;
+    for (int v = 0; v < V; ++v) row[v] *= inv;
+    const int32_t t = batch.targets[n];
+    if (t >= 0) loss_sum += -std::log(static_cast<double>(std::max(row[t], 1e-30f)));
+  }
+  const float loss = count > 0 ? static_cast<float>(loss_sum / count) : 0.f;
+  if (!backward) return loss;
+
+  // dlogits = (softmax - onehot) * loss_scale / count on counted rows, 0 elsewhere (probs reused in place).
+  const float coef = count > 0 ? loss_scale / static_cast<float>(count) : 0.f;
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int n = 0; n < ps.n; ++n) {
+    float* row = probs.data() + static_cast<int64_t>(n) * V;
+    const int32_t t = batch.targets[n];
+    if (t < 0) {
+      std::fill(row, row + V, 0.f);
+      continue;
+    }
+    for (int v = 0; v < V; ++v) row[v] *= coef;
+    row[t] -= coef;
+  }
+  const int64_t nd = static_cast<int64_t>(ps.n) * D;
+  std::vector<float> dxnf(nd, 0.f);
+  access.Acquire(0, true);
+  if (float* de = ps.GradOrNull(layout.embed)) MatMulTN(V, D, ps.n, 1.f, probs.data(), xnf.data(), 1.f, de);
+  MatMulNN(ps.n, D, V, 1.f, probs.data(), access.Param(layout.embed), 0.f, dxnf.data());
+  access.Release(0, true);
+  probs = std::vector<float>();
+
+  const int final_unit = m.layers + 1;
+  std::vector<float> dx(nd, 0.f);
+  access.Acquire(final_unit, true);
+  RmsNormBackward(ps, x_final.data(), access.Param(layout.norm), invf.data(), dxnf.data(), dx.data(),
+                  ps.GradOrNull(layout.norm));
+  access.GradsReady(final_unit);
+  access.Release(final_unit, true);
+
+  for (int l = m.layers - 1; l >= 0; --l) {
+    access.Acquire(l + 1, true);
+    BlockBackward(ps, l, acts[l], dx.data());
+    access.GradsReady(l + 1);
+    access.Release(l + 1, true);
+    acts[l] = BlockActs();
+  }
+
+  access.Acquire(0, true);
+  if (float* de = ps.GradOrNull(layout.embed)) {
+    // Serial: rows of repeated tokens accumulate into the same embedding row.
+    for (int n = 0; n < ps.n; ++n) {
+      float* row = de + static_cast<int64_t>(batch.tokens[n]) * D;
+      const float* g = dx.data() + static_cast<int64_t>(n) * D;
+      for (int j = 0; j < D; ++j) row[j] += g[j];
+    }
+  }
+  access.GradsReady(0);
+  access.Release(0, true);
+  return loss;
+}
+
+void Logits(const ModelConfig& m, const LoraConfig& lora, ParamAccess& access, const Batch& batch,
+            std::vector<float>* logits, int threads) {
+  const Layout layout = BuildLayout(m, lora);
+  const Pass ps = MakePass(m, lora, layout, access, batch, threads);
+  std::vector<BlockActs> acts;
+  std::vector<float> x_final, invf, xnf;
+  Trunk(ps, batch, false, &acts, &x_final, &invf, &xnf);
+  logits->resize(static_cast<size_t>(ps.n) * m.vocab);
+  access.Acquire(0, false);
+  MatMulNT(ps.n, m.vocab, m.dim, 1.f, xnf.data(), access.Param(layout.embed), 0.f, logits->data());
+  access.Release(0, false);
+}
+
+}  // namespace lora
