@@ -192,12 +192,11 @@ TEST(LoraData, MissingPackagesNameTheInstallCommand) {
   EXPECT_NE(s.message().find("apt-get install -y bible-kjv"), std::string::npos) << s.ToString();
 }
 
-// The Debian corpora: present whenever scripts/deps.sh has run.
+// The Debian corpora: scripts/deps.sh installs them before any test runs, so their absence is a failure.
 TEST(LoraDataDebian, FortunesCorpus) {
   CorpusOptions options;
-  if (!std::filesystem::exists(options.fortunes_dir + "/fortunes")) {
-    GTEST_SKIP() << "fortunes not installed: apt-get install -y fortunes (scripts/deps.sh)";
-  }
+  ASSERT_TRUE(std::filesystem::exists(options.fortunes_dir + "/fortunes"))
+      << "fortunes not installed: apt-get install -y fortunes (scripts/deps.sh)";
   std::vector<std::string> docs;
   zero::Status s = LoadDocuments(Corpus::kFortunes, options, &docs);
   ASSERT_TRUE(s.ok()) << s.ToString();
@@ -222,9 +221,8 @@ TEST(LoraDataDebian, FortunesCorpus) {
 }
 
 TEST(LoraDataDebian, BibleCorpus) {
-  if (!std::filesystem::exists("/usr/lib/bible.data")) {
-    GTEST_SKIP() << "bible-kjv not installed: apt-get install -y bible-kjv (scripts/deps.sh)";
-  }
+  ASSERT_TRUE(std::filesystem::exists("/usr/lib/bible.data"))
+      << "bible-kjv not installed: apt-get install -y bible-kjv (scripts/deps.sh)";
   std::vector<std::string> docs;
   zero::Status s = LoadDocuments(Corpus::kBible, CorpusOptions(), &docs);
   ASSERT_TRUE(s.ok()) << s.ToString();
