@@ -182,10 +182,12 @@ TEST(ProtocolPeerTest, StalledReductionEndsInTheTimeoutStatusOnEveryRank) {
   StepResult r;
   const Status s = engine->Step(StepArgs(), &r);
   ASSERT_FALSE(s.ok());
+  // The stalled rank learns of the timeout from a peer's abort notice; a peer may also get the notice of
+  // another peer whose timeout fired first. Either way the status carries the timeout and where it happened.
   if (comm->rank() == stalled) {
     EXPECT_EQ(s.code(), StatusCode::kAborted) << s.ToString();
   } else {
-    EXPECT_EQ(s.code(), StatusCode::kTimeout) << s.ToString();
+    EXPECT_TRUE(s.code() == StatusCode::kTimeout || s.code() == StatusCode::kAborted) << s.ToString();
   }
   EXPECT_TRUE(Contains(s, "did not complete within 400 ms")) << s.ToString();
   EXPECT_TRUE(Contains(s, "reduction of bucket")) << s.ToString();
