@@ -4,7 +4,8 @@
 #   * the last two lines are machine-readable, and the validation loss fell during fine-tuning;
 #   * the base file is reused by a second run with the same settings (the cache key);
 #   * adapter_model.safetensors parses with numpy alone: only lora_A / lora_B tensors, PEFT names, the shapes
-#     of r = 4, finite values, and B no longer zero (it was trained); adapter_config.json names the rank.
+#     of r = 4, finite values, and B no longer zero (it was trained); adapter_config.json names the rank;
+#   * `sample` reads the base and the adapter back and continues a prompt with each.
 # usage: lora_example_test.sh BINARY MPIEXEC PYTHON WORKDIR [mpiexec flags...]
 set -euo pipefail
 binary=$1 mpiexec=$2 python=$3 work=$4
@@ -28,6 +29,13 @@ grep -q '"r": 4' "$work/adapter_config.json" || { echo "FAIL: adapter_config.jso
 
 "$mpiexec" -n 2 "$@" "$binary" "${args[@]}" > "$work/run2.log"
 grep -q "pretrain: reusing" "$work/run2.log" || { echo "FAIL: the second run did not reuse the base"; exit 1; }
+
+# `sample` loads the base and the adapter back (every rank reads its own fragments) and continues a prompt.
+sample_args=("${args[@]}")
+sample_args[0]=sample
+"$mpiexec" -n 2 "$@" "$binary" "${sample_args[@]}" --prompt "abc " --sample-tokens 8 > "$work/sample.log"
+grep -q "^base:    abc " "$work/sample.log" || { echo "FAIL: no base sample"; cat "$work/sample.log"; exit 1; }
+grep -q "^adapter: abc " "$work/sample.log" || { echo "FAIL: no adapter sample"; cat "$work/sample.log"; exit 1; }
 
 "$python" - "$path" <<'PY'
 import json, struct, sys

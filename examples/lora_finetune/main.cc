@@ -10,6 +10,7 @@
 //             names, config in the metadata). Cached: the same settings reuse the file.
 //   lora      adapters on the second corpus; validation loss before and after, a sample before and after, and
 //             OUT/adapter_model.safetensors + OUT/adapter_config.json (PEFT layout)
+//   sample    continues --prompt with the base alone and with the adapter from OUT (every rank alike)
 //   all       prepare, pretrain (or reuse), lora
 #include <mpi.h>
 
@@ -43,6 +44,8 @@ struct Flags {
   std::string out = "runs/lora";
   std::string data = "";  // default: OUT/data
   std::string base_corpus = "fortunes", tune_corpus = "bible";
+  std::string prompt = "And God said, ";
+  int sample_tokens = 48;
   int stage = 3;
   bool offload = false;
   // Defaults: the main job on 2 CPU ranks (scripts/example.sh), about 4 minutes of pretraining and 1 of
@@ -62,16 +65,17 @@ struct Flags {
 };
 
 const char* kUsage =
-    "usage: lora_finetune [prepare|pretrain|lora|all] [--out DIR] [--data DIR] [--stage 0-3] [--offload 0|1]\n"
+    "usage: lora_finetune [prepare|pretrain|lora|sample|all] [--out DIR] [--data DIR] [--stage 0-3] [--offload 0|1]\n"
     "  [--micro M] [--batch B] [--seq S] [--pretrain-steps N] [--lora-steps N] [--pretrain-lr X] [--lora-lr X]\n"
     "  [--warmup N] [--dim D] [--layers L] [--heads H] [--kv-heads K] [--ffn F] [--r R] [--alpha A]\n"
     "  [--dropout P] [--eval-batches N] [--threads T] [--seed S] [--base-corpus fortunes|synthetic]\n"
-    "  [--tune-corpus bible|synthetic]\n";
+    "  [--tune-corpus bible|synthetic] [--prompt TEXT] [--sample-tokens N]\n";
 
 bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
   int i = 1;
   if (i < argc && argv[i][0] != '-') f->command = argv[i++];
-  if (f->command != "prepare" && f->command != "pretrain" && f->command != "lora" && f->command != "all") {
+  if (f->command != "prepare" && f->command != "pretrain" && f->command != "lora" && f->command != "sample" &&
+      f->command != "all") {
     *error = "unknown subcommand '" + f->command + "'";
     return false;
   }
@@ -94,6 +98,8 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
     else if (k == "--data") f->data = v;
     else if (k == "--base-corpus") f->base_corpus = v;
     else if (k == "--tune-corpus") f->tune_corpus = v;
+    else if (k == "--prompt") f->prompt = v;
+    else if (k == "--sample-tokens") ok = num(&f->sample_tokens);
     else if (k == "--stage") ok = num(&f->stage);
     else if (k == "--offload") ok = num(&f->offload);
     else if (k == "--micro") ok = num(&f->micro);
@@ -448,6 +454,35 @@ int Main(int argc, char** argv) {
   }
   if (f.command == "pretrain") return 0;
 
+  // --- sample: the base alone, then with the trained adapter ---
+  if (f.command == "sample") {
+    std::unique_ptr<lora::Reader> base, adapter;
+    Check(lora::Reader::Open(base_path, &base), "opening the base model (run pretrain first)");
+    Check(lora::Reader::Open(f.out + "/adapter_model.safetensors", &adapter), "opening the adapter (run lora first)");
+    Run run;
+    Open(f, comm.get(), /*with_lora=*/true, f.lora_lr, &run);
+    const std::vector<const lora::Reader*> variants = {nullptr, adapter.get()};
+    for (const lora::Reader* adapters : variants) {
+      zero::Status fill_error;
+      Check(run.engine->InitParams([&](int p, int64_t off, int64_t n, float* dst) {
+        const lora::ParamInfo& info = run.params[static_cast<size_t>(p)];
+        zero::Status st;
+        if (!info.trainable) {
+          st = base->ReadRange(info.name, off, n, dst);
+        } else if (adapters != nullptr) {
+          st = adapters->ReadRange("base_model.model." + info.name, off, n, dst);
+        } else {
+          for (int64_t i = 0; i < n; ++i) dst[i] = 0.0f;  // no adapter: B = A = 0
+        }
+        if (!st.ok() && fill_error.ok()) fill_error = st;
+      }), "InitParams");
+      Check(fill_error, "loading parameters");
+      Say("%s %s%s\n", adapters == nullptr ? "base:   " : "adapter:", f.prompt.c_str(),
+          Sample(f, run, f.prompt, f.sample_tokens).c_str());
+    }
+    return 0;
+  }
+
   // --- lora ---
   std::unique_ptr<lora::Reader> base;
   Check(lora::Reader::Open(base_path, &base), "opening the base model (run pretrain first)");
@@ -478,13 +513,13 @@ int Main(int argc, char** argv) {
   Say("lora: r=%d alpha=%g on q,k,v,o: %lld trainable / %lld frozen parameters, stage %d%s, %d ranks\n", f.r,
       static_cast<double>(f.alpha), static_cast<long long>(trainable), static_cast<long long>(frozen), f.stage,
       f.offload ? " + optimizer offload" : "", world);
-  const std::string prompt = "And God said, ";
-  const std::string before_sample = Sample(f, run, prompt, 48);
+  const std::string& prompt = f.prompt;
+  const std::string before_sample = Sample(f, run, prompt, f.sample_tokens);
   const double before = ValidationLoss(f, run, val);
   Say("lora: validation loss before %.4f\n", before);
   Train(f, run, train, f.lora_steps, f.lora_lr, "lora", 1);
   const double after = ValidationLoss(f, run, val);
-  const std::string after_sample = Sample(f, run, prompt, 48);
+  const std::string after_sample = Sample(f, run, prompt, f.sample_tokens);
   const std::string adapter_path = f.out + "/adapter_model.safetensors";
   SaveModel(run, adapter_path, {{"format", "pt"}}, /*trainable_only=*/true);
   if (comm->rank() == 0) {
