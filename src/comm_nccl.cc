@@ -18,6 +18,7 @@
 
 #include <chrono>
 #include <memory>
+#include <span>
 #include <string>
 #include <thread>
 
@@ -135,6 +136,46 @@ class NcclComm final : public Comm {
     return Run(call, opts, nullptr, nullptr, [&](const void*, void*, ncclDataType_t) {
       return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_);
     });
+  }
+
+  // One NCCL group for all items (device memory only; host buffers fall back to one staged call per item).
+  Status AllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts) override {
+    if (!broken_.ok()) return broken_;
+    for (const GatherItem& item : items) {
+      if (IsHost(item.send) || IsHost(item.recv)) return Comm::AllGatherMany(items, dtype, opts);
+    }
+    ncclDataType_t type = ncclFloat32;
+    const CallInfo first{CollectiveKind::kAllGather, opts.what, items.empty() ? 0 : items[0].count, dtype,
+                         ReduceOp::kSum, 0};
+    Status bad;
+    if (!NcclType(dtype, &type)) bad = Status::InvalidArgument(internal::DescribeCall(first) + ": bad dtype");
+    for (const GatherItem& item : items) {
+      if (!bad.ok()) break;
+      const CallInfo call{CollectiveKind::kAllGather, opts.what, item.count, dtype, ReduceOp::kSum, 0};
+      bad = internal::ValidateCall(call, item.send, item.recv, rank(), world_size());
+    }
+    if (!bad.ok()) {
+      broken_ = bad;  // peers will issue the group and wait for this rank: abort so that their NCCL fails them
+      ncclCommAbort(comm_);
+      comm_aborted_ = true;
+      return broken_;
+    }
+    for (const GatherItem& item : items) {
+      internal::CountCall(&counters_, {CollectiveKind::kAllGather, opts.what, item.count, dtype, ReduceOp::kSum, 0},
+                          opts, world_size());
+    }
+    cudaSetDevice(device_);
+    if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(Follow(first, static_cast<cudaStream_t>(opts.stream)));
+    ncclResult_t rc = ncclGroupStart();
+    for (const GatherItem& item : items) {
+      if (rc != ncclSuccess && rc != ncclInProgress) break;
+      if (item.count == 0) continue;
+      rc = ncclAllGather(item.send, item.recv, static_cast<size_t>(item.count), type, comm_, stream_);
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    if (rc == ncclSuccess || rc == ncclInProgress) rc = end;
+    if (rc != ncclSuccess && rc != ncclInProgress) return Break(first, rc, "enqueue");
+    return Wait(first);
   }
 
   void Abort(const Status& reason) override {

@@ -298,8 +298,9 @@ class Engine::Impl {
   // bucket by bucket, pipelined with the copies and gathers (OffloadOptimizer).
   Status DeviceOptimizer(double grad_scale, double lr, int64_t t);
   Status OffloadOptimizer(double grad_scale, double lr, int64_t t);
-  // Queues the gather of bucket `bi` of a stage-3 unit into `out` (the unit's full layout at the bucket).
-  void LaunchShardGather(int bi, char* out, const std::string& what);
+  // Queues the gathers of a stage-3 unit's buckets `bucket_list` into `dst` (the unit's full layout) as one
+  // task and one group of all-gathers.
+  void LaunchGathers(const std::vector<int>& bucket_list, char* dst, const std::string& what);
   void ResetScaler();
   bool UpdateScaler(bool overflow);
   void ZeroGrads();

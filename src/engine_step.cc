@@ -175,12 +175,9 @@ void Engine::Impl::GatherBucketAfterStep(const Bucket& b) {
 void Engine::Impl::GatherPersistentAfterStep() {
   for (size_t u = 0; u < units.size(); ++u) {
     if (!units[u].persistent) continue;
-    char* dst = UnitParamBase(static_cast<int>(u));
-    for (int bi : plan.units[u].trainable_buckets) {
-      LaunchShardGather(bi, PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset),
-                        "parameter all-gather after the step");
-      Log(Engine::Event::kGather, static_cast<int>(u), bi);
-    }
+    const std::vector<int>& trainable = plan.units[u].trainable_buckets;
+    LaunchGathers(trainable, UnitParamBase(static_cast<int>(u)), "parameter all-gather after the step");
+    for (int bi : trainable) Log(Engine::Event::kGather, static_cast<int>(u), bi);
   }
 }
 

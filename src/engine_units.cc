@@ -220,33 +220,43 @@ Status Engine::Impl::ReduceBucket(int bucket) {
 
 void Engine::Impl::GatherUnit(int unit, char* dst) {
   const UnitPlan& up = plan.units[static_cast<size_t>(unit)];
-  for (const std::vector<int>* set : {&up.trainable_buckets, &up.frozen_buckets}) {
-    for (int bi : *set) {
-      LaunchShardGather(bi, PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset),
-                        "gather of bucket " + std::to_string(bi) + " (" + UnitName(unit) + ") at " + Where());
-      Log(Engine::Event::kGather, unit, bi);
-    }
-  }
+  std::vector<int> all(up.trainable_buckets);
+  all.insert(all.end(), up.frozen_buckets.begin(), up.frozen_buckets.end());
+  LaunchGathers(all, dst, "gather of " + UnitName(unit) + " at " + Where());
+  for (int bi : all) Log(Engine::Event::kGather, unit, bi);
 }
 
-void Engine::Impl::LaunchShardGather(int bi, char* out, const std::string& what_text) {
-  const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
-  const char* src = ShardParamBase(b);
-  const int64_t shard = b.shard;
+// One task for the buckets of one unit (`dst`: the unit's full layout), issued as one group of all-gathers. With
+// offloaded shards, this rank's shard of each bucket is first copied from host memory into its place in the
+// gathered layout (offload H2D -> gather, in order on the communication stream) and gathered in place.
+void Engine::Impl::LaunchGathers(const std::vector<int>& bucket_list, char* dst, const std::string& what_text) {
+  std::vector<Comm::GatherItem> items;
+  struct Copy {
+    char* to;
+    const char* from;
+    int64_t bytes;
+  };
+  std::vector<Copy> copies;
+  for (int bi : bucket_list) {
+    const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
+    char* out = PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset);
+    const char* src = ShardParamBase(b);
+    if (offload_params) {
+      char* mine = PAt(out, rank * b.shard);
+      copies.push_back({mine, src, b.shard * pe});
+      src = mine;
+    }
+    items.push_back({src, out, b.shard});
+  }
   const DType dt = pdt;
   Comm* c = comm;
   Device* dev = device.get();
-  // Offloaded shards live in host memory: this rank's shard is first copied into its place in the gathered
-  // layout (offload H2D -> gather, in order on the communication stream), and the all-gather runs in place.
-  char* mine = offload_params ? PAt(out, rank * shard) : nullptr;
-  const int64_t bytes = shard * pe;
   LaunchComm([=, what = what_text](void* stream) -> Status {
+    for (const Copy& cp : copies) ZERO_RETURN_IF_ERROR(dev->Copy(cp.to, cp.from, cp.bytes, stream));
     CollectiveOptions co;
     co.what = what.c_str();
     co.stream = stream;
-    if (mine == nullptr) return c->AllGather(src, out, shard, dt, co);
-    ZERO_RETURN_IF_ERROR(dev->Copy(mine, src, bytes, stream));
-    return c->AllGather(mine, out, shard, dt, co);
+    return c->AllGatherMany(items, dt, co);
   });
 }
 

@@ -659,5 +659,35 @@ TEST(CommTest, HalfPrecisionSumsRoundEveryHopInRingOrder) {
   }
 }
 
+// A group of all-gathers (a stage-3 unit's buckets) gives what the same all-gathers give one by one, and counts
+// each item like a separate call.
+TEST(CommTest, AllGatherManyEqualsSeparateAllGathers) {
+  auto comm = testing::WorldComm();
+  const int n = comm->world_size(), r = comm->rank();
+  const int64_t counts[] = {5, 0, 64, 1};
+  std::vector<std::vector<float>> mine, grouped, separate;
+  std::vector<Comm::GatherItem> items;
+  for (int64_t c : counts) {
+    std::vector<float> v(static_cast<size_t>(c));
+    for (int64_t i = 0; i < c; ++i) v[static_cast<size_t>(i)] = static_cast<float>(r * 1000 + c * 10 + i);
+    mine.push_back(v);
+    grouped.emplace_back(static_cast<size_t>(c * n), -1.0f);
+    separate.emplace_back(static_cast<size_t>(c * n), -2.0f);
+  }
+  for (size_t k = 0; k < mine.size(); ++k) items.push_back({mine[k].data(), grouped[k].data(), counts[k]});
+  const CommCounters before = comm->counters();
+  ASSERT_TRUE(comm->AllGatherMany(items, DType::kF32).ok());
+  const int64_t grouped_elements = comm->counters().all_gather - before.all_gather;
+  for (size_t k = 0; k < mine.size(); ++k) {
+    ASSERT_TRUE(comm->AllGather(mine[k].data(), separate[k].data(), counts[k], DType::kF32).ok());
+  }
+  EXPECT_EQ(grouped, separate);
+  EXPECT_EQ(grouped_elements, (5 + 0 + 64 + 1) * n);
+  // An invalid item fails like the same AllGather would.
+  items[2].count = -1;
+  const Status s = comm->AllGatherMany(items, DType::kF32);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+}
+
 }  // namespace
 }  // namespace zero

@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 
 #include "zero/status.h"
@@ -101,6 +102,16 @@ class Comm {
   // Any dtype. In place on every rank.
   virtual Status Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts = {}) = 0;
   virtual Status Barrier(const CollectiveOptions& opts = {}) = 0;
+
+  // Several all-gathers of one dtype that go together (a unit's buckets), issued as one group: NCCL launches them
+  // as one (ncclGroupStart/End); host-memory communicators run them one after another. Each item is validated and
+  // counted like a separate AllGather; every rank must pass the same items in the same order.
+  struct GatherItem {
+    const void* send;
+    void* recv;
+    int64_t count;
+  };
+  virtual Status AllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts = {});
 
   // Marks this Comm broken with `reason` and tells every peer, whose current or next wait then returns
   // Status::Aborted naming this rank and the reason. Use it when this rank can no longer follow the
