@@ -18,6 +18,7 @@
 #include "kernels/cast.cuh"
 #include "kernels/cpu_kernels.h"
 #include "testing/engine_harness.h"
+#include "testing/random.h"
 
 namespace zero::testing {
 namespace {
@@ -54,14 +55,6 @@ class DeviceMathTest : public ::testing::TestWithParam<Backend> {
 
   std::unique_ptr<Device> device_;
 };
-
-std::vector<float> Random(int64_t n, uint32_t seed, float lo, float hi) {
-  std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = d(gen);
-  return v;
-}
 
 void ExpectBitwise(const std::vector<float>& got, const std::vector<float>& want, const char* what) {
   ASSERT_EQ(got.size(), want.size()) << what;
@@ -134,8 +127,8 @@ TEST_P(DeviceMathTest, AdamWEqualsTheScalarFunctor) {
   for (DType copy : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (int64_t n : kSizes) {
       SCOPED_TRACE("n = " + std::to_string(n) + ", grad " + DTypeName(gd) + ", copy " + DTypeName(copy));
-      std::vector<float> p = Random(n, 1, -1, 1), m = Random(n, 2, -0.1f, 0.1f), v = Random(n, 3, 0, 0.01f);
-      Grad g = UploadGrad(Random(n, 4, -2, 2), gd);
+      std::vector<float> p = RandomFloats(n, 1, -1, 1), m = RandomFloats(n, 2, -0.1f, 0.1f), v = RandomFloats(n, 3, 0, 0.01f);
+      Grad g = UploadGrad(RandomFloats(n, 4, -2, 2), gd);
       const auto c = kernels::MakeAdamWCoeffs(1e-3, 0.9, 0.999, 1e-8, 0.01, 7, 0.25);
       DeviceBuffer dp = Upload(p), dm = Upload(m), dv = Upload(v);
       CopyTarget target(device_.get(), copy, n);
@@ -157,8 +150,8 @@ TEST_P(DeviceMathTest, SgdEqualsTheScalarFunctor) {
     for (bool first : {true, false}) {
       for (int64_t n : kSizes) {
         SCOPED_TRACE("n = " + std::to_string(n) + (first ? " first step" : "") + ", copy " + DTypeName(copy));
-        std::vector<float> p = Random(n, 5, -1, 1), buf = Random(n, 6, -0.1f, 0.1f);
-        const std::vector<float> g = Random(n, 7, -2, 2);
+        std::vector<float> p = RandomFloats(n, 5, -1, 1), buf = RandomFloats(n, 6, -0.1f, 0.1f);
+        const std::vector<float> g = RandomFloats(n, 7, -2, 2);
         const auto c = kernels::MakeSgdCoeffs(0.1, 0.9, 0.1, 0.01, /*nesterov=*/!first, first, 0.5);
         DeviceBuffer dp = Upload(p), db = Upload(buf), dg = Upload(g);
         CopyTarget target(device_.get(), copy, n);
@@ -177,8 +170,8 @@ TEST_P(DeviceMathTest, SgdEqualsTheScalarFunctor) {
 TEST_P(DeviceMathTest, AccumulateAndZero) {
   for (int64_t n : kSizes) {
     SCOPED_TRACE("n = " + std::to_string(n));
-    std::vector<float> acc = Random(n, 8, -1, 1);
-    const std::vector<float> x = Random(n, 9, -1, 1);
+    std::vector<float> acc = RandomFloats(n, 8, -1, 1);
+    const std::vector<float> x = RandomFloats(n, 9, -1, 1);
     DeviceBuffer da = Upload(acc), dx = Upload(x);
     ASSERT_TRUE(device_->Accumulate(da.as<float>(), dx.as<float>(), DType::kF32, n, nullptr).ok());
     for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
@@ -192,7 +185,7 @@ TEST_P(DeviceMathTest, HalfPrecisionAccumulateAndSumSquares) {
   for (DType dt : {DType::kBF16, DType::kF16}) {
     for (int64_t n : kSizes) {
       SCOPED_TRACE("n = " + std::to_string(n) + " " + DTypeName(dt));
-      Grad acc = UploadGrad(Random(n, 11, -1, 1), dt), x = UploadGrad(Random(n, 12, -1, 1), dt);
+      Grad acc = UploadGrad(RandomFloats(n, 11, -1, 1), dt), x = UploadGrad(RandomFloats(n, 12, -1, 1), dt);
       ASSERT_TRUE(device_->Accumulate(acc.buffer.data(), x.buffer.data(), dt, n, nullptr).ok());
       std::vector<uint16_t> got(static_cast<size_t>(n)), want(static_cast<size_t>(n));
       ASSERT_TRUE(device_->CopyToHost(got.data(), acc.buffer.data(), n * 2).ok());
@@ -219,7 +212,7 @@ TEST_P(DeviceMathTest, HalfPrecisionAccumulateAndSumSquares) {
 TEST_P(DeviceMathTest, SumSquaresEqualsBlockedScalarSum) {
   for (int64_t n : kSizes) {
     SCOPED_TRACE("n = " + std::to_string(n));
-    std::vector<float> x = Random(n, 10, -3, 3);
+    std::vector<float> x = RandomFloats(n, 10, -3, 3);
     if (n > 7) {
       x[5] = std::numeric_limits<float>::infinity();
       x[static_cast<size_t>(n) - 1] = std::numeric_limits<float>::quiet_NaN();

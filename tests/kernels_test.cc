@@ -20,9 +20,12 @@
 #include <gtest/gtest.h>
 
 #include "kernels/cpu_kernels.h"
+#include "testing/random.h"
 
 namespace zero::kernels {
 namespace {
+
+using zero::testing::RandomFloats;
 
 const int64_t kSizes[] = {0, 1, 7, 15, 17, 4096 + 3, (int64_t{1} << 20) + 5};
 
@@ -145,14 +148,6 @@ TEST(CastTest, EverySixteenBitPatternRoundTrips) {
       }
     }
   }
-}
-
-std::vector<float> RandomFloats(int64_t n, uint32_t seed, float lo, float hi) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> d(lo, hi);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (float& x : v) x = d(rng);
-  return v;
 }
 
 TEST(CastTest, CastCpuAppliesTheScalarFunctionsForEverySize) {
