@@ -5,9 +5,11 @@
 // local_rank % device_count, local_rank from MPI_Comm_split_type(MPI_COMM_TYPE_SHARED); rank 0's
 // ncclGetUniqueId is broadcast with MPI_Bcast.
 //
-// Waiting: the communicator is non-blocking (ncclConfig_t::blocking = 0) and every collective runs on this
-// Comm's own stream. A call enqueues, then polls cudaStreamQuery and ncclCommGetAsyncError against
-// CommOptions::timeout. On an NCCL error the Comm breaks with NCCL's own error string (ncclGetLastError); on a
+// Waiting: the communicator is non-blocking (ncclConfig_t::blocking = 0). A collective with a caller's stream
+// (CollectiveOptions::stream: the engine's communication stream) is enqueued there and returns at once; a watchdog
+// (Poll, run by every call and by health()) retires completed ones through events and times out the oldest.
+// Without a stream, or with host buffers (staged), a call runs on this Comm's own stream (after the caller's
+// stream's earlier work) and polls cudaStreamQuery and ncclCommGetAsyncError against CommOptions::timeout. On an NCCL error the Comm breaks with NCCL's own error string (ncclGetLastError); on a
 // timeout it calls ncclCommAbort, so a peer whose kernel waits for this rank gets an error from its NCCL
 // instead of spinning forever, and breaks with a status naming the collective. Every later call returns the
 // breaking status. Buffers are device memory; counts are elements; the in-place forms are NCCL's.
@@ -17,10 +19,12 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <deque>
 #include <memory>
 #include <span>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "comm_internal.h"
 #include "zero/comm.h"
@@ -92,6 +96,8 @@ class NcclComm final : public Comm {
     } else {
       ncclCommAbort(comm_);
     }
+    for (const InFlight& f : inflight_) cudaEventDestroy(f.event);
+    for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
     cudaFree(scratch_);
     if (stage_ != nullptr) cudaFree(stage_);
     if (order_event_ != nullptr) cudaEventDestroy(order_event_);
@@ -103,38 +109,38 @@ class NcclComm final : public Comm {
   Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
                        const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kReduceScatter, opts.what, count, dtype, ReduceOp::kSum, 0};
-    return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t) {
-      return ncclReduceScatter(s, r, static_cast<size_t>(count), t, ncclSum, comm_, stream_);
+    return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t, cudaStream_t st) {
+      return ncclReduceScatter(s, r, static_cast<size_t>(count), t, ncclSum, comm_, st);
     });
   }
 
   Status AllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kAllGather, opts.what, count, dtype, ReduceOp::kSum, 0};
-    return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t) {
-      return ncclAllGather(s, r, static_cast<size_t>(count), t, comm_, stream_);
+    return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t, cudaStream_t st) {
+      return ncclAllGather(s, r, static_cast<size_t>(count), t, comm_, st);
     });
   }
 
   Status AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
                    const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kAllReduce, opts.what, count, dtype, op, 0};
-    return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t) {
-      return ncclAllReduce(s, r, static_cast<size_t>(count), t, NcclOp(op), comm_, stream_);
+    return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t, cudaStream_t st) {
+      return ncclAllReduce(s, r, static_cast<size_t>(count), t, NcclOp(op), comm_, st);
     });
   }
 
   Status Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kBroadcast, opts.what, count, dtype, ReduceOp::kSum, root};
-    return Run(call, opts, nullptr, buffer, [&](const void*, void* r, ncclDataType_t t) {
-      return ncclBroadcast(r, r, static_cast<size_t>(count), t, root, comm_, stream_);
+    return Run(call, opts, nullptr, buffer, [&](const void*, void* r, ncclDataType_t t, cudaStream_t st) {
+      return ncclBroadcast(r, r, static_cast<size_t>(count), t, root, comm_, st);
     });
   }
 
   Status Barrier(const CollectiveOptions& opts) override {
     // A one-element all-reduce on the device scratch word, counted as Barrier (no data).
     const CallInfo call{CollectiveKind::kBarrier, opts.what, 0, DType::kF32, ReduceOp::kSum, 0};
-    return Run(call, opts, nullptr, nullptr, [&](const void*, void*, ncclDataType_t) {
-      return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, stream_);
+    return Run(call, opts, nullptr, nullptr, [&](const void*, void*, ncclDataType_t, cudaStream_t st) {
+      return ncclAllReduce(scratch_, scratch_, 1, ncclFloat32, ncclSum, comm_, st);
     });
   }
 
@@ -165,17 +171,20 @@ class NcclComm final : public Comm {
                           opts, world_size());
     }
     cudaSetDevice(device_);
-    if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(Follow(first, static_cast<cudaStream_t>(opts.stream)));
+    ZERO_RETURN_IF_ERROR(Poll());
+    // With a caller's stream the group goes there, asynchronously (tracked by the watchdog); without, on this
+    // Comm's stream, waited for.
+    const auto target = opts.stream != nullptr ? static_cast<cudaStream_t>(opts.stream) : stream_;
     ncclResult_t rc = ncclGroupStart();
     for (const GatherItem& item : items) {
       if (rc != ncclSuccess && rc != ncclInProgress) break;
       if (item.count == 0) continue;
-      rc = ncclAllGather(item.send, item.recv, static_cast<size_t>(item.count), type, comm_, stream_);
+      rc = ncclAllGather(item.send, item.recv, static_cast<size_t>(item.count), type, comm_, target);
     }
     const ncclResult_t end = ncclGroupEnd();
     if (rc == ncclSuccess || rc == ncclInProgress) rc = end;
     if (rc != ncclSuccess && rc != ncclInProgress) return Break(first, rc, "enqueue");
-    return Wait(first);
+    return opts.stream != nullptr ? Track(first, target) : Wait(first);
   }
 
   void Abort(const Status& reason) override {
@@ -185,7 +194,8 @@ class NcclComm final : public Comm {
     comm_aborted_ = true;
   }
 
-  Status health() const override { return broken_; }
+  // Also the watchdog: polls the collectives in flight (see Poll).
+  Status health() const override { return const_cast<NcclComm*>(this)->Poll(); }
 
  private:
   // Validates, counts, enqueues `issue` on this Comm's stream (after opts.stream's earlier work) and waits for it.
@@ -217,9 +227,17 @@ class NcclComm final : public Comm {
     internal::CountCall(&counters_, call, opts, world_size());
     if (call.count == 0 && call.kind != CollectiveKind::kBarrier) return Status::Ok();
     cudaSetDevice(device_);
+    ZERO_RETURN_IF_ERROR(Poll());
+    if (!staged && opts.stream != nullptr && call.kind != CollectiveKind::kBarrier) {
+      // Asynchronous: on the caller's stream, tracked by the watchdog (Poll) until its event completes.
+      const auto caller = static_cast<cudaStream_t>(opts.stream);
+      const ncclResult_t rc = issue(send, recv, type, caller);
+      if (rc != ncclSuccess && rc != ncclInProgress) return Break(call, rc, "enqueue");
+      return Track(call, caller);
+    }
     if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(Follow(call, static_cast<cudaStream_t>(opts.stream)));
     if (!staged) {
-      const ncclResult_t rc = issue(send, recv, type);
+      const ncclResult_t rc = issue(send, recv, type, stream_);
       if (rc != ncclSuccess && rc != ncclInProgress) return Break(call, rc, "enqueue");
       return Wait(call);
     }
@@ -233,7 +251,7 @@ class NcclComm final : public Comm {
       crc = cudaMemcpyAsync(stage_recv, recv, recv_bytes, cudaMemcpyHostToDevice, stream_);
     }
     if (crc != cudaSuccess) return CudaBreak(call, crc);
-    const ncclResult_t rc = issue(stage_send, stage_recv, type);
+    const ncclResult_t rc = issue(stage_send, stage_recv, type, stream_);
     if (rc != ncclSuccess && rc != ncclInProgress) return Break(call, rc, "enqueue");
     ZERO_RETURN_IF_ERROR(Wait(call));
     crc = cudaMemcpyAsync(recv, stage_recv, recv_bytes, cudaMemcpyDeviceToHost, stream_);
@@ -297,9 +315,70 @@ class NcclComm final : public Comm {
 
   bool Pending() const { return cudaStreamQuery(stream_) == cudaErrorNotReady; }
 
+  // Records the completion of `call`, just enqueued on `caller`, for the watchdog.
+  Status Track(const CallInfo& call, cudaStream_t caller) {
+    cudaEvent_t ev = nullptr;
+    cudaError_t crc = cudaSuccess;
+    if (!free_events_.empty()) {
+      ev = free_events_.back();
+      free_events_.pop_back();
+    } else {
+      crc = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    }
+    if (crc == cudaSuccess) crc = cudaEventRecord(ev, caller);
+    if (crc != cudaSuccess) return CudaBreak(call, crc);
+    inflight_.push_back({ev, internal::DescribeCall(call), Clock::now() + options_.timeout});
+    return Status::Ok();
+  }
+
+  // The watchdog over asynchronous collectives: retires completed ones (oldest first), turns NCCL's asynchronous
+  // errors into a broken Comm, and aborts the communicator when the oldest one exceeds the timeout, naming it
+  // (its `what` carries the bucket and step). Called by every collective and by health().
+  Status Poll() {
+    if (!broken_.ok()) return broken_;
+    ncclResult_t async = ncclSuccess;
+    if (ncclCommGetAsyncError(comm_, &async) != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
+      const std::string what = inflight_.empty() ? std::string("a collective") : inflight_.front().what;
+      const char* last = ncclGetLastError(comm_);
+      broken_ = Status::Internal(what + " on rank " + std::to_string(rank()) + ": NCCL asynchronous error: " +
+                                 ncclGetErrorString(async) + (last && *last ? std::string(" (") + last + ")" : "") +
+                                 "; this communicator is now unusable");
+      ncclCommAbort(comm_);
+      comm_aborted_ = true;
+      return broken_;
+    }
+    while (!inflight_.empty()) {
+      const InFlight& f = inflight_.front();
+      const cudaError_t q = cudaEventQuery(f.event);
+      if (q == cudaSuccess) {
+        free_events_.push_back(f.event);
+        inflight_.pop_front();
+        continue;
+      }
+      if (q != cudaErrorNotReady) {
+        broken_ = Status::Internal(f.what + " on rank " + std::to_string(rank()) + ": CUDA error " +
+                                   cudaGetErrorString(q) + "; this communicator is now unusable");
+        return broken_;
+      }
+      if (Clock::now() >= f.deadline) {
+        ncclCommAbort(comm_);
+        comm_aborted_ = true;
+        broken_ = Status::Timeout(f.what + " on rank " + std::to_string(rank()) + " of " +
+                                  std::to_string(world_size()) + " did not complete within " +
+                                  std::to_string(options_.timeout.count()) +
+                                  " ms: a peer is stalled or the ranks issued collectives in different orders; the "
+                                  "NCCL communicator was aborted and is now unusable");
+        return broken_;
+      }
+      break;
+    }
+    return Status::Ok();
+  }
+
   Status Wait(const CallInfo& call) {
     const auto deadline = Clock::now() + options_.timeout;
     for (int polls = 0;; ++polls) {
+      ZERO_RETURN_IF_ERROR(Poll());  // an earlier asynchronous collective that is stuck is the one to name
       ncclResult_t async = ncclSuccess;
       if (ncclCommGetAsyncError(comm_, &async) != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
         return Break(call, async, "asynchronous error");
@@ -343,6 +422,13 @@ class NcclComm final : public Comm {
   cudaEvent_t order_event_ = nullptr;  // Follow's cross-stream edge
   void* stage_ = nullptr;             // device staging for host buffers
   size_t stage_bytes_ = 0;
+  struct InFlight {
+    cudaEvent_t event;
+    std::string what;
+    Clock::time_point deadline;
+  };
+  std::deque<InFlight> inflight_;         // asynchronous collectives not yet seen complete, oldest first
+  std::vector<cudaEvent_t> free_events_;  // recycled completion events
   const CommOptions options_;
   Status broken_;
   bool comm_aborted_ = false;

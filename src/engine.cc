@@ -190,7 +190,23 @@ void Engine::Impl::LaunchComm(std::function<Status(void* stream)> task) {
 }
 
 Status Engine::Impl::DrainComm() {
-  Status s = comm_stream->Synchronize(wait_timeout);
+  Status s;
+  if (device->backend() == Backend::kCpu) {
+    s = comm_stream->Synchronize(wait_timeout);
+  } else {
+    // On CUDA, NCCL collectives run asynchronously on the stream: wait in slices and let the communicator's
+    // watchdog (health) name a collective that exceeds its timeout. Only this thread issues to the NcclComm.
+    const auto deadline = std::chrono::steady_clock::now() + wait_timeout;
+    for (;;) {
+      s = comm_stream->Synchronize(std::chrono::milliseconds(50));
+      if (s.ok() || s.code() != StatusCode::kTimeout) break;
+      if (Status h = comm->health(); !h.ok()) {
+        s = h;
+        break;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) break;
+    }
+  }
   if (!s.ok() && poison.ok()) poison = s;
   return s;
 }

@@ -48,10 +48,10 @@
 //
 // One communication stream carries gathers and reductions alike, in the host's issue order: on the CPU a second
 // worker would issue collectives on the same communicator from two threads, in an order that could differ
-// between ranks. On CUDA, NcclComm issues each collective on its own stream after the communication stream's
-// earlier work (CollectiveOptions::stream) and returns when it completes, so the device-side order is the
-// table's while the host thread waits per collective (overlapping NCCL with the host's next launches, and a
-// separate high-priority gather stream, need a GPU to measure and are not done).
+// between ranks. On CUDA, NcclComm enqueues each collective on the communication stream itself
+// (CollectiveOptions::stream) and returns at once, with a watchdog that names a collective exceeding the
+// timeout; control collectives on host memory are staged and waited for. Gathers and reductions share that
+// stream in issue order (a second, high-priority gather stream would need a GPU to show it helps).
 //
 // Errors of work on the comm stream are sticky: the stream skips everything after a failed collective, and the
 // next engine call that waits (or checks health) returns that status, which names the collective, bucket and
