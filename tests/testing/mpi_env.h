@@ -26,7 +26,7 @@ inline std::unique_ptr<Comm> WorldComm(std::chrono::milliseconds timeout = std::
 
 // A Comm for `backend` over MPI_COMM_WORLD: MPI for the CPU, NCCL for CUDA (collective: every rank calls it).
 // Returns null with *skip set to the reason when the backend cannot run on this machine (no GPU); the caller
-// then GTEST_SKIP()s with that reason. Use through ZERO_BACKEND_COMM.
+// then GTEST_SKIP()s with that reason (no usable GPU: CUDA only). Use through ZERO_BACKEND_COMM.
 inline std::unique_ptr<Comm> BackendComm(Backend backend, std::string* skip,
                                          std::chrono::milliseconds timeout = std::chrono::milliseconds(20'000)) {
   if (backend == Backend::kCpu) return WorldComm(timeout);
@@ -62,5 +62,5 @@ inline int WorldSize() {
 #define ZERO_BACKEND_COMM(var, backend)                                         \
   std::string var##_skip;                                                       \
   auto var = ::zero::testing::BackendComm((backend), &var##_skip);              \
-  if (var == nullptr && !var##_skip.empty()) GTEST_SKIP() << var##_skip;        \
+  if (var == nullptr && !var##_skip.empty()) GTEST_SKIP() << var##_skip; /* no GPU */ \
   ASSERT_NE(var, nullptr)
