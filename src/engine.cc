@@ -389,7 +389,9 @@ TensorView Engine::Grad(int param) const {
 Engine::Engine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 // Work still queued on the communication stream uses the engine's buffers: let it finish (or fail) first.
 Engine::~Engine() {
-  if (impl_ != nullptr && impl_->comm_stream != nullptr) (void)impl_->comm_stream->Synchronize(impl_->wait_timeout);
+  if (impl_ == nullptr) return;
+  if (impl_->copy_stream != nullptr) (void)impl_->copy_stream->Synchronize(impl_->wait_timeout);
+  if (impl_->comm_stream != nullptr) (void)impl_->comm_stream->Synchronize(impl_->wait_timeout);
 }
 
 Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> specs,

@@ -212,9 +212,10 @@ class Engine::Impl {
   std::vector<Engine::Event> events;
 
   // Streams and events (the table at the top of this file).
+  // (Declared before the streams, so that the streams, which may still run queued copies, are destroyed first.)
+  DeviceBuffer host_grad[2], host_copy[2];  // offload: double-buffered staging (pinned host)
   std::unique_ptr<Stream> comm_stream;
   std::unique_ptr<Stream> copy_stream;  // offload: gradient shards to the host, parameters back
-  DeviceBuffer host_grad[2], host_copy[2];  // offload: double-buffered staging (pinned host)
   std::unique_ptr<zero::Event> d2h_done[2], h2d_done[2], step_begin;
   std::vector<std::unique_ptr<zero::Event>> grads_done;  // per unit
   std::vector<std::unique_ptr<zero::Event>> pool_free;   // per pool buffer
