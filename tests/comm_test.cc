@@ -683,10 +683,12 @@ TEST(CommTest, AllGatherManyEqualsSeparateAllGathers) {
   }
   EXPECT_EQ(grouped, separate);
   EXPECT_EQ(grouped_elements, (5 + 0 + 64 + 1) * n);
-  // An invalid item fails like the same AllGather would.
+  // An invalid item fails like the same AllGather would: this rank reports it, and since the items before it
+  // already went out, a rank still inside them may instead get the abort notice carrying the same reason.
   items[2].count = -1;
   const Status s = comm->AllGatherMany(items, DType::kF32);
-  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_TRUE(s.code() == StatusCode::kInvalidArgument || s.code() == StatusCode::kAborted) << s.ToString();
+  EXPECT_NE(s.message().find("count must be >= 0"), std::string::npos) << s.ToString();
 }
 
 }  // namespace
