@@ -4,7 +4,6 @@
 #include <cstring>
 #include <new>
 #include <sstream>
-#include <unordered_map>
 
 #include "cpu_stream.h"
 #include "device.h"
@@ -222,15 +221,7 @@ class CpuDevice final : public Device {
   // Pinned host memory (offload) comes from host_memory.h: huge pages for large buffers, first-touched and
   // mlocked (pageable with a warning when the memlock limit refuses). Everything else is aligned malloc.
   void* RawAllocate(int64_t bytes, MemoryKind kind) override {
-    if (kind == MemoryKind::kPinnedHost) {
-      HostMemoryOptions o;
-      o.huge_pages = bytes >= kHugePageBytes;
-      HostAllocation a;
-      if (!AllocateHost(bytes, o, nullptr, &a).ok()) return nullptr;
-      std::lock_guard<std::mutex> lock(pinned_mu_);
-      pinned_[a.ptr] = a;
-      return a.ptr;
-    }
+    if (kind == MemoryKind::kPinnedHost) return pinned_.Allocate(bytes);
     constexpr size_t kAlign = 64;
     const size_t rounded = (static_cast<size_t>(bytes) + kAlign - 1) / kAlign * kAlign;
     void* p = std::aligned_alloc(kAlign, rounded);
@@ -239,23 +230,14 @@ class CpuDevice final : public Device {
   }
   void RawFree(void* ptr, int64_t, MemoryKind kind) override {
     if (kind == MemoryKind::kPinnedHost) {
-      HostAllocation a;
-      {
-        std::lock_guard<std::mutex> lock(pinned_mu_);
-        auto it = pinned_.find(ptr);
-        if (it == pinned_.end()) return;
-        a = it->second;
-        pinned_.erase(it);
-      }
-      FreeHost(a, nullptr);
+      pinned_.Free(ptr);
       return;
     }
     std::free(ptr);
   }
 
  private:
-  std::mutex pinned_mu_;
-  std::unordered_map<void*, HostAllocation> pinned_;
+  PinnedHostAllocations pinned_{nullptr, nullptr};  // mlock
 };
 
 }  // namespace

@@ -18,7 +18,6 @@
 #include <mutex>
 #include <string>
 #include <thread>
-#include <unordered_map>
 #endif
 
 namespace zero {
@@ -186,24 +185,8 @@ class CudaDevice final : public Device {
           return nullptr;
         }
         return p;
-      case MemoryKind::kPinnedHost: {
-        // Huge pages for large buffers, first-touched by this thread, then registered with CUDA; a refused
-        // registration falls back to pageable memory with a warning (host_memory.h).
-        HostMemoryOptions o;
-        o.huge_pages = bytes >= kHugePageBytes;
-        HostAllocation a;
-        const PinFn pin = [](void* ptr, size_t len, std::string* error) {
-          const cudaError_t rc = cudaHostRegister(ptr, len, cudaHostRegisterPortable);
-          if (rc == cudaSuccess) return true;
-          cudaGetLastError();
-          *error = std::string("cudaHostRegister: ") + cudaGetErrorString(rc);
-          return false;
-        };
-        if (!AllocateHost(bytes, o, pin, &a).ok()) return nullptr;
-        std::lock_guard<std::mutex> lock(pinned_mu_);
-        pinned_[a.ptr] = a;
-        return a.ptr;
-      }
+      case MemoryKind::kPinnedHost:
+        return pinned_.Allocate(bytes);
       case MemoryKind::kPageableHost:
         p = std::calloc(1, n);
         return p;
@@ -213,18 +196,7 @@ class CudaDevice final : public Device {
   void RawFree(void* ptr, int64_t, MemoryKind kind) override {
     switch (kind) {
       case MemoryKind::kDevice: cudaFree(ptr); break;
-      case MemoryKind::kPinnedHost: {
-        HostAllocation a;
-        {
-          std::lock_guard<std::mutex> lock(pinned_mu_);
-          auto it = pinned_.find(ptr);
-          if (it == pinned_.end()) break;
-          a = it->second;
-          pinned_.erase(it);
-        }
-        FreeHost(a, [](void* p, size_t) { cudaHostUnregister(p); });
-        break;
-      }
+      case MemoryKind::kPinnedHost: pinned_.Free(ptr); break;
       case MemoryKind::kPageableHost: std::free(ptr); break;
     }
   }
@@ -247,8 +219,17 @@ class CudaDevice final : public Device {
   }
 
   int ordinal_;
-  std::mutex pinned_mu_;
-  std::unordered_map<void*, HostAllocation> pinned_;
+  // Huge pages for large buffers, first-touched by the allocating thread, then registered with CUDA; a refused
+  // registration falls back to pageable memory with a warning (host_memory.h).
+  PinnedHostAllocations pinned_{
+      [](void* ptr, size_t len, std::string* error) {
+        const cudaError_t rc = cudaHostRegister(ptr, len, cudaHostRegisterPortable);
+        if (rc == cudaSuccess) return true;
+        cudaGetLastError();
+        *error = std::string("cudaHostRegister: ") + cudaGetErrorString(rc);
+        return false;
+      },
+      [](void* ptr, size_t) { cudaHostUnregister(ptr); }};
 };
 
 }  // namespace

@@ -189,4 +189,26 @@ int64_t HugePageBytes(const HostAllocation& allocation) {
 
 void TEST_FailPinning(bool fail) { g_fail_pinning.store(fail, std::memory_order_relaxed); }
 
+void* PinnedHostAllocations::Allocate(int64_t bytes) {
+  HostMemoryOptions o;
+  o.huge_pages = bytes >= kHugePageBytes;
+  HostAllocation a;
+  if (!AllocateHost(bytes, o, pin_, &a).ok()) return nullptr;
+  std::lock_guard<std::mutex> lock(mu_);
+  live_[a.ptr] = a;
+  return a.ptr;
+}
+
+void PinnedHostAllocations::Free(void* ptr) {
+  HostAllocation a;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(ptr);
+    if (it == live_.end()) return;
+    a = it->second;
+    live_.erase(it);
+  }
+  FreeHost(a, unpin_);
+}
+
 }  // namespace zero

@@ -18,7 +18,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <string>
+#include <unordered_map>
+#include <utility>
 
 #include "zero/status.h"
 
@@ -64,6 +67,23 @@ void FreeHost(const HostAllocation& allocation, const UnpinFn& unpin);
 // mapping: if the kernel merged this range with an adjacent allocation of the same kind, the count is the
 // merged mapping's, capped at this allocation's size.
 int64_t HugePageBytes(const HostAllocation& allocation);
+
+// The pinned host allocations of one Device, by pointer (a Device frees by pointer and size only): huge pages
+// for buffers of 2 MiB and more, base pages below, each pinned with `pin` / released with `unpin` (null: mlock /
+// munlock). Thread-safe.
+class PinnedHostAllocations {
+ public:
+  PinnedHostAllocations(PinFn pin, UnpinFn unpin) : pin_(std::move(pin)), unpin_(std::move(unpin)) {}
+  // Null when the system refuses the memory.
+  void* Allocate(int64_t bytes);
+  void Free(void* ptr);
+
+ private:
+  PinFn pin_;
+  UnpinFn unpin_;
+  std::mutex mu_;
+  std::unordered_map<void*, HostAllocation> live_;
+};
 
 // Test seam: while true, every pin attempt fails as if RLIMIT_MEMLOCK refused it (CI runs as root, where mlock
 // always succeeds). Affects all threads.
