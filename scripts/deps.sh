@@ -14,6 +14,8 @@ packages=(
   libgtest-dev libgmock-dev        # tests
   libbenchmark-dev                 # benchmarks
   libhwy-dev                       # Google Highway: SIMD with run-time dispatch for the CPU AdamW kernel
+  nlohmann-json3-dev               # checkpoints: the JSON index
+  libxxhash-dev                    # checkpoints: XXH3 block checksums
   libopenblas-dev                  # OpenBLAS: CBLAS sgemm for the LoRA example's CPU model
   ccache                           # fast rebuilds; CMakeLists.txt uses it when found
   clang libomp-dev                 # the ThreadSanitizer build (scripts/test.sh's tsan phase)

@@ -159,8 +159,9 @@ std::string Engine::Impl::UnitName(int unit) const {
   return "unit " + std::to_string(unit) + " ('" + specs[static_cast<size_t>(ps.front())].name + "'...)";
 }
 
-Status Engine::Impl::CheckUsable() const {
+Status Engine::Impl::CheckUsable(bool allow_incomplete) const {
   if (!poison.ok()) return poison;
+  if (!allow_incomplete && !incomplete.ok()) return incomplete;
   // Not comm->health(): that polls MPI from this thread while the communication thread may be inside a
   // collective, and Open MPI would then copy that collective's messages on this thread. Collectives run on the
   // communication stream only; their failures (including a peer's abort notice) arrive through its status.
@@ -304,7 +305,7 @@ Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
   os << "ranks disagree on the " << kFieldNames[first] << " at " << Where() << ":";
   for (int r = 0; r < world; ++r) os << (r ? "," : "") << " rank " << r << " has " << field(r, first);
   if (first == kAgreeKind) {
-    os << " (1=BeginMicroStep 2=Step 3=BeginEval 4=EndEval 5=Acquire 6=GatherFull 7=ReleaseFull 8=InitParams)";
+    os << " (1=BeginMicroStep 2=Step 3=BeginEval 4=EndEval 5=Acquire 6=GatherFull 7=ReleaseFull 8=InitParams 9=Save 10=Load 11=Export)";
   }
   os << ". Every rank must make the same engine calls, with the same micro-steps and units, in the same order";
   Status m = Status::Mismatch(os.str());
@@ -629,7 +630,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
 // Public methods: guards, then the implementation.
 
 Status Engine::InitParams(const FillFn& fill) {
-  ZERO_RETURN_IF_ERROR(impl_->CheckUsable());
+  ZERO_RETURN_IF_ERROR(impl_->CheckUsable(/*allow_incomplete=*/true));
   return impl_->InitParamsImpl(fill);
 }
 

@@ -92,7 +92,10 @@ enum class AgreeKind : int {
   kAcquireRecord,
   kGatherFull,
   kReleaseFull,
-  kInitParams
+  kInitParams,
+  kSave,
+  kLoad,
+  kExport
 };
 
 struct BucketInfo {
@@ -146,6 +149,11 @@ struct EngineTestHooks {
   // The first reduction on rank `stall_rank` sleeps this long before its collective (the timeout path).
   int stall_rank = -1;
   std::chrono::milliseconds stall{0};
+  // Checkpoints: block size of the saved files (0: the format's default), and a disk fault on rank
+  // `save_fail_rank` after `save_fail_after` bytes of its shard (an interrupted save).
+  int64_t checkpoint_block_bytes = 0;
+  int save_fail_rank = -1;
+  int64_t save_fail_after = -1;
 };
 
 class Engine::Impl {
@@ -206,6 +214,7 @@ class Engine::Impl {
   uint64_t trace_hash = 0;   // of the units used since the step began
   Trace train_trace, eval_trace;
   Status poison;             // non-OK: the engine is unusable
+  Status incomplete;         // non-OK: a Load failed after changing state; only Load or InitParams may follow
   bool sgd_first_step = true;
   std::vector<int> full_scope_units;  // units of the open GatherFull scope
 
@@ -231,7 +240,8 @@ class Engine::Impl {
   EngineTestHooks test;
 
   // --- engine.cc ---
-  Status CheckUsable() const;
+  // The poison, the comm stream's error, or (unless allow_incomplete) the state left by a failed Load.
+  Status CheckUsable(bool allow_incomplete = false) const;
   // Issues the agreement all-reduce. `local` is this rank's own error (reported to the caller as is); any
   // disagreement between ranks or any rank's local error yields an error on every rank.
   Status Agree(AgreeKind kind, int64_t arg, const Status& local);
@@ -305,6 +315,17 @@ class Engine::Impl {
   void ResetScaler();
   bool UpdateScaler(bool overflow);
   void ZeroGrads();
+
+  // --- engine_checkpoint.cc ---
+  Status SaveImpl(const std::string& root, const std::string& tag, std::string_view metadata);
+  Status LoadImpl(const std::string& root, const std::string& tag, std::string* metadata);
+  Status ExportImpl(const std::string& path, const ExportOptions& options);
+  // Exchanges every rank's status of a collective call (its message included): the first failing rank's
+  // status on every rank, or OK. A failure of the exchange itself poisons the engine.
+  Status ShareStatus(const Status& local, const std::string& call);
+  Status CheckBetweenSteps(const std::string& call) const;
+  // Copies an owned fragment of: 0 the compute parameters, 1 the fp32 master, 2/3 the optimizer state, to host.
+  Status ReadOwned(const Bucket& b, const Fragment& f, int which, void* host_dst);
 };
 
 }  // namespace zero

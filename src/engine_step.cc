@@ -106,6 +106,7 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
   step = 0;
   sgd_first_step = true;
   ResetScaler();
+  incomplete = Status::Ok();
   return Status::Ok();
 }
 

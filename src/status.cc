@@ -32,6 +32,7 @@ const char* StatusCodeName(StatusCode code) {
     case StatusCode::kAborted: return "Aborted";
     case StatusCode::kUnavailable: return "Unavailable";
     case StatusCode::kIoError: return "IoError";
+    case StatusCode::kDataLoss: return "DataLoss";
     case StatusCode::kInternal: return "Internal";
   }
   return "Unknown";

@@ -24,6 +24,9 @@
 #include <functional>
 #include <memory>
 #include <span>
+#include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "zero/comm.h"
@@ -61,6 +64,20 @@ struct MemoryUsage {
 struct MemoryReport {
   MemoryUsage device;
   MemoryUsage host;  // pinned + pageable host memory the engine allocated
+};
+
+// Engine::Export: consolidated weights as one safetensors file, written in parallel (each rank writes the
+// fragments it owns at their offsets; no rank holds the whole model).
+struct ExportOptions {
+  // Tensor name of every parameter, in spec order; empty: the specs' names.
+  std::vector<std::string> names;
+  // Only trainable parameters (e.g. LoRA adapters without their frozen base).
+  bool trainable_only = false;
+  // Stored dtype: kF32 (exact for every param_dtype), kBF16 or kF16 (rounded to nearest even). Trainable
+  // parameters come from the fp32 master, frozen ones from their param_dtype values.
+  DType dtype = DType::kF32;
+  // The file's "__metadata__" (string -> string), e.g. {"format", "pt"}.
+  std::vector<std::pair<std::string, std::string>> metadata;
 };
 
 // Fills one owned fragment at Engine::InitParams: write `count` fp32 values of parameter `param`, elements
@@ -125,6 +142,21 @@ class Engine {
 
   // Full parameters of `units` on every rank until the scope closes. Collective.
   Status GatherFull(std::span<const int> units, FullParamsScope* scope);
+
+  // Checkpoints (README "Checkpoints"); collective, between steps. Save writes ROOT/TAG/: one shard file per
+  // rank with what it owns (parameters incl. frozen ones, fp32 master, optimizer state), written in parallel,
+  // and an index with the step, the loss scaler, the options and `metadata` (the trainer's bytes: data position,
+  // RNG state). It is written as ROOT/TAG.tmp/ and renamed when every rank's file is durable; then ROOT/latest
+  // names it. An existing ROOT/TAG is an error (checkpoints are never overwritten in place). ROOT must be one
+  // directory every rank sees (a shared file system across nodes).
+  Status Save(const std::string& root, const std::string& tag, std::string_view metadata = {});
+  // Loads ROOT/TAG (empty tag: the one ROOT/latest names), saved at any world size, stage, offload setting and
+  // param_dtype: each rank reads exactly the ranges it owns under this engine's plan, verifying their checksums.
+  // Everything checkable without the data is checked and agreed on every rank before any state changes. If
+  // reading fails afterwards (a corrupt block), the engine needs a successful Load or InitParams and says so.
+  Status Load(const std::string& root, const std::string& tag = {}, std::string* metadata = nullptr);
+  // Writes `path` (a safetensors file) with every parameter (or only trainable ones). Collective.
+  Status Export(const std::string& path, const ExportOptions& options = {});
 
   // Views of parameter / gradient `param` (spec index). Invalid (data == null) outside their validity window.
   TensorView Param(int param) const;

@@ -20,6 +20,7 @@ enum class StatusCode {
   kAborted,             // a peer aborted the communicator; the message carries its reason
   kUnavailable,         // the requested backend is not available here (no GPU, no driver)
   kIoError,             // file system errors (checkpoints)
+  kDataLoss,            // stored data is corrupt or malformed (checkpoint checksum, truncated or invalid file)
   kInternal,            // a bug in zero: please report it
 };
 
@@ -35,6 +36,7 @@ class [[nodiscard]] Status {
   static Status Aborted(std::string_view msg) { return Status(StatusCode::kAborted, msg); }
   static Status Unavailable(std::string_view msg) { return Status(StatusCode::kUnavailable, msg); }
   static Status IoError(std::string_view msg) { return Status(StatusCode::kIoError, msg); }
+  static Status DataLoss(std::string_view msg) { return Status(StatusCode::kDataLoss, msg); }
   static Status Internal(std::string_view msg) { return Status(StatusCode::kInternal, msg); }
 
   bool ok() const { return state_ == nullptr; }
