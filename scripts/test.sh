@@ -9,6 +9,7 @@
 #              (find_package(zero) + zero::zero from an outside project)
 #   test       ctest; multi-rank suites run under mpiexec
 #   tsan       the protocol suites (ctest label tsan) again in build-tsan/: clang + ThreadSanitizer, CPU only
+#   fuzz       the checkpoint readers under libFuzzer + ASan + UBSan (tests/fuzz, build-fuzz/): fixed seed and runs
 #
 # Prints each phase's wall time at the end, also when a phase fails. Exits non-zero on any failure. Re-running
 # with nothing changed only re-checks: no package manager, a quick re-configure, an up-to-date build.
@@ -110,5 +111,16 @@ if [[ ${ZERO_SKIP_TSAN:-0} != 1 ]]; then
   # With a ctest filter from the command line the intersection may be empty: that is not a failure here.
   ctest --test-dir build-tsan -L tsan --output-on-failure --no-tests="$([[ $# -gt 0 ]] && echo ignore || echo error)" \
     --parallel "$(nproc)" "$@"
+fi
+
+# --- fuzz ---------------------------------------------------------------------------------------------------------
+# The checkpoint index parser and shard reader under libFuzzer with AddressSanitizer and UBSan (tests/fuzz is a
+# project of its own: clang, no MPI). A fixed seed and run count: the same inputs every time, and any finding
+# fails. Skipped (like tsan) when ctest arguments were given. ZERO_SKIP_FUZZ=1 skips it.
+if [[ ${ZERO_SKIP_FUZZ:-0} != 1 && $# -eq 0 ]]; then
+  begin_phase fuzz
+  cmake -S tests/fuzz -B build-fuzz -DCMAKE_CXX_COMPILER=clang++ >/dev/null
+  cmake --build build-fuzz --parallel "$(nproc)"
+  ctest --test-dir build-fuzz --output-on-failure --no-tests=error
 fi
 end_phase
