@@ -126,6 +126,31 @@ TEST(LoraData, SamplerIsDeterministicAndTargetsAreShiftedByOne) {
 }
 
 // Ranks of a world of 3 with batch 2 take disjoint slices that together are the world-1 batch of 6.
+// Token ids (a BPE vocabulary, beyond 255) sample the same windows as bytes of the same length: the stream's
+// values are copied through unchanged.
+TEST(LoraData, SamplerOverTokenIds) {
+  const std::vector<uint8_t> bytes = SyntheticTokens();
+  std::vector<int32_t> ids(bytes.size());
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(bytes[i]) * 193 + 40000;  // up to ~89k
+  const SamplerOptions options{.batch = 2, .seq_len = 16, .seed = 3, .rank = 1, .world = 2};
+  BatchSampler from_bytes, from_ids;
+  ASSERT_TRUE(BatchSampler::Create(bytes, options, &from_bytes).ok());
+  ASSERT_TRUE(BatchSampler::Create(std::span<const int32_t>(ids), options, &from_ids).ok());
+  std::vector<int32_t> in_b(32), tg_b(32), in_i(32), tg_i(32);
+  for (int64_t step : {0, 3, 77}) {
+    from_bytes.Sample(step, in_b.data(), tg_b.data());
+    from_ids.Sample(step, in_i.data(), tg_i.data());
+    for (size_t j = 0; j < 32; ++j) {
+      EXPECT_EQ(in_i[j], in_b[j] * 193 + 40000);
+      EXPECT_EQ(tg_i[j], tg_b[j] * 193 + 40000);
+    }
+  }
+  // Too few ids for the global batch: the same error as for bytes.
+  const std::vector<int32_t> few(20, 1);
+  BatchSampler bad;
+  EXPECT_FALSE(BatchSampler::Create(std::span<const int32_t>(few), options, &bad).ok());
+}
+
 TEST(LoraData, RanksTakeDisjointSlicesOfOneGlobalBatch) {
   std::vector<uint8_t> tokens = SyntheticTokens();
   SamplerOptions global_options{.batch = 6, .seq_len = 16, .seed = 3, .rank = 0, .world = 1};

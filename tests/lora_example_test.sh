@@ -5,7 +5,10 @@
 #   * the base file is reused by a second run with the same settings (the cache key);
 #   * adapter_model.safetensors parses with numpy alone: only lora_A / lora_B tensors, PEFT names, the shapes
 #     of r = 4, finite values, and B no longer zero (it was trained); adapter_config.json names the rank;
-#   * `sample` reads the base and the adapter back and continues a prompt with each.
+#   * `sample` reads the base and the adapter back and continues a prompt with each;
+#   * `merge` folds the adapter into the base: merged logits equal adapter logits within 1e-5 (relative; the
+#     example checks it and fails otherwise, this reads its line), and merged.safetensors holds the base's tensors
+#     under Hugging Face names, no LoRA tensor, with the targeted projections changed by the fold and the rest equal.
 # usage: lora_example_test.sh BINARY MPIEXEC PYTHON WORKDIR [mpiexec flags...]
 set -euo pipefail
 binary=$1 mpiexec=$2 python=$3 work=$4
@@ -36,6 +39,42 @@ sample_args[0]=sample
 "$mpiexec" -n 2 "$@" "$binary" "${sample_args[@]}" --prompt "abc " --sample-tokens 8 > "$work/sample.log"
 grep -q "^base:    abc " "$work/sample.log" || { echo "FAIL: no base sample"; cat "$work/sample.log"; exit 1; }
 grep -q "^adapter: abc " "$work/sample.log" || { echo "FAIL: no adapter sample"; cat "$work/sample.log"; exit 1; }
+
+merge_args=("${args[@]}")
+merge_args[0]=merge
+"$mpiexec" -n 2 "$@" "$binary" "${merge_args[@]}" > "$work/merge.log"
+merge_line=$(grep '^merged_relative_error=' "$work/merge.log") || { echo "FAIL: no merge result"; cat "$work/merge.log"; exit 1; }
+rel=${merge_line#merged_relative_error=}
+awk -v r="$rel" 'BEGIN { exit !(r <= 1e-5) }' || { echo "FAIL: merged logits differ by $rel (relative)"; exit 1; }
+grep -q "^merged=$work/merged.safetensors$" "$work/merge.log" || { echo "FAIL: no merged= line"; exit 1; }
+
+"$python" - "$work/base.safetensors" "$work/merged.safetensors" <<'PY'
+import json, struct, sys
+import numpy as np
+def load(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", {})
+    out = {}
+    for name, t in header.items():
+        b, e = t["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + b:8 + n + e], dtype="<f4").reshape(t["shape"])
+    return out, meta
+base, _ = load(sys.argv[1])
+merged, meta = load(sys.argv[2])
+assert sorted(base) == sorted(merged), (sorted(set(base) ^ set(merged)))
+assert json.loads(meta["config"])["model_type"] == "llama", meta
+for name, w in merged.items():
+    assert "lora" not in name, name
+    assert np.isfinite(w).all(), name
+    folded = any(p in name for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if folded:
+        assert np.abs(w - base[name]).max() > 0, name + " was not changed by the fold"
+    else:
+        assert np.array_equal(w, base[name]), name + " changed although it has no adapter"
+print(f"merged ok: {len(merged)} tensors")
+PY
 
 "$python" - "$path" <<'PY'
 import json, struct, sys

@@ -391,6 +391,20 @@ Status ReadTokens(const std::string& path, std::vector<uint8_t>* tokens) {
 }
 
 Status BatchSampler::Create(std::span<const uint8_t> tokens, const SamplerOptions& options, BatchSampler* sampler) {
+  ZERO_RETURN_IF_ERROR(CreateFor(static_cast<int64_t>(tokens.size()), options, sampler));
+  sampler->tokens_ = tokens;
+  sampler->tokens32_ = {};
+  return Status::Ok();
+}
+
+Status BatchSampler::Create(std::span<const int32_t> tokens, const SamplerOptions& options, BatchSampler* sampler) {
+  ZERO_RETURN_IF_ERROR(CreateFor(static_cast<int64_t>(tokens.size()), options, sampler));
+  sampler->tokens_ = {};
+  sampler->tokens32_ = tokens;
+  return Status::Ok();
+}
+
+Status BatchSampler::CreateFor(int64_t n, const SamplerOptions& options, BatchSampler* sampler) {
   if (options.batch < 1 || options.seq_len < 1 || options.world < 1 || options.rank < 0 ||
       options.rank >= options.world) {
     return Status::InvalidArgument("BatchSampler: need batch >= 1, seq_len >= 1, 0 <= rank < world; got batch " +
@@ -399,7 +413,6 @@ Status BatchSampler::Create(std::span<const uint8_t> tokens, const SamplerOption
                                    std::to_string(options.world));
   }
   // Windows of seq_len + 1 tokens at offset + w * seq_len with offset < seq_len: (n - seq_len) / seq_len fit.
-  const int64_t n = static_cast<int64_t>(tokens.size());
   const int64_t windows = n > options.seq_len ? (n - options.seq_len) / options.seq_len : 0;
   const int64_t global = options.batch * options.world;
   if (windows < global) {
@@ -409,7 +422,6 @@ Status BatchSampler::Create(std::span<const uint8_t> tokens, const SamplerOption
                                    std::to_string(options.batch) + " x world " + std::to_string(options.world) +
                                    "); use a shorter seq_len or smaller batch");
   }
-  sampler->tokens_ = tokens;
   sampler->options_ = options;
   sampler->windows_ = windows;
   return Status::Ok();
@@ -428,8 +440,8 @@ void BatchSampler::Sample(int64_t step, int32_t* inputs, int32_t* targets) const
   for (int64_t i = 0; i < options_.batch; ++i) {
     const int64_t start = WindowStart(step, options_.rank * options_.batch + i);
     for (int64_t j = 0; j < seq; ++j) {
-      inputs[i * seq + j] = tokens_[start + j];
-      targets[i * seq + j] = tokens_[start + j + 1];
+      inputs[i * seq + j] = tokens32_.empty() ? tokens_[start + j] : tokens32_[start + j];
+      targets[i * seq + j] = tokens32_.empty() ? tokens_[start + j + 1] : tokens32_[start + j + 1];
     }
   }
 }

@@ -9,9 +9,10 @@
 //              (1,189); used for fine-tuning.
 //   synthetic  deterministic generated sentences, no package needed (tests).
 //
-// Tokens are bytes (vocabulary 256). Each document is written with surrounding newlines trimmed, followed by
-// "\n\n". Document i goes to validation when i % validation_every == validation_every - 1 (every 20th: 5%, spread
-// over the whole corpus so that validation text has the training distribution), the others to train.
+// Tokens are bytes (vocabulary 256; for a GGUF base the example re-tokenizes the text with its BPE). Each document
+// is written with surrounding newlines trimmed, followed by "\n\n". Document i goes to validation when
+// i % validation_every == validation_every - 1 (every 20th: 5%, spread over the whole corpus so that validation
+// text has the training distribution), the others to train.
 #pragma once
 
 #include <cstdint>
@@ -85,6 +86,8 @@ class BatchSampler {
   BatchSampler() = default;
   // `tokens` must outlive the sampler.
   static zero::Status Create(std::span<const uint8_t> tokens, const SamplerOptions& options, BatchSampler* sampler);
+  // The same over int32 token ids (a BPE vocabulary).
+  static zero::Status Create(std::span<const int32_t> tokens, const SamplerOptions& options, BatchSampler* sampler);
 
   // Fills inputs and targets, each batch * seq_len (row-major [batch][seq_len]); targets[j] = the token after
   // inputs[j].
@@ -96,7 +99,9 @@ class BatchSampler {
   const SamplerOptions& options() const { return options_; }
 
  private:
-  std::span<const uint8_t> tokens_;
+  static zero::Status CreateFor(int64_t num_tokens, const SamplerOptions& options, BatchSampler* sampler);
+  std::span<const uint8_t> tokens_;    // byte tokens, or
+  std::span<const int32_t> tokens32_;  // token ids (exactly one of the two is non-empty)
   SamplerOptions options_;
   int64_t windows_ = 0;
 };

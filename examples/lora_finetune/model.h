@@ -14,7 +14,7 @@
 namespace lora {
 
 struct ModelConfig {
-  int vocab = 256;   // byte-level tokens
+  int vocab = 256;   // byte-level tokens (a GGUF base brings its own: 49152 for SmolLM2)
   int dim = 64;      // model width; head_dim = dim / heads (must be even for RoPE)
   int layers = 2;    // transformer blocks; each is one zero unit
   int heads = 4;     // query heads
