@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <sstream>
 
@@ -88,6 +89,12 @@ void Device::Free(DeviceBuffer* buffer) {
   MemoryUsage& usage = buffer->kind_ == MemoryKind::kDevice ? report_.device : report_.host;
   usage.current[static_cast<int>(buffer->category_)] -= buffer->bytes_;
   if (buffer->data_ != nullptr) RawFree(buffer->data_, buffer->bytes_, buffer->kind_);
+}
+
+int64_t Device::FreeBytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (capacity_ <= 0) return std::numeric_limits<int64_t>::max();
+  return std::max<int64_t>(0, capacity_ - report_.device.Total());
 }
 
 MemoryReport Device::report() const {

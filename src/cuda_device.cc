@@ -103,6 +103,16 @@ class CudaDevice final : public Device {
  public:
   explicit CudaDevice(int ordinal) : ordinal_(ordinal) {}
   Backend backend() const override { return Backend::kCuda; }
+  // What cudaMalloc can still give (other processes and contexts share the GPU), within the capacity.
+  int64_t FreeBytes() const override {
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaSetDevice(ordinal_);
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return std::min(Device::FreeBytes(), static_cast<int64_t>(free_bytes));
+  }
 
   Status NewStream(const char* name, bool high_priority, std::unique_ptr<Stream>* out) override {
     int least = 0, greatest = 0;

@@ -133,6 +133,9 @@ class Device {
   // 0 = unlimited.
   void set_capacity(int64_t bytes) { capacity_ = bytes; }
   int64_t capacity() const { return capacity_; }
+  // Device bytes that can still be allocated: the capacity minus what is allocated (INT64_MAX when unlimited);
+  // on CUDA at most cudaMemGetInfo's free memory (other processes and contexts use the GPU too).
+  virtual int64_t FreeBytes() const;
   MemoryReport report() const;
 
  protected:

@@ -4,10 +4,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <cstdio>
+#include <limits>
 #include <sstream>
 #include <thread>
 
+#include "buffer_plan.h"
 #include "engine_impl.h"
+#include "zero/estimate.h"
 
 namespace zero {
 namespace {
@@ -36,7 +40,8 @@ std::vector<std::string> DescribeConfig(const Options& o, const std::vector<Para
      << " grad_dtype=" << DTypeName(o.grad_dtype) << " loss_scale=" << static_cast<int>(o.loss_scale.mode) << "/"
      << o.loss_scale.initial << "/" << o.loss_scale.growth_interval << "/" << o.loss_scale.hysteresis << "/"
      << o.loss_scale.min_scale << " offload=" << o.offload_optimizer << "/" << o.offload_params << " prefetch_bytes=" << o.prefetch_bytes
-     << " persist_bytes=" << o.persist_bytes << " keep_gathered_units=" << o.keep_gathered_units.size();
+     << " persist_bytes=" << o.persist_bytes << " keep_gathered_units=" << o.keep_gathered_units.size()
+     << " reserved_bytes=" << o.reserved_bytes;
   lines.push_back(os.str());
   os.str("");
   os << "adamw(lr=" << o.adamw.lr << " betas=" << o.adamw.beta1 << "," << o.adamw.beta2 << " eps=" << o.adamw.eps
@@ -68,10 +73,24 @@ std::vector<std::string> Split(const std::string& text) {
   return lines;
 }
 
+}  // namespace
+
 Status ValidateOptions(const Options& o, int num_units) {
   auto bad = [](const std::string& m) { return Status::InvalidArgument("invalid Options: " + m); };
   if (o.backend != Backend::kCpu && o.backend != Backend::kCuda) return bad("backend must be kCpu or kCuda");
-  if (static_cast<int>(o.stage) > 3) return bad("stage must be one of Stage::k*");
+  if (static_cast<int>(o.stage) > 3 && o.stage != Stage::kAuto) return bad("stage must be one of Stage::k*");
+  if (o.stage == Stage::kAuto) {
+    if (o.reserved_bytes < 0) {
+      return bad("Stage::kAuto needs reserved_bytes: the device bytes per rank your activations and workspace take "
+                 "(0 if none), which the engine leaves free");
+    }
+    if (o.offload_optimizer || o.offload_params) {
+      return bad("Stage::kAuto chooses offload itself; leave offload_optimizer and offload_params false, or choose "
+                 "the stage yourself");
+    }
+  } else if (o.reserved_bytes < -1) {
+    return bad("reserved_bytes must be >= 0, or -1 (not given)");
+  }
   if (o.optimizer != OptimizerKind::kAdamW && o.optimizer != OptimizerKind::kSgdMomentum) {
     return bad("optimizer must be kAdamW or kSgdMomentum");
   }
@@ -128,6 +147,19 @@ Status ValidateOptions(const Options& o, int num_units) {
     }
   }
   return Status::Ok();
+}
+
+namespace {
+
+const char* StageEnumName(Stage stage) {
+  switch (stage) {
+    case Stage::kDataParallel: return "Stage::kDataParallel";
+    case Stage::kOptimizerStates: return "Stage::kOptimizerStates";
+    case Stage::kGradients: return "Stage::kGradients";
+    case Stage::kParameters: return "Stage::kParameters";
+    case Stage::kAuto: return "Stage::kAuto";
+  }
+  return "?";
 }
 
 int DefaultThreads(int world) {
@@ -314,6 +346,39 @@ Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
   return m;
 }
 
+std::string Engine::Impl::OutOfMemoryAdvice(int64_t free_bytes) const {
+  std::ostringstream os;
+  os << "\nEngine memory on rank " << rank << " when the allocation failed:\n" << device->report().Table();
+  const ModelDescription model = ModelDescription::FromSpecs(specs);
+  MemoryEstimate need;
+  if (Estimate(model, world, options, &need).ok()) {
+    os << "This configuration needs " << FormatBytes(need.DeviceTotal()) << " of device memory per rank:\n"
+       << need.Table();
+  }
+  if (free_bytes == std::numeric_limits<int64_t>::max()) return os.str();  // no capacity: the system refused
+  AutoChoice choice;
+  if (!ChooseConfiguration(model, world, options, free_bytes, &choice).ok()) return os.str();
+  const std::string reserve = options.reserved_bytes < 0 ? "reserved_bytes not given, so nothing is left for "
+                                                           "activations; set it"
+                                                         : "reserved " + FormatBytes(options.reserved_bytes);
+  os << "Device memory available to the engine on rank " << rank << ": " << FormatBytes(choice.budget) << " (free "
+     << FormatBytes(free_bytes) << ", " << reserve << ").\n";
+  if (choice.chosen >= 0) {
+    const AutoCandidate& c = choice.candidates[static_cast<size_t>(choice.chosen)];
+    os << "Suggestion: " << ConfigurationName(c.stage, c.offload_optimizer, c.offload_params) << " fits (device "
+       << FormatBytes(c.device_bytes) << ", host " << FormatBytes(c.host_bytes) << " per rank): set Options.stage = "
+       << StageEnumName(c.stage) << ", offload_optimizer = " << (c.offload_optimizer ? "true" : "false")
+       << ", offload_params = " << (c.offload_params ? "true" : "false")
+       << "; or Stage::kAuto with reserved_bytes to let Open choose.";
+  } else {
+    const AutoCandidate& c = choice.candidates.back();
+    os << "No stage or offload setting fits: the smallest, "
+       << ConfigurationName(c.stage, c.offload_optimizer, c.offload_params) << ", needs " << FormatBytes(c.device_bytes)
+       << " per rank. Add ranks or device memory, or lower gather_slots, grad_pool_buffers or bucket_elements.";
+  }
+  return os.str();
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Views
 
@@ -454,53 +519,9 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   Impl& e = *impl;
   e.specs = std::move(specs);
   e.threads = options.cpu_threads > 0 ? options.cpu_threads : DefaultThreads(e.world);
-  const Stage st = options.stage;
-  const bool stage3 = st == Stage::kParameters;
 
-  // Unit layouts.
-  e.buckets.resize(e.plan.buckets.size());
-  e.units.resize(e.plan.units.size());
-  for (size_t u = 0; u < e.plan.units.size(); ++u) {
-    const UnitPlan& up = e.plan.units[u];
-    UnitState& us = e.units[u];
-    int64_t off = 0;
-    for (int b : up.trainable_buckets) {
-      e.buckets[static_cast<size_t>(b)].unit_offset = off;
-      off += e.plan.buckets[static_cast<size_t>(b)].padded;
-    }
-    us.trainable_elems = off;
-    for (int b : up.frozen_buckets) {
-      e.buckets[static_cast<size_t>(b)].unit_offset = off;
-      off += e.plan.buckets[static_cast<size_t>(b)].padded;
-    }
-    us.full_elems = off;
-  }
-  for (int u : options.keep_gathered_units) e.units[static_cast<size_t>(u)].keep_gathered = true;
-  for (int u = static_cast<int>(e.plan.units.size()) - 1; u >= 0; --u) {
-    for (int b : e.plan.units[static_cast<size_t>(u)].trainable_buckets) e.reduce_order.push_back(b);
-  }
-
-  // Allocation, in one place, so the accounting tests can write the closed form next to it.
-  e.pdt = options.param_dtype;
-  e.pe = static_cast<int64_t>(DTypeSize(e.pdt));
-  e.mixed = e.pdt != DType::kF32;
-  e.offload = options.offload_optimizer;
-  e.offload_params = options.offload_params;
-  e.sep_master = e.mixed || e.offload;
-  e.gdt = options.grad_dtype;
-  e.ge = static_cast<int64_t>(DTypeSize(e.gdt));
-  // Device allocations of gradient (ge bytes) or compute-parameter (pe bytes) elements.
-  auto allocg = [&](int64_t elems, MemoryCategory cat, const std::string& what, DeviceBuffer* out) {
-    return e.device->Allocate(elems * e.ge, cat, MemoryKind::kDevice, what, out);
-  };
-  auto allocp = [&](int64_t elems, MemoryCategory cat, const std::string& what, DeviceBuffer* out) {
-    return e.device->Allocate(elems * e.pe, cat, MemoryKind::kDevice, what, out);
-  };
-  const int64_t tp = e.plan.trainable_padded, fp = e.plan.frozen_padded;
-  const int64_t ts = e.plan.trainable_shard, fs = e.plan.frozen_shard;
-  Status s;
-  auto run = [&]() -> Status {
-    // The device (a rank without its GPU fails here, and the agreement below tells the others).
+  // The device (a rank without its GPU fails here, and an agreement below tells the others).
+  auto open_device = [&]() -> Status {
     if (options.backend == Backend::kCuda) {
       if (comm->cuda_device() < 0) {
         return Status::InvalidArgument("Options.backend = kCuda needs a Comm from Comm::OpenNccl, which moves device "
@@ -516,77 +537,100 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     }
     if (options.device_capacity_bytes > 0) e.device->set_capacity(options.device_capacity_bytes);
     e.device->set_threads(e.threads);
-    // Offloaded parameter shards and optimizer state live in pinned host memory, counted as host bytes.
-    const MemoryKind param_kind = e.offload_params ? MemoryKind::kPinnedHost : MemoryKind::kDevice;
-    const MemoryKind opt_kind = e.offload ? MemoryKind::kPinnedHost : MemoryKind::kDevice;
-    ZERO_RETURN_IF_ERROR(e.device->Allocate((stage3 ? ts : tp) * e.pe, MemoryCategory::kParams, param_kind,
-                                            "trainable parameters", &e.trainable_params));
-    ZERO_RETURN_IF_ERROR(e.device->Allocate((stage3 ? fs : fp) * e.pe, MemoryCategory::kParams, param_kind,
-                                            "frozen parameters", &e.frozen_params));
-    const bool sharded_grads = st == Stage::kGradients || stage3;
-    ZERO_RETURN_IF_ERROR(allocg(sharded_grads ? ts : tp, MemoryCategory::kGrads, "gradients", &e.grads));
-    const int64_t opt = st == Stage::kDataParallel ? tp : ts;
-    auto alloco = [&](const std::string& what, DeviceBuffer* out) {
-      return e.device->Allocate(opt * 4, MemoryCategory::kOptimizer, opt_kind, what, out);
-    };
-    if (e.sep_master) ZERO_RETURN_IF_ERROR(alloco("fp32 master parameters", &e.master));
-    ZERO_RETURN_IF_ERROR(alloco("optimizer state", &e.state0));
-    if (options.optimizer == OptimizerKind::kAdamW) ZERO_RETURN_IF_ERROR(alloco("optimizer state", &e.state1));
-    if (e.offload) {
-      // Double-buffered host staging of the largest trainable bucket shard: gradients down, parameters up.
-      int64_t largest = 0;
-      for (const Bucket& b : e.plan.buckets) largest = std::max(largest, b.trainable ? b.shard : 0);
-      for (int i = 0; i < 2; ++i) {
-        ZERO_RETURN_IF_ERROR(e.device->Allocate(largest * e.ge, MemoryCategory::kGrads, MemoryKind::kPinnedHost,
-                                                "offload gradient staging", &e.host_grad[i]));
-        if (!e.offload_params) {
-          ZERO_RETURN_IF_ERROR(e.device->Allocate(largest * e.pe, MemoryCategory::kBuffers, MemoryKind::kPinnedHost,
-                                                  "offload parameter staging", &e.host_copy[i]));
-        }
-      }
+    return Status::Ok();
+  };
+  Status s = open_device();
+  const int64_t free_bytes = s.ok() ? e.device->FreeBytes() : 0;
+
+  // Stage::kAuto: every rank decides from the same inputs (options, specs, world size and the all-reduced minimum
+  // of free memory), so every rank makes the same choice without exchanging it.
+  if (options.stage == Stage::kAuto) {
+    const int64_t mine[2] = {free_bytes, s.ok() ? 1 : 0};
+    int64_t agreed[2] = {0, 0};
+    co.what = "Engine::Open free memory agreement (Stage::kAuto)";
+    ZERO_RETURN_IF_ERROR(comm->AllReduce(mine, agreed, 2, DType::kI64, ReduceOp::kMin, co));
+    if (!s.ok()) return s.WithContext(where);
+    if (agreed[1] == 0) return Status::Unavailable(where + ": another rank could not open its device; see its status");
+    AutoChoice choice;
+    ZERO_RETURN_IF_ERROR(ChooseConfiguration(ModelDescription::FromSpecs(e.specs), e.world, options, agreed[0], &choice)
+                             .WithContext(where));
+    if (choice.chosen < 0) {
+      return Status::OutOfMemory(where + ": Stage::kAuto found no configuration that fits:\n" + choice.Explain());
     }
-    if (sharded_grads) {
-      for (const UnitState& u : e.units) e.pool_elems = std::max(e.pool_elems, u.trainable_elems);
-      if (e.pool_elems > 0) {
-        // Without overlap every unit's buffer stays bound until the micro-step's last GradsReady.
-        int buffers = options.grad_pool_buffers;
-        if (!options.overlap_reductions) {
-          int trainable_units = 0;
-          for (const UnitState& u : e.units) trainable_units += u.trainable_elems > 0;
-          buffers = std::max(buffers, trainable_units);
-        }
-        e.grad_pool.resize(static_cast<size_t>(buffers));
-        e.pool_owner.assign(e.grad_pool.size(), -1);
-        for (DeviceBuffer& b : e.grad_pool) {
-          ZERO_RETURN_IF_ERROR(allocg(e.pool_elems, MemoryCategory::kBuffers, "gradient pool", &b));
-        }
-      }
+    e.options = choice.options;
+    e.auto_choice = choice.Explain();
+    if (e.rank == 0) std::fprintf(stderr, "zero: Stage::kAuto over %d ranks: %s", e.world, e.auto_choice.c_str());
+  }
+  const Options& opts = e.options;
+  const Stage st = opts.stage;
+
+  // Every buffer's size comes from the buffer plan (buffer_plan.h), which zero::Estimate sums too.
+  const BufferPlan bp = PlanBuffers(opts, e.plan);
+
+  // Unit layouts.
+  e.buckets.resize(e.plan.buckets.size());
+  e.units.resize(e.plan.units.size());
+  for (size_t u = 0; u < e.plan.units.size(); ++u) {
+    const UnitPlan& up = e.plan.units[u];
+    int64_t off = 0;
+    for (int b : up.trainable_buckets) {
+      e.buckets[static_cast<size_t>(b)].unit_offset = off;
+      off += e.plan.buckets[static_cast<size_t>(b)].padded;
     }
-    if (stage3) {
-      int64_t persistent = 0;
-      for (UnitState& u : e.units) {
-        u.persistent = u.full_elems * e.pe <= options.persist_bytes;
-        if (u.persistent) {
-          u.persistent_offset = persistent;
-          persistent += u.full_elems;
-        } else {
-          e.slot_elems = std::max(e.slot_elems, u.full_elems);
-        }
-      }
-      ZERO_RETURN_IF_ERROR(allocp(persistent, MemoryCategory::kParams, "persistent stage-3 units", &e.persistent_params));
-      if (e.slot_elems > 0) {
-        e.slots.resize(static_cast<size_t>(options.gather_slots));
-        for (GatherSlot& slot : e.slots) {
-          ZERO_RETURN_IF_ERROR(allocp(e.slot_elems, MemoryCategory::kBuffers, "stage-3 gather slots", &slot.buffer));
-        }
-      }
+    for (int b : up.frozen_buckets) {
+      e.buckets[static_cast<size_t>(b)].unit_offset = off;
+      off += e.plan.buckets[static_cast<size_t>(b)].padded;
     }
-    int64_t largest_shard = 0;
-    for (const Bucket& b : e.plan.buckets) largest_shard = std::max(largest_shard, b.trainable ? b.shard : 0);
-    const int64_t scratch = e.device->SumSquaresScratchBytes(largest_shard);
-    if (scratch > 0) {
-      ZERO_RETURN_IF_ERROR(e.device->Allocate(scratch, MemoryCategory::kBuffers, MemoryKind::kDevice,
-                                              "gradient norm scratch", &e.norm_scratch));
+    UnitState& us = e.units[u];
+    us.trainable_elems = bp.unit_trainable_elems[u];
+    us.full_elems = bp.unit_full_elems[u];
+    us.persistent = bp.unit_persistent[u];
+    us.persistent_offset = bp.unit_persistent_offset[u];
+  }
+  for (int u : opts.keep_gathered_units) e.units[static_cast<size_t>(u)].keep_gathered = true;
+  for (int u = static_cast<int>(e.plan.units.size()) - 1; u >= 0; --u) {
+    for (int b : e.plan.units[static_cast<size_t>(u)].trainable_buckets) e.reduce_order.push_back(b);
+  }
+
+  e.pdt = opts.param_dtype;
+  e.pe = static_cast<int64_t>(DTypeSize(e.pdt));
+  e.mixed = e.pdt != DType::kF32;
+  e.offload = opts.offload_optimizer;
+  e.offload_params = opts.offload_params;
+  e.sep_master = e.mixed || e.offload;
+  e.gdt = opts.grad_dtype;
+  e.ge = static_cast<int64_t>(DTypeSize(e.gdt));
+  e.pool_elems = bp.pool_elems;
+  e.slot_elems = bp.slot_elems;
+  e.grad_pool.resize(static_cast<size_t>(bp.pool_buffers));
+  e.pool_owner.assign(e.grad_pool.size(), -1);
+  e.slots.resize(static_cast<size_t>(bp.gather_slots));
+  auto target = [&](const PlannedBuffer& b) -> DeviceBuffer* {
+    const size_t i = static_cast<size_t>(b.index);
+    switch (b.id) {
+      case BufferId::kTrainableParams: return &e.trainable_params;
+      case BufferId::kFrozenParams: return &e.frozen_params;
+      case BufferId::kGrads: return &e.grads;
+      case BufferId::kMaster: return &e.master;
+      case BufferId::kState0: return &e.state0;
+      case BufferId::kState1: return &e.state1;
+      case BufferId::kHostGradStaging: return &e.host_grad[i];
+      case BufferId::kHostParamStaging: return &e.host_copy[i];
+      case BufferId::kGradPool: return &e.grad_pool[i];
+      case BufferId::kPersistentParams: return &e.persistent_params;
+      case BufferId::kGatherSlot: return &e.slots[i].buffer;
+      case BufferId::kNormScratch: return &e.norm_scratch;
+    }
+    return nullptr;
+  };
+  auto run = [&]() -> Status {
+    // The kernel's own scratch need must not outgrow the plan's (a check, not a second rule).
+    if (e.device->SumSquaresScratchBytes(bp.largest_trainable_shard) >
+        NormScratchBytes(opts.backend, bp.largest_trainable_shard)) {
+      return Status::Internal("the sum-of-squares kernel needs more scratch than src/buffer_plan.cc plans");
+    }
+    for (const PlannedBuffer& b : bp.buffers) {
+      ZERO_RETURN_IF_ERROR(e.device->Allocate(b.bytes, b.category, b.kind, b.what, target(b)));
     }
     // Streams and events (engine_impl.h's table).
     ZERO_RETURN_IF_ERROR(e.device->NewStream("communication stream", /*high_priority=*/false, &e.comm_stream));
@@ -597,7 +641,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     };
     ZERO_RETURN_IF_ERROR(events(e.units.size(), &e.grads_done));
     ZERO_RETURN_IF_ERROR(events(e.grad_pool.size(), &e.pool_free));
-    ZERO_RETURN_IF_ERROR(events(static_cast<size_t>(options.reductions_in_flight), &e.in_flight));
+    ZERO_RETURN_IF_ERROR(events(static_cast<size_t>(opts.reductions_in_flight), &e.in_flight));
     ZERO_RETURN_IF_ERROR(events(e.slots.size(), &e.slot_ready));
     ZERO_RETURN_IF_ERROR(events(e.slots.size(), &e.slot_free));
     for (size_t i = 0; i < e.slots.size(); ++i) e.slots[i].index = static_cast<int>(i);
@@ -614,12 +658,15 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     return Status::Ok();
   };
   e.wait_timeout = 2 * comm->timeout() + std::chrono::milliseconds(60'000);
-  s = run();
+  if (s.ok()) s = run();
   // Allocation can fail on one rank only (capacities may differ): agree before returning.
   int64_t oom = s.ok() ? 0 : 1, any_oom = 0;
   co.what = "Engine::Open allocation agreement";
   ZERO_RETURN_IF_ERROR(comm->AllReduce(&oom, &any_oom, 1, DType::kI64, ReduceOp::kMax, co));
-  if (!s.ok()) return s.WithContext(where + " (" + StageName(st) + ")");
+  if (!s.ok()) {
+    if (s.code() == StatusCode::kOutOfMemory) s = Status::OutOfMemory(s.message() + e.OutOfMemoryAdvice(free_bytes));
+    return s.WithContext(where + " (" + StageName(st) + ")");
+  }
   if (any_oom) return Status::OutOfMemory(where + ": another rank ran out of memory; see its status");
   e.ResetScaler();
   engine->reset(new Engine(std::move(impl)));
@@ -757,5 +804,6 @@ Status Engine::healthy() const {
   return Status::Ok();
 }
 const std::vector<Engine::Event>& Engine::TEST_events() const { return impl_->events; }
+const std::string& Engine::auto_choice() const { return impl_->auto_choice; }
 
 }  // namespace zero

@@ -238,6 +238,7 @@ class Engine::Impl {
   int64_t reductions_issued = 0;
   std::chrono::milliseconds wait_timeout{0};  // host waits: the comm timeout plus a margin
   EngineTestHooks test;
+  std::string auto_choice;  // Stage::kAuto: what Open chose and why (AutoChoice::Explain)
 
   // --- engine.cc ---
   // The poison, the comm stream's error, or (unless allow_incomplete) the state left by a failed Load.
@@ -275,6 +276,10 @@ class Engine::Impl {
   Status WaitOnCompute(const zero::Event& event, const std::string& what);
   // post-step gather -> the trainer's next use of parameters.
   Status WaitParams();
+  // Appended to an out-of-memory status from Open: the memory table at the failure, what this configuration
+  // needs (zero::Estimate), and the first configuration of Stage::kAuto's order that fits in `free_bytes` minus
+  // reserved_bytes.
+  std::string OutOfMemoryAdvice(int64_t free_bytes) const;
 
   // --- engine_units.cc ---
   Status AcquireImpl(int unit, Pass pass);

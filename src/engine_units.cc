@@ -211,6 +211,8 @@ Status Engine::Impl::ReduceBucket(int bucket) {
       case Stage::kParameters:
         ZERO_RETURN_IF_ERROR(c->ReduceScatter(full, mine, shard, dt, co));
         return dev->Accumulate(in_grads, mine, dt, shard, stream);
+      case Stage::kAuto:  // Open resolves it to a concrete stage
+        return Status::Internal("a reduction with an unresolved Stage::kAuto");
     }
     return Status::Ok();
   });

@@ -44,6 +44,7 @@ const char* StageName(Stage stage) {
     case Stage::kOptimizerStates: return "stage 1 (optimizer states)";
     case Stage::kGradients: return "stage 2 (gradients)";
     case Stage::kParameters: return "stage 3 (parameters)";
+    case Stage::kAuto: return "stage auto (chosen at Engine::Open)";
   }
   return "?";
 }

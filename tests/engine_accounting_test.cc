@@ -244,6 +244,7 @@ TEST_P(CommFormulaTest, CountersMatchFormula) {
         want_ag = 2 * m * (s.t + s.f - persistent) + 2 * m * tied - (c.keep0 ? 2 * m * tied : 0) + persistent_trainable;
         break;
       }
+      case Stage::kAuto: FAIL() << "no case opens Stage::kAuto here"; break;
     }
     SCOPED_TRACE("step " + std::to_string(step));
     EXPECT_EQ(rs, want_rs);

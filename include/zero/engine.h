@@ -64,6 +64,8 @@ struct MemoryUsage {
 struct MemoryReport {
   MemoryUsage device;
   MemoryUsage host;  // pinned + pageable host memory the engine allocated
+  // A table: one row per category and the total, columns device now / peak and host now / peak.
+  std::string Table() const;
 };
 
 // Engine::Export: consolidated weights as one safetensors file, written in parallel (each rank writes the
@@ -166,7 +168,11 @@ class Engine {
   const Options& options() const;
   int num_units() const;
   int64_t step() const;
+  // Current and peak bytes per category on the device and the host (MemoryReport::Table prints it). An
+  // out-of-memory status from Open carries this table and a configuration that fits (zero/estimate.h).
   MemoryReport Memory() const;
+  // Stage::kAuto: what Open chose and why (each earlier candidate's need against the budget); empty otherwise.
+  const std::string& auto_choice() const;
   const CommCounters& comm_counters() const;
   // OK, or the status that poisoned the engine.
   Status healthy() const;

@@ -15,6 +15,11 @@ enum class Stage : uint8_t {
   kOptimizerStates = 1,  // optimizer state partitioned; gradients reduce-scattered after the last micro-step
   kGradients = 2,        // + gradients partitioned; reduce-scattered every micro-step into shard accumulators
   kParameters = 3,       // + parameters partitioned; gathered per unit at Acquire, freed at Release
+  // Engine::Open chooses: the first configuration of the preference order (stage 0, 1, 2, 2 + optimizer offload,
+  // 3, 3 + optimizer offload, 3 + parameter offload) whose device bytes (zero::Estimate) fit in the smallest free
+  // device memory of any rank minus Options::reserved_bytes. Every rank makes the same choice; Engine::options()
+  // and Engine::auto_choice() report it. See include/zero/estimate.h.
+  kAuto = 255,
 };
 const char* StageName(Stage stage);
 
@@ -129,6 +134,10 @@ struct Options {
   // Capacity of device memory in bytes (0: unlimited on the CPU backend; the free memory on CUDA). Exceeding it
   // fails with an OutOfMemory status that carries the per-category breakdown.
   int64_t device_capacity_bytes = 0;
+  // Device bytes per rank the trainer needs besides the engine's buffers (activations, workspace, its own
+  // kernels' scratch). Required (>= 0) with Stage::kAuto, which fits the engine into free memory minus this;
+  // otherwise used only by the configuration an out-of-memory status suggests. Default -1: not given.
+  int64_t reserved_bytes = -1;
 
   // Threads for CPU kernels on this rank. 0: cores per node / local ranks. Default 0.
   int cpu_threads = 0;

@@ -1,0 +1,83 @@
+// BufferPlan: every buffer Engine::Open allocates, with its category, kind and size, as a pure function of the
+// options and the partition plan. Open allocates exactly this list, in this order, and zero::Estimate sums it,
+// so the estimator cannot drift from the allocator: there is one copy of the sizing rules, here.
+//
+// Sizes (Ψt / Ψf trainable / frozen padded elements, N ranks, p / g bytes per param_dtype / grad_dtype element,
+// "opt" = Ψt in stage 0 and Ψt/N otherwise):
+//   trainable, frozen parameters  p·Ψt, p·Ψf (stage 3: p·Ψt/N, p·Ψf/N; pinned host with offload_params)
+//   gradients                     g·Ψt (stages 2-3: g·Ψt/N)
+//   fp32 master                   4·opt when param_dtype is 16-bit or the optimizer is offloaded
+//   optimizer state               4·opt (SGD momentum, AdamW m) + 4·opt (AdamW v); pinned host when offloaded
+//   offload staging               2 × (g + p unless offload_params) · largest trainable bucket shard, pinned host
+//   gradient pool (stages 2-3)    max(grad_pool_buffers, trainable units without overlap) × g · largest trainable unit
+//   persistent units (stage 3)    p · units whose full padded bytes fit persist_bytes
+//   gather slots (stage 3)        gather_slots × p · largest non-persistent unit
+//   norm scratch (CUDA)           16 bytes per 4096 elements of the largest trainable shard, plus 16
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "partition_plan.h"
+#include "zero/options.h"
+#include "zero/status.h"
+#include "zero/types.h"
+
+namespace zero {
+
+// Which engine member a planned buffer goes to (engine.cc maps these to Engine::Impl's DeviceBuffers).
+enum class BufferId : uint8_t {
+  kTrainableParams,
+  kFrozenParams,
+  kGrads,
+  kMaster,
+  kState0,
+  kState1,
+  kHostGradStaging,   // index 0, 1
+  kHostParamStaging,  // index 0, 1
+  kGradPool,          // index 0 .. pool_buffers-1
+  kPersistentParams,
+  kGatherSlot,        // index 0 .. gather_slots-1
+  kNormScratch,
+};
+
+struct PlannedBuffer {
+  BufferId id;
+  int index = 0;
+  MemoryCategory category;
+  MemoryKind kind;
+  int64_t bytes = 0;
+  const char* what = "";  // the allocation's name in out-of-memory messages and estimate tables
+  // Parameters, gradients and optimizer state proper (what a bare parameter count can still estimate); false for
+  // working buffers whose size depends on the model's unit structure (pool, gather slots, staging, scratch).
+  bool model_state = false;
+};
+
+struct BufferPlan {
+  // Per unit: padded elements of its trainable buckets and of all its buckets (its full layout).
+  std::vector<int64_t> unit_trainable_elems, unit_full_elems;
+  // Stage 3: units gathered for the whole run, and their start in the persistent buffer.
+  std::vector<bool> unit_persistent;
+  std::vector<int64_t> unit_persistent_offset;
+  int64_t pool_elems = 0;  // stages 2-3: elements per gradient pool buffer (0: no pool)
+  int pool_buffers = 0;
+  int64_t slot_elems = 0;  // stage 3: elements per gather slot (0: no slots)
+  int gather_slots = 0;
+  int64_t largest_trainable_shard = 0;
+  std::vector<PlannedBuffer> buffers;  // allocation order
+
+  int64_t Bytes(MemoryKind kind, MemoryCategory category) const;  // pinned and pageable host count as host
+};
+
+// REQUIRES: options validated (ValidateOptions) with a concrete stage (not kAuto); `plan` built from the same
+// bucket_elements.
+BufferPlan PlanBuffers(const Options& options, const PartitionPlan& plan);
+
+// Device bytes of the sum-of-squares scratch for a gradient shard of n elements (the CUDA kernel's block
+// partials; the CPU backend needs none).
+int64_t NormScratchBytes(Backend backend, int64_t n);
+
+// Engine::Open's option checks (engine.cc), shared with zero::Estimate.
+Status ValidateOptions(const Options& options, int num_units);
+
+}  // namespace zero
