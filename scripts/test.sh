@@ -93,6 +93,9 @@ cmake -S tests/install_consumer -B "$tmp/consumer" -DCMAKE_BUILD_TYPE=Release -D
   >"$tmp/consumer.log" 2>&1 || { cat "$tmp/consumer.log"; false; }
 cmake --build "$tmp/consumer" >>"$tmp/consumer.log" 2>&1 || { cat "$tmp/consumer.log"; false; }
 "$tmp/consumer/app"
+# The installed estimator runs from the prefix alone (its RUNPATH finds libzero there).
+"$tmp/prefix/bin/zero-estimate" --params 7.5e9 --world 64 --grad-dtype fp16 | grep '^stage 0 .* 120\.0 ' >/dev/null ||
+  { echo "installed zero-estimate did not print the ZeRO paper's 120.0 GB for stage 0"; false; }
 
 # --- test ---------------------------------------------------------------------------------------------------------
 begin_phase test

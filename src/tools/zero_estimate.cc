@@ -1,0 +1,255 @@
+// zero-estimate: per-rank device and per-node host memory of every ZeRO configuration for a model, before anything
+// is allocated, and the configuration Stage::kAuto would choose for a device size. A thin front end over
+// zero::Estimate and zero::ChooseConfiguration (include/zero/estimate.h); run with --help for the flags.
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "zero/zero.h"
+
+namespace {
+
+const char kUsage[] = R"(usage: zero-estimate MODEL [options]
+
+Per-rank device memory and per-node host memory of every ZeRO configuration, in the order Stage::kAuto prefers
+them, computed from the engine's own buffer rules (zero::Estimate).
+
+MODEL, one of:
+  --params N                 a bare parameter count (7.5e9, 7B, 350M): model states only (parameters, gradients,
+                             optimizer state); buffers need the shape
+  --frozen-params N          frozen parameters besides --params (a LoRA base: no gradient, no optimizer state)
+  --layers L --hidden H --ffn F --vocab V [--heads A] [--kv-heads K] [--tied] [--frozen]
+                             a LLaMA-style decoder (RMSNorm, SwiGLU, GQA); one unit per block; --frozen freezes it
+options:
+  --world N                  data-parallel ranks (default 1)
+  --ranks-per-node N         ranks sharing one host's memory (default 8; at most --world)
+  --param-dtype fp32|bf16|fp16   parameters for compute (default bf16; 16-bit adds the fp32 master)
+  --grad-dtype fp32|bf16|fp16    gradients (default fp32; fp16 is the ZeRO paper's setting)
+  --optimizer adamw|sgd      (default adamw)
+  --bucket-elements N        Options::bucket_elements (default 2^25)
+  --grad-pool-buffers N      Options::grad_pool_buffers (default 2)
+  --gather-slots N           Options::gather_slots (default 3)
+  --persist-bytes SIZE       Options::persist_bytes (default 0)
+  --backend cuda|cpu         (default cuda: includes the gradient-norm kernel's scratch)
+  --device-memory SIZE       free device memory per rank (24GiB, 80GB): print the configuration Stage::kAuto
+                             chooses and why the ones before it do not fit
+  --reserved SIZE            with --device-memory: Options::reserved_bytes, kept for activations (default 0)
+  --unit GB|GiB|MB|MiB       table unit (default GB = 10^9 bytes, the ZeRO paper's)
+  --items                    also list every allocation of each configuration
+Exit status: 0, 1 when --device-memory is given and nothing fits, 2 on bad arguments.
+)";
+
+[[noreturn]] void Fail(const std::string& message) {
+  std::fprintf(stderr, "zero-estimate: %s (zero-estimate --help lists the flags)\n", message.c_str());
+  std::exit(2);
+}
+
+// "7.5e9", "7B", "350M", "1.5T", "12k": a count. Suffixes are powers of 1000.
+int64_t ParseCount(const std::string& flag, const std::string& text) {
+  char* end = nullptr;
+  errno = 0;
+  double v = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || errno != 0) Fail(flag + " expects a number, not '" + text + "'");
+  const std::string suffix(end);
+  if (suffix == "k" || suffix == "K") v *= 1e3;
+  else if (suffix == "M") v *= 1e6;
+  else if (suffix == "B" || suffix == "G") v *= 1e9;
+  else if (suffix == "T") v *= 1e12;
+  else if (!suffix.empty()) Fail(flag + ": unknown suffix '" + suffix + "' in '" + text + "' (k, M, B, T)");
+  if (!(v >= 0) || v > 9e18 || v != std::floor(v)) Fail(flag + " expects a whole number >= 0, not '" + text + "'");
+  return static_cast<int64_t>(v);
+}
+
+// "24GiB", "80GB", "512MiB", "1e9": bytes. SI suffixes are powers of 1000, binary ones of 1024.
+int64_t ParseBytes(const std::string& flag, const std::string& text) {
+  char* end = nullptr;
+  errno = 0;
+  double v = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || errno != 0) Fail(flag + " expects a size such as 24GiB, not '" + text + "'");
+  std::string suffix(end);
+  static const struct {
+    const char* name;
+    double factor;
+  } kSuffixes[] = {{"", 1},           {"B", 1},           {"KB", 1e3},         {"MB", 1e6},
+                   {"GB", 1e9},       {"TB", 1e12},       {"KiB", 1024.0},     {"MiB", 1048576.0},
+                   {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
+  bool known = false;
+  for (const auto& s : kSuffixes) {
+    if (suffix == s.name) {
+      v *= s.factor;
+      known = true;
+    }
+  }
+  if (!known) Fail(flag + ": unknown unit '" + suffix + "' in '" + text + "' (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)");
+  if (!(v >= 0) || v > 9e18) Fail(flag + " expects a size >= 0, not '" + text + "'");
+  return static_cast<int64_t>(std::llround(v));
+}
+
+int ParseInt(const std::string& flag, const std::string& text, int min) {
+  const int64_t v = ParseCount(flag, text);
+  if (v < min || v > std::numeric_limits<int>::max()) Fail(flag + " must be >= " + std::to_string(min));
+  return static_cast<int>(v);
+}
+
+zero::DType ParseDType(const std::string& flag, const std::string& text) {
+  if (text == "fp32" || text == "f32") return zero::DType::kF32;
+  if (text == "bf16") return zero::DType::kBF16;
+  if (text == "fp16" || text == "f16") return zero::DType::kF16;
+  Fail(flag + " must be fp32, bf16 or fp16, not '" + text + "'");
+}
+
+std::string Fixed(double v, int decimals) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.*f", decimals, v);
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  int64_t params = -1, frozen_params = 0;
+  zero::TransformerShape shape;
+  bool have_shape = false;
+  int world = 1, ranks_per_node = 8;
+  int64_t device_memory = -1, reserved = 0;
+  bool items = false;
+  std::string unit = "GB";
+  zero::Options o;
+  o.param_dtype = zero::DType::kBF16;
+  o.backend = zero::Backend::kCuda;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (a == "--tied") {
+      shape.tied = true;
+      continue;
+    }
+    if (a == "--frozen") {
+      shape.frozen = true;
+      continue;
+    }
+    if (a == "--items") {
+      items = true;
+      continue;
+    }
+    if (a.rfind("--", 0) != 0) Fail("unexpected argument '" + a + "'");
+    if (i + 1 >= args.size()) Fail(a + " needs a value");
+    const std::string v = args[++i];
+    if (a == "--params") params = ParseCount(a, v);
+    else if (a == "--frozen-params") frozen_params = ParseCount(a, v);
+    else if (a == "--layers") shape.layers = ParseCount(a, v), have_shape = true;
+    else if (a == "--hidden") shape.hidden = ParseCount(a, v), have_shape = true;
+    else if (a == "--heads") shape.heads = ParseCount(a, v), have_shape = true;
+    else if (a == "--kv-heads") shape.kv_heads = ParseCount(a, v), have_shape = true;
+    else if (a == "--ffn") shape.ffn = ParseCount(a, v), have_shape = true;
+    else if (a == "--vocab") shape.vocab = ParseCount(a, v), have_shape = true;
+    else if (a == "--world") world = ParseInt(a, v, 1);
+    else if (a == "--ranks-per-node") ranks_per_node = ParseInt(a, v, 1);
+    else if (a == "--param-dtype") o.param_dtype = ParseDType(a, v);
+    else if (a == "--grad-dtype") o.grad_dtype = ParseDType(a, v);
+    else if (a == "--optimizer") {
+      if (v == "adamw") o.optimizer = zero::OptimizerKind::kAdamW;
+      else if (v == "sgd") o.optimizer = zero::OptimizerKind::kSgdMomentum;
+      else Fail("--optimizer must be adamw or sgd, not '" + v + "'");
+    } else if (a == "--bucket-elements") o.bucket_elements = ParseCount(a, v);
+    else if (a == "--grad-pool-buffers") o.grad_pool_buffers = ParseInt(a, v, 1);
+    else if (a == "--gather-slots") o.gather_slots = ParseInt(a, v, 1);
+    else if (a == "--persist-bytes") o.persist_bytes = ParseBytes(a, v);
+    else if (a == "--backend") {
+      if (v == "cuda") o.backend = zero::Backend::kCuda;
+      else if (v == "cpu") o.backend = zero::Backend::kCpu;
+      else Fail("--backend must be cuda or cpu, not '" + v + "'");
+    } else if (a == "--device-memory") device_memory = ParseBytes(a, v);
+    else if (a == "--reserved") reserved = ParseBytes(a, v);
+    else if (a == "--unit") {
+      if (v != "GB" && v != "GiB" && v != "MB" && v != "MiB") Fail("--unit must be GB, GiB, MB or MiB");
+      unit = v;
+    } else Fail("unknown flag '" + a + "'");
+  }
+  if (have_shape == (params >= 0)) Fail("give the model as --params N, or as --layers/--hidden/--ffn/--vocab");
+  if (!have_shape && params == 0 && frozen_params == 0) Fail("--params must be > 0");
+  if (have_shape && frozen_params > 0) Fail("--frozen-params goes with --params; freeze a shape with --frozen");
+  o.reserved_bytes = reserved;
+  const double scale = unit == "GB" ? 1e9 : unit == "GiB" ? 1073741824.0 : unit == "MB" ? 1e6 : 1048576.0;
+  const int per_node = std::min(world, ranks_per_node);
+
+  zero::ModelDescription model;
+  std::string what;
+  if (have_shape) {
+    zero::Status s = zero::TransformerSpecs(shape, &model.specs);
+    if (!s.ok()) Fail(s.message());
+    int64_t n = 0;
+    for (const zero::ParamSpec& p : model.specs) n += p.numel();
+    what = Fixed(static_cast<double>(n) / 1e9, 3) + "e9 parameters (" + std::to_string(shape.layers) +
+           " layers, hidden " + std::to_string(shape.hidden) + ", ffn " + std::to_string(shape.ffn) + ", vocab " +
+           std::to_string(shape.vocab) + (shape.tied ? ", tied" : "") + (shape.frozen ? ", frozen" : "") + ")";
+  } else {
+    model = zero::ModelDescription::FromParamCount(params, frozen_params);
+    what = Fixed(static_cast<double>(params) / 1e9, 3) + "e9 parameters" +
+           (frozen_params > 0 ? " + " + Fixed(static_cast<double>(frozen_params) / 1e9, 3) + "e9 frozen" : "") +
+           " (a bare count: model states only, no buffers; give --layers/--hidden/--ffn/--vocab for those)";
+  }
+  const int pb = static_cast<int>(zero::DTypeSize(o.param_dtype));
+  const int k = (o.optimizer == zero::OptimizerKind::kAdamW ? 8 : 4) + (o.param_dtype == zero::DType::kF32 ? 0 : 4);
+  std::printf("zero-estimate: %s\n", what.c_str());
+  const std::string k_text = "K = " + std::to_string(k) + " bytes/param" +
+                             (o.param_dtype == zero::DType::kF32 ? ", +4 offloaded (a separate fp32 master)" : "");
+  std::printf("world %d, %d ranks per node; param %s (%d bytes), grad %s (%d bytes), %s (%s), backend %s; "
+              "%s = %.0f bytes\n\n",
+              world, per_node, zero::DTypeName(o.param_dtype), pb, zero::DTypeName(o.grad_dtype),
+              static_cast<int>(zero::DTypeSize(o.grad_dtype)),
+              o.optimizer == zero::OptimizerKind::kAdamW ? "AdamW" : "SGD momentum", k_text.c_str(),
+              o.backend == zero::Backend::kCuda ? "cuda" : "cpu", unit.c_str(), scale);
+
+  zero::AutoChoice choice;
+  zero::Status s = zero::ChooseConfiguration(model, world, o, device_memory >= 0 ? device_memory
+                                                                             : std::numeric_limits<int64_t>::max(),
+                                             &choice);
+  if (!s.ok()) Fail(s.message());
+  std::printf("%-28s %9s %9s %9s %9s %14s %14s%s\n", "configuration", "params", "grads", "optimizer", "buffers",
+              ("device " + unit + "/rank").c_str(), ("host " + unit + "/node").c_str(),
+              device_memory >= 0 ? "  fits" : "");
+  std::vector<zero::MemoryEstimate> estimates;
+  for (size_t i = 0; i < choice.candidates.size(); ++i) {
+    const zero::AutoCandidate& c = choice.candidates[i];
+    zero::Options co = o;
+    co.stage = c.stage;
+    co.offload_optimizer = c.offload_optimizer;
+    co.offload_params = c.offload_params;
+    zero::MemoryEstimate e;
+    s = zero::Estimate(model, world, co, &e);
+    if (!s.ok()) Fail(s.message());
+    auto cat = [&](zero::MemoryCategory m) { return Fixed(static_cast<double>(e.Device(m)) / scale, 2); };
+    std::printf("%-28s %9s %9s %9s %9s %14s %14s%s\n",
+                zero::ConfigurationName(c.stage, c.offload_optimizer, c.offload_params).c_str(),
+                cat(zero::MemoryCategory::kParams).c_str(), cat(zero::MemoryCategory::kGrads).c_str(),
+                cat(zero::MemoryCategory::kOptimizer).c_str(), cat(zero::MemoryCategory::kBuffers).c_str(),
+                Fixed(static_cast<double>(e.DeviceTotal()) / scale, 1).c_str(),
+                Fixed(static_cast<double>(e.HostTotal()) * per_node / scale, 1).c_str(),
+                device_memory < 0 ? "" : (static_cast<int>(i) == choice.chosen ? "  yes <- chosen" : c.fits ? "  yes" : "  no"));
+    estimates.push_back(std::move(e));
+  }
+  std::printf("\nparams/grads/optimizer/buffers: device %s per rank. Host memory is the offloaded optimizer state "
+              "(and parameter shards) plus staging, per rank times %d.\n",
+              unit.c_str(), per_node);
+  if (items) {
+    for (const zero::MemoryEstimate& e : estimates) std::printf("\n%s", e.Table().c_str());
+  }
+  if (device_memory >= 0) {
+    std::printf("\nStage::kAuto with %s", choice.Explain().c_str());
+    if (choice.chosen < 0) return 1;
+    const zero::AutoCandidate& c = choice.candidates[static_cast<size_t>(choice.chosen)];
+    std::printf("choice: %s\n", zero::ConfigurationName(c.stage, c.offload_optimizer, c.offload_params).c_str());
+  }
+  return 0;
+}
