@@ -20,6 +20,7 @@ packages=(
   ccache                           # fast rebuilds; CMakeLists.txt uses it when found
   clang libomp-dev                 # the ThreadSanitizer build (scripts/test.sh's tsan phase)
   python3                          # benchmark reports
+  python3-matplotlib               # scripts/bench.sh: the charts of docs/BENCHMARKS.md (bench/report.py)
   python3-numpy                    # tests/safetensors_numpy_check.py reads safetensors files with numpy alone
   fortunes                         # the LoRA example's pretraining corpus (/usr/share/games/fortunes)
   bible-kjv                        # the LoRA example's fine-tuning corpus (the `bible` program and its KJV text)

@@ -1,0 +1,622 @@
+#!/usr/bin/env python3
+"""bench/report.py: turns one scripts/bench.sh run into JSON records, PNG charts and docs/BENCHMARKS.md.
+
+Inputs (in --results, written by scripts/bench.sh): Google Benchmark JSON of zero_bench_stages and
+zero_bench_collectives per world size (stages_wN.gbench.json, collectives_wN.gbench.json), of zero_bench_adamw
+(adamw.gbench.json), the LoRA example's logs (lora_sS_oO.log) and the machine's load average at start and end.
+Outputs: stages.json (one record per configuration, the fields of issue 9), collectives.json, adamw.json,
+lora.json, machine.json, charts/*.png, and the Markdown report (--docs).
+
+Only ratios measured within one run are compared (paired per iteration by the benchmarks themselves); absolute
+times are printed for orientation and move with the machine's load.
+"""
+import argparse
+import glob
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+DTYPES = {"f32": ("f32", "f32"), "bf16": ("bf16", "f32"), "bf16g": ("bf16", "bf16")}
+OFFLOADS = {"none": "none", "optimizer": "optimizer", "params": "optimizer+params"}
+CATEGORIES = ["params", "grads", "optimizer", "buffers"]
+MIB = float(1 << 20)
+
+
+def fields(name):
+    """'Stages/stage:2/offload:none/...' -> {'stage': '2', 'offload': 'none', ...}."""
+    return dict(part.split(":", 1) for part in name.split("/") if ":" in part)
+
+
+def load_gbench(path):
+    with open(path) as f:
+        data = json.load(f)
+    runs = [b for b in data.get("benchmarks", []) if b.get("run_type", "iteration") == "iteration"]
+    return data.get("context", {}), runs
+
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:  # noqa: BLE001 - a missing tool leaves the field empty
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------------- records
+
+
+def stage_records(results):
+    records, errors = [], []
+    for path in sorted(glob.glob(os.path.join(results, "stages_w*.gbench.json"))):
+        _, runs = load_gbench(path)
+        for b in runs:
+            f = fields(b["name"])
+            if b.get("error_occurred"):
+                errors.append(f"{b['name']}: {b.get('error_message', '')}")
+                continue
+            pd, gd = DTYPES[f["dtype"]]
+            stage = int(f["stage"])
+            rec = {
+                "stage": stage,
+                "offload": OFFLOADS[f["offload"]],
+                "dtype": f"{pd}/{gd}",
+                "param_dtype": pd,
+                "grad_dtype": gd,
+                "world": int(b["world"]),
+                "params": int(b["params"]),
+                "params_padded": int(b["params_padded"]),
+                "log2_params": int(f["params"].split("^")[1]),
+                "d_model": int(b["d_model"]),
+                "units": int(b["units"]),
+                "comm_elements_per_step": int(b["comm_elements_per_step"]),
+                "comm_ratio": b["comm_ratio"],
+                "comm_ratio_paper": 3.0 if stage == 3 else 2.0,
+                "reduce_scatter_elements": int(b["reduce_scatter_elements"]),
+                "all_gather_elements": int(b["all_gather_elements"]),
+                "all_reduce_elements": int(b["all_reduce_elements"]),
+                "peak_device_bytes": int(b["peak_device_bytes"]),
+                "formula_device_bytes": int(b["formula_device_bytes"]),
+                "memory_formula_ratio": b["memory_formula_ratio"],
+                "device_bytes": {c: int(b[f"dev_{c}"]) for c in CATEGORIES},
+                "peak_host_bytes": int(b["peak_host_bytes"]),
+                "formula_host_bytes": int(b["formula_host_bytes"]),
+                "host_formula_ratio": b["host_formula_ratio"],
+                "host_bytes": {c: int(b[f"host_{c}"]) for c in CATEGORIES},
+                "step_time_s": b["step_time_s"],
+                "nocompute_step_s": b["nocompute_step_s"],
+                "compute_s": b["compute_s"],
+                "hidden_comm_s": b["hidden_comm_s"],
+                "exposed_s": b["exposed_s"],
+                "iterations": int(b["iterations"]),
+                "note": "CPU backend: per-unit compute is a sleep; hidden_comm_s is protocol overlap with it, "
+                "not GPU overlap",
+            }
+            records.append(rec)
+    records.sort(key=lambda r: (r["world"], r["log2_params"], r["dtype"], r["stage"], r["offload"]))
+    return records, errors
+
+
+def collective_records(results):
+    records, notes, errors = [], set(), []
+    for path in sorted(glob.glob(os.path.join(results, "collectives_w*.gbench.json"))):
+        context, runs = load_gbench(path)
+        if "nccl" in context:
+            notes.add(context["nccl"])
+        for b in runs:
+            f = fields(b["name"])
+            if b.get("error_occurred"):
+                errors.append(f"{b['name']}: {b.get('error_message', '')}")
+                continue
+            rec = {k: b[k] for k in ("time_s", "algbw_GBps", "busbw_GBps", "raw_time_s", "raw_algbw_GBps",
+                                     "raw_busbw_GBps", "vs_raw")}
+            rec.update(impl=f["impl"], op=f["op"], world=int(b["world"]), bytes=int(b["bytes"]),
+                       wrong=int(b["wrong"]), raw_wrong=int(b["raw_wrong"]), iterations=int(b["iterations"]))
+            if "within_5pct" in b:
+                rec["within_5pct"] = bool(b["within_5pct"])
+            records.append(rec)
+    records.sort(key=lambda r: (r["impl"], r["world"], r["op"], r["bytes"]))
+    return records, sorted(notes), errors
+
+
+def adamw_records(results):
+    path = os.path.join(results, "adamw.gbench.json")
+    if not os.path.exists(path):
+        return [], {}
+    context, runs = load_gbench(path)
+    records = []
+    for b in runs:
+        f = fields(b["name"])
+        records.append({
+            "grad": f["grad"], "copy": f["copy"], "log2_n": int(f["n"].split("^")[1]), "threads": int(f["threads"]),
+            "pages": f["pages"], "time_s": b["real_time"] / 1e3 if b["time_unit"] == "ms" else b["real_time"],
+            "params_per_s": b["params_per_s"], "GBps": b["GBps"], "roofline_GBps": b["roofline_GBps"],
+            "roofline_ratio": b["roofline_ratio"], "vs_scalar": b["vs_scalar"], "target": b.get("label", ""),
+        })
+    return records, context
+
+
+LORA_STEP = re.compile(r"^lora step\s+(\d+)/(\d+).*?([\d.]+) tok/s\s+device ([\d.]+) MiB\s+host ([\d.]+) MiB")
+LORA_HEAD = re.compile(r"^lora: .*?(\d+) trainable / (\d+) frozen parameters, stage (\d)(.*?), (\d+) ranks")
+
+
+def lora_records(results):
+    records = []
+    for path in sorted(glob.glob(os.path.join(results, "lora_s*_o*.log"))):
+        m = re.search(r"lora_s(\d)_o(\d)\.log$", path)
+        stage, offload = int(m.group(1)), int(m.group(2))
+        steps, dev, host, trainable, frozen, world = [], 0.0, 0.0, 0, 0, 2
+        with open(path) as f:
+            for line in f:
+                s = LORA_STEP.match(line)
+                if s:
+                    steps.append(float(s.group(3)))
+                    dev, host = float(s.group(4)), float(s.group(5))
+                h = LORA_HEAD.match(line)
+                if h:
+                    trainable, frozen, world = int(h.group(1)), int(h.group(2)), int(h.group(5))
+        if not steps:
+            continue
+        timed = steps[1:] if len(steps) > 1 else steps  # the first step warms caches and threads
+        records.append({
+            "stage": stage, "offload": "optimizer" if offload else "none", "world": world,
+            "tokens_per_s": statistics.median(timed), "tokens_per_s_steps": steps, "trainable_params": trainable,
+            "frozen_params": frozen, "peak_device_mib": dev, "peak_host_mib": host,
+        })
+    records.sort(key=lambda r: (r["offload"], r["stage"]))
+    return records
+
+
+def machine_info(results, build, adamw_context):
+    def read(name):
+        p = os.path.join(results, name)
+        return open(p).read().strip() if os.path.exists(p) else ""
+
+    cpu = sh("lscpu | sed -n 's/^Model name: *//p' | head -1") or platform.processor()
+    mem = sh("awk '/MemTotal/ {printf \"%.1f GiB\", $2 / 1048576}' /proc/meminfo")
+    cache = {}
+    cache_path = os.path.join(build, "CMakeCache.txt")
+    if os.path.exists(cache_path):
+        for line in open(cache_path):
+            m = re.match(r"^(CMAKE_BUILD_TYPE|ZERO_WITH_CUDA|CMAKE_CXX_COMPILER):\w+=(.*)$", line.strip())
+            if m:
+                cache[m.group(1)] = m.group(2)
+    dirty = sh("git status --porcelain --untracked-files=no | head -1")
+    adamw_target = ""
+    log = os.path.join(results, "logs", "adamw.log")
+    if os.path.exists(log):
+        m = re.search(r"AdamWStepCpu target: (\S+)", open(log).read())
+        adamw_target = m.group(1).rstrip(",") if m else ""
+    return {
+        "date": read("started"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": mem,
+        "gpu": sh("nvidia-smi -L 2>/dev/null | head -1") or "none",
+        "kernel": platform.release(),
+        "os": sh(". /etc/os-release && echo $PRETTY_NAME"),
+        "compiler": sh(f"{cache.get('CMAKE_CXX_COMPILER', 'c++')} --version | head -1"),
+        "mpi": sh("mpiexec --version 2>/dev/null | head -1"),
+        "google_benchmark": sh("dpkg-query -W -f='${Version}' libbenchmark-dev 2>/dev/null"),
+        "build_type": cache.get("CMAKE_BUILD_TYPE", ""),
+        "cuda_option": cache.get("ZERO_WITH_CUDA", ""),
+        "adamw_target": adamw_target,
+        "commit": sh("git rev-parse --short HEAD") + (" + uncommitted changes in the working tree" if dirty else ""),
+        "loadavg_start": read("loadavg_start"),
+        "loadavg_end": read("loadavg_end"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- charts
+
+
+def stage_label(r):
+    off = {"none": "", "optimizer": "\n+opt off", "optimizer+params": "\n+param off"}[r["offload"]]
+    return f"stage {r['stage']}{off}"
+
+
+def pick_memory_set(stages):
+    """The ZeRO paper's figure 1 setting: p = g = 2 when measured, else the largest run available."""
+    if not stages:
+        return []
+    for dtype in ("bf16/bf16", "bf16/f32", "f32/f32"):
+        cand = [r for r in stages if r["dtype"] == dtype]
+        if cand:
+            size, world = max((r["log2_params"], r["world"]) for r in cand)
+            return [r for r in cand if r["world"] == world and r["log2_params"] == size]
+    return []
+
+
+def chart_memory(stages, path):
+    rows = pick_memory_set(stages)
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    colors = {"params": "#4c72b0", "grads": "#dd8452", "optimizer": "#55a868", "buffers": "#8172b2"}
+    for ax, kind in zip(axes, ("device", "host")):
+        bottom = [0.0] * len(rows)
+        for c in CATEGORIES:
+            vals = [r[f"{kind}_bytes"][c] / MIB for r in rows]
+            ax.bar(range(len(rows)), vals, bottom=bottom, label=c, color=colors[c])
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        if kind == "device":
+            ax.plot(range(len(rows)), [r["formula_device_bytes"] / MIB for r in rows], "k_", markersize=28,
+                    markeredgewidth=2, label="DESIGN.md formula")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([stage_label(r) for r in rows], fontsize=8)
+        ax.set_ylabel("MiB per rank")
+        ax.set_title(f"{kind} memory per rank (peak per category)")
+        ax.legend(fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"Per-rank memory by category, measured: Ψ = 2^{r0['log2_params']} ({r0['params'] / 1e6:.1f}M), "
+                 f"{r0['world']} ranks, {r0['dtype']} params/grads, AdamW")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return rows
+
+
+def chart_step_time(stages, path):
+    if not stages:
+        return None
+    dtype = "bf16/f32" if any(r["dtype"] == "bf16/f32" for r in stages) else stages[0]["dtype"]
+    worlds = sorted({r["world"] for r in stages if r["dtype"] == dtype})
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 4.5), squeeze=False)
+    for ax, world in zip(axes[0], worlds):
+        size = max(r["log2_params"] for r in stages if r["world"] == world and r["dtype"] == dtype)
+        rows = [r for r in stages if r["world"] == world and r["dtype"] == dtype and r["log2_params"] == size]
+        x = range(len(rows))
+        compute = [r["compute_s"] * 1e3 for r in rows]
+        exposed = [max(0.0, r["exposed_s"]) * 1e3 for r in rows]
+        ax.bar(x, compute, color="#bbbbbb", label="compute (a sleep)")
+        ax.bar(x, exposed, bottom=compute, color="#c44e52", label="exposed: engine time beyond compute")
+        ax.plot(list(x), [r["nocompute_step_s"] * 1e3 for r in rows], "ko", label="step without compute")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([stage_label(r) for r in rows], fontsize=8)
+        ax.set_ylabel("ms per step (median, slowest rank)")
+        ax.set_title(f"{world} ranks, Ψ = 2^{size}, {dtype}")
+        ax.legend(fontsize=8)
+    fig.suptitle("Step time per stage and offload (CPU backend: compute is a sleep; protocol overhead, not GPU "
+                 "overlap)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def chart_busbw(colls, path):
+    if not colls:
+        return None
+    worlds = sorted({r["world"] for r in colls})
+    ops = ["reduce_scatter", "all_gather", "all_reduce"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    styles = {2: "-", 3: ":", 4: "--"}
+    for ax, op in zip(axes, ops):
+        for impl in sorted({r["impl"] for r in colls}):
+            for world in worlds:
+                rows = [r for r in colls if r["op"] == op and r["world"] == world and r["impl"] == impl]
+                if not rows:
+                    continue
+                xs = [r["bytes"] for r in rows]
+                ls = styles.get(world, "-.")
+                ax.plot(xs, [r["busbw_GBps"] for r in rows], "o" + ls, color="#4c72b0", markersize=3,
+                        label=f"Comm ({impl}), {world} ranks")
+                ax.plot(xs, [r["raw_busbw_GBps"] for r in rows], "s" + ls, color="#dd8452", markersize=3,
+                        label=f"raw {impl.upper()}, {world} ranks")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("bytes (nccl-tests' size)")
+        ax.set_title(op)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("busbw GB/s (median)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Bus bandwidth against message size: zero::Comm against the raw library, interleaved in one run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def chart_adamw(adamw, path):
+    rows = [r for r in adamw if r["pages"] == "4K"]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    variants = sorted({(r["grad"], r["copy"], r["threads"]) for r in rows})
+    for i, (grad, copy, threads) in enumerate(variants):
+        sel = sorted((r for r in rows if (r["grad"], r["copy"], r["threads"]) == (grad, copy, threads)),
+                     key=lambda r: r["log2_n"])
+        color = plt.cm.tab10(i % 10)
+        xs = [2 ** r["log2_n"] for r in sel]
+        ax.plot(xs, [r["GBps"] for r in sel], "o-", color=color,
+                label=f"AdamW grad {grad}, copy {copy}, {threads} thr")
+        ax.plot(xs, [r["roofline_GBps"] for r in sel], "--", color=color, alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("GB/s (solid: AdamW, dashed: its roofline)")
+    ax.set_title("CPU AdamW against the memory-bandwidth roofline measured in the same run")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def chart_lora(lora, path):
+    if not lora:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"stage {r['stage']}" + ("\n+opt off" if r["offload"] != "none" else "") for r in lora]
+    ax.bar(range(len(lora)), [r["tokens_per_s"] for r in lora], color="#4c72b0")
+    ax.set_xticks(range(len(lora)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("tokens/s (median over steps, whole job)")
+    ax.set_title(f"LoRA example, {lora[0]['world']} CPU ranks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- Markdown
+
+
+def fmt_bytes(b):
+    return f"{b / MIB:,.1f}"
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def human_bytes(b):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= size:
+            v = b / size
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{b} B"
+
+
+def stage_rows(rows):
+    return [[r["stage"], r["offload"], r["dtype"], f"{r['step_time_s'] * 1e3:.1f}",
+             f"{r['nocompute_step_s'] * 1e3:.1f}", f"{r['compute_s'] * 1e3:.1f}", f"{r['hidden_comm_s'] * 1e3:.1f}",
+             f"{r['exposed_s'] * 1e3:.1f}", f"{r['comm_ratio']:.4f}", fmt_bytes(r["peak_device_bytes"]),
+             f"{r['memory_formula_ratio']:.4f}", fmt_bytes(r["peak_host_bytes"]), f"{r['host_formula_ratio']:.4f}"]
+            for r in rows]
+
+
+STAGE_HEADER = ["stage", "offload", "dtype p/g", "step ms", "no-compute ms", "compute ms", "hidden ms",
+                "exposed ms", "comm/Ψ", "device MiB", "device/formula", "host MiB", "host/formula"]
+
+
+def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_errors, adamw, lora, charts,
+                   phase_times):
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.docs)))  # noqa: E731
+    md = []
+    md.append("# Benchmarks\n")
+    md.append(f"Generated by `{args.command}` ({args.mode} mode) on {machine['date']}; `bench/report.py` wrote "
+              "this page from the JSON in `bench/results/`: do not edit it by hand, run the script again.\n")
+    md.append("**Read the ratios, not the absolute times.** The machine below has no GPU and two cores that other "
+              "engineers' builds were using during the run (load average "
+              f"{machine['loadavg_start'].split()[0] if machine['loadavg_start'] else '?'} at the start, "
+              f"{machine['loadavg_end'].split()[0] if machine['loadavg_end'] else '?'} at the end), and up to 4 MPI "
+              "ranks share those 2 cores. Every benchmark therefore measures what it compares in the same iteration "
+              "(Comm and raw MPI back to back, AdamW and its roofline back to back, a step with and without compute "
+              "back to back) and reports medians of the paired ratios; the counted quantities (elements "
+              "communicated, bytes allocated) are exact and do not depend on the load at all.\n")
+    md.append("**CPU only.** On the CPU backend \"device memory\" is host memory with its own accounting and "
+              "the trainer's per-unit compute is a sleeping task (it frees the cores for the engine's threads, as "
+              "GPU kernels would). What the stage benchmark's hidden/exposed times measure here is the protocol: how "
+              "much of the engine's work (collectives, optimizer, copies) runs while the trainer computes. That is "
+              "labelled protocol overhead; real overlap numbers need a GPU, and NcclComm against raw NCCL needs one "
+              "too (skipped below, saying why).\n")
+
+    md.append("## Machine\n")
+    md.append(table(["", ""], [
+        ["date (UTC)", machine["date"]], ["CPU", machine["cpu"]], ["cores", machine["cores"]],
+        ["memory", machine["memory"]], ["GPU", machine["gpu"]], ["OS", machine["os"]],
+        ["kernel", machine["kernel"]], ["compiler", machine["compiler"]], ["MPI", machine["mpi"]],
+        ["Google Benchmark", machine["google_benchmark"] + " (Debian's; it warns that it was built as DEBUG: "
+         "that concerns its own timer code, not zero's)"],
+        ["build", f"{machine['build_type']}, ZERO_WITH_CUDA={machine['cuda_option']}"],
+        ["AdamW SIMD target", machine["adamw_target"]], ["commit", machine["commit"]],
+        ["load average (1, 5, 15 min) at start", machine["loadavg_start"]],
+        ["load average at end", machine["loadavg_end"]]]))
+    md.append("")
+
+    md.append("## How to reproduce\n")
+    md.append("```sh\nscripts/bench.sh            # everything, about 10 minutes on 2 cores; rewrites bench/results/ "
+              "and this page\nscripts/bench.sh --quick    # a smoke run in under 3 minutes (ctest's bench_quick runs "
+              "it into the build directory)\n```\n")
+    md.append("It installs missing Debian packages (`scripts/deps.sh`, which includes `python3-matplotlib` for the "
+              "charts), builds the benchmark targets in `build/` (Release), runs each benchmark under `mpiexec` and "
+              "this report. Single benchmarks by hand, for example:\n")
+    md.append("```sh\nmpiexec -n 2 --oversubscribe --bind-to none build/bench/zero_bench_stages --sizes=24 "
+              "--dtypes=bf16 --stages=2,3\nmpiexec -n 4 --oversubscribe --bind-to none "
+              "build/bench/zero_bench_collectives --max_bytes=67108864\nbuild/bench/zero_bench_adamw "
+              "--benchmark_filter='n:2\\^24'\n```\n")
+    if phase_times:
+        md.append("Wall time of this run's phases:\n\n```\n" + phase_times.rstrip() + "\n```\n")
+
+    # ---- stages
+    md.append("## ZeRO stages against each other and against the formulas\n")
+    md.append("`zero_bench_stages`: a synthetic decoder (embedding, L blocks of width d with qkv, o, two norms and "
+              "a 4d MLP, final norm and head; one unit each) of Ψ ≈ 2^k parameters, AdamW, one micro-step, no "
+              "frozen, tied or persistent units, so that DESIGN.md's formulas reduce to the paper's: 2Ψ elements per "
+              "step in stages 0–2 and 3Ψ in stage 3. Ψ below is the plan's padded trainable count. Each "
+              "configuration runs a warm-up step and then iterations of two steps (with and without the compute "
+              "sleep of 6 ns per parameter, split 1:2 between forward and backward); times are medians of the "
+              "slowest rank.\n")
+    md.append("Columns: *step* with compute; *no-compute* the engine alone; *hidden* = no-compute + compute − step "
+              "(engine time that ran behind the compute: protocol overlap on the CPU); *exposed* = step − compute; "
+              "*comm/Ψ* = CommCounters::Volume() per step / Ψ (all-reduce counted twice); *device/formula* = the "
+              "allocator's peak device bytes per rank / DESIGN.md's bytes for this plan (p + g + K per parameter "
+              "with K = 8 for fp32 and 12 for 16-bit parameters, the stage-2/3 gradient pool and stage-3 gather "
+              "slots); *host/formula* the same for offload's host bytes (1 when both are zero).\n")
+    if stages:
+        checks = []
+        for world in sorted({r["world"] for r in stages}):
+            sel = [r for r in stages if r["world"] == world]
+            for st in range(4):
+                cr = sorted({round(r["comm_ratio"], 6) for r in sel if r["stage"] == st})
+                if cr:
+                    checks.append([world, st, ", ".join(f"{c:g}" for c in cr), "3" if st == 3 else "2"])
+        md.append("Communication per step over Ψ, every size, dtype and offload setting measured:\n")
+        md.append(table(["ranks", "stage", "measured comm/Ψ", "paper"], checks))
+        md.append("")
+        mr = [r["memory_formula_ratio"] for r in stages]
+        hr = [r["host_formula_ratio"] for r in stages]
+        md.append(f"Memory: device/formula ranges over [{min(mr):.6f}, {max(mr):.6f}] and host/formula over "
+                  f"[{min(hr):.6f}, {max(hr):.6f}] across all {len(stages)} configurations (1 = the allocator's "
+                  "accounting equals the closed form byte for byte).\n")
+    if charts.get("memory"):
+        md.append(f"![per-rank memory by category]({rel(charts['memory'])})\n")
+    if charts.get("step"):
+        md.append(f"![step time per stage]({rel(charts['step'])})\n")
+    # Main tables: per world, the size measured in the most configurations (the largest among equals); the rest
+    # below, folded.
+    main_size = {}
+    for world in sorted({r["world"] for r in stages}):
+        sizes = [r["log2_params"] for r in stages if r["world"] == world]
+        main_size[world] = max(set(sizes), key=lambda k: (sizes.count(k), k))
+    for world, size in main_size.items():
+        rows = [r for r in stages if r["world"] == world and r["log2_params"] == size]
+        p = rows[0]
+        md.append(f"### {world} ranks, Ψ = 2^{size} ({p['params']:,} parameters, {p['params_padded']:,} padded; "
+                  f"d = {p['d_model']}, {p['units']} units)\n")
+        md.append(table(STAGE_HEADER, stage_rows(rows)))
+        md.append("")
+    smaller = [r for r in stages if r["log2_params"] != main_size[r["world"]]]
+    if smaller:
+        md.append("<details><summary>Other Ψ</summary>\n")
+        for (world, size) in sorted({(r["world"], r["log2_params"]) for r in smaller}):
+            md.append(f"\n{world} ranks, Ψ = 2^{size}:\n")
+            md.append(table(STAGE_HEADER, stage_rows([r for r in smaller
+                                                      if r["world"] == world and r["log2_params"] == size])))
+        md.append("\n</details>\n")
+    for e in stage_errors:
+        md.append(f"- error: `{e}`")
+
+    # ---- collectives
+    md.append("## Collectives: zero::Comm against the raw library\n")
+    md.append("`zero_bench_collectives`: fp32, out of place, as nccl-tests reports them (size = the whole "
+              "collective; algbw = size / time; busbw = algbw × (n−1)/n for reduce-scatter and all-gather, × 2(n−1)/n "
+              "for all-reduce). Each iteration runs Comm and raw back to back (alternating which goes first); "
+              "*vs raw* is the median of the paired ratios t(raw)/t(Comm) = busbw(Comm)/busbw(raw), so 1.0 is parity "
+              "and above 1 Comm is faster. *#wrong* counts elements that differ from the exact result of crafted "
+              "inputs, over all ranks. There is no pass/fail bound on the CPU: MpiComm's reduce-scatter is a ring "
+              "over MPI_Sendrecv with a fixed summation order (bitwise reproducible), Open MPI's "
+              "MPI_Reduce_scatter_block a different algorithm; large all-reduce is MpiComm's reduce-scatter + "
+              "all-gather.\n")
+    for note in coll_notes:
+        md.append(f"- {note}")
+    md.append("")
+    if charts.get("busbw"):
+        md.append(f"![busbw against size]({rel(charts['busbw'])})\n")
+    for impl in sorted({r["impl"] for r in colls}):
+        for world in sorted({r["world"] for r in colls if r["impl"] == impl}):
+            rows = [r for r in colls if r["impl"] == impl and r["world"] == world]
+            md.append(f"### {impl}, {world} ranks\n")
+            md.append(table(["op", "size", "Comm µs", "algbw GB/s", "busbw GB/s", f"raw {impl} busbw GB/s",
+                             "vs raw", "#wrong", "raw #wrong"],
+                            [[r["op"], human_bytes(r["bytes"]), f"{r['time_s'] * 1e6:,.1f}", f"{r['algbw_GBps']:.3f}",
+                              f"{r['busbw_GBps']:.3f}", f"{r['raw_busbw_GBps']:.3f}", f"{r['vs_raw']:.2f}",
+                              r["wrong"], r["raw_wrong"]] for r in rows]))
+            md.append("")
+    for e in coll_errors:
+        md.append(f"- error: `{e}`")
+
+    # ---- adamw
+    md.append("## CPU AdamW against its roofline\n")
+    md.append("`zero_bench_adamw` (see the comment at the top of `bench/adamw_bench.cc`): the SIMD AdamW used by "
+              "the CPU backend and by offload, against a streaming kernel with exactly its memory traffic on the "
+              "same threads (its roofline, measured in the same iteration), and against the scalar path. "
+              "*roofline ratio* = t(roofline)/t(AdamW), 1.0 = bound by memory alone; bytes per parameter: 24 for "
+              "master, m, v read and written + 4 or 2 for the gradient + 2 for a bf16 copy.\n")
+    if charts.get("adamw"):
+        md.append(f"![AdamW against roofline]({rel(charts['adamw'])})\n")
+    if adamw:
+        md.append(table(["grad", "copy", "n", "threads", "pages", "params/s (M)", "GB/s", "roofline GB/s",
+                         "roofline ratio", "vs scalar"],
+                        [[r["grad"], r["copy"], f"2^{r['log2_n']}", r["threads"], r["pages"],
+                          f"{r['params_per_s'] / 1e6:,.0f}", f"{r['GBps']:.2f}", f"{r['roofline_GBps']:.2f}",
+                          f"{r['roofline_ratio']:.3f}", f"{r['vs_scalar']:.2f}"] for r in adamw]))
+        md.append("")
+
+    # ---- lora
+    md.append("## The LoRA example: tokens/s per stage\n")
+    if lora:
+        r0 = lora[0]
+        md.append(f"`lora_finetune lora` on {r0['world']} ranks ({r0['trainable_params']:,} trainable LoRA "
+                  f"parameters, {r0['frozen_params']:,} frozen), a base pretrained for a few steps by the script "
+                  "(throughput does not depend on how well it is trained), synthetic corpora; tokens/s of the whole "
+                  "job per optimizer step, the median over the steps after the first. The frozen base dominates "
+                  "memory: stage 3 shards it, stages 0–2 replicate it. These runs are sequential, so unlike the "
+                  "ratios above they are exposed to load changes between runs.\n")
+        if charts.get("lora"):
+            md.append(f"![LoRA tokens/s per stage]({rel(charts['lora'])})\n")
+        md.append(table(["stage", "offload", "tokens/s (median)", "per-step tokens/s", "peak device MiB",
+                         "peak host MiB"],
+                        [[r["stage"], r["offload"], f"{r['tokens_per_s']:,.0f}",
+                          " ".join(f"{t:.0f}" for t in r["tokens_per_s_steps"]), f"{r['peak_device_mib']:.1f}",
+                          f"{r['peak_host_mib']:.1f}"] for r in lora]))
+        md.append("")
+    else:
+        md.append("Not measured in this run (the example was not built).\n")
+    return "\n".join(md) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", required=True)
+    ap.add_argument("--docs", required=True)
+    ap.add_argument("--build", default="build")
+    ap.add_argument("--mode", default="full")
+    ap.add_argument("--command", default="scripts/bench.sh")
+    args = ap.parse_args()
+    res = args.results
+    stages, stage_errors = stage_records(res)
+    colls, coll_notes, coll_errors = collective_records(res)
+    adamw, adamw_context = adamw_records(res)
+    lora = lora_records(res)
+    machine = machine_info(res, args.build, adamw_context)
+    for name, data in (("stages", stages), ("collectives", colls), ("adamw", adamw), ("lora", lora),
+                       ("machine", machine)):
+        with open(os.path.join(res, f"{name}.json"), "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+    chart_dir = os.path.join(res, "charts")
+    os.makedirs(chart_dir, exist_ok=True)
+    charts = {}
+    for key, fn, data in (("memory", chart_memory, stages), ("step", chart_step_time, stages),
+                          ("busbw", chart_busbw, colls), ("adamw", chart_adamw, adamw), ("lora", chart_lora, lora)):
+        path = os.path.join(chart_dir, f"{key}.png")
+        if fn(data, path):
+            charts[key] = path
+    phase_path = os.path.join(res, "phase_times.txt")
+    phase_times = open(phase_path).read() if os.path.exists(phase_path) else ""
+    with open(args.docs, "w") as f:
+        f.write(write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_errors, adamw, lora,
+                               charts, phase_times))
+    missing = [k for k, v in (("stages", stages), ("collectives", colls), ("adamw", adamw)) if not v]
+    errors = stage_errors + coll_errors
+    print(f"report: {len(stages)} stage configurations, {len(colls)} collective rows, {len(adamw)} AdamW rows, "
+          f"{len(lora)} LoRA runs, {len(charts)} charts -> {args.docs}")
+    if missing or errors:
+        print(f"report: missing {missing}, errors {errors}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
