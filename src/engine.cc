@@ -559,7 +559,13 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     }
     e.options = choice.options;
     e.auto_choice = choice.Explain();
-    if (e.rank == 0) std::fprintf(stderr, "zero: Stage::kAuto over %d ranks: %s", e.world, e.auto_choice.c_str());
+    if (e.rank == 0) {
+      std::fprintf(stderr, "zero: Stage::kAuto chose %s for %d rank%s; %s",
+                   ConfigurationName(choice.options.stage, choice.options.offload_optimizer,
+                                     choice.options.offload_params)
+                       .c_str(),
+                   e.world, e.world == 1 ? "" : "s", e.auto_choice.c_str());
+    }
   }
   const Options& opts = e.options;
   const Stage st = opts.stage;
