@@ -665,15 +665,24 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   };
   e.wait_timeout = 2 * comm->timeout() + std::chrono::milliseconds(60'000);
   if (s.ok()) s = run();
-  // Allocation can fail on one rank only (capacities may differ): agree before returning.
-  int64_t oom = s.ok() ? 0 : 1, any_oom = 0;
+  // Allocation can fail on one rank only (capacities may differ): agree before returning. The minimum of
+  // rank * 64 + status code over the ranks that failed names the first of them and how it failed.
+  const int64_t mine_failed = s.ok() ? int64_t{e.world} * 64 : int64_t{e.rank} * 64 + static_cast<int>(s.code());
+  int64_t first_failed = 0;
   co.what = "Engine::Open allocation agreement";
-  ZERO_RETURN_IF_ERROR(comm->AllReduce(&oom, &any_oom, 1, DType::kI64, ReduceOp::kMax, co));
+  ZERO_RETURN_IF_ERROR(comm->AllReduce(&mine_failed, &first_failed, 1, DType::kI64, ReduceOp::kMin, co));
   if (!s.ok()) {
     if (s.code() == StatusCode::kOutOfMemory) s = Status::OutOfMemory(s.message() + e.OutOfMemoryAdvice(free_bytes));
     return s.WithContext(where + " (" + StageName(st) + ")");
   }
-  if (any_oom) return Status::OutOfMemory(where + ": another rank ran out of memory; see its status");
+  if (first_failed < int64_t{e.world} * 64) {
+    const int64_t r = first_failed / 64;
+    const auto code = static_cast<StatusCode>(first_failed % 64);
+    const std::string what = code == StatusCode::kOutOfMemory ? "ran out of memory" : "could not open its device";
+    const std::string msg = where + ": rank " + std::to_string(r) + " " + what + " (" + StatusCodeName(code) +
+                            "); its status says why and what fits";
+    return code == StatusCode::kOutOfMemory ? Status::OutOfMemory(msg) : Status::Unavailable(msg);
+  }
   e.ResetScaler();
   engine->reset(new Engine(std::move(impl)));
   return Status::Ok();

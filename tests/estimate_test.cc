@@ -436,6 +436,28 @@ TEST(OutOfMemoryTest, StatusCarriesTheReportAndASuggestionThatFits) {
   EXPECT_TRUE(Contains(s, "No stage or offload setting fits")) << s.ToString();
 }
 
+// Capacities may differ: the last rank alone runs out; it gets the report and suggestion, every other rank a
+// status naming it.
+TEST(OutOfMemoryTest, OneRankOutOfMemoryIsNamedOnEveryRank) {
+  auto comm = WorldComm();
+  const int n = comm->world_size(), rank = comm->rank();
+  Options o = AutoBase();
+  o.stage = Stage::kGradients;
+  o.reserved_bytes = 0;
+  MemoryEstimate need;
+  ZERO_ASSERT_OK(Estimate(ModelDescription::FromSpecs(ToySpecs()), n, o, &need));
+  o.device_capacity_bytes = rank == n - 1 ? need.DeviceTotal() - 1 : need.DeviceTotal();
+  std::unique_ptr<Engine> engine;
+  Status s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
+  ASSERT_EQ(s.code(), StatusCode::kOutOfMemory) << s.ToString();
+  EXPECT_EQ(engine, nullptr);
+  if (rank == n - 1) {
+    EXPECT_TRUE(Contains(s, "Suggestion: ")) << s.ToString();
+  } else {
+    EXPECT_TRUE(Contains(s, "rank " + std::to_string(n - 1) + " ran out of memory")) << s.ToString();
+  }
+}
+
 TEST(MemoryReportTest, TablePrintsEveryCategoryAndTheTotal) {
   auto comm = WorldComm();
   Options o = AutoBase();
