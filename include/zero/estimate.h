@@ -18,13 +18,14 @@ namespace zero {
 
 // A LLaMA-style decoder (RMSNorm, no biases, SwiGLU feed-forward, grouped-query attention). Expands to units:
 // 0 = the token embedding [vocab, hidden]; 1..layers = the blocks (attention norm, q, k, v, o, feed-forward norm,
-// gate, up, down); layers + 1 = the final norm and, unless tied, the output head [hidden, vocab].
+// gate, up, down); layers + 1 = the final norm and, unless tied, the output head [vocab, hidden]. Shapes are
+// [out, in], as Hugging Face stores them.
 struct TransformerShape {
   int64_t layers = 0;
   int64_t hidden = 0;
   int64_t heads = 0;     // 0: multi-head attention with k and v as wide as q (kv_heads must be 0 too)
-  int64_t kv_heads = 0;  // 0: heads; k and v are [hidden, hidden / heads * kv_heads]
-  int64_t ffn = 0;       // the feed-forward's inner width (gate and up: [hidden, ffn]; down: [ffn, hidden])
+  int64_t kv_heads = 0;  // 0: heads; k and v are [hidden / heads * kv_heads, hidden]
+  int64_t ffn = 0;       // the feed-forward's inner width (gate and up: [ffn, hidden]; down: [hidden, ffn])
   int64_t vocab = 0;
   bool tied = false;     // the head reuses the embedding (no head parameter)
   bool frozen = false;   // every parameter frozen (a base under adapters; add the adapters' specs yourself)
