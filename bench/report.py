@@ -95,6 +95,8 @@ def stage_records(results):
                 "compute_s": b["compute_s"],
                 "hidden_comm_s": b["hidden_comm_s"],
                 "exposed_s": b["exposed_s"],
+                "step_vs_stage0": b.get("step_vs_stage0"),
+                "nocompute_vs_stage0": b.get("nocompute_vs_stage0"),
                 "iterations": int(b["iterations"]),
                 "note": "CPU backend: per-unit compute is a sleep; hidden_comm_s is protocol overlap with it, "
                 "not GPU overlap",
@@ -268,7 +270,7 @@ def chart_step_time(stages, path):
         return None
     dtype = "bf16/f32" if any(r["dtype"] == "bf16/f32" for r in stages) else stages[0]["dtype"]
     worlds = sorted({r["world"] for r in stages if r["dtype"] == dtype})
-    fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6.5 * len(worlds), 5), squeeze=False)
     for ax, world in zip(axes[0], worlds):
         size = max(r["log2_params"] for r in stages if r["world"] == world and r["dtype"] == dtype)
         rows = [r for r in stages if r["world"] == world and r["dtype"] == dtype and r["log2_params"] == size]
@@ -278,11 +280,16 @@ def chart_step_time(stages, path):
         ax.bar(x, compute, color="#bbbbbb", label="compute (a sleep)")
         ax.bar(x, exposed, bottom=compute, color="#c44e52", label="exposed: engine time beyond compute")
         ax.plot(list(x), [r["nocompute_step_s"] * 1e3 for r in rows], "ko", label="step without compute")
+        for i, r in enumerate(rows):  # the paired ratio to stage 0 above each bar
+            if r["step_vs_stage0"] is not None:
+                top = max(compute[i] + exposed[i], r["nocompute_step_s"] * 1e3)
+                ax.annotate(f"×{r['step_vs_stage0']:.2f}", (i, top), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(x))
         ax.set_xticklabels([stage_label(r) for r in rows], fontsize=8)
         ax.set_ylabel("ms per step (median, slowest rank)")
-        ax.set_title(f"{world} ranks, Ψ = 2^{size}, {dtype}")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{world} ranks, Ψ = 2^{size}, {dtype} (×: step / stage 0, paired)", fontsize=10)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.08)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.suptitle("Step time per stage and offload (CPU backend: compute is a sleep; protocol overhead, not GPU "
                  "overlap)")
     fig.tight_layout()
@@ -387,15 +394,21 @@ def human_bytes(b):
     return f"{b} B"
 
 
+def ratio(x):
+    return "" if x is None else f"{x:.2f}"
+
+
 def stage_rows(rows):
-    return [[r["stage"], r["offload"], r["dtype"], f"{r['step_time_s'] * 1e3:.1f}",
-             f"{r['nocompute_step_s'] * 1e3:.1f}", f"{r['compute_s'] * 1e3:.1f}", f"{r['hidden_comm_s'] * 1e3:.1f}",
+    return [[r["stage"], r["offload"], r["dtype"], f"{r['step_time_s'] * 1e3:.1f}", ratio(r["step_vs_stage0"]),
+             f"{r['nocompute_step_s'] * 1e3:.1f}", ratio(r["nocompute_vs_stage0"]), f"{r['compute_s'] * 1e3:.1f}",
+             f"{r['hidden_comm_s'] * 1e3:.1f}",
              f"{r['exposed_s'] * 1e3:.1f}", f"{r['comm_ratio']:.4f}", fmt_bytes(r["peak_device_bytes"]),
              f"{r['memory_formula_ratio']:.4f}", fmt_bytes(r["peak_host_bytes"]), f"{r['host_formula_ratio']:.4f}"]
             for r in rows]
 
 
-STAGE_HEADER = ["stage", "offload", "dtype p/g", "step ms", "no-compute ms", "compute ms", "hidden ms",
+STAGE_HEADER = ["stage", "offload", "dtype p/g", "step ms", "step / stage 0", "no-compute ms",
+                "no-compute / stage 0", "compute ms", "hidden ms",
                 "exposed ms", "comm/Ψ", "device MiB", "device/formula", "host MiB", "host/formula"]
 
 
@@ -454,10 +467,14 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
               "a 4d MLP, final norm and head; one unit each) of Ψ ≈ 2^k parameters, AdamW, one micro-step, no "
               "frozen, tied or persistent units, so that DESIGN.md's formulas reduce to the paper's: 2Ψ elements per "
               "step in stages 0–2 and 3Ψ in stage 3. Ψ below is the plan's padded trainable count. Each "
-              "configuration runs a warm-up step and then iterations of two steps (with and without the compute "
-              "sleep of 6 ns per parameter, split 1:2 between forward and backward); times are medians of the "
-              "slowest rank.\n")
-    md.append("Columns: *step* with compute; *no-compute* the engine alone; *hidden* = no-compute + compute − step "
+              "(Ψ, dtype) opens the engines of all its stage × offload configurations at once and steps them in turn "
+              "within each iteration (the first one rotating), each with and without the compute sleep (6 ns per "
+              "parameter, split 1:2 between forward and backward), so that the ratios to stage 0 are paired per "
+              "iteration. Times are medians of the slowest rank. A step is timed until its work has completed, "
+              "post-step all-gathers included: a training loop overlaps those with the next forward in stages 1–2, "
+              "so their times here are upper bounds.\n")
+    md.append("Columns: *step* with compute; */ stage 0* the median of the per-iteration ratios to stage 0 (same "
+              "Ψ, dtype and iteration); *no-compute* the engine alone; *hidden* = no-compute + compute − step "
               "(engine time that ran behind the compute: protocol overlap on the CPU); *exposed* = step − compute; "
               "*comm/Ψ* = CommCounters::Volume() per step / Ψ (all-reduce counted twice); *device/formula* = the "
               "allocator's peak device bytes per rank / DESIGN.md's bytes for this plan (p + g + K per parameter "
@@ -509,17 +526,22 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
 
     # ---- collectives
     md.append("## Collectives: zero::Comm against the raw library\n")
-    md.append("`zero_bench_collectives`: fp32, out of place, as nccl-tests reports them (size = the whole "
-              "collective; algbw = size / time; busbw = algbw × (n−1)/n for reduce-scatter and all-gather, × 2(n−1)/n "
-              "for all-reduce). Each iteration runs Comm and raw back to back (alternating which goes first); "
-              "*vs raw* is the median of the paired ratios t(raw)/t(Comm) = busbw(Comm)/busbw(raw), so 1.0 is parity "
-              "and above 1 Comm is faster. *#wrong* counts elements that differ from the exact result of crafted "
-              "inputs, over all ranks. There is no pass/fail bound on the CPU: MpiComm's reduce-scatter is a ring "
-              "over MPI_Sendrecv with a fixed summation order (bitwise reproducible), Open MPI's "
-              "MPI_Reduce_scatter_block a different algorithm; large all-reduce is MpiComm's reduce-scatter + "
-              "all-gather.\n")
+    md.append("`zero_bench_collectives`: fp32, out of place, as nccl-tests reports them (size = the whole collective; "
+              "algbw = size / time; busbw = algbw × (n−1)/n for reduce-scatter and all-gather, × 2(n−1)/n for "
+              "all-reduce). Each iteration runs Comm and raw back to back (alternating which goes first); *vs raw* is "
+              "the median of the paired ratios t(raw)/t(Comm) = busbw(Comm)/busbw(raw), so 1.0 is parity and above 1 "
+              "Comm is faster. *#wrong* counts elements that differ from the exact result of crafted inputs, over all "
+              "ranks. There is no pass/fail bound on the CPU: MpiComm's reduce-scatter is a ring over MPI_Sendrecv "
+              "with a fixed summation order (bitwise reproducible), Open MPI's MPI_Reduce_scatter_block a different "
+              "algorithm; large all-reduce is MpiComm's reduce-scatter + all-gather.\n")
     for note in coll_notes:
         md.append(f"- {note}")
+    big = [r for r in colls if r["impl"] == "nccl" and "within_5pct" in r]
+    if big:
+        bad = [f"{r['op']} {human_bytes(r['bytes'])} at {r['world']} ranks ({r['vs_raw']:.3f})"
+               for r in big if not r["within_5pct"]]
+        md.append("- NcclComm within 5% of raw NCCL at ≥ 64 MiB: " + ("yes, every case" if not bad else
+                                                                     "**no**: " + "; ".join(bad)))
     md.append("")
     if charts.get("busbw"):
         md.append(f"![busbw against size]({rel(charts['busbw'])})\n")

@@ -6,9 +6,13 @@
 // the final norm and the head (d, V). No frozen, tied or persistent units and one micro-step, so the formulas
 // reduce to the paper's: 2Ψ elements communicated per step in stages 0-2 and 3Ψ in stage 3.
 //
-// Per configuration (stage × offload × dtype): one engine, InitParams, one warm-up step, then --iterations
-// iterations of two steps each, in the same iteration: one with the trainer's compute (a sleep per unit of
-// --compute_ns_per_param × its parameters, a third in forward, two thirds in backward) and one without it. The
+// The configurations of one (Ψ, dtype) (stage × offload) are measured together, so that comparing them is fair on
+// a noisy machine: every engine is opened at once (InitParams, one warm-up step), then each of --iterations
+// iterations steps every configuration in turn (the first one rotating), each twice: with the trainer's compute
+// (a sleep per unit of --compute_ns_per_param × its parameters, a third in forward, two thirds in backward) and
+// without it. A step is timed from BeginMicroStep until its work has completed, post-step all-gathers included
+// (a training loop would overlap those with the next forward in stages 1-2; here they are charged to the step, so
+// that no configuration's work leaks into the next one's time). The
 // CPU backend has no accelerator to compute on, so the compute is a sleeping task: it leaves the cores to the
 // engine's communication and stream threads, which is what a GPU's kernels do. What this measures is the
 // protocol: how much of the engine's work (reductions, gathers, the optimizer, copies) runs while the trainer
@@ -17,10 +21,11 @@
 // Counters (rank 0 reports; times are the slowest rank's, medians over iterations):
 //   step_time_s       a step with compute
 //   nocompute_step_s  a step without compute: the engine's own time (collectives, optimizer, protocol)
-//   compute_s         the sleeps of one step
+//   compute_s         the sleeps of one step, as measured (a sleep overshoots its request by tens of µs)
 //   hidden_comm_s     median of (nocompute + compute − step): engine time hidden behind the compute
 //                     (on the CPU: protocol overlap with a sleeping compute, not GPU overlap)
 //   exposed_s         median of (step − compute): what the engine adds to the trainer's compute
+//   step_vs_stage0, nocompute_vs_stage0   medians of the per-iteration ratios to stage 0 of the same group
 //   comm_elements_per_step  data elements per step, CommCounters::Volume() (all-reduce counted twice)
 //   comm_ratio        comm_elements_per_step / Ψ (Ψ: the plan's padded trainable elements)
 //   peak_device_bytes the engine's device high-water mark (largest rank); dev_<category> per category
@@ -53,7 +58,6 @@ struct Settings {
   double compute_ns_per_param = 6.0;
 };
 Settings g_settings;
-Comm* g_comm = nullptr;
 
 // A decoder of about 2^log2 parameters: three quarters in L blocks of width d, a quarter in embedding + head.
 struct Model {
@@ -148,10 +152,15 @@ Formula FormulaBytes(const Config& c, const Options& o, const PartitionPlan& pla
     if (!s_.ok()) return s_;         \
   } while (false)
 
-Status RunStep(Engine& engine, const std::vector<int64_t>& unit_params, double ns_per_param) {
+// One optimizer step of one micro-step. `slept` (optional) accumulates the time actually spent in the compute
+// sleeps, which overshoot their request by tens of microseconds each.
+Status RunStep(Engine& engine, const std::vector<int64_t>& unit_params, double ns_per_param,
+               double* slept = nullptr) {
   const auto nap = [&](int u, double share) {
     const double ns = ns_per_param * share * static_cast<double>(unit_params[static_cast<size_t>(u)]);
-    if (ns > 0) std::this_thread::sleep_for(std::chrono::nanoseconds(static_cast<int64_t>(ns)));
+    if (ns <= 0) return;
+    const double t = Seconds([&] { std::this_thread::sleep_for(std::chrono::nanoseconds(static_cast<int64_t>(ns))); });
+    if (slept != nullptr) *slept += t;
   };
   const int units = static_cast<int>(unit_params.size());
   BENCH_RETURN_IF_ERROR(engine.BeginMicroStep(0, true));
@@ -170,8 +179,7 @@ Status RunStep(Engine& engine, const std::vector<int64_t>& unit_params, double n
   return engine.Step(StepArgs(), &result);
 }
 
-void BM_Stage(benchmark::State& state, Config cfg) {
-  const Model model = Transformer(cfg.log2);
+Options MakeOptions(const Config& cfg) {
   Options o;
   o.stage = cfg.stage;
   o.param_dtype = cfg.param_dtype;
@@ -179,72 +187,169 @@ void BM_Stage(benchmark::State& state, Config cfg) {
   o.offload_optimizer = cfg.offload != Offload::kNone;
   o.offload_params = cfg.offload == Offload::kParams;
   o.adamw.lr = 1e-4f;
-  std::unique_ptr<Engine> engine;
-  Status s = Engine::Open(o, g_comm, model.specs, &engine);
-  if (s.ok()) {
-    s = engine->InitParams([](int param, int64_t off, int64_t count, float* dst) {
-      for (int64_t i = 0; i < count; ++i) dst[i] = 0.01f * static_cast<float>(((off + i + param) % 17) - 8);
-    });
+  return o;
+}
+
+// What one configuration measured. Times are per iteration, the slowest rank's.
+struct Result {
+  Status status;
+  std::vector<double> t_step, t_bare, slept;  // with compute, without, the compute sleeps
+  std::vector<double> vs_stage0, bare_vs_stage0;  // paired with the group's stage 0 in the same iteration
+  CommCounters per_step;
+  std::vector<double> bytes;  // device peak, host peak, device peak per category, host peak per category
+  Formula formula;
+  int64_t params_padded = 0;
+};
+
+// The configurations of one (Ψ, dtype): measured together, so that their step times are paired.
+struct Group {
+  int log2 = 0;
+  std::vector<Config> configs;
+  std::vector<Result> results;
+  bool measured = false;
+  int reported = 0;
+};
+std::vector<Group> g_groups;
+
+// One timed step: from BeginMicroStep until its work is complete, post-step all-gathers included
+// (comm_counters() drains the communication stream). In a training loop stages 1-2 overlap those gathers with the
+// next forward; here every step starts and ends drained, so that configurations stepped in turn do not leak work
+// into each other's times: stage 1-2 times are upper bounds.
+Status TimedStep(Engine& engine, const Model& model, double ns, double* seconds, double* slept,
+                 CommCounters* delta) {
+  const CommCounters before = engine.comm_counters();
+  Status s;
+  *seconds = Seconds([&] {
+    s = RunStep(engine, model.unit_params, ns, slept);
+    (void)engine.comm_counters();
+  });
+  const CommCounters& after = engine.comm_counters();
+  if (delta != nullptr) {
+    delta->reduce_scatter = after.reduce_scatter - before.reduce_scatter;
+    delta->all_gather = after.all_gather - before.all_gather;
+    delta->all_reduce = after.all_reduce - before.all_reduce;
   }
+  return s;
+}
+
+// Opens every configuration of the group at once (each engine with its own communicator: an engine's collectives
+// may still be in flight when Step returns), then, per iteration, steps each in turn (the starting one rotating)
+// with and without compute. Results are agreed: every rank computes the same statuses.
+void MeasureGroup(Group& g) {
+  const Model model = Transformer(g.log2);
+  const size_t n = g.configs.size();
   const double ns = g_settings.compute_ns_per_param;
-  if (s.ok()) s = RunStep(*engine, model.unit_params, ns);  // warm-up: stage 3 records its trace here
-  std::vector<double> t_step, t_bare, hidden, exposed;
-  CommCounters before, per_step;
-  double compute = 0;
-  for (int64_t u : model.unit_params) compute += ns * 1e-9 * static_cast<double>(u);
-  for (auto _ : state) {
-    if (!s.ok()) break;
-    std::vector<double> t(2);
-    MPI_Barrier(MPI_COMM_WORLD);
-    before = engine->comm_counters();
-    t[0] = Seconds([&] { s = RunStep(*engine, model.unit_params, ns); });
-    const CommCounters& after = engine->comm_counters();
-    per_step.reduce_scatter = after.reduce_scatter - before.reduce_scatter;
-    per_step.all_gather = after.all_gather - before.all_gather;
-    per_step.all_reduce = after.all_reduce - before.all_reduce;
-    MPI_Barrier(MPI_COMM_WORLD);
-    if (s.ok()) t[1] = Seconds([&] { s = RunStep(*engine, model.unit_params, 0.0); });
-    MaxOverRanks(&t);
-    state.SetIterationTime(t[0]);
-    t_step.push_back(t[0]);
-    t_bare.push_back(t[1]);
-    hidden.push_back(std::max(0.0, t[1] + compute - t[0]));
-    exposed.push_back(t[0] - compute);
+  g.results.assign(n, Result());
+  std::vector<std::unique_ptr<Comm>> comms(n);
+  std::vector<std::unique_ptr<Engine>> engines(n);
+  int ref = -1;  // stage 0, the baseline
+  for (size_t i = 0; i < n; ++i) {
+    const Config& cfg = g.configs[i];
+    Result& r = g.results[i];
+    r.status = Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), CommOptions(), &comms[i]);
+    if (r.status.ok()) r.status = Engine::Open(MakeOptions(cfg), comms[i].get(), model.specs, &engines[i]);
+    if (r.status.ok()) {
+      r.status = engines[i]->InitParams([](int param, int64_t off, int64_t count, float* dst) {
+        for (int64_t j = 0; j < count; ++j) dst[j] = 0.01f * static_cast<float>(((off + j + param) % 17) - 8);
+      });
+    }
+    double t = 0, slept = 0;
+    // Warm-up: pages touched, threads started, and stage 3 records its trace.
+    if (r.status.ok()) r.status = TimedStep(*engines[i], model, ns, &t, &slept, nullptr);
+    if (r.status.ok() && cfg.stage == Stage::kDataParallel) ref = static_cast<int>(i);
   }
-  if (!s.ok()) {
-    state.SkipWithError(s.ToString().c_str());
-    return;
+  for (int it = 0; it < g_settings.iterations; ++it) {
+    std::vector<double> t(3 * n, 0.0);  // per configuration: step, no-compute step, sleeps
+    for (size_t k = 0; k < n; ++k) {
+      const size_t i = (k + static_cast<size_t>(it)) % n;
+      Result& r = g.results[i];
+      if (!r.status.ok()) continue;
+      MPI_Barrier(MPI_COMM_WORLD);
+      r.status = TimedStep(*engines[i], model, ns, &t[3 * i], &t[3 * i + 2], &r.per_step);
+      MPI_Barrier(MPI_COMM_WORLD);
+      if (r.status.ok()) r.status = TimedStep(*engines[i], model, 0.0, &t[3 * i + 1], nullptr, nullptr);
+    }
+    MaxOverRanks(&t);
+    for (size_t i = 0; i < n; ++i) {
+      Result& r = g.results[i];
+      r.t_step.push_back(t[3 * i]);
+      r.t_bare.push_back(t[3 * i + 1]);
+      r.slept.push_back(t[3 * i + 2]);
+      if (ref >= 0) {
+        r.vs_stage0.push_back(t[3 * i] / t[3 * static_cast<size_t>(ref)]);
+        r.bare_vs_stage0.push_back(t[3 * i + 1] / t[3 * static_cast<size_t>(ref) + 1]);
+      }
+    }
   }
   PartitionPlan plan;
-  if (Status ps = PartitionPlan::Build(model.specs, g_comm->world_size(), o.bucket_elements, &plan); !ps.ok()) {
-    state.SkipWithError(ps.ToString().c_str());
+  const Status plan_status =
+      PartitionPlan::Build(model.specs, WorldSize(), MakeOptions(g.configs[0]).bucket_elements, &plan);
+  for (size_t i = 0; i < n; ++i) {
+    Result& r = g.results[i];
+    if (r.status.ok()) r.status = plan_status;
+    // Every rank holds the same shard sizes; the largest rank's bytes are what a capacity must cover.
+    r.bytes.assign(2 + 2 * kNumMemoryCategories, 0.0);
+    if (r.status.ok()) {
+      const MemoryReport mem = engines[i]->Memory();
+      r.bytes[0] = static_cast<double>(mem.device.peak_total);
+      r.bytes[1] = static_cast<double>(mem.host.peak_total);
+      for (int c = 0; c < kNumMemoryCategories; ++c) {
+        r.bytes[2 + static_cast<size_t>(c)] = static_cast<double>(mem.device.peak[c]);
+        r.bytes[2 + kNumMemoryCategories + static_cast<size_t>(c)] = static_cast<double>(mem.host.peak[c]);
+      }
+      r.formula = FormulaBytes(g.configs[i], MakeOptions(g.configs[i]), plan);
+      r.params_padded = plan.trainable_padded;
+    }
+    MaxOverRanks(&r.bytes);
+  }
+  for (size_t i = n; i-- > 0;) engines[i].reset();  // before their communicators
+  g.measured = true;
+}
+
+void BM_Stage(benchmark::State& state, size_t group, size_t index) {
+  Group& g = g_groups[group];
+  if (!g.measured) MeasureGroup(g);
+  const Config& cfg = g.configs[index];
+  Result& r = g.results[index];
+  if (r.status.ok()) {
+    size_t i = 0;
+    for (auto _ : state) state.SetIterationTime(r.t_step[i++ % r.t_step.size()]);
+  }
+  if (++g.reported == static_cast<int>(g.configs.size())) g.measured = false;  // the next group may reuse memory
+  if (!r.status.ok()) {
+    state.SkipWithError(r.status.ToString().c_str());
     return;
   }
-  const Formula f = FormulaBytes(cfg, o, plan);
-  const MemoryReport mem = engine->Memory();
-  // Every rank holds the same shard sizes; the largest rank's bytes are what a capacity must cover.
-  std::vector<double> bytes = {static_cast<double>(mem.device.peak_total), static_cast<double>(mem.host.peak_total)};
-  for (int c = 0; c < kNumMemoryCategories; ++c) bytes.push_back(static_cast<double>(mem.device.peak[c]));
-  for (int c = 0; c < kNumMemoryCategories; ++c) bytes.push_back(static_cast<double>(mem.host.peak[c]));
-  MaxOverRanks(&bytes);
-  const double psi = static_cast<double>(plan.trainable_padded);
+  const Model model = Transformer(cfg.log2);
+  std::vector<double> hidden, exposed;
+  for (size_t i = 0; i < r.t_step.size(); ++i) {
+    hidden.push_back(std::max(0.0, r.t_bare[i] + r.slept[i] - r.t_step[i]));
+    exposed.push_back(r.t_step[i] - r.slept[i]);
+  }
+  const double psi = static_cast<double>(r.params_padded);
+  const Formula& f = r.formula;
+  const std::vector<double>& bytes = r.bytes;
   auto& k = state.counters;
   k["stage"] = static_cast<double>(cfg.stage);
-  k["world"] = g_comm->world_size();
+  k["world"] = WorldSize();
   k["params"] = static_cast<double>(model.params);
   k["params_padded"] = psi;
   k["units"] = static_cast<double>(model.unit_params.size());
   k["d_model"] = model.d;
-  k["step_time_s"] = Median(t_step);
-  k["nocompute_step_s"] = Median(t_bare);
-  k["compute_s"] = compute;
+  k["step_time_s"] = Median(r.t_step);
+  k["nocompute_step_s"] = Median(r.t_bare);
+  k["compute_s"] = Median(r.slept);
   k["hidden_comm_s"] = Median(hidden);
   k["exposed_s"] = Median(exposed);
-  k["comm_elements_per_step"] = static_cast<double>(per_step.Volume());
-  k["comm_ratio"] = static_cast<double>(per_step.Volume()) / psi;
-  k["reduce_scatter_elements"] = static_cast<double>(per_step.reduce_scatter);
-  k["all_gather_elements"] = static_cast<double>(per_step.all_gather);
-  k["all_reduce_elements"] = static_cast<double>(per_step.all_reduce);
+  if (!r.vs_stage0.empty()) {
+    k["step_vs_stage0"] = Median(r.vs_stage0);
+    k["nocompute_vs_stage0"] = Median(r.bare_vs_stage0);
+  }
+  k["comm_elements_per_step"] = static_cast<double>(r.per_step.Volume());
+  k["comm_ratio"] = static_cast<double>(r.per_step.Volume()) / psi;
+  k["reduce_scatter_elements"] = static_cast<double>(r.per_step.reduce_scatter);
+  k["all_gather_elements"] = static_cast<double>(r.per_step.all_gather);
+  k["all_reduce_elements"] = static_cast<double>(r.per_step.all_reduce);
   k["peak_device_bytes"] = bytes[0];
   k["formula_device_bytes"] = static_cast<double>(f.device);
   k["memory_formula_ratio"] = f.device > 0 ? bytes[0] / static_cast<double>(f.device) : 0.0;
@@ -269,6 +374,9 @@ bool RegisterAll(const std::vector<int>& sizes, const std::vector<int>& stages,
       else if (dt == "bf16") pd = DType::kBF16, gd = DType::kF32;
       else if (dt == "bf16g") pd = gd = DType::kBF16;
       else return false;
+      g_groups.push_back(Group());
+      g_groups.back().log2 = log2;
+      const size_t group = g_groups.size() - 1;
       for (const int st : stages) {
         if (st < 0 || st > 3) return false;
         for (const std::string& off : offloads) {
@@ -282,7 +390,8 @@ bool RegisterAll(const std::vector<int>& sizes, const std::vector<int>& stages,
           const Config cfg{static_cast<Stage>(st), offload, pd, gd, log2};
           const std::string name = "Stages/stage:" + std::to_string(st) + "/offload:" + off + "/dtype:" + dt +
                                    "/params:2^" + std::to_string(log2) + "/world:" + std::to_string(WorldSize());
-          benchmark::RegisterBenchmark(name.c_str(), BM_Stage, cfg)
+          g_groups[group].configs.push_back(cfg);
+          benchmark::RegisterBenchmark(name.c_str(), BM_Stage, group, g_groups[group].configs.size() - 1)
               ->UseManualTime()
               ->Iterations(g_settings.iterations)
               ->Unit(benchmark::kMillisecond);
@@ -305,18 +414,13 @@ int Main(int argc, char** argv) {
   }
   g_settings.iterations = std::max(1, std::atoi(iterations.c_str()));
   g_settings.compute_ns_per_param = std::atof(compute.c_str());
-  std::unique_ptr<Comm> comm;
-  if (Status s = Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), CommOptions(), &comm); !s.ok()) {
-    std::fprintf(stderr, "zero_bench_stages: %s\n", s.ToString().c_str());
-    return 1;
-  }
-  g_comm = comm.get();
   if (!RegisterAll(ParseInts(sizes), ParseInts(stages), ParseWords(offloads), ParseWords(dtypes))) {
     if (WorldRank() == 0) std::fprintf(stderr, "zero_bench_stages: bad --stages, --offloads or --dtypes\n");
     return 2;
   }
-  benchmark::AddCustomContext("compute", "a sleep of " + compute + " ns per parameter and unit (CPU backend: hidden time is "
-                                         "protocol overlap with a sleeping compute, not GPU overlap)");
+  benchmark::AddCustomContext("compute", "a sleep of " + compute +
+                                             " ns per parameter and unit (CPU backend: hidden time is protocol "
+                                             "overlap with a sleeping compute, not GPU overlap)");
   if (WorldRank() == 0) {
     std::printf("zero_bench_stages: %d ranks, CPU backend: per-unit compute is a sleep of %g ns per parameter; "
                 "hidden time is the protocol's overlap with it, not GPU overlap\n",
@@ -324,7 +428,7 @@ int Main(int argc, char** argv) {
   }
   RunOnEveryRank();
   benchmark::Shutdown();
-  g_comm = nullptr;
+  g_groups.clear();
   return 0;
 }
 

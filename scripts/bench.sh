@@ -109,7 +109,8 @@ run_stages() {
     i=$((i + 1))
     # shellcheck disable=SC2086  # args is a list of flags
     "${mpi[@]}" -n "$n" "$bin/zero_bench_stages" $args --benchmark_out="$out/stages_w${n}_$i.gbench.json" \
-      --benchmark_out_format=json 2>&1 | tee "$log/stages_w${n}_$i.log" | grep -E '^(zero_bench|Stages)' | cut -c1-150
+      --benchmark_out_format=json --benchmark_color=false 2>&1 | tee "$log/stages_w${n}_$i.log" |
+      grep -E '^(zero_bench|Stages)' | cut -c1-150
   done
 }
 phase stages run_stages
@@ -119,7 +120,7 @@ run_collectives() {
   rm -f "$out"/collectives_w*.gbench.json
   for n in "${coll_worlds[@]}"; do
     "${mpi[@]}" -n "$n" "$bin/zero_bench_collectives" "${coll_args[@]}" \
-      --benchmark_out="$out/collectives_w$n.gbench.json" --benchmark_out_format=json 2>&1 |
+      --benchmark_out="$out/collectives_w$n.gbench.json" --benchmark_out_format=json --benchmark_color=false 2>&1 |
       tee "$log/collectives_w$n.log" | grep -E '^(zero_bench|NcclComm|Collectives)' | cut -c1-160
   done
 }
@@ -127,7 +128,7 @@ phase collectives run_collectives
 
 run_adamw() {
   "$bin/zero_bench_adamw" "${adamw_args[@]}" --benchmark_out="$out/adamw.gbench.json" --benchmark_out_format=json \
-    2>&1 | tee "$log/adamw.log" | grep -E '^(AdamW|AdamWStepCpu)' | cut -c1-160
+    --benchmark_color=false 2>&1 | tee "$log/adamw.log" | grep -E '^(AdamW|AdamWStepCpu)' | cut -c1-160
 }
 phase adamw run_adamw
 
