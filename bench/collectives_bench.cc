@@ -220,7 +220,9 @@ void BM_Collective(benchmark::State& state, Case c) {
       const bool comm_now = (k == 0) == (iteration % 2 == 0);
       MPI_Barrier(MPI_COMM_WORLD);
       Status r;
-      t[comm_now ? 0 : 1] = Seconds([&] { r = comm_now ? c.pair->RunComm(c.op, c.count) : c.pair->RunRaw(c.op, c.count); });
+      t[comm_now ? 0 : 1] = Seconds([&] {
+        r = comm_now ? c.pair->RunComm(c.op, c.count) : c.pair->RunRaw(c.op, c.count);
+      });
       if (s.ok()) s = r;
     }
     MaxOverRanks(&t);

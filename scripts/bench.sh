@@ -8,20 +8,22 @@
 #   zero_bench_adamw        the CPU AdamW against its measured memory-bandwidth roofline
 #   lora_finetune lora      the LoRA example's tokens/s per stage (a few steps of a small pretrained base)
 #
-# usage: scripts/bench.sh [--quick] [--build DIR] [--out DIR] [--docs FILE] [--no-build] [--no-deps]
+# usage: scripts/bench.sh [--quick] [--build DIR] [--out DIR] [--docs FILE] [--no-build] [--no-deps] [--only LIST]
 #   --quick     a smoke run (small sizes, few iterations, under 3 minutes on 2 cores); ctest's bench_quick runs it
 #   --build     build directory (default build/, configured in Release with benchmarks and examples if it is not
 #               configured yet; an existing one is reused as it is and only the benchmark targets are built)
 #   --out       results directory (default bench/results)
 #   --docs      the Markdown report (default docs/BENCHMARKS.md)
 #   --no-build  use the binaries in --build as they are; --no-deps  skip scripts/deps.sh
+#   --only      run only these of stages,collectives,adamw,lora (comma-separated) and keep the other results
+#               already in --out; the report covers everything there
 # Every step's wall time is printed; the machine it ran on goes into the report. Timings on a shared machine are
 # noisy: the report's ratios are measured within one run (paired per iteration), never across runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-quick=0 build=build out=bench/results docs=docs/BENCHMARKS.md do_build=1 do_deps=1
+quick=0 build=build out=bench/results docs=docs/BENCHMARKS.md do_build=1 do_deps=1 only=stages,collectives,adamw,lora
 while (($#)); do
   case $1 in
     --quick) quick=1 ;;
@@ -30,6 +32,7 @@ while (($#)); do
     --docs) docs=$2; shift ;;
     --no-build) do_build=0 ;;
     --no-deps) do_deps=0 ;;
+    --only) only=$2; shift ;;
     *) echo "bench.sh: unknown argument $1 (see the comment at the top of scripts/bench.sh)" >&2; exit 2 ;;
   esac
   shift
@@ -88,6 +91,7 @@ if ((quick)); then
   lora_args=(--dim 32 --layers 2 --heads 4 --kv-heads 2 --ffn 86 --seq 32 --batch 4 --micro 1 --pretrain-steps 2
              --lora-steps 4 --r 4 --eval-batches 1 --sample-tokens 2 --warmup 1)
   lora_cases=("0 0" "3 0")
+  lora_corpora=(--base-corpus synthetic --tune-corpus synthetic)
 else
   stage_runs=("2 --sizes=22,24 --dtypes=f32,bf16,bf16g --iterations=5" "2 --sizes=26 --dtypes=bf16g --iterations=3"
               "4 --sizes=22,24 --dtypes=f32,bf16,bf16g --iterations=5")
@@ -96,10 +100,14 @@ else
   adamw_args=()
   lora_args=(--pretrain-steps 5 --lora-steps 16 --eval-batches 1 --sample-tokens 2 --warmup 2)
   lora_cases=("0 0" "1 0" "2 0" "3 0" "1 1" "2 1" "3 1")
+  lora_corpora=()  # the main job's: fortunes, then the Bible (Debian packages that scripts/deps.sh installs)
 fi
 
-date -u +%Y-%m-%dT%H:%M:%SZ >"$out/started"
-cat /proc/loadavg >"$out/loadavg_start"
+wanted() { [[ ,$only, == *,$1,* ]]; }
+if [[ $only == stages,collectives,adamw,lora ]]; then
+  date -u +%Y-%m-%dT%H:%M:%SZ >"$out/started"
+  cat /proc/loadavg >"$out/loadavg_start"
+fi
 
 run_stages() {
   local spec n args i=0
@@ -113,7 +121,7 @@ run_stages() {
       grep -E '^(zero_bench|Stages)' | cut -c1-150
   done
 }
-phase stages run_stages
+if wanted stages; then phase stages run_stages; fi
 
 run_collectives() {
   local n
@@ -124,22 +132,22 @@ run_collectives() {
       tee "$log/collectives_w$n.log" | grep -E '^(zero_bench|NcclComm|Collectives)' | cut -c1-160
   done
 }
-phase collectives run_collectives
+if wanted collectives; then phase collectives run_collectives; fi
 
 run_adamw() {
   "$bin/zero_bench_adamw" "${adamw_args[@]}" --benchmark_out="$out/adamw.gbench.json" --benchmark_out_format=json \
     --benchmark_color=false 2>&1 | tee "$log/adamw.log" | grep -E '^(AdamW|AdamWStepCpu)' | cut -c1-160
 }
-phase adamw run_adamw
+if wanted adamw; then phase adamw run_adamw; fi
 
-# The LoRA example: pretrain a base once (a few steps: only throughput matters here), then fine-tune it per stage
-# and offload setting, 2 ranks, synthetic corpora (tokens/s does not depend on the text). Each run's per-step
-# lines go to its log; report.py takes the median tokens/s over the steps after the first.
+# The LoRA example in the main job's model configuration (quick: a tiny one on synthetic corpora): pretrain a base
+# once (a few steps: only throughput matters here), then fine-tune it per stage and offload setting on 2 ranks.
+# Each run's per-step lines go to its log; report.py takes the median tokens/s over the steps after the first.
 run_lora() {
   local work=$out/lora_work stage offload
   rm -rf "$work" "$out"/lora_s*.log
   mkdir -p "$work"
-  local common=(--out "$work" --base-corpus synthetic --tune-corpus synthetic "${lora_args[@]}")
+  local common=(--out "$work" --data "$build/lora_bench_data" "${lora_corpora[@]}" "${lora_args[@]}")
   "${mpi[@]}" -n 2 "$lora_bin" pretrain --stage 2 "${common[@]}" >"$log/lora_pretrain.log" 2>&1 ||
     { tail -n 20 "$log/lora_pretrain.log"; return 1; }
   for c in "${lora_cases[@]}"; do
@@ -148,9 +156,11 @@ run_lora() {
       >"$out/lora_s${stage}_o${offload}.log" 2>&1 || { tail -n 20 "$out/lora_s${stage}_o${offload}.log"; return 1; }
     grep -E '^lora step' "$out/lora_s${stage}_o${offload}.log" | tail -n 1
   done
-  rm -rf "$work"
+  rm -rf "$work"  # the corpora stay in the build directory for the next run
 }
-if [[ -x $lora_bin ]]; then
+if ! wanted lora; then
+  :
+elif [[ -x $lora_bin ]]; then
   phase lora run_lora
 else
   echo "== lora: skipped ($lora_bin not built: configure with -DZERO_BUILD_EXAMPLES=ON)"
@@ -158,7 +168,11 @@ else
 fi
 
 cat /proc/loadavg >"$out/loadavg_end"
-report_times >"$out/phase_times.txt"
+if [[ $only == stages,collectives,adamw,lora ]]; then
+  report_times >"$out/phase_times.txt"
+else
+  report_times >>"$out/phase_times.txt"  # a partial run adds its phases to the full run's
+fi
 
 # Debian's python3-matplotlib serves /usr/bin/python3, which may not be the python3 first on PATH (pyenv, venv).
 python=""
