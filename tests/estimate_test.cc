@@ -301,52 +301,108 @@ int FirstFit(const AutoChoice& all, int64_t budget) {
   return -1;
 }
 
-TEST(AutoTest, ChoosesTheFirstThatFitsJustAboveAndJustBelowEachNeed) {
-  auto comm = WorldComm();
-  const int n = comm->world_size();
+const char* const kOrder[] = {"stage 0", "stage 1", "stage 2", "stage 2 + optimizer offload", "stage 3",
+                              "stage 3 + optimizer offload", "stage 3 + parameter offload"};
+
+// Opens with Stage::kAuto at capacity = each candidate's need + reserve, and one byte less: the engine must pick
+// the first candidate (in the documented order) whose need fits, identically on every rank, and allocate exactly
+// its estimate. `toy`: the specs are the toy model's, so the chosen engine also trains a step. Returns the set of
+// candidates chosen (bit i: candidate i).
+int CheckAutoAtEachNeed(Comm& comm, const std::vector<ParamSpec>& specs, const Options& base, bool toy) {
+  const int n = comm.world_size();
   AutoChoice all;
-  ZERO_ASSERT_OK(ChooseConfiguration(ModelDescription::FromSpecs(ToySpecs()), n, AutoBase(), kUnlimited, &all));
-  ASSERT_EQ(all.candidates.size(), 7u);
-  ASSERT_EQ(all.chosen, 0);  // unlimited memory: stage 0
-  // The order itself, as documented.
-  const char* order[] = {"stage 0", "stage 1", "stage 2", "stage 2 + optimizer offload", "stage 3",
-                         "stage 3 + optimizer offload", "stage 3 + parameter offload"};
+  EXPECT_TRUE(ChooseConfiguration(ModelDescription::FromSpecs(specs), n, base, kUnlimited, &all).ok());
+  EXPECT_EQ(all.candidates.size(), 7u);
+  if (all.candidates.size() != 7u) return 0;
+  EXPECT_EQ(all.chosen, 0);  // unlimited memory: stage 0
   for (size_t i = 0; i < 7; ++i) {
     const AutoCandidate& c = all.candidates[i];
-    EXPECT_EQ(ConfigurationName(c.stage, c.offload_optimizer, c.offload_params), order[i]);
+    EXPECT_EQ(ConfigurationName(c.stage, c.offload_optimizer, c.offload_params), kOrder[i]);
   }
-  int no_fit = 0;
+  int chosen = 0, no_fit = 0;
   for (size_t i = 0; i < all.candidates.size(); ++i) {
     for (int64_t delta : {int64_t{0}, int64_t{-1}}) {
       const int64_t need = all.candidates[i].device_bytes;
       const int expected = FirstFit(all, need + delta);
-      SCOPED_TRACE(std::string(order[i]) + (delta == 0 ? ": capacity = need + reserve" : ": one byte less") +
-                   ", expect " + (expected < 0 ? "none" : order[expected]));
-      Options o = AutoBase();
+      SCOPED_TRACE(std::string(kOrder[i]) + (delta == 0 ? ": capacity = need + reserve" : ": one byte less") +
+                   ", expect " + (expected < 0 ? "none" : kOrder[expected]));
+      Options o = base;
       o.stage = Stage::kAuto;
-      o.device_capacity_bytes = need + kReserved + delta;
+      o.device_capacity_bytes = need + base.reserved_bytes + delta;
       std::unique_ptr<Engine> engine;
-      Status s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
+      Status s = Engine::Open(o, &comm, specs, &engine);
       if (expected < 0) {
         ++no_fit;
         EXPECT_EQ(s.code(), StatusCode::kOutOfMemory) << s.ToString();
         EXPECT_TRUE(Contains(s, "Stage::kAuto found no configuration that fits")) << s.ToString();
         continue;
       }
-      ZERO_ASSERT_OK(s);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+      if (!s.ok()) continue;
+      chosen |= 1 << expected;
       const AutoCandidate& want = all.candidates[static_cast<size_t>(expected)];
       EXPECT_EQ(engine->options().stage, want.stage);
       EXPECT_EQ(engine->options().offload_optimizer, want.offload_optimizer);
       EXPECT_EQ(engine->options().offload_params, want.offload_params);
       EXPECT_EQ(engine->Memory().device.Total(), want.device_bytes);
-      EXPECT_LE(engine->Memory().device.Total() + kReserved, o.device_capacity_bytes);
+      EXPECT_LE(engine->Memory().device.Total() + base.reserved_bytes, o.device_capacity_bytes);
       EXPECT_TRUE(Has(engine->auto_choice(), "fits, chosen")) << engine->auto_choice();
-      ExpectSameChoiceEverywhere(*comm, engine->options());
-      if (delta == 0) TrainToyStep(*engine, *comm, 0, 1, 24);  // the chosen configuration trains
+      ExpectSameChoiceEverywhere(comm, engine->options());
+      if (toy && delta == 0) {
+        EXPECT_TRUE(engine->InitParams([](int p, int64_t off, int64_t cnt, float* dst) {
+          for (int64_t k = 0; k < cnt; ++k) dst[k] = ToyInit(p, off + k);
+        }).ok());
+        TrainToyStep(*engine, comm, 0, 1, 24);  // the chosen configuration trains
+      }
     }
   }
-  // The smallest configuration, one byte short, fits nowhere.
-  EXPECT_GE(no_fit, 1);
+  EXPECT_GE(no_fit, 1);  // the smallest configuration, one byte short, fits nowhere
+  return chosen;
+}
+
+TEST(AutoTest, ChoosesTheFirstThatFitsJustAboveAndJustBelowEachNeed) {
+  auto comm = WorldComm();
+  const int chosen = CheckAutoAtEachNeed(*comm, ToySpecs(), AutoBase(), /*toy=*/true);
+  EXPECT_NE(chosen & 1, 0);  // stage 0 at its own need
+}
+
+// A deeper model in fp32 (small units, so stage 3's gather slots are cheap): at 4 ranks stage 3 and its offloads
+// become the first fits too.
+TEST(AutoTest, DeepModelReachesStage3) {
+  auto comm = WorldComm();
+  std::vector<ParamSpec> specs;
+  ZERO_ASSERT_OK(TransformerSpecs(TransformerShape{24, 32, 4, 2, 64, 64, false, false}, &specs));
+  Options base = AutoBase();
+  base.param_dtype = DType::kF32;
+  base.bucket_elements = 4096;
+  const int chosen = CheckAutoAtEachNeed(*comm, specs, base, /*toy=*/false);
+  if (comm->world_size() == 4) {
+    for (int i : {0, 1, 2, 3, 4, 5, 6}) EXPECT_NE(chosen & (1 << i), 0) << kOrder[i] << " never chosen";
+  }
+}
+
+// The decision itself, without an engine, at the ZeRO paper's scale: LLaMA-7B in fp32 on 64 ranks needs less
+// memory at every step of the preference order, so each configuration is chosen exactly at its own need and the
+// next one a byte below it.
+TEST(AutoTest, EachConfigurationIsChosenAtItsNeedAtScale) {
+  ModelDescription m;
+  ZERO_ASSERT_OK(TransformerSpecs(TransformerShape{32, 4096, 32, 0, 11008, 32000, false, false}, &m.specs));
+  Options o;
+  o.reserved_bytes = int64_t{6} << 30;
+  AutoChoice all;
+  ZERO_ASSERT_OK(ChooseConfiguration(m, 64, o, kUnlimited, &all));
+  for (size_t i = 0; i < all.candidates.size(); ++i) {
+    SCOPED_TRACE(kOrder[i]);
+    if (i > 0) {
+      EXPECT_LT(all.candidates[i].device_bytes, all.candidates[i - 1].device_bytes);
+    }
+    AutoChoice c;
+    ZERO_ASSERT_OK(ChooseConfiguration(m, 64, o, all.candidates[i].device_bytes + o.reserved_bytes, &c));
+    EXPECT_EQ(c.chosen, static_cast<int>(i));
+    EXPECT_EQ(c.options.stage, all.candidates[i].stage);
+    ZERO_ASSERT_OK(ChooseConfiguration(m, 64, o, all.candidates[i].device_bytes + o.reserved_bytes - 1, &c));
+    EXPECT_EQ(c.chosen, i + 1 < all.candidates.size() ? static_cast<int>(i) + 1 : -1);
+  }
 }
 
 TEST(AutoTest, RanksWithDifferentFreeMemoryChooseAlikeFromTheMinimum) {
