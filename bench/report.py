@@ -210,7 +210,9 @@ def machine_info(results, build, adamw_context):
         "build_type": cache.get("CMAKE_BUILD_TYPE", ""),
         "cuda_option": cache.get("ZERO_WITH_CUDA", ""),
         "adamw_target": adamw_target,
-        "commit": sh("git rev-parse --short HEAD") + (" + uncommitted changes in the working tree" if dirty else ""),
+        # Recorded by bench.sh when the run started; the checkout's state now is only a fallback.
+        "commit": read("commit") or (sh("git rev-parse --short HEAD") +
+                                     (" + uncommitted changes in the working tree" if dirty else "")),
         "loadavg_start": read("loadavg_start"),
         "loadavg_end": read("loadavg_end"),
     }
@@ -592,6 +594,16 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
               "same threads (its roofline, measured in the same iteration), and against the scalar path. "
               "*roofline ratio* = t(roofline)/t(AdamW), 1.0 = bound by memory alone; bytes per parameter: 24 for "
               "master, m, v read and written + 4 or 2 for the gradient + 2 for a bf16 copy.\n")
+    if adamw:
+        big = [r["roofline_ratio"] for r in adamw if r["log2_n"] >= 24]
+        allr = [r["roofline_ratio"] for r in adamw]
+        md.append(f"Median roofline ratio over all {len(allr)} cases {statistics.median(allr):.2f} (range "
+                  f"{min(allr):.2f}–{max(allr):.2f})" +
+                  (f"; over the {len(big)} cases of 2^24 parameters or more (out of cache) "
+                   f"{statistics.median(big):.2f}" if big else "") +
+                  ". Single pairs above 1 or far below it are the machine's noise (a neighbour taking a core during "
+                  "one of the two kernels), which the medians over iterations and cases absorb; the 2-thread cases "
+                  "suffer most, since two threads need both cores that other work was using.\n")
     if charts.get("adamw"):
         md.append(f"![AdamW against roofline]({rel(charts['adamw'])})\n")
     if adamw:

@@ -107,6 +107,10 @@ wanted() { [[ ,$only, == *,$1,* ]]; }
 if [[ $only == stages,collectives,adamw,lora ]]; then
   date -u +%Y-%m-%dT%H:%M:%SZ >"$out/started"
   cat /proc/loadavg >"$out/loadavg_start"
+  # The commit measured (the binaries are built from the working tree as it is).
+  { git rev-parse --short HEAD | tr -d '\n'
+    [[ -z $(git status --porcelain --untracked-files=no) ]] || printf ' + uncommitted changes in the working tree'
+    echo; } >"$out/commit" 2>/dev/null || true
 fi
 
 run_stages() {
