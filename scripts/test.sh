@@ -9,6 +9,8 @@
 #              (find_package(zero) + zero::zero from an outside project)
 #   test       ctest; multi-rank suites run under mpiexec
 #   tsan       the protocol suites (ctest label tsan) again in build-tsan/: clang + ThreadSanitizer, CPU only
+#   asan       every CPU suite again in build-asan/ (ctest label asan): clang + AddressSanitizer + LeakSanitizer +
+#              UndefinedBehaviorSanitizer, multi-rank suites included; Open MPI's own leaks suppressed (tests/lsan.supp)
 #   fuzz       the checkpoint readers under libFuzzer + ASan + UBSan (tests/fuzz, build-fuzz/): fixed seed and runs
 #
 # Prints each phase's wall time at the end, also when a phase fails. Exits non-zero on any failure. Re-running
@@ -113,6 +115,19 @@ if [[ ${ZERO_SKIP_TSAN:-0} != 1 ]]; then
   cmake --build build-tsan --parallel "$(nproc)"
   # With a ctest filter from the command line the intersection may be empty: that is not a failure here.
   ctest --test-dir build-tsan -L tsan --output-on-failure --no-tests="$([[ $# -gt 0 ]] && echo ignore || echo error)" \
+    --parallel "$(nproc)" "$@"
+fi
+
+# --- asan ---------------------------------------------------------------------------------------------------------
+# Every suite of the CPU build again under ASan + LSan + UBSan (clang); any report fails its test. ZERO_SKIP_ASAN=1
+# skips it; like tsan, with ctest arguments only the matching tests run.
+if [[ ${ZERO_SKIP_ASAN:-0} != 1 ]]; then
+  begin_phase asan
+  cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
+    -DZERO_SANITIZE=address -DZERO_WITH_CUDA=OFF -DZERO_BUILD_TESTS=ON -DZERO_BUILD_BENCHMARKS=OFF \
+    -DZERO_BUILD_EXAMPLES=OFF -DZERO_WERROR=ON >/dev/null
+  cmake --build build-asan --parallel "$(nproc)"
+  ctest --test-dir build-asan -L asan --output-on-failure --no-tests="$([[ $# -gt 0 ]] && echo ignore || echo error)" \
     --parallel "$(nproc)" "$@"
 fi
 

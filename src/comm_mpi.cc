@@ -249,6 +249,15 @@ Status MpiComm::Create(MPI_Comm parent, const CommOptions& options, bool owns_mp
   return Status::Ok();
 }
 
+// Buffers that freed-but-pending MPI requests may still read or write are never freed or reused: they are kept
+// here for the life of the process (reachable, so a leak checker does not report what is deliberate).
+static void Quarantine(std::unique_ptr<char[]> buffer) {
+  static std::mutex mu;
+  static auto* kept = new std::vector<std::unique_ptr<char[]>>();
+  std::lock_guard<std::mutex> lock(mu);
+  kept->push_back(std::move(buffer));
+}
+
 MpiComm::~MpiComm() {
   int finalized = 0;
   MPI_Finalized(&finalized);
@@ -268,7 +277,7 @@ MpiComm::~MpiComm() {
       for (MPI_Request& r : notice_sends_) {
         if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
       }
-      (void)notice_.release();  // MPI may still read it
+      Quarantine(std::move(notice_));  // MPI may still read it
     }
     if (!broken) {  // see "A broken Comm is never freed" at the top
       MPI_Comm_free(&data_);
@@ -276,7 +285,7 @@ MpiComm::~MpiComm() {
     }
     if (owns_mpi_) MPI_Finalize();
   }
-  if (leaked_requests_) (void)scratch_.release();  // MPI may still write into it
+  if (leaked_requests_) Quarantine(std::move(scratch_));  // MPI may still write into it
 }
 
 // Returns the breaking status, or validates, counts and tags a new call (a bad call breaks the Comm: the other

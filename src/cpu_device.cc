@@ -1,5 +1,6 @@
 // Device accounting and the CPU backend's device: host memory standing in for GPU memory.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -35,6 +36,12 @@ void DeviceBuffer::Reset() {
   data_ = nullptr;
   bytes_ = 0;
 }
+
+namespace {
+std::atomic<int64_t> g_live[3];  // index: MemoryKind
+}  // namespace
+
+int64_t LiveBytes(MemoryKind kind) { return g_live[static_cast<int>(kind)].load(std::memory_order_relaxed); }
 
 std::string FormatBytes(int64_t bytes) {
   static const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -73,6 +80,7 @@ Status Device::Allocate(int64_t bytes, MemoryCategory category, MemoryKind kind,
     return Status::OutOfMemory("the system refused " + FormatBytes(bytes) + " for " + what);
   }
   const int c = static_cast<int>(category);
+  g_live[static_cast<int>(kind)].fetch_add(bytes, std::memory_order_relaxed);
   usage.current[c] += bytes;
   usage.peak[c] = std::max(usage.peak[c], usage.current[c]);
   usage.peak_total = std::max(usage.peak_total, usage.Total());
@@ -88,6 +96,7 @@ void Device::Free(DeviceBuffer* buffer) {
   std::lock_guard<std::mutex> lock(mu_);
   MemoryUsage& usage = buffer->kind_ == MemoryKind::kDevice ? report_.device : report_.host;
   usage.current[static_cast<int>(buffer->category_)] -= buffer->bytes_;
+  g_live[static_cast<int>(buffer->kind_)].fetch_sub(buffer->bytes_, std::memory_order_relaxed);
   if (buffer->data_ != nullptr) RawFree(buffer->data_, buffer->bytes_, buffer->kind_);
 }
 

@@ -159,6 +159,10 @@ std::unique_ptr<Device> NewCpuDevice();
 // why, when this build has no CUDA support or the machine has no usable device (no driver, no GPU).
 Status NewCudaDevice(int ordinal, std::unique_ptr<Device>* device);
 
+// Bytes of `kind` allocated through any Device in this process and not yet freed (tests: an engine's
+// destruction must bring this back to where it was).
+int64_t LiveBytes(MemoryKind kind);
+
 // "1.50 MiB" style formatting for messages.
 std::string FormatBytes(int64_t bytes);
 

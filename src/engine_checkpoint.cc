@@ -228,7 +228,7 @@ Status Engine::Impl::SaveImpl(const std::string& root, const std::string& tag, s
   for (int64_t fb : file_bytes) max_blocks = std::max(max_blocks, ckpt::NumBlocks(fb, block_bytes));
   std::vector<int64_t> mine(static_cast<size_t>(max_blocks), 0);
   std::vector<int64_t> all(static_cast<size_t>(max_blocks * world), 0);
-  std::memcpy(mine.data(), writer.block_hashes().data(), writer.block_hashes().size() * 8);
+  std::copy(writer.block_hashes().begin(), writer.block_hashes().end(), mine.begin());  // may be empty
   {
     CollectiveOptions co;
     co.control = true;

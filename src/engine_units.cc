@@ -224,7 +224,10 @@ void Engine::Impl::GatherUnit(int unit, char* dst) {
   const UnitPlan& up = plan.units[static_cast<size_t>(unit)];
   std::vector<int> all(up.trainable_buckets);
   all.insert(all.end(), up.frozen_buckets.begin(), up.frozen_buckets.end());
-  LaunchGathers(all, dst, "gather of " + UnitName(unit) + " at " + Where());
+  // Buckets of a unit are consecutive in plan order (trainable, then frozen): name the range, like reductions do.
+  std::string which = "bucket " + std::to_string(all.front());
+  if (all.size() > 1) which = "buckets " + std::to_string(all.front()) + "-" + std::to_string(all.back());
+  LaunchGathers(all, dst, "gather of " + which + " (" + UnitName(unit) + ") at " + Where());
   for (int bi : all) Log(Engine::Event::kGather, unit, bi);
 }
 

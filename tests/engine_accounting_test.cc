@@ -289,6 +289,7 @@ TEST(PrefetchTest, NextUnitIsGatheredBeforeCurrentRelease) {
     o.prefetch_bytes = prefetch;
     auto engine = OpenToyEngine(o, comm.get());
     ASSERT_NE(engine, nullptr);
+    EngineTestPeer::Hooks(*engine).log_events = true;
     TrainToyStep(*engine, *comm, 0, 1, 24);  // records the order
     const size_t from = engine->TEST_events().size();
     TrainToyStep(*engine, *comm, 1, 1, 24);

@@ -39,6 +39,7 @@ TEST_P(OverlapTest, ReductionsAreIssuedWhereTheSettingSays) {
   o.overlap_reductions = c.overlap;
   auto engine = OpenToyEngine(o, comm.get());
   ASSERT_NE(engine, nullptr);
+  EngineTestPeer::Hooks(*engine).log_events = true;
   constexpr int kMicros = 2;
   for (int step = 0; step < 2; ++step) TrainToyStep(*engine, *comm, step, kMicros, 24);
 

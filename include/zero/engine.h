@@ -177,7 +177,8 @@ class Engine {
   // OK, or the status that poisoned the engine.
   Status healthy() const;
 
-  // Test seam: the engine's event log (what was issued, in order). See src/engine_impl.h.
+  // Test seam: the engine's event log (what was issued, in order); empty unless a test turned it on through the
+  // engine's test hooks (src/engine_impl.h), so that long runs do not grow.
   struct Event {
     enum Kind : uint8_t { kAcquire, kRelease, kGradsReady, kGather, kReduce, kStep } kind;
     int unit;
