@@ -647,6 +647,25 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
     return "\n".join(md) + "\n"
 
 
+def exactness_violations(stages, colls):
+    """What the benchmarks count exactly and must match: elements per step (2Ψ or 3Ψ), bytes against DESIGN.md's
+    formula, and wrong elements of the collectives. Times are never checked."""
+    out = []
+    for r in stages:
+        name = f"stage {r['stage']} {r['offload']} {r['dtype']} 2^{r['log2_params']} at {r['world']} ranks"
+        if r["comm_elements_per_step"] != round(r["comm_ratio_paper"] * r["params_padded"]):
+            out.append(f"{name}: {r['comm_elements_per_step']} elements per step, not {r['comm_ratio_paper']:g}Ψ")
+        if r["peak_device_bytes"] != r["formula_device_bytes"]:
+            out.append(f"{name}: {r['peak_device_bytes']} device bytes, formula {r['formula_device_bytes']}")
+        if r["peak_host_bytes"] != r["formula_host_bytes"]:
+            out.append(f"{name}: {r['peak_host_bytes']} host bytes, formula {r['formula_host_bytes']}")
+    for r in colls:
+        if r["wrong"] or r["raw_wrong"]:
+            out.append(f"{r['impl']} {r['op']} {r['bytes']} B at {r['world']} ranks: #wrong {r['wrong']}, "
+                       f"raw #wrong {r['raw_wrong']}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", required=True)
@@ -654,6 +673,9 @@ def main():
     ap.add_argument("--build", default="build")
     ap.add_argument("--mode", default="full")
     ap.add_argument("--command", default="scripts/bench.sh")
+    ap.add_argument("--strict", action="store_true",
+                    help="fail when a counted quantity misses its closed form (comm/Ψ, bytes/formula, #wrong); "
+                         "never on time")
     args = ap.parse_args()
     res = args.results
     stages, stage_errors = stage_records(res)
@@ -681,6 +703,8 @@ def main():
                                charts, phase_times))
     missing = [k for k, v in (("stages", stages), ("collectives", colls), ("adamw", adamw)) if not v]
     errors = stage_errors + coll_errors
+    if args.strict:
+        errors += exactness_violations(stages, colls)
     print(f"report: {len(stages)} stage configurations, {len(colls)} collective rows, {len(adamw)} AdamW rows, "
           f"{len(lora)} LoRA runs, {len(charts)} charts -> {args.docs}")
     if missing or errors:

@@ -189,6 +189,7 @@ if [[ -z $python ]]; then
 fi
 mode=full command=scripts/bench.sh
 if ((quick)); then mode=quick command+=" --quick"; fi
+# --strict: a counted quantity that misses its closed form (elements per step, bytes, #wrong) fails the run.
 phase report "$python" bench/report.py --results "$out" --docs "$docs" --build "$build" --mode "$mode" \
-  --command "$command"
+  --command "$command" --strict
 echo "bench.sh: results in $out, report in $docs"
