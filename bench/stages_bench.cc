@@ -26,6 +26,9 @@
 //                     (on the CPU: protocol overlap with a sleeping compute, not GPU overlap)
 //   exposed_s         median of (step − compute): what the engine adds to the trainer's compute
 //   step_vs_stage0, nocompute_vs_stage0   medians of the per-iteration ratios to stage 0 of the same group
+//   in_begin_s, in_acquire_fwd_s, in_acquire_bwd_s, in_grads_ready_s, in_release_s, in_step_s, in_drain_s
+//                     the trainer thread's time inside each kind of engine call during a step with compute
+//                     (in_drain_s: waiting for the step's post-step all-gathers)
 //   comm_elements_per_step  data elements per step, CommCounters::Volume() (all-reduce counted twice)
 //   comm_ratio        comm_elements_per_step / Ψ (Ψ: the plan's padded trainable elements)
 //   peak_device_bytes the engine's device high-water mark (largest rank); dev_<category> per category
@@ -41,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <thread>
@@ -146,37 +150,45 @@ Formula FormulaBytes(const Config& c, const Options& o, const PartitionPlan& pla
   return f;
 }
 
-#define BENCH_RETURN_IF_ERROR(expr)  \
-  do {                               \
-    Status s_ = (expr);              \
-    if (!s_.ok()) return s_;         \
-  } while (false)
+// Where the trainer's thread spends a step: the compute sleeps and each kind of engine call. On the CPU backend
+// the calls' time is the protocol's cost to the trainer (waits for gathers or pool buffers, zeroing a pool buffer,
+// the optimizer inside Step), which a GPU backend would mostly enqueue instead.
+struct Breakdown {
+  double slept = 0, begin = 0, acquire_fwd = 0, acquire_bwd = 0, grads_ready = 0, release = 0, step = 0, drain = 0;
+};
 
-// One optimizer step of one micro-step. `slept` (optional) accumulates the time actually spent in the compute
-// sleeps, which overshoot their request by tens of microseconds each.
+// One optimizer step of one micro-step, adding its times to `b` (optional). The sleeps are measured, since they
+// overshoot their request by tens of microseconds each (far more on a loaded machine).
 Status RunStep(Engine& engine, const std::vector<int64_t>& unit_params, double ns_per_param,
-               double* slept = nullptr) {
+               Breakdown* b = nullptr) {
+  Breakdown local;
+  Breakdown& t = b != nullptr ? *b : local;
   const auto nap = [&](int u, double share) {
     const double ns = ns_per_param * share * static_cast<double>(unit_params[static_cast<size_t>(u)]);
-    if (ns <= 0) return;
-    const double t = Seconds([&] { std::this_thread::sleep_for(std::chrono::nanoseconds(static_cast<int64_t>(ns))); });
-    if (slept != nullptr) *slept += t;
+    if (ns > 0) t.slept += Seconds([&] { std::this_thread::sleep_for(std::chrono::nanoseconds(int64_t(ns))); });
+  };
+  // Runs an engine call, adding its time to `into`.
+  Status s;
+  const auto call = [&](double* into, auto&& fn) {
+    *into += Seconds([&] { s = fn(); });
+    return s.ok();
   };
   const int units = static_cast<int>(unit_params.size());
-  BENCH_RETURN_IF_ERROR(engine.BeginMicroStep(0, true));
+  if (!call(&t.begin, [&] { return engine.BeginMicroStep(0, true); })) return s;
   for (int u = 0; u < units; ++u) {
-    BENCH_RETURN_IF_ERROR(engine.Acquire(u, Pass::kForward));
+    if (!call(&t.acquire_fwd, [&] { return engine.Acquire(u, Pass::kForward); })) return s;
     nap(u, 1.0 / 3);
-    BENCH_RETURN_IF_ERROR(engine.Release(u, Pass::kForward));
+    if (!call(&t.release, [&] { return engine.Release(u, Pass::kForward); })) return s;
   }
   for (int u = units - 1; u >= 0; --u) {
-    BENCH_RETURN_IF_ERROR(engine.Acquire(u, Pass::kBackward));
+    if (!call(&t.acquire_bwd, [&] { return engine.Acquire(u, Pass::kBackward); })) return s;
     nap(u, 2.0 / 3);
-    BENCH_RETURN_IF_ERROR(engine.GradsReady(u));
-    BENCH_RETURN_IF_ERROR(engine.Release(u, Pass::kBackward));
+    if (!call(&t.grads_ready, [&] { return engine.GradsReady(u); })) return s;
+    if (!call(&t.release, [&] { return engine.Release(u, Pass::kBackward); })) return s;
   }
   StepResult result;
-  return engine.Step(StepArgs(), &result);
+  call(&t.step, [&] { return engine.Step(StepArgs(), &result); });
+  return s;
 }
 
 Options MakeOptions(const Config& cfg) {
@@ -194,6 +206,7 @@ Options MakeOptions(const Config& cfg) {
 struct Result {
   Status status;
   std::vector<double> t_step, t_bare, slept;  // with compute, without, the compute sleeps
+  std::vector<Breakdown> calls;               // the step with compute, per iteration (the slowest rank's)
   std::vector<double> vs_stage0, bare_vs_stage0;  // paired with the group's stage 0 in the same iteration
   CommCounters per_step;
   std::vector<double> bytes;  // device peak, host peak, device peak per category, host peak per category
@@ -215,14 +228,16 @@ std::vector<Group> g_groups;
 // (comm_counters() drains the communication stream). In a training loop stages 1-2 overlap those gathers with the
 // next forward; here every step starts and ends drained, so that configurations stepped in turn do not leak work
 // into each other's times: stage 1-2 times are upper bounds.
-Status TimedStep(Engine& engine, const Model& model, double ns, double* seconds, double* slept,
+Status TimedStep(Engine& engine, const Model& model, double ns, double* seconds, Breakdown* b,
                  CommCounters* delta) {
   const CommCounters before = engine.comm_counters();
   Status s;
+  double drain = 0;
   *seconds = Seconds([&] {
-    s = RunStep(engine, model.unit_params, ns, slept);
-    (void)engine.comm_counters();
+    s = RunStep(engine, model.unit_params, ns, b);
+    drain = Seconds([&] { (void)engine.comm_counters(); });
   });
+  if (b != nullptr) b->drain += drain;
   const CommCounters& after = engine.comm_counters();
   if (delta != nullptr) {
     delta->reduce_scatter = after.reduce_scatter - before.reduce_scatter;
@@ -253,31 +268,39 @@ void MeasureGroup(Group& g) {
         for (int64_t j = 0; j < count; ++j) dst[j] = 0.01f * static_cast<float>(((off + j + param) % 17) - 8);
       });
     }
-    double t = 0, slept = 0;
+    double t = 0;
     // Warm-up: pages touched, threads started, and stage 3 records its trace.
-    if (r.status.ok()) r.status = TimedStep(*engines[i], model, ns, &t, &slept, nullptr);
+    if (r.status.ok()) r.status = TimedStep(*engines[i], model, ns, &t, nullptr, nullptr);
     if (r.status.ok() && cfg.stage == Stage::kDataParallel) ref = static_cast<int>(i);
   }
   for (int it = 0; it < g_settings.iterations; ++it) {
-    std::vector<double> t(3 * n, 0.0);  // per configuration: step, no-compute step, sleeps
+    // Per configuration: step, no-compute step, then the step's breakdown (kBreakdown fields).
+    constexpr size_t kBreakdown = sizeof(Breakdown) / sizeof(double);
+    constexpr size_t kPer = 2 + kBreakdown;
+    std::vector<double> t(kPer * n, 0.0);
     for (size_t k = 0; k < n; ++k) {
       const size_t i = (k + static_cast<size_t>(it)) % n;
       Result& r = g.results[i];
       if (!r.status.ok()) continue;
+      Breakdown b;
       MPI_Barrier(MPI_COMM_WORLD);
-      r.status = TimedStep(*engines[i], model, ns, &t[3 * i], &t[3 * i + 2], &r.per_step);
+      r.status = TimedStep(*engines[i], model, ns, &t[kPer * i], &b, &r.per_step);
       MPI_Barrier(MPI_COMM_WORLD);
-      if (r.status.ok()) r.status = TimedStep(*engines[i], model, 0.0, &t[3 * i + 1], nullptr, nullptr);
+      if (r.status.ok()) r.status = TimedStep(*engines[i], model, 0.0, &t[kPer * i + 1], nullptr, nullptr);
+      std::memcpy(&t[kPer * i + 2], &b, sizeof(b));
     }
     MaxOverRanks(&t);
     for (size_t i = 0; i < n; ++i) {
       Result& r = g.results[i];
-      r.t_step.push_back(t[3 * i]);
-      r.t_bare.push_back(t[3 * i + 1]);
-      r.slept.push_back(t[3 * i + 2]);
+      Breakdown b;
+      std::memcpy(static_cast<void*>(&b), &t[kPer * i + 2], sizeof(b));  // b is doubles only
+      r.calls.push_back(b);
+      r.t_step.push_back(t[kPer * i]);
+      r.t_bare.push_back(t[kPer * i + 1]);
+      r.slept.push_back(b.slept);
       if (ref >= 0) {
-        r.vs_stage0.push_back(t[3 * i] / t[3 * static_cast<size_t>(ref)]);
-        r.bare_vs_stage0.push_back(t[3 * i + 1] / t[3 * static_cast<size_t>(ref) + 1]);
+        r.vs_stage0.push_back(t[kPer * i] / t[kPer * static_cast<size_t>(ref)]);
+        r.bare_vs_stage0.push_back(t[kPer * i + 1] / t[kPer * static_cast<size_t>(ref) + 1]);
       }
     }
   }
@@ -345,6 +368,19 @@ void BM_Stage(benchmark::State& state, size_t group, size_t index) {
     k["step_vs_stage0"] = Median(r.vs_stage0);
     k["nocompute_vs_stage0"] = Median(r.bare_vs_stage0);
   }
+  // The trainer thread's time per kind of call in a step with compute (each the median over iterations).
+  const auto median_of = [&](double Breakdown::*field) {
+    std::vector<double> x;
+    for (const Breakdown& b : r.calls) x.push_back(b.*field);
+    return Median(x);
+  };
+  k["in_begin_s"] = median_of(&Breakdown::begin);
+  k["in_acquire_fwd_s"] = median_of(&Breakdown::acquire_fwd);
+  k["in_acquire_bwd_s"] = median_of(&Breakdown::acquire_bwd);
+  k["in_grads_ready_s"] = median_of(&Breakdown::grads_ready);
+  k["in_release_s"] = median_of(&Breakdown::release);
+  k["in_step_s"] = median_of(&Breakdown::step);
+  k["in_drain_s"] = median_of(&Breakdown::drain);
   k["comm_elements_per_step"] = static_cast<double>(r.per_step.Volume());
   k["comm_ratio"] = static_cast<double>(r.per_step.Volume()) / psi;
   k["reduce_scatter_elements"] = static_cast<double>(r.per_step.reduce_scatter);
