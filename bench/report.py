@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 DTYPES = {"f32": ("f32", "f32"), "bf16": ("bf16", "f32"), "bf16g": ("bf16", "bf16")}
 OFFLOADS = {"none": "none", "optimizer": "optimizer", "params": "optimizer+params"}
 CATEGORIES = ["params", "grads", "optimizer", "buffers"]
+CALLS = ["begin", "acquire_fwd", "acquire_bwd", "grads_ready", "release", "step", "drain"]
 MIB = float(1 << 20)
 
 
@@ -95,6 +96,7 @@ def stage_records(results):
                 "compute_s": b["compute_s"],
                 "hidden_comm_s": b["hidden_comm_s"],
                 "exposed_s": b["exposed_s"],
+                "trainer_call_s": {k: b[f"in_{k}_s"] for k in CALLS if f"in_{k}_s" in b},
                 "step_vs_stage0": b.get("step_vs_stage0"),
                 "nocompute_vs_stage0": b.get("nocompute_vs_stage0"),
                 "iterations": int(b["iterations"]),
@@ -543,6 +545,23 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
         md.append(f"### {world} ranks, Ψ = 2^{size} ({p['params']:,} parameters, {p['params_padded']:,} padded; "
                   f"d = {p['d_model']}, {p['units']} units)\n")
         md.append(table(STAGE_HEADER, stage_rows(rows)))
+        md.append("")
+    calls = [r for r in stages if r["trainer_call_s"] and r["log2_params"] == main_size[r["world"]]]
+    if calls:
+        md.append("### Where the trainer's thread spends the engine's time\n")
+        md.append("In a step with compute, the time inside each kind of engine call (medians, slowest rank; ms). "
+                  "On the CPU backend these calls do real work on the trainer's thread that a GPU backend would "
+                  "mostly enqueue: `Acquire(u, kBackward)` in stages 2–3 waits for a gradient-pool buffer and zeroes "
+                  "it (a memset of the unit's gradient bytes), stage 3's `Acquire` waits for its gathers, `Step` "
+                  "runs the optimizer on the owned shard (and, with offload, the copies and the host AdamW), and "
+                  "*drain* waits for the post-step all-gathers. Engine time spent here cannot hide behind compute "
+                  "on this backend.\n")
+        dtype = "bf16/f32" if any(q["dtype"] == "bf16/f32" for q in calls) else calls[0]["dtype"]
+        md.append(table(["ranks", "stage", "offload", "dtype p/g", "BeginMicroStep", "Acquire fwd", "Acquire bwd",
+                         "GradsReady", "Release", "Step", "drain"],
+                        [[r["world"], r["stage"], r["offload"], r["dtype"]] +
+                         [f"{r['trainer_call_s'].get(k, 0) * 1e3:.1f}" for k in CALLS]
+                         for r in calls if r["dtype"] == dtype]))
         md.append("")
     smaller = [r for r in stages if r["log2_params"] != main_size[r["world"]]]
     if smaller:
