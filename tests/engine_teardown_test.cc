@@ -25,7 +25,7 @@
 namespace zero::testing {
 namespace {
 
-int64_t ResidentBytes() {
+[[maybe_unused]] int64_t ResidentBytes() {  // (unused in sanitizer builds)
   std::ifstream in("/proc/self/statm");
   int64_t size = 0, resident = 0;
   in >> size >> resident;
