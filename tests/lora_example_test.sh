@@ -6,6 +6,7 @@
 #   * adapter_model.safetensors parses with numpy alone: only lora_A / lora_B tensors, PEFT names, the shapes
 #     of r = 4, finite values, and B no longer zero (it was trained); adapter_config.json names the rank;
 #   * `sample` reads the base and the adapter back and continues a prompt with each;
+#   * an interrupted fine-tune resumed from its zero checkpoint ends where the uninterrupted one did.
 #   * `merge` folds the adapter into the base: merged logits equal adapter logits within 1e-5 (relative; the
 #     example checks it and fails otherwise, this reads its line), and merged.safetensors holds the base's tensors
 #     under Hugging Face names, no LoRA tensor, with the targeted projections changed by the fold and the rest equal.
@@ -98,4 +99,18 @@ for name, t in header.items():
         assert np.abs(a).max() > 0, name + " is still zero: the adapter was not trained"
 print(f"adapter ok: {len(header)} tensors")
 PY
-echo "PASS: validation loss $before -> $after, adapter $path"
+# Resume: the same fine-tune interrupted after 20 of 30 steps (checkpoints every 10) and resumed with --resume 1
+# ends with the uninterrupted run's validation loss (the checkpoint holds the adapters, the optimizer state, the
+# step and the data position; same world size and stage, so the runs are bitwise equal).
+lora_args=("${args[@]}")
+lora_args[0]=lora
+"$mpiexec" -n 2 "$@" "$binary" "${lora_args[@]}" --save-every 10 --stop-after 20 > "$work/interrupted.log"
+grep -q "stopping after step 20" "$work/interrupted.log" || { echo "FAIL: the run did not stop"; cat "$work/interrupted.log"; exit 1; }
+[[ $(cat "$work/ckpt/latest") == step-000020 ]] || { echo "FAIL: ckpt/latest is not step-000020"; exit 1; }
+[[ ! -d $work/ckpt/step-000000 && -d $work/ckpt/step-000010 ]] || { echo "FAIL: unexpected checkpoints: $(ls "$work/ckpt")"; exit 1; }
+"$mpiexec" -n 2 "$@" "$binary" "${lora_args[@]}" --save-every 10 --resume 1 > "$work/resumed.log"
+grep -q "resumed from $work/ckpt at step 20" "$work/resumed.log" || { echo "FAIL: no resume"; cat "$work/resumed.log"; exit 1; }
+resumed=$(tail -n 2 "$work/resumed.log" | sed -n 's/^val_loss_before=[0-9.]* val_loss_after=\([0-9.]*\)$/\1/p')
+[[ $resumed == "$after" ]] || { echo "FAIL: resumed run ends at validation loss '$resumed', uninterrupted at $after"; exit 1; }
+
+echo "PASS: validation loss $before -> $after (resumed run: $resumed), adapter $path"

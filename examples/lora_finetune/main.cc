@@ -77,6 +77,11 @@ struct Flags {
   int eval_batches = 8;
   int threads = 1;
   uint64_t seed = 1;
+  // Checkpoints of `lora` (zero's sharded checkpoints, OUT/ckpt): every N steps (0: none); --resume 1 continues
+  // from OUT/ckpt/latest; --stop-after N ends the run after N steps (an interruption, for tests).
+  int save_every = 0;
+  bool resume = false;
+  int stop_after = -1;
   std::set<std::string> given;  // options set on the command line
 };
 
@@ -86,7 +91,8 @@ const char* kUsage =
     "  [--micro M] [--batch B] [--seq S] [--pretrain-steps N] [--lora-steps N] [--pretrain-lr X] [--lora-lr X]\n"
     "  [--warmup N] [--dim D] [--layers L] [--heads H] [--kv-heads K] [--ffn F] [--r R] [--alpha A]\n"
     "  [--dropout P] [--eval-batches N] [--threads T] [--seed S] [--base-corpus fortunes|synthetic]\n"
-    "  [--tune-corpus bible|synthetic] [--prompt TEXT] [--sample-tokens N]\n";
+    "  [--tune-corpus bible|synthetic] [--prompt TEXT] [--sample-tokens N] [--save-every N] [--resume 0|1]\n"
+    "  [--stop-after N]\n";
 
 bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
   int i = 1;
@@ -127,6 +133,9 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
     else if (k == "--seq") ok = num(&f->seq);
     else if (k == "--pretrain-steps") ok = num(&f->pretrain_steps);
     else if (k == "--lora-steps") ok = num(&f->lora_steps);
+    else if (k == "--save-every") ok = num(&f->save_every);
+    else if (k == "--resume") ok = num(&f->resume);
+    else if (k == "--stop-after") ok = num(&f->stop_after);
     else if (k == "--pretrain-lr") ok = num(&f->pretrain_lr);
     else if (k == "--lora-lr") ok = num(&f->lora_lr);
     else if (k == "--warmup") ok = num(&f->warmup);
@@ -380,13 +389,16 @@ double ValidationLoss(const Flags& f, Run& run, const lora::BatchSampler& val) {
 
 // One progress line every `every` steps (and the last): loss averaged over ranks, tokens/s of the whole job, the
 // largest rank's peak device and host bytes, the loss scale.
-void Train(const Flags& f, Run& run, const lora::BatchSampler& train, int steps, float peak_lr, const char* label,
-           int every) {
+// With `ckpt` set, saves a zero checkpoint every f.save_every steps (the two newest are kept); steps start at
+// `start` (a resumed run). Returns false when --stop-after ended the run early.
+bool Train(const Flags& f, Run& run, const lora::BatchSampler& train, int steps, float peak_lr, const char* label,
+           int every, int start = 0, const std::string& ckpt = "") {
   EngineAccess access(run.engine.get());
   std::vector<int32_t> in(static_cast<size_t>(f.batch * f.seq)), tg(in.size());
-  int world = 1;
+  int world = 1, rank = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
-  for (int step = 0; step < steps; ++step) {
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  for (int step = start; step < steps; ++step) {
     const auto t0 = Clock::now();
     double loss = 0;
     for (int m = 0; m < f.micro; ++m) {
@@ -411,7 +423,25 @@ void Train(const Flags& f, Run& run, const lora::BatchSampler& train, int steps,
           label, step + 1, steps, mean_loss, r.lr, r.grad_norm, tokens / AllMax(secs), dev_mib, host_mib,
           static_cast<double>(r.loss_scale), r.skipped ? "  (skipped)" : "");
     }
+    const int done = step + 1;
+    if (!ckpt.empty() && f.save_every > 0 && done % f.save_every == 0 && done < steps) {
+      // The metadata is the data position: the next step's index (the sampler and the schedule are functions
+      // of it), so a resumed run takes exactly the batches and learning rates of an uninterrupted one.
+      char tag[32];
+      std::snprintf(tag, sizeof(tag), "step-%06d", done);
+      Check(run.engine->Save(ckpt, tag, "next_step=" + std::to_string(done)), std::string("saving ") + tag);
+      if (rank == 0 && done > 2 * f.save_every) {
+        std::snprintf(tag, sizeof(tag), "step-%06d", done - 2 * f.save_every);
+        std::filesystem::remove_all(std::filesystem::path(ckpt) / tag);
+      }
+      Say("%s: checkpoint %s/step-%06d\n", label, ckpt.c_str(), done);
+    }
+    if (f.stop_after >= 0 && done >= f.stop_after && done < steps) {
+      Say("%s: stopping after step %d (--stop-after)\n", label, done);
+      return false;
+    }
   }
+  return true;
 }
 
 // Continuation of `prompt`, sampled at temperature 0.7 from a fixed seed (greedy decoding of a small byte-level
@@ -534,26 +564,15 @@ std::vector<int> AllUnits(const Run& run) {
   return units;
 }
 
-// Writes the whole model (Hugging Face names) from full copies on every rank; rank 0 writes the file.
+// Writes the model (Hugging Face names), or only its adapters (PEFT names), as fp32 safetensors with
+// Engine::Export: every rank writes the fragments it owns, in parallel; no rank gathers the model.
 void SaveModel(Run& run, const std::string& path, const std::map<std::string, std::string>& metadata,
                bool trainable_only) {
-  zero::FullParamsScope scope;
-  Check(run.engine->GatherFull(AllUnits(run), &scope), "GatherFull");
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  if (rank == 0) {
-    std::vector<lora::TensorData> tensors;
-    for (size_t p = 0; p < run.params.size(); ++p) {
-      if (trainable_only && !run.params[p].trainable) continue;
-      lora::TensorData t;
-      t.spec.name = trainable_only ? "base_model.model." + run.params[p].name : run.params[p].name;
-      t.spec.shape = run.params[p].shape;
-      t.data = run.engine->Param(static_cast<int>(p)).data;
-      tensors.push_back(t);
-    }
-    WriteFile(path, tensors, metadata);
-  }
-  Check(scope.Close(), "closing GatherFull");
+  zero::ExportOptions eo;
+  eo.trainable_only = trainable_only;
+  for (const lora::ParamInfo& p : run.params) eo.names.push_back(trainable_only ? "base_model.model." + p.name : p.name);
+  eo.metadata.assign(metadata.begin(), metadata.end());
+  Check(run.engine->Export(path, eo), "writing " + path);
 }
 
 // merge: inside one GatherFull scope of every unit, the adapted model's logits on a validation batch, then the
@@ -739,7 +758,18 @@ int Main(int argc, char** argv) {
   const std::string before_sample = Sample(f, run, text, prompt, f.sample_tokens);
   const double before = ValidationLoss(f, run, val);
   Say("lora: validation loss before %.4f\n", before);
-  Train(f, run, train, f.lora_steps, f.lora_lr, "lora", 1);
+  const std::string ckpt = f.out + "/ckpt";
+  int start = 0;
+  if (f.resume) {
+    // Everything the run continues from is in the checkpoint: adapters, optimizer state, step, loss scaler, and
+    // the data position in its metadata. Saved at any world size or stage, it loads at this one.
+    std::string meta;
+    Check(run.engine->Load(ckpt, "", &meta), "resuming from " + ckpt + " (--resume 1)");
+    if (meta.rfind("next_step=", 0) != 0) Fail(ckpt + ": the checkpoint's metadata is not this example's");
+    start = std::atoi(meta.c_str() + 10);
+    Say("lora: resumed from %s at step %d\n", ckpt.c_str(), start);
+  }
+  if (!Train(f, run, train, f.lora_steps, f.lora_lr, "lora", 1, start, ckpt)) return 0;
   const double after = ValidationLoss(f, run, val);
   const std::string after_sample = Sample(f, run, text, prompt, f.sample_tokens);
   SaveModel(run, adapter_path, {{"format", "pt"}}, /*trainable_only=*/true);
