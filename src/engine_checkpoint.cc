@@ -528,7 +528,8 @@ Status Engine::Impl::ExportImpl(const std::string& path, const ExportOptions& eo
     bad(std::string("dtype ") + DTypeName(eo.dtype) + " is not f32, bf16 or f16");
   }
   std::set<std::string> seen;
-  for (size_t p = 0; p < specs.size(); ++p) {
+  const bool names_ok = eo.names.empty() || eo.names.size() == specs.size();
+  for (size_t p = 0; p < specs.size() && names_ok; ++p) {
     const std::string& n = eo.names.empty() ? specs[p].name : eo.names[p];
     if (eo.trainable_only && !specs[p].trainable) continue;
     if (n.empty() || n == "__metadata__") bad("parameter " + std::to_string(p) + " has the tensor name '" + n + "'");
