@@ -173,6 +173,9 @@ class Engine {
   MemoryReport Memory() const;
   // Stage::kAuto: what Open chose and why (each earlier candidate's need against the budget); empty otherwise.
   const std::string& auto_choice() const;
+  // The communicator's counters (elements and calls per collective). Waits for everything queued on the
+  // communication stream first (the counters are updated there): calling it every step serializes the post-step
+  // all-gathers with the trainer.
   const CommCounters& comm_counters() const;
   // OK, or the status that poisoned the engine.
   Status healthy() const;
