@@ -1,9 +1,13 @@
-// The LLaMA-style decoder of model.h: forward and backward by hand, fp32, CBLAS sgemm + OpenMP.
+// The LLaMA-style decoder of model.h: forward and backward by hand, fp32, CBLAS sgemm + OpenMP. The element-,
+// row- and column-wise math is model_kernels.cuh's functors (written once for the CPU and CUDA), run here in
+// OpenMP loops; the matrix products and the attention's dot products are the CPU's own.
 //
 // Conventions: activations are row-major [N, features] with N = batch * seq and row n = b * seq + t; a linear
 // weight W is [out, in] (Hugging Face), so y = x W^T. Backward walks the blocks in reverse, carrying the gradient
 // of the residual stream in one [N, dim] buffer that each block updates in place.
 #include "examples/lora_finetune/model.h"
+
+#include "examples/lora_finetune/model_kernels.cuh"
 
 #include <cblas.h>
 
@@ -81,16 +85,8 @@ Layout BuildLayout(const ModelConfig& m, const LoraConfig& lora) {
   return l;
 }
 
-// Counter-based hashing (splitmix64's finalizer): the same value for (seed, stream, index) on every rank.
-uint64_t Mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-uint64_t Hash(uint64_t seed, uint64_t stream, uint64_t index) { return Mix(Mix(Mix(seed) ^ stream) ^ index); }
-// Uniform in [0, 1) with 24 bits: exact in float.
-float Uniform(uint64_t h) { return static_cast<float>(h >> 40) * (1.0f / 16777216.0f); }
+using kernels::Hash;  // counter-based: the same value for (seed, stream, index) on every rank
+using kernels::Uniform01;
 
 [[noreturn]] void Die(const std::string& what) {
   std::fprintf(stderr, "lora model: %s\n", what.c_str());
@@ -114,6 +110,13 @@ void MatMulNN(int M, int N, int K, float alpha, const float* x, const float* w, 
 // y[M,N] = alpha * d[K,M]^T x[K,N] + beta * y   (weight gradients: dW[out,in] += dy^T x)
 void MatMulTN(int M, int N, int K, float alpha, const float* d, const float* x, float beta, float* y) {
   cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, M, N, K, alpha, d, M, x, N, beta, y, N);
+}
+
+// f(i) for i in [0, count): the CPU instantiation of model_kernels.cuh's functors.
+template <typename F>
+void ForEach(int threads, int64_t count, const F& f) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < count; ++i) f(i);
 }
 
 // Everything one pass needs besides the parameters.
@@ -147,11 +150,8 @@ struct BlockActs {
   std::vector<float> lora_u[kNumProj];  // A dropout(x): [N,r] per adapter
 };
 
-// Keep-mask of element idx of the adapter input of (layer, proj): the same in forward and backward.
-bool Keep(const Pass& ps, int layer, int proj, int64_t idx) {
-  return Uniform(Hash(ps.dropout_seed, static_cast<uint64_t>(layer) * kNumProj + proj + 1,
-                      static_cast<uint64_t>(idx))) >= ps.lora.dropout;
-}
+// The hash stream of the dropout mask of the adapter input of (layer, proj): the same in forward and backward.
+uint64_t DropoutStream(int layer, int proj) { return static_cast<uint64_t>(layer) * kNumProj + proj + 1; }
 
 // The adapter's input: x, or dropout(x) in training with dropout > 0 (then written to *tmp).
 const float* AdapterInput(const Pass& ps, int layer, int proj, const float* x, int in, std::vector<float>* tmp) {
@@ -159,8 +159,9 @@ const float* AdapterInput(const Pass& ps, int layer, int proj, const float* x, i
   const int64_t total = static_cast<int64_t>(ps.n) * in;
   tmp->resize(total);
   const float keep_scale = 1.f / (1.f - ps.lora.dropout);
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
-  for (int64_t i = 0; i < total; ++i) (*tmp)[i] = Keep(ps, layer, proj, i) ? x[i] * keep_scale : 0.f;
+  ForEach(ps.omp_threads, total,
+          kernels::DropoutElement<float, float>{x, tmp->data(), ps.dropout_seed, DropoutStream(layer, proj),
+                                                ps.lora.dropout, keep_scale});
   return tmp->data();
 }
 
@@ -199,104 +200,53 @@ void LinearBackward(const Pass& ps, int layer, int proj, const float* x, const f
   MatMulNN(ps.n, lin.in, r, 1.f, du.data(), ps.access.Param(lin.a), 0.f, dxd.data());
   const float keep_scale = 1.f / (1.f - ps.lora.dropout);
   const int64_t total = static_cast<int64_t>(ps.n) * lin.in;
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
-  for (int64_t i = 0; i < total; ++i) {
-    if (Keep(ps, layer, proj, i)) dx[i] += dxd[i] * keep_scale;
-  }
+  ForEach(ps.omp_threads, total,
+          kernels::DropoutBackwardElement{dxd.data(), dx, ps.dropout_seed, DropoutStream(layer, proj),
+                                          ps.lora.dropout, keep_scale});
 }
 
 // y = x / rms(x) * w per row; inv[n] = 1 / rms(x_n).
 void RmsNormForward(const Pass& ps, const float* x, const float* w, float* y, float* inv) {
-  const int d = ps.m.dim;
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
-  for (int n = 0; n < ps.n; ++n) {
-    const float* xr = x + static_cast<int64_t>(n) * d;
-    float ss = 0.f;
-    for (int j = 0; j < d; ++j) ss += xr[j] * xr[j];
-    const float iv = 1.f / std::sqrt(ss / d + ps.m.norm_eps);
-    inv[n] = iv;
-    float* yr = y + static_cast<int64_t>(n) * d;
-    for (int j = 0; j < d; ++j) yr[j] = xr[j] * iv * w[j];
-  }
+  ForEach(ps.omp_threads, ps.n, kernels::RmsNormRow<float, float, float>{x, w, y, inv, ps.m.dim, ps.m.norm_eps});
 }
 
 // dx += d/dx, dw += d/dw (dw may be null: frozen) of y = x * inv * w given dy.
 void RmsNormBackward(const Pass& ps, const float* x, const float* w, const float* inv, const float* dy, float* dx,
                      float* dw) {
-  const int d = ps.m.dim;
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
-  for (int n = 0; n < ps.n; ++n) {
-    const float* xr = x + static_cast<int64_t>(n) * d;
-    const float* dyr = dy + static_cast<int64_t>(n) * d;
-    float* dxr = dx + static_cast<int64_t>(n) * d;
-    float dot = 0.f;  // sum_j dy_j w_j x_j
-    for (int j = 0; j < d; ++j) dot += dyr[j] * w[j] * xr[j];
-    const float iv = inv[n];
-    const float c = dot * iv * iv * iv / d;
-    for (int j = 0; j < d; ++j) dxr[j] += dyr[j] * w[j] * iv - xr[j] * c;
-  }
+  ForEach(ps.omp_threads, ps.n, kernels::RmsNormBackwardRow<float, float>{x, w, inv, dy, dx, ps.m.dim});
   if (dw == nullptr) return;
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
-  for (int j = 0; j < d; ++j) {
-    float acc = 0.f;
-    for (int n = 0; n < ps.n; ++n) {
-      const int64_t i = static_cast<int64_t>(n) * d + j;
-      acc += dy[i] * x[i] * inv[n];
-    }
-    dw[j] += acc;
-  }
+  ForEach(ps.omp_threads, ps.m.dim, kernels::RmsNormWeightGradCol<float>{x, inv, dy, dw, ps.n, ps.m.dim});
 }
 
 // Rotates each head of x [N, heads * hd] by its position (Hugging Face rotate-half: pairs (j, j + hd/2)).
 // inverse = true applies the transpose rotation (the backward of the forward rotation).
 void Rope(const Pass& ps, float* x, int heads, bool inverse) {
-  const int half = ps.hd / 2;
-  const float sign = inverse ? -1.f : 1.f;
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
-  for (int n = 0; n < ps.n; ++n) {
-    const int t = n % ps.seq;
-    const float* c = ps.cos.data() + static_cast<int64_t>(t) * half;
-    const float* s = ps.sin.data() + static_cast<int64_t>(t) * half;
-    for (int h = 0; h < heads; ++h) {
-      float* v = x + (static_cast<int64_t>(n) * heads + h) * ps.hd;
-      for (int j = 0; j < half; ++j) {
-        const float a = v[j], b = v[j + half];
-        v[j] = a * c[j] - sign * b * s[j];
-        v[j + half] = b * c[j] + sign * a * s[j];
-      }
-    }
-  }
+  ForEach(ps.omp_threads, ps.n,
+          kernels::RopeRow<float>{x, ps.cos.data(), ps.sin.data(), ps.seq, heads, ps.hd, inverse});
 }
 
-// Causal grouped-query attention: query head h reads kv head h / (heads / kv_heads).
+// Causal grouped-query attention: query head h reads kv head h / (heads / kv_heads). Per row of scores: the dot
+// products q_t . k_s here, the causal softmax in kernels::CausalSoftmaxRow, then the weighted sum of v.
 void AttentionForward(const Pass& ps, BlockActs& a) {
   const int H = ps.m.heads, T = ps.seq, hd = ps.hd, group = ps.m.heads / ps.m.kv_heads;
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   a.probs.assign(static_cast<size_t>(ps.batch) * H * T * T, 0.f);
   a.att.assign(static_cast<size_t>(ps.n) * ps.qd, 0.f);
+  const kernels::CausalSoftmaxRow softmax{a.probs.data(), T, 1.f / std::sqrt(static_cast<float>(hd))};
 #pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
   for (int bh = 0; bh < ps.batch * H; ++bh) {
     const int b = bh / H, h = bh % H, g = h / group;
     for (int t = 0; t < T; ++t) {
       const float* q = a.q.data() + (static_cast<int64_t>(b * T + t) * H + h) * hd;
       float* p = a.probs.data() + (static_cast<int64_t>(bh) * T + t) * T;
-      float mx = -INFINITY;
       for (int s = 0; s <= t; ++s) {
         const float* k = a.k.data() + (static_cast<int64_t>(b * T + s) * ps.m.kv_heads + g) * hd;
         float dot = 0.f;
         for (int j = 0; j < hd; ++j) dot += q[j] * k[j];
-        p[s] = dot * scale;
-        mx = std::max(mx, p[s]);
+        p[s] = dot;
       }
-      float sum = 0.f;
-      for (int s = 0; s <= t; ++s) {
-        p[s] = std::exp(p[s] - mx);
-        sum += p[s];
-      }
-      const float inv = 1.f / sum;
+      softmax(static_cast<int64_t>(bh) * T + t);
       float* o = a.att.data() + (static_cast<int64_t>(b * T + t) * H + h) * hd;
       for (int s = 0; s <= t; ++s) {
-        p[s] *= inv;
         const float* v = a.v.data() + (static_cast<int64_t>(b * T + s) * ps.m.kv_heads + g) * hd;
         for (int j = 0; j < hd; ++j) o[j] += p[s] * v[j];
       }
@@ -304,40 +254,51 @@ void AttentionForward(const Pass& ps, BlockActs& a) {
   }
 }
 
-// From datt [N,QD]: dq [N,QD], dk and dv [N,KVD] (gradients w.r.t. the rotated q and k). Parallel over
-// (batch, kv head) so that the heads sharing a kv head accumulate into it from one thread.
+// From datt [N,QD]: dq [N,QD], dk and dv [N,KVD] (gradients w.r.t. the rotated q and k). First, per row of
+// scores, dp[s] = datt_t . v_s and kernels::CausalSoftmaxBackwardRow turns it into ds; then, parallel over
+// (batch, kv head) so that the heads sharing a kv head accumulate into it from one thread, the products with
+// q, k and datt.
 void AttentionBackward(const Pass& ps, const BlockActs& a, const float* datt, float* dq, float* dk, float* dv) {
   const int H = ps.m.heads, KV = ps.m.kv_heads, T = ps.seq, hd = ps.hd, group = H / KV;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  std::vector<float> ds(a.probs.size());  // [B,H,T,T]
+  const kernels::CausalSoftmaxBackwardRow softmax_backward{a.probs.data(), ds.data(), T, scale};
+  const int64_t rows = static_cast<int64_t>(ps.batch) * H * T;
+#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int t = static_cast<int>(r % T), h = static_cast<int>(r / T % H), b = static_cast<int>(r / T / H);
+    const int g = h / group;
+    const float* dout = datt + (static_cast<int64_t>(b * T + t) * H + h) * hd;
+    float* dp = ds.data() + r * T;
+    for (int s = 0; s <= t; ++s) {
+      const float* v = a.v.data() + (static_cast<int64_t>(b * T + s) * KV + g) * hd;
+      float dot = 0.f;
+      for (int j = 0; j < hd; ++j) dot += dout[j] * v[j];
+      dp[s] = dot;
+    }
+    softmax_backward(r);
+  }
   std::fill(dk, dk + static_cast<int64_t>(ps.n) * ps.kvd, 0.f);
   std::fill(dv, dv + static_cast<int64_t>(ps.n) * ps.kvd, 0.f);
 #pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
   for (int bg = 0; bg < ps.batch * KV; ++bg) {
     const int b = bg / KV, g = bg % KV;
-    std::vector<float> dp(T);
     for (int h = g * group; h < (g + 1) * group; ++h) {
       for (int t = 0; t < T; ++t) {
         const int64_t qrow = (static_cast<int64_t>(b * T + t) * H + h) * hd;
         const float* q = a.q.data() + qrow;
         const float* dout = datt + qrow;
         float* dqr = dq + qrow;
-        const float* p = a.probs.data() + ((static_cast<int64_t>(b) * H + h) * T + t) * T;
-        float pdp = 0.f;
-        for (int s = 0; s <= t; ++s) {
-          const float* v = a.v.data() + (static_cast<int64_t>(b * T + s) * KV + g) * hd;
-          float dot = 0.f;
-          for (int j = 0; j < hd; ++j) dot += dout[j] * v[j];
-          dp[s] = dot;
-          pdp += p[s] * dot;
-        }
+        const int64_t prow = ((static_cast<int64_t>(b) * H + h) * T + t) * T;
+        const float* p = a.probs.data() + prow;
+        const float* dsr = ds.data() + prow;
         for (int j = 0; j < hd; ++j) dqr[j] = 0.f;
         for (int s = 0; s <= t; ++s) {
           const int64_t krow = (static_cast<int64_t>(b * T + s) * KV + g) * hd;
-          const float ds = p[s] * (dp[s] - pdp) * scale;
           const float* k = a.k.data() + krow;
           for (int j = 0; j < hd; ++j) {
-            dqr[j] += ds * k[j];
-            dk[krow + j] += ds * q[j];
+            dqr[j] += dsr[s] * k[j];
+            dk[krow + j] += dsr[s] * q[j];
             dv[krow + j] += p[s] * dout[j];
           }
         }
@@ -345,8 +306,6 @@ void AttentionBackward(const Pass& ps, const BlockActs& a, const float* datt, fl
     }
   }
 }
-
-float Silu(float g) { return g / (1.f + std::exp(-g)); }
 
 void BlockForward(const Pass& ps, int layer, float* x, BlockActs& a) {
   const Block& blk = ps.layout.blocks[layer];
@@ -366,7 +325,7 @@ void BlockForward(const Pass& ps, int layer, float* x, BlockActs& a) {
   AttentionForward(ps, a);
   std::vector<float> tmp(nd);
   LinearForward(ps, layer, kO, a.att.data(), tmp.data(), &a.lora_u[kO]);
-  for (int64_t i = 0; i < nd; ++i) x[i] += tmp[i];
+  ForEach(ps.omp_threads, nd, kernels::AddElement<float>{x, tmp.data()});
   a.x_mid.assign(x, x + nd);
   a.inv2.resize(ps.n);
   a.xn2.resize(nd);
@@ -376,10 +335,9 @@ void BlockForward(const Pass& ps, int layer, float* x, BlockActs& a) {
   a.h.resize(nf);
   LinearForward(ps, layer, kGate, a.xn2.data(), a.g.data(), &a.lora_u[kGate]);
   LinearForward(ps, layer, kUp, a.xn2.data(), a.u.data(), &a.lora_u[kUp]);
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
-  for (int64_t i = 0; i < nf; ++i) a.h[i] = Silu(a.g[i]) * a.u[i];
+  ForEach(ps.omp_threads, nf, kernels::SwiGluElement<float, float>{a.g.data(), a.u.data(), a.h.data()});
   LinearForward(ps, layer, kDown, a.h.data(), tmp.data(), &a.lora_u[kDown]);
-  for (int64_t i = 0; i < nd; ++i) x[i] += tmp[i];
+  ForEach(ps.omp_threads, nd, kernels::AddElement<float>{x, tmp.data()});
 }
 
 // dx: gradient w.r.t. the block's output on entry, w.r.t. its input on return.
@@ -389,12 +347,8 @@ void BlockBackward(const Pass& ps, int layer, const BlockActs& a, float* dx) {
   // MLP branch: x_out = x_mid + down(silu(gate(xn2)) * up(xn2)).
   std::vector<float> dh(nf, 0.f), dg(nf), du(nf);
   LinearBackward(ps, layer, kDown, a.h.data(), dx, a.lora_u[kDown], dh.data());
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
-  for (int64_t i = 0; i < nf; ++i) {
-    const float g = a.g[i], sig = 1.f / (1.f + std::exp(-g));
-    du[i] = dh[i] * g * sig;
-    dg[i] = dh[i] * a.u[i] * sig * (1.f + g * (1.f - sig));
-  }
+  ForEach(ps.omp_threads, nf,
+          kernels::SwiGluBackwardElement<float>{a.g.data(), a.u.data(), dh.data(), dg.data(), du.data()});
   std::vector<float> dxn(nd, 0.f);
   LinearBackward(ps, layer, kGate, a.xn2.data(), dg.data(), a.lora_u[kGate], dxn.data());
   LinearBackward(ps, layer, kUp, a.xn2.data(), du.data(), a.lora_u[kUp], dxn.data());
@@ -458,10 +412,7 @@ void Trunk(const Pass& ps, const Batch& batch, bool keep, std::vector<BlockActs>
   ps.access.Acquire(0, false);
   {
     const float* emb = ps.access.Param(ps.layout.embed);
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
-    for (int n = 0; n < ps.n; ++n) {
-      std::copy_n(emb + static_cast<int64_t>(batch.tokens[n]) * D, D, x.data() + static_cast<int64_t>(n) * D);
-    }
+    ForEach(ps.omp_threads, ps.n, kernels::EmbedGatherRow<float, float>{emb, batch.tokens, x.data(), D});
   }
   ps.access.Release(0, false);
   acts->resize(keep ? ps.m.layers : 1);
@@ -553,7 +504,7 @@ float InitValue(const ModelConfig& m, const LoraConfig& lora, int param, int64_t
     case InitRule::kZero:
       return 0.f;
     case InitRule::kUniform:
-      return (2.f * Uniform(Hash(seed, rule.stream, static_cast<uint64_t>(i) * 2)) - 1.f) * rule.scale;
+      return (2.f * Uniform01(Hash(seed, rule.stream, static_cast<uint64_t>(i) * 2)) - 1.f) * rule.scale;
     case InitRule::kNormal:
       break;
   }
@@ -584,42 +535,21 @@ float Forward(const ModelConfig& m, const LoraConfig& lora, ParamAccess& access,
   MatMulNT(ps.n, V, D, 1.f, xnf.data(), access.Param(layout.embed), 0.f, probs.data());
   access.Release(0, false);
   int count = 0;
-  double loss_sum = 0.0;
   for (int n = 0; n < ps.n; ++n) {
     const int32_t t = batch.targets[n];
     if (t < -1 || t >= V) Die("target out of range at position " + std::to_string(n));
     count += t >= 0;
   }
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static) reduction(+ : loss_sum)
-  for (int n = 0; n < ps.n; ++n) {
-    float* row = probs.data() + static_cast<int64_t>(n) * V;
-    const float mx = *std::max_element(row, row + V);
-    float sum = 0.f;
-    for (int v = 0; v < V; ++v) {
-      row[v] = std::exp(row[v] - mx);
-      sum += row[v];
-    }
-    const float inv = 1.f / sum;
-    for (int v = 0; v < V; ++v) row[v] *= inv;
-    const int32_t t = batch.targets[n];
-    if (t >= 0) loss_sum += -std::log(static_cast<double>(std::max(row[t], 1e-30f)));
-  }
+  std::vector<double> row_loss(ps.n);
+  ForEach(ps.omp_threads, ps.n, kernels::SoftmaxXentRow{probs.data(), batch.targets, row_loss.data(), V});
+  double loss_sum = 0.0;
+  for (const double l : row_loss) loss_sum += l;
   const float loss = count > 0 ? static_cast<float>(loss_sum / count) : 0.f;
   if (!backward) return loss;
 
   // dlogits = (softmax - onehot) * loss_scale / count on counted rows, 0 elsewhere (probs reused in place).
   const float coef = count > 0 ? loss_scale / static_cast<float>(count) : 0.f;
-#pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
-  for (int n = 0; n < ps.n; ++n) {
-    float* row = probs.data() + static_cast<int64_t>(n) * V;
-    const int32_t t = batch.targets[n];
-    if (t < 0) {
-      std::fill(row, row + V, 0.f);
-      continue;
-    }
-    for (int v = 0; v < V; ++v) row[v] *= coef;
-    row[t] -= coef;
-  }
+  ForEach(ps.omp_threads, ps.n, kernels::XentGradRow{probs.data(), batch.targets, V, coef});
   const int64_t nd = static_cast<int64_t>(ps.n) * D;
   std::vector<float> dxnf(nd, 0.f);
   access.Acquire(0, true);
@@ -646,12 +576,8 @@ float Forward(const ModelConfig& m, const LoraConfig& lora, ParamAccess& access,
 
   access.Acquire(0, true);
   if (float* de = ps.GradOrNull(layout.embed)) {
-    // Serial: rows of repeated tokens accumulate into the same embedding row.
-    for (int n = 0; n < ps.n; ++n) {
-      float* row = de + static_cast<int64_t>(batch.tokens[n]) * D;
-      const float* g = dx.data() + static_cast<int64_t>(n) * D;
-      for (int j = 0; j < D; ++j) row[j] += g[j];
-    }
+    // Parallel over columns: rows of repeated tokens accumulate into the same embedding row in position order.
+    ForEach(ps.omp_threads, D, kernels::EmbedScatterCol{dx.data(), batch.tokens, de, ps.n, D});
   }
   access.GradsReady(0);
   access.Release(0, true);
