@@ -1,0 +1,424 @@
+// zero::TorchModule (include/zero/torch.h): a libtorch module's parameters and gradients as views of an Engine's
+// buffers, with the backward side of the engine's protocol driven from autograd hooks. The only translation unit
+// of libzero_torch: torch headers are slow to compile, so everything torch-facing stays here.
+#include "zero/torch.h"
+
+#include <torch/csrc/autograd/engine.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/nn/module.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace zero {
+namespace {
+
+// Modules currently wrapped in this process. Wrapping one twice would give two engines the same tensors: the
+// second engine would silently train copies. A process-wide registry is the only place that can see both wraps.
+std::mutex& WrappedMutex() {
+  static std::mutex m;
+  return m;
+}
+std::set<const torch::nn::Module*>& Wrapped() {
+  static std::set<const torch::nn::Module*> s;
+  return s;
+}
+
+at::Tensor ViewOf(const TensorView& v, const std::vector<int64_t>& shape) {
+  return torch::from_blob(v.data, shape, torch::TensorOptions().dtype(torch::kFloat32).device(torch::kCPU));
+}
+
+}  // namespace
+
+class TorchModule::Impl {
+ public:
+  struct Param {
+    std::string name;
+    at::Tensor tensor;  // the module's parameter (same TensorImpl the module holds)
+    std::vector<int64_t> shape;
+    int unit = 0;
+    bool trainable = true;
+    std::shared_ptr<torch::autograd::Node> accumulator;  // kept alive: autograd holds it only weakly
+    unsigned tensor_hook = 0;                             // Tensor::remove_hook key
+    uintptr_t post_hook = 0;                              // Node::del_post_hook key
+    void* grad_data = nullptr;                            // zero's gradient view this micro-step
+  };
+  struct Unit {
+    std::vector<int> params;  // spec indices
+    int trainable = 0;        // trainable parameters in the unit
+    int accumulated = 0;      // this micro-step
+    bool acquired = false;    // Acquire(u, kBackward) done this micro-step
+    bool ready = false;       // GradsReady(u) done this micro-step
+    bool in_graph = false;    // some trainable parameter is in a live autograd graph at the start of backward
+  };
+
+  std::shared_ptr<torch::nn::Module> module;
+  std::unique_ptr<Engine> engine;
+  std::vector<Param> params;
+  std::vector<Unit> units;
+  bool in_micro_step = false;    // BeginMicroStep called, its backward not finished
+  bool backward_started = false;  // a hook of this micro-step ran
+  int64_t fallback_copies = 0;
+  Status error;  // first error of a hook; sticky
+
+  ~Impl() { Unwrap(); }
+
+  // Gives every parameter a private copy of its current value and forgets the module.
+  void Unwrap() {
+    if (!module) return;
+    torch::NoGradGuard no_grad;
+    for (Param& p : params) {
+      // The hooks point at this object: remove them, so that a backward after unwrapping is plain torch.
+      if (p.accumulator) {
+        p.tensor.remove_hook(p.tensor_hook);
+        p.accumulator->del_post_hook(p.post_hook);
+        p.accumulator.reset();
+      }
+      p.tensor.mutable_grad() = at::Tensor();
+      p.tensor.set_data(p.tensor.detach().clone());
+    }
+    std::lock_guard<std::mutex> lock(WrappedMutex());
+    Wrapped().erase(module.get());
+    module.reset();
+  }
+
+  // Records the first error and throws it into autograd (so loss.backward() stops with the reason).
+  [[noreturn]] void Fail(Status s) {
+    if (error.ok()) error = s;
+    throw std::runtime_error("zero::TorchModule: " + s.ToString());
+  }
+  void Check(Status s) {
+    if (!s.ok()) Fail(std::move(s));
+  }
+
+  // Tensor hook, before AccumulateGrad adds: make the unit's gradient buffers the parameters' .grad.
+  void BeforeAccumulate(int i) {
+    if (!error.ok()) Fail(error);
+    const Param& p = params[static_cast<size_t>(i)];
+    if (!in_micro_step) {
+      Fail(Status::FailedPrecondition(
+          "backward reached parameter '" + p.name +
+          "' outside a micro-step: call BeginMicroStep(micro, is_last) before each forward whose loss you "
+          "backward, and backward once per micro-step"));
+    }
+    if (!backward_started) {
+      backward_started = true;
+      // Runs when this backward's graph task finishes, on this thread.
+      torch::autograd::Engine::get_default_engine().queue_callback([this] { EndOfBackward(); });
+      MarkUnitsInGraph();
+    }
+    // Units after this one that no graph reaches will get no gradient: complete them now, in plan order, rather
+    // than at the end of backward. Otherwise their place in the reduction order (descending units) would hold
+    // back every lower unit's reduction, and in stages 2-3 its gradient pool buffer, until backward ends.
+    for (int v = static_cast<int>(units.size()) - 1; v > p.unit; --v) {
+      const Unit& later = units[static_cast<size_t>(v)];
+      if (!later.in_graph && !later.ready) Complete(v);
+    }
+    Unit& u = units[static_cast<size_t>(p.unit)];
+    if (u.ready) {
+      Fail(Status::FailedPrecondition("parameter '" + p.name + "' got a second gradient in one micro-step (unit " +
+                                      std::to_string(p.unit) +
+                                      " already reduced): backward once per micro-step, without retain_graph reuse"));
+    }
+    if (!u.acquired) AcquireForBackward(p.unit);
+  }
+
+  // A parameter is in a live autograd graph iff some node holds an edge to its AccumulateGrad node, i.e. the
+  // node has an owner besides `accumulator` (autograd's own reference from the parameter is weak). Over-
+  // approximates (another live graph also counts), which only defers that unit's completion to the end of backward.
+  void MarkUnitsInGraph() {
+    for (Unit& u : units) u.in_graph = false;
+    for (const Param& p : params) {
+      if (p.trainable && p.accumulator.use_count() > 1) units[static_cast<size_t>(p.unit)].in_graph = true;
+    }
+  }
+
+  void AcquireForBackward(int unit) {
+    Unit& u = units[static_cast<size_t>(unit)];
+    Check(engine->Acquire(unit, Pass::kBackward));
+    u.acquired = true;
+    for (int j : u.params) {
+      Param& q = params[static_cast<size_t>(j)];
+      if (!q.trainable) continue;
+      const TensorView g = engine->Grad(j);
+      if (g.data == nullptr) Fail(Status::Internal("no gradient view for '" + q.name + "' after Acquire"));
+      q.grad_data = g.data;
+      // Defined and laid out like the parameter: AccumulateGrad adds in place (variable_grad += new_grad).
+      q.tensor.mutable_grad() = ViewOf(g, q.shape);
+    }
+  }
+
+  // Post-hook of the parameter's AccumulateGrad node: the gradient is in .grad now.
+  void AfterAccumulate(int i) {
+    Param& p = params[static_cast<size_t>(i)];
+    at::Tensor& grad = p.tensor.mutable_grad();
+    if (!grad.defined() || grad.data_ptr() != p.grad_data) {
+      // torch replaced .grad (create_graph=true, or a hook that set it): grad = zero's buffer + new gradient, so
+      // copying it into the buffer is the same as having added.
+      if (grad.defined()) {
+        torch::NoGradGuard no_grad;
+        at::Tensor view = torch::from_blob(p.grad_data, p.shape, torch::kFloat32);
+        view.copy_(grad.detach());
+        ++fallback_copies;
+      }
+    }
+    Unit& u = units[static_cast<size_t>(p.unit)];
+    if (++u.accumulated == u.trainable) Complete(p.unit);
+  }
+
+  // GradsReady + Release for the unit; its .grad views are no longer zero's to lend.
+  void Complete(int unit) {
+    Unit& u = units[static_cast<size_t>(unit)];
+    if (!u.acquired) AcquireForBackward(unit);
+    for (int j : u.params) {
+      Param& q = params[static_cast<size_t>(j)];
+      q.tensor.mutable_grad() = at::Tensor();
+      q.grad_data = nullptr;
+    }
+    Check(engine->GradsReady(unit));
+    u.ready = true;
+    Check(engine->Release(unit, Pass::kBackward));
+  }
+
+  // End of loss.backward(): units that got no gradient (unused, frozen) are completed in plan order, i.e.
+  // the reduction order (descending units).
+  void EndOfBackward() {
+    if (!error.ok()) return;
+    try {
+      for (int unit = static_cast<int>(units.size()) - 1; unit >= 0; --unit) {
+        if (!units[static_cast<size_t>(unit)].ready) Complete(unit);
+      }
+    } catch (const std::exception&) {
+      // error holds the status; the hook that throws next, or Step, reports it.
+    }
+    in_micro_step = false;
+  }
+
+  // The module's parameters must still be the ones wrapped: one registered (or replaced) after Wrap would be
+  // trained by no one. Cheap: one pointer comparison per parameter.
+  Status CheckRegistration() const {
+    const auto named = module->named_parameters(/*recurse=*/true);
+    for (const auto& item : named) {
+      auto it = std::find_if(params.begin(), params.end(), [&](const Param& p) { return p.name == item.key(); });
+      if (it == params.end()) {
+        return Status::FailedPrecondition("parameter '" + item.key() +
+                                          "' was registered after TorchModule::Wrap, so zero does not train it; "
+                                          "register every parameter before wrapping");
+      }
+      if (it->tensor.unsafeGetTensorImpl() != item.value().unsafeGetTensorImpl()) {
+        return Status::FailedPrecondition("parameter '" + item.key() +
+                                          "' was replaced after TorchModule::Wrap; zero trains the wrapped tensor. "
+                                          "Replace parameters before wrapping");
+      }
+    }
+    if (named.size() != params.size()) {
+      return Status::FailedPrecondition("the module has " + std::to_string(named.size()) +
+                                        " parameters but " + std::to_string(params.size()) +
+                                        " were wrapped: do not remove parameters from a wrapped module");
+    }
+    return Status::Ok();
+  }
+
+  // A micro-step whose loss never reached a parameter (no hook ran) still owes the engine its backward calls.
+  Status FinishMicroStep() {
+    if (!in_micro_step) return Status::Ok();
+    try {
+      EndOfBackward();
+    } catch (const std::exception&) {
+    }
+    return error;
+  }
+};
+
+TorchModule::TorchModule(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+TorchModule::~TorchModule() = default;
+
+Status TorchModule::Wrap(std::shared_ptr<torch::nn::Module> module, const Options& options, Comm* comm,
+                         const TorchOptions& torch_options, std::unique_ptr<TorchModule>* out) {
+  if (out == nullptr) return Status::InvalidArgument("TorchModule::Wrap: out is null");
+  if (!module) return Status::InvalidArgument("TorchModule::Wrap: module is null");
+  if (options.stage == Stage::kParameters || options.stage == Stage::kAuto) {
+    return Status::InvalidArgument(
+        "TorchModule::Wrap: stages 0-2 only (Stage::kDataParallel, kOptimizerStates, kGradients); stage 3 needs "
+        "per-unit forward hooks this wrapper does not have yet");
+  }
+  if (options.param_dtype != DType::kF32 || options.grad_dtype != DType::kF32) {
+    return Status::InvalidArgument("TorchModule::Wrap: param_dtype and grad_dtype must be kF32 (the wrapper "
+                                   "re-points fp32 torch parameters at zero's buffers)");
+  }
+  if (options.backend != Backend::kCpu) {
+    return Status::InvalidArgument("TorchModule::Wrap: the CPU backend only (libtorch-dev 1.13 is CPU-only)");
+  }
+  {
+    std::lock_guard<std::mutex> lock(WrappedMutex());
+    if (Wrapped().count(module.get()) != 0) {
+      return Status::FailedPrecondition("TorchModule::Wrap: this module is already wrapped by a live TorchModule; "
+                                        "destroy that one first (its parameters are views of its engine)");
+    }
+  }
+
+  auto impl = std::make_unique<Impl>();
+  std::vector<ParamSpec> specs;
+  std::vector<std::string> unit_keys;  // default mapping: first name component, in order of appearance
+  for (const auto& item : module->named_parameters(/*recurse=*/true)) {
+    const std::string& name = item.key();
+    const at::Tensor& t = item.value();
+    if (t.scalar_type() != torch::kFloat32 || !t.device().is_cpu()) {
+      return Status::InvalidArgument("TorchModule::Wrap: parameter '" + name + "' is " +
+                                     std::string(c10::toString(t.scalar_type())) + " on " + t.device().str() +
+                                     "; only fp32 CPU parameters are supported");
+    }
+    if (!t.is_contiguous()) {
+      return Status::InvalidArgument("TorchModule::Wrap: parameter '" + name + "' is not contiguous");
+    }
+    int unit = 0;
+    if (torch_options.unit_of) {
+      unit = torch_options.unit_of(name);
+    } else {
+      const std::string key = name.substr(0, name.find('.'));
+      auto it = std::find(unit_keys.begin(), unit_keys.end(), key);
+      unit = static_cast<int>(it - unit_keys.begin());
+      if (it == unit_keys.end()) unit_keys.push_back(key);
+    }
+    ParamSpec spec;
+    spec.name = name;
+    spec.shape = t.sizes().vec();
+    spec.unit = unit;
+    spec.trainable = t.requires_grad();
+    if (torch_options.wd_mult_of) spec.wd_mult = torch_options.wd_mult_of(name);
+    specs.push_back(spec);
+    Impl::Param p;
+    p.name = name;
+    p.tensor = t;
+    p.shape = spec.shape;
+    p.unit = unit;
+    p.trainable = spec.trainable;
+    impl->params.push_back(std::move(p));
+  }
+  if (specs.empty()) return Status::InvalidArgument("TorchModule::Wrap: the module has no parameters");
+  int num_units = 0;
+  for (const ParamSpec& s : specs) num_units = std::max(num_units, s.unit + 1);
+  for (const ParamSpec& s : specs) {
+    if (s.unit < 0) {
+      return Status::InvalidArgument("TorchModule::Wrap: unit_of('" + s.name + "') = " + std::to_string(s.unit) +
+                                     "; units are 0..U-1");
+    }
+  }
+  impl->units.resize(static_cast<size_t>(num_units));
+  for (size_t i = 0; i < specs.size(); ++i) {
+    Impl::Unit& u = impl->units[static_cast<size_t>(specs[i].unit)];
+    u.params.push_back(static_cast<int>(i));
+    if (specs[i].trainable) ++u.trainable;
+  }
+  for (int u = 0; u < num_units; ++u) {
+    if (impl->units[static_cast<size_t>(u)].params.empty()) {
+      return Status::InvalidArgument("TorchModule::Wrap: unit " + std::to_string(u) +
+                                     " has no parameters; unit_of must use every unit in 0..U-1");
+    }
+  }
+
+  ZERO_RETURN_IF_ERROR(Engine::Open(options, comm, specs, &impl->engine));
+  Impl* raw = impl.get();
+  ZERO_RETURN_IF_ERROR(impl->engine->InitParams([raw](int param, int64_t off, int64_t count, float* dst) {
+    const at::Tensor src = raw->params[static_cast<size_t>(param)].tensor.detach().contiguous();
+    std::memcpy(dst, src.data_ptr<float>() + off, static_cast<size_t>(count) * sizeof(float));
+  }));
+
+  impl->module = module;  // from here on, ~Impl gives the parameters their own memory back
+  // Re-point the parameters at zero's buffers (set_data keeps the Parameter object, its requires_grad and the
+  // module's references; the same dtype and device keep its autograd metadata). Then hook the accumulators.
+  {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < impl->params.size(); ++i) {
+      Impl::Param& p = impl->params[i];
+      const TensorView v = impl->engine->Param(static_cast<int>(i));
+      if (v.data == nullptr) return Status::Internal("TorchModule::Wrap: no parameter view for '" + p.name + "'");
+      p.tensor.mutable_grad() = at::Tensor();
+      p.tensor.set_data(ViewOf(v, p.shape));
+    }
+  }
+  for (size_t i = 0; i < impl->params.size(); ++i) {
+    Impl::Param& p = impl->params[i];
+    if (!p.trainable) continue;
+    const int index = static_cast<int>(i);
+    p.tensor_hook = p.tensor.register_hook([raw, index](const at::Tensor&) { raw->BeforeAccumulate(index); });
+    struct PostHook : torch::autograd::FunctionPostHook {
+      Impl* impl;
+      int index;
+      PostHook(Impl* i, int p) : impl(i), index(p) {}
+      torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                                const torch::autograd::variable_list&) override {
+        impl->AfterAccumulate(index);
+        return outputs;
+      }
+    };
+    p.accumulator = torch::autograd::impl::grad_accumulator(p.tensor);
+    p.post_hook = p.accumulator->add_post_hook(std::make_unique<PostHook>(raw, index));
+  }
+  {
+    std::lock_guard<std::mutex> lock(WrappedMutex());
+    if (!Wrapped().insert(module.get()).second) {
+      return Status::FailedPrecondition("TorchModule::Wrap: the module was wrapped concurrently by another call");
+    }
+  }
+  out->reset(new TorchModule(std::move(impl)));
+  return Status::Ok();
+}
+
+Status TorchModule::BeginMicroStep(int micro, bool is_last) {
+  Impl& im = *impl_;
+  ZERO_RETURN_IF_ERROR(im.error);
+  ZERO_RETURN_IF_ERROR(im.FinishMicroStep());
+  ZERO_RETURN_IF_ERROR(im.CheckRegistration());
+  ZERO_RETURN_IF_ERROR(im.engine->BeginMicroStep(micro, is_last));
+  // Stages 0-2 keep full parameters: the forward side of the protocol only checks, unit by unit.
+  for (int u = 0; u < static_cast<int>(im.units.size()); ++u) {
+    ZERO_RETURN_IF_ERROR(im.engine->Acquire(u, Pass::kForward));
+    ZERO_RETURN_IF_ERROR(im.engine->Release(u, Pass::kForward));
+  }
+  for (Impl::Unit& u : im.units) {
+    u.accumulated = 0;
+    u.acquired = false;
+    u.ready = false;
+  }
+  im.in_micro_step = true;
+  im.backward_started = false;
+  return Status::Ok();
+}
+
+Status TorchModule::Step(const StepArgs& args, StepResult* result) {
+  Impl& im = *impl_;
+  ZERO_RETURN_IF_ERROR(im.error);
+  ZERO_RETURN_IF_ERROR(im.FinishMicroStep());
+  ZERO_RETURN_IF_ERROR(im.CheckRegistration());
+  ZERO_RETURN_IF_ERROR(im.engine->Step(args, result));
+  // Step queues the post-step all-gather; torch reads the buffers directly, so wait for it here (Param waits).
+  if (im.engine->Param(0).data == nullptr) return im.engine->healthy();
+  return Status::Ok();
+}
+
+Engine& TorchModule::engine() { return *impl_->engine; }
+
+int TorchModule::ParamIndex(const std::string& name) const {
+  for (size_t i = 0; i < impl_->params.size(); ++i) {
+    if (impl_->params[i].name == name) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+int64_t TorchModule::fallback_copies() const { return impl_->fallback_copies; }
+
+Status TorchModule::healthy() const {
+  if (!impl_->error.ok()) return impl_->error;
+  return impl_->engine->healthy();
+}
+
+}  // namespace zero

@@ -1,0 +1,394 @@
+// zero::TorchModule against plain libtorch: the same torch::nn model trained 20 steps with torch::optim::AdamW in
+// one process (every rank computes that reference itself, on the whole batch) and through zero at stages 0-2 on
+// this run's ranks (1-4, each on its slice of the batch), micro-steps 1 and 2. Also: gradients land in zero's
+// buffers (not in tensors torch allocated), frozen parameters cost no gradient or optimizer memory, and bad use
+// gets a clear status.
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "zero/comm.h"
+#include "zero/engine.h"
+#include "zero/torch.h"
+
+namespace zero {
+namespace {
+
+// A small MLP with what the wrapper must handle: a root-level parameter (a unit of its own), odd sizes, a frozen
+// layer (a unit without trainable parameters) and a branch used only on even steps (a unit whose parameters get
+// no gradient in some steps).
+struct NetImpl : torch::nn::Module {
+  NetImpl() {
+    scale = register_parameter("scale", torch::full({1}, 0.9f));
+    embed = register_module("embed", torch::nn::Linear(7, 13));
+    frozen = register_module("frozen", torch::nn::Linear(13, 13));
+    hidden = register_module("hidden", torch::nn::Linear(13, 11));
+    side = register_module("side", torch::nn::Linear(11, 11));
+    head = register_module("head", torch::nn::Linear(11, 3));
+    for (auto& p : frozen->parameters()) p.set_requires_grad(false);
+  }
+  torch::Tensor forward(const torch::Tensor& x, bool use_side) {
+    torch::Tensor h = torch::tanh(embed(x * scale));
+    h = torch::tanh(frozen(h)) + h;
+    h = torch::tanh(hidden(h));
+    if (use_side) h = h + torch::tanh(side(h));
+    return head(h);
+  }
+  torch::Tensor scale;
+  torch::nn::Linear embed{nullptr}, frozen{nullptr}, hidden{nullptr}, side{nullptr}, head{nullptr};
+};
+TORCH_MODULE(Net);
+
+constexpr int kSteps = 20;
+constexpr int64_t kBatch = 24;  // divisible by world sizes 1-4 times micro-steps 1-2
+constexpr double kLr = 1e-2;
+constexpr double kWeightDecay = 1e-2;
+
+struct Batch {
+  torch::Tensor x, y;
+};
+// Deterministic global batch of step `step`, the same on every rank.
+Batch GlobalBatch(int step) {
+  torch::manual_seed(1000 + step);
+  Batch b;
+  b.x = torch::randn({kBatch, 7});
+  b.y = torch::randn({kBatch, 3});
+  return b;
+}
+bool UseSide(int step) { return step % 2 == 0; }  // used at step 0, so torch's AdamW has state for it from then on
+
+Net MakeNet() {
+  torch::manual_seed(7);
+  return Net();
+}
+
+Options ZeroOptions(Stage stage) {
+  Options o;
+  o.stage = stage;
+  o.adamw.lr = static_cast<float>(kLr);
+  o.adamw.weight_decay = static_cast<float>(kWeightDecay);
+  o.bucket_elements = 100;  // several buckets per unit, so reductions are split and ordered
+  return o;
+}
+
+std::unique_ptr<Comm> OpenComm() {
+  std::unique_ptr<Comm> comm;
+  Status s = Comm::OpenMpi(CommOptions(), &comm);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return comm;
+}
+
+struct Trace {
+  std::vector<double> grad_norm;  // per step, of the averaged gradient
+};
+
+// Plain libtorch: one process, whole batch, torch::optim::AdamW with the same hyper-parameters.
+Trace TrainReference(Net net) {
+  std::vector<torch::Tensor> trainable;
+  for (auto& p : net->parameters()) {
+    if (p.requires_grad()) trainable.push_back(p);
+  }
+  torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(kLr).betas({0.9, 0.999}).eps(1e-8).weight_decay(
+                                         kWeightDecay));
+  Trace trace;
+  for (int step = 0; step < kSteps; ++step) {
+    Batch b = GlobalBatch(step);
+    opt.zero_grad();  // 1.13: zeroes defined gradients in place (a gradient once defined stays defined)
+    torch::Tensor loss = torch::mse_loss(net->forward(b.x, UseSide(step)), b.y);
+    loss.backward();
+    double sq = 0.0;
+    for (auto& p : trainable) {
+      if (p.grad().defined()) sq += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+    }
+    trace.grad_norm.push_back(std::sqrt(sq));
+    opt.step();
+  }
+  return trace;
+}
+
+// max |p - p_ref| / max(1, |p_ref|) over every element of every parameter.
+double MaxError(Net a, Net b) {
+  auto pa = a->named_parameters();
+  auto pb = b->named_parameters();
+  double err = 0.0;
+  for (const auto& item : pa) {
+    torch::Tensor x = item.value().detach().to(torch::kFloat64);
+    torch::Tensor r = pb[item.key()].detach().to(torch::kFloat64);
+    err = std::max(err, ((x - r).abs() / r.abs().clamp_min(1.0)).max().item<double>());
+  }
+  return err;
+}
+
+double MaxChange(Net a, Net b) {
+  double change = 0.0;
+  auto pb = b->named_parameters();
+  for (const auto& item : a->named_parameters()) {
+    change = std::max(change, (item.value() - pb[item.key()]).abs().max().item<double>());
+  }
+  return change;
+}
+
+class TorchEquivalenceTest : public ::testing::TestWithParam<std::tuple<Stage, int>> {};
+
+TEST_P(TorchEquivalenceTest, TwentyStepsMatchTorchAdamW) {
+  const Stage stage = std::get<0>(GetParam());
+  const int micro_steps = std::get<1>(GetParam());
+  torch::set_num_threads(1);
+  auto comm = OpenComm();
+  ASSERT_NE(comm, nullptr);
+  const int world = comm->world_size();
+  const int rank = comm->rank();
+
+  Net ref = MakeNet();
+  Net initial = MakeNet();
+  const Trace ref_trace = TrainReference(ref);
+
+  Net net = MakeNet();
+  std::unique_ptr<TorchModule> zm;
+  Status s = TorchModule::Wrap(net.ptr(), ZeroOptions(stage), comm.get(), {}, &zm);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  // Default units: scale, embed, frozen, hidden, side, head (top-level children in registration order).
+  EXPECT_EQ(zm->engine().num_units(), 6);
+  EXPECT_EQ(zm->engine().specs()[zm->ParamIndex("hidden.weight")].unit, 3);
+  EXPECT_FALSE(zm->engine().specs()[zm->ParamIndex("frozen.bias")].trainable);
+  // The module's parameters are zero's parameter buffers.
+  for (const auto& item : net->named_parameters()) {
+    EXPECT_EQ(item.value().data_ptr(), zm->engine().Param(zm->ParamIndex(item.key())).data) << item.key();
+  }
+
+  const int64_t rows = kBatch / (world * micro_steps);
+  for (int step = 0; step < kSteps; ++step) {
+    Batch b = GlobalBatch(step);
+    for (int m = 0; m < micro_steps; ++m) {
+      s = zm->BeginMicroStep(m, m == micro_steps - 1);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      const int64_t first = (static_cast<int64_t>(rank) * micro_steps + m) * rows;
+      torch::Tensor loss =
+          torch::mse_loss(net->forward(b.x.narrow(0, first, rows), UseSide(step)), b.y.narrow(0, first, rows));
+      loss.backward();
+      // Every unit completed: zero took the gradients back (.grad reset), frozen ones never had one.
+      for (const auto& item : net->named_parameters()) EXPECT_FALSE(item.value().grad().defined()) << item.key();
+    }
+    StepResult result;
+    s = zm->Step(StepArgs(), &result);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    // The engine's norm is of the gradient it reduced from its own buffers: had torch accumulated into tensors of
+    // its own, the norm would be 0. fp32 gradients summed in a different order (per-rank partial sums, the ring)
+    // differ from the reference by a few ulps of the sum: 1e-5 relative is ~100 ulps.
+    EXPECT_NEAR(result.grad_norm, ref_trace.grad_norm[static_cast<size_t>(step)],
+                1e-5 * ref_trace.grad_norm[static_cast<size_t>(step)])
+        << "step " << step;
+  }
+  EXPECT_EQ(zm->fallback_copies(), 0) << "AccumulateGrad should have added into zero's buffers in place";
+
+  // Tolerance. Both runs apply AdamW in fp32 to the same gradients up to summation order. Two sources of
+  // difference: (1) torch::optim::AdamW computes its step size and bias corrections in double, zero's kernel in
+  // float, so each step's update of an element may round differently, by at most about one ulp of max(1, |p|)
+  // (1.2e-7); 20 steps that all rounded the same way give 2.4e-6. (2) The gradient differs by a few ulps (per-rank
+  // sums, the ring); Adam's update m/(sqrt(v)+eps) is scale-free, so a relative gradient error e moves an element
+  // by about lr*e per step: 20 * 1e-2 * 1e-6 = 2e-7 at most. Bound 3e-6; measured 1.8e-7 at every world size and
+  // stage (the world-1 runs show the same, so it is (1)). The parameters move by 0.135, 4.5e4 times the bound,
+  // and a wrong or missing micro-step's gradient moves them by ~lr = 1e-2: neither could pass.
+  const double err = MaxError(net, ref);
+  const double moved = MaxChange(ref, initial);
+  RecordProperty("max_relative_error", std::to_string(err));
+  if (rank == 0) std::printf("stage %d micro %d world %d: max error %.3g, max change %.3g\n",
+                             static_cast<int>(stage), micro_steps, world, err, moved);
+  EXPECT_LT(err, 3e-6);
+  EXPECT_GT(moved, 1e-2);
+  // Frozen parameters did not change.
+  EXPECT_TRUE(torch::equal(net->frozen->weight, initial->frozen->weight));
+}
+
+INSTANTIATE_TEST_SUITE_P(Stages, TorchEquivalenceTest,
+                         ::testing::Combine(::testing::Values(Stage::kDataParallel, Stage::kOptimizerStates,
+                                                              Stage::kGradients),
+                                            ::testing::Values(1, 2)),
+                         [](const auto& info) {
+                           return "stage" + std::to_string(static_cast<int>(std::get<0>(info.param))) + "_micro" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
+
+// Torch replaces .grad instead of adding in place when autograd records the accumulation (create_graph=true):
+// the post-hook copies the result into zero's buffer, and the step still matches torch's.
+TEST(TorchModuleTest, CreateGraphReplacesGradAndItStillLandsInZero) {
+  torch::set_num_threads(1);
+  auto comm = OpenComm();
+  ASSERT_NE(comm, nullptr);
+  Net ref = MakeNet();
+  Net net = MakeNet();
+  std::unique_ptr<TorchModule> zm;
+  Status s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kGradients), comm.get(), {}, &zm);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  const int world = comm->world_size();
+  const int64_t rows = kBatch / world;
+  Batch b = GlobalBatch(0);
+
+  ASSERT_TRUE(zm->BeginMicroStep(0, true).ok());
+  torch::Tensor loss = torch::mse_loss(net->forward(b.x.narrow(0, comm->rank() * rows, rows), true),
+                                       b.y.narrow(0, comm->rank() * rows, rows));
+  loss.backward({}, /*retain_graph=*/true, /*create_graph=*/true);
+  StepResult result;
+  s = zm->Step(StepArgs(), &result);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_GT(zm->fallback_copies(), 0);
+
+  torch::Tensor ref_loss = torch::mse_loss(ref->forward(b.x, true), b.y);
+  ref_loss.backward();
+  double sq = 0.0;
+  for (auto& p : ref->parameters()) {
+    if (p.grad().defined()) sq += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+  }
+  // Same bound as the 20-step test's per-step gradient norm (summation order only).
+  EXPECT_NEAR(result.grad_norm, std::sqrt(sq), 1e-5 * std::sqrt(sq));
+}
+
+// Frozen parameters (requires_grad == false) live in frozen buckets: exactly the gradient and optimizer bytes of
+// an engine that never heard of them, and no .grad.
+TEST(TorchModuleTest, FrozenParametersGetNoGradientOrOptimizerMemory) {
+  auto comm = OpenComm();
+  ASSERT_NE(comm, nullptr);
+  for (Stage stage : {Stage::kDataParallel, Stage::kOptimizerStates, Stage::kGradients}) {
+    Net net = MakeNet();
+    std::unique_ptr<TorchModule> zm;
+    Status s = TorchModule::Wrap(net.ptr(), ZeroOptions(stage), comm.get(), {}, &zm);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    // The same specs without the frozen layer (unit 2; the later units renumbered).
+    std::vector<ParamSpec> trainable_only;
+    for (ParamSpec spec : zm->engine().specs()) {
+      if (!spec.trainable) continue;
+      if (spec.unit > 2) --spec.unit;
+      trainable_only.push_back(spec);
+    }
+    ASSERT_EQ(trainable_only.size(), zm->engine().specs().size() - 2);
+    std::unique_ptr<Engine> plain;
+    s = Engine::Open(ZeroOptions(stage), comm.get(), trainable_only, &plain);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    const MemoryReport with = zm->engine().Memory();
+    const MemoryReport without = plain->Memory();
+    for (MemoryCategory c : {MemoryCategory::kGrads, MemoryCategory::kOptimizer, MemoryCategory::kBuffers}) {
+      EXPECT_EQ(with.device.Current(c), without.device.Current(c)) << MemoryCategoryName(c);
+    }
+    // Not vacuous: the frozen layer's parameters are there.
+    EXPECT_GT(with.device.Current(MemoryCategory::kParams), without.device.Current(MemoryCategory::kParams));
+    EXPECT_EQ(zm->engine().Grad(zm->ParamIndex("frozen.weight")).data, nullptr);
+
+    ASSERT_TRUE(zm->BeginMicroStep(0, true).ok());
+    torch::Tensor loss = net->forward(torch::ones({2, 7}), true).sum();
+    // .grad during backward: zero's view for trainable parameters, nothing for frozen ones. A tensor hook registered
+    // after Wrap runs after the wrapper's (before accumulation), when the unit's views are bound.
+    auto frozen_grad_defined = std::make_shared<bool>(true);
+    auto head_grad_is_zero_buffer = std::make_shared<bool>(false);
+    TorchModule* raw = zm.get();
+    Net n = net;
+    auto hook = net->head->weight.register_hook([=](const torch::Tensor&) {
+      *frozen_grad_defined = n->frozen->weight.grad().defined();
+      *head_grad_is_zero_buffer =
+          n->head->weight.grad().data_ptr() == raw->engine().Grad(raw->ParamIndex("head.weight")).data;
+    });
+    loss.backward();
+    net->head->weight.remove_hook(hook);
+    EXPECT_FALSE(*frozen_grad_defined);
+    EXPECT_TRUE(*head_grad_is_zero_buffer);
+    StepResult result;
+    s = zm->Step(StepArgs(), &result);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+  }
+}
+
+bool Contains(const Status& s, const std::string& text) { return s.message().find(text) != std::string::npos; }
+
+TEST(TorchModuleTest, BadUseGetsAClearStatus) {
+  auto comm = OpenComm();
+  ASSERT_NE(comm, nullptr);
+  Net net = MakeNet();
+  std::unique_ptr<TorchModule> zm;
+  Status s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kParameters), comm.get(), {}, &zm);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(s, "stages 0-2")) << s.ToString();
+
+  Options bf16 = ZeroOptions(Stage::kGradients);
+  bf16.param_dtype = DType::kBF16;
+  s = TorchModule::Wrap(net.ptr(), bf16, comm.get(), {}, &zm);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(s, "kF32")) << s.ToString();
+
+  TorchOptions gap;
+  gap.unit_of = [](const std::string& name) { return name.rfind("head", 0) == 0 ? 2 : 0; };  // unit 1 unused
+  s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kGradients), comm.get(), gap, &zm);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(s, "unit 1 has no parameters")) << s.ToString();
+
+  s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kGradients), comm.get(), {}, &zm);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+
+  // Wrapping twice.
+  std::unique_ptr<TorchModule> second;
+  s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kGradients), comm.get(), {}, &second);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(s, "already wrapped")) << s.ToString();
+  EXPECT_EQ(second, nullptr);
+
+  // A micro-step that is used properly works.
+  ASSERT_TRUE(zm->BeginMicroStep(0, true).ok());
+  net->forward(torch::ones({2, 7}), true).sum().backward();
+  // Backward again in the same micro-step (its units are reduced already): it throws with the reason...
+  torch::Tensor loss = net->forward(torch::ones({2, 7}), true).sum();
+  try {
+    loss.backward();
+    ADD_FAILURE() << "backward outside a micro-step did not throw";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("outside a micro-step"), std::string::npos) << e.what();
+  }
+  // ...and the wrapper reports it from then on.
+  StepResult result;
+  s = zm->Step(StepArgs(), &result);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(s, "outside a micro-step")) << s.ToString();
+  EXPECT_EQ(zm->healthy().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST(TorchModuleTest, ParameterRegisteredAfterWrapIsRefused) {
+  auto comm = OpenComm();
+  ASSERT_NE(comm, nullptr);
+  Net net = MakeNet();
+  std::unique_ptr<TorchModule> zm;
+  Status s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kOptimizerStates), comm.get(), {}, &zm);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  net->register_parameter("late", torch::zeros({3}));
+  s = zm->BeginMicroStep(0, true);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(s, "'late' was registered after TorchModule::Wrap")) << s.ToString();
+}
+
+// Destroying the wrapper gives the module its own memory back, with the trained values, and removes the hooks:
+// plain torch works again, and the module can be wrapped anew.
+TEST(TorchModuleTest, UnwrapLeavesAPlainModule) {
+  auto comm = OpenComm();
+  ASSERT_NE(comm, nullptr);
+  Net net = MakeNet();
+  std::unique_ptr<TorchModule> zm;
+  Status s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kGradients), comm.get(), {}, &zm);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  ASSERT_TRUE(zm->BeginMicroStep(0, true).ok());
+  net->forward(torch::ones({2, 7}), true).sum().backward();
+  StepResult result;
+  ASSERT_TRUE(zm->Step(StepArgs(), &result).ok());
+  const torch::Tensor trained = net->head->weight.detach().clone();
+  void* zero_buffer = net->head->weight.data_ptr();
+  zm.reset();
+  EXPECT_NE(net->head->weight.data_ptr(), zero_buffer);
+  EXPECT_TRUE(torch::equal(net->head->weight, trained));
+  net->forward(torch::ones({2, 7}), true).sum().backward();  // no hook runs: would throw outside a micro-step
+  EXPECT_TRUE(net->head->weight.grad().defined());
+  net->zero_grad();
+  s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kGradients), comm.get(), {}, &zm);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+}
+
+}  // namespace
+}  // namespace zero
