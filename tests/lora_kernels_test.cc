@@ -162,7 +162,8 @@ void CheckRmsNormBackward(const std::vector<float>& x, const std::vector<float>&
     double dot_abs = 0;
     for (int k = 0; k < d; ++k) dot_abs += std::fabs(gd[n * d + k] * wd[k] * xd[n * d + k]);
     const double iv = inv[n];
-    const double scale = std::fabs(dx0[i]) + std::fabs(gd[i] * wd[j] * iv) + std::fabs(xd[i]) * iv * iv * iv / d * dot_abs;
+    const double scale =
+        std::fabs(dx0[i]) + std::fabs(gd[i] * wd[j] * iv) + std::fabs(xd[i]) * iv * iv * iv / d * dot_abs;
     ExpectNear(dx[i], dx0[i] + Derivative(loss_x, xd, i), scale, 0, "dx", static_cast<int64_t>(i));
   }
   for (int j = 0; j < d; ++j) {

@@ -7,8 +7,6 @@
 // of the residual stream in one [N, dim] buffer that each block updates in place.
 #include "examples/lora_finetune/model.h"
 
-#include "examples/lora_finetune/model_kernels.cuh"
-
 #include <cblas.h>
 
 #include <algorithm>
@@ -16,6 +14,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <numbers>
+
+#include "examples/lora_finetune/model_kernels.cuh"
 
 // OpenBLAS's own thread pool: bounded by `threads` when the BLAS linked is OpenBLAS (weak: absent elsewhere).
 extern "C" void openblas_set_num_threads(int) __attribute__((weak));
@@ -201,8 +201,8 @@ void LinearBackward(const Pass& ps, int layer, int proj, const float* x, const f
   const float keep_scale = 1.f / (1.f - ps.lora.dropout);
   const int64_t total = static_cast<int64_t>(ps.n) * lin.in;
   ForEach(ps.omp_threads, total,
-          kernels::DropoutBackwardElement{dxd.data(), dx, ps.dropout_seed, DropoutStream(layer, proj),
-                                          ps.lora.dropout, keep_scale});
+          kernels::DropoutBackwardElement{dxd.data(), dx, ps.dropout_seed, DropoutStream(layer, proj), ps.lora.dropout,
+                                          keep_scale});
 }
 
 // y = x / rms(x) * w per row; inv[n] = 1 / rms(x_n).

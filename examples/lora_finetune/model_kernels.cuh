@@ -76,11 +76,11 @@ struct RmsNormRow {
 // Per row: dx += d/dx of y = x * inv * w given dy (dx accumulates: the residual stream's gradient).
 template <typename X, typename W>
 struct RmsNormBackwardRow {
-  const X* x;         // [N, d], the norm's input
-  const W* w;         // [d]
-  const float* inv;   // [N], from the forward
-  const float* dy;    // [N, d]
-  float* dx;          // [N, d], +=
+  const X* x;        // [N, d], the norm's input
+  const W* w;        // [d]
+  const float* inv;  // [N], from the forward
+  const float* dy;   // [N, d]
+  float* dx;         // [N, d], +=
   int d;
   ZERO_HD void operator()(int64_t n) const {
     const X* xr = x + n * d;
@@ -219,9 +219,9 @@ struct SwiGluBackwardElement {
 // Cross-entropy, per row n of the logits [N, V]: softmax in place, loss[n] = -log(p[target]) in fp64 (0 for an
 // ignored target, -1). Probabilities below 1e-30 are clamped so that the loss stays finite.
 struct SoftmaxXentRow {
-  float* logits;          // [N, V] in, probabilities out
+  float* logits;           // [N, V] in, probabilities out
   const int32_t* targets;  // [N], -1 = ignored
-  double* loss;           // [N]
+  double* loss;            // [N]
   int V;
   ZERO_HD void operator()(int64_t n) const {
     float* row = logits + n * V;

@@ -1,0 +1,180 @@
+// The LoRA example's CUDA model (model_cuda.h) against its CPU model (model.h) on the same bf16-representable
+// parameters: loss, logits and every trainable gradient, for full training and for LoRA with dropout. Runs only
+// where a CUDA GPU is usable; elsewhere every case skips and says why (built without CUDA, or no GPU).
+//
+// Tolerances: the CPU model is fp32 throughout; the GPU rounds every matrix-product operand to bf16 (unit roundoff
+// 2^-8 = 3.9e-3) and accumulates in fp32. Each layer adds a few such roundings whose errors are independent, so
+// outputs differ by a few 1e-3 relative: logits within 2e-2 of the largest |logit|, the loss within 1e-2
+// relative, each gradient tensor within 5e-2 relative in L2 norm (gradients pass through twice as many rounded
+// products). A wrong index, sign or transpose is off by O(1).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "examples/lora_finetune/model.h"
+#include "examples/lora_finetune/model_cuda.h"
+#include "examples/lora_finetune/model_kernels.cuh"
+
+#if ZERO_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace lora {
+namespace {
+
+using kernels::Bf16;
+
+// Host parameters rounded to bf16 (so both models see identical values) and fp32 gradients.
+struct HostModel {
+  HostModel(const ModelConfig& m, const LoraConfig& l) : infos(Parameters(m, l)) {
+    for (size_t p = 0; p < infos.size(); ++p) {
+      int64_t numel = 1;
+      for (int64_t d : infos[p].shape) numel *= d;
+      std::vector<float> v(static_cast<size_t>(numel));
+      const bool lora_b = infos[p].name.find("lora_B") != std::string::npos;
+      for (int64_t i = 0; i < numel; ++i) {
+        // lora_B starts at 0; make it non-zero so the adapters' gradient paths carry signal.
+        const float x =
+            lora_b ? 0.02f * static_cast<float>((i * 7) % 11 - 5) : InitValue(m, l, static_cast<int>(p), i, 5);
+        Bf16 b;
+        kernels::Store(&b, x);
+        v[static_cast<size_t>(i)] = kernels::Load(b);
+      }
+      params.push_back(std::move(v));
+      grads.emplace_back(infos[p].trainable ? params.back().size() : 0, 0.f);
+    }
+  }
+  std::vector<ParamInfo> infos;
+  std::vector<std::vector<float>> params, grads;
+};
+
+class CpuAccess : public ParamAccess {
+ public:
+  explicit CpuAccess(HostModel* h) : h_(h) {}
+  void Acquire(int, bool) override {}
+  void Release(int, bool) override {}
+  void GradsReady(int) override {}
+  const float* Param(int p) override { return h_->params[p].data(); }
+  float* Grad(int p) override { return h_->grads[p].data(); }
+
+ private:
+  HostModel* h_;
+};
+
+#if ZERO_WITH_CUDA
+void Check(cudaError_t e) { ASSERT_EQ(e, cudaSuccess) << cudaGetErrorString(e); }
+
+// The same values on the device: bf16 parameters, fp32 gradients (zeroed).
+class DeviceModel : public CudaParamAccess {
+ public:
+  explicit DeviceModel(const HostModel& h) {
+    for (size_t p = 0; p < h.params.size(); ++p) {
+      std::vector<Bf16> b(h.params[p].size());
+      for (size_t i = 0; i < b.size(); ++i) kernels::Store(&b[i], h.params[p][i]);
+      void* dp = nullptr;
+      Check(cudaMalloc(&dp, b.size() * sizeof(Bf16)));
+      Check(cudaMemcpy(dp, b.data(), b.size() * sizeof(Bf16), cudaMemcpyHostToDevice));
+      params_.push_back(dp);
+      float* dg = nullptr;
+      if (!h.grads[p].empty()) {
+        Check(cudaMalloc(reinterpret_cast<void**>(&dg), h.grads[p].size() * sizeof(float)));
+        Check(cudaMemset(dg, 0, h.grads[p].size() * sizeof(float)));
+      }
+      grads_.push_back(dg);
+      sizes_.push_back(h.grads[p].size());
+    }
+  }
+  ~DeviceModel() override {
+    for (void* p : params_) cudaFree(p);
+    for (float* g : grads_) cudaFree(g);
+  }
+  void Acquire(int, bool) override {}
+  void Release(int, bool) override {}
+  void GradsReady(int) override {}
+  const void* Param(int p) override { return params_[p]; }
+  float* Grad(int p) override { return grads_[p]; }
+  std::vector<float> HostGrad(int p) const {
+    std::vector<float> g(sizes_[p]);
+    if (!g.empty()) Check(cudaMemcpy(g.data(), grads_[p], g.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    return g;
+  }
+
+ private:
+  std::vector<void*> params_;
+  std::vector<float*> grads_;
+  std::vector<size_t> sizes_;
+};
+#endif
+
+void CompareWithCpu(const ModelConfig& m, const LoraConfig& l) {
+  std::string why;
+  if (!CudaModelAvailable(&why)) GTEST_SKIP() << "needs a CUDA GPU: " << why;
+#if ZERO_WITH_CUDA
+  HostModel host(m, l);
+  DeviceModel device(host);
+  CpuAccess cpu(&host);
+  const int batch = 2, seq = 12;
+  std::vector<int32_t> tokens(batch * seq), targets(batch * seq);
+  for (int i = 0; i < batch * seq; ++i) {
+    tokens[i] = (i * 37 + 11) % m.vocab;
+    targets[i] = i % 6 == 5 ? -1 : (i * 53 + 2) % m.vocab;
+  }
+  const Batch b{batch, seq, tokens.data(), targets.data()};
+  const float loss_scale = 4.f;
+
+  std::vector<float> want_logits, got_logits;
+  Logits(m, l, cpu, b, &want_logits, 1);
+  LogitsCuda(m, l, device, b, &got_logits);
+  ASSERT_EQ(got_logits.size(), want_logits.size());
+  double max_abs = 0, max_err = 0;
+  for (size_t i = 0; i < want_logits.size(); ++i) {
+    max_abs = std::max(max_abs, std::fabs(double{want_logits[i]}));
+    max_err = std::max(max_err, std::fabs(double{got_logits[i]} - want_logits[i]));
+  }
+  EXPECT_LE(max_err, 2e-2 * max_abs) << "logits";
+
+  const float want = Forward(m, l, cpu, b, /*backward=*/true, loss_scale, 9, 1);
+  const float got = ForwardCuda(m, l, device, b, /*backward=*/true, loss_scale, 9);
+  EXPECT_NEAR(got, want, 1e-2 * std::fabs(want)) << "loss";
+  for (size_t p = 0; p < host.infos.size(); ++p) {
+    if (!host.infos[p].trainable) continue;
+    const std::vector<float> g = device.HostGrad(static_cast<int>(p));
+    const std::vector<float>& w = host.grads[p];
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < w.size(); ++i) {
+      diff += (double{g[i]} - w[i]) * (double{g[i]} - w[i]);
+      norm += double{w[i]} * w[i];
+    }
+    EXPECT_LE(std::sqrt(diff), 5e-2 * std::sqrt(norm) + 1e-6) << host.infos[p].name;
+  }
+#endif
+}
+
+ModelConfig SmallModel() {
+  ModelConfig m;
+  m.vocab = 61;
+  m.dim = 48;
+  m.layers = 2;
+  m.heads = 6;
+  m.kv_heads = 2;
+  m.ffn = 80;
+  return m;
+}
+
+TEST(LoraCudaModelTest, FullTrainingMatchesCpu) { CompareWithCpu(SmallModel(), LoraConfig()); }
+
+TEST(LoraCudaModelTest, LoraWithDropoutMatchesCpu) {
+  LoraConfig l;
+  l.enabled = true;
+  l.r = 4;
+  l.dropout = 0.1f;
+  l.gate = l.up = l.down = true;
+  CompareWithCpu(SmallModel(), l);
+}
+
+}  // namespace
+}  // namespace lora
