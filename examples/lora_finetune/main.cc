@@ -43,6 +43,7 @@
 #include "examples/lora_finetune/gguf_llama.h"
 #include "examples/lora_finetune/merge.h"
 #include "examples/lora_finetune/model.h"
+#include "examples/lora_finetune/model_cuda.h"
 #include "examples/lora_finetune/safetensors.h"
 #include "examples/lora_finetune/tokenizer.h"
 
@@ -82,6 +83,10 @@ struct Flags {
   int save_every = 0;
   bool resume = false;
   int stop_after = -1;
+  // auto: the CUDA model (bf16, zero's CUDA backend and NCCL) when this build has it and a GPU is visible, except
+  // for merge, which folds adapters on the host; otherwise the CPU model (fp32, host memory, Open MPI).
+  std::string device = "auto";
+  bool cuda = false;            // resolved from device in Main
   std::set<std::string> given;  // options set on the command line
 };
 
@@ -92,7 +97,7 @@ const char* kUsage =
     "  [--warmup N] [--dim D] [--layers L] [--heads H] [--kv-heads K] [--ffn F] [--r R] [--alpha A]\n"
     "  [--dropout P] [--eval-batches N] [--threads T] [--seed S] [--base-corpus fortunes|synthetic]\n"
     "  [--tune-corpus bible|synthetic] [--prompt TEXT] [--sample-tokens N] [--save-every N] [--resume 0|1]\n"
-    "  [--stop-after N]\n";
+    "  [--stop-after N] [--device auto|cpu|cuda]\n";
 
 bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
   int i = 1;
@@ -125,6 +130,7 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
     else if (k == "--base-corpus") f->base_corpus = v;
     else if (k == "--tune-corpus") f->tune_corpus = v;
     else if (k == "--prompt") f->prompt = v;
+    else if (k == "--device") f->device = v;
     else if (k == "--sample-tokens") ok = num(&f->sample_tokens);
     else if (k == "--stage") ok = num(&f->stage);
     else if (k == "--offload") ok = num(&f->offload);
@@ -182,6 +188,7 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
   else if (f->micro < 1 || f->batch < 1 || f->seq < 2) *error = "--micro, --batch must be >= 1 and --seq >= 2";
   else if (f->pretrain_steps < 0 || f->lora_steps < 0) *error = "step counts must be >= 0";
   else if (f->offload && f->stage == 0) *error = "--offload 1 needs --stage 1, 2 or 3";
+  else if (f->device != "auto" && f->device != "cpu" && f->device != "cuda") *error = "--device: auto, cpu or cuda";
   if (f->data.empty()) f->data = f->out + "/data";
   return error->empty();
 }
@@ -240,6 +247,45 @@ class EngineAccess : public lora::ParamAccess {
  private:
   zero::Engine* e_;
 };
+
+// lora::CudaParamAccess over a zero::Engine on the CUDA backend: bf16 parameter and fp32 gradient views.
+class EngineCudaAccess : public lora::CudaParamAccess {
+ public:
+  explicit EngineCudaAccess(zero::Engine* e) : e_(e) {}
+  void Acquire(int unit, bool backward) override {
+    Check(e_->Acquire(unit, backward ? zero::Pass::kBackward : zero::Pass::kForward), "Acquire");
+  }
+  void Release(int unit, bool backward) override {
+    Check(e_->Release(unit, backward ? zero::Pass::kBackward : zero::Pass::kForward), "Release");
+  }
+  void GradsReady(int unit) override { Check(e_->GradsReady(unit), "GradsReady"); }
+  const void* Param(int p) override { return e_->Param(p).data; }
+  float* Grad(int p) override { return e_->Grad(p).as<float>(); }
+
+ private:
+  zero::Engine* e_;
+};
+
+// The model's passes on the device --device chose: lora::Forward / Logits (CPU) or their CUDA twins.
+float ModelForward(const Flags& f, zero::Engine* engine, const lora::ModelConfig& m, const lora::LoraConfig& l,
+                   const lora::Batch& b, bool backward, float loss_scale, uint64_t dropout_seed) {
+  if (f.cuda) {
+    EngineCudaAccess access(engine);
+    return lora::ForwardCuda(m, l, access, b, backward, loss_scale, dropout_seed);
+  }
+  EngineAccess access(engine);
+  return lora::Forward(m, l, access, b, backward, loss_scale, dropout_seed, f.threads);
+}
+void ModelLogits(const Flags& f, zero::Engine* engine, const lora::ModelConfig& m, const lora::LoraConfig& l,
+                 const lora::Batch& b, std::vector<float>* logits) {
+  if (f.cuda) {
+    EngineCudaAccess access(engine);
+    lora::LogitsCuda(m, l, access, b, logits);
+    return;
+  }
+  EngineAccess access(engine);
+  lora::Logits(m, l, access, b, logits, f.threads);
+}
 
 // How text becomes token ids: bytes for the small base, the GGUF's BPE for smollm2.
 struct Text {
@@ -316,6 +362,10 @@ zero::Options EngineOptions(const Flags& f, float lr) {
   o.clip_norm = 1.0;
   o.bucket_elements = int64_t{1} << 20;
   o.cpu_threads = f.threads;
+  if (f.cuda) {  // the CUDA model computes in bf16 (fp32 master weights and gradients)
+    o.backend = zero::Backend::kCuda;
+    o.param_dtype = zero::DType::kBF16;
+  }
   return o;
 }
 
@@ -375,13 +425,12 @@ double LearningRate(double peak, int step, int steps, int warmup) {
 
 double ValidationLoss(const Flags& f, Run& run, const lora::BatchSampler& val) {
   Check(run.engine->BeginEval(), "BeginEval");
-  EngineAccess access(run.engine.get());
   std::vector<int32_t> in(static_cast<size_t>(f.batch * f.seq)), tg(in.size());
   double total = 0;
   for (int i = 0; i < f.eval_batches; ++i) {
     val.Sample(i, in.data(), tg.data());
     const lora::Batch b{f.batch, f.seq, in.data(), tg.data()};
-    total += lora::Forward(run.model, run.lora, access, b, /*backward=*/false, 1.0f, 0, f.threads);
+    total += ModelForward(f, run.engine.get(), run.model, run.lora, b, /*backward=*/false, 1.0f, 0);
   }
   Check(run.engine->EndEval(), "EndEval");
   return AllMean(total / f.eval_batches);
@@ -393,7 +442,6 @@ double ValidationLoss(const Flags& f, Run& run, const lora::BatchSampler& val) {
 // `start` (a resumed run). Returns false when --stop-after ended the run early.
 bool Train(const Flags& f, Run& run, const lora::BatchSampler& train, int steps, float peak_lr, const char* label,
            int every, int start = 0, const std::string& ckpt = "") {
-  EngineAccess access(run.engine.get());
   std::vector<int32_t> in(static_cast<size_t>(f.batch * f.seq)), tg(in.size());
   int world = 1, rank = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
@@ -405,8 +453,8 @@ bool Train(const Flags& f, Run& run, const lora::BatchSampler& train, int steps,
       Check(run.engine->BeginMicroStep(m, m == f.micro - 1), "BeginMicroStep");
       train.Sample(static_cast<int64_t>(step) * f.micro + m, in.data(), tg.data());
       const lora::Batch b{f.batch, f.seq, in.data(), tg.data()};
-      loss += lora::Forward(run.model, run.lora, access, b, /*backward=*/true, run.engine->LossScale(),
-                            f.seed * 1000003 + static_cast<uint64_t>(step * f.micro + m), f.threads);
+      loss += ModelForward(f, run.engine.get(), run.model, run.lora, b, /*backward=*/true,
+                           run.engine->LossScale(), f.seed * 1000003 + static_cast<uint64_t>(step * f.micro + m));
     }
     zero::StepArgs args;
     args.lr = LearningRate(peak_lr, step, steps, f.warmup);
@@ -453,14 +501,13 @@ std::string Sample(const Flags& f, Run& run, const Text& text, const std::string
   const size_t prompt_tokens = tokens.size();
   const int vocab = run.model.vocab;
   std::mt19937_64 rng(f.seed);
-  EngineAccess access(run.engine.get());
   Check(run.engine->BeginEval(), "BeginEval");
   std::vector<float> logits;
   for (int i = 0; i < new_tokens; ++i) {
     const int n = static_cast<int>(std::min<size_t>(tokens.size(), static_cast<size_t>(f.seq)));
     std::vector<int32_t> window(tokens.end() - n, tokens.end()), targets(static_cast<size_t>(n), -1);
     const lora::Batch b{1, n, window.data(), targets.data()};
-    lora::Logits(run.model, run.lora, access, b, &logits, f.threads);
+    ModelLogits(f, run.engine.get(), run.model, run.lora, b, &logits);
     const float* last = logits.data() + static_cast<size_t>(n - 1) * vocab;
     const float top = *std::max_element(last, last + vocab);
     std::vector<double> weights(static_cast<size_t>(vocab));
@@ -653,8 +700,19 @@ int Main(int argc, char** argv) {
     Say("lora_finetune: %s\n%s", error.c_str(), kUsage);
     return 2;
   }
+  std::string no_cuda;
+  const bool have_cuda = lora::CudaModelAvailable(&no_cuda);
+  if (f.device == "cuda" && !have_cuda) Fail("--device cuda: " + no_cuda);
+  if (f.device == "cuda" && f.command == "merge") Fail("merge folds adapters on the host: use --device cpu");
+  f.cuda = f.device == "cuda" || (f.device == "auto" && have_cuda && f.command != "merge");
   std::unique_ptr<zero::Comm> comm;
-  Check(zero::Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), zero::CommOptions(), &comm), "Comm");
+  if (f.cuda) {
+    // NCCL over the world; it also makes this rank's GPU (local rank % GPUs) current, where the model runs.
+    Check(zero::Comm::OpenNccl(MPI_Comm_c2f(MPI_COMM_WORLD), zero::CommOptions(), &comm), "Comm (NCCL)");
+    Say("device: CUDA %d (bf16 model)\n", comm->cuda_device());
+  } else {
+    Check(zero::Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), zero::CommOptions(), &comm), "Comm");
+  }
   int world = comm->world_size();
   if (f.threads < 1) f.threads = 1;
   const bool smollm2 = f.base == "smollm2";

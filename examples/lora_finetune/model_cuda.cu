@@ -543,6 +543,7 @@ bool CudaModelAvailable(std::string* why) {
   int count = 0;
   const cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
+    cudaGetLastError();  // clear the error so that later runtime calls (zero's CPU backend checks) start clean
     if (why != nullptr) *why = std::string("no usable CUDA device: ") + cudaGetErrorString(e);
     return false;
   }

@@ -4,7 +4,8 @@
 // CPU; lora_kernels_test). The residual stream, normalisation statistics, softmax, losses and gradients stay
 // fp32.
 //
-// Everything is enqueued on the legacy default stream, zero's compute stream on the CUDA backend (the one its
+// Everything is enqueued on the calling thread's current device (zero's Comm::OpenNccl makes the rank's GPU
+// current) and on the legacy default stream, zero's compute stream on the CUDA backend (the one its
 // Acquire/GradsReady order against); Forward waits for it once, to read the loss. No machine that builds this
 // project has a GPU: lora_cuda_model_test compares it with the CPU model where one exists.
 //
