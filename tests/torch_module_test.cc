@@ -1,10 +1,11 @@
 // zero::TorchModule against plain libtorch: the same torch::nn model trained 20 steps with torch::optim::AdamW in
-// one process (every rank computes that reference itself, on the whole batch) and through zero at stages 0-2 on
-// this run's ranks (1-4, each on its slice of the batch), micro-steps 1 and 2. Also: gradients land in zero's
-// buffers (not in tensors torch allocated), frozen parameters cost no gradient or optimizer memory, and bad use
-// gets a clear status.
+// one process (every rank computes that reference itself, on the whole batch) and through zero at stages 0-3 on
+// this run's ranks (1-4, each on its slice of the batch), micro-steps 1 and 2; stage 3 through one
+// TorchModule::Forward call per unit. Also: gradients land in zero's buffers (not in tensors torch allocated),
+// frozen parameters cost no gradient or optimizer memory, and bad use gets a clear status.
 #include <cmath>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,23 @@ struct NetImpl : torch::nn::Module {
     h = torch::tanh(hidden(h));
     if (use_side) h = h + torch::tanh(side(h));
     return head(h);
+  }
+  // The same computation with one TorchModule::Forward call per unit, as stage 3 needs it.
+  torch::Tensor forward_units(TorchModule& zm, const torch::Tensor& x, bool use_side) {
+    torch::Tensor h;
+    auto run = [&](int unit, const TorchModule::UnitForward& fn) {
+      Status s = zm.Forward(unit, h, fn, &h);
+      if (!s.ok()) throw std::runtime_error(s.ToString());
+    };
+    h = x;
+    run(0, [&](const torch::Tensor& in) { return in * scale; });
+    run(1, [&](const torch::Tensor& in) { return torch::tanh(embed(in)); });
+    run(2, [&](const torch::Tensor& in) { return torch::tanh(frozen(in)) + in; });
+    run(3, [&](const torch::Tensor& in) { return torch::tanh(hidden(in)); });
+    // Stage 3 replays the first micro-step's gather order, so the unit runs every time; its fn skips the branch.
+    run(4, [&](const torch::Tensor& in) { return use_side ? in + torch::tanh(side(in)) : in; });
+    run(5, [&](const torch::Tensor& in) { return head(in); });
+    return h;
   }
   torch::Tensor scale;
   torch::nn::Linear embed{nullptr}, frozen{nullptr}, hidden{nullptr}, side{nullptr}, head{nullptr};
@@ -155,9 +173,11 @@ TEST_P(TorchEquivalenceTest, TwentyStepsMatchTorchAdamW) {
   EXPECT_EQ(zm->engine().num_units(), 6);
   EXPECT_EQ(zm->engine().specs()[zm->ParamIndex("hidden.weight")].unit, 3);
   EXPECT_FALSE(zm->engine().specs()[zm->ParamIndex("frozen.bias")].trainable);
-  // The module's parameters are zero's parameter buffers.
-  for (const auto& item : net->named_parameters()) {
-    EXPECT_EQ(item.value().data_ptr(), zm->engine().Param(zm->ParamIndex(item.key())).data) << item.key();
+  // The module's parameters are zero's parameter buffers (stage 3: only inside Forward).
+  if (stage != Stage::kParameters) {
+    for (const auto& item : net->named_parameters()) {
+      EXPECT_EQ(item.value().data_ptr(), zm->engine().Param(zm->ParamIndex(item.key())).data) << item.key();
+    }
   }
 
   const int64_t rows = kBatch / (world * micro_steps);
@@ -167,8 +187,11 @@ TEST_P(TorchEquivalenceTest, TwentyStepsMatchTorchAdamW) {
       s = zm->BeginMicroStep(m, m == micro_steps - 1);
       ASSERT_TRUE(s.ok()) << s.ToString();
       const int64_t first = (static_cast<int64_t>(rank) * micro_steps + m) * rows;
-      torch::Tensor loss =
-          torch::mse_loss(net->forward(b.x.narrow(0, first, rows), UseSide(step)), b.y.narrow(0, first, rows));
+      const torch::Tensor x = b.x.narrow(0, first, rows);
+      // Stages 0-2: the module's own forward, untouched. Stage 3: one Forward call per unit.
+      torch::Tensor out = stage == Stage::kParameters ? net->forward_units(*zm, x, UseSide(step))
+                                                      : net->forward(x, UseSide(step));
+      torch::Tensor loss = torch::mse_loss(out, b.y.narrow(0, first, rows));
       loss.backward();
       // Every unit completed: zero took the gradients back (.grad reset), frozen ones never had one.
       for (const auto& item : net->named_parameters()) EXPECT_FALSE(item.value().grad().defined()) << item.key();
@@ -193,6 +216,7 @@ TEST_P(TorchEquivalenceTest, TwentyStepsMatchTorchAdamW) {
   // by about lr*e per step: 20 * 1e-2 * 1e-6 = 2e-7 at most. Bound 3e-6; measured 1.8e-7 at every world size and
   // stage (the world-1 runs show the same, so it is (1)). The parameters move by 0.135, 4.5e4 times the bound,
   // and a wrong or missing micro-step's gradient moves them by ~lr = 1e-2: neither could pass.
+  if (stage == Stage::kParameters) zm.reset();  // the parameters get their values back (collective)
   const double err = MaxError(net, ref);
   const double moved = MaxChange(ref, initial);
   RecordProperty("max_relative_error", std::to_string(err));
@@ -206,7 +230,7 @@ TEST_P(TorchEquivalenceTest, TwentyStepsMatchTorchAdamW) {
 
 INSTANTIATE_TEST_SUITE_P(Stages, TorchEquivalenceTest,
                          ::testing::Combine(::testing::Values(Stage::kDataParallel, Stage::kOptimizerStates,
-                                                              Stage::kGradients),
+                                                              Stage::kGradients, Stage::kParameters),
                                             ::testing::Values(1, 2)),
                          [](const auto& info) {
                            return "stage" + std::to_string(static_cast<int>(std::get<0>(info.param))) + "_micro" +
@@ -307,9 +331,9 @@ TEST(TorchModuleTest, BadUseGetsAClearStatus) {
   ASSERT_NE(comm, nullptr);
   Net net = MakeNet();
   std::unique_ptr<TorchModule> zm;
-  Status s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kParameters), comm.get(), {}, &zm);
+  Status s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kAuto), comm.get(), {}, &zm);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
-  EXPECT_TRUE(Contains(s, "stages 0-2")) << s.ToString();
+  EXPECT_TRUE(Contains(s, "Stage::kAuto")) << s.ToString();
 
   Options bf16 = ZeroOptions(Stage::kGradients);
   bf16.param_dtype = DType::kBF16;
@@ -350,6 +374,45 @@ TEST(TorchModuleTest, BadUseGetsAClearStatus) {
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(Contains(s, "outside a micro-step")) << s.ToString();
   EXPECT_EQ(zm->healthy().code(), StatusCode::kFailedPrecondition);
+}
+
+// Stage 3: parameters have data only inside their unit's Forward; Forward outside a micro-step, or twice for one
+// unit in a micro-step, is refused with the reason.
+TEST(TorchModuleTest, StageThreeForwardProtocol) {
+  auto comm = OpenComm();
+  ASSERT_NE(comm, nullptr);
+  Net net = MakeNet();
+  std::unique_ptr<TorchModule> zm;
+  Status s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kParameters), comm.get(), {}, &zm);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(net->head->weight.data_ptr(), nullptr);
+  torch::Tensor out;
+  s = zm->Forward(5, torch::ones({2, 11}), [&](const torch::Tensor& in) { return net->head(in); }, &out);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(s, "outside a micro-step")) << s.ToString();
+
+  ASSERT_TRUE(zm->BeginMicroStep(0, true).ok());
+  void* inside = nullptr;
+  s = zm->Forward(
+      5, torch::ones({2, 11}),
+      [&](const torch::Tensor& in) {
+        inside = net->head->weight.data_ptr();
+        return net->head(in);
+      },
+      &out);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_NE(inside, nullptr);
+  EXPECT_EQ(net->head->weight.data_ptr(), nullptr);  // released again
+  s = zm->Forward(5, out, [&](const torch::Tensor& in) { return net->head(in); }, &out);
+  EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(s, "twice in one micro-step")) << s.ToString();
+  s = zm->Forward(9, out, [&](const torch::Tensor& in) { return in; }, &out);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  // A micro-step without backward: Step completes every unit (the refusals above left the engine usable).
+  StepResult result;
+  s = zm->Step(StepArgs(), &result);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(result.grad_norm, 0.0);
 }
 
 TEST(TorchModuleTest, ParameterRegisteredAfterWrapIsRefused) {

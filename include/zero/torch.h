@@ -1,4 +1,4 @@
-// zero::TorchModule: ZeRO stages 0-2 for an existing libtorch module (the optional CMake component zero::torch).
+// zero::TorchModule: ZeRO stages 0-3 for an existing libtorch module (the optional CMake component zero::torch).
 //
 // Built only when CMake finds libtorch; compiled and tested against Debian 12's libtorch-dev 1.13 (CPU) only. The
 // core library and the other zero headers know nothing of torch; this header forward-declares the two torch types
@@ -29,9 +29,23 @@
 // After a unit's GradsReady its parameters' .grad are reset to undefined: zero owns the gradient from then on
 // (clipping is Options::clip_norm; the optimizer is Options::adamw / sgd). Frozen parameters never get a .grad.
 //
+// Stage 3 (Stage::kParameters) needs one call per unit in the model's forward code, around the code that uses
+// the unit's parameters:
+//
+//   torch::Tensor h;
+//   CHECK_OK(zm->Forward(1, x, [&](const torch::Tensor& in) { return block1->forward(in); }, &h));
+//
+// Forward gathers the unit (Acquire), points its parameters at the gathered copy, runs fn, releases the unit and
+// points the parameters at nothing again; it puts identity autograd functions on the unit's input and output
+// (FSDP2's scheme): the output's backward re-gathers the unit before its backward nodes run (they read the saved
+// parameters, whose Storage is re-pointed in place), and the input's backward completes it (GradsReady, Release).
+// Outside its Forward (and its backward) a stage-3 unit's parameters have no data: evaluate between steps inside
+// Engine::GatherFull. Each unit runs once per micro-step (tied weights across units are not supported yet).
+// In stages 0-2 Forward simply calls fn.
+//
 // Parameters are views of zero's buffers while the TorchModule lives; its destructor gives every parameter a
-// private copy of its current value again, so the module stays usable. Do not move the module to another device
-// or dtype, or replace its parameters, while it is wrapped. Stages 0-2 only (Stage::kParameters is refused).
+// private copy of its current value again (stage 3 gathers them first: collective), so the module stays usable.
+// Do not move the module to another device or dtype, or replace its parameters, while it is wrapped.
 //
 // Errors: calls return Status. Backward outside a micro-step (BeginMicroStep not called, or called again after
 // its backward) throws from loss.backward() with the reason, and Step returns the same status. Not thread-safe.
@@ -46,6 +60,9 @@
 #include "zero/options.h"
 #include "zero/status.h"
 
+namespace at {
+class Tensor;
+}  // namespace at
 namespace torch::nn {
 class Module;
 }  // namespace torch::nn
@@ -67,8 +84,8 @@ class TorchModule {
   // Registers `module`'s parameters with a new Engine (collective: every rank wraps the same module structure),
   // copies their current values in (rank 0's values are not broadcast: initialize identically on every rank,
   // e.g. with torch::manual_seed) and re-points them at zero's buffers. `comm` must outlive the TorchModule.
-  // Fails for a module already wrapped, a module without parameters, non-fp32 or non-CPU parameters, an options
-  // dtype or stage this wrapper does not support, or a bad unit mapping.
+  // Fails for a module already wrapped, a module without parameters, non-fp32 or non-CPU parameters, 16-bit
+  // options dtypes, Stage::kAuto, or a bad unit mapping.
   static Status Wrap(std::shared_ptr<torch::nn::Module> module, const Options& options, Comm* comm,
                      const TorchOptions& torch_options, std::unique_ptr<TorchModule>* out);
   ~TorchModule();
@@ -78,6 +95,9 @@ class TorchModule {
   // Starts micro-step `micro` of the current step (Engine::BeginMicroStep) and runs the forward side of the
   // protocol for every unit. Call it before each forward that will be followed by backward.
   Status BeginMicroStep(int micro, bool is_last);
+  // Runs unit `unit`'s forward, *output = fn(input), with the unit's parameters gathered (stage 3; see above).
+  using UnitForward = std::function<at::Tensor(const at::Tensor&)>;
+  Status Forward(int unit, const at::Tensor& input, const UnitForward& fn, at::Tensor* output);
   // Completes the micro-steps' bookkeeping, then Engine::Step: reduces what remains, clips, updates, and waits
   // until the parameters the module reads hold the new values.
   Status Step(const StepArgs& args, StepResult* result);

@@ -3,6 +3,7 @@
 // of libzero_torch: torch headers are slow to compile, so everything torch-facing stays here.
 #include "zero/torch.h"
 
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
@@ -10,6 +11,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <set>
@@ -58,10 +60,12 @@ class TorchModule::Impl {
     bool acquired = false;    // Acquire(u, kBackward) done this micro-step
     bool ready = false;       // GradsReady(u) done this micro-step
     bool in_graph = false;    // some trainable parameter is in a live autograd graph at the start of backward
+    bool ran_forward = false;  // stage 3: Forward(u) ran this micro-step
   };
 
   std::shared_ptr<torch::nn::Module> module;
   std::unique_ptr<Engine> engine;
+  bool stage3 = false;  // parameters are views only while their unit is acquired
   std::vector<Param> params;
   std::vector<Unit> units;
   bool in_micro_step = false;    // BeginMicroStep called, its backward not finished
@@ -75,6 +79,19 @@ class TorchModule::Impl {
   void Unwrap() {
     if (!module) return;
     torch::NoGradGuard no_grad;
+    FullParamsScope scope;
+    if (stage3 && engine) {
+      // Collective, like the destructor's every other effect: every rank unwraps together.
+      std::vector<int> all(units.size());
+      for (size_t u = 0; u < units.size(); ++u) all[u] = static_cast<int>(u);
+      const Status s = engine->GatherFull(all, &scope);
+      if (s.ok()) {
+        for (size_t u = 0; u < units.size(); ++u) PointAtGatheredNoThrow(static_cast<int>(u));
+      } else {
+        std::fprintf(stderr, "zero::TorchModule: gathering the parameters to unwrap failed: %s\n",
+                     s.ToString().c_str());
+      }
+    }
     for (Param& p : params) {
       // The hooks point at this object: remove them, so that a backward after unwrapping is plain torch.
       if (p.accumulator) {
@@ -83,7 +100,12 @@ class TorchModule::Impl {
         p.accumulator.reset();
       }
       p.tensor.mutable_grad() = at::Tensor();
-      p.tensor.set_data(p.tensor.detach().clone());
+      if (p.tensor.data_ptr() == nullptr) {
+        // Stage 3 with an engine that could not gather (poisoned): the values are lost; say so by shape.
+        p.tensor.set_data(torch::empty({0}, torch::kFloat32));
+      } else {
+        p.tensor.set_data(p.tensor.detach().clone());
+      }
     }
     std::lock_guard<std::mutex> lock(WrappedMutex());
     Wrapped().erase(module.get());
@@ -99,6 +121,14 @@ class TorchModule::Impl {
     if (!s.ok()) Fail(std::move(s));
   }
 
+  void StartBackward() {
+    if (backward_started) return;
+    backward_started = true;
+    // Runs when this backward's graph task finishes, on this thread.
+    torch::autograd::Engine::get_default_engine().queue_callback([this] { EndOfBackward(); });
+    MarkUnitsInGraph();
+  }
+
   // Tensor hook, before AccumulateGrad adds: make the unit's gradient buffers the parameters' .grad.
   void BeforeAccumulate(int i) {
     if (!error.ok()) Fail(error);
@@ -109,18 +139,13 @@ class TorchModule::Impl {
           "' outside a micro-step: call BeginMicroStep(micro, is_last) before each forward whose loss you "
           "backward, and backward once per micro-step"));
     }
-    if (!backward_started) {
-      backward_started = true;
-      // Runs when this backward's graph task finishes, on this thread.
-      torch::autograd::Engine::get_default_engine().queue_callback([this] { EndOfBackward(); });
-      MarkUnitsInGraph();
-    }
+    StartBackward();
     // Units after this one that no graph reaches will get no gradient: complete them now, in plan order, rather
     // than at the end of backward. Otherwise their place in the reduction order (descending units) would hold
     // back every lower unit's reduction, and in stages 2-3 its gradient pool buffer, until backward ends.
     for (int v = static_cast<int>(units.size()) - 1; v > p.unit; --v) {
       const Unit& later = units[static_cast<size_t>(v)];
-      if (!later.in_graph && !later.ready) Complete(v);
+      if (!later.in_graph && !(stage3 && later.ran_forward) && !later.ready) Complete(v);
     }
     Unit& u = units[static_cast<size_t>(p.unit)];
     if (u.ready) {
@@ -129,6 +154,31 @@ class TorchModule::Impl {
                                       " already reduced): backward once per micro-step, without retain_graph reuse"));
     }
     if (!u.acquired) AcquireForBackward(p.unit);
+  }
+
+  // Stage 3: a unit's parameters point at its gathered copy while it is acquired and at nothing otherwise. The
+  // pointer is swapped inside the parameter's Storage, never by replacing the tensor: the autograd graph saves
+  // the parameter and views of it (Linear saves weight.t()), which share that Storage object, so re-pointing
+  // it before the unit's backward is what lets the saved tensors read the re-gathered values.
+  static void SetStorage(Param& q, void* data) {
+    q.tensor.storage().unsafeGetStorageImpl()->set_data_ptr_noswap(at::DataPtr(data, at::Device(at::kCPU)));
+  }
+  void PointAtGathered(int unit) {
+    for (int j : units[static_cast<size_t>(unit)].params) {
+      Param& q = params[static_cast<size_t>(j)];
+      const TensorView v = engine->Param(j);
+      if (v.data == nullptr) Fail(Status::Internal("no parameter view for '" + q.name + "' after Acquire"));
+      SetStorage(q, v.data);
+    }
+  }
+  void PointAtGatheredNoThrow(int unit) {
+    for (int j : units[static_cast<size_t>(unit)].params) {
+      const TensorView v = engine->Param(j);
+      if (v.data != nullptr) SetStorage(params[static_cast<size_t>(j)], v.data);
+    }
+  }
+  void PointAtNothing(int unit) {
+    for (int j : units[static_cast<size_t>(unit)].params) SetStorage(params[static_cast<size_t>(j)], nullptr);
   }
 
   // A parameter is in a live autograd graph iff some node holds an edge to its AccumulateGrad node, i.e. the
@@ -145,6 +195,7 @@ class TorchModule::Impl {
     Unit& u = units[static_cast<size_t>(unit)];
     Check(engine->Acquire(unit, Pass::kBackward));
     u.acquired = true;
+    if (stage3) PointAtGathered(unit);
     for (int j : u.params) {
       Param& q = params[static_cast<size_t>(j)];
       if (!q.trainable) continue;
@@ -154,6 +205,25 @@ class TorchModule::Impl {
       // Defined and laid out like the parameter: AccumulateGrad adds in place (variable_grad += new_grad).
       q.tensor.mutable_grad() = ViewOf(g, q.shape);
     }
+  }
+
+  // Stage 3, backward reached the unit's output: gather it before its backward nodes run.
+  void BeforeUnitBackward(int unit) {
+    if (!error.ok()) Fail(error);
+    if (!in_micro_step) Fail(Status::FailedPrecondition("backward reached unit " + std::to_string(unit) +
+                                                        " outside a micro-step: call BeginMicroStep(micro, "
+                                                        "is_last) before each forward, and backward once"));
+    StartBackward();
+    for (int v = static_cast<int>(units.size()) - 1; v > unit; --v) {
+      const Unit& later = units[static_cast<size_t>(v)];
+      if (!later.in_graph && !later.ran_forward && !later.ready) Complete(v);
+    }
+    if (!units[static_cast<size_t>(unit)].acquired) AcquireForBackward(unit);
+  }
+  // Stage 3, backward left the unit through its input: its gradients are complete.
+  void AfterUnitBackward(int unit) {
+    if (!error.ok()) Fail(error);
+    if (!units[static_cast<size_t>(unit)].ready) Complete(unit);
   }
 
   // Post-hook of the parameter's AccumulateGrad node: the gradient is in .grad now.
@@ -186,6 +256,7 @@ class TorchModule::Impl {
     Check(engine->GradsReady(unit));
     u.ready = true;
     Check(engine->Release(unit, Pass::kBackward));
+    if (stage3) PointAtNothing(unit);
   }
 
   // End of loss.backward(): units that got no gradient (unused, frozen) are completed in plan order, i.e.
@@ -238,17 +309,92 @@ class TorchModule::Impl {
   }
 };
 
+namespace {
+
+// Identity functions at a stage-3 unit's boundaries (FSDP2's scheme). On the unit's output, backward first
+// re-gathers the unit (Acquire(u, kBackward)) so that its backward nodes read full parameters; on its input,
+// backward runs after the unit's nodes, so the unit is complete: GradsReady and Release.
+struct UnitOutput : torch::autograd::Function<UnitOutput> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t impl, int64_t unit) {
+    ctx->saved_data["impl"] = impl;
+    ctx->saved_data["unit"] = unit;
+    return x.view_as(x);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* impl = reinterpret_cast<TorchModule::Impl*>(ctx->saved_data["impl"].toInt());
+    impl->BeforeUnitBackward(static_cast<int>(ctx->saved_data["unit"].toInt()));
+    return {grads[0], at::Tensor(), at::Tensor()};
+  }
+};
+struct UnitInput : torch::autograd::Function<UnitInput> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t impl, int64_t unit) {
+    ctx->saved_data["impl"] = impl;
+    ctx->saved_data["unit"] = unit;
+    return x.view_as(x);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto* impl = reinterpret_cast<TorchModule::Impl*>(ctx->saved_data["impl"].toInt());
+    impl->AfterUnitBackward(static_cast<int>(ctx->saved_data["unit"].toInt()));
+    return {grads[0], at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
 TorchModule::TorchModule(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Status TorchModule::Forward(int unit, const at::Tensor& input, const UnitForward& fn, at::Tensor* output) {
+  Impl& im = *impl_;
+  ZERO_RETURN_IF_ERROR(im.error);
+  if (output == nullptr) return Status::InvalidArgument("TorchModule::Forward: output is null");
+  if (unit < 0 || unit >= static_cast<int>(im.units.size())) {
+    return Status::InvalidArgument("TorchModule::Forward: unit " + std::to_string(unit) + " does not exist (" +
+                                   std::to_string(im.units.size()) + " units)");
+  }
+  if (!im.stage3) {  // parameters are always there
+    *output = fn(input);
+    return Status::Ok();
+  }
+  if (!im.in_micro_step) {
+    return Status::FailedPrecondition("TorchModule::Forward(" + std::to_string(unit) +
+                                      ") outside a micro-step: call BeginMicroStep first (evaluation between "
+                                      "steps: Engine::GatherFull)");
+  }
+  Impl::Unit& u = im.units[static_cast<size_t>(unit)];
+  if (u.ran_forward) {
+    return Status::FailedPrecondition("TorchModule::Forward(" + std::to_string(unit) +
+                                      ") twice in one micro-step: run each unit once (tied weights across units "
+                                      "are not supported by the wrapper yet)");
+  }
+  ZERO_RETURN_IF_ERROR(im.engine->Acquire(unit, Pass::kForward));
+  try {
+    im.PointAtGathered(unit);
+  } catch (const std::exception&) {
+    return im.error;
+  }
+  const auto self = static_cast<int64_t>(reinterpret_cast<intptr_t>(&im));
+  at::Tensor x = input;
+  if (torch::GradMode::is_enabled() && input.requires_grad()) x = UnitInput::apply(input, self, unit);
+  at::Tensor y = fn(x);
+  ZERO_RETURN_IF_ERROR(im.engine->Release(unit, Pass::kForward));
+  im.PointAtNothing(unit);
+  if (torch::GradMode::is_enabled() && y.requires_grad()) y = UnitOutput::apply(y, self, unit);
+  u.ran_forward = true;
+  *output = y;
+  return Status::Ok();
+}
 TorchModule::~TorchModule() = default;
 
 Status TorchModule::Wrap(std::shared_ptr<torch::nn::Module> module, const Options& options, Comm* comm,
                          const TorchOptions& torch_options, std::unique_ptr<TorchModule>* out) {
   if (out == nullptr) return Status::InvalidArgument("TorchModule::Wrap: out is null");
   if (!module) return Status::InvalidArgument("TorchModule::Wrap: module is null");
-  if (options.stage == Stage::kParameters || options.stage == Stage::kAuto) {
+  if (options.stage == Stage::kAuto) {
     return Status::InvalidArgument(
-        "TorchModule::Wrap: stages 0-2 only (Stage::kDataParallel, kOptimizerStates, kGradients); stage 3 needs "
-        "per-unit forward hooks this wrapper does not have yet");
+        "TorchModule::Wrap: choose the stage (Stage::kAuto is not supported: stage 3 needs Forward calls in the "
+        "model code, so the choice cannot be made behind the trainer's back)");
   }
   if (options.param_dtype != DType::kF32 || options.grad_dtype != DType::kF32) {
     return Status::InvalidArgument("TorchModule::Wrap: param_dtype and grad_dtype must be kF32 (the wrapper "
@@ -337,11 +483,17 @@ Status TorchModule::Wrap(std::shared_ptr<torch::nn::Module> module, const Option
   // module's references; the same dtype and device keep its autograd metadata). Then hook the accumulators.
   {
     torch::NoGradGuard no_grad;
+    impl->stage3 = options.stage == Stage::kParameters;
     for (size_t i = 0; i < impl->params.size(); ++i) {
       Impl::Param& p = impl->params[i];
+      p.tensor.mutable_grad() = at::Tensor();
+      if (impl->stage3) {
+        // A Storage of its own, pointing at nothing until the unit is acquired (Impl::PointAtGathered).
+        p.tensor.set_data(torch::from_blob(nullptr, p.shape, torch::kFloat32));
+        continue;
+      }
       const TensorView v = impl->engine->Param(static_cast<int>(i));
       if (v.data == nullptr) return Status::Internal("TorchModule::Wrap: no parameter view for '" + p.name + "'");
-      p.tensor.mutable_grad() = at::Tensor();
       p.tensor.set_data(ViewOf(v, p.shape));
     }
   }
@@ -379,8 +531,9 @@ Status TorchModule::BeginMicroStep(int micro, bool is_last) {
   ZERO_RETURN_IF_ERROR(im.FinishMicroStep());
   ZERO_RETURN_IF_ERROR(im.CheckRegistration());
   ZERO_RETURN_IF_ERROR(im.engine->BeginMicroStep(micro, is_last));
-  // Stages 0-2 keep full parameters: the forward side of the protocol only checks, unit by unit.
-  for (int u = 0; u < static_cast<int>(im.units.size()); ++u) {
+  // Stages 0-2 keep full parameters: the forward side of the protocol only checks, unit by unit. Stage 3: the
+  // model's Forward calls acquire and release.
+  for (int u = 0; u < static_cast<int>(im.units.size()) && !im.stage3; ++u) {
     ZERO_RETURN_IF_ERROR(im.engine->Acquire(u, Pass::kForward));
     ZERO_RETURN_IF_ERROR(im.engine->Release(u, Pass::kForward));
   }
@@ -388,6 +541,7 @@ Status TorchModule::BeginMicroStep(int micro, bool is_last) {
     u.accumulated = 0;
     u.acquired = false;
     u.ready = false;
+    u.ran_forward = false;
   }
   im.in_micro_step = true;
   im.backward_started = false;
