@@ -6,7 +6,8 @@
 #   * adapter_model.safetensors parses with numpy alone: only lora_A / lora_B tensors, PEFT names, the shapes
 #     of r = 4, finite values, and B no longer zero (it was trained); adapter_config.json names the rank;
 #   * `sample` reads the base and the adapter back and continues a prompt with each;
-#   * an interrupted fine-tune resumed from its zero checkpoint ends where the uninterrupted one did.
+#   * an interrupted fine-tune resumed from its zero checkpoint ends where the uninterrupted one did;
+#   * --targets q,gate puts adapters on those projections only (config and file agree); a bad list is refused.
 #   * `merge` folds the adapter into the base: merged logits equal adapter logits within 1e-5 (relative; the
 #     example checks it and fails otherwise, this reads its line), and merged.safetensors holds the base's tensors
 #     under Hugging Face names, no LoRA tensor, with the targeted projections changed by the fold and the rest equal.
@@ -112,5 +113,22 @@ grep -q "stopping after step 20" "$work/interrupted.log" || { echo "FAIL: the ru
 grep -q "resumed from $work/ckpt at step 20" "$work/resumed.log" || { echo "FAIL: no resume"; cat "$work/resumed.log"; exit 1; }
 resumed=$(tail -n 2 "$work/resumed.log" | sed -n 's/^val_loss_before=[0-9.]* val_loss_after=\([0-9.]*\)$/\1/p')
 [[ $resumed == "$after" ]] || { echo "FAIL: resumed run ends at validation loss '$resumed', uninterrupted at $after"; exit 1; }
+
+# --targets: adapters on q and gate only; adapter_config.json and the adapter file say so. A bad list is refused.
+"$mpiexec" -n 2 "$@" "$binary" "${lora_args[@]}" --lora-steps 3 --targets q,gate > "$work/targets.log"
+grep -q '"target_modules": \["q_proj", "gate_proj"\]' "$work/adapter_config.json" ||
+  { echo "FAIL: adapter_config.json does not list q_proj, gate_proj"; cat "$work/adapter_config.json"; exit 1; }
+"$python" - "$path" <<'PY'
+import json, struct, sys
+raw = open(sys.argv[1], "rb").read()
+header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+header.pop("__metadata__", None)
+kinds = {name.split(".")[-3] for name in header}
+assert kinds == {"q_proj", "gate_proj"}, kinds
+PY
+if "$mpiexec" -n 2 "$@" "$binary" "${lora_args[@]}" --targets q,nope > "$work/bad_targets.log" 2>&1; then
+  echo "FAIL: --targets q,nope was accepted"; exit 1
+fi
+grep -q "subset of q,k,v,o,gate,up,down" "$work/bad_targets.log" || { echo "FAIL: no clear error"; cat "$work/bad_targets.log"; exit 1; }
 
 echo "PASS: validation loss $before -> $after (resumed run: $resumed), adapter $path"

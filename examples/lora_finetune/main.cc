@@ -80,6 +80,7 @@ struct Flags {
   uint64_t seed = 1;
   // Checkpoints of `lora` (zero's sharded checkpoints, OUT/ckpt): every N steps (0: none); --resume 1 continues
   // from OUT/ckpt/latest; --stop-after N ends the run after N steps (an interruption, for tests).
+  std::string targets = "q,k,v,o";  // LoRA-adapted projections: any of q,k,v,o,gate,up,down
   int save_every = 0;
   bool resume = false;
   int stop_after = -1;
@@ -97,6 +98,7 @@ const char* kUsage =
     "  [--warmup N] [--dim D] [--layers L] [--heads H] [--kv-heads K] [--ffn F] [--r R] [--alpha A]\n"
     "  [--dropout P] [--eval-batches N] [--threads T] [--seed S] [--base-corpus fortunes|synthetic]\n"
     "  [--tune-corpus bible|synthetic] [--prompt TEXT] [--sample-tokens N] [--save-every N] [--resume 0|1]\n"
+    "  [--targets q,k,v,o,gate,up,down]"
     "  [--stop-after N] [--device auto|cpu|cuda]\n";
 
 bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
@@ -140,6 +142,7 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
     else if (k == "--pretrain-steps") ok = num(&f->pretrain_steps);
     else if (k == "--lora-steps") ok = num(&f->lora_steps);
     else if (k == "--save-every") ok = num(&f->save_every);
+    else if (k == "--targets") f->targets = v;
     else if (k == "--resume") ok = num(&f->resume);
     else if (k == "--stop-after") ok = num(&f->stop_after);
     else if (k == "--pretrain-lr") ok = num(&f->pretrain_lr);
@@ -369,6 +372,33 @@ zero::Options EngineOptions(const Flags& f, float lr) {
   return o;
 }
 
+// The projections --targets names (comma-separated), or false for an unknown or empty list.
+bool SetTargets(const std::string& list, lora::LoraConfig* l) {
+  l->q = l->k = l->v = l->o = l->gate = l->up = l->down = false;
+  std::stringstream ss(list);
+  std::string t;
+  bool any = false;
+  while (std::getline(ss, t, ',')) {
+    bool* flag = t == "q" ? &l->q : t == "k" ? &l->k : t == "v" ? &l->v : t == "o" ? &l->o : t == "gate" ? &l->gate
+               : t == "up" ? &l->up : t == "down" ? &l->down : nullptr;
+    if (flag == nullptr) return false;
+    *flag = any = true;
+  }
+  return any;
+}
+
+// PEFT's target_modules for --targets: ["q_proj", ...].
+std::string TargetModules(const std::string& list) {
+  std::stringstream ss(list), out;
+  std::string t;
+  bool first = true;
+  while (std::getline(ss, t, ',')) {
+    out << (first ? "" : ", ") << "\"" << t << "_proj\"";
+    first = false;
+  }
+  return "[" + out.str() + "]";
+}
+
 void Open(const Flags& f, zero::Comm* comm, const lora::ModelConfig& model, bool with_lora, float lr, Run* run) {
   run->model = model;
   run->lora = {};
@@ -376,6 +406,9 @@ void Open(const Flags& f, zero::Comm* comm, const lora::ModelConfig& model, bool
   run->lora.r = f.r;
   run->lora.alpha = f.alpha;
   run->lora.dropout = f.dropout;
+  if (!SetTargets(f.targets, &run->lora)) {
+    Fail("--targets '" + f.targets + "': give a comma-separated subset of q,k,v,o,gate,up,down");
+  }
   const std::string bad = lora::CheckConfig(run->model, run->lora);
   if (!bad.empty()) Fail("model configuration: " + bad);
   run->params = lora::Parameters(run->model, run->lora);
@@ -809,8 +842,8 @@ int Main(int argc, char** argv) {
     for (int64_t d : p.shape) n *= d;
     (p.trainable ? trainable : frozen) += n;
   }
-  Say("lora: r=%d alpha=%g on q,k,v,o: %lld trainable / %lld frozen parameters, stage %d%s, %d ranks\n", f.r,
-      static_cast<double>(f.alpha), static_cast<long long>(trainable), static_cast<long long>(frozen), f.stage,
+  Say("lora: r=%d alpha=%g on %s: %lld trainable / %lld frozen parameters, stage %d%s, %d ranks\n", f.r,
+      static_cast<double>(f.alpha), f.targets.c_str(), static_cast<long long>(trainable), static_cast<long long>(frozen), f.stage,
       f.offload ? " + optimizer offload" : "", world);
   const std::string& prompt = f.prompt;
   const std::string before_sample = Sample(f, run, text, prompt, f.sample_tokens);
@@ -835,7 +868,7 @@ int Main(int argc, char** argv) {
     std::ofstream cfg(f.out + "/adapter_config.json");
     cfg << "{\n  \"peft_type\": \"LORA\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"r\": " << f.r
         << ",\n  \"lora_alpha\": " << f.alpha << ",\n  \"lora_dropout\": " << f.dropout
-        << ",\n  \"target_modules\": [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"],\n  \"bias\": \"none\"";
+        << ",\n  \"target_modules\": " << TargetModules(f.targets) << ",\n  \"bias\": \"none\"";
     if (smollm2) cfg << ",\n  \"base_model_name_or_path\": \"HuggingFaceTB/SmolLM2-135M-Instruct\"";
     cfg << "\n}\n";
   }
