@@ -3,7 +3,12 @@
 // this run's ranks (1-4, each on its slice of the batch), micro-steps 1 and 2; stage 3 through one
 // TorchModule::Forward call per unit. Also: gradients land in zero's buffers (not in tensors torch allocated),
 // frozen parameters cost no gradient or optimizer memory, and bad use gets a clear status.
+#include <mpi.h>
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -426,6 +431,80 @@ TEST(TorchModuleTest, ParameterRegisteredAfterWrapIsRefused) {
   s = zm->BeginMicroStep(0, true);
   EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(Contains(s, "'late' was registered after TorchModule::Wrap")) << s.ToString();
+}
+
+// A shared directory name for this run's checkpoints (every rank the same).
+std::string SharedDir(const std::string& what) {
+  int pid = static_cast<int>(getpid());
+  MPI_Bcast(&pid, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  const std::string dir = "/tmp/zero_torch_test_" + std::to_string(pid) + "_" + what;
+  MPI_Barrier(MPI_COMM_WORLD);
+  return dir;
+}
+
+void TrainSteps(Net net, TorchModule& zm, const Comm& comm, Stage stage, int first, int last) {
+  const int64_t rows = kBatch / comm.world_size();
+  for (int step = first; step < last; ++step) {
+    Batch b = GlobalBatch(step);
+    ASSERT_TRUE(zm.BeginMicroStep(0, true).ok());
+    const torch::Tensor x = b.x.narrow(0, comm.rank() * rows, rows);
+    torch::Tensor out = stage == Stage::kParameters ? net->forward_units(zm, x, UseSide(step))
+                                                    : net->forward(x, UseSide(step));
+    torch::mse_loss(out, b.y.narrow(0, comm.rank() * rows, rows)).backward();
+    StepResult result;
+    Status s = zm.Step(StepArgs(), &result);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+}
+
+// Save at stage 2, load into a differently initialized module at stages 0 and 3, train on: the same parameters as
+// the run that never stopped, bit for bit (fp32 zero is bitwise equal across stages: README "Checkpoints"). The
+// export holds every parameter under its state_dict name, in spec order, with the module's values.
+TEST(TorchModuleTest, SaveLoadAndExportUseStateDictNames) {
+  torch::set_num_threads(1);
+  auto comm = OpenComm();
+  ASSERT_NE(comm, nullptr);
+  const std::string root = SharedDir("ckpt");
+  Net a = MakeNet();
+  std::unique_ptr<TorchModule> za;
+  ASSERT_TRUE(TorchModule::Wrap(a.ptr(), ZeroOptions(Stage::kGradients), comm.get(), {}, &za).ok());
+  TrainSteps(a, *za, *comm, Stage::kGradients, 0, 3);
+  Status s = za->Save(root, "step3", "data position 3");
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  s = za->Export(root + "/model.safetensors");
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  // The export, read back: an 8-byte header length, the JSON header, then fp32 data in spec order.
+  std::ifstream in(root + "/model.safetensors", std::ios::binary);
+  uint64_t header_len = 0;
+  in.read(reinterpret_cast<char*>(&header_len), 8);
+  std::string header(header_len, ' ');
+  in.read(header.data(), static_cast<std::streamsize>(header_len));
+  for (const auto& item : a->named_parameters()) {
+    EXPECT_NE(header.find("\"" + item.key() + "\""), std::string::npos) << item.key() << " in " << header;
+    std::vector<float> v(static_cast<size_t>(item.value().numel()));
+    in.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(v.size() * sizeof(float)));
+    ASSERT_TRUE(in.good());
+    EXPECT_TRUE(torch::equal(torch::from_blob(v.data(), item.value().sizes(), torch::kFloat32), item.value()))
+        << item.key();
+  }
+  TrainSteps(a, *za, *comm, Stage::kGradients, 3, 6);
+  za.reset();  // a keeps its trained values
+
+  for (Stage stage : {Stage::kDataParallel, Stage::kParameters}) {
+    torch::manual_seed(99);  // a different initialization: Load must overwrite all of it
+    Net b;
+    std::unique_ptr<TorchModule> zb;
+    ASSERT_TRUE(TorchModule::Wrap(b.ptr(), ZeroOptions(stage), comm.get(), {}, &zb).ok());
+    std::string metadata;
+    s = zb->Load(root, "", &metadata);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    EXPECT_EQ(metadata, "data position 3");
+    TrainSteps(b, *zb, *comm, stage, 3, 6);
+    zb.reset();  // stage 3: gathers the values back into the module
+    EXPECT_EQ(MaxError(b, a), 0.0) << "stage " << static_cast<int>(stage);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (comm->rank() == 0) std::filesystem::remove_all(root);
 }
 
 // Destroying the wrapper gives the module its own memory back, with the trained values, and removes the hooks:

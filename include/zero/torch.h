@@ -54,6 +54,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "zero/comm.h"
 #include "zero/engine.h"
@@ -101,6 +102,14 @@ class TorchModule {
   // Completes the micro-steps' bookkeeping, then Engine::Step: reduces what remains, clips, updates, and waits
   // until the parameters the module reads hold the new values.
   Status Step(const StepArgs& args, StepResult* result);
+
+  // Checkpoints and export under the parameters' state_dict names (the ParamSpec names; module buffers such as
+  // BatchNorm statistics are not parameters and are not included). Collective, between steps; see Engine::Save,
+  // Load and Export (README "Checkpoints"): a checkpoint loads at any world size and stage, also into an Engine
+  // opened without torch from the same specs. Load also waits until the module's tensors hold the loaded values.
+  Status Save(const std::string& root, const std::string& tag, std::string_view metadata = {});
+  Status Load(const std::string& root, const std::string& tag = {}, std::string* metadata = nullptr);
+  Status Export(const std::string& path, const ExportOptions& options = {});
 
   Engine& engine();
   // Spec index of a parameter by state_dict name; -1 if none.

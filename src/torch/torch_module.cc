@@ -555,8 +555,28 @@ Status TorchModule::Step(const StepArgs& args, StepResult* result) {
   ZERO_RETURN_IF_ERROR(im.CheckRegistration());
   ZERO_RETURN_IF_ERROR(im.engine->Step(args, result));
   // Step queues the post-step all-gather; torch reads the buffers directly, so wait for it here (Param waits).
-  if (im.engine->Param(0).data == nullptr) return im.engine->healthy();
+  // Stage 3 gathers at Acquire.
+  if (!im.stage3 && im.engine->Param(0).data == nullptr) return im.engine->healthy();
   return Status::Ok();
+}
+
+Status TorchModule::Save(const std::string& root, const std::string& tag, std::string_view metadata) {
+  ZERO_RETURN_IF_ERROR(impl_->error);
+  return impl_->engine->Save(root, tag, metadata);
+}
+
+Status TorchModule::Load(const std::string& root, const std::string& tag, std::string* metadata) {
+  Impl& im = *impl_;
+  ZERO_RETURN_IF_ERROR(im.error);
+  ZERO_RETURN_IF_ERROR(im.engine->Load(root, tag, metadata));
+  // Stages 0-2: the module reads the full buffers directly; Param waits for the post-load gather.
+  if (!im.stage3 && im.engine->Param(0).data == nullptr) return im.engine->healthy();
+  return Status::Ok();
+}
+
+Status TorchModule::Export(const std::string& path, const ExportOptions& options) {
+  ZERO_RETURN_IF_ERROR(impl_->error);
+  return impl_->engine->Export(path, options);  // empty names: the specs' names, i.e. the state_dict names
 }
 
 Engine& TorchModule::engine() { return *impl_->engine; }
