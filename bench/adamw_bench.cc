@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "kernels/cast.cuh"
 #include "kernels/cpu_adamw.h"
 #include "kernels/cpu_kernels.h"
@@ -245,19 +246,6 @@ Arena& GetArena(bool huge) {
   if (!huge) return small_pages;
   static Arena huge_pages(true);
   return huge_pages;
-}
-
-double Median(std::vector<double> x) {
-  std::sort(x.begin(), x.end());
-  const size_t k = x.size() / 2;
-  return x.size() % 2 ? x[k] : 0.5 * (x[k - 1] + x[k]);
-}
-
-template <typename Fn>
-double Seconds(Fn&& fn) {
-  const auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 struct Config {

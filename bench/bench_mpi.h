@@ -16,6 +16,8 @@
 #include <string_view>
 #include <vector>
 
+#include "bench/bench_util.h"
+
 namespace zero::bench {
 
 // Swallows everything: ranks other than 0 run the cases but print nothing.
@@ -25,20 +27,6 @@ class NullReporter : public benchmark::BenchmarkReporter {
   void ReportRuns(const std::vector<Run>&) override {}
   void Finalize() override {}
 };
-
-inline double Median(std::vector<double> x) {
-  if (x.empty()) return 0.0;
-  std::sort(x.begin(), x.end());
-  const size_t k = x.size() / 2;
-  return x.size() % 2 ? x[k] : 0.5 * (x[k - 1] + x[k]);
-}
-
-template <typename Fn>
-double Seconds(Fn&& fn) {
-  const auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 // Element-wise maximum over the ranks of MPI_COMM_WORLD (the slowest rank's times), in place.
 inline void MaxOverRanks(std::vector<double>* values) {
