@@ -6,6 +6,7 @@
 // weight W is [out, in] (Hugging Face), so y = x W^T. Backward walks the blocks in reverse, carrying the gradient
 // of the residual stream in one [N, dim] buffer that each block updates in place.
 #include "examples/lora_finetune/model.h"
+#include "examples/lora_finetune/model_layout.h"
 
 #include <cblas.h>
 
@@ -23,33 +24,16 @@ extern "C" void openblas_set_num_threads(int) __attribute__((weak));
 namespace lora {
 namespace {
 
-// The seven projections of a block, in parameter order.
-enum Proj { kQ, kK, kV, kO, kGate, kUp, kDown, kNumProj };
-constexpr const char* kProjName[kNumProj] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                             "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
-                                             "mlp.down_proj"};
-
-struct Linear {
-  int w = -1, a = -1, b = -1;  // parameter indices; a, b = -1 without an adapter
-  int in = 0, out = 0;
-};
-
-struct Block {
-  int ln1 = -1, ln2 = -1;
-  Linear proj[kNumProj];
-};
-
-// Parameter indices and infos, built in one place so Parameters() and the kernels agree.
-struct Layout {
-  int embed = -1, norm = -1;
-  std::vector<Block> blocks;
-  std::vector<ParamInfo> params;
-};
+using namespace detail;  // the parameter table (model_layout.h)
 
 bool Targeted(const LoraConfig& lora, int p) {
   const bool t[kNumProj] = {lora.q, lora.k, lora.v, lora.o, lora.gate, lora.up, lora.down};
   return lora.enabled && t[p];
 }
+
+}  // namespace
+
+namespace detail {
 
 Layout BuildLayout(const ModelConfig& m, const LoraConfig& lora) {
   Layout l;
@@ -84,6 +68,10 @@ Layout BuildLayout(const ModelConfig& m, const LoraConfig& lora) {
   l.norm = add("model.norm.weight", {m.dim}, m.layers + 1, base_trainable);
   return l;
 }
+
+}  // namespace detail
+
+namespace {
 
 using kernels::Hash;  // counter-based: the same value for (seed, stream, index) on every rank
 using kernels::Uniform01;

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "examples/lora_finetune/model_cuda.h"
+#include "examples/lora_finetune/model_layout.h"
 #include "examples/lora_finetune/model_kernels.cuh"
 #include "kernels/launch.cuh"
 
@@ -177,81 +178,8 @@ void MatMulTN(int M, int N, int K, float alpha, const Bf16* d, const Bf16* x, fl
   Gemm(true, false, M, N, K, alpha, d, M, x, N, beta, y, N);
 }
 
-// Parameter indices, recovered from model.h's Parameters() by name (model.cc builds the same table; the names
-// are the contract both follow).
-enum Proj { kQ, kK, kV, kO, kGate, kUp, kDown, kNumProj };
-constexpr const char* kProjName[kNumProj] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                             "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
-                                             "mlp.down_proj"};
-
-struct Linear {
-  int w = -1, a = -1, b = -1;
-  int in = 0, out = 0;
-};
-struct Block {
-  int ln1 = -1, ln2 = -1;
-  Linear proj[kNumProj];
-};
-struct Layout {
-  int embed = -1, norm = -1;
-  std::vector<Block> blocks;
-  std::vector<ParamInfo> params;
-};
-
-Layout BuildLayout(const ModelConfig& m, const LoraConfig& lora) {
-  Layout l;
-  l.params = Parameters(m, lora);
-  l.blocks.resize(static_cast<size_t>(m.layers));
-  for (int p = 0; p < static_cast<int>(l.params.size()); ++p) {
-    const ParamInfo& info = l.params[p];
-    if (info.name == "model.embed_tokens.weight") {
-      l.embed = p;
-      continue;
-    }
-    if (info.name == "model.norm.weight") {
-      l.norm = p;
-      continue;
-    }
-    const int layer = info.unit - 1;
-    if (layer < 0 || layer >= m.layers) Die("unexpected parameter " + info.name);
-    const std::string prefix = "model.layers." + std::to_string(layer) + ".";
-    Block& blk = l.blocks[static_cast<size_t>(layer)];
-    if (info.name == prefix + "input_layernorm.weight") {
-      blk.ln1 = p;
-      continue;
-    }
-    if (info.name == prefix + "post_attention_layernorm.weight") {
-      blk.ln2 = p;
-      continue;
-    }
-    bool found = false;
-    for (int k = 0; k < kNumProj && !found; ++k) {
-      const std::string base = prefix + kProjName[k] + ".";
-      Linear& lin = blk.proj[k];
-      if (info.name == base + "weight") {
-        lin.w = p;
-        lin.out = static_cast<int>(info.shape[0]);
-        lin.in = static_cast<int>(info.shape[1]);
-        found = true;
-      } else if (info.name == base + "lora_A.weight") {
-        lin.a = p;
-        found = true;
-      } else if (info.name == base + "lora_B.weight") {
-        lin.b = p;
-        found = true;
-      }
-    }
-    if (!found) Die("unexpected parameter " + info.name);
-  }
-  if (l.embed < 0 || l.norm < 0) Die("parameter list without embedding or final norm");
-  for (const Block& blk : l.blocks) {
-    if (blk.ln1 < 0 || blk.ln2 < 0) Die("block without its norms");
-    for (const Linear& lin : blk.proj) {
-      if (lin.w < 0 || (lin.a < 0) != (lin.b < 0)) Die("block with a missing projection or half an adapter");
-    }
-  }
-  return l;
-}
+// Parameter indices: model.cc's table (model_layout.h), so both models index parameters alike.
+using namespace detail;  // the parameter table: model_layout.h, built by model.cc's BuildLayout
 
 // Everything one pass needs besides the parameters (model.cc's Pass, on the device).
 struct Pass {
