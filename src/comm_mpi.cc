@@ -215,12 +215,36 @@ Status MpiComm::Create(MPI_Comm parent, const CommOptions& options, bool owns_mp
         "MPI is not initialized or already finalized: call MPI_Init_thread first, or use Comm::OpenMpi");
   }
   if (parent == MPI_COMM_NULL) return Status::InvalidArgument("the MPI communicator is MPI_COMM_NULL");
+  // Non-blocking duplicates polled against the timeout: a peer that never calls (a rank that failed before
+  // creating its Comm, or an Engine::Open that one rank skipped) makes this a Timeout, not a hang.
   MPI_Comm data = MPI_COMM_NULL, abort = MPI_COMM_NULL;
-  int rc = MPI_Comm_dup(parent, &data);
-  if (rc == MPI_SUCCESS) rc = MPI_Comm_dup(parent, &abort);
+  MPI_Request reqs[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+  int rc = MPI_Comm_idup(parent, &data, &reqs[0]);
+  if (rc == MPI_SUCCESS) rc = MPI_Comm_idup(parent, &abort, &reqs[1]);
+  const auto deadline = Clock::now() + options.timeout;
+  for (int polls = 0, done = 0; rc == MPI_SUCCESS && !done; ++polls) {
+    rc = MPI_Testall(2, reqs, &done, MPI_STATUSES_IGNORE);
+    if (rc != MPI_SUCCESS || done) break;
+    if (Clock::now() >= deadline) {
+      // The requests cannot be cancelled: they are left to MPI (the communicators leak if they ever complete).
+      for (MPI_Request& r : reqs) {
+        if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
+      }
+      int rank = 0, world = 1;
+      MPI_Comm_rank(parent, &rank);
+      MPI_Comm_size(parent, &world);
+      return Status::Timeout("creating a communicator (MPI_Comm_idup) on rank " + std::to_string(rank) + " of " +
+                             std::to_string(world) + " did not complete within " +
+                             std::to_string(options.timeout.count()) +
+                             " ms: every rank must create it at the same point (Comm::OpenMpi, FromMpiComm, "
+                             "Duplicate and Engine::Open are collective); a peer is stalled or skipped the call");
+    }
+    if (polls >= kSpinPolls) std::this_thread::sleep_for(kNap);
+  }
   if (rc != MPI_SUCCESS) {
-    if (data != MPI_COMM_NULL) MPI_Comm_free(&data);
-    return Status::Internal("MPI_Comm_dup failed: " + MpiErrorString(rc));
+    if (reqs[0] == MPI_REQUEST_NULL && data != MPI_COMM_NULL) MPI_Comm_free(&data);
+    if (reqs[1] == MPI_REQUEST_NULL && abort != MPI_COMM_NULL) MPI_Comm_free(&abort);
+    return Status::Internal("MPI_Comm_idup failed: " + MpiErrorString(rc));
   }
   // Errors become Statuses (MPI's default handler would kill the job).
   MPI_Comm_set_errhandler(data, MPI_ERRORS_RETURN);
@@ -527,6 +551,14 @@ Status MpiComm::Break(const Status& s, std::string_view notice) const {
   return s;
 }
 
+Status MpiComm::DoDuplicate(std::unique_ptr<Comm>* out) {
+  // After the calls before it on every rank (the call lock orders it with them); a healthy, idle data channel.
+  ZERO_RETURN_IF_ERROR(CheckBroken());
+  Status s = Create(data_, options_, /*owns_mpi=*/false, out);
+  if (!s.ok()) return Break(s, s.ToString());  // peers may be waiting in theirs: tell them
+  return s;
+}
+
 void MpiComm::Abort(const Status& reason) {
   const std::string text = AbortReasonText(reason);
   (void)Break(AbortedBy(rank(), text), text);
@@ -600,7 +632,7 @@ Status MpiComm::RingGather(const Call& call, char* buf, int64_t total) {
   return Status::Ok();
 }
 
-Status MpiComm::ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
+Status MpiComm::DoReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
                               const CollectiveOptions& opts) {
   Call call;
   ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kReduceScatter, opts.what, count, dtype}, opts, send, recv, &call));
@@ -612,7 +644,7 @@ Status MpiComm::ReduceScatter(const void* send, void* recv, int64_t count, DType
   return RingReduce(call, static_cast<const char*>(send), static_cast<char*>(recv), count * world_size());
 }
 
-Status MpiComm::AllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) {
+Status MpiComm::DoAllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) {
   Call call;
   ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kAllGather, opts.what, count, dtype}, opts, send, recv, &call));
   if (count == 0) return Status::Ok();
@@ -622,7 +654,7 @@ Status MpiComm::AllGather(const void* send, void* recv, int64_t count, DType dty
   return RingGather(call, out, count * world_size());
 }
 
-Status MpiComm::AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
+Status MpiComm::DoAllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
                           const CollectiveOptions& opts) {
   Call call;
   ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kAllReduce, opts.what, count, dtype, op}, opts, send, recv, &call));
@@ -637,7 +669,7 @@ Status MpiComm::AllReduce(const void* send, void* recv, int64_t count, DType dty
   return RingGather(call, out, count);
 }
 
-Status MpiComm::Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) {
+Status MpiComm::DoBroadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) {
   Call call;
   CallInfo info{CollectiveKind::kBroadcast, opts.what, count, dtype, ReduceOp::kSum, root};
   ZERO_RETURN_IF_ERROR(Begin(info, opts, nullptr, buffer, &call));
@@ -657,7 +689,7 @@ Status MpiComm::Broadcast(void* buffer, int64_t count, DType dtype, int root, co
   return Status::Ok();
 }
 
-Status MpiComm::Barrier(const CollectiveOptions& opts) {
+Status MpiComm::DoBarrier(const CollectiveOptions& opts) {
   Call call;
   ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kBarrier, opts.what}, opts, nullptr, nullptr, &call));
   // Dissemination: after round k every rank has heard, directly or not, from the 2^(k+1) - 1 ranks before it.

@@ -25,15 +25,18 @@ class MpiComm final : public Comm {
   static Status Create(MPI_Comm parent, const CommOptions& options, bool owns_mpi, std::unique_ptr<Comm>* out);
   ~MpiComm() override;
 
-  Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
-                       const CollectiveOptions& opts) override;
-  Status AllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override;
-  Status AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
-                   const CollectiveOptions& opts) override;
-  Status Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) override;
-  Status Barrier(const CollectiveOptions& opts) override;
   void Abort(const Status& reason) override;
   Status health() const override;
+
+ protected:
+  Status DoReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
+                       const CollectiveOptions& opts) override;
+  Status DoAllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override;
+  Status DoAllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
+                   const CollectiveOptions& opts) override;
+  Status DoBroadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) override;
+  Status DoBarrier(const CollectiveOptions& opts) override;
+  Status DoDuplicate(std::unique_ptr<Comm>* out) override;
 
  private:
   // One call in flight.

@@ -106,7 +106,18 @@ class NcclComm final : public Comm {
 
   int cuda_device() const override { return device_; }
 
-  Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
+  void Abort(const Status& reason) override {
+    if (!broken_.ok()) return;
+    broken_ = internal::AbortedBy(rank(), internal::AbortReasonText(reason));
+    ncclCommAbort(comm_);  // peers' pending collectives with this rank fail in their NCCL
+    comm_aborted_ = true;
+  }
+
+  // Also the watchdog: polls the collectives in flight (see Poll).
+  Status health() const override { return const_cast<NcclComm*>(this)->Poll(); }
+
+ protected:
+  Status DoReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
                        const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kReduceScatter, opts.what, count, dtype, ReduceOp::kSum, 0};
     return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t, cudaStream_t st) {
@@ -114,14 +125,14 @@ class NcclComm final : public Comm {
     });
   }
 
-  Status AllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override {
+  Status DoAllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kAllGather, opts.what, count, dtype, ReduceOp::kSum, 0};
     return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t, cudaStream_t st) {
       return ncclAllGather(s, r, static_cast<size_t>(count), t, comm_, st);
     });
   }
 
-  Status AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
+  Status DoAllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
                    const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kAllReduce, opts.what, count, dtype, op, 0};
     return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t, cudaStream_t st) {
@@ -129,14 +140,14 @@ class NcclComm final : public Comm {
     });
   }
 
-  Status Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) override {
+  Status DoBroadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) override {
     const CallInfo call{CollectiveKind::kBroadcast, opts.what, count, dtype, ReduceOp::kSum, root};
     return Run(call, opts, nullptr, buffer, [&](const void*, void* r, ncclDataType_t t, cudaStream_t st) {
       return ncclBroadcast(r, r, static_cast<size_t>(count), t, root, comm_, st);
     });
   }
 
-  Status Barrier(const CollectiveOptions& opts) override {
+  Status DoBarrier(const CollectiveOptions& opts) override {
     // A one-element all-reduce on the device scratch word, counted as Barrier (no data).
     const CallInfo call{CollectiveKind::kBarrier, opts.what, 0, DType::kF32, ReduceOp::kSum, 0};
     return Run(call, opts, nullptr, nullptr, [&](const void*, void*, ncclDataType_t, cudaStream_t st) {
@@ -145,10 +156,10 @@ class NcclComm final : public Comm {
   }
 
   // One NCCL group for all items (device memory only; host buffers fall back to one staged call per item).
-  Status AllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts) override {
+  Status DoAllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts) override {
     if (!broken_.ok()) return broken_;
     for (const GatherItem& item : items) {
-      if (IsHost(item.send) || IsHost(item.recv)) return Comm::AllGatherMany(items, dtype, opts);
+      if (IsHost(item.send) || IsHost(item.recv)) return Comm::DoAllGatherMany(items, dtype, opts);
     }
     ncclDataType_t type = ncclFloat32;
     const CallInfo first{CollectiveKind::kAllGather, opts.what, items.empty() ? 0 : items[0].count, dtype,
@@ -187,15 +198,47 @@ class NcclComm final : public Comm {
     return opts.stream != nullptr ? Track(first, target) : Wait(first);
   }
 
-  void Abort(const Status& reason) override {
-    if (!broken_.ok()) return;
-    broken_ = internal::AbortedBy(rank(), internal::AbortReasonText(reason));
-    ncclCommAbort(comm_);  // peers' pending collectives with this rank fail in their NCCL
-    comm_aborted_ = true;
+  // ncclCommSplit with one color: a communicator over the same ranks with its own stream and scratch.
+  Status DoDuplicate(std::unique_ptr<Comm>* out) override {
+    ZERO_RETURN_IF_ERROR(Poll());
+    cudaSetDevice(device_);
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclComm_t split = nullptr;
+    ncclResult_t rc = ncclCommSplit(comm_, /*color=*/0, rank(), &split, &config);
+    const auto deadline = Clock::now() + options_.timeout;
+    // A non-blocking split returns at once; the new communicator's (or, before NCCL hands it out, the parent's)
+    // asynchronous state says when it is done.
+    while (rc == ncclInProgress && Clock::now() < deadline) {
+      std::this_thread::sleep_for(kNap);
+      if (ncclCommGetAsyncError(split != nullptr ? split : comm_, &rc) != ncclSuccess) rc = ncclInternalError;
+    }
+    const CallInfo call{CollectiveKind::kBarrier, "Comm::Duplicate (ncclCommSplit)", 0, DType::kF32, ReduceOp::kSum, 0};
+    if (rc != ncclSuccess) {
+      if (split != nullptr) ncclCommAbort(split);
+      if (rc == ncclInProgress) {
+        ncclCommAbort(comm_);
+        comm_aborted_ = true;
+        broken_ = Status::Timeout(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) +
+                                  " did not complete within " + std::to_string(options_.timeout.count()) +
+                                  " ms: every rank must call it at the same point; this communicator is now unusable");
+        return broken_;
+      }
+      return Break(call, rc, "split");
+    }
+    cudaStream_t stream = nullptr;
+    void* scratch = nullptr;
+    cudaError_t crc = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+    if (crc == cudaSuccess) crc = cudaMalloc(&scratch, sizeof(float));
+    if (crc != cudaSuccess) {
+      ncclCommAbort(split);
+      if (stream != nullptr) cudaStreamDestroy(stream);
+      (void)cudaGetLastError();
+      return CudaBreak(call, crc);
+    }
+    out->reset(new NcclComm(split, stream, scratch, device_, rank(), world_size(), options_));
+    return Status::Ok();
   }
-
-  // Also the watchdog: polls the collectives in flight (see Poll).
-  Status health() const override { return const_cast<NcclComm*>(this)->Poll(); }
 
  private:
   // Validates, counts, enqueues `issue` on this Comm's stream (after opts.stream's earlier work) and waits for it.

@@ -17,35 +17,6 @@ class SingleComm final : public Comm {
  public:
   SingleComm() : Comm(/*rank=*/0, /*world_size=*/1) {}
 
-  Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
-                       const CollectiveOptions& opts) override {
-    ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kReduceScatter, opts.what, count, dtype}, send, recv, opts));
-    internal::CopyUnlessSame(recv, send, count * DTypeSize(dtype));
-    return Status::Ok();
-  }
-
-  Status AllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override {
-    ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kAllGather, opts.what, count, dtype}, send, recv, opts));
-    internal::CopyUnlessSame(recv, send, count * DTypeSize(dtype));
-    return Status::Ok();
-  }
-
-  Status AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
-                   const CollectiveOptions& opts) override {
-    ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kAllReduce, opts.what, count, dtype, op}, send, recv, opts));
-    internal::CopyUnlessSame(recv, send, count * DTypeSize(dtype));
-    return Status::Ok();
-  }
-
-  Status Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) override {
-    CallInfo call{CollectiveKind::kBroadcast, opts.what, count, dtype, ReduceOp::kSum, root};
-    return Begin(call, nullptr, buffer, opts);
-  }
-
-  Status Barrier(const CollectiveOptions& opts) override {
-    return Begin({CollectiveKind::kBarrier, opts.what}, nullptr, nullptr, opts);
-  }
-
   void Abort(const Status& reason) override {
     std::lock_guard<std::mutex> lock(mu_);
     if (broken_.ok()) broken_ = internal::AbortedBy(0, internal::AbortReasonText(reason));
@@ -54,6 +25,42 @@ class SingleComm final : public Comm {
   Status health() const override {
     std::lock_guard<std::mutex> lock(mu_);
     return broken_;
+  }
+
+ protected:
+
+  Status DoReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
+                       const CollectiveOptions& opts) override {
+    ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kReduceScatter, opts.what, count, dtype}, send, recv, opts));
+    internal::CopyUnlessSame(recv, send, count * DTypeSize(dtype));
+    return Status::Ok();
+  }
+
+  Status DoAllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override {
+    ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kAllGather, opts.what, count, dtype}, send, recv, opts));
+    internal::CopyUnlessSame(recv, send, count * DTypeSize(dtype));
+    return Status::Ok();
+  }
+
+  Status DoAllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
+                   const CollectiveOptions& opts) override {
+    ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kAllReduce, opts.what, count, dtype, op}, send, recv, opts));
+    internal::CopyUnlessSame(recv, send, count * DTypeSize(dtype));
+    return Status::Ok();
+  }
+
+  Status DoBroadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) override {
+    CallInfo call{CollectiveKind::kBroadcast, opts.what, count, dtype, ReduceOp::kSum, root};
+    return Begin(call, nullptr, buffer, opts);
+  }
+
+  Status DoBarrier(const CollectiveOptions& opts) override {
+    return Begin({CollectiveKind::kBarrier, opts.what}, nullptr, nullptr, opts);
+  }
+
+  Status DoDuplicate(std::unique_ptr<Comm>* out) override {
+    out->reset(new SingleComm());
+    return Status::Ok();
   }
 
  private:

@@ -467,6 +467,10 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   ZERO_RETURN_IF_ERROR(comm->health());
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  // Collective: every rank duplicates at the same point of the trainer's Comm (comm.h, "A trainer and its Engine").
+  ZERO_RETURN_IF_ERROR(comm->Duplicate(&impl->own_comm).WithContext("Engine::Open on rank " +
+                                                                     std::to_string(comm->rank())));
+  comm = impl->own_comm.get();
   impl->comm = comm;
   impl->rank = comm->rank();
   impl->world = comm->world_size();

@@ -161,7 +161,11 @@ struct EngineTestHooks {
 class Engine::Impl {
  public:
   Options options;
-  Comm* comm = nullptr;
+  // The engine's private duplicate of the trainer's Comm (Comm::Duplicate at Open): every collective of the
+  // engine runs on it, so the trainer's own collectives on its Comm never interleave with these. Declared before
+  // the streams, whose queued tasks use it, so that it is destroyed after them.
+  std::unique_ptr<Comm> own_comm;
+  Comm* comm = nullptr;  // own_comm.get()
   int rank = 0;
   int world = 1;
   int threads = 1;

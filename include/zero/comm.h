@@ -11,12 +11,26 @@
 //    A rank that breaks this gets an error (a timeout, or the reason a peer aborted with), never a hang.
 //  * Every wait polls against CommOptions::timeout. After a timeout or an Abort the Comm is broken: every later
 //    call returns the status that broke it, naming the collective that failed.
-//  * Not thread-safe: one thread issues a Comm's collectives.
+//
+// Threads: the collectives may be called from any thread. Calls on one Comm are serialized (one runs at a time,
+// in the order they take its lock), so calls from several threads of a rank must still reach the Comm in the same
+// order on every rank: the order is the program's to fix (for example, one thread issues them). A different order
+// is caught like any other disagreement: kMismatch or kTimeout on every rank, never a hang. Abort and health may be
+// called from any thread at any time.
+//
+// A trainer and its Engine share the Comm safely. Engine::Open takes a private Duplicate() of the Comm it is given
+// and runs every collective of its own there, on its communication thread. The trainer's collectives on its Comm
+// (loss averaging, metrics, agreeing on early stopping, a data loader's exchanges) therefore never interleave with
+// the engine's queued reductions and gathers: they may be issued at any moment, between any two engine calls, in
+// every stage, and from other threads while the engine works. They are not ordered after the engine's queued
+// work (no wait for it either): data they read from the engine comes through Param/Grad views, which the engine
+// orders itself (engine.h).
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 
@@ -90,18 +104,16 @@ class Comm {
   std::chrono::milliseconds timeout() const { return timeout_; }
 
   // Sum only. f32, f64, bf16 and f16 (16-bit sums: each step adds in fp32 and rounds to nearest even).
-  virtual Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
-                               const CollectiveOptions& opts = {}) = 0;
+  Status ReduceScatter(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts = {});
   // Any dtype.
-  virtual Status AllGather(const void* send, void* recv, int64_t count, DType dtype,
-                           const CollectiveOptions& opts = {}) = 0;
-  // f32, f64 and i64; bf16 and f16 with kSum. When count is a multiple of world_size, sums run in the same fixed ring order as
-  // ReduceScatter, so results are bitwise reproducible.
-  virtual Status AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
-                           const CollectiveOptions& opts = {}) = 0;
+  Status AllGather(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts = {});
+  // f32, f64 and i64; bf16 and f16 with kSum. When count is a multiple of world_size, sums run in the same fixed
+  // ring order as ReduceScatter, so results are bitwise reproducible.
+  Status AllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
+                   const CollectiveOptions& opts = {});
   // Any dtype. In place on every rank.
-  virtual Status Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts = {}) = 0;
-  virtual Status Barrier(const CollectiveOptions& opts = {}) = 0;
+  Status Broadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts = {});
+  Status Barrier(const CollectiveOptions& opts = {});
 
   // Several all-gathers of one dtype that go together (a unit's buckets), issued as one group: NCCL launches them
   // as one (ncclGroupStart/End); host-memory communicators run them one after another. Each item is validated and
@@ -111,7 +123,14 @@ class Comm {
     void* recv;
     int64_t count;
   };
-  virtual Status AllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts = {});
+  Status AllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts = {});
+
+  // A new Comm over the same ranks, in the same rank order, with the same options, whose collectives never
+  // interleave with this one's (MPI_Comm_dup; an NCCL communicator split from this one). Its counters start at
+  // zero; breaking one does not break the other. Collective: every rank calls it at the same point of this
+  // Comm's order. Engine::Open uses it; a trainer may use it to run collectives of its own on another thread in an
+  // order that is independent of its main thread's. The duplicate must be destroyed before this Comm.
+  Status Duplicate(std::unique_ptr<Comm>* out);
 
   // Marks this Comm broken with `reason` and tells every peer, whose current or next wait then returns
   // Status::Aborted naming this rank and the reason. Use it when this rank can no longer follow the
@@ -125,12 +144,26 @@ class Comm {
 
  protected:
   Comm(int rank, int world_size) : rank_(rank), world_size_(world_size) {}
+  // The backends' collectives, called with the call lock held (one at a time), arguments as above.
+  virtual Status DoReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
+                                 const CollectiveOptions& opts) = 0;
+  virtual Status DoAllGather(const void* send, void* recv, int64_t count, DType dtype,
+                             const CollectiveOptions& opts) = 0;
+  virtual Status DoAllReduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
+                             const CollectiveOptions& opts) = 0;
+  virtual Status DoBroadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) = 0;
+  virtual Status DoBarrier(const CollectiveOptions& opts) = 0;
+  // Default: one DoAllGather per item.
+  virtual Status DoAllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts);
+  virtual Status DoDuplicate(std::unique_ptr<Comm>* out) = 0;
+
   CommCounters counters_;
   std::chrono::milliseconds timeout_{300'000};
 
  private:
   int rank_;
   int world_size_;
+  std::mutex call_mu_;  // serializes the collectives (see "Threads" above)
 };
 
 }  // namespace zero
