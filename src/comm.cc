@@ -42,10 +42,13 @@ Status Comm::DoAllGatherMany(std::span<const GatherItem> items, DType dtype, con
   return Status::Ok();
 }
 
+// Not under the call lock: on MPI a duplicate is an MPI collective on the data communicator, independent of the
+// point-to-point messages of collectives that other threads may be running, so those may go on meanwhile. A
+// backend whose duplication must exclude its collectives (NCCL) takes call_mutex() itself.
 Status Comm::Duplicate(std::unique_ptr<Comm>* out) {
   if (out == nullptr) return Status::InvalidArgument("Comm::Duplicate: the output pointer is null");
   out->reset();
-  std::lock_guard<std::mutex> lock(call_mu_);
+  std::lock_guard<std::mutex> lock(dup_mu_);
   ZERO_RETURN_IF_ERROR(health());
   return DoDuplicate(out);
 }

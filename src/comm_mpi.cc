@@ -552,7 +552,9 @@ Status MpiComm::Break(const Status& s, std::string_view notice) const {
 }
 
 Status MpiComm::DoDuplicate(std::unique_ptr<Comm>* out) {
-  // After the calls before it on every rank (the call lock orders it with them); a healthy, idle data channel.
+  // Without the call lock (comm.cc): MPI_Comm_idup is an MPI collective on data_, which MPI orders apart from
+  // the point-to-point messages that another thread's collective may be exchanging on it meanwhile. Create
+  // touches no member of this Comm.
   ZERO_RETURN_IF_ERROR(CheckBroken());
   Status s = Create(data_, options_, /*owns_mpi=*/false, out);
   if (!s.ok()) return Break(s, s.ToString());  // peers may be waiting in theirs: tell them

@@ -21,6 +21,7 @@
 #include <chrono>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <thread>
@@ -200,6 +201,7 @@ class NcclComm final : public Comm {
 
   // ncclCommSplit with one color: a communicator over the same ranks with its own stream and scratch.
   Status DoDuplicate(std::unique_ptr<Comm>* out) override {
+    std::lock_guard<std::mutex> lock(call_mutex());  // ncclCommSplit is a call on comm_, like the collectives
     ZERO_RETURN_IF_ERROR(Poll());
     cudaSetDevice(device_);
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;

@@ -287,11 +287,7 @@ Status Engine::Impl::CheckUnitsDone(const std::string& call, bool need_grads) co
   return Status::Ok();
 }
 
-Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
-  static const char* kFieldNames[kAgreeFields] = {"call",      "optimizer step", "micro-step index",
-                                                  "is_last",   "partition plan", "units used so far",
-                                                  "argument",  "local error"};
-  double v[2 * kAgreeFields];
+void Engine::Impl::AgreeVector(AgreeKind kind, int64_t arg, const Status& local, double* v) const {
   v[kAgreeKind] = static_cast<double>(kind);
   v[kAgreeStep] = static_cast<double>(step);
   v[kAgreeMicro] = static_cast<double>(kind == AgreeKind::kBeginMicroStep ? arg : micros_done);
@@ -300,6 +296,31 @@ Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
   v[kAgreeTrace] = static_cast<double>(trace_hash);
   v[kAgreeArg] = static_cast<double>(arg);
   v[kAgreeLocalError] = local.ok() ? 0 : 1;
+}
+
+std::string Engine::Impl::DescribeDisagreement(int first, const std::vector<double>& all, int world,
+                                               const std::string& where) {
+  static const char* kFieldNames[kAgreeFields] = {"call",      "optimizer step", "micro-step index",
+                                                  "is_last",   "partition plan", "units used so far",
+                                                  "argument",  "local error"};
+  auto field = [&](int r, int f) { return static_cast<int64_t>(all[static_cast<size_t>(r) * kAgreeFields + f]); };
+  std::ostringstream os;
+  os << "ranks disagree on the " << kFieldNames[first] << " at " << where << ":";
+  for (int r = 0; r < world; ++r) os << (r ? "," : "") << " rank " << r << " has " << field(r, first);
+  if (first == kAgreeKind) {
+    os << " (1=BeginMicroStep 2=Step 3=BeginEval 4=EndEval 5=Acquire 6=GatherFull 7=ReleaseFull 8=InitParams "
+          "9=Save 10=Load 11=Export 12=Acquire in an eval pass)";
+  }
+  if (first == kAgreeArg && field(0, kAgreeKind) == static_cast<int64_t>(AgreeKind::kEvalAcquire)) {
+    os << " (the unit each rank acquired in its eval pass)";
+  }
+  os << ". Every rank must make the same engine calls, with the same micro-steps and units, in the same order";
+  return os.str();
+}
+
+Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
+  double v[2 * kAgreeFields];
+  AgreeVector(kind, arg, local, v);
   for (int i = 0; i < kAgreeFields; ++i) v[kAgreeFields + i] = -v[i];
   CollectiveOptions co;
   co.control = true;
@@ -324,25 +345,24 @@ Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
     return poison;
   }
   if (!local.ok()) return local;
-  auto field = [&](int r, int f) { return static_cast<int64_t>(all[static_cast<size_t>(r) * kAgreeFields + f]); };
-  std::ostringstream os;
   if (first == kAgreeLocalError) {
     for (int r = 0; r < world; ++r) {
-      if (field(r, kAgreeLocalError) != 0) {
+      if (all[static_cast<size_t>(r) * kAgreeFields + kAgreeLocalError] != 0) {
         return Status::FailedPrecondition("rank " + std::to_string(r) + " rejected this call at " + Where() +
                                           "; see that rank's status (nothing was changed here)");
       }
     }
   }
-  os << "ranks disagree on the " << kFieldNames[first] << " at " << Where() << ":";
-  for (int r = 0; r < world; ++r) os << (r ? "," : "") << " rank " << r << " has " << field(r, first);
-  if (first == kAgreeKind) {
-    os << " (1=BeginMicroStep 2=Step 3=BeginEval 4=EndEval 5=Acquire 6=GatherFull 7=ReleaseFull 8=InitParams 9=Save 10=Load 11=Export)";
-  }
-  os << ". Every rank must make the same engine calls, with the same micro-steps and units, in the same order";
-  Status m = Status::Mismatch(os.str());
+  Status m = Status::Mismatch(DescribeDisagreement(first, all, world, Where()));
   // Units or steps that already diverged mean collectives may have been mismatched: the engine cannot go on.
   if (first == kAgreeStep || first == kAgreePlan || first == kAgreeTrace) poison = m;
+  // A peer whose eval Acquire check met this call saw the same disagreement on its communication stream, which is
+  // now broken: this rank cannot go on alone either.
+  for (int r = 0; r < world; ++r) {
+    if (all[static_cast<size_t>(r) * kAgreeFields + kAgreeKind] == static_cast<double>(AgreeKind::kEvalAcquire)) {
+      poison = m;
+    }
+  }
   return m;
 }
 
@@ -416,37 +436,89 @@ float* Engine::Impl::MasterAt(int64_t opos, int64_t full_pos, int64_t shard_pos)
 
 TensorView Engine::Param(int param) const {
   TensorView v;
-  if (param < 0 || param >= static_cast<int>(impl_->specs.size())) return v;
-  if (!impl_->WaitParams().ok()) return v;  // post-step gather -> the trainer's read; healthy() says why
-  const ParamSpec& s = impl_->specs[static_cast<size_t>(param)];
-  v.numel = s.numel();
-  v.shape = s.shape;
-  v.dtype = impl_->pdt;
-  v.backend = impl_->options.backend;
-  v.data = impl_->ParamPtr(param);
+  (void)Param(param, &v);
   return v;
 }
 
 TensorView Engine::Grad(int param) const {
   TensorView v;
-  if (param < 0 || param >= static_cast<int>(impl_->specs.size())) return v;
-  const ParamSpec& s = impl_->specs[static_cast<size_t>(param)];
-  const ParamLocation& loc = impl_->plan.params[static_cast<size_t>(param)];
-  const Bucket& b = impl_->plan.buckets[static_cast<size_t>(loc.bucket)];
-  const UnitState& u = impl_->units[static_cast<size_t>(b.unit)];
-  v.numel = s.numel();
-  v.shape = s.shape;
-  v.backend = impl_->options.backend;
-  if (!s.trainable || !u.grad_window) return v;
-  const Stage st = impl_->options.stage;
-  v.dtype = impl_->gdt;
-  if (st == Stage::kDataParallel || st == Stage::kOptimizerStates) {
-    v.data = impl_->GAt(impl_->grads.as<char>(), b.offset + loc.offset);
-  } else if (u.pool_slot >= 0) {
-    v.data = impl_->GAt(impl_->grad_pool[static_cast<size_t>(u.pool_slot)].as<char>(),
-                        impl_->buckets[static_cast<size_t>(loc.bucket)].unit_offset + loc.offset);
-  }
+  (void)Grad(param, &v);
   return v;
+}
+
+Status Engine::Param(int param, TensorView* view) const {
+  const Impl& e = *impl_;
+  *view = TensorView();
+  const std::string call = "Param(" + std::to_string(param) + ")";
+  if (param < 0 || param >= static_cast<int>(e.specs.size())) {
+    return Status::InvalidArgument(call + " on " + e.Where() + ": unknown parameter; parameters are 0.." +
+                                   std::to_string(e.specs.size() - 1) + " (ParamSpec order)");
+  }
+  ZERO_RETURN_IF_ERROR(e.CheckUsable(/*allow_incomplete=*/true));
+  ZERO_RETURN_IF_ERROR(impl_->WaitParams());  // post-step gather -> the trainer's read
+  const ParamSpec& s = e.specs[static_cast<size_t>(param)];
+  const int unit = e.plan.buckets[static_cast<size_t>(e.plan.params[static_cast<size_t>(param)].bucket)].unit;
+  const UnitState& u = e.units[static_cast<size_t>(unit)];
+  if (e.options.stage == Stage::kParameters && !u.persistent && u.fwd_refs == 0 && u.bwd_refs == 0 &&
+      u.full_scope.data() == nullptr) {
+    return Status::FailedPrecondition(
+        call + " ('" + s.name + "', unit " + std::to_string(unit) + ") on " + e.Where() +
+        ": not valid now. In stage 3 a parameter's view is valid while its unit is acquired (from Acquire(" +
+        std::to_string(unit) + ", ...) to the matching Release), inside a GatherFull scope over the unit, or always "
+        "for a persistent unit: call Acquire first (BeginEval for forward-only passes), and take views again after "
+        "each Acquire");
+  }
+  view->numel = s.numel();
+  view->shape = s.shape;
+  view->dtype = e.pdt;
+  view->backend = e.options.backend;
+  view->data = impl_->ParamPtr(param);
+  if (view->data == nullptr && view->numel > 0) {
+    *view = TensorView();
+    return Status::Internal(call + " on " + e.Where() + ": the unit is acquired but has no storage (a bug in zero)");
+  }
+  return Status::Ok();
+}
+
+Status Engine::Grad(int param, TensorView* view) const {
+  const Impl& e = *impl_;
+  *view = TensorView();
+  const std::string call = "Grad(" + std::to_string(param) + ")";
+  if (param < 0 || param >= static_cast<int>(e.specs.size())) {
+    return Status::InvalidArgument(call + " on " + e.Where() + ": unknown parameter; parameters are 0.." +
+                                   std::to_string(e.specs.size() - 1) + " (ParamSpec order)");
+  }
+  ZERO_RETURN_IF_ERROR(e.CheckUsable());
+  const ParamSpec& s = e.specs[static_cast<size_t>(param)];
+  const ParamLocation& loc = e.plan.params[static_cast<size_t>(param)];
+  const Bucket& b = e.plan.buckets[static_cast<size_t>(loc.bucket)];
+  const UnitState& u = e.units[static_cast<size_t>(b.unit)];
+  const std::string name = call + " ('" + s.name + "', unit " + std::to_string(b.unit) + ") on " + e.Where();
+  if (!s.trainable) return Status::FailedPrecondition(name + ": a frozen parameter (trainable = false) has no gradient");
+  if (!u.grad_window) {
+    const std::string unit = std::to_string(b.unit);
+    return Status::FailedPrecondition(
+        name + ": not valid now. A gradient view is valid from the unit's first Acquire(" + unit +
+        ", kBackward) of a micro-step to GradsReady(" + unit + ")" +
+        (e.in_eval ? "; eval passes have no gradients" : e.micro < 0 ? "; call BeginMicroStep first" : ""));
+  }
+  const Stage st = e.options.stage;
+  view->numel = s.numel();
+  view->shape = s.shape;
+  view->backend = e.options.backend;
+  view->dtype = e.gdt;
+  if (st == Stage::kDataParallel || st == Stage::kOptimizerStates) {
+    view->data = e.GAt(e.grads.as<char>(), b.offset + loc.offset);
+  } else if (u.pool_slot >= 0) {
+    view->data = e.GAt(e.grad_pool[static_cast<size_t>(u.pool_slot)].as<char>(),
+                       e.buckets[static_cast<size_t>(loc.bucket)].unit_offset + loc.offset);
+  }
+  if (view->data == nullptr && view->numel > 0) {
+    *view = TensorView();
+    return Status::Internal(call + " on " + e.Where() + ": the gradient window is open but no buffer is bound "
+                            "(a bug in zero)");
+  }
+  return Status::Ok();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -598,6 +670,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     us.persistent_offset = bp.unit_persistent_offset[u];
   }
   for (int u : opts.keep_gathered_units) e.units[static_cast<size_t>(u)].keep_gathered = true;
+  e.eval_next.assign(e.units.size(), -1);
   for (int u = static_cast<int>(e.plan.units.size()) - 1; u >= 0; --u) {
     for (int b : e.plan.units[static_cast<size_t>(u)].trainable_buckets) e.reduce_order.push_back(b);
   }
@@ -780,14 +853,6 @@ Status Engine::BeginEval() {
   }
   ZERO_RETURN_IF_ERROR(e.Agree(AgreeKind::kBeginEval, 0, local));
   e.in_eval = true;
-  Trace& t = e.eval_trace;
-  if (t.recording) {
-    t.recording = false;
-    t.recorded = true;
-  } else if (!t.recorded && e.options.stage == Stage::kParameters) {
-    t.recording = true;
-  }
-  t.pos = 0;
   return Status::Ok();
 }
 

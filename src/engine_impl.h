@@ -95,7 +95,8 @@ enum class AgreeKind : int {
   kInitParams,
   kSave,
   kLoad,
-  kExport
+  kExport,
+  kEvalAcquire  // stage 3: one per Acquire in an eval pass, checked on the communication stream
 };
 
 struct BucketInfo {
@@ -218,7 +219,12 @@ class Engine::Impl {
   size_t next_reduce = 0;    // position in reduce_order for the current micro-step
   bool reduced_this_step = false;
   uint64_t trace_hash = 0;   // of the units used since the step began
-  Trace train_trace, eval_trace;
+  Trace train_trace;
+  // Stage-3 eval passes follow no recorded order (generation, early exit, beam search): prefetch predicts from
+  // the unit that followed each unit the last time (eval_next[u], -1 when unknown), learned over every eval
+  // pass, and every eval Acquire is checked against the other ranks on the communication stream.
+  std::vector<int> eval_next;
+  int eval_last = -1;  // the unit of the previous eval Acquire
   Status poison;             // non-OK: the engine is unusable
   Status incomplete;         // non-OK: a Load failed after changing state; only Load or InitParams may follow
   bool sgd_first_step = true;
@@ -252,6 +258,12 @@ class Engine::Impl {
   // Issues the agreement all-reduce. `local` is this rank's own error (reported to the caller as is); any
   // disagreement between ranks or any rank's local error yields an error on every rank.
   Status Agree(AgreeKind kind, int64_t arg, const Status& local);
+  // This rank's agreement vector (kAgreeFields values) for a call of `kind` with `arg`.
+  void AgreeVector(AgreeKind kind, int64_t arg, const Status& local, double* v) const;
+  // The message naming field `first` and every rank's value, from every rank's vector (`all`, rank-major), for a
+  // call at `where` (Where() when it was issued). Static: the communication stream composes it too.
+  static std::string DescribeDisagreement(int first, const std::vector<double>& all, int world,
+                                          const std::string& where);
   // The event log is for tests only and off unless EngineTestHooks::log_events is set: always on, it grew a long
   // run by ~0.7 KB per step (the soak test found it).
   void Log(Engine::Event::Kind kind, int unit, int bucket) {
@@ -307,11 +319,17 @@ class Engine::Impl {
   // Issues the gathers of `unit` into slot `s` (after the slot's compute -> gather edge) and binds them.
   void GatherInto(int unit, int s, bool prefetched);
   Status Prefetch();
+  // Stage-3 eval: the predicted units after `unit` (eval_next chain, not resident, within prefetch_bytes).
+  std::vector<int> EvalChain(int unit) const;
+  // Stage-3 eval Acquire: check, drop stale prefetches, gather `unit` if needed, prefetch the prediction.
+  Status AcquireEval(int unit, int* wait_slot);
+  // Queues the cross-rank check of one eval Acquire (AgreeKind::kEvalAcquire) on the communication stream: a
+  // rank that acquires another unit, or makes another engine call, fails the check on every rank.
+  void LaunchEvalCheck(int unit);
   int FreeSlot();
   void DropSlot(GatherSlot& slot);
   // Frees every gather slot whose unit nobody holds (stale after Step, unused after a pass).
   void DropUnheldSlots();
-  Trace& CurrentTrace() { return in_eval ? eval_trace : train_trace; }
 
   // --- engine_step.cc ---
   Status InitParamsImpl(const FillFn& fill);

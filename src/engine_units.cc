@@ -5,6 +5,7 @@
 // depends only on state that is identical across ranks (the plan, the recorded trace, slot and pool occupancy,
 // which all follow the same sequence of calls). Reductions go out in `reduce_order` (units descending, the order
 // backward produces them); a unit whose gradients are ready waits for the units before it in that order.
+#include <algorithm>
 #include <cstring>
 #include <sstream>
 
@@ -22,13 +23,16 @@ Status Engine::Impl::AcquireImpl(int unit, Pass pass) {
   if (in_eval && pass == Pass::kBackward) {
     return Status::FailedPrecondition(call + ": eval passes are forward-only");
   }
-  if (!in_eval && micro < 0) return Status::FailedPrecondition(call + ": outside a micro-step; call BeginMicroStep");
+  if (!in_eval && micro < 0) {
+    return Status::FailedPrecondition(call + ": outside a micro-step and outside an eval pass; call BeginMicroStep "
+                                      "for training, or BeginEval before forward-only passes (evaluation, generation)");
+  }
   if (pass == Pass::kBackward && u.grads_ready) {
     return Status::FailedPrecondition(call + ": GradsReady was already called for this unit in this micro-step");
   }
   const bool stage3 = options.stage == Stage::kParameters;
-  if (stage3) {
-    Trace& t = CurrentTrace();
+  if (stage3 && !in_eval) {
+    Trace& t = train_trace;
     const TraceEntry entry{unit, pass};
     if (t.recording) {
       // While the trace is being recorded, every rank checks each Acquire before gathering, so that ranks
@@ -68,8 +72,13 @@ Status Engine::Impl::AcquireImpl(int unit, Pass pass) {
   ZERO_RETURN_IF_ERROR(WaitParams());
   if (stage3) {
     int wait_slot = -1;
-    Status s = EnsureResident(unit, &wait_slot);
-    if (s.ok()) s = Prefetch();  // issued before waiting, so the next gathers run while this unit computes
+    Status s;
+    if (in_eval) {
+      s = AcquireEval(unit, &wait_slot);
+    } else {
+      s = EnsureResident(unit, &wait_slot);
+      if (s.ok()) s = Prefetch();  // issued before waiting, so the next gathers run while this unit computes
+    }
     if (!s.ok()) {
       poison = s;
       return s;
@@ -329,7 +338,7 @@ void Engine::Impl::GatherInto(int unit, int s, bool prefetched) {
 }
 
 Status Engine::Impl::Prefetch() {
-  Trace& t = CurrentTrace();
+  Trace& t = train_trace;
   if (options.prefetch_bytes == 0 || !t.recorded) return Status::Ok();
   int64_t budget = options.prefetch_bytes;
   for (const GatherSlot& slot : slots) {
@@ -347,6 +356,92 @@ Status Engine::Impl::Prefetch() {
     if (s < 0) break;  // never evict for a prefetch
     GatherInto(next, s, /*prefetched=*/true);
     budget -= w.full_elems * pe;
+  }
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Stage-3 eval passes
+//
+// An eval pass may acquire any sequence of units, any number of times (a generation loop sweeps the blocks once per
+// token, an early exit stops part-way, beam search repeats sweeps), as long as every rank makes the same sequence.
+// Gathers stay identical across ranks because every decision below depends only on that shared sequence: the
+// prediction eval_next[u] (the unit that followed u the last time), the slots' occupancy, and prefetch_bytes.
+// Where the order repeats the next units are prefetched; where it does not, the stale prefetches are dropped and
+// the unit is gathered on demand. A rank that acquires another unit than its peers (or makes another engine call)
+// fails the check that precedes each eval Acquire's collectives, on every rank, instead of exchanging the shards of
+// different units.
+
+void Engine::Impl::LaunchEvalCheck(int unit) {
+  std::vector<double> v(2 * kAgreeFields);
+  AgreeVector(AgreeKind::kEvalAcquire, unit, Status::Ok(), v.data());
+  for (int i = 0; i < kAgreeFields; ++i) v[kAgreeFields + i] = -v[i];
+  Comm* c = comm;
+  const int n = world;
+  std::string where = Where();
+  std::string what = "check of Acquire(" + std::to_string(unit) + ") in an eval pass at " + where;
+  // The message names every rank's value, as Agree's does; it is composed on the communication stream.
+  LaunchComm([c, n, v = std::move(v), what = std::move(what), where = std::move(where)](void*) -> Status {
+    CollectiveOptions co;
+    co.control = true;
+    co.what = what.c_str();
+    double out[2 * kAgreeFields];
+    ZERO_RETURN_IF_ERROR(c->AllReduce(v.data(), out, 2 * kAgreeFields, DType::kF64, ReduceOp::kMax, co));
+    int first = -1;
+    for (int i = 0; i < kAgreeFields && first < 0; ++i) {
+      if (out[i] != -out[kAgreeFields + i]) first = i;
+    }
+    if (first < 0) return Status::Ok();
+    std::vector<double> all(static_cast<size_t>(n) * kAgreeFields);
+    ZERO_RETURN_IF_ERROR(c->AllGather(v.data(), all.data(), kAgreeFields, DType::kF64, co));
+    return Status::Mismatch(DescribeDisagreement(first, all, n, where) + " (" + what +
+                            "); the engine is unusable now");
+  });
+}
+
+std::vector<int> Engine::Impl::EvalChain(int unit) const {
+  std::vector<int> chain;
+  if (options.prefetch_bytes == 0) return chain;
+  int64_t budget = options.prefetch_bytes;
+  int free_slots = 0;
+  for (const GatherSlot& slot : slots) free_slots += slot.unit < 0 || slot.prefetched ? 1 : 0;
+  std::vector<char> seen(units.size(), 0);
+  seen[static_cast<size_t>(unit)] = 1;
+  for (int next = eval_next[static_cast<size_t>(unit)]; next >= 0 && !seen[static_cast<size_t>(next)];
+       next = eval_next[static_cast<size_t>(next)]) {
+    seen[static_cast<size_t>(next)] = 1;
+    const UnitState& w = units[static_cast<size_t>(next)];
+    if (w.persistent) continue;
+    if (w.gather_slot >= 0 && !slots[static_cast<size_t>(w.gather_slot)].prefetched) continue;  // held
+    if (w.full_elems * pe > budget || free_slots == 0) break;
+    chain.push_back(next);
+    budget -= w.full_elems * pe;
+    --free_slots;
+  }
+  return chain;
+}
+
+Status Engine::Impl::AcquireEval(int unit, int* wait_slot) {
+  LaunchEvalCheck(unit);  // before any gather this Acquire issues
+  if (eval_last >= 0 && eval_last != unit) eval_next[static_cast<size_t>(eval_last)] = unit;
+  eval_last = unit;
+  // Drop prefetched units that the prediction from here no longer reaches (the order did not repeat), so that
+  // their slots serve this unit and the new prediction.
+  const std::vector<int> chain = EvalChain(unit);
+  for (GatherSlot& slot : slots) {
+    if (!slot.prefetched || slot.unit == unit) continue;
+    if (std::find(chain.begin(), chain.end(), slot.unit) == chain.end()) DropSlot(slot);
+  }
+  ZERO_RETURN_IF_ERROR(EnsureResident(unit, wait_slot));
+  // Prefetch what is predicted and not resident, while slots are free (never evicting).
+  for (int next : chain) {
+    if (units[static_cast<size_t>(next)].gather_slot >= 0) continue;
+    int s = -1;
+    for (size_t i = 0; i < slots.size() && s < 0; ++i) {
+      if (slots[i].unit < 0) s = static_cast<int>(i);
+    }
+    if (s < 0) break;
+    GatherInto(next, s, /*prefetched=*/true);
   }
   return Status::Ok();
 }

@@ -126,10 +126,12 @@ class Comm {
   Status AllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts = {});
 
   // A new Comm over the same ranks, in the same rank order, with the same options, whose collectives never
-  // interleave with this one's (MPI_Comm_dup; an NCCL communicator split from this one). Its counters start at
-  // zero; breaking one does not break the other. Collective: every rank calls it at the same point of this
-  // Comm's order. Engine::Open uses it; a trainer may use it to run collectives of its own on another thread in an
-  // order that is independent of its main thread's. The duplicate must be destroyed before this Comm.
+  // interleave with this one's (MPI_Comm_idup; an NCCL communicator split from this one). Its counters start at
+  // zero; breaking one does not break the other. Collective: every rank calls it, and calls it in the same order
+  // with respect to its other Duplicates. Over MPI it may overlap collectives that other threads run on this Comm;
+  // over NCCL it waits for them (so with NCCL, create engines before other threads use the Comm). Engine::Open
+  // calls it; a trainer may use it to give another thread collectives of its own, in an order independent of its
+  // main thread's. The duplicate must be destroyed before this Comm.
   Status Duplicate(std::unique_ptr<Comm>* out);
 
   // Marks this Comm broken with `reason` and tells every peer, whose current or next wait then returns
@@ -157,6 +159,9 @@ class Comm {
   virtual Status DoAllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts);
   virtual Status DoDuplicate(std::unique_ptr<Comm>* out) = 0;
 
+  // The lock the collectives hold; DoDuplicate runs without it (see Duplicate).
+  std::mutex& call_mutex() { return call_mu_; }
+
   CommCounters counters_;
   std::chrono::milliseconds timeout_{300'000};
 
@@ -164,6 +169,7 @@ class Comm {
   int rank_;
   int world_size_;
   std::mutex call_mu_;  // serializes the collectives (see "Threads" above)
+  std::mutex dup_mu_;   // serializes Duplicate
 };
 
 }  // namespace zero

@@ -160,9 +160,17 @@ class Engine {
   // Writes `path` (a safetensors file) with every parameter (or only trainable ones). Collective.
   Status Export(const std::string& path, const ExportOptions& options = {});
 
-  // Views of parameter / gradient `param` (spec index). Invalid (data == null) outside their validity window.
+  // Views of parameter / gradient `param` (spec index). Invalid (data == null) outside their validity window:
+  // Param(p) while p's unit is acquired (stage 3), inside a GatherFull scope over it, or always (stages 0-2 and
+  // stage-3 persistent units); Grad(p) of a trainable p from its unit's first Acquire(u, kBackward) of a micro-step
+  // to GradsReady(u).
   TensorView Param(int param) const;
   TensorView Grad(int param) const;
+  // The same views, checked: on success *view is valid; otherwise kInvalidArgument (unknown index) or
+  // kFailedPrecondition naming the call, the parameter, its unit and its validity window, instead of a null
+  // pointer for the trainer to dereference (or the status of a failed post-step gather). *view is left invalid.
+  Status Param(int param, TensorView* view) const;
+  Status Grad(int param, TensorView* view) const;
 
   const std::vector<ParamSpec>& specs() const;
   const Options& options() const;
