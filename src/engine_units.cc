@@ -57,6 +57,8 @@ Status Engine::Impl::AcquireImpl(int unit, Pass pass) {
       ++t.pos;
     }
   }
+  // Before this Acquire enters the trace hash, so that a rank that took another unit is named by the unit.
+  if (stage3 && in_eval) LaunchEvalCheck(unit);
   HashEvent(1 + static_cast<int>(pass), unit);
   Log(Engine::Event::kAcquire, unit, -1);
   if (pass == Pass::kBackward) {
@@ -422,7 +424,7 @@ std::vector<int> Engine::Impl::EvalChain(int unit) const {
 }
 
 Status Engine::Impl::AcquireEval(int unit, int* wait_slot) {
-  LaunchEvalCheck(unit);  // before any gather this Acquire issues
+  // AcquireImpl has queued this Acquire's cross-rank check (LaunchEvalCheck) ahead of any gather below.
   if (eval_last >= 0 && eval_last != unit) eval_next[static_cast<size_t>(eval_last)] = unit;
   eval_last = unit;
   // Drop prefetched units that the prediction from here no longer reaches (the order did not repeat), so that

@@ -17,7 +17,9 @@
 //
 // Errors: calls return Status. A protocol error detected before any collective (unknown unit, GradsReady twice)
 // leaves the engine usable. A disagreement between ranks is reported on every rank (kMismatch) and poisons
-// the engine: every later call returns that status (healthy() says so). Not thread-safe.
+// the engine: every later call returns that status (healthy() says so). Not thread-safe: one thread makes an
+// engine's calls. The trainer's own collectives on the Comm it passed to Open may come at any moment and from any
+// thread: the engine runs on a private duplicate of that Comm (comm.h, "A trainer and its Engine").
 #pragma once
 
 #include <cstdint>
@@ -109,7 +111,8 @@ class Engine {
  public:
   // Validates options and specs, checks that every rank passed the same ones (kMismatch naming the first
   // difference otherwise, on every rank), builds the partition plan and allocates every buffer the run needs.
-  // `comm` must outlive the engine.
+  // `comm` must outlive the engine; Open takes a private Comm::Duplicate of it (collective on `comm`) for all of
+  // the engine's collectives.
   static Status Open(const Options& options, Comm* comm, std::vector<ParamSpec> specs,
                      std::unique_ptr<Engine>* engine);
   ~Engine();
