@@ -257,6 +257,13 @@ Status Engine::Impl::WaitOnCompute(const zero::Event& event, const std::string& 
   return s;
 }
 
+Status Engine::Impl::WaitOnHost(const zero::Event& event, const std::string& what) {
+  Status s = event.Synchronize(wait_timeout, what + " (waited for at " + Where() + ")");
+  if (Status a = comm_stream->status(); !a.ok()) s = a;
+  if (!s.ok() && poison.ok()) poison = s;
+  return s;
+}
+
 Status Engine::Impl::WaitParams() {
   if (!params_pending) return Status::Ok();
   ZERO_RETURN_IF_ERROR(WaitOnCompute(*params_ready, "the parameter all-gather after the step"));

@@ -22,10 +22,12 @@
 //   edge                          recorded on / when                       waited on / by
 //   ----------------------------  ---------------------------------------  -------------------------------------
 //   compute -> reduce             compute, GradsReady(u): grads_done[u]    comm stream, before u's reductions
-//   reduce -> pool                comm, after u's last reduction and its   compute, at BindPool before zeroing
-//                                 accumulation: pool_free[buffer]          the buffer for its next unit
-//   reductions in flight          comm, after each reduction: in_flight[   compute, before issuing reduction k
-//                                 k % reductions_in_flight]                (bounds queued work and pool reuse)
+//   reduce -> pool                comm, after u's last reduction, its      compute, at BindPool, before the
+//                                 accumulation and the buffer's zeroing    trainer adds into the buffer for its
+//                                 (on the comm stream): pool_free[buffer]  next unit
+//   reductions in flight          comm, after each reduction: in_flight[   the host, before issuing reduction k
+//                                 k % reductions_in_flight]                (bounds queued work; never the
+//                                                                          compute stream)
 //   gather -> compute             comm, after a unit's gathers:            compute, in Acquire (after issuing
 //                                 slot_ready[slot]                         the prefetches)
 //   compute -> gather slot        compute, when a slot is dropped          comm stream, before a gather into it
@@ -297,6 +299,8 @@ class Engine::Impl {
   Status DrainComm();
   // The compute stream waits for `event`; a failure (or the comm stream's error) poisons the engine.
   Status WaitOnCompute(const zero::Event& event, const std::string& what);
+  // The calling thread waits for `event` (bounds on queued work); a failure poisons the engine.
+  Status WaitOnHost(const zero::Event& event, const std::string& what);
   // post-step gather -> the trainer's next use of parameters.
   Status WaitParams();
   // Appended to an out-of-memory status from Open: the memory table at the failure, what this configuration
@@ -309,6 +313,7 @@ class Engine::Impl {
   Status ReleaseImpl(int unit, Pass pass);
   Status GradsReadyImpl(int unit);
   Status BindPool(int unit);
+  void ReleasePoolAfterReduction(int unit);
   Status IssueReadyReductions();
   Status ReduceBucket(int bucket);
   // Launches the gathers of `unit` into dst (full unit layout) on the communication stream.

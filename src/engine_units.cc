@@ -133,17 +133,30 @@ Status Engine::Impl::GradsReadyImpl(int unit) {
   return s;
 }
 
+// Free pool buffers are zero: allocation zero-fills them, and the communication stream zeroes each one after the
+// reduction of the unit that used it (ReleasePoolAfterReduction). Binding only waits for that (reduce -> pool),
+// and prefers a buffer whose wait is already over, so that the trainer's thread neither zeroes nor, when the
+// pool is large enough, waits. Which physical buffer a unit gets is this rank's own choice: it changes no
+// collective.
 Status Engine::Impl::BindPool(int unit) {
+  int pick = -1;
   for (size_t i = 0; i < grad_pool.size(); ++i) {
     if (pool_owner[i] >= 0) continue;
+    if (pick < 0) pick = static_cast<int>(i);
+    if (pool_free[i]->Query()) {
+      pick = static_cast<int>(i);
+      break;
+    }
+  }
+  if (pick >= 0) {
+    const size_t i = static_cast<size_t>(pick);
     pool_owner[i] = unit;
-    UnitState& u = units[static_cast<size_t>(unit)];
-    u.pool_slot = static_cast<int>(i);
-    // reduce -> pool: the buffer's previous reduction (and accumulation) must be done before it is zeroed.
+    units[static_cast<size_t>(unit)].pool_slot = pick;
+    // reduce -> pool: the buffer's previous reduction, accumulation and zeroing are done before the trainer adds.
     if (test.skip_wait != EngineTestHooks::SkipWait::kPoolFree) {
       ZERO_RETURN_IF_ERROR(WaitOnCompute(*pool_free[i], "the reduction of gradient pool buffer " + std::to_string(i)));
     }
-    return device->Zero(grad_pool[i].data(), u.trainable_elems * ge, nullptr);
+    return Status::Ok();
   }
   std::ostringstream os;
   os << "Acquire(" << unit << ", kBackward) on " << Where() << ": the gradient pool is exhausted: all "
@@ -172,10 +185,11 @@ Status Engine::Impl::IssueReadyReductions() {
     if (!u.grads_ready) break;
     if (unit != last_unit) comm_stream->Wait(*grads_done[static_cast<size_t>(unit)]);  // compute -> reduce
     last_unit = unit;
-    // At most reductions_in_flight reductions queued or running.
+    // At most reductions_in_flight reductions queued or running: the host waits (never the compute stream, whose
+    // kernels must not stall behind communication).
     const size_t ring = static_cast<size_t>(reductions_issued % options.reductions_in_flight);
     if (reductions_issued >= options.reductions_in_flight) {
-      ZERO_RETURN_IF_ERROR(WaitOnCompute(*in_flight[ring], "an earlier reduction"));
+      ZERO_RETURN_IF_ERROR(WaitOnHost(*in_flight[ring], "an earlier reduction"));
     }
     ZERO_RETURN_IF_ERROR(ReduceBucket(b));
     comm_stream->Record(in_flight[ring].get());
@@ -183,13 +197,23 @@ Status Engine::Impl::IssueReadyReductions() {
     ++next_reduce;
     const bool unit_done = next_reduce == reduce_order.size() ||
                            plan.buckets[static_cast<size_t>(reduce_order[next_reduce])].unit != unit;
-    if (pooled && unit_done) {
-      comm_stream->Record(pool_free[static_cast<size_t>(u.pool_slot)].get());  // reduce -> pool
-      pool_owner[static_cast<size_t>(u.pool_slot)] = -1;
-      u.pool_slot = -1;
-    }
+    if (pooled && unit_done) ReleasePoolAfterReduction(unit);
   }
   return Status::Ok();
+}
+
+// After the unit's last reduction (and accumulation), on the communication stream: zero the part of its pool buffer
+// the unit used, then record reduce -> pool. The buffer is free for the next unit from here.
+void Engine::Impl::ReleasePoolAfterReduction(int unit) {
+  UnitState& u = units[static_cast<size_t>(unit)];
+  const size_t i = static_cast<size_t>(u.pool_slot);
+  void* data = grad_pool[i].data();
+  const int64_t bytes = u.trainable_elems * ge;
+  Device* dev = device.get();
+  LaunchComm([dev, data, bytes](void* stream) { return dev->Zero(data, bytes, stream); });
+  comm_stream->Record(pool_free[i].get());
+  pool_owner[i] = -1;
+  u.pool_slot = -1;
 }
 
 Status Engine::Impl::ReduceBucket(int bucket) {

@@ -97,7 +97,9 @@ class PoolFreeProbe : public EngineAccess {
     if (unit != 1 || !backward) return EngineAccess::Acquire(unit, backward);
     EngineTestHooks& hooks = EngineTestPeer::Hooks(*e_);
     hooks.skip_wait = EngineTestHooks::SkipWait::kPoolFree;
-    EngineAccess::Acquire(unit, backward);  // binds unit 3's buffer and zeroes it while the reduction holds it
+    // Binds unit 3's buffer without waiting for its reduction (and the zeroing after it, on the communication
+    // thread): unit 1's backward then adds into it while that thread still reads and zeroes it.
+    EngineAccess::Acquire(unit, backward);
     hooks.skip_wait = EngineTestHooks::SkipWait::kNone;
     gate_.Open(hooks);
   }
