@@ -3,7 +3,8 @@
 // (stage 3 with one Forward per unit), in one process. Exits non-zero unless every zero run ends where torch's
 // AdamW does: max |p - p_ref| / max(1, |p_ref|) <= 3e-6 (zero's AdamW is torch's in fp32; torch computes the step
 // size in double, a few units of 2^-24 per step, as tests/torch_module_test.cc derives), while the parameters moved
-// by more than 1e-2 (so the comparison sees a step that did not happen).
+// by more than 1e-2 (so the comparison sees a step that did not happen). With a GPU, a module on CUDA must be refused
+// with a status naming the device.
 #include <algorithm>
 #include <cstdio>
 #include <memory>
@@ -112,6 +113,19 @@ int main() {
     std::printf("install_consumer_torch: stage %d: max relative difference from torch::optim::AdamW %.3g (limit 3e-6; "
                 "the parameters moved by %.3g)\n", stage, err, moved);
     ok = ok && err <= 3e-6;
+  }
+  // With a GPU (a CUDA libtorch): zero::torch takes fp32 CPU parameters only, and says so for a module on the GPU
+  // instead of wrapping it (README "libtorch"). Without one there is no CUDA tensor to try.
+  if (torch::cuda::is_available()) {
+    Net on_gpu = MakeNet();
+    on_gpu->to(torch::kCUDA);
+    std::unique_ptr<zero::TorchModule> zm;
+    const zero::Status s = zero::TorchModule::Wrap(on_gpu.ptr(), zero::Options(), comm.get(), {}, &zm);
+    const bool named = !s.ok() && s.ToString().find("cuda") != std::string::npos;
+    std::printf("install_consumer_torch: a module on CUDA: %s\n", s.ToString().c_str());
+    ok = ok && named;
+  } else {
+    std::printf("install_consumer_torch: no GPU visible to torch: the CUDA refusal is not tried\n");
   }
   std::printf("install_consumer_torch: %s (libtorch %d.%d.%d)\n", ok ? "OK" : "FAILED", TORCH_VERSION_MAJOR,
               TORCH_VERSION_MINOR, TORCH_VERSION_PATCH);
