@@ -38,7 +38,7 @@ packages=(
 # ("1.13.0a0" reads as a pre-release, so peft's torch>=1.13 asks for torch 2.x); every dependency they import is in
 # the Debian list above or here. Installed for Debian's /usr/bin/python3 into /usr/local (pip's place, outside
 # dpkg's files; --break-system-packages is what Debian 12's pip asks for that), nothing Debian installed is replaced.
-# 14 MB download, 63 MB installed, ~15 s here.
+# 14 MB download, 115 MB installed (with bytecode), ~5 s here.
 pip_packages=(
   transformers==4.40.2
   peft==0.10.0
