@@ -10,6 +10,7 @@ shift 4
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 rm -rf "$work"
 mkdir -p "$work"
+# shellcheck disable=SC2054  # "q,v,o,up" is one argument
 args=(--out "$work" --base-corpus synthetic --tune-corpus synthetic --dim 32 --layers 2 --heads 4 --kv-heads 2
       --ffn 86 --seq 32 --batch 2 --micro 1 --pretrain-steps 20 --lora-steps 10 --warmup 2 --r 4 --alpha 8
       --eval-batches 1 --lora-lr 3e-2 --sample-tokens 4 --targets q,v,o,up --prompt "Hello, 12 worlds!")
