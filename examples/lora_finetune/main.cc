@@ -618,7 +618,7 @@ lora::BatchSampler Sampler(const Tokens& tokens, const Flags& f, uint64_t seed) 
   return s;
 }
 
-// The settings that determine the base model; the cache key of base.safetensors.
+// The settings that determine the base model; the cache key of base/model.safetensors.
 std::string BaseKey(const Flags& f, uint64_t corpus_hash) {
   std::ostringstream os;
   os << "dim=" << f.dim << " layers=" << f.layers << " heads=" << f.heads << " kv_heads=" << f.kv_heads
