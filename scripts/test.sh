@@ -6,7 +6,8 @@
 #              present (compiled for sm_80 and sm_90; nothing CUDA runs here)
 #   build      everything, -j$(nproc), through ccache
 #   install    cmake --install into a temporary prefix, then build and run tests/install_consumer against it
-#              (find_package(zero) + zero::zero from an outside project)
+#              (find_package(zero) + zero::zero from an outside project), and tests/install_consumer_torch
+#              (find_package(zero COMPONENTS torch) + zero::torch) when zero::torch was built
 #   test       ctest; multi-rank suites run under mpiexec
 #   tsan       the protocol suites (ctest label tsan) again in build-tsan/: clang + ThreadSanitizer, CPU only
 #   asan       every CPU suite again in build-asan/ (ctest label asan): clang + AddressSanitizer + LeakSanitizer +
@@ -95,6 +96,14 @@ cmake -S tests/install_consumer -B "$tmp/consumer" -DCMAKE_BUILD_TYPE=Release -D
   >"$tmp/consumer.log" 2>&1 || { cat "$tmp/consumer.log"; false; }
 cmake --build "$tmp/consumer" >>"$tmp/consumer.log" 2>&1 || { cat "$tmp/consumer.log"; false; }
 "$tmp/consumer/app"
+# zero::torch from the same install (when libtorch was found): a libtorch trainer through find_package(zero
+# COMPONENTS torch), checked against torch::optim::AdamW. About 15 s (torch's headers).
+if [[ -f $tmp/prefix/lib/cmake/zero/zero-torch.cmake ]]; then
+  cmake -S tests/install_consumer_torch -B "$tmp/consumer_torch" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PREFIX_PATH="$tmp/prefix" >"$tmp/consumer_torch.log" 2>&1 || { cat "$tmp/consumer_torch.log"; false; }
+  cmake --build "$tmp/consumer_torch" >>"$tmp/consumer_torch.log" 2>&1 || { cat "$tmp/consumer_torch.log"; false; }
+  "$tmp/consumer_torch/torch_app"
+fi
 # The installed estimator runs from the prefix alone (its RUNPATH finds libzero there).
 "$tmp/prefix/bin/zero-estimate" --params 7.5e9 --world 64 --grad-dtype fp16 | grep '^stage 0 .* 120\.0 ' >/dev/null ||
   { echo "installed zero-estimate did not print the ZeRO paper's 120.0 GB for stage 0"; false; }

@@ -6,7 +6,10 @@
 #     model (below 6 nats per token; a broken load scores near ln(49152) = 10.8);
 #   * the adapter has PEFT names and SmolLM2's shapes: q_proj lora_B [576, r], k_proj lora_B [192, r] (3 kv heads
 #     of 64), lora_A [r, 576]; adapter_config.json names the base model;
-#   * `merge` folds it: merged logits equal adapter logits within 1e-5 relative (the example checks, this reads it).
+#   * `merge` folds it: merged logits equal adapter logits within 1e-5 relative (the example checks, this reads it);
+#   * Hugging Face loads what it wrote (tests/hf_load_check.py): OUT/base (the dequantized base, with tokenizer.json
+#     built from the GGUF's vocabulary and merges), PeftModel on OUT/adapter and OUT/merged give the example's logits
+#     within 1e-5 of the largest, and the tokenizer gives the example's ids for the prompt.
 # usage: lora_example_smollm2_test.sh BINARY MPIEXEC PYTHON WORKDIR GGUF [mpiexec flags...]
 set -euo pipefail
 binary=$1 mpiexec=$2 python=$3 work=$4 gguf=$5
@@ -25,10 +28,10 @@ last=$(tail -n 2 "$work/lora.log")
 before=${BASH_REMATCH[1]} after=${BASH_REMATCH[2]}
 awk -v b="$before" -v a="$after" 'BEGIN { exit !(b < 6 && a < 6) }' ||
   { echo "FAIL: losses $before -> $after are not those of a pretrained model"; exit 1; }
-grep -q '"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"' "$work/adapter_config.json" ||
+grep -q '"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"' "$work/adapter/adapter_config.json" ||
   { echo "FAIL: adapter_config.json does not name the base"; exit 1; }
 
-"$python" - "$work/adapter_model.safetensors" <<'PY'
+"$python" - "$work/adapter/adapter_model.safetensors" <<'PY'
 import json, struct, sys
 raw = open(sys.argv[1], "rb").read()
 n = struct.unpack("<Q", raw[:8])[0]
@@ -42,9 +45,11 @@ assert header[p + "k_proj.lora_A.weight"]["shape"] == [4, 576], header[p + "k_pr
 print("adapter ok")
 PY
 
-"$mpiexec" -n 2 "$@" "$binary" merge "${args[@]}" | tee "$work/merge.log"
+"$mpiexec" -n 2 "$@" "$binary" merge "${args[@]}" --logits-out "$work/logits.safetensors" | tee "$work/merge.log"
 rel=$(sed -n 's/^merged_relative_error=//p' "$work/merge.log")
 [[ -n $rel ]] || { echo "FAIL: no merge result"; exit 1; }
 awk -v r="$rel" 'BEGIN { exit !(r <= 1e-5) }' || { echo "FAIL: merged logits differ by $rel (relative)"; exit 1; }
-rm -f "$work/merged.safetensors"  # 538 MB
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+"$python" "$here/hf_load_check.py" "$work" "$work/logits.safetensors"
+rm -f "$work/merged/model.safetensors" "$work/base/model.safetensors" "$work/logits.safetensors"  # 538 + 538 + 38 MB
 echo "PASS: validation loss $before -> $after, merged relative error $rel"

@@ -3,14 +3,15 @@
 # no package is needed): pretrain, fine-tune under ZeRO stage 3, then check what the run promises.
 #   * the last two lines are machine-readable, and the validation loss fell during fine-tuning;
 #   * the base file is reused by a second run with the same settings (the cache key);
-#   * adapter_model.safetensors parses with numpy alone: only lora_A / lora_B tensors, PEFT names, the shapes
-#     of r = 4, finite values, and B no longer zero (it was trained); adapter_config.json names the rank;
+#   * OUT/adapter/adapter_model.safetensors parses with numpy alone: only lora_A / lora_B tensors, PEFT names, the
+#     shapes of r = 4, finite values, and B no longer zero (it was trained); adapter_config.json names the rank;
 #   * `sample` reads the base and the adapter back and continues a prompt with each;
 #   * an interrupted fine-tune resumed from its zero checkpoint ends where the uninterrupted one did;
 #   * --targets q,gate puts adapters on those projections only (config and file agree); a bad list is refused.
 #   * `merge` folds the adapter into the base: merged logits equal adapter logits within 1e-5 (relative; the
-#     example checks it and fails otherwise, this reads its line), and merged.safetensors holds the base's tensors
-#     under Hugging Face names, no LoRA tensor, with the targeted projections changed by the fold and the rest equal.
+#     example checks it and fails otherwise, this reads its line), and merged/model.safetensors holds the base's
+#     tensors under Hugging Face names, no LoRA tensor, with the targeted projections changed by the fold and the rest
+#     equal. (lora_example_hf loads these directories with transformers and PEFT.)
 # usage: lora_example_test.sh BINARY MPIEXEC PYTHON WORKDIR [mpiexec flags...]
 set -euo pipefail
 binary=$1 mpiexec=$2 python=$3 work=$4
@@ -28,9 +29,9 @@ adapter=$(sed -n 2p <<<"$last")
 [[ $losses =~ ^val_loss_before=([0-9.]+)\ val_loss_after=([0-9.]+)$ ]] || { echo "FAIL: bad loss line: $losses"; exit 1; }
 before=${BASH_REMATCH[1]} after=${BASH_REMATCH[2]}
 [[ $adapter =~ ^adapter=(.+)$ ]] || { echo "FAIL: bad adapter line: $adapter"; exit 1; }
-path=${BASH_REMATCH[1]}
+path=${BASH_REMATCH[1]}/adapter_model.safetensors
 awk -v b="$before" -v a="$after" 'BEGIN { exit !(a < b) }' || { echo "FAIL: validation loss did not fall: $before -> $after"; exit 1; }
-grep -q '"r": 4' "$work/adapter_config.json" || { echo "FAIL: adapter_config.json does not name r = 4"; exit 1; }
+grep -q '"r": 4' "$work/adapter/adapter_config.json" || { echo "FAIL: adapter_config.json does not name r = 4"; exit 1; }
 
 "$mpiexec" -n 2 "$@" "$binary" "${args[@]}" > "$work/run2.log"
 grep -q "pretrain: reusing" "$work/run2.log" || { echo "FAIL: the second run did not reuse the base"; exit 1; }
@@ -48,9 +49,9 @@ merge_args[0]=merge
 merge_line=$(grep '^merged_relative_error=' "$work/merge.log") || { echo "FAIL: no merge result"; cat "$work/merge.log"; exit 1; }
 rel=${merge_line#merged_relative_error=}
 awk -v r="$rel" 'BEGIN { exit !(r <= 1e-5) }' || { echo "FAIL: merged logits differ by $rel (relative)"; exit 1; }
-grep -q "^merged=$work/merged.safetensors$" "$work/merge.log" || { echo "FAIL: no merged= line"; exit 1; }
+grep -q "^merged=$work/merged$" "$work/merge.log" || { echo "FAIL: no merged= line"; exit 1; }
 
-"$python" - "$work/base.safetensors" "$work/merged.safetensors" <<'PY'
+"$python" - "$work/base/model.safetensors" "$work/merged/model.safetensors" <<'PY'
 import json, struct, sys
 import numpy as np
 def load(path):
@@ -116,8 +117,9 @@ resumed=$(tail -n 2 "$work/resumed.log" | sed -n 's/^val_loss_before=[0-9.]* val
 
 # --targets: adapters on q and gate only; adapter_config.json and the adapter file say so. A bad list is refused.
 "$mpiexec" -n 2 "$@" "$binary" "${lora_args[@]}" --lora-steps 3 --targets q,gate > "$work/targets.log"
-grep -q '"target_modules": \["q_proj", "gate_proj"\]' "$work/adapter_config.json" ||
-  { echo "FAIL: adapter_config.json does not list q_proj, gate_proj"; cat "$work/adapter_config.json"; exit 1; }
+"$python" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1]))["target_modules"] != ["q_proj", "gate_proj"])' \
+  "$work/adapter/adapter_config.json" ||
+  { echo "FAIL: adapter_config.json does not list q_proj, gate_proj"; cat "$work/adapter/adapter_config.json"; exit 1; }
 "$python" - "$path" <<'PY'
 import json, struct, sys
 raw = open(sys.argv[1], "rb").read()

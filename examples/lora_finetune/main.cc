@@ -6,13 +6,15 @@
 //
 // Subcommands (each takes --key value options; `lora_finetune help` lists them):
 //   prepare   corpora from Debian's fortunes and bible-kjv packages (or --corpus synthetic), byte-level tokens
-//   pretrain  full training of the base on the first corpus; writes OUT/base.safetensors (Hugging Face LLaMA
-//             names, config in the metadata). Cached: the same settings reuse the file.
+//   pretrain  full training of the base on the first corpus; writes OUT/base/ (a Hugging Face model directory:
+//             model.safetensors, config.json, a byte-level tokenizer.json). Cached: the same settings reuse it.
 //   lora      adapters on the second corpus; validation loss before and after, a sample before and after, and
-//             OUT/adapter_model.safetensors + OUT/adapter_config.json (PEFT layout)
+//             OUT/adapter/ (PEFT: adapter_model.safetensors + adapter_config.json)
 //   sample    continues --prompt with the base alone and with the adapter from OUT (every rank alike)
 //   merge     folds the adapter from OUT into the base inside a GatherFull scope, checks that the merged model's
-//             logits equal the adapted model's, and writes OUT/merged.safetensors (Hugging Face names)
+//             logits equal the adapted model's, and writes OUT/merged/ (a Hugging Face model directory; for a
+//             GGUF base also OUT/base/, the dequantized weights the adapter was trained on). --logits-out FILE
+//             also writes the batch's tokens and the base, adapter and merged logits (tests/hf_load_check.py).
 //   all       prepare, pretrain (or reuse), lora
 //
 // --base smollm2 replaces the small pretrained base by SmolLM2-135M-Instruct from its GGUF file
@@ -26,7 +28,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <type_traits>
 #include <map>
 #include <random>
@@ -41,6 +42,7 @@
 #include "examples/lora_finetune/data.h"
 #include "examples/lora_finetune/gguf.h"
 #include "examples/lora_finetune/gguf_llama.h"
+#include "examples/lora_finetune/hf_config.h"
 #include "examples/lora_finetune/merge.h"
 #include "examples/lora_finetune/model.h"
 #include "examples/lora_finetune/model_cuda.h"
@@ -84,6 +86,7 @@ struct Flags {
   int save_every = 0;
   bool resume = false;
   int stop_after = -1;
+  std::string logits_out;  // merge: tokens and logits for comparison with Hugging Face (safetensors)
   // auto: the CUDA model (bf16, zero's CUDA backend and NCCL) when this build has it and a GPU is visible, except
   // for merge, which folds adapters on the host; otherwise the CPU model (fp32, host memory, Open MPI).
   std::string device = "auto";
@@ -98,7 +101,7 @@ const char* kUsage =
     "  [--warmup N] [--dim D] [--layers L] [--heads H] [--kv-heads K] [--ffn F] [--r R] [--alpha A]\n"
     "  [--dropout P] [--eval-batches N] [--threads T] [--seed S] [--base-corpus fortunes|synthetic]\n"
     "  [--tune-corpus bible|synthetic] [--prompt TEXT] [--sample-tokens N] [--save-every N] [--resume 0|1]\n"
-    "  [--targets q,k,v,o,gate,up,down]"
+    "  [--targets q,k,v,o,gate,up,down] [--logits-out FILE]"
     "  [--stop-after N] [--device auto|cpu|cuda]\n";
 
 bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
@@ -143,6 +146,7 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
     else if (k == "--lora-steps") ok = num(&f->lora_steps);
     else if (k == "--save-every") ok = num(&f->save_every);
     else if (k == "--targets") f->targets = v;
+    else if (k == "--logits-out") f->logits_out = v;
     else if (k == "--resume") ok = num(&f->resume);
     else if (k == "--stop-after") ok = num(&f->stop_after);
     else if (k == "--pretrain-lr") ok = num(&f->pretrain_lr);
@@ -318,6 +322,13 @@ struct Base {
   }
 };
 
+// The base's text encoding: its BPE when it has one, bytes otherwise.
+Text TextOf(const Base& base) {
+  Text t;
+  if (base.gguf) t.bpe = &base.tokenizer;
+  return t;
+}
+
 lora::ModelConfig SmallConfig(const Flags& f) {
   lora::ModelConfig m;
   m.vocab = lora::kVocabSize;
@@ -387,16 +398,13 @@ bool SetTargets(const std::string& list, lora::LoraConfig* l) {
   return any;
 }
 
-// PEFT's target_modules for --targets: ["q_proj", ...].
-std::string TargetModules(const std::string& list) {
-  std::stringstream ss(list), out;
+// PEFT's target_modules for --targets: {"q_proj", ...}.
+std::vector<std::string> TargetModules(const std::string& list) {
+  std::stringstream ss(list);
   std::string t;
-  bool first = true;
-  while (std::getline(ss, t, ',')) {
-    out << (first ? "" : ", ") << "\"" << t << "_proj\"";
-    first = false;
-  }
-  return "[" + out.str() + "]";
+  std::vector<std::string> out;
+  while (std::getline(ss, t, ',')) out.push_back(t + "_proj");
+  return out;
 }
 
 void Open(const Flags& f, zero::Comm* comm, const lora::ModelConfig& model, bool with_lora, float lr, Run* run) {
@@ -610,7 +618,7 @@ lora::BatchSampler Sampler(const Tokens& tokens, const Flags& f, uint64_t seed) 
   return s;
 }
 
-// The settings that determine the base model; the cache key of base.safetensors.
+// The settings that determine the base model; the cache key of base/model.safetensors.
 std::string BaseKey(const Flags& f, uint64_t corpus_hash) {
   std::ostringstream os;
   os << "dim=" << f.dim << " layers=" << f.layers << " heads=" << f.heads << " kv_heads=" << f.kv_heads
@@ -619,15 +627,36 @@ std::string BaseKey(const Flags& f, uint64_t corpus_hash) {
   return os.str();
 }
 
-// Hugging Face's config.json fields for `m` (the metadata of saved models).
-std::string HfConfig(const lora::ModelConfig& m) {
-  std::ostringstream config;
-  config << "{\"model_type\": \"llama\", \"vocab_size\": " << m.vocab << ", \"hidden_size\": " << m.dim
-         << ", \"num_hidden_layers\": " << m.layers << ", \"num_attention_heads\": " << m.heads
-         << ", \"num_key_value_heads\": " << m.kv_heads << ", \"intermediate_size\": " << m.ffn
-         << ", \"rope_theta\": " << m.rope_theta << ", \"rms_norm_eps\": " << m.norm_eps
-         << ", \"tie_word_embeddings\": true}";
-  return config.str();
+// The Hugging Face directories under --out (hf_config.h): OUT/base, OUT/adapter, OUT/merged.
+std::string HfDir(const Flags& f, const char* which) { return f.out + "/" + which; }
+
+// What config.json and tokenizer_config.json say beyond the model's shape: the small base was trained on --seq
+// tokens and has no special tokens; a GGUF base brings its context length, bos/eos and chat template.
+lora::HfModelOptions HfOptions(const Flags& f, const Base* base) {
+  lora::HfModelOptions o;
+  o.max_position_embeddings = f.seq;
+  if (base != nullptr && base->gguf) {
+    int64_t context = 0;
+    if (base->gguf->GetInt("llama.context_length", &context).ok()) o.max_position_embeddings = context;
+    if (base->gguf->FindValue("tokenizer.chat_template") != nullptr) {
+      (void)base->gguf->GetString("tokenizer.chat_template", &o.chat_template);  // optional: left out if unreadable
+    }
+    o.bos_token_id = base->tokenizer.bos();
+    o.eos_token_id = base->tokenizer.eos();
+  }
+  return o;
+}
+
+// config.json's fields for `m`, on one line (also the "config" metadata of the saved safetensors files).
+std::string HfConfig(const lora::ModelConfig& m, const lora::HfModelOptions& o) {
+  return lora::HfLlamaConfigJson(m, o, -1);
+}
+
+// config.json, tokenizer.json and tokenizer_config.json beside a model.safetensors (rank 0 alone).
+void WriteHfFiles(const Flags& f, const std::string& dir, const lora::ModelConfig& m, const Base* base) {
+  const lora::BpeTokenizer bytes = lora::BpeTokenizer::ByteLevel();
+  const lora::BpeTokenizer& tokenizer = base != nullptr && base->gguf ? base->tokenizer : bytes;
+  Check(lora::WriteHfModelFiles(dir, m, tokenizer, HfOptions(f, base)), "writing the Hugging Face files of " + dir);
 }
 
 // Writes `tensors` to `path` atomically (the caller: rank 0 alone).
@@ -652,6 +681,8 @@ void SaveModel(Run& run, const std::string& path, const std::map<std::string, st
   eo.trainable_only = trainable_only;
   for (const lora::ParamInfo& p : run.params) eo.names.push_back(trainable_only ? "base_model.model." + p.name : p.name);
   eo.metadata.assign(metadata.begin(), metadata.end());
+  std::error_code ec;  // every rank: idempotent, and the directory exists before rank 0 creates the file
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
   Check(run.engine->Export(path, eo), "writing " + path);
 }
 
@@ -662,7 +693,7 @@ void SaveModel(Run& run, const std::string& path, const std::map<std::string, st
 // times the summed magnitudes. Measured: 4.7e-7 on the tiny test model, 2.1e-6 on SmolLM2-135M (30 layers), while
 // a wrong fold (a transposed or unscaled B A, a missed projection) moves logits by about as much as the adapter
 // does (printed: 0.5 and 20 there), far beyond 1e-5.
-void Merge(const Flags& f, Run& run, const lora::BatchSampler& val, const std::string& out_path) {
+void Merge(const Flags& f, Run& run, const Base& base, const lora::BatchSampler& val) {
   std::vector<int32_t> in(static_cast<size_t>(f.batch * f.seq)), tg(in.size());
   val.Sample(0, in.data(), tg.data());
   const lora::Batch batch{f.batch, f.seq, in.data(), tg.data()};
@@ -684,16 +715,16 @@ void Merge(const Flags& f, Run& run, const lora::BatchSampler& val, const std::s
     max_abs = std::max(max_abs, static_cast<double>(std::abs(want[i])));
   }
   // How far the adapter moves the logits (base alone = B A dropped): shows the check compares something.
-  {
-    std::vector<const float*> plain(merged.params.size());
-    const std::vector<lora::ParamInfo> infos = lora::Parameters(run.model, lora::LoraConfig());
-    for (size_t p = 0; p < plain.size(); ++p) {
-      for (size_t q = 0; q < run.params.size(); ++q) {
-        if (run.params[q].name == infos[p].name) plain[p] = adapted[q];
-      }
+  const std::vector<lora::ParamInfo> infos = lora::Parameters(run.model, lora::LoraConfig());
+  std::vector<const float*> plain(merged.params.size());
+  for (size_t p = 0; p < plain.size(); ++p) {
+    for (size_t q = 0; q < run.params.size(); ++q) {
+      if (run.params[q].name == infos[p].name) plain[p] = adapted[q];
     }
+  }
+  std::vector<float> base_logits;
+  {
     lora::FullAccess plain_access(plain);
-    std::vector<float> base_logits;
     lora::Logits(run.model, lora::LoraConfig(), plain_access, batch, &base_logits, f.threads);
     for (size_t i = 0; i < want.size(); ++i) {
       adapter_effect = std::max(adapter_effect, static_cast<double>(std::abs(base_logits[i] - want[i])));
@@ -706,20 +737,48 @@ void Merge(const Flags& f, Run& run, const lora::BatchSampler& val, const std::s
   if (!(rel <= 1e-5)) Fail("merged logits differ from adapter logits beyond 1e-5 relative");
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  const std::string merged_dir = HfDir(f, "merged");
   if (rank == 0) {
-    const std::vector<lora::ParamInfo> infos = lora::Parameters(run.model, lora::LoraConfig());
-    std::vector<lora::TensorData> tensors;
-    for (size_t p = 0; p < infos.size(); ++p) {
-      lora::TensorData t;
-      t.spec.name = infos[p].name;
-      t.spec.shape = infos[p].shape;
-      t.data = merged.params[p];
-      tensors.push_back(t);
+    // The merged model, and for a GGUF base the base itself: the hub's SmolLM2 is not the Q4_1-dequantized model
+    // the adapter was trained on, so PeftModel reproduces the example's logits only on this one.
+    const auto write_model = [&](const std::string& dir, const std::vector<const float*>& params) {
+      std::vector<lora::TensorData> tensors;
+      for (size_t p = 0; p < infos.size(); ++p) {
+        lora::TensorData t;
+        t.spec.name = infos[p].name;
+        t.spec.shape = infos[p].shape;
+        t.data = params[p];
+        tensors.push_back(t);
+      }
+      WriteFile(dir + "/model.safetensors", tensors,
+                {{"format", "pt"}, {"config", HfConfig(run.model, HfOptions(f, &base))}});
+      WriteHfFiles(f, dir, run.model, &base);
+    };
+    write_model(merged_dir, merged.params);
+    if (base.gguf) write_model(HfDir(f, "base"), plain);
+    if (!f.logits_out.empty()) {
+      // Token ids as F32 (exact: every id < 2^24), logits [batch, seq, vocab] of the three models, and the prompt
+      // with its ids (the tokenizer check).
+      const std::vector<int32_t> prompt_ids = TextOf(base).Encode(f.prompt);
+      std::string ids;
+      for (int32_t id : prompt_ids) {
+        if (!ids.empty()) ids += ',';
+        ids += std::to_string(id);
+      }
+      const std::vector<float> tokens(in.begin(), in.end());
+      const std::vector<int64_t> shape = {f.batch, f.seq, run.model.vocab};
+      std::vector<lora::TensorData> t(4);
+      t[0] = {{"tokens", lora::DType::kF32, {f.batch, f.seq}}, tokens.data()};
+      t[1] = {{"base", lora::DType::kF32, shape}, base_logits.data()};
+      t[2] = {{"adapter", lora::DType::kF32, shape}, want.data()};
+      t[3] = {{"merged", lora::DType::kF32, shape}, got.data()};
+      WriteFile(f.logits_out, t, {{"format", "pt"}, {"prompt", f.prompt}, {"prompt_ids", ids}});
     }
-    WriteFile(out_path, tensors, {{"format", "pt"}, {"config", HfConfig(run.model)}});
   }
   Check(scope.Close(), "closing GatherFull");
-  Say("merged_relative_error=%.3g\nmerged=%s\n", rel, out_path.c_str());
+  if (base.gguf) Say("merge: wrote %s (the dequantized base)\n", HfDir(f, "base").c_str());
+  if (!f.logits_out.empty()) Say("merge: wrote %s\n", f.logits_out.c_str());
+  Say("merged_relative_error=%.3g\nmerged=%s\n", rel, merged_dir.c_str());
 }
 
 int Main(int argc, char** argv) {
@@ -757,7 +816,7 @@ int Main(int argc, char** argv) {
   if (f.command == "prepare") return 0;
 
   // --- pretrain (or reuse) ---
-  const std::string base_path = f.out + "/base.safetensors";
+  const std::string base_path = HfDir(f, "base") + "/model.safetensors";
   const std::string key = smollm2 ? "" : BaseKey(f, base_corpus.content_hash);
   bool reuse = false;
   if (!smollm2) {
@@ -781,10 +840,14 @@ int Main(int argc, char** argv) {
     const lora::BatchSampler train = Sampler(train_tokens, f, f.seed), val = Sampler(val_tokens, f, f.seed + 7);
     Train(f, run, train, f.pretrain_steps, f.pretrain_lr, "pretrain", 10);
     Say("pretrain: validation loss %.4f\n", ValidationLoss(f, run, val));
-    SaveModel(run, base_path, {{"format", "pt"}, {"config", HfConfig(run.model)}, {"zero.base_key", key}}, false);
+    SaveModel(run, base_path, {{"format", "pt"}, {"config", HfConfig(run.model, HfOptions(f, nullptr))},
+                               {"zero.base_key", key}}, false);
     Say("pretrain: wrote %s\n", base_path.c_str());
   } else if (f.command == "all" && !smollm2) {
     Say("pretrain: reusing %s (same settings)\n", base_path.c_str());
+  }
+  if ((f.command == "pretrain" || f.command == "all") && !smollm2 && comm->rank() == 0) {
+    WriteHfFiles(f, HfDir(f, "base"), SmallConfig(f), nullptr);  // also completes a reused directory
   }
   if (f.command == "pretrain") return 0;
 
@@ -800,7 +863,7 @@ int Main(int argc, char** argv) {
         "here; raise --lora-steps for more)\n",
         f.lora_steps, f.micro * f.batch * world, f.seq);
   }
-  const std::string adapter_path = f.out + "/adapter_model.safetensors";
+  const std::string adapter_path = HfDir(f, "adapter") + "/adapter_model.safetensors";
 
   // --- sample: the base alone, then with the trained adapter ---
   if (f.command == "sample") {
@@ -828,7 +891,7 @@ int Main(int argc, char** argv) {
     Run run;
     Open(f, comm.get(), base.config, /*with_lora=*/true, f.lora_lr, &run);
     LoadParams(f, run, base, adapter.get(), false);
-    Merge(f, run, val, f.out + "/merged.safetensors");
+    Merge(f, run, base, val);
     return 0;
   }
 
@@ -865,17 +928,22 @@ int Main(int argc, char** argv) {
   const std::string after_sample = Sample(f, run, text, prompt, f.sample_tokens);
   SaveModel(run, adapter_path, {{"format", "pt"}}, /*trainable_only=*/true);
   if (comm->rank() == 0) {
-    std::ofstream cfg(f.out + "/adapter_config.json");
-    cfg << "{\n  \"peft_type\": \"LORA\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"r\": " << f.r
-        << ",\n  \"lora_alpha\": " << f.alpha << ",\n  \"lora_dropout\": " << f.dropout
-        << ",\n  \"target_modules\": " << TargetModules(f.targets) << ",\n  \"bias\": \"none\"";
-    if (smollm2) cfg << ",\n  \"base_model_name_or_path\": \"HuggingFaceTB/SmolLM2-135M-Instruct\"";
-    cfg << "\n}\n";
+    // The base PEFT loads the adapter onto: the small base's directory (absolute, so the adapter directory works
+    // from anywhere), or SmolLM2's hub name (`merge` also writes OUT/base, the dequantized weights trained on).
+    lora::PeftLoraOptions o;
+    o.base_model_name_or_path = smollm2 ? std::string("HuggingFaceTB/SmolLM2-135M-Instruct")
+                                        : std::filesystem::absolute(HfDir(f, "base")).lexically_normal().string();
+    o.r = f.r;
+    o.alpha = f.alpha;
+    o.dropout = f.dropout;
+    o.target_modules = TargetModules(f.targets);
+    Check(lora::WriteTextFile(HfDir(f, "adapter"), "adapter_config.json", lora::PeftAdapterConfigJson(o)),
+          "writing adapter_config.json");
   }
   Say("sample before: %s%s\n", prompt.c_str(), before_sample.c_str());
   Say("sample after:  %s%s\n", prompt.c_str(), after_sample.c_str());
   Say("val_loss_before=%.4f val_loss_after=%.4f\n", before, after);
-  Say("adapter=%s\n", adapter_path.c_str());
+  Say("adapter=%s\n", HfDir(f, "adapter").c_str());
   return 0;
 }
 

@@ -229,6 +229,38 @@ zero::Status BpeTokenizer::Create(std::vector<std::string> tokens, const std::ve
   return zero::Status::Ok();
 }
 
+BpeTokenizer BpeTokenizer::ByteLevel() {
+  std::string symbols[256];
+  ByteSymbols(symbols);
+  BpeTokenizer t;
+  const zero::Status s = Create(std::vector<std::string>(symbols, symbols + 256), {}, {}, -1, -1, &t);
+  (void)s;  // 256 distinct byte symbols and no merges: Create cannot fail
+  return t;
+}
+
+std::string BpeTokenizer::ByteSymbol(uint8_t b) {
+  struct Table {
+    std::string symbols[256];
+  };
+  static const Table table = [] {
+    Table t;
+    ByteSymbols(t.symbols);
+    return t;
+  }();
+  return table.symbols[b];
+}
+
+std::vector<std::string> BpeTokenizer::Merges() const {
+  std::vector<std::pair<int32_t, std::string>> by_rank;
+  by_rank.reserve(ranks_.size());
+  for (const auto& [merge, rank] : ranks_) by_rank.emplace_back(rank, merge);
+  std::sort(by_rank.begin(), by_rank.end());
+  std::vector<std::string> out;
+  out.reserve(by_rank.size());
+  for (auto& [rank, merge] : by_rank) out.push_back(std::move(merge));
+  return out;
+}
+
 zero::Status BpeTokenizer::FromGguf(const GgufFile& file, BpeTokenizer* out) {
   const std::string where = "tokenizer of " + file.path();
   std::string model;

@@ -50,6 +50,9 @@ class BpeTokenizer {
                              std::vector<int32_t> types, int32_t bos, int32_t eos, BpeTokenizer* out);
   // From tokenizer.ggml.* metadata. A model other than "gpt2" or a missing key is an error naming the file.
   static zero::Status FromGguf(const GgufFile& file, BpeTokenizer* out);
+  // The small base's vocabulary as a BPE without merges: token b is byte b's symbol, so Encode gives the bytes
+  // themselves (what the example feeds that model) and hf_tokenizer.h can describe it like any other.
+  static BpeTokenizer ByteLevel();
 
   // Token ids of `text` (no BOS is added). With `special`, control and user-defined tokens written out in the text
   // (e.g. "<|im_start|>") become their ids (longest match first); without, they are encoded as plain text.
@@ -61,11 +64,17 @@ class BpeTokenizer {
   // The pre-tokenizer alone (pieces of the input, in order, concatenating to it). For tests.
   static std::vector<std::string_view> PreTokenize(std::string_view text);
 
+  // Byte b's symbol in GPT-2's byte-to-unicode alphabet, UTF-8 ("Ġ" for a space).
+  static std::string ByteSymbol(uint8_t b);
+
   int vocab_size() const { return static_cast<int>(tokens_.size()); }
   int32_t bos() const { return bos_; }
   int32_t eos() const { return eos_; }
   bool covers_byte(uint8_t b) const { return byte_id_[b] >= 0; }
   const std::string& token(int32_t id) const { return tokens_[static_cast<size_t>(id)]; }
+  int32_t type(int32_t id) const { return types_[static_cast<size_t>(id)]; }
+  // The merges in rank order, each once ("left right"; a merge given twice to Create kept its first rank).
+  std::vector<std::string> Merges() const;
 
  private:
   void EncodePlain(std::string_view text, std::unordered_map<std::string, std::vector<int32_t>>* cache,
