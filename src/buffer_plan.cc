@@ -2,6 +2,7 @@
 #include "buffer_plan.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "kernels/sum_squares.cuh"
 
@@ -20,6 +21,31 @@ int64_t NormScratchBytes(Backend backend, int64_t n) {
   if (backend != Backend::kCuda) return 0;
   // kernels/reduce.cu: one fp64 partial per kSumBlock elements plus the total (SumSquaresScratchCount).
   return ((n + kernels::kSumBlock - 1) / kernels::kSumBlock + 1) * static_cast<int64_t>(sizeof(kernels::SumSquares));
+}
+
+// Buffers that each hold one unit at a time (stage 3's gather slots, stages 2-3's gradient pool), `count` of them
+// for units of `sizes` elements: `large` of them fit every unit, the others every unit but the `large` largest
+// (large = 0: the count in 1..count with the fewest elements, the largest among equals). No more buffers than
+// units. Returns each buffer's elements, large ones first; *large_out is how many are large.
+std::vector<int64_t> TwoSizeBuffers(std::vector<int64_t> sizes, int count, int large, int* large_out) {
+  std::sort(sizes.begin(), sizes.end(), std::greater<int64_t>());
+  const int n = static_cast<int>(std::min<size_t>(static_cast<size_t>(count), sizes.size()));
+  auto regular = [&](int k) { return k < static_cast<int>(sizes.size()) ? sizes[static_cast<size_t>(k)] : 0; };
+  int k = std::min(large, n);
+  if (k == 0 && n > 0) {
+    int64_t best = -1;
+    for (int c = 1; c <= n; ++c) {
+      const int64_t total = c * sizes[0] + (n - c) * regular(c);
+      if (best < 0 || total <= best) {
+        best = total;
+        k = c;
+      }
+    }
+  }
+  std::vector<int64_t> out;
+  for (int i = 0; i < n; ++i) out.push_back(i < k ? sizes[0] : regular(k));
+  *large_out = k;
+  return out;
 }
 
 BufferPlan PlanBuffers(const Options& o, const PartitionPlan& plan) {
@@ -89,44 +115,42 @@ BufferPlan PlanBuffers(const Options& o, const PartitionPlan& plan) {
     }
   }
   if (sharded_grads) {
-    for (int64_t t : bp.unit_trainable_elems) bp.pool_elems = std::max(bp.pool_elems, t);
-    if (bp.pool_elems > 0) {
-      // Without overlap every unit's buffer stays bound until the micro-step's last GradsReady.
-      int buffers = o.grad_pool_buffers;
-      if (!o.overlap_reductions) {
-        int trainable_units = 0;
-        for (int64_t t : bp.unit_trainable_elems) trainable_units += t > 0;
-        buffers = std::max(buffers, trainable_units);
-      }
-      bp.pool_buffers = buffers;
-      for (int i = 0; i < buffers; ++i) {
-        add(BufferId::kGradPool, i, MemoryCategory::kBuffers, MemoryKind::kDevice, bp.pool_elems * ge,
-            "gradient pool", false);
-      }
+    std::vector<int64_t> trainable;
+    for (int64_t t : bp.unit_trainable_elems) {
+      if (t > 0) trainable.push_back(t);
+    }
+    // Without overlap every unit's buffer stays bound until the micro-step's last GradsReady.
+    const int buffers = o.overlap_reductions ? o.grad_pool_buffers : static_cast<int>(trainable.size());
+    bp.pool_elems = TwoSizeBuffers(trainable, buffers, /*large=*/0, &bp.large_pool_buffers);
+    bp.pool_buffers = static_cast<int>(bp.pool_elems.size());
+    for (int i = 0; i < bp.pool_buffers; ++i) {
+      add(BufferId::kGradPool, i, MemoryCategory::kBuffers, MemoryKind::kDevice,
+          bp.pool_elems[static_cast<size_t>(i)] * ge, "gradient pool", false);
     }
   }
   bp.unit_persistent.assign(num_units, false);
   bp.unit_persistent_offset.assign(num_units, 0);
   if (stage3) {
     int64_t persistent = 0;
+    std::vector<int64_t> sizes;  // non-persistent units' full elements
     for (size_t u = 0; u < num_units; ++u) {
       const int64_t full = bp.unit_full_elems[u];
       if (full * pe <= o.persist_bytes) {
         bp.unit_persistent[u] = true;
         bp.unit_persistent_offset[u] = persistent;
         persistent += full;
-      } else {
-        bp.slot_elems = std::max(bp.slot_elems, full);
+      } else if (full > 0) {
+        sizes.push_back(full);
       }
     }
     add(BufferId::kPersistentParams, 0, MemoryCategory::kParams, MemoryKind::kDevice, persistent * pe,
         "persistent stage-3 units", false);
-    if (bp.slot_elems > 0) {
-      bp.gather_slots = o.gather_slots;
-      for (int i = 0; i < o.gather_slots; ++i) {
-        add(BufferId::kGatherSlot, i, MemoryCategory::kBuffers, MemoryKind::kDevice, bp.slot_elems * pe,
-            "stage-3 gather slots", false);
-      }
+    bp.slot_elems = TwoSizeBuffers(sizes, o.gather_slots, o.large_gather_slots, &bp.large_slots);
+    bp.gather_slots = static_cast<int>(bp.slot_elems.size());
+    for (int i = 0; i < bp.gather_slots; ++i) {
+      add(BufferId::kGatherSlot, i, MemoryCategory::kBuffers, MemoryKind::kDevice,
+          bp.slot_elems[static_cast<size_t>(i)] * pe,
+          i < bp.large_slots ? "stage-3 gather slots (fit every unit)" : "stage-3 gather slots", false);
     }
   }
   const int64_t scratch = NormScratchBytes(o.backend, bp.largest_trainable_shard);

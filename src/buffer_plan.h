@@ -9,9 +9,14 @@
 //   fp32 master                   4·opt when param_dtype is 16-bit or the optimizer is offloaded
 //   optimizer state               4·opt (SGD momentum, AdamW m) + 4·opt (AdamW v); pinned host when offloaded
 //   offload staging               2 × (g + p unless offload_params) · largest trainable bucket shard, pinned host
-//   gradient pool (stages 2-3)    max(grad_pool_buffers, trainable units without overlap) × g · largest trainable unit
+//   gradient pool (stages 2-3)    P = grad_pool_buffers (every trainable unit without overlap), at most one per
+//                                 trainable unit, in two sizes like the gather slots below (g bytes; k chosen
+//                                 by size)
 //   persistent units (stage 3)    p · units whose full padded bytes fit persist_bytes
-//   gather slots (stage 3)        gather_slots × p · largest non-persistent unit
+//   gather slots (stage 3)        G = min(gather_slots, non-persistent units) slots: k of p · s1 and G − k of
+//                                 p · s(k+1), s1 >= s2 >= ... the non-persistent units' full padded elements;
+//                                 k = large_gather_slots, or (0) the k in 1..G with the fewest bytes, the
+//                                 largest such k among equals
 //   norm scratch (CUDA)           16 bytes per 4096 elements of the largest trainable shard, plus 16
 #pragma once
 
@@ -59,10 +64,15 @@ struct BufferPlan {
   // Stage 3: units gathered for the whole run, and their start in the persistent buffer.
   std::vector<bool> unit_persistent;
   std::vector<int64_t> unit_persistent_offset;
-  int64_t pool_elems = 0;  // stages 2-3: elements per gradient pool buffer (0: no pool)
+  // Stages 2-3: elements of each gradient pool buffer (empty: no pool); the large_pool_buffers first ones fit
+  // every unit.
+  std::vector<int64_t> pool_elems;
   int pool_buffers = 0;
-  int64_t slot_elems = 0;  // stage 3: elements per gather slot (0: no slots)
+  int large_pool_buffers = 0;
+  // Stage 3: elements of each gather slot (empty: no slots); the large_slots first ones fit every unit.
+  std::vector<int64_t> slot_elems;
   int gather_slots = 0;
+  int large_slots = 0;
   int64_t largest_trainable_shard = 0;
   std::vector<PlannedBuffer> buffers;  // allocation order
 

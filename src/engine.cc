@@ -35,7 +35,7 @@ std::vector<std::string> DescribeConfig(const Options& o, const std::vector<Para
   os << "world_size=" << world << " stage=" << static_cast<int>(o.stage) << " backend=" << static_cast<int>(o.backend)
      << " optimizer=" << static_cast<int>(o.optimizer) << " bucket_elements=" << o.bucket_elements
      << " clip_norm=" << o.clip_norm << " grad_pool_buffers=" << o.grad_pool_buffers
-     << " gather_slots=" << o.gather_slots << " overlap_reductions=" << o.overlap_reductions
+     << " gather_slots=" << o.gather_slots << " large_gather_slots=" << o.large_gather_slots << " overlap_reductions=" << o.overlap_reductions
      << " reductions_in_flight=" << o.reductions_in_flight << " param_dtype=" << DTypeName(o.param_dtype)
      << " grad_dtype=" << DTypeName(o.grad_dtype) << " loss_scale=" << static_cast<int>(o.loss_scale.mode) << "/"
      << o.loss_scale.initial << "/" << o.loss_scale.growth_interval << "/" << o.loss_scale.hysteresis << "/"
@@ -98,6 +98,9 @@ Status ValidateOptions(const Options& o, int num_units) {
   if (o.clip_norm < 0 || !std::isfinite(o.clip_norm)) return bad("clip_norm must be finite and >= 0 (0 disables)");
   if (o.grad_pool_buffers < 1) return bad("grad_pool_buffers must be >= 1 (default 2)");
   if (o.gather_slots < 1) return bad("gather_slots must be >= 1 (default 3)");
+  if (o.large_gather_slots < 0 || o.large_gather_slots > o.gather_slots) {
+    return bad("large_gather_slots must be in [0, gather_slots] (default 0: chosen by size)");
+  }
   if (o.reductions_in_flight < 1) return bad("reductions_in_flight must be >= 1 (default 4)");
   if (o.prefetch_bytes < 0) return bad("prefetch_bytes must be >= 0");
   if (o.persist_bytes < 0) return bad("persist_bytes must be >= 0");
@@ -691,7 +694,6 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   e.gdt = opts.grad_dtype;
   e.ge = static_cast<int64_t>(DTypeSize(e.gdt));
   e.pool_elems = bp.pool_elems;
-  e.slot_elems = bp.slot_elems;
   e.grad_pool.resize(static_cast<size_t>(bp.pool_buffers));
   e.pool_owner.assign(e.grad_pool.size(), -1);
   e.slots.resize(static_cast<size_t>(bp.gather_slots));
@@ -734,7 +736,10 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     ZERO_RETURN_IF_ERROR(events(static_cast<size_t>(opts.reductions_in_flight), &e.in_flight));
     ZERO_RETURN_IF_ERROR(events(e.slots.size(), &e.slot_ready));
     ZERO_RETURN_IF_ERROR(events(e.slots.size(), &e.slot_free));
-    for (size_t i = 0; i < e.slots.size(); ++i) e.slots[i].index = static_cast<int>(i);
+    for (size_t i = 0; i < e.slots.size(); ++i) {
+      e.slots[i].index = static_cast<int>(i);
+      e.slots[i].capacity = bp.slot_elems[i];
+    }
     ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.params_ready));
     ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.optimizer_done));
     if (e.offload) {

@@ -122,6 +122,7 @@ struct UnitState {
 
 struct GatherSlot {
   int index = 0;
+  int64_t capacity = 0;  // elements (BufferPlan::slot_elems): the large slots fit every unit
   DeviceBuffer buffer;
   int unit = -1;          // resident unit, or -1
   bool prefetched = false;  // gathered ahead of its Acquire and not yet acquired
@@ -198,12 +199,11 @@ class Engine::Impl {
   DeviceBuffer grads;
   std::vector<DeviceBuffer> grad_pool;
   std::vector<int> pool_owner;  // unit bound to each pool buffer, or -1
-  int64_t pool_elems = 0;
+  std::vector<int64_t> pool_elems;  // per pool buffer (BufferPlan: the large ones first)
   // Optimizer state: AdamW m and v, or SGD momentum in state0.
   DeviceBuffer state0, state1;
-  // Stage 3 gather slots.
+  // Stage 3 gather slots (the large ones first).
   std::vector<GatherSlot> slots;
-  int64_t slot_elems = 0;
 
   // Loss scaling (DeepSpeed's dynamic scaler when dynamic_scale; a fixed scale otherwise).
   bool dynamic_scale = false;
@@ -324,6 +324,9 @@ class Engine::Impl {
   // Issues the gathers of `unit` into slot `s` (after the slot's compute -> gather edge) and binds them.
   void GatherInto(int unit, int s, bool prefetched);
   Status Prefetch();
+  // A free slot that fits `unit`: the smallest such; -1 when none. `prefetch`: never a large slot for a unit that
+  // fits a regular one (large slots stay free for large units).
+  int FreeSlotFor(int unit, bool prefetch) const;
   // Stage-3 eval: the predicted units after `unit` (eval_next chain, not resident, within prefetch_bytes).
   std::vector<int> EvalChain(int unit) const;
   // Stage-3 eval Acquire: check, drop stale prefetches, gather `unit` if needed, prefetch the prediction.
@@ -331,7 +334,7 @@ class Engine::Impl {
   // Queues the cross-rank check of one eval Acquire (AgreeKind::kEvalAcquire) on the communication stream: a
   // rank that acquires another unit, or makes another engine call, fails the check on every rank.
   void LaunchEvalCheck(int unit);
-  int FreeSlot();
+  int FreeSlot(int unit);
   void DropSlot(GatherSlot& slot);
   // Frees every gather slot whose unit nobody holds (stale after Step, unused after a pass).
   void DropUnheldSlots();

@@ -138,14 +138,20 @@ Status Engine::Impl::GradsReadyImpl(int unit) {
 // and prefers a buffer whose wait is already over, so that the trainer's thread neither zeroes nor, when the
 // pool is large enough, waits. Which physical buffer a unit gets is this rank's own choice: it changes no
 // collective.
+// Buffers come in two sizes (BufferPlan): a unit takes the smallest free one that fits it, so that the large ones
+// stay for the units that need them.
 Status Engine::Impl::BindPool(int unit) {
+  const int64_t need = units[static_cast<size_t>(unit)].trainable_elems;
   int pick = -1;
+  bool pick_ready = false;
   for (size_t i = 0; i < grad_pool.size(); ++i) {
-    if (pool_owner[i] >= 0) continue;
-    if (pick < 0) pick = static_cast<int>(i);
-    if (pool_free[i]->Query()) {
+    if (pool_owner[i] >= 0 || pool_elems[i] < need) continue;
+    const bool ready = pool_free[i]->Query();
+    const bool better = pick < 0 || pool_elems[i] < pool_elems[static_cast<size_t>(pick)] ||
+                        (pool_elems[i] == pool_elems[static_cast<size_t>(pick)] && ready && !pick_ready);
+    if (better) {
       pick = static_cast<int>(i);
-      break;
+      pick_ready = ready;
     }
   }
   if (pick >= 0) {
@@ -159,9 +165,9 @@ Status Engine::Impl::BindPool(int unit) {
     return Status::Ok();
   }
   std::ostringstream os;
-  os << "Acquire(" << unit << ", kBackward) on " << Where() << ": the gradient pool is exhausted: all "
-     << grad_pool.size() << " buffers are bound, to units";
-  for (int owner : pool_owner) os << " " << owner;
+  os << "Acquire(" << unit << ", kBackward) on " << Where() << ": the gradient pool is exhausted: every buffer that "
+     << "fits " << UnitName(unit) << " is bound; buffers (unit, bytes):";
+  for (size_t i = 0; i < grad_pool.size(); ++i) os << " (" << pool_owner[i] << ", " << FormatBytes(pool_elems[i] * ge) << ")";
   os << ". A unit holds a buffer from its first backward Acquire until its reduction, which waits for the units "
         "after it (reductions go out in descending unit order). Raise Options.grad_pool_buffers, or call "
         "GradsReady in descending unit order";
@@ -316,18 +322,32 @@ void Engine::Impl::DropUnheldSlots() {
   }
 }
 
-int Engine::Impl::FreeSlot() {
+int Engine::Impl::FreeSlotFor(int unit, bool prefetch) const {
+  const int64_t need = units[static_cast<size_t>(unit)].full_elems;
+  const int64_t smallest = slots.empty() ? 0 : slots.back().capacity;  // regular slots come last
+  int best = -1;
   for (size_t i = 0; i < slots.size(); ++i) {
-    if (slots[i].unit < 0) return static_cast<int>(i);
+    const GatherSlot& slot = slots[i];
+    if (slot.unit >= 0 || slot.capacity < need) continue;
+    if (prefetch && need <= smallest && slot.capacity > smallest) continue;
+    if (best < 0 || slot.capacity < slots[static_cast<size_t>(best)].capacity) best = static_cast<int>(i);
   }
-  // Evict a prefetched unit that nobody holds yet; it is gathered again when acquired.
+  return best;
+}
+
+int Engine::Impl::FreeSlot(int unit) {
+  const int free = FreeSlotFor(unit, /*prefetch=*/false);
+  if (free >= 0) return free;
+  // Evict a prefetched unit that nobody holds yet (it is gathered again when acquired), from the smallest slot
+  // that fits.
+  const int64_t need = units[static_cast<size_t>(unit)].full_elems;
+  int best = -1;
   for (size_t i = 0; i < slots.size(); ++i) {
-    if (slots[i].prefetched) {
-      DropSlot(slots[i]);
-      return static_cast<int>(i);
-    }
+    if (!slots[i].prefetched || slots[i].capacity < need) continue;
+    if (best < 0 || slots[i].capacity < slots[static_cast<size_t>(best)].capacity) best = static_cast<int>(i);
   }
-  return -1;
+  if (best >= 0) DropSlot(slots[static_cast<size_t>(best)]);
+  return best;
 }
 
 Status Engine::Impl::EnsureResident(int unit, int* wait_slot) {
@@ -339,13 +359,14 @@ Status Engine::Impl::EnsureResident(int unit, int* wait_slot) {
     *wait_slot = u.gather_slot;
     return Status::Ok();
   }
-  const int s = FreeSlot();
+  const int s = FreeSlot(unit);
   if (s < 0) {
     std::ostringstream os;
-    os << "Acquire(" << unit << ") on " << Where() << ": all " << slots.size()
-       << " stage-3 gather slots hold acquired units:";
-    for (const GatherSlot& slot : slots) os << " " << slot.unit;
-    os << ". Raise Options.gather_slots (each costs " << slot_elems * pe << " bytes) or release units earlier";
+    os << "Acquire(" << unit << ") on " << Where() << ": every stage-3 gather slot that fits " << UnitName(unit)
+       << " (" << FormatBytes(u.full_elems * pe) << ") holds an acquired unit; slots (unit, bytes):";
+    for (const GatherSlot& slot : slots) os << " (" << slot.unit << ", " << FormatBytes(slot.capacity * pe) << ")";
+    os << ". Raise Options.gather_slots, or large_gather_slots to fit more large units at once, or release units "
+          "earlier";
     return Status::FailedPrecondition(os.str());
   }
   GatherInto(unit, s, /*prefetched=*/false);
@@ -375,10 +396,7 @@ Status Engine::Impl::Prefetch() {
     UnitState& w = units[static_cast<size_t>(next)];
     if (w.persistent || w.gather_slot >= 0) continue;
     if (w.full_elems * pe > budget) break;
-    int s = -1;
-    for (size_t i = 0; i < slots.size() && s < 0; ++i) {
-      if (slots[i].unit < 0) s = static_cast<int>(i);
-    }
+    const int s = FreeSlotFor(next, /*prefetch=*/true);
     if (s < 0) break;  // never evict for a prefetch
     GatherInto(next, s, /*prefetched=*/true);
     budget -= w.full_elems * pe;
@@ -462,11 +480,8 @@ Status Engine::Impl::AcquireEval(int unit, int* wait_slot) {
   // Prefetch what is predicted and not resident, while slots are free (never evicting).
   for (int next : chain) {
     if (units[static_cast<size_t>(next)].gather_slot >= 0) continue;
-    int s = -1;
-    for (size_t i = 0; i < slots.size() && s < 0; ++i) {
-      if (slots[i].unit < 0) s = static_cast<int>(i);
-    }
-    if (s < 0) break;
+    const int s = FreeSlotFor(next, /*prefetch=*/true);
+    if (s < 0) break;  // in order: a later unit is not prefetched before an earlier one
     GatherInto(next, s, /*prefetched=*/true);
   }
   return Status::Ok();

@@ -8,21 +8,25 @@
 //   unit 2  frozen 49                              -> R(49)  (frozen)
 //   unit 3  w3 49 @0, gain 1 @56, used 57          -> R(57)
 //   Ψt = R(77) + R(203) + R(57), Ψf = R(49)
-// Per-rank bytes (N ranks, P pool buffers of the largest trainable unit, S gather slots of the largest
-// non-persistent unit, Ψp the persistent units' padded elements):
+// Per-rank bytes (N ranks, Ψp the persistent units' padded elements; stages 2-3's gradient pool and stage 3's
+// gather slots hold one unit per buffer, in two sizes: of n buffers for units s1 >= s2 >= ..., k are as large as s1
+// and n - k as large as s(k+1), with k in 1..n the count of fewest bytes, the largest among equals; no more buffers
+// than units. P: the pool's elements (2 buffers for the trainable units), S: the slots' (3 for the gathered ones)):
 //   stage 0: params 4(Ψt+Ψf)         grads 4Ψt    optimizer KΨt    buffers 0
 //   stage 1: params 4(Ψt+Ψf)         grads 4Ψt    optimizer KΨt/N  buffers 0
-//   stage 2: params 4(Ψt+Ψf)         grads 4Ψt/N  optimizer KΨt/N  buffers 4P·max_t
-//   stage 3: params 4(Ψt+Ψf)/N+4Ψp   grads 4Ψt/N  optimizer KΨt/N  buffers 4P·max_t + 4S·max_full
+//   stage 2: params 4(Ψt+Ψf)         grads 4Ψt/N  optimizer KΨt/N  buffers 4P
+//   stage 3: params 4(Ψt+Ψf)/N+4Ψp   grads 4Ψt/N  optimizer KΨt/N  buffers 4P + 4S
 // Communication per step, in elements (M micro-steps; all-reduce counted twice in Volume()):
 //   stage 0: all-reduce Ψt;  stage 1: reduce-scatter Ψt + all-gather Ψt;  stage 2: M·Ψt + Ψt
 //   stage 3: all-gather 2M(Ψt+Ψf−Ψp) + 2M·Ψ0 (the tied unit 0 is acquired twice per pass) − 2M·Ψ0 when unit 0
 //            is kept gathered (from its first forward Acquire to its backward Release: 2 gathers per micro-step
 //            instead of 4), + the persistent trainable elements after the step;
 //            reduce-scatter M·Ψt.
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -32,6 +36,19 @@
 
 namespace zero::testing {
 namespace {
+
+// Elements of `count` buffers that hold one of the units of `sizes` elements at a time (the rule above).
+int64_t SlotElements(std::vector<int64_t> sizes, int gather_slots) {
+  std::sort(sizes.rbegin(), sizes.rend());
+  const int g = std::min<int>(gather_slots, static_cast<int>(sizes.size()));
+  int64_t best = 0;
+  for (int k = 1; k <= g; ++k) {
+    const int64_t regular = k < static_cast<int>(sizes.size()) ? sizes[static_cast<size_t>(k)] : 0;
+    const int64_t total = k * sizes[0] + (g - k) * regular;
+    if (k == 1 || total < best) best = total;
+  }
+  return best;
+}
 
 int64_t R(int64_t x, int world) {
   const int64_t q = 64 * world;
@@ -102,17 +119,18 @@ TEST_P(MemoryTest, MemoryMatchesClosedFormPerStage) {
       if (st >= 1) optimizer = k * s.t / n;
       if (st >= 2) {
         grads = gb * s.t / n;
-        buffers = gb * 2 * max_t;
+        buffers = gb * SlotElements({s.unit0, s.unit1, s.unit3}, 2);
       }
       if (st == 3) {
         // A unit persists when its full padded bytes fit persist_bytes = 4 R(57): units 2 and 3 always, units 0
         // and 1 at the world sizes where their rounding reaches R(57).
-        int64_t persistent = 0, max_full = 0;
+        int64_t persistent = 0;
+        std::vector<int64_t> gathered;
         for (int64_t u : {s.unit0, s.unit1, s.unit2, s.unit3}) {
-          if (u * pb <= o.persist_bytes) persistent += u; else max_full = std::max(max_full, u);
+          if (u * pb <= o.persist_bytes) persistent += u; else gathered.push_back(u);
         }
         params = pb * (s.t + s.f) / n + pb * persistent;
-        buffers += max_full > 0 ? pb * 3 * max_full : 0;
+        buffers += gathered.empty() ? 0 : pb * SlotElements(gathered, 3);
       }
       // CUDA: the sum of squares' block partials (kernels/reduce.cu) for the largest trainable shard, 16 bytes
       // per 4096-element block plus the total.
@@ -145,7 +163,7 @@ TEST_P(MemoryTest, OffloadMovesOptimizerAndShardsToHostBytes) {
   const int n = comm->world_size();
   const Sizes s = ToySizes(n);
   const int64_t max_t = std::max({s.unit0, s.unit1, s.unit3});
-  const int64_t max_full = std::max({s.unit0, s.unit1, s.unit2, s.unit3});
+  const int64_t slots = SlotElements({s.unit0, s.unit1, s.unit2, s.unit3}, 3);
   for (DType dt : {DType::kF32, DType::kBF16}) {
     const int64_t pb = static_cast<int64_t>(DTypeSize(dt)), gb = 4;
     for (int st = 1; st <= 3; ++st) {
@@ -162,8 +180,8 @@ TEST_P(MemoryTest, OffloadMovesOptimizerAndShardsToHostBytes) {
         int64_t d_params = st == 3 ? pb * (s.t + s.f) / n : pb * (s.t + s.f);
         if (params_too) d_params = 0;
         const int64_t d_grads = st == 1 ? gb * s.t : gb * s.t / n;
-        int64_t d_buffers = st >= 2 ? gb * 2 * max_t : 0;
-        if (st == 3) d_buffers += pb * 3 * max_full;
+        int64_t d_buffers = st >= 2 ? gb * SlotElements({s.unit0, s.unit1, s.unit3}, 2) : 0;
+        if (st == 3) d_buffers += pb * slots;
         if (GetParam() == Backend::kCuda) d_buffers += ((max_t / n + 4095) / 4096 + 1) * 16;
         const int64_t h_opt = (8 + 4) * s.t / n, h_grads = 2 * gb * max_t / n;
         const int64_t h_buffers = params_too ? 0 : 2 * pb * max_t / n;

@@ -107,9 +107,16 @@ struct Options {
   // At most this many bucket reductions queued or running; GradsReady waits for the oldest beyond it. Default 4.
   int reductions_in_flight = 4;
 
-  // Stage 3: buffers for gathered units (acquired or prefetched), each as large as the largest non-persistent
-  // unit. Default 3 (the current unit, one prefetched, one tied or kept).
+  // Stage 3: buffers for gathered units (acquired or prefetched): at most this many units are resident at once.
+  // Default 3 (the current unit, one prefetched, one tied or kept). large_gather_slots of them are as large as the
+  // largest non-persistent unit, the others as large as the largest unit that the large ones leave out, so that one
+  // oversized unit (a 108 MiB tied embedding beside 14 MiB blocks) costs its size once, not gather_slots times.
+  // Never more slots than non-persistent units.
   int gather_slots = 3;
+  // Stage 3: how many gather slots fit every unit. 0 (default): the count in 1..gather_slots that needs the fewest
+  // bytes (the most slots among equals). Any number of resident units up to gather_slots works, but at most this
+  // many of them larger than the other slots; set it to gather_slots for slots that each fit every unit.
+  int large_gather_slots = 0;
   // Stage 3: prefetch the next units of the recorded order while their gathered-but-unused bytes stay
   // within this budget. 0 disables prefetch. Default 256 MiB.
   int64_t prefetch_bytes = int64_t{256} << 20;
