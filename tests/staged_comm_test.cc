@@ -115,13 +115,11 @@ class StagedCollectivesTest : public ::testing::TestWithParam<Backend> {
       return;
     }
     std::string skip;
-    // Collective: every rank agrees whether a GPU is usable; the comm itself is not used further.
-    auto probe = OpenCudaTestComm(MPI_COMM_WORLD, std::chrono::milliseconds(20'000), &skip);
-    if (probe == nullptr && !skip.empty()) GTEST_SKIP() << skip;  // no GPU: the cpu twin ran
-    ASSERT_NE(probe, nullptr);
+    const int device = LocalCudaDevice(MPI_COMM_WORLD, &skip);  // collective: every rank agrees
+    if (device < 0) GTEST_SKIP() << skip;                        // no GPU: the cpu twin ran
     std::unique_ptr<StagingMemory> cuda;
-    ZERO_ASSERT_OK(NewCudaStaging(probe->cuda_device(), &cuda));
-    ZERO_ASSERT_OK(CudaSetDevice(probe->cuda_device()));
+    ZERO_ASSERT_OK(NewCudaStaging(device, &cuda));
+    ZERO_ASSERT_OK(CudaSetDevice(device));
     memory_ = std::move(cuda);
   }
   bool device() const { return GetParam() == Backend::kCuda; }

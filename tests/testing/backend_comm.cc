@@ -41,29 +41,44 @@ std::unique_ptr<Comm> OpenStaged(MPI_Comm mpi_comm, int device, std::chrono::mil
   return std::make_unique<StagedComm>(std::move(inner), std::shared_ptr<StagingMemory>(std::move(memory)));
 }
 
-}  // namespace
+struct Placement {
+  int local_rank = 0, local_size = 1, devices = 0;
+};
 
-std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseconds timeout, std::string* skip) {
-  int rank = 0, world = 1;
+// This rank's place on its node and the node's GPUs; false with *skip set when some rank has no GPU.
+bool Place(MPI_Comm mpi_comm, Placement* p, std::string* skip) {
+  int rank = 0;
   MPI_Comm_rank(mpi_comm, &rank);
-  MPI_Comm_size(mpi_comm, &world);
   MPI_Comm local = MPI_COMM_NULL;
   MPI_Comm_split_type(mpi_comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &local);
-  int local_rank = 0, local_size = 1;
-  MPI_Comm_rank(local, &local_rank);
-  MPI_Comm_size(local, &local_size);
+  MPI_Comm_rank(local, &p->local_rank);
+  MPI_Comm_size(local, &p->local_size);
   MPI_Comm_free(&local);
-
   // Every rank needs a GPU, or none goes on (a rank that skipped alone would leave the others waiting).
-  int devices = 0;
-  const Status count = CudaDeviceCount(&devices);
+  const Status count = CudaDeviceCount(&p->devices);
   int ok = count.ok() ? 1 : 0, all_ok = 0;
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, mpi_comm);
   if (!all_ok) {
     *skip = "Backend::kCuda cannot run here: " +
             (count.ok() ? std::string("another rank has no usable CUDA device") : count.message());
-    return nullptr;
   }
+  return all_ok != 0;
+}
+
+}  // namespace
+
+int LocalCudaDevice(MPI_Comm mpi_comm, std::string* skip) {
+  Placement p;
+  return Place(mpi_comm, &p, skip) ? p.local_rank % p.devices : -1;
+}
+
+std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseconds timeout, std::string* skip) {
+  int rank = 0, world = 1;
+  MPI_Comm_rank(mpi_comm, &rank);
+  MPI_Comm_size(mpi_comm, &world);
+  Placement place;
+  if (!Place(mpi_comm, &place, skip)) return nullptr;
+  const int local_size = place.local_size, devices = place.devices;
   // Once NCCL refused shared GPUs in this process, later comms go straight to StagedComm. Agreed with the
   // ranks of `mpi_comm` like the rest: a rank that was not in the earlier communicator does not know.
   static bool nccl_refused_sharing = false;
@@ -73,7 +88,7 @@ std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseco
   const std::string forced = EnvOr("ZERO_TEST_STAGED_COMM", "");
   const bool multi_rank_nccl = EnvOr("NCCL_MULTI_RANK_GPU_ENABLE", "") == "1";
   const std::string ranks = std::to_string(world) + " rank" + (world == 1 ? "" : "s");
-  const int device = local_rank % devices;
+  const int device = place.local_rank % devices;
 
   bool staged = forced == "1";
   std::string why = "ZERO_TEST_STAGED_COMM=1";

@@ -20,6 +20,10 @@ namespace zero::testing {
 // Returns null with *skip set to the reason when some rank has no usable GPU (every rank agrees).
 std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseconds timeout, std::string* skip);
 
+// The GPU this rank uses (node-local rank % visible GPUs, as Comm::OpenNccl chooses), or -1 with *skip set to the
+// reason when some rank of `mpi_comm` has none (every rank agrees). Collective.
+int LocalCudaDevice(MPI_Comm mpi_comm, std::string* skip);
+
 // True when the Comm's sums follow MpiComm's fixed ring order (host memory, a StagedComm, or a world of one), so
 // that the mirrored reference (reference.h) is bitwise; NcclComm at several ranks sums in its own order.
 bool SumsInRingOrder(const Comm& comm);
