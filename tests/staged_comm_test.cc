@@ -256,7 +256,9 @@ TEST_P(StagedCollectivesTest, DuplicateIsAnIndependentStagedComm) {
   ZERO_ASSERT_OK(dup->AllReduce(buf, buf, 9, DType::kF32, ReduceOp::kSum));
   EXPECT_EQ(dup->counters().all_reduce, 9);
   EXPECT_EQ(staged->counters().all_reduce, 0) << "a duplicate's counters are its own";
-  // Breaking the duplicate leaves the original working.
+  // Breaking the duplicate leaves the original working. (Every rank first finishes its AllReduce on the
+  // duplicate: a peer that is still in it would get this rank's abort.)
+  ZERO_ASSERT_OK(staged->Barrier());
   dup->Abort(Status::Internal("done with the duplicate"));
   EXPECT_FALSE(dup->health().ok());
   ZERO_EXPECT_OK(staged->Barrier());
