@@ -49,7 +49,7 @@ class Buffers {
     std::copy(host.begin(), host.begin() + std::min<int64_t>(bytes, static_cast<int64_t>(host.size())), init.begin());
     if (!device_) {
       host_mem_.push_back(std::make_unique<double[]>(static_cast<size_t>(bytes / 8 + 1)));
-      std::memcpy(host_mem_.back().get(), init.data(), init.size());
+      if (!init.empty()) std::memcpy(host_mem_.back().get(), init.data(), init.size());
       return reinterpret_cast<char*>(host_mem_.back().get());
     }
     void* p = nullptr;
