@@ -462,19 +462,24 @@ TEST(StagedEngineTest, TrainsBitForBitLikeAPlainMpiComm) {
     SCOPED_TRACE(StageName(stage));
     Options o = SmallToyOptions(stage);
     o.clip_norm = 0.5;
+    // One engine after the other: two engines with collectives in flight at once would let either comm thread's
+    // MPI progress complete the other's receives, which ThreadSanitizer cannot see ordered (tests/tsan.supp).
+    auto run = [&](Comm* comm, std::vector<double>* norms) {
+      auto e = OpenToyEngine(o, comm);
+      EXPECT_NE(e, nullptr);
+      if (e == nullptr) return std::vector<std::vector<float>>{};
+      for (int step = 0; step < 4; ++step) norms->push_back(TrainToyStep(*e, *comm, step, 2, 24).grad_norm);
+      ZERO_EXPECT_OK(e->healthy());
+      return GatherToyParams(*e);
+    };
     auto staged = Staged(NewHostStaging());
     auto plain = WorldComm();
-    auto a = OpenToyEngine(o, staged.get());
-    auto b = OpenToyEngine(o, plain.get());
-    ASSERT_NE(a, nullptr);
-    ASSERT_NE(b, nullptr);
-    for (int step = 0; step < 4; ++step) {
-      const StepResult ra = TrainToyStep(*a, *staged, step, 2, 24);
-      const StepResult rb = TrainToyStep(*b, *plain, step, 2, 24);
-      EXPECT_EQ(ra.grad_norm, rb.grad_norm) << "step " << step;
-    }
-    EXPECT_EQ(GatherToyParams(*a), GatherToyParams(*b));
-    ZERO_EXPECT_OK(a->healthy());
+    ASSERT_NE(staged, nullptr);
+    std::vector<double> staged_norms, plain_norms;
+    const auto staged_params = run(staged.get(), &staged_norms);
+    const auto plain_params = run(plain.get(), &plain_norms);
+    EXPECT_EQ(staged_norms, plain_norms);
+    EXPECT_EQ(staged_params, plain_params);
   }
 }
 
