@@ -1,5 +1,8 @@
-// Drives the toy model through a real Engine: the access adapter, a training loop, and gathering the final
-// parameters on every rank for comparison against a reference.
+// Drives the toy model through a real Engine: the access adapters, a training loop, and gathering the final
+// parameters on every rank for comparison against a reference. Two trainers: host loops (EngineAccess; on CUDA
+// every view is copied to the host synchronously) and kernels on the engine's backend (EngineKernelAccess; on
+// CUDA the compute stream has the model's kernels in flight while the communication stream works). TrainToyStep
+// uses kernels on CUDA and host loops on the CPU unless told otherwise (ToyTrainer).
 #pragma once
 
 #include <cstdlib>
