@@ -8,6 +8,10 @@
 //    engine) fails with a clear status on every rank; an interrupted save leaves `latest` on the previous one.
 //  * Export: the values written are the engine's fp32 parameters (the numpy check reads the file: ctest
 //    checkpoint_export_numpy).
+// Resume, reshard and corruption are parameterised on the backend: on CUDA (`*cuda*`) the same checks run with
+// device memory, the toy model trained by kernels on the compute stream (testing/engine_harness.h) and the Comm
+// of testing/backend_comm.h (NCCL, or a StagedComm when ranks share a GPU); they skip, saying why, without a GPU.
+// Resharding on CUDA compares against the same naive bound: NCCL's sums differ from MPI's only in order.
 #include <mpi.h>
 #include <unistd.h>
 
@@ -19,6 +23,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -45,8 +50,9 @@ struct Config {
 
 void PrintTo(const Config& c, std::ostream* os) { *os << c.name; }
 
-Options MakeOptions(const Config& c) {
+Options MakeOptions(const Config& c, Backend backend) {
   Options o;
+  o.backend = backend;
   o.stage = c.stage;
   o.optimizer = c.optimizer;
   o.bucket_elements = 40;  // several buckets per unit, fragments that straddle parameters
@@ -82,16 +88,15 @@ void RemoveShared(const std::string& dir) {
   if (WorldRank() == 0) fs::remove_all(dir);
 }
 
-// A Comm over the first n ranks of the world (null on the others). Collective over the world.
-std::unique_ptr<Comm> SubComm(int n, MPI_Comm* raw) {
+// A Comm for `backend` over the first n ranks of the world (null on the others). Collective over the world. The
+// caller has made sure the backend runs here (every rank of a sub-communicator has a GPU if the world's do).
+std::unique_ptr<Comm> SubComm(int n, Backend backend, MPI_Comm* raw) {
   const int color = WorldRank() < n ? 0 : MPI_UNDEFINED;
   MPI_Comm_split(MPI_COMM_WORLD, color, WorldRank(), raw);
   if (*raw == MPI_COMM_NULL) return nullptr;
-  CommOptions options;
-  options.timeout = std::chrono::milliseconds(20'000);
-  std::unique_ptr<Comm> comm;
-  Status s = Comm::FromMpiComm(MPI_Comm_c2f(*raw), options, &comm);
-  EXPECT_TRUE(s.ok()) << s.ToString();
+  std::string skip;
+  auto comm = BackendCommOver(*raw, backend, &skip);
+  EXPECT_NE(comm, nullptr) << skip;
   return comm;
 }
 
@@ -118,12 +123,12 @@ double MaxRelDiff(const std::vector<std::vector<float>>& a, const std::vector<st
 // ---------------------------------------------------------------------------------------------------------------
 // Resume at the same world size and stage: bitwise.
 
-class ResumeTest : public ::testing::TestWithParam<Config> {};
+class ResumeTest : public ::testing::TestWithParam<std::tuple<Config, Backend>> {};
 
 TEST_P(ResumeTest, TenPlusTenEqualsTwentyBitwise) {
-  const Config c = GetParam();
-  auto comm = WorldComm();
-  const Options o = MakeOptions(c);
+  const Config c = std::get<0>(GetParam());
+  ZERO_BACKEND_COMM(comm, std::get<1>(GetParam()));
+  const Options o = MakeOptions(c, std::get<1>(GetParam()));
   const std::string root = SharedDir("resume");
 
   auto a = OpenToyEngine(o, comm.get());
@@ -157,15 +162,19 @@ TEST_P(ResumeTest, TenPlusTenEqualsTwentyBitwise) {
 
 INSTANTIATE_TEST_SUITE_P(
     Configs, ResumeTest,
-    ::testing::Values(Config{"stage0", Stage::kDataParallel}, Config{"stage1", Stage::kOptimizerStates},
-                      Config{"stage2", Stage::kGradients}, Config{"stage3", Stage::kParameters},
-                      Config{"stage1_sgd", Stage::kOptimizerStates, DType::kF32, DType::kF32, 0,
-                             OptimizerKind::kSgdMomentum},
-                      Config{"stage0_bf16", Stage::kDataParallel, DType::kBF16, DType::kBF16},
-                      Config{"stage2_bf16_offload", Stage::kGradients, DType::kBF16, DType::kF32, 1},
-                      Config{"stage3_fp16_scaler", Stage::kParameters, DType::kF16, DType::kF16},
-                      Config{"stage3_offload_params", Stage::kParameters, DType::kF32, DType::kF32, 2}),
-    [](const ::testing::TestParamInfo<Config>& i) { return std::string(i.param.name); });
+    ::testing::Combine(
+        ::testing::Values(Config{"stage0", Stage::kDataParallel}, Config{"stage1", Stage::kOptimizerStates},
+                          Config{"stage2", Stage::kGradients}, Config{"stage3", Stage::kParameters},
+                          Config{"stage1_sgd", Stage::kOptimizerStates, DType::kF32, DType::kF32, 0,
+                                 OptimizerKind::kSgdMomentum},
+                          Config{"stage0_bf16", Stage::kDataParallel, DType::kBF16, DType::kBF16},
+                          Config{"stage2_bf16_offload", Stage::kGradients, DType::kBF16, DType::kF32, 1},
+                          Config{"stage3_fp16_scaler", Stage::kParameters, DType::kF16, DType::kF16},
+                          Config{"stage3_offload_params", Stage::kParameters, DType::kF32, DType::kF32, 2}),
+        ::testing::Values(Backend::kCpu, Backend::kCuda)),
+    [](const ::testing::TestParamInfo<std::tuple<Config, Backend>>& i) {
+      return std::string(std::get<0>(i.param).name) + "_" + BackendName(std::get<1>(i.param));
+    });
 
 // ---------------------------------------------------------------------------------------------------------------
 // Another world size, another stage.
@@ -173,6 +182,7 @@ INSTANTIATE_TEST_SUITE_P(
 struct Reshard {
   int save_world, load_world;
   Config save, load;
+  Backend backend;
 };
 
 // Saves after 10 steps on the first save_world ranks, loads on the first load_world ranks and trains 10 more;
@@ -182,9 +192,9 @@ void RunReshard(const Reshard& r) {
   std::vector<std::vector<float>> straight, resumed;
   {
     MPI_Comm raw;
-    auto comm = SubComm(r.save_world, &raw);
+    auto comm = SubComm(r.save_world, r.backend, &raw);
     if (comm != nullptr) {
-      auto e = OpenToyEngine(MakeOptions(r.save), comm.get());
+      auto e = OpenToyEngine(MakeOptions(r.save, r.backend), comm.get());
       ASSERT_NE(e, nullptr);
       Train(*e, *comm, 0, 10);
       ZERO_ASSERT_OK(e->Save(root, "s"));
@@ -196,10 +206,10 @@ void RunReshard(const Reshard& r) {
   MPI_Barrier(MPI_COMM_WORLD);
   {
     MPI_Comm raw;
-    auto comm = SubComm(r.load_world, &raw);
+    auto comm = SubComm(r.load_world, r.backend, &raw);
     if (comm != nullptr) {
       std::unique_ptr<Engine> e;
-      ZERO_ASSERT_OK(Engine::Open(MakeOptions(r.load), comm.get(), ToySpecs(), &e));
+      ZERO_ASSERT_OK(Engine::Open(MakeOptions(r.load, r.backend), comm.get(), ToySpecs(), &e));
       ZERO_ASSERT_OK(e->Load(root, "s"));
       EXPECT_EQ(e->step(), 10);
       Train(*e, *comm, 10, 20);
@@ -216,7 +226,16 @@ void RunReshard(const Reshard& r) {
   RemoveShared(root);
 }
 
-TEST(ReshardTest, OtherWorldSizes) {
+class ReshardTest : public ::testing::TestWithParam<Backend> {
+ protected:
+  // Skips (on every rank) when the backend cannot run here; the probe Comm is dropped again.
+  void SetUp() override {
+    std::string skip;
+    if (BackendComm(GetParam(), &skip) == nullptr && !skip.empty()) GTEST_SKIP() << skip;  // no GPU
+  }
+};
+
+TEST_P(ReshardTest, OtherWorldSizes) {
   const int world = WorldSize();
   const Config s3{"stage3", Stage::kParameters};
   const Config s2{"stage2", Stage::kGradients};
@@ -224,7 +243,7 @@ TEST(ReshardTest, OtherWorldSizes) {
   for (auto [a, b] : {std::pair{4, 2}, std::pair{1, 3}, std::pair{2, 4}, std::pair{3, 1}, std::pair{2, 1},
                       std::pair{1, 2}}) {
     if (a > world || b > world) continue;
-    RunReshard({a, b, s3, s2});
+    RunReshard({a, b, s3, s2, GetParam()});
     ++ran;
   }
   if (world >= 2) {
@@ -232,27 +251,29 @@ TEST(ReshardTest, OtherWorldSizes) {
   }
 }
 
-TEST(ReshardTest, OtherStagesAndOffload) {
+TEST_P(ReshardTest, OtherStagesAndOffload) {
   const int w = WorldSize();
-  RunReshard({w, w, Config{"stage3", Stage::kParameters}, Config{"stage1", Stage::kOptimizerStates}});
+  const Backend b = GetParam();
+  RunReshard({w, w, Config{"stage3", Stage::kParameters}, Config{"stage1", Stage::kOptimizerStates}, b});
   RunReshard({w, w, Config{"stage2_offload", Stage::kGradients, DType::kF32, DType::kF32, 1},
-              Config{"stage0", Stage::kDataParallel}});
+              Config{"stage0", Stage::kDataParallel}, b});
   RunReshard({w, w, Config{"stage0", Stage::kDataParallel},
-              Config{"stage3_offload_params", Stage::kParameters, DType::kF32, DType::kF32, 2}});
+              Config{"stage3_offload_params", Stage::kParameters, DType::kF32, DType::kF32, 2}, b});
 }
 
 // A bf16 engine's checkpoint loads into an fp32 engine as its fp32 master, exactly: the exported master (fp32)
 // equals the fp32 engine's parameters bitwise.
-TEST(ReshardTest, Bf16MasterLoadsIntoFp32Exactly) {
-  auto comm = WorldComm();
+TEST_P(ReshardTest, Bf16MasterLoadsIntoFp32Exactly) {
+  ZERO_BACKEND_COMM(comm, GetParam());
   const std::string root = SharedDir("dtype");
-  auto a = OpenToyEngine(MakeOptions({"bf16", Stage::kGradients, DType::kBF16, DType::kBF16}), comm.get());
+  auto a = OpenToyEngine(MakeOptions({"bf16", Stage::kGradients, DType::kBF16, DType::kBF16}, GetParam()),
+                         comm.get());
   ASSERT_NE(a, nullptr);
   Train(*a, *comm, 0, 5);
   ZERO_ASSERT_OK(a->Save(root, "bf16"));
   ZERO_ASSERT_OK(a->Export(root + "/master.safetensors"));
   std::unique_ptr<Engine> b;
-  ZERO_ASSERT_OK(Engine::Open(MakeOptions({"fp32", Stage::kParameters}), comm.get(), ToySpecs(), &b));
+  ZERO_ASSERT_OK(Engine::Open(MakeOptions({"fp32", Stage::kParameters}, GetParam()), comm.get(), ToySpecs(), &b));
   ZERO_ASSERT_OK(b->Load(root, "bf16"));
   const auto loaded = GatherToyParams(*b);
   // Read the export back: header JSON then raw little-endian fp32 in spec order.
@@ -269,15 +290,21 @@ TEST(ReshardTest, Bf16MasterLoadsIntoFp32Exactly) {
   RemoveShared(root);
 }
 
+INSTANTIATE_TEST_SUITE_P(Backends, ReshardTest, ::testing::Values(Backend::kCpu, Backend::kCuda),
+                         [](const ::testing::TestParamInfo<Backend>& i) { return BackendName(i.param); });
+
 // ---------------------------------------------------------------------------------------------------------------
 // Corruption and interrupted saves.
 
-class CorruptionTest : public ::testing::Test {
+class CorruptionTest : public ::testing::TestWithParam<Backend> {
  protected:
   void SetUp() override {
-    comm_ = WorldComm();
+    std::string skip;
+    comm_ = BackendComm(GetParam(), &skip);
+    if (comm_ == nullptr && !skip.empty()) GTEST_SKIP() << skip;  // no GPU
+    ASSERT_NE(comm_, nullptr);
     root_ = SharedDir("corrupt");
-    engine_ = OpenToyEngine(MakeOptions({"stage3", Stage::kParameters}), comm_.get());
+    engine_ = OpenToyEngine(Stage3(), comm_.get());
     ASSERT_NE(engine_, nullptr);
     // 256-byte blocks: the parameters and the optimizer state of a shard file are in different blocks.
     EngineTestPeer::Hooks(*engine_).checkpoint_block_bytes = 256;
@@ -285,7 +312,11 @@ class CorruptionTest : public ::testing::Test {
     ZERO_ASSERT_OK(engine_->Save(root_, "good"));
     before_ = GatherToyParams(*engine_);
   }
-  void TearDown() override { RemoveShared(root_); }
+  void TearDown() override {
+    if (!root_.empty()) RemoveShared(root_);
+  }
+  Options Opts(const Config& c) const { return MakeOptions(c, GetParam()); }
+  Options Stage3() const { return Opts({"stage3", Stage::kParameters}); }
 
   // Runs `damage` on world rank 0 only, then loads "good" on every rank and expects `code` with `text` in the
   // message on every rank.
@@ -317,7 +348,7 @@ std::string Slurp(const fs::path& p) {
   return ss.str();
 }
 
-TEST_F(CorruptionTest, TruncatedFile) {
+TEST_P(CorruptionTest, TruncatedFile) {
   const Status s = LoadAfter([](const fs::path& d) {
     fs::resize_file(d / "shard-00000.bin", fs::file_size(d / "shard-00000.bin") - 1);
   });
@@ -329,7 +360,7 @@ TEST_F(CorruptionTest, TruncatedFile) {
   EXPECT_EQ(MaxRelDiff(GatherToyParams(*engine_), before_), 0.0);
 }
 
-TEST_F(CorruptionTest, FlippedByteInParameters) {
+TEST_P(CorruptionTest, FlippedByteInParameters) {
   const Status s = LoadAfter([](const fs::path& d) { FlipByte(d / "shard-00000.bin", 3); });
   EXPECT_EQ(s.code(), StatusCode::kDataLoss) << s.ToString();
   EXPECT_TRUE(Contains(s, "checksum mismatch")) << s.ToString();
@@ -341,7 +372,7 @@ TEST_F(CorruptionTest, FlippedByteInParameters) {
   EXPECT_EQ(MaxRelDiff(GatherToyParams(*engine_), before_), 0.0);
 }
 
-TEST_F(CorruptionTest, FlippedByteInOptimizerStateNeedsAnotherLoad) {
+TEST_P(CorruptionTest, FlippedByteInOptimizerStateNeedsAnotherLoad) {
   // The optimizer state is the file's tail: found after the parameters were placed. (Rank 0's file: with the
   // toy's small buckets, high ranks of a 4-rank world own nothing and write empty files.)
   const Status s = LoadAfter([&](const fs::path& d) {
@@ -360,16 +391,16 @@ TEST_F(CorruptionTest, FlippedByteInOptimizerStateNeedsAnotherLoad) {
   Status again = engine_->Load(root_, "good");
   EXPECT_FALSE(again.ok());  // gone now
   engine_.reset();
-  auto fresh = OpenToyEngine(MakeOptions({"stage3", Stage::kParameters}), comm_.get());
+  auto fresh = OpenToyEngine(Stage3(), comm_.get());
   Train(*fresh, *comm_, 0, 3);
   ZERO_ASSERT_OK(fresh->Save(root_, "good2"));
   std::unique_ptr<Engine> e;
-  ZERO_ASSERT_OK(Engine::Open(MakeOptions({"stage3", Stage::kParameters}), comm_.get(), ToySpecs(), &e));
+  ZERO_ASSERT_OK(Engine::Open(Stage3(), comm_.get(), ToySpecs(), &e));
   ZERO_ASSERT_OK(e->Load(root_, "good2"));
   EXPECT_EQ(MaxRelDiff(GatherToyParams(*e), before_), 0.0);
 }
 
-TEST_F(CorruptionTest, RecoversWithLoadAfterFailedStateRead) {
+TEST_P(CorruptionTest, RecoversWithLoadAfterFailedStateRead) {
   ZERO_ASSERT_OK(engine_->Save(root_, "second"));
   const Status s = LoadAfter([&](const fs::path& d) {
     FlipByte(d / "shard-00000.bin", static_cast<int64_t>(fs::file_size(d / "shard-00000.bin")) - 1);
@@ -384,14 +415,14 @@ TEST_F(CorruptionTest, RecoversWithLoadAfterFailedStateRead) {
   ZERO_EXPECT_OK(engine_->healthy());
 }
 
-TEST_F(CorruptionTest, MissingRankFile) {
+TEST_P(CorruptionTest, MissingRankFile) {
   const Status s = LoadAfter([](const fs::path& d) { fs::remove(d / "shard-00000.bin"); });
   EXPECT_EQ(s.code(), StatusCode::kIoError) << s.ToString();
   EXPECT_TRUE(Contains(s, "shard-00000.bin")) << s.ToString();
   ZERO_EXPECT_OK(engine_->healthy());
 }
 
-TEST_F(CorruptionTest, WrongVersion) {
+TEST_P(CorruptionTest, WrongVersion) {
   const Status s = LoadAfter([](const fs::path& d) {
     std::string j = Slurp(d / "index.json");
     const size_t at = j.find("\"version\": 1");
@@ -404,7 +435,7 @@ TEST_F(CorruptionTest, WrongVersion) {
   ZERO_EXPECT_OK(engine_->healthy());
 }
 
-TEST_F(CorruptionTest, MalformedIndex) {
+TEST_P(CorruptionTest, MalformedIndex) {
   const Status s = LoadAfter([](const fs::path& d) {
     std::string j = Slurp(d / "index.json");
     std::ofstream(d / "index.json", std::ios::trunc) << j.substr(0, j.size() / 2);
@@ -413,31 +444,31 @@ TEST_F(CorruptionTest, MalformedIndex) {
   EXPECT_TRUE(Contains(s, "not valid JSON")) << s.ToString();
 }
 
-TEST_F(CorruptionTest, IndexDoesNotMatchTheEngine) {
+TEST_P(CorruptionTest, IndexDoesNotMatchTheEngine) {
   std::vector<ParamSpec> specs = ToySpecs();
   specs[1].name = "b1.renamed";
   std::unique_ptr<Engine> other;
-  ZERO_ASSERT_OK(Engine::Open(MakeOptions({"stage3", Stage::kParameters}), comm_.get(), specs, &other));
+  ZERO_ASSERT_OK(Engine::Open(Stage3(), comm_.get(), specs, &other));
   Status s = other->Load(root_, "good");
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
   EXPECT_TRUE(Contains(s, "no parameter 'b1.renamed'")) << s.ToString();
 
   specs = ToySpecs();
   specs[0].shape = {kDim, kVocab};  // same count, other shape
-  ZERO_ASSERT_OK(Engine::Open(MakeOptions({"stage3", Stage::kParameters}), comm_.get(), specs, &other));
+  ZERO_ASSERT_OK(Engine::Open(Stage3(), comm_.get(), specs, &other));
   s = other->Load(root_, "good");
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
   EXPECT_TRUE(Contains(s, "another shape")) << s.ToString();
 
   Config sgd{"sgd", Stage::kParameters};
   sgd.optimizer = OptimizerKind::kSgdMomentum;
-  ZERO_ASSERT_OK(Engine::Open(MakeOptions(sgd), comm_.get(), ToySpecs(), &other));
+  ZERO_ASSERT_OK(Engine::Open(Opts(sgd), comm_.get(), ToySpecs(), &other));
   s = other->Load(root_, "good");
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
   EXPECT_TRUE(Contains(s, "adamw state")) << s.ToString();
 }
 
-TEST_F(CorruptionTest, InterruptedSaveKeepsThePreviousCheckpoint) {
+TEST_P(CorruptionTest, InterruptedSaveKeepsThePreviousCheckpoint) {
   // Rank 0's disk fails after 100 bytes of its shard (rank 0 owns data at every world size).
   EngineTestPeer::Hooks(*engine_).save_fail_rank = 0;
   EngineTestPeer::Hooks(*engine_).save_fail_after = 100;
@@ -450,7 +481,7 @@ TEST_F(CorruptionTest, InterruptedSaveKeepsThePreviousCheckpoint) {
   ZERO_EXPECT_OK(engine_->healthy());
   // `latest` loads: the state of step 3.
   std::unique_ptr<Engine> e;
-  ZERO_ASSERT_OK(Engine::Open(MakeOptions({"stage3", Stage::kParameters}), comm_.get(), ToySpecs(), &e));
+  ZERO_ASSERT_OK(Engine::Open(Stage3(), comm_.get(), ToySpecs(), &e));
   ZERO_ASSERT_OK(e->Load(root_));
   EXPECT_EQ(e->step(), 3);
   EXPECT_EQ(MaxRelDiff(GatherToyParams(*e), before_), 0.0);
@@ -460,7 +491,7 @@ TEST_F(CorruptionTest, InterruptedSaveKeepsThePreviousCheckpoint) {
   EXPECT_EQ(Slurp(fs::path(root_) / "latest"), "broken\n");
 }
 
-TEST_F(CorruptionTest, SaveRejectsBadCalls) {
+TEST_P(CorruptionTest, SaveRejectsBadCalls) {
   Status s = engine_->Save(root_, "good");
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
   EXPECT_TRUE(Contains(s, "never overwritten")) << s.ToString();
@@ -477,16 +508,19 @@ TEST_F(CorruptionTest, SaveRejectsBadCalls) {
   ZERO_EXPECT_OK(engine_->healthy());
 }
 
-TEST_F(CorruptionTest, SmallBlocksVerifyEachReadBlock) {
+TEST_P(CorruptionTest, SmallBlocksVerifyEachReadBlock) {
   // 64-byte blocks (the smallest the format allows): the toy's shard files have tens of blocks, and fragments
   // straddle block boundaries.
   EngineTestPeer::Hooks(*engine_).checkpoint_block_bytes = 64;
   ZERO_ASSERT_OK(engine_->Save(root_, "blocks"));
   std::unique_ptr<Engine> e;
-  ZERO_ASSERT_OK(Engine::Open(MakeOptions({"stage1", Stage::kOptimizerStates}), comm_.get(), ToySpecs(), &e));
+  ZERO_ASSERT_OK(Engine::Open(Opts({"stage1", Stage::kOptimizerStates}), comm_.get(), ToySpecs(), &e));
   ZERO_ASSERT_OK(e->Load(root_, "blocks"));
   EXPECT_EQ(MaxRelDiff(GatherToyParams(*e), before_), 0.0);
 }
+
+INSTANTIATE_TEST_SUITE_P(Backends, CorruptionTest, ::testing::Values(Backend::kCpu, Backend::kCuda),
+                         [](const ::testing::TestParamInfo<Backend>& i) { return BackendName(i.param); });
 
 // ---------------------------------------------------------------------------------------------------------------
 // Export for the numpy check (ctest fixture): ZERO_EXPORT_DIR receives model.safetensors, adapters.safetensors
@@ -497,7 +531,8 @@ TEST(ExportFixture, WritesFilesForNumpy) {
   const char* dir_env = std::getenv("ZERO_EXPORT_DIR");
   const std::string dir = dir_env != nullptr ? std::string(dir_env) : SharedDir("exportfx");
   auto comm = WorldComm();
-  auto e = OpenToyEngine(MakeOptions({"stage3_bf16", Stage::kParameters, DType::kBF16, DType::kF32}), comm.get());
+  auto e = OpenToyEngine(MakeOptions({"stage3_bf16", Stage::kParameters, DType::kBF16, DType::kF32}, Backend::kCpu),
+                         comm.get());
   ASSERT_NE(e, nullptr);
   Train(*e, *comm, 0, 3);
   ExportOptions eo;
@@ -511,7 +546,7 @@ TEST(ExportFixture, WritesFilesForNumpy) {
   std::unique_ptr<Engine> f32;
   const std::string root = SharedDir("export");
   ZERO_ASSERT_OK(e->Save(root, "x"));
-  ZERO_ASSERT_OK(Engine::Open(MakeOptions({"f32", Stage::kParameters}), comm.get(), ToySpecs(), &f32));
+  ZERO_ASSERT_OK(Engine::Open(MakeOptions({"f32", Stage::kParameters}, Backend::kCpu), comm.get(), ToySpecs(), &f32));
   ZERO_ASSERT_OK(f32->Load(root, "x"));
   const auto values = GatherToyParams(*f32);
   if (comm->rank() == 0) {

@@ -1,8 +1,13 @@
-// Drives the toy model through a real Engine: the access adapter, a training loop, and gathering the final
-// parameters on every rank for comparison against a reference.
+// Drives the toy model through a real Engine: the access adapters, a training loop, and gathering the final
+// parameters on every rank for comparison against a reference. Two trainers: host loops (EngineAccess; on CUDA
+// every view is copied to the host synchronously) and kernels on the engine's backend (EngineKernelAccess; on
+// CUDA the compute stream has the model's kernels in flight while the communication stream works). TrainToyStep
+// uses kernels on CUDA and host loops on the CPU unless told otherwise (ToyTrainer).
 #pragma once
 
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -12,6 +17,7 @@
 #include "engine_impl.h"
 #include "kernels/cpu_kernels.h"
 #include "testing/device_copy.h"
+#include "testing/toy_kernel_model.h"
 #include "testing/toy_model.h"
 #include "zero/zero.h"
 
@@ -104,14 +110,12 @@ class EngineAccess : public ToyAccess {
     return m.data();
   }
   float* Grad(int p) override {
-    const TensorView v = engine_->Grad(p);
-    float* d = OrScratch(v.as<float>(), "Grad", p);
-    if ((!device_ && !convert_grads_) || d == scratch_.data()) return d;
-    std::vector<float>& m = grad_mirror_[static_cast<size_t>(p)];
-    // First use in this micro-step: start from the engine's (zeroed or accumulated) values.
-    if (m.empty()) Check(ReadWidened(v, &m));
-    return m.data();
+    float* g = GradOf(p);
+    if (p == poison_) g[0] = std::numeric_limits<float>::infinity();
+    return g;
   }
+  // Every Grad(param) call writes +inf into the parameter's first gradient element: an overflow on this rank.
+  void set_poison(int param) { poison_ = param; }
   bool failed() const { return failed_; }
 
  private:
@@ -120,6 +124,15 @@ class EngineAccess : public ToyAccess {
       failed_ = true;
       ADD_FAILURE() << s.ToString();
     }
+  }
+  float* GradOf(int p) {
+    const TensorView v = engine_->Grad(p);
+    float* d = OrScratch(v.as<float>(), "Grad", p);
+    if ((!device_ && !convert_grads_) || d == scratch_.data()) return d;
+    std::vector<float>& m = grad_mirror_[static_cast<size_t>(p)];
+    // First use in this micro-step: start from the engine's (zeroed or accumulated) values.
+    if (m.empty()) Check(ReadWidened(v, &m));
+    return m.data();
   }
   float* OrScratch(float* p, const char* what, int param) {
     if (p != nullptr) return p;
@@ -134,7 +147,113 @@ class EngineAccess : public ToyAccess {
   bool convert_grads_;
   std::vector<char> raw_;
   std::vector<std::vector<float>> param_mirror_, grad_mirror_;
+  int poison_ = -1;
   bool failed_ = false;
+};
+
+inline ToyKind ToyKindOf(DType dtype) {
+  return dtype == DType::kBF16 ? kToyBf16 : dtype == DType::kF16 ? kToyF16 : kToyF32;
+}
+
+// ToyKernelAccess over an Engine: the kernel trainer reads the engine's Param views and adds into its Grad views
+// where they are, on the engine's backend (CUDA: kernels on the compute stream, nothing copied to the host; CPU:
+// loops). 16-bit gradient views: the model adds into an fp32 accumulator that starts from the view's values at
+// the micro-step's first use and is rounded once into the view before GradsReady (EngineAccess's rule).
+class EngineKernelAccess : public ToyKernelAccess {
+ public:
+  EngineKernelAccess(Engine* engine, ToyWorkspace* ws) : engine_(engine), ws_(ws) {}
+  void Acquire(int unit, bool backward) override {
+    Check(engine_->Acquire(unit, backward ? Pass::kBackward : Pass::kForward));
+  }
+  void Release(int unit, bool backward) override {
+    Check(engine_->Release(unit, backward ? Pass::kBackward : Pass::kForward));
+  }
+  void GradsReady(int unit) override {
+    for (int p = 0; p < kToyParams; ++p) {
+      if (engine_->specs()[static_cast<size_t>(p)].unit != unit) continue;
+      if (p == poison_) {
+        ToyArgs a;
+        a.dst = Grad(p);
+        Run(ToyOp::kPoison, a);
+      }
+      if (!widened_[p]) continue;
+      const TensorView v = engine_->Grad(p);
+      if (v.data != nullptr) {
+        ToyArgs a;
+        a.src = ws_->GradAccumulator(p);
+        a.dst = v.data;
+        a.kind = ToyKindOf(v.dtype);
+        a.count = v.numel;
+        Run(ToyOp::kNarrow, a);
+      }
+      widened_[p] = false;
+    }
+    Check(engine_->GradsReady(unit));
+  }
+  ToyParam Param(int p) override {
+    const TensorView v = engine_->Param(p);
+    if (v.data == nullptr) return {Invalid("Param", p), kToyF32};
+    return {v.data, ToyKindOf(v.dtype)};
+  }
+  float* Grad(int p) override {
+    const TensorView v = engine_->Grad(p);
+    if (v.data == nullptr) return Invalid("Grad", p);
+    if (v.dtype == DType::kF32) return v.as<float>();
+    float* acc = ws_->GradAccumulator(p);
+    if (!widened_[p]) {
+      ToyArgs a;
+      a.src = v.data;
+      a.dst = acc;
+      a.kind = ToyKindOf(v.dtype);
+      a.count = v.numel;
+      Run(ToyOp::kWiden, a);
+      widened_[p] = true;
+    }
+    return acc;
+  }
+  // Before its unit's GradsReady, +inf goes into the parameter's first gradient element: an overflow here.
+  void set_poison(int param) { poison_ = param; }
+  bool failed() const { return failed_; }
+
+ private:
+  void Check(const Status& s) {
+    if (!s.ok()) {
+      failed_ = true;
+      ADD_FAILURE() << s.ToString();
+    }
+  }
+  void Run(ToyOp op, const ToyArgs& a) { Check(RunToyOp(ws_->exec(), op, a)); }
+  float* Invalid(const char* what, int param) {
+    failed_ = true;
+    ADD_FAILURE() << what << "(" << param << ") returned an invalid view";
+    return ws_->Scratch();
+  }
+  Engine* engine_;
+  ToyWorkspace* ws_;
+  bool widened_[kToyParams] = {};
+  int poison_ = -1;
+  bool failed_ = false;
+};
+
+// How TrainToyStep runs the toy model.
+enum class ToyTrainer {
+  kAuto,       // kKernels on CUDA, kHostLoops on the CPU; ZERO_TEST_TOY_TRAINER=host or =kernels overrides both
+  kHostLoops,  // ToyForwardBackward on the host (EngineAccess: on CUDA every view is copied synchronously)
+  kKernels,    // ToyKernelForwardBackward on the engine's backend (EngineKernelAccess)
+};
+
+inline ToyTrainer ResolveToyTrainer(ToyTrainer t, Backend backend) {
+  if (t != ToyTrainer::kAuto) return t;
+  if (const char* env = std::getenv("ZERO_TEST_TOY_TRAINER")) {  // the one debug knob of the harness
+    if (std::string(env) == "host") return ToyTrainer::kHostLoops;
+    if (std::string(env) == "kernels") return ToyTrainer::kKernels;
+  }
+  return backend == Backend::kCuda ? ToyTrainer::kKernels : ToyTrainer::kHostLoops;
+}
+
+struct ToyStepOptions {
+  ToyTrainer trainer = ToyTrainer::kAuto;
+  int poison_param = -1;  // when >= 0: this rank's gradient of that parameter overflows (+inf) in every micro-step
 };
 
 // Options for protocol tests: small buckets (several per unit), one thread.
@@ -163,15 +282,41 @@ inline std::unique_ptr<Engine> OpenToyEngine(const Options& options, Comm* comm)
   return engine;
 }
 
-// One optimizer step of `micros` micro-steps on this rank's slices of the global batch.
-inline StepResult TrainToyStep(Engine& engine, Comm& comm, int step, int micros, int global_batch) {
+// The `micros` micro-steps of step `step` on this rank's slices of the global batch, without the Step call.
+inline void RunToyMicroSteps(Engine& engine, Comm& comm, int step, int micros, int global_batch,
+                             const ToyStepOptions& options = {}) {
+  if (ResolveToyTrainer(options.trainer, engine.options().backend) == ToyTrainer::kKernels) {
+    ToyWorkspace* ws = nullptr;
+    Status s = SharedToyWorkspace(engine.options().backend == Backend::kCuda ? ToyExec::kCuda : ToyExec::kCpu, &ws);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    if (!s.ok()) return;
+    EngineKernelAccess access(&engine, ws);
+    access.set_poison(options.poison_param);
+    for (int m = 0; m < micros; ++m) {
+      s = engine.BeginMicroStep(m, m == micros - 1);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+      // Micro-step m in slot m % 2: the batch is made on the device while the previous one may still run.
+      s = ws->Generate(m % 2, step, m, comm.rank(), comm.world_size(), global_batch);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+      s = ToyKernelForwardBackward(*ws, m % 2, access, engine.LossScale());
+      EXPECT_TRUE(s.ok()) << s.ToString();
+    }
+    return;
+  }
   EngineAccess access(&engine);
+  access.set_poison(options.poison_param);
   for (int m = 0; m < micros; ++m) {
     Status s = engine.BeginMicroStep(m, m == micros - 1);
     EXPECT_TRUE(s.ok()) << s.ToString();
     ToyForwardBackward(access, ToyMicroBatch(step, m, comm.rank(), comm.world_size(), global_batch),
                        engine.LossScale());
   }
+}
+
+// One optimizer step of `micros` micro-steps on this rank's slices of the global batch.
+inline StepResult TrainToyStep(Engine& engine, Comm& comm, int step, int micros, int global_batch,
+                               const ToyStepOptions& options = {}) {
+  RunToyMicroSteps(engine, comm, step, micros, global_batch, options);
   StepResult r;
   Status s = engine.Step(StepArgs(), &r);
   EXPECT_TRUE(s.ok()) << s.ToString();

@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include "testing/backend_comm.h"
 #include "zero/comm.h"
 
 namespace zero::testing {
@@ -24,22 +25,24 @@ inline std::unique_ptr<Comm> WorldComm(std::chrono::milliseconds timeout = std::
   return comm;
 }
 
-// A Comm for `backend` over MPI_COMM_WORLD: MPI for the CPU, NCCL for CUDA (collective: every rank calls it).
-// Returns null with *skip set to the reason when the backend cannot run on this machine (no GPU); the caller
-// then GTEST_SKIP()s with that reason (no usable GPU: CUDA only). Use through ZERO_BACKEND_COMM.
-inline std::unique_ptr<Comm> BackendComm(Backend backend, std::string* skip,
-                                         std::chrono::milliseconds timeout = std::chrono::milliseconds(20'000)) {
-  if (backend == Backend::kCpu) return WorldComm(timeout);
+// A Comm for `backend` over `mpi_comm` (collective over it): MPI for the CPU; for CUDA, NCCL or a StagedComm
+// (backend_comm.h says which, and when). Returns null with *skip set to the reason when the backend cannot run
+// on this machine (no GPU); the caller then GTEST_SKIP()s with that reason (CUDA only).
+inline std::unique_ptr<Comm> BackendCommOver(MPI_Comm mpi_comm, Backend backend, std::string* skip,
+                                             std::chrono::milliseconds timeout = std::chrono::milliseconds(20'000)) {
+  if (backend == Backend::kCuda) return OpenCudaTestComm(mpi_comm, timeout, skip);
   CommOptions options;
   options.timeout = timeout;
   std::unique_ptr<Comm> comm;
-  Status s = Comm::OpenNccl(MPI_Comm_c2f(MPI_COMM_WORLD), options, &comm);
-  if (s.code() == StatusCode::kUnavailable) {
-    *skip = "Backend::kCuda cannot run here: " + s.message();
-    return nullptr;
-  }
+  Status s = Comm::FromMpiComm(MPI_Comm_c2f(mpi_comm), options, &comm);
   EXPECT_TRUE(s.ok()) << s.ToString();
   return comm;
+}
+
+// BackendCommOver(MPI_COMM_WORLD, ...). Use through ZERO_BACKEND_COMM.
+inline std::unique_ptr<Comm> BackendComm(Backend backend, std::string* skip,
+                                         std::chrono::milliseconds timeout = std::chrono::milliseconds(20'000)) {
+  return BackendCommOver(MPI_COMM_WORLD, backend, skip, timeout);
 }
 
 inline const char* BackendName(Backend b) { return b == Backend::kCpu ? "cpu" : "cuda"; }

@@ -3,13 +3,10 @@
 #include "testing/toy_model.h"
 
 #include <algorithm>
-#include <cmath>
 
 namespace zero::testing {
 
 namespace {
-
-enum ParamIndex { kEmbed = 0, kW1, kB1, kW2, kFrozen, kW3, kGain };
 
 struct Acts {
   int n = 0;
@@ -57,7 +54,7 @@ void Block1Forward(const float* w1, const float* b1, const float* w2, Acts& a) {
   for (int t = 0; t < a.n; ++t) {
     float* h = &a.h1[t * kHidden];
     MatVec(&a.x0[t * kDim], w1, kDim, kHidden, h);
-    for (int j = 0; j < kHidden; ++j) h[j] = std::tanh(h[j] + b1[j]);
+    for (int j = 0; j < kHidden; ++j) h[j] = ToyTanh(h[j] + b1[j]);
     MatVec(h, w2, kHidden, kDim, tmp);
     for (int d = 0; d < kDim; ++d) a.x1[t * kDim + d] = a.x0[t * kDim + d] + tmp[d];
   }
@@ -69,7 +66,7 @@ void FrozenForward(const float* f, Acts& a) {
   for (int t = 0; t < a.n; ++t) {
     MatVec(&a.x1[t * kDim], f, kDim, kDim, &a.t2[t * kDim]);
     for (int d = 0; d < kDim; ++d) {
-      a.t2[t * kDim + d] = std::tanh(a.t2[t * kDim + d]);
+      a.t2[t * kDim + d] = ToyTanh(a.t2[t * kDim + d]);
       a.x2[t * kDim + d] = a.x1[t * kDim + d] + a.t2[t * kDim + d];
     }
   }
@@ -81,7 +78,7 @@ void Block2Forward(const float* w3, const float* gain, Acts& a) {
   for (int t = 0; t < a.n; ++t) {
     MatVec(&a.x2[t * kDim], w3, kDim, kDim, &a.t3[t * kDim]);
     for (int d = 0; d < kDim; ++d) {
-      a.t3[t * kDim + d] = std::tanh(a.t3[t * kDim + d]);
+      a.t3[t * kDim + d] = ToyTanh(a.t3[t * kDim + d]);
       a.x3[t * kDim + d] = a.x2[t * kDim + d] + gain[0] * a.t3[t * kDim + d];
     }
   }
@@ -102,10 +99,10 @@ float HeadForward(const float* e, const ToyBatch& b, Acts& a) {
     float mx = logits[0];
     for (int v = 1; v < kVocab; ++v) mx = std::max(mx, logits[v]);
     float z = 0.0f;
-    for (int v = 0; v < kVocab; ++v) z += std::exp(logits[v] - mx);
-    total += static_cast<double>(std::log(z) + mx - logits[b.targets[t]]);
+    for (int v = 0; v < kVocab; ++v) z += ToyExp(logits[v] - mx);
+    total += static_cast<double>(ToyLog(z) + mx - logits[b.targets[t]]);
     for (int v = 0; v < kVocab; ++v) {
-      const float p = std::exp(logits[v] - mx) / z;
+      const float p = ToyExp(logits[v] - mx) / z;
       logits[v] = (p - (v == b.targets[t] ? 1.0f : 0.0f)) * inv_n;
     }
   }
@@ -177,19 +174,19 @@ void EmbedBackward(float* de, const ToyBatch& b, Acts& a) {
 
 float Forward(ToyAccess& m, const ToyBatch& batch, Acts& a) {
   m.Acquire(0, false);
-  EmbedForward(m.Param(kEmbed), batch, a);
+  EmbedForward(m.Param(kToyEmbed), batch, a);
   m.Release(0, false);
   m.Acquire(1, false);
-  Block1Forward(m.Param(kW1), m.Param(kB1), m.Param(kW2), a);
+  Block1Forward(m.Param(kToyW1), m.Param(kToyB1), m.Param(kToyW2), a);
   m.Release(1, false);
   m.Acquire(2, false);
-  FrozenForward(m.Param(kFrozen), a);
+  FrozenForward(m.Param(kToyFrozen), a);
   m.Release(2, false);
   m.Acquire(3, false);
-  Block2Forward(m.Param(kW3), m.Param(kGain), a);
+  Block2Forward(m.Param(kToyW3), m.Param(kToyGain), a);
   m.Release(3, false);
   m.Acquire(0, false);  // tied head
-  const float loss = HeadForward(m.Param(kEmbed), batch, a);
+  const float loss = HeadForward(m.Param(kToyEmbed), batch, a);
   m.Release(0, false);
   return loss;
 }
@@ -198,25 +195,25 @@ float Forward(ToyAccess& m, const ToyBatch& batch, Acts& a) {
 
 std::vector<ParamSpec> ToySpecs() {
   std::vector<ParamSpec> s(kToyParams);
-  s[kEmbed] = {"embed", {kVocab, kDim}, 0, true, 1.0f, 1.0f};
-  s[kW1] = {"b1.w1", {kDim, kHidden}, 1, true, 1.0f, 1.0f};
-  s[kB1] = {"b1.b1", {kHidden}, 1, true, 1.0f, 0.0f};
-  s[kW2] = {"b1.w2", {kHidden, kDim}, 1, true, 1.0f, 1.0f};
-  s[kFrozen] = {"frozen.f", {kDim, kDim}, 2, false, 1.0f, 1.0f};
-  s[kW3] = {"b2.w3", {kDim, kDim}, 3, true, 0.5f, 1.0f};
-  s[kGain] = {"b2.gain", {1}, 3, true, 1.0f, 0.0f};
+  s[kToyEmbed] = {"embed", {kVocab, kDim}, 0, true, 1.0f, 1.0f};
+  s[kToyW1] = {"b1.w1", {kDim, kHidden}, 1, true, 1.0f, 1.0f};
+  s[kToyB1] = {"b1.b1", {kHidden}, 1, true, 1.0f, 0.0f};
+  s[kToyW2] = {"b1.w2", {kHidden, kDim}, 1, true, 1.0f, 1.0f};
+  s[kToyFrozen] = {"frozen.f", {kDim, kDim}, 2, false, 1.0f, 1.0f};
+  s[kToyW3] = {"b2.w3", {kDim, kDim}, 3, true, 0.5f, 1.0f};
+  s[kToyGain] = {"b2.gain", {1}, 3, true, 1.0f, 0.0f};
   return s;
 }
 
 float ToyInit(int param, int64_t off) {
-  if (param == kGain) return 0.75f;
+  if (param == kToyGain) return 0.75f;
   // A fixed pseudo-random value in [-0.5, 0.5), scaled down for the wider matrices.
   uint32_t h = static_cast<uint32_t>(param) * 2654435761u ^ static_cast<uint32_t>(off) * 2246822519u;
   h ^= h >> 15;
   h *= 2654435761u;
   h ^= h >> 13;
   const float u = static_cast<float>(h & 0xffff) / 65536.0f - 0.5f;
-  return param == kEmbed ? u : 0.6f * u;
+  return param == kToyEmbed ? u : 0.6f * u;
 }
 
 std::vector<std::vector<float>> ToyInitialParams() {
@@ -233,13 +230,9 @@ std::vector<std::vector<float>> ToyInitialParams() {
 ToyBatch ToyMicroBatch(int step, int micro, int rank, int world, int global) {
   ToyBatch b;
   const int per_rank = global / world;
-  for (int i = 0; i < per_rank; ++i) {
-    const int g = rank * per_rank + i;
-    const uint32_t k = static_cast<uint32_t>(step * 7919 + micro * 104729 + g * 31);
-    b.tokens.push_back(static_cast<int>((k * 2654435761u >> 7) % kVocab));
-    // A learnable rule: the target is a fixed function of the token.
-    b.targets.push_back((b.tokens.back() * 3 + 1) % kVocab);
-  }
+  b.tokens.resize(static_cast<size_t>(per_rank));
+  b.targets.resize(static_cast<size_t>(per_rank));
+  for (int i = 0; i < per_rank; ++i) ToyTokenAt(step, micro, rank, world, global, i, &b.tokens[i], &b.targets[i]);
   return b;
 }
 
@@ -251,22 +244,22 @@ float ToyForwardBackward(ToyAccess& m, const ToyBatch& batch, float loss_scale) 
     for (float& d : a.dlogits) d *= loss_scale;
   }
   m.Acquire(0, true);  // tied head first
-  HeadBackward(m.Param(kEmbed), m.Grad(kEmbed), a);
+  HeadBackward(m.Param(kToyEmbed), m.Grad(kToyEmbed), a);
   m.Release(0, true);
   m.Acquire(3, true);
-  Block2Backward(m.Param(kW3), m.Param(kGain), m.Grad(kW3), m.Grad(kGain), a);
+  Block2Backward(m.Param(kToyW3), m.Param(kToyGain), m.Grad(kToyW3), m.Grad(kToyGain), a);
   m.GradsReady(3);
   m.Release(3, true);
   m.Acquire(2, true);
-  FrozenBackward(m.Param(kFrozen), a);
+  FrozenBackward(m.Param(kToyFrozen), a);
   m.GradsReady(2);
   m.Release(2, true);
   m.Acquire(1, true);
-  Block1Backward(m.Param(kW1), m.Param(kW2), m.Grad(kW1), m.Grad(kB1), m.Grad(kW2), a);
+  Block1Backward(m.Param(kToyW1), m.Param(kToyW2), m.Grad(kToyW1), m.Grad(kToyB1), m.Grad(kToyW2), a);
   m.GradsReady(1);
   m.Release(1, true);
   m.Acquire(0, true);  // then the lookup
-  EmbedBackward(m.Grad(kEmbed), batch, a);
+  EmbedBackward(m.Grad(kToyEmbed), batch, a);
   m.GradsReady(0);
   m.Release(0, true);
   return loss;

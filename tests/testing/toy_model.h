@@ -8,21 +8,18 @@
 // Per token t with target y:
 //   x0 = E[t];  h1 = tanh(x0 W1 + b1);  x1 = x0 + h1 W2;  x2 = x1 + tanh(x1 F);  x3 = x2 + gain * tanh(x2 W3)
 //   loss = logsumexp(x3 E^T) - (x3 E^T)[y], averaged over the micro-batch.
+// tanh, exp and log are toy_math.cuh's, which give the same bits on the CPU and on a GPU, so that a trainer
+// running the model as kernels (toy_kernel_model.h) can be compared bitwise with this one.
 // Sizes are odd on purpose so that buckets and shards never line up with parameters.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "testing/toy_math.cuh"  // kVocab, kDim, kHidden, kToyUnits, kToyParams, ToyTanh, ToyExp, ToyLog
 #include "zero/options.h"
 
 namespace zero::testing {
-
-inline constexpr int kVocab = 11;
-inline constexpr int kDim = 7;
-inline constexpr int kHidden = 13;
-inline constexpr int kToyUnits = 4;
-inline constexpr int kToyParams = 7;
 
 std::vector<ParamSpec> ToySpecs();
 // Deterministic initial value of element `off` of parameter `param`.
