@@ -2,6 +2,7 @@
 #include "buffer_plan.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "kernels/sum_squares.cuh"
 
@@ -18,8 +19,7 @@ int64_t BufferPlan::Bytes(MemoryKind kind, MemoryCategory category) const {
 
 int64_t NormScratchBytes(Backend backend, int64_t n) {
   if (backend != Backend::kCuda) return 0;
-  // kernels/reduce.cu: one fp64 partial per kSumBlock elements plus the total (SumSquaresScratchCount).
-  return ((n + kernels::kSumBlock - 1) / kernels::kSumBlock + 1) * static_cast<int64_t>(sizeof(kernels::SumSquares));
+  return kernels::SumSquaresScratchBytes(&n, 1);  // kernels/reduce.cu's layout, for one range
 }
 
 BufferPlan PlanBuffers(const Options& o, const PartitionPlan& plan) {
@@ -129,7 +129,14 @@ BufferPlan PlanBuffers(const Options& o, const PartitionPlan& plan) {
       }
     }
   }
-  const int64_t scratch = NormScratchBytes(o.backend, bp.largest_trainable_shard);
+  // The step's norm is one batch over every trainable bucket shard (kernels/sum_squares.cuh sizes its scratch).
+  std::vector<int64_t> norm_sizes;
+  for (const Bucket& b : plan.buckets) {
+    if (b.trainable) norm_sizes.push_back(b.shard);
+  }
+  const int64_t scratch = o.backend == Backend::kCuda ? kernels::SumSquaresScratchBytes(
+                                                            norm_sizes.data(), static_cast<int64_t>(norm_sizes.size()))
+                                                      : 0;
   if (scratch > 0) {
     add(BufferId::kNormScratch, 0, MemoryCategory::kBuffers, MemoryKind::kDevice, scratch, "gradient norm scratch",
         false);

@@ -12,7 +12,7 @@
 //   gradient pool (stages 2-3)    max(grad_pool_buffers, trainable units without overlap) × g · largest trainable unit
 //   persistent units (stage 3)    p · units whose full padded bytes fit persist_bytes
 //   gather slots (stage 3)        gather_slots × p · largest non-persistent unit
-//   norm scratch (CUDA)           16 bytes per 4096 elements of the largest trainable shard, plus 16
+//   norm scratch (CUDA)           48 bytes per trainable bucket + 16 per started 4096 elements of its shard
 #pragma once
 
 #include <cstdint>
@@ -73,8 +73,9 @@ struct BufferPlan {
 // bucket_elements.
 BufferPlan PlanBuffers(const Options& options, const PartitionPlan& plan);
 
-// Device bytes of the sum-of-squares scratch for a gradient shard of n elements (the CUDA kernel's block
-// partials; the CPU backend needs none).
+// Device bytes of the sum-of-squares scratch for one gradient shard of n elements (the CUDA kernels' task table,
+// block partials and total; the CPU backend needs none). PlanBuffers sizes the step's batch over every trainable
+// bucket shard, which is at least this for the largest one.
 int64_t NormScratchBytes(Backend backend, int64_t n);
 
 // Engine::Open's option checks (engine.cc), shared with zero::Estimate.
