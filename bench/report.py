@@ -3,7 +3,9 @@
 
 Inputs (in --results, written by scripts/bench.sh): Google Benchmark JSON of zero_bench_stages and
 zero_bench_collectives per world size (stages_wN.gbench.json, collectives_wN.gbench.json), of zero_bench_adamw
-(adamw.gbench.json), the LoRA example's logs (lora_sS_oO.log) and the machine's load average at start and end.
+(adamw.gbench.json), the LoRA example's logs (lora_sS_oO.log) and the machine's load average at start and end;
+and, from a separate run on a GPU machine (bench/gpu/run.sh), RESULTS/gpu/*.json (bench/report_gpu.py renders
+those; without them the GPU section says that nothing has been measured).
 Outputs: stages.json (one record per configuration, the fields of issue 9), collectives.json, adamw.json,
 lora.json, machine.json, charts/*.png, and the Markdown report (--docs).
 
@@ -24,6 +26,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+import report_gpu  # noqa: E402  (bench/report_gpu.py: the GPU section, from RESULTS/gpu/*.json)
 
 DTYPES = {"f32": ("f32", "f32"), "bf16": ("bf16", "f32"), "bf16g": ("bf16", "bf16")}
 OFFLOADS = {"none": "none", "optimizer": "optimizer", "params": "optimizer+params"}
@@ -423,7 +427,7 @@ STAGE_HEADER = ["stage", "offload", "dtype p/g", "step ms", "step / stage 0", "n
 
 
 def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_errors, adamw, lora, charts,
-                   phase_times):
+                   phase_times, gpu_recs=None, gpu_charts=None):
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.docs)))  # noqa: E731
     md = []
     md.append("# Benchmarks\n")
@@ -442,7 +446,8 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
               "GPU kernels would). What the stage benchmark's hidden/exposed times measure here is the protocol: how "
               "much of the engine's work (collectives, optimizer, copies) runs while the trainer computes. That is "
               "labelled protocol overhead; real overlap numbers need a GPU, and NcclComm against raw NCCL needs one "
-              "too (skipped below, saying why).\n")
+              "too (skipped below, saying why). The last section, GPU, comes from a separate run on a machine with "
+              "a GPU (`bench/gpu/run.sh`) and has its own machine table.\n")
 
     md.append("## Machine\n")
     md.append(table(["", ""], [
@@ -665,6 +670,9 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
         md.append("")
     else:
         md.append("Not measured in this run (the example was not built).\n")
+
+    # ---- GPU (a separate run on a GPU machine: bench/gpu/run.sh)
+    md.append(report_gpu.section(gpu_recs or report_gpu.records(report_gpu.load(None)), gpu_charts or {}, rel))
     return "\n".join(md) + "\n"
 
 
@@ -717,11 +725,14 @@ def main():
         path = os.path.join(chart_dir, f"{key}.png")
         if fn(data, path):
             charts[key] = path
+    gpu_recs = report_gpu.records(report_gpu.load(os.path.join(res, "gpu")))
+    charts.update({f"gpu_{k}": v for k, v in report_gpu.charts(gpu_recs, chart_dir, plt).items()})
     phase_path = os.path.join(res, "phase_times.txt")
     phase_times = open(phase_path).read() if os.path.exists(phase_path) else ""
     with open(args.docs, "w") as f:
         f.write(write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_errors, adamw, lora,
-                               charts, phase_times))
+                               charts, phase_times, gpu_recs,
+                               {k[4:]: v for k, v in charts.items() if k.startswith("gpu_")}))
     missing = [k for k, v in (("stages", stages), ("collectives", colls), ("adamw", adamw)) if not v]
     errors = stage_errors + coll_errors
     if args.strict:

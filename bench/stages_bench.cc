@@ -129,19 +129,33 @@ Formula FormulaBytes(const Config& c, const Options& o, const PartitionPlan& pla
   const int64_t n = plan.world_size, psi = plan.trainable_padded;
   const int64_t p = static_cast<int64_t>(DTypeSize(c.param_dtype)), g = static_cast<int64_t>(DTypeSize(c.grad_dtype));
   const int64_t k = 8 + (c.param_dtype == DType::kF32 ? 0 : 4);
-  int64_t max_unit = 0, max_bucket = 0;
-  for (const UnitPlan& u : plan.units) max_unit = std::max(max_unit, u.trainable_padded + u.frozen_padded);
+  int64_t max_bucket = 0;
+  std::vector<int64_t> unit_sizes;
+  for (const UnitPlan& u : plan.units) unit_sizes.push_back(u.trainable_padded + u.frozen_padded);
   for (const Bucket& b : plan.buckets) max_bucket = std::max(max_bucket, b.padded);
+  // The pool and the gather slots hold one unit per buffer, in two sizes (README, "Per-rank bytes"): of m buffers
+  // for units s1 >= s2 >= ..., k are as large as s1 and m - k as large as s(k+1), k in 1..m the fewest bytes.
+  std::sort(unit_sizes.rbegin(), unit_sizes.rend());
+  const auto two_sizes = [&](int count) {
+    const int m = std::min<int>(count, static_cast<int>(unit_sizes.size()));
+    int64_t best = 0;
+    for (int j = 1; j <= m; ++j) {
+      const int64_t regular = j < static_cast<int>(unit_sizes.size()) ? unit_sizes[static_cast<size_t>(j)] : 0;
+      const int64_t total = j * unit_sizes[0] + (m - j) * regular;
+      if (j == 1 || total < best) best = total;
+    }
+    return best;
+  };
   const bool off = c.offload != Offload::kNone, off_params = c.offload == Offload::kParams;
   const int64_t opt = off ? 0 : k;
-  const int64_t pool = g * o.grad_pool_buffers * max_unit;
+  const int64_t pool = g * two_sizes(o.grad_pool_buffers);
   Formula f;
   switch (c.stage) {
     case Stage::kDataParallel: f.device = (p + g + k) * psi; break;
     case Stage::kOptimizerStates: f.device = (p + g) * psi + opt * psi / n; break;
     case Stage::kGradients: f.device = p * psi + (g + opt) * psi / n + pool; break;
     default:
-      f.device = (off_params ? 0 : p) * psi / n + (g + opt) * psi / n + p * o.gather_slots * max_unit + pool;
+      f.device = (off_params ? 0 : p) * psi / n + (g + opt) * psi / n + p * two_sizes(o.gather_slots) + pool;
       break;
   }
   if (off) {

@@ -94,21 +94,32 @@ void Convert(const void* src, void* dst, int64_t n, int threads, Fn fn) {
   for (int64_t i = 0; i < n; ++i) out[i] = fn(in[i]);
 }
 
-// Fixed kSumBlock blocks summed sequentially, then the blocks in order: independent of the thread count.
-template <typename Load>
-SumSquares BlockedSumSquares(int64_t n, int threads, Load load) {
-  const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
+// Every block of every range (blocks numbered consecutively, range by range) summed sequentially in one parallel
+// loop, then each range's blocks in order: independent of the thread count, and the same partials in the same
+// order as reduce.cu. `first` has count + 1 entries: range r's blocks are [first[r], first[r + 1]).
+template <typename Widen>
+void BatchedSumSquares(const SumSquaresRange* ranges, int64_t count, const std::vector<int64_t>& first, int threads,
+                       Widen widen, SumSquares* out) {
+  const int64_t blocks = first[static_cast<size_t>(count)];
   std::vector<SumSquares> partial(static_cast<size_t>(blocks));
-#pragma omp parallel for num_threads(ThreadsFor(n, threads)) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    partial[static_cast<size_t>(b)] = SumSquaresBlock(b * kSumBlock, std::min(n, (b + 1) * kSumBlock), load);
+#pragma omp parallel for num_threads(ThreadsFor(blocks * kSumBlock, threads)) schedule(static)
+  for (int64_t g = 0; g < blocks; ++g) {
+    // The last range starting at or before g (empty ranges share their successor's start).
+    const auto r = static_cast<int64_t>(std::upper_bound(first.begin(), first.end() - 1, g) - first.begin()) - 1;
+    const SumSquaresRange& range = ranges[r];
+    const int64_t begin = (g - first[static_cast<size_t>(r)]) * kSumBlock;
+    const void* x = range.x;
+    partial[static_cast<size_t>(g)] =
+        SumSquaresBlock(begin, std::min(range.n, begin + kSumBlock), [x, &widen](int64_t i) { return widen(x, i); });
   }
-  SumSquares total;
-  for (const SumSquares& p : partial) {
-    total.sum += p.sum;
-    total.nonfinite += p.nonfinite;
+  for (int64_t r = 0; r < count; ++r) {
+    SumSquares total;
+    for (int64_t g = first[static_cast<size_t>(r)]; g < first[static_cast<size_t>(r) + 1]; ++g) {
+      total.sum += partial[static_cast<size_t>(g)].sum;
+      total.nonfinite += partial[static_cast<size_t>(g)].nonfinite;
+    }
+    out[r] = total;
   }
-  return total;
 }
 
 }  // namespace
@@ -130,23 +141,38 @@ bool CastCpu(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64
   return true;
 }
 
-SumSquares SumSquaresCpu(const float* x, int64_t n, int threads) {
-  return BlockedSumSquares(n, threads, [x](int64_t i) { return x[i]; });
+bool SumSquaresCpu(const SumSquaresRange* ranges, int64_t count, DType dtype, int threads, SumSquares* out) {
+  std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);
+  for (int64_t r = 0; r < count; ++r) {
+    first[static_cast<size_t>(r) + 1] = first[static_cast<size_t>(r)] + SumBlocks(ranges[r].n);
+  }
+  switch (dtype) {
+    case DType::kF32:
+      BatchedSumSquares(ranges, count, first, threads,
+                        [](const void* x, int64_t i) { return static_cast<const float*>(x)[i]; }, out);
+      return true;
+    case DType::kBF16:
+      BatchedSumSquares(ranges, count, first, threads,
+                        [](const void* x, int64_t i) { return Bf16ToFloat(static_cast<const Bf16Bits*>(x)[i]); }, out);
+      return true;
+    case DType::kF16:
+      BatchedSumSquares(ranges, count, first, threads,
+                        [](const void* x, int64_t i) { return F16ToFloat(static_cast<const F16Bits*>(x)[i]); }, out);
+      return true;
+    default:
+      return false;
+  }
 }
 
+SumSquares SumSquaresCpu(const float* x, int64_t n, int threads) { return SumSquaresCpu(x, DType::kF32, n, threads); }
+
 SumSquares SumSquaresCpu(const void* x, DType dtype, int64_t n, int threads) {
-  switch (dtype) {
-    case DType::kBF16: {
-      const auto* b = static_cast<const Bf16Bits*>(x);
-      return BlockedSumSquares(n, threads, [b](int64_t i) { return Bf16ToFloat(b[i]); });
-    }
-    case DType::kF16: {
-      const auto* h = static_cast<const F16Bits*>(x);
-      return BlockedSumSquares(n, threads, [h](int64_t i) { return F16ToFloat(h[i]); });
-    }
-    default:
-      return SumSquaresCpu(static_cast<const float*>(x), n, threads);
+  const SumSquaresRange range{x, n};
+  SumSquares out;
+  if (!SumSquaresCpu(&range, 1, dtype == DType::kBF16 || dtype == DType::kF16 ? dtype : DType::kF32, threads, &out)) {
+    return SumSquares{};  // unreachable: the dtype was mapped to a supported one
   }
+  return out;
 }
 
 }  // namespace zero::kernels

@@ -37,5 +37,9 @@ SumSquares SumSquaresCpu(const float* x, int64_t n, int threads);
 // The same over bf16 or fp16 elements (each widened exactly to fp32 first); f32 forwards to the above.
 // REQUIRES: dtype is kF32, kBF16 or kF16.
 SumSquares SumSquaresCpu(const void* x, DType dtype, int64_t n, int threads);
+// The same for `count` ranges at once (the blocks of all of them in one parallel loop), out[r] for ranges[r]: each
+// bitwise what the single-range call gives, and what SumSquaresCuda computes. Returns false (and writes nothing)
+// for a dtype other than kF32, kBF16 or kF16.
+bool SumSquaresCpu(const SumSquaresRange* ranges, int64_t count, DType dtype, int threads, SumSquares* out);
 
 }  // namespace zero::kernels

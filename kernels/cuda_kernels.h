@@ -30,9 +30,12 @@ int CastF32ToF16Cuda(const float* src, F16Bits* dst, int64_t n, void* stream);
 int CastBf16ToF32Cuda(const Bf16Bits* src, float* dst, int64_t n, void* stream);
 int CastF16ToF32Cuda(const F16Bits* src, float* dst, int64_t n, void* stream);
 
-// Sum of squares of x[0, n) (device memory) into scratch[0]; scratch (device memory) holds
-// SumSquaresScratchCount(n) elements. Bitwise equal to SumSquaresCpu.
-int64_t SumSquaresScratchCount(int64_t n);
-int SumSquaresCuda(const void* x, GradKind gk, int64_t n, SumSquares* scratch, void* stream);
+// Sums of squares of `count` ranges (device memory, all of one element type) on `stream`: copies the task table
+// into `scratch` (device memory of SumSquaresScratchBytes(sizes, count) bytes, sum_squares.cuh), runs the block
+// and range passes and copies the per-range totals to host_totals[0, count) (host memory; pageable makes the
+// copy wait for the kernels, so the caller's one stream synchronization follows an already drained stream).
+// Each total is bitwise equal to SumSquaresCpu over the same range.
+int SumSquaresCuda(const SumSquaresRange* ranges, int64_t count, GradKind gk, void* scratch, SumSquares* host_totals,
+                   void* stream);
 
 }  // namespace zero::kernels

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <vector>
 
 #include "kernels/sum_squares.cuh"
 
@@ -17,17 +18,11 @@ int64_t BufferPlan::Bytes(MemoryKind kind, MemoryCategory category) const {
   return sum;
 }
 
-int64_t NormScratchBytes(Backend backend, int64_t n) {
-  if (backend != Backend::kCuda) return 0;
-  // kernels/reduce.cu: one fp64 partial per kSumBlock elements plus the total (SumSquaresScratchCount).
-  return ((n + kernels::kSumBlock - 1) / kernels::kSumBlock + 1) * static_cast<int64_t>(sizeof(kernels::SumSquares));
-}
-
 // Buffers that each hold one unit at a time (stage 3's gather slots, stages 2-3's gradient pool), `count` of them
 // for units of `sizes` elements: `large` of them fit every unit, the others every unit but the `large` largest
 // (large = 0: the count in 1..count with the fewest elements, the largest among equals). No more buffers than
 // units. Returns each buffer's elements, large ones first; *large_out is how many are large.
-std::vector<int64_t> TwoSizeBuffers(std::vector<int64_t> sizes, int count, int large, int* large_out) {
+static std::vector<int64_t> TwoSizeBuffers(std::vector<int64_t> sizes, int count, int large, int* large_out) {
   std::sort(sizes.begin(), sizes.end(), std::greater<int64_t>());
   const int n = static_cast<int>(std::min<size_t>(static_cast<size_t>(count), sizes.size()));
   auto regular = [&](int k) { return k < static_cast<int>(sizes.size()) ? sizes[static_cast<size_t>(k)] : 0; };
@@ -153,7 +148,14 @@ BufferPlan PlanBuffers(const Options& o, const PartitionPlan& plan) {
           i < bp.large_slots ? "stage-3 gather slots (fit every unit)" : "stage-3 gather slots", false);
     }
   }
-  const int64_t scratch = NormScratchBytes(o.backend, bp.largest_trainable_shard);
+  // The step's norm is one batch over every trainable bucket shard (kernels/sum_squares.cuh sizes its scratch).
+  std::vector<int64_t> norm_sizes;
+  for (const Bucket& b : plan.buckets) {
+    if (b.trainable) norm_sizes.push_back(b.shard);
+  }
+  const int64_t scratch = o.backend == Backend::kCuda ? kernels::SumSquaresScratchBytes(
+                                                            norm_sizes.data(), static_cast<int64_t>(norm_sizes.size()))
+                                                      : 0;
   if (scratch > 0) {
     add(BufferId::kNormScratch, 0, MemoryCategory::kBuffers, MemoryKind::kDevice, scratch, "gradient norm scratch",
         false);

@@ -17,7 +17,7 @@
 //                                 p · s(k+1), s1 >= s2 >= ... the non-persistent units' full padded elements;
 //                                 k = large_gather_slots, or (0) the k in 1..G with the fewest bytes, the
 //                                 largest such k among equals
-//   norm scratch (CUDA)           16 bytes per 4096 elements of the largest trainable shard, plus 16
+//   norm scratch (CUDA)           48 bytes per trainable bucket + 16 per started 4096 elements of its shard
 #pragma once
 
 #include <cstdint>
@@ -83,9 +83,6 @@ struct BufferPlan {
 // bucket_elements.
 BufferPlan PlanBuffers(const Options& options, const PartitionPlan& plan);
 
-// Device bytes of the sum-of-squares scratch for a gradient shard of n elements (the CUDA kernel's block
-// partials; the CPU backend needs none).
-int64_t NormScratchBytes(Backend backend, int64_t n);
 
 // Engine::Open's option checks (engine.cc), shared with zero::Estimate.
 Status ValidateOptions(const Options& options, int num_units);

@@ -208,12 +208,15 @@ class CpuDevice final : public Device {
     }
     return Status::Ok();
   }
-  Status SumSquares(const void* x, DType dtype, int64_t n, void*, kernels::SumSquares* out) override {
-    if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) return Unsupported("norm", dtype);
-    *out = kernels::SumSquaresCpu(x, dtype, n, threads());
+  Status SumSquares(std::span<const kernels::SumSquaresRange> ranges, DType dtype, void*, int64_t,
+                    std::vector<kernels::SumSquares>* out) override {
+    out->assign(ranges.size(), kernels::SumSquares{});
+    if (!kernels::SumSquaresCpu(ranges.data(), static_cast<int64_t>(ranges.size()), dtype, threads(), out->data())) {
+      return Unsupported("norm", dtype);
+    }
     return Status::Ok();
   }
-  int64_t SumSquaresScratchBytes(int64_t) const override { return 0; }
+  int64_t SumSquaresScratchBytes(std::span<const int64_t>) const override { return 0; }
   Status Copy(void* dst, const void* src, int64_t bytes, void*) override {
     if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
     return Status::Ok();

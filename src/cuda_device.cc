@@ -155,15 +155,26 @@ class CudaDevice final : public Device {
              DType copy_dtype, int64_t n, void* stream) override {
     return Launched("SGD", kernels::SgdCuda(c, p, buf, g, Grad(g_dtype), copy, Kind(copy, copy_dtype), n, stream));
   }
-  Status SumSquares(const void* x, DType dtype, int64_t n, void* scratch, kernels::SumSquares* out) override {
-    auto* s = static_cast<kernels::SumSquares*>(scratch);
-    ZERO_RETURN_IF_ERROR(Launched("sum of squares", kernels::SumSquaresCuda(x, Grad(dtype), n, s, nullptr)));
+  // All ranges in one batch: one table upload, two kernels, one copy of the totals, one wait (kernels/reduce.cu).
+  Status SumSquares(std::span<const kernels::SumSquaresRange> ranges, DType dtype, void* scratch, int64_t scratch_bytes,
+                    std::vector<kernels::SumSquares>* out) override {
+    out->assign(ranges.size(), kernels::SumSquares{});
+    if (ranges.empty()) return Status::Ok();
+    std::vector<int64_t> sizes(ranges.size());
+    for (size_t r = 0; r < ranges.size(); ++r) sizes[r] = ranges[r].n;
+    const int64_t need = SumSquaresScratchBytes(sizes);
+    if (need > scratch_bytes) {
+      return Status::Internal("sum of squares over " + std::to_string(ranges.size()) + " ranges needs " +
+                              FormatBytes(need) + " of scratch, got " + FormatBytes(scratch_bytes) +
+                              " (src/buffer_plan.cc sizes it with kernels::SumSquaresScratchBytes)");
+    }
     ZERO_RETURN_IF_ERROR(
-        Check("cudaMemcpyAsync", cudaMemcpyAsync(out, s, sizeof(*out), cudaMemcpyDeviceToHost, nullptr)));
-    return Check("cudaStreamSynchronize", cudaStreamSynchronize(nullptr));  // the compute stream only
+        Launched("sum of squares", kernels::SumSquaresCuda(ranges.data(), static_cast<int64_t>(ranges.size()),
+                                                           Grad(dtype), scratch, out->data(), nullptr)));
+    return Check("cudaStreamSynchronize", cudaStreamSynchronize(nullptr));  // the compute stream only, once
   }
-  int64_t SumSquaresScratchBytes(int64_t n) const override {
-    return kernels::SumSquaresScratchCount(n) * static_cast<int64_t>(sizeof(kernels::SumSquares));
+  int64_t SumSquaresScratchBytes(std::span<const int64_t> sizes) const override {
+    return kernels::SumSquaresScratchBytes(sizes.data(), static_cast<int64_t>(sizes.size()));
   }
   Status Copy(void* dst, const void* src, int64_t bytes, void* stream) override {
     if (bytes <= 0) return Status::Ok();

@@ -10,7 +10,9 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "kernels/optimizer.cuh"
 #include "kernels/sum_squares.cuh"
@@ -111,10 +113,17 @@ class Device {
                        void* copy, DType copy_dtype, int64_t n, void* stream) = 0;
   virtual Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const void* g, DType g_dtype, void* copy,
                      DType copy_dtype, int64_t n, void* stream) = 0;
-  // Sum of squares and non-finite count of x[0, n) (kF32, kBF16, kF16) on the compute stream, waiting for the
-  // result. `scratch` is device memory of SumSquaresScratchBytes(n) (unused on the CPU).
-  virtual Status SumSquares(const void* x, DType dtype, int64_t n, void* scratch, kernels::SumSquares* out) = 0;
-  virtual int64_t SumSquaresScratchBytes(int64_t n) const = 0;
+  // Sums of squares and non-finite counts of several ranges of one dtype (kF32, kBF16, kF16), e.g. every trainable
+  // bucket shard of a step, on the compute stream with one wait for all of them: (*out)[r] is bitwise what
+  // kernels::SumSquaresCpu gives for ranges[r] (kernels/sum_squares.cuh's fixed order). `scratch` is device memory
+  // of at least SumSquaresScratchBytes(the ranges' sizes) bytes, `scratch_bytes` its size (the CPU needs none);
+  // too small a scratch is an Internal error, nothing is launched.
+  virtual Status SumSquares(std::span<const kernels::SumSquaresRange> ranges, DType dtype, void* scratch,
+                            int64_t scratch_bytes, std::vector<kernels::SumSquares>* out) = 0;
+  // Scratch bytes SumSquares needs for ranges of these element counts (0 on the CPU).
+  virtual int64_t SumSquaresScratchBytes(std::span<const int64_t> sizes) const = 0;
+  // The same for one range of n elements.
+  int64_t SumSquaresScratchBytes(int64_t n) const { return SumSquaresScratchBytes(std::span<const int64_t>(&n, 1)); }
   // Asynchronous copy of `bytes` between any two of this device's or host memory on `stream` (CPU: now).
   virtual Status Copy(void* dst, const void* src, int64_t bytes, void* stream) = 0;
   // Synchronous copies between host memory and this device's memory (Open, InitParams: not the step path).

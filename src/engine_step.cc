@@ -331,16 +331,21 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
   // Global norm from owned shards (see the file comment).
   const Stage st = options.stage;
   const bool full_grads = st == Stage::kDataParallel || st == Stage::kOptimizerStates;
-  double mine[2] = {0.0, 0.0};
+  // Every trainable bucket's owned shard in one batch (one wait on CUDA); the per-bucket sums are then added here
+  // in plan order, so the bits are those of one SumSquares call per bucket.
+  std::vector<kernels::SumSquaresRange> ranges;
   for (const Bucket& b : plan.buckets) {
     if (!b.trainable) continue;
-    const char* g = GAt(grads.as<char>(), full_grads ? b.offset + rank * b.shard : b.shard_offset);
-    kernels::SumSquares ss;
-    if (Status e = device->SumSquares(g, gdt, b.shard, norm_scratch.data(), &ss); !e.ok()) {
-      poison = e.WithContext("gradient norm at " + Where());
-      comm->Abort(poison);  // peers wait in the norm all-gather below
-      return poison;
-    }
+    ranges.push_back({GAt(grads.as<char>(), full_grads ? b.offset + rank * b.shard : b.shard_offset), b.shard});
+  }
+  std::vector<kernels::SumSquares> sums;
+  if (Status e = device->SumSquares(ranges, gdt, norm_scratch.data(), norm_scratch.bytes(), &sums); !e.ok()) {
+    poison = e.WithContext("gradient norm at " + Where());
+    comm->Abort(poison);  // peers wait in the norm all-gather below
+    return poison;
+  }
+  double mine[2] = {0.0, 0.0};
+  for (const kernels::SumSquares& ss : sums) {
     mine[0] += ss.sum;
     mine[1] += static_cast<double>(ss.nonfinite);
   }

@@ -53,6 +53,22 @@ class DeviceMathTest : public ::testing::TestWithParam<Backend> {
     return host;
   }
 
+  // Device::SumSquares over one range, with a scratch of exactly the size it asks for.
+  kernels::SumSquares OneSumSquares(const void* x, DType dtype, int64_t n) {
+    DeviceBuffer scratch;
+    const int64_t scratch_bytes = device_->SumSquaresScratchBytes(n);
+    if (scratch_bytes > 0) {
+      EXPECT_TRUE(device_->Allocate(scratch_bytes, MemoryCategory::kBuffers, MemoryKind::kDevice, "scratch",
+                                    &scratch).ok());
+    }
+    const kernels::SumSquaresRange range{x, n};
+    std::vector<kernels::SumSquares> out;
+    const Status s = device_->SumSquares(std::span(&range, 1), dtype, scratch.data(), scratch_bytes, &out);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    EXPECT_EQ(out.size(), 1u);
+    return out.empty() ? kernels::SumSquares{} : out[0];
+  }
+
   std::unique_ptr<Device> device_;
 };
 
@@ -194,14 +210,7 @@ TEST_P(DeviceMathTest, HalfPrecisionAccumulateAndSumSquares) {
         want[i] = dt == DType::kBF16 ? kernels::FloatToBf16(sum) : kernels::FloatToF16(sum);
       }
       EXPECT_EQ(got, want);
-      DeviceBuffer scratch;
-      const int64_t scratch_bytes = device_->SumSquaresScratchBytes(n);
-      if (scratch_bytes > 0) {
-        ASSERT_TRUE(device_->Allocate(scratch_bytes, MemoryCategory::kBuffers, MemoryKind::kDevice, "scratch",
-                                      &scratch).ok());
-      }
-      kernels::SumSquares ss;
-      ASSERT_TRUE(device_->SumSquares(x.buffer.data(), dt, n, scratch.data(), &ss).ok());
+      const kernels::SumSquares ss = OneSumSquares(x.buffer.data(), dt, n);
       const kernels::SumSquares ref = kernels::SumSquaresCpu(x.widened.data(), n, 1);
       EXPECT_EQ(std::memcmp(&ss.sum, &ref.sum, sizeof(double)), 0) << ss.sum << " vs " << ref.sum;
       EXPECT_EQ(ss.nonfinite, ref.nonfinite);
@@ -217,14 +226,8 @@ TEST_P(DeviceMathTest, SumSquaresEqualsBlockedScalarSum) {
       x[5] = std::numeric_limits<float>::infinity();
       x[static_cast<size_t>(n) - 1] = std::numeric_limits<float>::quiet_NaN();
     }
-    DeviceBuffer dx = Upload(x), scratch;
-    const int64_t scratch_bytes = device_->SumSquaresScratchBytes(n);
-    if (scratch_bytes > 0) {
-      ASSERT_TRUE(device_->Allocate(scratch_bytes, MemoryCategory::kBuffers, MemoryKind::kDevice, "scratch",
-                                    &scratch).ok());
-    }
-    kernels::SumSquares got;
-    ASSERT_TRUE(device_->SumSquares(dx.as<float>(), DType::kF32, n, scratch.data(), &got).ok());
+    DeviceBuffer dx = Upload(x);
+    const kernels::SumSquares got = OneSumSquares(dx.as<float>(), DType::kF32, n);
     // The reference: fp64 per 4096-element block in order, then the block sums in order.
     double want = 0.0;
     int64_t bad = 0;
@@ -241,6 +244,67 @@ TEST_P(DeviceMathTest, SumSquaresEqualsBlockedScalarSum) {
     }
     EXPECT_EQ(std::memcmp(&got.sum, &want, sizeof(double)), 0) << got.sum << " vs " << want;
     EXPECT_EQ(got.nonfinite, bad);
+  }
+}
+
+// A step's norm: many ranges (empty ones, block tails, one spanning more than a CUDA block's 256 blocks, ranges
+// not starting on a block boundary of the buffer) in one call, in f32, bf16 and f16. Each range's total must equal
+// the scalar blocked order bit for bit (the CUDA kernels compute every block in one pass and every range's total
+// in a second; their block-to-range bookkeeping is what this checks). A scratch one byte short is refused.
+TEST_P(DeviceMathTest, SumSquaresOfManyRangesInOneCall) {
+  const std::vector<int64_t> sizes = {5, 0, 4096, 4097, 1, 300 * 4096 + 17, 0, 4095, 2 * 4096, 0};
+  int64_t total = 0;
+  for (int64_t n : sizes) total += n;
+  std::vector<float> values = RandomFloats(total, 31, -2, 2);
+  values[2] = std::numeric_limits<float>::quiet_NaN();  // range 0
+  values[static_cast<size_t>(5 + 4096 + 100)] = std::numeric_limits<float>::infinity();  // range 3
+  values[static_cast<size_t>(total - 1)] = -std::numeric_limits<float>::infinity();      // range 8
+  for (const DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    SCOPED_TRACE(DTypeName(dt));
+    Grad g = UploadGrad(values, dt);
+    const int64_t elem = static_cast<int64_t>(DTypeSize(dt));
+    std::vector<kernels::SumSquaresRange> ranges;
+    int64_t at = 0;
+    for (int64_t n : sizes) {
+      ranges.push_back({g.buffer.as<char>() + at * elem, n});
+      at += n;
+    }
+    const int64_t need = device_->SumSquaresScratchBytes(sizes);
+    DeviceBuffer scratch;
+    if (need > 0) {
+      ASSERT_TRUE(device_->Allocate(need, MemoryCategory::kBuffers, MemoryKind::kDevice, "scratch", &scratch).ok());
+    } else {
+      EXPECT_EQ(GetParam(), Backend::kCpu) << "only the CPU needs no scratch";
+    }
+    std::vector<kernels::SumSquares> got;
+    const Status s = device_->SumSquares(ranges, dt, scratch.data(), need, &got);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(got.size(), sizes.size());
+    at = 0;
+    for (size_t r = 0; r < sizes.size(); ++r) {
+      double want = 0.0;
+      int64_t bad = 0;
+      for (int64_t b = 0; b < sizes[r]; b += kernels::kSumBlock) {
+        double block = 0.0;
+        for (int64_t i = b; i < std::min(sizes[r], b + kernels::kSumBlock); ++i) {
+          const float e = g.widened[static_cast<size_t>(at + i)];
+          if (std::isfinite(e)) {
+            block += static_cast<double>(e) * static_cast<double>(e);
+          } else {
+            ++bad;
+          }
+        }
+        want += block;
+      }
+      EXPECT_EQ(std::memcmp(&got[r].sum, &want, sizeof(double)), 0) << "range " << r << ": " << got[r].sum << " vs "
+                                                                     << want;
+      EXPECT_EQ(got[r].nonfinite, bad) << "range " << r;
+      at += sizes[r];
+    }
+    if (need > 0) {
+      const Status short_scratch = device_->SumSquares(ranges, dt, scratch.data(), need - 1, &got);
+      EXPECT_EQ(short_scratch.code(), StatusCode::kInternal) << short_scratch.ToString();
+    }
   }
 }
 

@@ -70,6 +70,14 @@ Sizes ToySizes(int n) {
   return s;
 }
 
+// CUDA: the batched sum of squares' scratch (kernels/sum_squares.cuh): a 32-byte task and a 16-byte total per
+// trainable bucket (one per trainable unit here) and 16 bytes per started 4096-element block of its shard.
+int64_t NormScratch(const Sizes& s, int n) {
+  int64_t bytes = 0;
+  for (int64_t u : {s.unit0, s.unit1, s.unit3}) bytes += 48 + (u / n + 4095) / 4096 * 16;
+  return bytes;
+}
+
 Options Base(Stage stage, OptimizerKind opt) {
   Options o;
   o.stage = stage;
@@ -115,7 +123,6 @@ TEST_P(MemoryTest, MemoryMatchesClosedFormPerStage) {
       auto engine = OpenToyEngine(o, comm.get());
       ASSERT_NE(engine, nullptr);
       int64_t params = pb * (s.t + s.f), grads = gb * s.t, optimizer = k * s.t, buffers = 0;
-      const int64_t max_t = std::max({s.unit0, s.unit1, s.unit3});
       if (st >= 1) optimizer = k * s.t / n;
       if (st >= 2) {
         grads = gb * s.t / n;
@@ -132,9 +139,7 @@ TEST_P(MemoryTest, MemoryMatchesClosedFormPerStage) {
         params = pb * (s.t + s.f) / n + pb * persistent;
         buffers += gathered.empty() ? 0 : pb * SlotElements(gathered, 3);
       }
-      // CUDA: the sum of squares' block partials (kernels/reduce.cu) for the largest trainable shard, 16 bytes
-      // per 4096-element block plus the total.
-      if (GetParam() == Backend::kCuda) buffers += ((max_t / n + 4095) / 4096 + 1) * 16;
+      if (GetParam() == Backend::kCuda) buffers += NormScratch(s, n);
       auto check = [&](const char* when) {
         const MemoryReport m = engine->Memory();
         SCOPED_TRACE(when);
@@ -182,7 +187,7 @@ TEST_P(MemoryTest, OffloadMovesOptimizerAndShardsToHostBytes) {
         const int64_t d_grads = st == 1 ? gb * s.t : gb * s.t / n;
         int64_t d_buffers = st >= 2 ? gb * SlotElements({s.unit0, s.unit1, s.unit3}, 2) : 0;
         if (st == 3) d_buffers += pb * slots;
-        if (GetParam() == Backend::kCuda) d_buffers += ((max_t / n + 4095) / 4096 + 1) * 16;
+        if (GetParam() == Backend::kCuda) d_buffers += NormScratch(s, n);
         const int64_t h_opt = (8 + 4) * s.t / n, h_grads = 2 * gb * max_t / n;
         const int64_t h_buffers = params_too ? 0 : 2 * pb * max_t / n;
         const int64_t h_params = params_too ? pb * (s.t + s.f) / n : 0;

@@ -7,7 +7,8 @@
 //    handful of float operations, each off by at most half an ulp (6e-8), with eps keeping denominators away
 //    from zero, accumulates to a few 1e-7 at most.
 //  * Sum of squares: within 1e-12 relative of a plain fp64 sum (both accumulate in fp64; only the order
-//    differs), exact non-finite counts, and the same bits for any thread count.
+//    differs), exact non-finite counts, and the same bits for any thread count; a batch of ranges bitwise equal
+//    to the scalar blocked order per range.
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -221,6 +222,76 @@ TEST(SumSquaresTest, MatchesFp64SumCountsNonFiniteAndIgnoresThreads) {
     EXPECT_EQ(sb.nonfinite, bad);
     EXPECT_EQ(sh.nonfinite, bad);
   }
+}
+
+// The scalar definition of kernels/sum_squares.cuh's order, written out: fp64 per kSumBlock block in element
+// order, then the blocks in order. (The order the engine's norm had before the batched kernels; every backend must
+// keep these bits.)
+SumSquares BlockedScalarSum(const std::vector<float>& widened, int64_t begin, int64_t n) {
+  SumSquares want;
+  for (int64_t b = 0; b < n; b += kSumBlock) {
+    double block = 0.0;
+    for (int64_t i = b; i < std::min(n, b + kSumBlock); ++i) {
+      const float e = widened[static_cast<size_t>(begin + i)];
+      if (std::isfinite(e)) {
+        block += static_cast<double>(e) * static_cast<double>(e);
+      } else {
+        ++want.nonfinite;
+      }
+    }
+    want.sum += block;
+  }
+  return want;
+}
+
+// A batch of ranges of every awkward size (empty ones among them, block tails, a range spanning many blocks) in
+// one buffer, in f32, bf16 and f16: each range's total equals the scalar blocked sum bit for bit, and the single-
+// range call, for 1, 2 and 3 threads.
+TEST(SumSquaresTest, BatchOfRangesEqualsBlockedScalarSumPerRange) {
+  const std::vector<int64_t> sizes = {0, 1, 7, 4095, 4096, 4097, 0, 3 * 4096 + 5, (int64_t{1} << 18) + 3, 0, 64};
+  int64_t total = 0;
+  for (int64_t n : sizes) total += n;
+  std::vector<float> x = RandomFloats(total, 21, -5, 5);
+  x[3] = std::numeric_limits<float>::infinity();              // in range 2 (7 elements)
+  x[static_cast<size_t>(total) - 2] = std::numeric_limits<float>::quiet_NaN();  // in the last range
+  x[20000] = -std::numeric_limits<float>::infinity();         // in the range of 3 blocks and a tail
+  for (const DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    SCOPED_TRACE(DTypeName(dt));
+    std::vector<uint16_t> half(static_cast<size_t>(total));
+    std::vector<float> widened = x;
+    if (dt != DType::kF32) {
+      ASSERT_TRUE(CastCpu(x.data(), DType::kF32, half.data(), dt, total, 1));
+      for (int64_t i = 0; i < total; ++i) widened[i] = dt == DType::kBF16 ? Bf16ToFloat(half[i]) : F16ToFloat(half[i]);
+    }
+    const size_t elem = dt == DType::kF32 ? 4 : 2;
+    const char* base = dt == DType::kF32 ? reinterpret_cast<const char*>(x.data())
+                                         : reinterpret_cast<const char*>(half.data());
+    std::vector<SumSquaresRange> ranges;
+    int64_t at = 0;
+    for (int64_t n : sizes) {
+      ranges.push_back({base + at * static_cast<int64_t>(elem), n});
+      at += n;
+    }
+    for (const int threads : {1, 2, 3}) {
+      std::vector<SumSquares> got(sizes.size());
+      ASSERT_TRUE(SumSquaresCpu(ranges.data(), static_cast<int64_t>(ranges.size()), dt, threads, got.data()));
+      at = 0;
+      for (size_t r = 0; r < sizes.size(); ++r) {
+        const SumSquares want = BlockedScalarSum(widened, at, sizes[r]);
+        const SumSquares one = SumSquaresCpu(ranges[r].x, dt, sizes[r], threads);
+        EXPECT_EQ(std::bit_cast<uint64_t>(got[r].sum), std::bit_cast<uint64_t>(want.sum))
+            << "range " << r << " threads " << threads << ": " << got[r].sum << " vs " << want.sum;
+        EXPECT_EQ(got[r].nonfinite, want.nonfinite) << "range " << r;
+        EXPECT_EQ(std::bit_cast<uint64_t>(one.sum), std::bit_cast<uint64_t>(want.sum)) << "range " << r;
+        at += sizes[r];
+      }
+    }
+    // An unsupported dtype writes nothing and says so.
+    std::vector<SumSquares> untouched(1, SumSquares{7.0, 7});
+    EXPECT_FALSE(SumSquaresCpu(ranges.data(), 1, DType::kF64, 1, untouched.data()));
+    EXPECT_EQ(untouched[0].nonfinite, 7);
+  }
+  EXPECT_TRUE(SumSquaresCpu(nullptr, 0, DType::kF32, 2, nullptr));  // an empty batch is fine
 }
 
 struct OptState {
