@@ -268,7 +268,7 @@ TEST(LoraKernelsTest, CausalSoftmaxForward) {
   }
   const auto sd = Widen(scores);
   std::vector<float> p = scores;
-  ForAll(rows, CausalSoftmaxRow{p.data(), T, scale});
+  ForAll(rows, CausalSoftmaxRow<float>{p.data(), p.data(), T, scale});
   for (int r = 0; r < rows; ++r) {
     const int t = r % T;
     const auto ref = SoftmaxRowRef(sd.data() + r * T, t, T, scale);
@@ -292,9 +292,9 @@ TEST(LoraKernelsTest, CausalSoftmaxBackwardIsTheGradient) {
   const double scale = 1.0 / std::sqrt(8.0);
   const auto scores = Random(rows * T, 14, -3.f, 3.f), g = Random(rows * T, 15);
   std::vector<float> p = scores;
-  ForAll(rows, CausalSoftmaxRow{p.data(), T, static_cast<float>(scale)});
+  ForAll(rows, CausalSoftmaxRow<float>{p.data(), p.data(), T, static_cast<float>(scale)});
   std::vector<float> ds = g;  // dp = dL/dp on entry
-  ForAll(rows, CausalSoftmaxBackwardRow{p.data(), ds.data(), T, static_cast<float>(scale)});
+  ForAll(rows, CausalSoftmaxBackwardRow<float, float>{p.data(), ds.data(), ds.data(), T, static_cast<float>(scale)});
   for (int r = 0; r < rows; ++r) {
     const int t = r % T;
     auto loss = [&](const std::vector<double>& row) {
@@ -341,7 +341,7 @@ TEST(LoraKernelsTest, SwiGluBackwardIsTheGradient) {
   const int n = 500;
   const auto g = Random(n, 18, -8.f, 8.f), u = Random(n, 19, -2.f, 2.f), dh = Random(n, 20);
   std::vector<float> dg(n), du(n);
-  ForAll(n, SwiGluBackwardElement<float>{g.data(), u.data(), dh.data(), dg.data(), du.data()});
+  ForAll(n, SwiGluBackwardElement<float, float>{g.data(), u.data(), dh.data(), dg.data(), du.data()});
   for (int i = 0; i < n; ++i) {
     auto f = [&](const std::vector<double>& v) { return dh[i] * SiluRef(v[0]) * v[1]; };
     const std::vector<double> at = {g[i], u[i]};
@@ -378,7 +378,7 @@ TEST(LoraKernelsTest, SoftmaxCrossEntropyAndGradient) {
   // The gradient of loss_scale * mean loss over the 4 counted rows, in place.
   const float coef = 128.f / 4;
   std::vector<float> d = p;
-  ForAll(rows, XentGradRow{d.data(), targets.data(), V, coef});
+  ForAll(rows, XentGradRow<float>{d.data(), d.data(), targets.data(), V, coef});
   for (int n = 0; n < rows; ++n) {
     for (int v = 0; v < V; ++v) {
       const int64_t i = n * V + v;
