@@ -17,7 +17,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <utility>
 #include <vector>
 
 namespace lora {
@@ -86,18 +85,20 @@ template <typename T>
 class Buffer {
  public:
   Buffer() = default;
-  Buffer(Workspace* ws, int64_t n) : ws_(ws), n_(n) {
-    if (n > 0) p_ = static_cast<T*>(ws->Allocate(n * static_cast<int64_t>(sizeof(T)), &ticket_));
-  }
+  Buffer(Workspace* ws, int64_t n)
+      : ws_(ws),
+        p_(n > 0 ? static_cast<T*>(ws->Allocate(n * static_cast<int64_t>(sizeof(T)), &ticket_)) : nullptr),
+        n_(n > 0 ? n : 0) {}
   ~Buffer() { Reset(); }
-  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
+  Buffer(Buffer&& o) noexcept : ws_(o.ws_), ticket_(o.ticket_), p_(o.p_), n_(o.n_) { o.Forget(); }
   Buffer& operator=(Buffer&& o) noexcept {
     if (this != &o) {
       Reset();
-      std::swap(ws_, o.ws_);
-      std::swap(p_, o.p_);
-      std::swap(n_, o.n_);
-      std::swap(ticket_, o.ticket_);
+      ws_ = o.ws_;
+      p_ = o.p_;
+      n_ = o.n_;
+      ticket_ = o.ticket_;
+      o.Forget();
     }
     return *this;
   }
@@ -116,10 +117,15 @@ class Buffer {
   }
 
  private:
+  void Forget() {
+    p_ = nullptr;
+    n_ = 0;
+    ticket_ = -1;
+  }
   Workspace* ws_ = nullptr;
+  int64_t ticket_ = -1;  // before p_: p_'s initializer sets it
   T* p_ = nullptr;
   int64_t n_ = 0;
-  int64_t ticket_ = -1;
 };
 
 }  // namespace lora
