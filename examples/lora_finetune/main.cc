@@ -544,9 +544,10 @@ bool Train(const Flags& f, Run& run, const lora::BatchSampler& train, int steps,
     const double host_mib = AllMax(static_cast<double>(mem.host.peak_total)) / (1 << 20);
     const double act_mib = AllMax(static_cast<double>(run.workspace->peak_bytes())) / (1 << 20);
     if (step % every == 0 || step == steps - 1) {
-      Say("%s step %4d/%d  loss %.4f  lr %.2e  norm %.3f  %6.0f tok/s  device %.1f MiB + activations %.1f MiB  "
-          "host %.1f MiB  scale %g%s\n",
-          label, step + 1, steps, mean_loss, r.lr, r.grad_norm, tokens / AllMax(secs), dev_mib, act_mib, host_mib,
+      // bench/report.py reads "tok/s  device X MiB  host Y MiB": the activations come after.
+      Say("%s step %4d/%d  loss %.4f  lr %.2e  norm %.3f  %6.0f tok/s  device %.1f MiB  host %.1f MiB  "
+          "activations %.1f MiB  scale %g%s\n",
+          label, step + 1, steps, mean_loss, r.lr, r.grad_norm, tokens / AllMax(secs), dev_mib, host_mib, act_mib,
           static_cast<double>(r.loss_scale), r.skipped ? "  (skipped)" : "");
     }
     const int done = step + 1;
