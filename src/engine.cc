@@ -42,6 +42,11 @@ std::vector<std::string> DescribeConfig(const Options& o, const std::vector<Para
      << o.loss_scale.min_scale << " offload=" << o.offload_optimizer << "/" << o.offload_params << " prefetch_bytes=" << o.prefetch_bytes
      << " persist_bytes=" << o.persist_bytes << " keep_gathered_units=" << o.keep_gathered_units.size()
      << " reserved_bytes=" << o.reserved_bytes;
+  const TransformerShape& am = o.activation_model;  // Stage::kAuto's activation reserve
+  const ActivationOptions& ao = o.activation_options;
+  os << " activation_model=" << am.layers << "/" << am.hidden << "/" << am.heads << "/" << am.kv_heads << "/" << am.ffn
+     << "/" << am.vocab << "/" << am.lora_rank << "/" << am.lora_targets << " activation_options=" << ao.micro_batch
+     << "/" << ao.seq_len << "/" << ao.recompute << "/" << DTypeName(ao.dtype) << "/" << ao.lora_dropout;
   lines.push_back(os.str());
   os.str("");
   os << "adamw(lr=" << o.adamw.lr << " betas=" << o.adamw.beta1 << "," << o.adamw.beta2 << " eps=" << o.adamw.eps
@@ -80,9 +85,9 @@ Status ValidateOptions(const Options& o, int num_units) {
   if (o.backend != Backend::kCpu && o.backend != Backend::kCuda) return bad("backend must be kCpu or kCuda");
   if (static_cast<int>(o.stage) > 3 && o.stage != Stage::kAuto) return bad("stage must be one of Stage::k*");
   if (o.stage == Stage::kAuto) {
-    if (o.reserved_bytes < 0) {
+    if (o.reserved_bytes < 0 && o.activation_model.layers <= 0) {
       return bad("Stage::kAuto needs reserved_bytes: the device bytes per rank your activations and workspace take "
-                 "(0 if none), which the engine leaves free");
+                 "(0 if none), which the engine leaves free; or activation_model to reserve their estimate");
     }
     if (o.offload_optimizer || o.offload_params) {
       return bad("Stage::kAuto chooses offload itself; leave offload_optimizer and offload_params false, or choose "
@@ -388,9 +393,9 @@ std::string Engine::Impl::OutOfMemoryAdvice(int64_t free_bytes) const {
   if (free_bytes == std::numeric_limits<int64_t>::max()) return os.str();  // no capacity: the system refused
   AutoChoice choice;
   if (!ChooseConfiguration(model, world, options, free_bytes, &choice).ok()) return os.str();
-  const std::string reserve = options.reserved_bytes < 0 ? "reserved_bytes not given, so nothing is left for "
-                                                           "activations; set it"
-                                                         : "reserved " + FormatBytes(options.reserved_bytes);
+  const std::string reserve = choice.reserved_bytes == 0 && options.reserved_bytes < 0
+                                  ? "reserved_bytes not given, so nothing is left for activations; set it"
+                                  : "reserved " + FormatBytes(choice.reserved_bytes);
   os << "Device memory available to the engine on rank " << rank << ": " << FormatBytes(choice.budget) << " (free "
      << FormatBytes(free_bytes) << ", " << reserve << ").\n";
   if (choice.chosen >= 0) {

@@ -1,11 +1,12 @@
-// zero::Estimate, ChooseConfiguration and the memory tables: the engine's buffer plan (buffer_plan.h) summed
-// without allocating anything.
+// zero::Estimate, ChooseConfiguration, PlanTraining and the memory tables: the engine's buffer plan
+// (buffer_plan.h) summed without allocating anything, and the activation estimate (estimate_activations.cc) on top.
 #include "zero/estimate.h"
 
 #include <algorithm>
 #include <cstdio>
 #include <limits>
 #include <sstream>
+#include <tuple>
 
 #include "buffer_plan.h"
 #include "device.h"
@@ -67,33 +68,41 @@ Status TransformerSpecs(const TransformerShape& t, std::vector<ParamSpec>* specs
     }
     kv = t.hidden / t.heads * kvh;
   }
-  const bool trainable = !t.frozen;
-  auto add = [&](std::string name, std::vector<int64_t> shape, int64_t unit, bool is_norm) {
+  if (t.lora_rank < 0) return bad("lora_rank must be >= 0 (0: no adapters)");
+  if (t.lora_rank > 0 && (t.lora_targets == 0 || (t.lora_targets & ~0x7fu) != 0)) {
+    return bad("lora_targets must be a non-empty set of kLoraQ, kLoraK, kLoraV, kLoraO, kLoraGate, kLoraUp, kLoraDown");
+  }
+  const bool trainable = !t.frozen && t.lora_rank == 0;
+  auto add = [&](std::string name, std::vector<int64_t> shape, int64_t unit, bool is_norm, bool train) {
     ParamSpec p;
     p.name = std::move(name);
     p.shape = std::move(shape);
     p.unit = static_cast<int>(unit);
-    p.trainable = trainable;
+    p.trainable = train;
     p.wd_mult = is_norm ? 0.0f : 1.0f;
     specs->push_back(std::move(p));
   };
   const int64_t h = t.hidden;
-  add("model.embed_tokens.weight", {t.vocab, h}, 0, false);
+  add("model.embed_tokens.weight", {t.vocab, h}, 0, false, trainable);
+  static const char* const kProj[7] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                       "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+  const int64_t out[7] = {h, kv, kv, h, t.ffn, t.ffn, h}, in[7] = {h, h, h, h, h, h, t.ffn};
   for (int64_t l = 0; l < t.layers; ++l) {
     const std::string pre = "model.layers." + std::to_string(l) + ".";
     const int64_t u = l + 1;
-    add(pre + "input_layernorm.weight", {h}, u, true);
-    add(pre + "self_attn.q_proj.weight", {h, h}, u, false);
-    add(pre + "self_attn.k_proj.weight", {kv, h}, u, false);
-    add(pre + "self_attn.v_proj.weight", {kv, h}, u, false);
-    add(pre + "self_attn.o_proj.weight", {h, h}, u, false);
-    add(pre + "post_attention_layernorm.weight", {h}, u, true);
-    add(pre + "mlp.gate_proj.weight", {t.ffn, h}, u, false);
-    add(pre + "mlp.up_proj.weight", {t.ffn, h}, u, false);
-    add(pre + "mlp.down_proj.weight", {h, t.ffn}, u, false);
+    for (int p = 0; p < 7; ++p) {
+      if (p == 0) add(pre + "input_layernorm.weight", {h}, u, true, trainable);
+      if (p == 4) add(pre + "post_attention_layernorm.weight", {h}, u, true, trainable);
+      const std::string name = pre + kProj[p];
+      add(name + ".weight", {out[p], in[p]}, u, false, trainable);
+      if (t.lora_rank > 0 && (t.lora_targets & (1u << p)) != 0) {
+        add(name + ".lora_A.weight", {t.lora_rank, in[p]}, u, false, true);
+        add(name + ".lora_B.weight", {out[p], t.lora_rank}, u, false, true);
+      }
+    }
   }
-  add("model.norm.weight", {h}, t.layers + 1, true);
-  if (!t.tied) add("lm_head.weight", {t.vocab, h}, t.layers + 1, false);
+  add("model.norm.weight", {h}, t.layers + 1, true, trainable);
+  if (!t.tied) add("lm_head.weight", {t.vocab, h}, t.layers + 1, false, trainable);
   return Status::Ok();
 }
 
@@ -197,26 +206,44 @@ std::string ConfigurationName(Stage stage, bool offload_optimizer, bool offload_
   return name;
 }
 
+namespace {
+
+// Stage::kAuto's preference order (issue 17's): every on-device configuration, stage 3 included, before any
+// offloaded one.
+struct Config {
+  Stage stage;
+  bool opt, params;
+};
+constexpr Config kOrder[] = {{Stage::kDataParallel, false, false}, {Stage::kOptimizerStates, false, false},
+                             {Stage::kGradients, false, false},    {Stage::kParameters, false, false},
+                             {Stage::kGradients, true, false},     {Stage::kParameters, true, false},
+                             {Stage::kParameters, true, true}};
+
+Options WithConfig(const Options& base, const Config& c) {
+  Options o = base;
+  o.stage = c.stage;
+  o.offload_optimizer = c.opt;
+  o.offload_params = c.params;
+  return o;
+}
+
+}  // namespace
+
 Status ChooseConfiguration(const ModelDescription& model, int world_size, const Options& options,
                            int64_t free_bytes, AutoChoice* out) {
   *out = AutoChoice();
   out->free_bytes = free_bytes;
-  out->reserved_bytes = std::max<int64_t>(0, options.reserved_bytes);
+  if (options.activation_model.layers > 0) {
+    ActivationEstimate a;
+    ZERO_RETURN_IF_ERROR(EstimateActivations(options.activation_model, options.activation_options, &a)
+                             .WithContext("ChooseConfiguration (Options::activation_model)"));
+    out->activation_bytes = a.peak;
+  }
+  out->reserved_bytes = out->activation_bytes + std::max<int64_t>(0, options.reserved_bytes);
   out->budget = free_bytes == kUnlimited ? kUnlimited : free_bytes - out->reserved_bytes;
   out->options = options;
-  struct Step {
-    Stage stage;
-    bool opt, params;
-  };
-  static constexpr Step kOrder[] = {{Stage::kDataParallel, false, false}, {Stage::kOptimizerStates, false, false},
-                                    {Stage::kGradients, false, false},    {Stage::kGradients, true, false},
-                                    {Stage::kParameters, false, false},   {Stage::kParameters, true, false},
-                                    {Stage::kParameters, true, true}};
-  for (const Step& step : kOrder) {
-    Options o = options;
-    o.stage = step.stage;
-    o.offload_optimizer = step.opt;
-    o.offload_params = step.params;
+  for (const Config& step : kOrder) {
+    const Options o = WithConfig(options, step);
     MemoryEstimate e;
     ZERO_RETURN_IF_ERROR(Estimate(model, world_size, o, &e).WithContext("ChooseConfiguration"));
     AutoCandidate c{step.stage, step.opt, step.params, e.DeviceTotal(), e.HostTotal(), e.DeviceTotal() <= out->budget};
@@ -229,12 +256,107 @@ Status ChooseConfiguration(const ModelDescription& model, int world_size, const 
   return Status::Ok();
 }
 
+Status PlanTraining(const TrainingRequest& req, TrainingPlan* out) {
+  *out = TrainingPlan();
+  auto bad = [](const std::string& m) { return Status::InvalidArgument("PlanTraining: " + m); };
+  if (req.world_size < 1) return bad("world_size must be >= 1");
+  if (req.global_batch < 1 || req.global_batch % req.world_size != 0) {
+    const int64_t w = req.world_size, lo = std::max<int64_t>(w, req.global_batch / w * w);
+    return bad("global_batch (" + std::to_string(req.global_batch) + ") must be a positive multiple of world_size (" +
+               std::to_string(w) + ") so that every rank takes the same number of sequences; " + std::to_string(lo) +
+               " or " + std::to_string(lo + w) + " would do");
+  }
+  if (req.device_bytes < 0) return bad("device_bytes must be >= 0");
+  ModelDescription model;
+  ZERO_RETURN_IF_ERROR(TransformerSpecs(req.shape, &model.specs).WithContext("PlanTraining"));
+  ActivationOptions probe = req.activations;
+  probe.micro_batch = 1;
+  ActivationEstimate a;
+  ZERO_RETURN_IF_ERROR(EstimateActivations(req.shape, probe, &a).WithContext("PlanTraining"));
+  const int64_t per_rank = req.global_batch / req.world_size;
+  out->per_rank_batch = per_rank;
+  out->budget = req.device_bytes - std::max<int64_t>(0, req.options.reserved_bytes);
+  std::vector<int64_t> divisors;  // descending: the first that fits is the largest
+  for (int64_t b = per_rank; b >= 1; --b) {
+    if (per_rank % b == 0) divisors.push_back(b);
+  }
+  int best = -1;
+  std::tuple<int, int, int, int, int64_t> best_key;
+  int order = 0;
+  for (const Config& step : kOrder) {
+    Options o = WithConfig(req.options, step);
+    o.activation_model = TransformerShape();  // Estimate takes concrete options; the reserve is this function's
+    MemoryEstimate states;
+    ZERO_RETURN_IF_ERROR(Estimate(model, req.world_size, o, &states).WithContext("PlanTraining"));
+    for (bool recompute : {false, true}) {
+      TrainingCandidate c{step.stage, step.opt, step.params, recompute, 0, 0, states.DeviceTotal(), 0,
+                          states.HostTotal(), false};
+      for (int64_t b : divisors) {
+        ActivationOptions ao = req.activations;
+        ao.micro_batch = b;
+        ao.recompute = recompute;
+        ZERO_RETURN_IF_ERROR(EstimateActivations(req.shape, ao, &a).WithContext("PlanTraining"));
+        c.activation_bytes = a.peak;  // at the last b tried: micro-batch 1's when none fits
+        if (c.model_state_bytes + a.peak <= out->budget) {
+          c.micro_batch = b;
+          break;
+        }
+      }
+      if (c.micro_batch > 0) {
+        c.accumulation_steps = per_rank / c.micro_batch;
+        c.efficient = c.micro_batch * req.activations.seq_len >= req.efficient_tokens || c.accumulation_steps == 1;
+        // The rule of estimate.h, as a key compared lexicographically (smaller is preferred).
+        const auto key = std::make_tuple(step.opt ? 1 : 0, c.efficient ? 0 : 1, recompute ? 1 : 0, order,
+                                         -c.micro_batch);
+        if (best < 0 || key < best_key) {
+          best = static_cast<int>(out->candidates.size());
+          best_key = key;
+        }
+      }
+      out->candidates.push_back(c);
+    }
+    ++order;
+  }
+  out->options = req.options;
+  out->chosen = best;
+  if (best >= 0) {
+    const TrainingCandidate& c = out->candidates[static_cast<size_t>(best)];
+    out->options = WithConfig(req.options, Config{c.stage, c.offload_optimizer, c.offload_params});
+    out->options.activation_model = req.shape;
+    out->options.activation_options = req.activations;
+    out->options.activation_options.micro_batch = c.micro_batch;
+    out->options.activation_options.recompute = c.recompute;
+  }
+  return Status::Ok();
+}
+
+std::string TrainingPlan::Explain() const {
+  std::ostringstream os;
+  os << "per-rank batch " << per_rank_batch << ", device budget per rank " << FormatBytes(budget) << "\n";
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    const TrainingCandidate& c = candidates[i];
+    os << "  " << ConfigurationName(c.stage, c.offload_optimizer, c.offload_params)
+       << (c.recompute ? ", recompute" : ", no recompute") << ": ";
+    if (c.micro_batch == 0) {
+      os << "does not fit (states " << FormatBytes(c.model_state_bytes) << " + activations of micro-batch 1 "
+         << FormatBytes(c.activation_bytes) << ")\n";
+      continue;
+    }
+    os << "micro-batch " << c.micro_batch << " x " << c.accumulation_steps << " steps, states "
+       << FormatBytes(c.model_state_bytes) << " + activations " << FormatBytes(c.activation_bytes)
+       << (c.efficient ? "" : ", small micro-batch") << (static_cast<int>(i) == chosen ? "  <- chosen" : "") << "\n";
+  }
+  if (chosen < 0) os << "nothing fits: add ranks or device memory, shorten the sequences, or use LoRA\n";
+  return os.str();
+}
+
 std::string AutoChoice::Explain() const {
   std::ostringstream os;
   const std::string free_text = free_bytes == kUnlimited ? "unlimited" : FormatBytes(free_bytes);
   const std::string budget_text = budget == kUnlimited ? "unlimited" : FormatBytes(budget);
   os << "device budget per rank " << budget_text << " (smallest free memory of any rank " << free_text
-     << " - reserved " << FormatBytes(reserved_bytes) << ")\n";
+     << " - reserved " << FormatBytes(reserved_bytes)
+     << (activation_bytes > 0 ? ", of which the activation estimate " + FormatBytes(activation_bytes) : "") << ")\n";
   const size_t last = chosen >= 0 ? static_cast<size_t>(chosen) : candidates.size() - 1;
   for (size_t i = 0; i <= last && i < candidates.size(); ++i) {
     const AutoCandidate& c = candidates[i];

@@ -98,6 +98,11 @@ class Cases {
     m["open-bucket"] = opt([](Options& o) { o.bucket_elements = 0; });
     m["open-stage"] = opt([](Options& o) { o.stage = static_cast<Stage>(7); });
     m["open-auto-reserved"] = opt([](Options& o) { o.stage = Stage::kAuto; });
+    m["open-auto-activations"] = opt([](Options& o) {
+      o.stage = Stage::kAuto;
+      o.activation_model = TransformerShape{2, 64, 0, 0, 128, 100, false, false};  // no heads
+      o.activation_options.seq_len = 16;
+    });
     m["open-auto-offload"] = opt([](Options& o) {
       o.stage = Stage::kAuto;
       o.reserved_bytes = 0;

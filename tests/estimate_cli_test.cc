@@ -1,6 +1,7 @@
 // The installed zero-estimate CLI (src/tools/zero_estimate.cc) run as a user runs it: the ZeRO paper's worked
 // example and DESIGN.md's table from its output, the same numbers as the library call, the Stage::kAuto choice
-// for a device size, and its exit status on bad arguments.
+// for a device size (with the activation estimate as its reserve), the whole answer for a global batch and its
+// table over common device sizes (each row the library's PlanTraining), and its exit status on bad arguments.
 #include <sys/wait.h>
 
 #include <cctype>
@@ -96,10 +97,11 @@ TEST(EstimateCliTest, ShapeAndAutomaticChoiceForADeviceSize) {
   SCOPED_TRACE(r.out);
   ASSERT_EQ(r.exit_code, 0);
   EXPECT_NE(r.out.find("6.738e9 parameters"), std::string::npos);
-  // LLaMA-7B on 8 ranks with 18 GiB for the engine: stages 0-2 do not fit, 2 + optimizer offload does.
+  // LLaMA-7B on 8 ranks with 18 GiB for the engine: stages 0-2 do not fit; stage 3, on the device, does (it comes
+  // before any offloaded configuration).
   EXPECT_NE(r.out.find("stage 2: device"), std::string::npos);
   EXPECT_NE(r.out.find("does not fit"), std::string::npos);
-  EXPECT_NE(r.out.find("choice: stage 2 + optimizer offload"), std::string::npos);
+  EXPECT_NE(r.out.find("choice: stage 3\n"), std::string::npos);
   // The same choice from the library.
   ModelDescription m;
   TransformerShape t{32, 4096, 0, 0, 11008, 32000, false, false};
@@ -111,8 +113,143 @@ TEST(EstimateCliTest, ShapeAndAutomaticChoiceForADeviceSize) {
   AutoChoice choice;
   ASSERT_TRUE(ChooseConfiguration(m, 8, o, int64_t{24} << 30, &choice).ok());
   ASSERT_EQ(choice.chosen, 3);
-  EXPECT_EQ(choice.options.stage, Stage::kGradients);
-  EXPECT_TRUE(choice.options.offload_optimizer);
+  EXPECT_EQ(choice.options.stage, Stage::kParameters);
+  EXPECT_FALSE(choice.options.offload_optimizer);
+}
+
+// The rows of the table printed after "device " (the --table header), keyed by their first column.
+std::vector<std::vector<std::string>> TableRows(const std::string& out) {
+  std::vector<std::vector<std::string>> rows;
+  const size_t at = out.find("\ndevice ");
+  if (at == std::string::npos) return rows;
+  std::istringstream is(out.substr(at + 1));
+  std::string line;
+  std::getline(is, line);  // the header
+  while (std::getline(is, line) && !line.empty()) {
+    std::istringstream cols(line);
+    std::vector<std::string> v;
+    for (std::string c; cols >> c;) v.push_back(c);
+    rows.push_back(v);
+  }
+  return rows;
+}
+
+TEST(EstimateCliTest, ActivationsAndTheirReserve) {
+  const CliRun r = RunCli("--preset smollm2-135m --seq 512 --micro-batch 4 --world 2 --device-memory 4GiB");
+  SCOPED_TRACE(r.out);
+  ASSERT_EQ(r.exit_code, 0);
+  const TransformerShape t{30, 576, 9, 3, 1536, 49152, true, false};
+  ActivationOptions a;
+  a.micro_batch = 4;
+  a.seq_len = 512;
+  a.dtype = DType::kBF16;  // --compute-dtype follows --param-dtype
+  ActivationEstimate e;
+  ASSERT_TRUE(EstimateActivations(t, a, &e).ok());
+  char peak[64];
+  std::snprintf(peak, sizeof(peak), "%.2f MiB", static_cast<double>(e.peak) / (1 << 20));
+  EXPECT_NE(r.out.find("activations of one micro-batch of 4 x 512 tokens, bf16, stored"), std::string::npos);
+  EXPECT_NE(r.out.find(peak), std::string::npos) << peak;
+  EXPECT_NE(r.out.find("with --recompute: peak"), std::string::npos);
+  // Stage::kAuto keeps them free: the same choice, and explanation, as the library with Options::activation_model.
+  EXPECT_NE(r.out.find("of which the activation estimate"), std::string::npos);
+  ModelDescription m;
+  ASSERT_TRUE(TransformerSpecs(t, &m.specs).ok());
+  Options o;
+  o.param_dtype = DType::kBF16;
+  o.backend = Backend::kCuda;
+  o.reserved_bytes = 0;
+  o.activation_model = t;
+  o.activation_options = a;
+  AutoChoice choice;
+  ASSERT_TRUE(ChooseConfiguration(m, 2, o, int64_t{4} << 30, &choice).ok());
+  ASSERT_GE(choice.chosen, 0);
+  EXPECT_EQ(choice.activation_bytes, e.peak);
+  EXPECT_NE(r.out.find(choice.Explain()), std::string::npos) << choice.Explain();
+  const AutoCandidate& c = choice.candidates[static_cast<size_t>(choice.chosen)];
+  EXPECT_NE(r.out.find("choice: " + ConfigurationName(c.stage, c.offload_optimizer, c.offload_params) + "\n"),
+            std::string::npos);
+}
+
+TEST(EstimateCliTest, TheWholeAnswerAndItsTable) {
+  const std::string model = "--preset llama2-7b --lora-rank 16 --seq 2048 --global-batch 32";
+  TransformerShape t{32, 4096, 32, 32, 11008, 32000, false, false};
+  t.lora_rank = 16;
+  TrainingRequest req;
+  req.shape = t;
+  req.activations.seq_len = 2048;
+  req.global_batch = 32;
+  req.options.param_dtype = DType::kBF16;
+  req.options.backend = Backend::kCuda;
+  req.options.reserved_bytes = 0;
+  auto answer = [&](int64_t device) {
+    req.device_bytes = device;
+    TrainingPlan plan;
+    EXPECT_TRUE(PlanTraining(req, &plan).ok());
+    return plan;
+  };
+  // One device size: the plan, then one answer line.
+  CliRun r = RunCli(model + " --device-memory 24GiB");
+  SCOPED_TRACE(r.out);
+  ASSERT_EQ(r.exit_code, 0);
+  const TrainingPlan plan = answer(int64_t{24} << 30);
+  ASSERT_GE(plan.chosen, 0);
+  const TrainingCandidate& c = plan.candidates[static_cast<size_t>(plan.chosen)];
+  const std::string line = "answer: " + ConfigurationName(c.stage, c.offload_optimizer, c.offload_params) +
+                           ", micro-batch " + std::to_string(c.micro_batch) +
+                           (c.recompute ? ", recompute, " : ", no recompute, ") + std::to_string(c.accumulation_steps);
+  EXPECT_NE(r.out.find(line), std::string::npos) << line;
+  EXPECT_NE(r.out.find(plan.Explain()), std::string::npos);
+  // The table: one row per device size, each the library's plan for it.
+  r = RunCli(model + " --table");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const std::vector<std::vector<std::string>> rows = TableRows(r.out);
+  ASSERT_EQ(rows.size(), 8u) << r.out;
+  const int sizes[8] = {8, 12, 16, 24, 40, 48, 80, 141};
+  for (size_t i = 0; i < rows.size(); ++i) {
+    SCOPED_TRACE(std::to_string(sizes[i]) + " GiB");
+    ASSERT_GE(rows[i].size(), 2u);
+    EXPECT_EQ(rows[i][0], std::to_string(sizes[i]));
+    const TrainingPlan p = answer(int64_t{sizes[i]} << 30);
+    if (p.chosen < 0) {
+      EXPECT_NE(r.out.find(std::to_string(sizes[i]) + " GiB  nothing fits"), std::string::npos);
+      continue;
+    }
+    const TrainingCandidate& pc = p.candidates[static_cast<size_t>(p.chosen)];
+    // "8 GiB stage 3 + parameter offload 2 yes 16 5.55 6.84": the last five columns.
+    ASSERT_GE(rows[i].size(), 7u);
+    const size_t n = rows[i].size();
+    EXPECT_EQ(rows[i][n - 5], std::to_string(pc.micro_batch));
+    EXPECT_EQ(rows[i][n - 4], pc.recompute ? "yes" : "no");
+    EXPECT_EQ(rows[i][n - 3], std::to_string(pc.accumulation_steps));
+    char act[32];
+    std::snprintf(act, sizeof(act), "%.2f", static_cast<double>(pc.activation_bytes) / 1e9);
+    EXPECT_EQ(rows[i][n - 2], act);
+  }
+  // More memory never needs more accumulation steps without recomputation, and the largest devices store
+  // activations: the table reads like the guides'.
+  EXPECT_EQ(rows.back()[rows.back().size() - 4], "no");
+}
+
+TEST(EstimateCliTest, WholeAnswerArguments) {
+  CliRun r = RunCli("--preset llama2-7b --seq 2048 --global-batch 30 --world 8 --device-memory 80GiB");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("must be a positive multiple of world_size (8)"), std::string::npos) << r.out;
+  r = RunCli("--preset llama2-7b --global-batch 32 --device-memory 80GiB");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("need --seq"), std::string::npos) << r.out;
+  r = RunCli("--params 7B --seq 2048");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("need the model's shape"), std::string::npos) << r.out;
+  r = RunCli("--preset llama-9000");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("unknown --preset 'llama-9000'"), std::string::npos) << r.out;
+  r = RunCli("--preset llama2-7b --lora-rank 8 --lora-targets q,x");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("unknown projection 'x'"), std::string::npos) << r.out;
+  // Nothing fits: exit status 1, and the answer says so.
+  r = RunCli("--preset llama2-70b --seq 4096 --global-batch 8 --device-memory 8GiB");
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("answer: nothing fits"), std::string::npos) << r.out;
 }
 
 TEST(EstimateCliTest, NothingFitsAndBadArguments) {

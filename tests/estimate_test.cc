@@ -1,7 +1,11 @@
 // zero::Estimate against the ZeRO paper's worked example and against the engine's own accounting (byte for byte,
 // over stages x dtypes x optimizers x offload x world 1-4, with the toy model's frozen and tied units); Stage::kAuto
-// with capacities just below and just above each configuration's need, also when ranks see different free memory;
+// with capacities just below and just above each configuration's need, in its order (every on-device
+// configuration, stage 3 included, before any offloaded one), also when ranks see different free memory and with
+// the activation estimate as its reserve; zero::EstimateActivations' parts and invariants (tests/
+// lora_activation_test.cc measures it against a model); zero::PlanTraining's choice against its documented rule;
 // and the out-of-memory status with its report and a suggestion that, applied, opens.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -301,8 +305,21 @@ int FirstFit(const AutoChoice& all, int64_t budget) {
   return -1;
 }
 
-const char* const kOrder[] = {"stage 0", "stage 1", "stage 2", "stage 2 + optimizer offload", "stage 3",
+// Stage::kAuto's order: on the device first (stage 3 included), then offloaded.
+const char* const kOrder[] = {"stage 0", "stage 1", "stage 2", "stage 3", "stage 2 + optimizer offload",
                               "stage 3 + optimizer offload", "stage 3 + parameter offload"};
+
+// The candidates a correct kAuto can ever choose at some capacity: those needing less than every candidate before
+// them in the order (bit i: candidate i).
+int ChoosableSet(const AutoChoice& all) {
+  int set = 0;
+  int64_t least_before = kUnlimited;
+  for (size_t i = 0; i < all.candidates.size(); ++i) {
+    if (all.candidates[i].device_bytes < least_before) set |= 1 << i;
+    least_before = std::min(least_before, all.candidates[i].device_bytes);
+  }
+  return set;
+}
 
 // Opens with Stage::kAuto at capacity = each candidate's need + reserve, and one byte less: the engine must pick
 // the first candidate (in the documented order) whose need fits, identically on every rank, and allocate exactly
@@ -376,14 +393,24 @@ TEST(AutoTest, DeepModelReachesStage3) {
   base.param_dtype = DType::kF32;
   base.bucket_elements = 4096;
   const int chosen = CheckAutoAtEachNeed(*comm, specs, base, /*toy=*/false);
+  AutoChoice all;
+  ZERO_ASSERT_OK(ChooseConfiguration(ModelDescription::FromSpecs(specs), comm->world_size(), base, kUnlimited, &all));
+  // Each configuration that needs less than everything before it in the order is chosen at its own need, and no
+  // other ever is.
+  EXPECT_EQ(chosen, ChoosableSet(all));
   if (comm->world_size() == 4) {
-    for (int i : {0, 1, 2, 3, 4, 5, 6}) EXPECT_NE(chosen & (1 << i), 0) << kOrder[i] << " never chosen";
+    // Stage 3 and its offloads are reached; stage 2 + optimizer offload, which keeps full parameters, needs more
+    // than stage 3 here, so stage 3 (earlier now) takes its place.
+    for (int i : {0, 1, 2, 3, 5, 6}) EXPECT_NE(chosen & (1 << i), 0) << kOrder[i] << " never chosen";
+    EXPECT_GT(all.candidates[4].device_bytes, all.candidates[3].device_bytes);
+    EXPECT_EQ(chosen & (1 << 4), 0);
   }
 }
 
-// The decision itself, without an engine, at the ZeRO paper's scale: LLaMA-7B in fp32 on 64 ranks needs less
-// memory at every step of the preference order, so each configuration is chosen exactly at its own need and the
-// next one a byte below it.
+// The decision itself, without an engine, at the ZeRO paper's scale: LLaMA-7B in fp32 on 64 ranks. Each
+// capacity chooses the first configuration of the order whose need fits; stage 3 needs less than stage 2 +
+// optimizer offload, so it is chosen wherever the latter would fit: an offloaded configuration only when nothing
+// on the device fits.
 TEST(AutoTest, EachConfigurationIsChosenAtItsNeedAtScale) {
   ModelDescription m;
   ZERO_ASSERT_OK(TransformerSpecs(TransformerShape{32, 4096, 32, 0, 11008, 32000, false, false}, &m.specs));
@@ -391,18 +418,30 @@ TEST(AutoTest, EachConfigurationIsChosenAtItsNeedAtScale) {
   o.reserved_bytes = int64_t{6} << 30;
   AutoChoice all;
   ZERO_ASSERT_OK(ChooseConfiguration(m, 64, o, kUnlimited, &all));
+  ASSERT_EQ(all.candidates.size(), 7u);
   for (size_t i = 0; i < all.candidates.size(); ++i) {
     SCOPED_TRACE(kOrder[i]);
-    if (i > 0) {
-      EXPECT_LT(all.candidates[i].device_bytes, all.candidates[i - 1].device_bytes);
+    EXPECT_EQ(ConfigurationName(all.candidates[i].stage, all.candidates[i].offload_optimizer,
+                                all.candidates[i].offload_params),
+              kOrder[i]);
+    for (int64_t delta : {int64_t{0}, int64_t{-1}}) {
+      AutoChoice c;
+      const int64_t budget = all.candidates[i].device_bytes + delta;
+      ZERO_ASSERT_OK(ChooseConfiguration(m, 64, o, budget + o.reserved_bytes, &c));
+      EXPECT_EQ(c.chosen, FirstFit(all, budget));
+      if (c.chosen >= 0) {
+        EXPECT_EQ(c.options.stage, all.candidates[static_cast<size_t>(c.chosen)].stage);
+      }
     }
-    AutoChoice c;
-    ZERO_ASSERT_OK(ChooseConfiguration(m, 64, o, all.candidates[i].device_bytes + o.reserved_bytes, &c));
-    EXPECT_EQ(c.chosen, static_cast<int>(i));
-    EXPECT_EQ(c.options.stage, all.candidates[i].stage);
-    ZERO_ASSERT_OK(ChooseConfiguration(m, 64, o, all.candidates[i].device_bytes + o.reserved_bytes - 1, &c));
-    EXPECT_EQ(c.chosen, i + 1 < all.candidates.size() ? static_cast<int>(i) + 1 : -1);
   }
+  // On the device, memory falls stage by stage; offload then saves more.
+  for (size_t i = 1; i < 4; ++i) EXPECT_LT(all.candidates[i].device_bytes, all.candidates[i - 1].device_bytes);
+  EXPECT_LT(all.candidates[3].device_bytes, all.candidates[4].device_bytes);  // stage 3 < stage 2 + offload
+  EXPECT_LT(all.candidates[5].device_bytes, all.candidates[3].device_bytes);
+  EXPECT_LT(all.candidates[6].device_bytes, all.candidates[5].device_bytes);
+  AutoChoice c;
+  ZERO_ASSERT_OK(ChooseConfiguration(m, 64, o, all.candidates[4].device_bytes + o.reserved_bytes, &c));
+  EXPECT_EQ(c.chosen, 3) << "stage 3 on the device, not stage 2 + optimizer offload";
 }
 
 TEST(AutoTest, RanksWithDifferentFreeMemoryChooseAlikeFromTheMinimum) {
@@ -441,6 +480,7 @@ TEST(AutoTest, NeedsReservedBytesAndNoOffloadFlags) {
   Status s = Engine::Open(o, comm.get(), ToySpecs(), &engine);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(Contains(s, "Stage::kAuto needs reserved_bytes")) << s.ToString();
+  EXPECT_TRUE(Contains(s, "or activation_model")) << s.ToString();
   EXPECT_TRUE(Contains(s, "rank " + std::to_string(comm->rank()))) << s.ToString();
   o.reserved_bytes = 0;
   o.offload_optimizer = true;
@@ -451,6 +491,368 @@ TEST(AutoTest, NeedsReservedBytesAndNoOffloadFlags) {
   ZERO_ASSERT_OK(Engine::Open(o, comm.get(), ToySpecs(), &engine));
   EXPECT_EQ(engine->options().stage, Stage::kDataParallel);
   EXPECT_TRUE(Has(engine->auto_choice(), "unlimited")) << engine->auto_choice();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Activation memory (tests/lora_activation_test.cc measures it on the LoRA example's model).
+
+ActivationOptions Micro(int64_t batch, int64_t seq, bool recompute, DType dtype = DType::kBF16) {
+  ActivationOptions a;
+  a.micro_batch = batch;
+  a.seq_len = seq;
+  a.recompute = recompute;
+  a.dtype = dtype;
+  return a;
+}
+
+TEST(ActivationEstimateTest, Llama7bKeepsItsPerTokenBytes) {
+  const TransformerShape t{32, 4096, 32, 0, 11008, 32000, false, false};
+  const int64_t D = 4096, F = 11008, H = 32, T = 2048;
+  ActivationEstimate e;
+  ZERO_ASSERT_OK(EstimateActivations(t, Micro(1, T, false), &e));
+  EXPECT_EQ(e.tokens, T);
+  // Per token and block in bf16 (src/estimate_activations.cc): the fp32 input, x_mid and 1/rms twice (4D + 4D +
+  // 8), the bf16 normed inputs, q, k, v and attention output (2D each: 2D + 6D + 2D + 2D), gate and up in fp32
+  // and their product in bf16 (10F), the bf16 probabilities (2HT): about 47 D + 2HT, Korthikanti's 34 D + 5HT for
+  // a GPT layer.
+  EXPECT_EQ(e.block_input + e.block_kept, T * (20 * D + 10 * F + 2 * H * T + 8));
+  EXPECT_EQ(e.kept, 32 * (e.block_input + e.block_kept));
+  // The logits are fp32 [tokens, vocab], and their bf16 gradient beside them.
+  EXPECT_EQ(e.head, 4 * T + 2 * T * D + 4 * T * D + 4 * T * 32000 + 2 * T * 32000);
+  EXPECT_GE(e.peak, e.fixed + e.kept + std::max({e.block_forward_temp, e.block_backward_temp, e.head}));
+  EXPECT_NE(e.Table().find("peak"), std::string::npos);
+  // Recomputation keeps the blocks' inputs only, plus one block's activations at a time.
+  ActivationEstimate r;
+  ZERO_ASSERT_OK(EstimateActivations(t, Micro(1, T, true), &r));
+  EXPECT_EQ(r.kept, 32 * 4 * T * D);
+  EXPECT_EQ(r.block_kept, e.block_kept);
+  EXPECT_LT(r.peak, e.peak / 4);
+  EXPECT_GE(r.peak, r.fixed + r.kept + r.block_kept);
+  // fp32 compute (the CPU model) stores every operand in 4 bytes and needs no narrow copies.
+  ActivationEstimate f;
+  ZERO_ASSERT_OK(EstimateActivations(t, Micro(1, T, false, DType::kF32), &f));
+  EXPECT_EQ(f.block_input + f.block_kept, T * (32 * D + 12 * F + 4 * H * T + 8));
+  EXPECT_GT(f.peak, e.peak);
+}
+
+TEST(ActivationEstimateTest, GrowsWithTheMicroBatchAndTheSequence) {
+  const TransformerShape t{30, 576, 9, 3, 1536, 49152, true, false};  // SmolLM2-135M
+  int64_t last = 0;
+  for (int64_t b : {1, 2, 4, 8}) {
+    ActivationEstimate e, twice;
+    ZERO_ASSERT_OK(EstimateActivations(t, Micro(b, 512, false), &e));
+    ZERO_ASSERT_OK(EstimateActivations(t, Micro(2 * b, 512, false), &twice));
+    EXPECT_GT(e.peak, last);
+    // Everything but the RoPE tables is per token: twice the sequences, at most twice the bytes.
+    EXPECT_LE(twice.peak, 2 * e.peak);
+    EXPECT_GT(twice.peak, 2 * e.peak - e.fixed);
+    last = e.peak;
+  }
+  // The attention probabilities grow with T^2 per sequence: doubling T more than doubles a block's activations.
+  ActivationEstimate s1, s2;
+  ZERO_ASSERT_OK(EstimateActivations(t, Micro(1, 1024, false), &s1));
+  ZERO_ASSERT_OK(EstimateActivations(t, Micro(1, 2048, false), &s2));
+  EXPECT_GT(s2.block_kept, 2 * s1.block_kept);
+  // LoRA adapters add their A x per targeted projection; dropout adds temporaries, not kept bytes.
+  TransformerShape lora = t;
+  lora.lora_rank = 16;
+  ActivationOptions with_dropout = Micro(1, 1024, false);
+  with_dropout.lora_dropout = true;
+  ActivationEstimate l, ld;
+  ZERO_ASSERT_OK(EstimateActivations(lora, Micro(1, 1024, false), &l));
+  ZERO_ASSERT_OK(EstimateActivations(lora, with_dropout, &ld));
+  EXPECT_EQ(l.block_kept - s1.block_kept, 4 * 2 * 1024 * 16);  // q, k, v, o: bf16 [tokens, r] each
+  EXPECT_EQ(ld.block_kept, l.block_kept);
+  EXPECT_GE(ld.block_backward_temp, l.block_backward_temp);
+}
+
+TEST(ActivationEstimateTest, BadInputNamesTheField) {
+  ActivationEstimate e;
+  Status s = EstimateActivations(TransformerShape{2, 64, 0, 0, 128, 100, false, false}, Micro(1, 16, false), &e);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(s, "heads must be given")) << s.ToString();
+  const TransformerShape t{2, 64, 4, 2, 128, 100, false, false};
+  EXPECT_TRUE(Contains(EstimateActivations(t, Micro(0, 16, false), &e), "micro_batch")) << s.ToString();
+  EXPECT_TRUE(Contains(EstimateActivations(t, Micro(1, 0, false), &e), "seq_len")) << s.ToString();
+  EXPECT_TRUE(Contains(EstimateActivations(t, Micro(1, 8, false, DType::kI64), &e), "dtype")) << s.ToString();
+  TransformerShape bad_lora = t;
+  bad_lora.lora_rank = 4;
+  bad_lora.lora_targets = 1u << 9;
+  EXPECT_TRUE(Contains(EstimateActivations(bad_lora, Micro(1, 8, false), &e), "lora_targets")) << s.ToString();
+}
+
+TEST(TransformerSpecsTest, LoraAdaptersFreezeTheBase) {
+  TransformerShape t{2, 64, 4, 2, 128, 100, true, false};
+  t.lora_rank = 8;
+  t.lora_targets = kLoraQ | kLoraV | kLoraDown;
+  std::vector<ParamSpec> specs;
+  ZERO_ASSERT_OK(TransformerSpecs(t, &specs));
+  int64_t trainable = 0;
+  for (const ParamSpec& p : specs) {
+    const bool adapter = p.name.find("lora_") != std::string::npos;
+    EXPECT_EQ(p.trainable, adapter) << p.name;
+    if (p.trainable) trainable += p.numel();
+  }
+  // q: A [8, 64], B [64, 8]; v: A [8, 64], B [32, 8]; down: A [8, 128], B [64, 8]; per layer.
+  EXPECT_EQ(trainable, 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8 + 8 * 128 + 64 * 8));
+  EXPECT_EQ(specs[3].name, "model.layers.0.self_attn.q_proj.lora_A.weight");
+  EXPECT_EQ(specs[3].unit, 1);
+}
+
+// Stage::kAuto reserves the activation estimate when Options::activation_model is given, with reserved_bytes
+// (not given here) only for anything else.
+TEST(AutoTest, ReservesTheActivationEstimate) {
+  auto comm = WorldComm();
+  const int n = comm->world_size();
+  const TransformerShape t{4, 32, 4, 2, 64, 64, true, false};
+  std::vector<ParamSpec> specs;
+  ZERO_ASSERT_OK(TransformerSpecs(t, &specs));
+  Options o = AutoBase();
+  o.param_dtype = DType::kF32;
+  o.bucket_elements = 4096;
+  o.reserved_bytes = -1;
+  o.activation_model = t;
+  o.activation_options = Micro(2, 32, false, DType::kF32);
+  ActivationEstimate act;
+  ZERO_ASSERT_OK(EstimateActivations(t, o.activation_options, &act));
+  AutoChoice all;
+  ZERO_ASSERT_OK(ChooseConfiguration(ModelDescription::FromSpecs(specs), n, o, kUnlimited, &all));
+  EXPECT_EQ(all.activation_bytes, act.peak);
+  EXPECT_EQ(all.reserved_bytes, act.peak);
+  for (size_t i : {size_t{0}, size_t{2}}) {
+    // Capacity = the candidate's need + the activation estimate: kAuto (no reserved_bytes given) picks it, or an
+    // earlier one that needs no more; one byte less and it does not.
+    const int64_t need = all.candidates[i].device_bytes;
+    for (int64_t delta : {int64_t{0}, int64_t{-1}}) {
+      Options a = o;
+      a.stage = Stage::kAuto;
+      a.device_capacity_bytes = need + act.peak + delta;
+      std::unique_ptr<Engine> engine;
+      ZERO_ASSERT_OK(Engine::Open(a, comm.get(), specs, &engine));
+      const int want = FirstFit(all, need + delta);
+      ASSERT_GE(want, 0);
+      EXPECT_EQ(engine->options().stage, all.candidates[static_cast<size_t>(want)].stage) << kOrder[i] << delta;
+      EXPECT_TRUE(Has(engine->auto_choice(), "activation estimate " + FormatBytes(act.peak))) << engine->auto_choice();
+      EXPECT_LE(engine->Memory().device.Total() + act.peak, a.device_capacity_bytes);
+    }
+  }
+  // reserved_bytes, when given too, adds to the estimate.
+  o.reserved_bytes = 1000;
+  AutoChoice both;
+  ZERO_ASSERT_OK(ChooseConfiguration(ModelDescription::FromSpecs(specs), n, o, int64_t{1} << 30, &both));
+  EXPECT_EQ(both.reserved_bytes, act.peak + 1000);
+  EXPECT_EQ(both.budget, (int64_t{1} << 30) - act.peak - 1000);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// PlanTraining: the whole answer.
+
+// PlanTraining's rule (estimate.h), restated: the key a chosen candidate minimizes.
+std::tuple<int, int, int, int, int64_t> RuleKey(const TrainingCandidate& c, int order) {
+  return {c.offload_optimizer ? 1 : 0, c.efficient ? 0 : 1, c.recompute ? 1 : 0, order, -c.micro_batch};
+}
+
+// Checks a plan against everything PlanTraining promises, recomputing each number independently.
+void CheckPlan(const TrainingRequest& req, const TrainingPlan& plan) {
+  ModelDescription model;
+  ZERO_ASSERT_OK(TransformerSpecs(req.shape, &model.specs));
+  const int64_t per_rank = req.global_batch / req.world_size;
+  EXPECT_EQ(plan.per_rank_batch, per_rank);
+  ASSERT_EQ(plan.candidates.size(), 14u);  // 7 configurations x recompute off, on
+  int best = -1;
+  for (size_t i = 0; i < plan.candidates.size(); ++i) {
+    const TrainingCandidate& c = plan.candidates[i];
+    SCOPED_TRACE(ConfigurationName(c.stage, c.offload_optimizer, c.offload_params) +
+                 (c.recompute ? " recompute" : " stored"));
+    EXPECT_EQ(ConfigurationName(c.stage, c.offload_optimizer, c.offload_params), kOrder[i / 2]);
+    EXPECT_EQ(c.recompute, i % 2 == 1);
+    Options o = req.options;
+    o.stage = c.stage;
+    o.offload_optimizer = c.offload_optimizer;
+    o.offload_params = c.offload_params;
+    MemoryEstimate states;
+    ZERO_ASSERT_OK(Estimate(model, req.world_size, o, &states));
+    EXPECT_EQ(c.model_state_bytes, states.DeviceTotal());
+    // The micro-batch is the largest divisor of the per-rank batch that fits.
+    auto fits = [&](int64_t b) {
+      ActivationOptions a = req.activations;
+      a.micro_batch = b;
+      a.recompute = c.recompute;
+      ActivationEstimate e;
+      EXPECT_TRUE(EstimateActivations(req.shape, a, &e).ok());
+      return states.DeviceTotal() + e.peak <= plan.budget;
+    };
+    for (int64_t b = per_rank; b > c.micro_batch; --b) {
+      if (per_rank % b == 0) {
+        EXPECT_FALSE(fits(b)) << "micro-batch " << b << " fits but " << c.micro_batch << " taken";
+      }
+    }
+    if (c.micro_batch == 0) continue;
+    EXPECT_TRUE(fits(c.micro_batch));
+    EXPECT_EQ(c.micro_batch * c.accumulation_steps * req.world_size, req.global_batch);
+    if (best < 0 || RuleKey(c, static_cast<int>(i / 2)) <
+                        RuleKey(plan.candidates[static_cast<size_t>(best)], best / 2)) {
+      best = static_cast<int>(i);
+    }
+  }
+  EXPECT_EQ(plan.chosen, best);
+  if (best < 0) return;
+  const TrainingCandidate& c = plan.candidates[static_cast<size_t>(best)];
+  EXPECT_EQ(plan.options.stage, c.stage);
+  EXPECT_EQ(plan.options.offload_optimizer, c.offload_optimizer);
+  EXPECT_EQ(plan.options.activation_options.micro_batch, c.micro_batch);
+  EXPECT_EQ(plan.options.activation_options.recompute, c.recompute);
+  EXPECT_NE(plan.Explain().find("<- chosen"), std::string::npos) << plan.Explain();
+  // Stage::kAuto, reserving this micro-batch's activations, lands on the same configuration.
+  Options auto_options = plan.options;
+  auto_options.stage = Stage::kAuto;
+  auto_options.offload_optimizer = auto_options.offload_params = false;
+  AutoChoice choice;
+  ZERO_ASSERT_OK(ChooseConfiguration(model, req.world_size, auto_options, req.device_bytes, &choice));
+  ASSERT_GE(choice.chosen, 0);
+  EXPECT_EQ(choice.options.stage, c.stage);
+  EXPECT_EQ(choice.options.offload_optimizer, c.offload_optimizer);
+  EXPECT_EQ(choice.options.offload_params, c.offload_params);
+}
+
+TrainingRequest Request(const TransformerShape& t, int world, int64_t global_batch, int64_t seq, int64_t device) {
+  TrainingRequest r;
+  r.shape = t;
+  r.world_size = world;
+  r.global_batch = global_batch;
+  r.activations.seq_len = seq;
+  r.device_bytes = device;
+  r.options.param_dtype = DType::kBF16;
+  r.options.backend = Backend::kCuda;
+  return r;
+}
+
+// From more memory than anything needs down to less than the smallest configuration: at each size the plan is the
+// rule's choice among the candidates that fit, and the choice moves as the guides' tables do: stage 0 with the
+// whole batch at once, then smaller micro-batches, recomputation, higher stages, offload, nothing.
+TEST(PlanTrainingTest, FollowsItsRuleAtEveryDeviceSize) {
+  const TransformerShape llama7b{32, 4096, 32, 0, 11008, 32000, false, false};
+  for (int world : {1, 8}) {
+    int64_t last_chosen_key_offload = 0;
+    bool saw_recompute = false, saw_offload = false, saw_nothing = false, saw_full_batch = false;
+    for (int64_t gib = 1024; gib >= 1; gib = gib * 3 / 4) {
+      SCOPED_TRACE("world " + std::to_string(world) + ", " + std::to_string(gib) + " GiB");
+      const TrainingRequest req = Request(llama7b, world, 16 * world, 2048, gib << 30);
+      TrainingPlan plan;
+      ZERO_ASSERT_OK(PlanTraining(req, &plan));
+      CheckPlan(req, plan);
+      if (::testing::Test::HasFailure()) return;
+      if (plan.chosen < 0) {
+        saw_nothing = true;
+        continue;
+      }
+      const TrainingCandidate& c = plan.candidates[static_cast<size_t>(plan.chosen)];
+      saw_full_batch |= c.stage == Stage::kDataParallel && c.accumulation_steps == 1 && !c.recompute;
+      saw_recompute |= c.recompute;
+      saw_offload |= c.offload_optimizer;
+      // Less memory never brings offload back off.
+      EXPECT_GE(c.offload_optimizer ? 1 : 0, last_chosen_key_offload);
+      last_chosen_key_offload = c.offload_optimizer ? 1 : 0;
+    }
+    EXPECT_TRUE(saw_full_batch);
+    EXPECT_TRUE(saw_recompute);
+    EXPECT_TRUE(saw_nothing);
+    if (world == 8) {
+      EXPECT_TRUE(saw_offload);
+    }
+  }
+}
+
+TEST(PlanTrainingTest, ShortSequencesPreferAnEfficientMicroBatch) {
+  // 128-token sequences: a micro-batch of 2 (256 tokens) is below the 2048-token rule of thumb, so a larger one
+  // with recomputation, or at a higher stage, wins when it fits.
+  const TransformerShape t{24, 2048, 32, 32, 8192, 49152, true, false};  // SmolLM2-1.7B
+  bool saw_efficient_recompute = false;
+  for (int64_t gib = 64; gib >= 4; gib -= 2) {
+    const TrainingRequest req = Request(t, 4, 4 * 64, 128, gib << 30);
+    TrainingPlan plan;
+    ZERO_ASSERT_OK(PlanTraining(req, &plan));
+    CheckPlan(req, plan);
+    if (plan.chosen < 0) continue;
+    const TrainingCandidate& c = plan.candidates[static_cast<size_t>(plan.chosen)];
+    // When a stored micro-batch fits but is small while a recomputed one is efficient, recomputation wins.
+    const TrainingCandidate& stored = plan.candidates[static_cast<size_t>(plan.chosen / 2 * 2)];
+    if (c.recompute && stored.micro_batch > 0 && !stored.efficient) saw_efficient_recompute = true;
+  }
+  EXPECT_TRUE(saw_efficient_recompute);
+}
+
+TEST(PlanTrainingTest, LoraNeedsFarLessThanFullTraining) {
+  TransformerShape t{32, 4096, 32, 0, 11008, 32000, false, false};
+  const TrainingRequest full = Request(t, 1, 16, 1024, int64_t{24} << 30);
+  t.lora_rank = 16;
+  const TrainingRequest lora = Request(t, 1, 16, 1024, int64_t{24} << 30);
+  TrainingPlan pf, pl;
+  ZERO_ASSERT_OK(PlanTraining(full, &pf));
+  ZERO_ASSERT_OK(PlanTraining(lora, &pl));
+  CheckPlan(full, pf);
+  CheckPlan(lora, pl);
+  // 7B full training on one 24 GiB device does not fit in any configuration: at one rank nothing is sharded,
+  // and the fp32 gradients alone take 27 GB. LoRA on the frozen bf16 base (13.5 GB) fits on the device.
+  EXPECT_EQ(pf.chosen, -1) << pf.Explain();
+  EXPECT_GT(pf.candidates.back().model_state_bytes, int64_t{24} << 30);
+  ASSERT_GE(pl.chosen, 0) << pl.Explain();
+  EXPECT_FALSE(pl.candidates[static_cast<size_t>(pl.chosen)].offload_optimizer) << pl.Explain();
+  EXPECT_LT(pl.candidates[0].model_state_bytes, pf.candidates[0].model_state_bytes / 4);
+}
+
+TEST(PlanTrainingTest, BadRequestsSayWhatWouldDo) {
+  const TransformerShape t{2, 64, 4, 2, 128, 100, false, false};
+  TrainingPlan plan;
+  Status s = PlanTraining(Request(t, 8, 100, 64, int64_t{1} << 30), &plan);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(s, "global_batch (100) must be a positive multiple of world_size (8)")) << s.ToString();
+  EXPECT_TRUE(Contains(s, "96 or 104 would do")) << s.ToString();
+  s = PlanTraining(Request(t, 2, 4, 0, int64_t{1} << 30), &plan);
+  EXPECT_TRUE(Contains(s, "seq_len")) << s.ToString();
+  // Too little memory: OK, nothing chosen, and the explanation says so.
+  ZERO_ASSERT_OK(PlanTraining(Request(t, 2, 4, 64, 1000), &plan));
+  EXPECT_EQ(plan.chosen, -1);
+  EXPECT_NE(plan.Explain().find("nothing fits"), std::string::npos) << plan.Explain();
+}
+
+// The plan's options open an engine on the CPU backend within the device size, with the bytes it predicted.
+TEST(PlanTrainingTest, PlannedOptionsOpenWithinTheDevice) {
+  auto comm = WorldComm();
+  const int n = comm->world_size();
+  const TransformerShape t{6, 64, 4, 2, 128, 256, true, false};
+  std::vector<ParamSpec> specs;
+  ZERO_ASSERT_OK(TransformerSpecs(t, &specs));
+  TrainingRequest req = Request(t, n, 8 * n, 64, 0);
+  req.options = AutoBase();
+  req.options.param_dtype = DType::kF32;
+  req.options.bucket_elements = 4096;
+  req.options.reserved_bytes = -1;
+  req.activations.dtype = DType::kF32;
+  TrainingPlan roomy;
+  req.device_bytes = int64_t{1} << 40;
+  ZERO_ASSERT_OK(PlanTraining(req, &roomy));
+  ASSERT_EQ(roomy.chosen, 0);  // stage 0, the whole per-rank batch at once
+  // A device that fits only with a smaller micro-batch or a higher stage.
+  const TrainingCandidate& first = roomy.candidates[0];
+  req.device_bytes = first.model_state_bytes + first.activation_bytes - 1;
+  TrainingPlan plan;
+  ZERO_ASSERT_OK(PlanTraining(req, &plan));
+  CheckPlan(req, plan);
+  ASSERT_GT(plan.chosen, 0) << plan.Explain();
+  const TrainingCandidate& c = plan.candidates[static_cast<size_t>(plan.chosen)];
+  Options o = plan.options;
+  o.device_capacity_bytes = req.device_bytes;
+  std::unique_ptr<Engine> engine;
+  ZERO_ASSERT_OK(Engine::Open(o, comm.get(), specs, &engine));
+  EXPECT_EQ(engine->Memory().device.Total(), c.model_state_bytes);
+  EXPECT_LE(engine->Memory().device.Total() + c.activation_bytes, req.device_bytes);
+  // And with Stage::kAuto, which reserves the planned micro-batch's activations, the same configuration.
+  o.stage = Stage::kAuto;
+  o.offload_optimizer = o.offload_params = false;
+  ZERO_ASSERT_OK(Engine::Open(o, comm.get(), specs, &engine));
+  EXPECT_EQ(engine->options().stage, c.stage);
+  EXPECT_EQ(engine->options().offload_optimizer, c.offload_optimizer);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -1,16 +1,25 @@
 // The LoRA example's CUDA model (model_cuda.h) against its CPU model (model.h) on the same bf16-representable
-// parameters: loss, logits and every trainable gradient, for full training and for LoRA with dropout. Runs only
-// where a CUDA GPU is usable; elsewhere every case skips and says why (built without CUDA, or no GPU).
+// parameters: loss, logits and every trainable gradient, for full training and for LoRA with dropout; its
+// per-block recomputation (the same bits as without); and its measured activation peak against
+// zero::EstimateActivations (compute dtype bf16), within 10% (the bound; the estimate counts this model's
+// buffers one by one, so the two should agree to the byte, as they do for the CPU model in lora_activation_test),
+// at several batch sizes and sequence lengths, with and without recomputation, with the arena sized by the first
+// pass. Runs only where a CUDA GPU is usable; elsewhere every case skips and says why (built without CUDA, or no
+// GPU).
 //
 // Tolerances: the CPU model is fp32 throughout; the GPU rounds every matrix-product operand to bf16 (unit roundoff
-// 2^-8 = 3.9e-3) and accumulates in fp32. Each layer adds a few such roundings whose errors are independent, so
-// outputs differ by a few 1e-3 relative: logits within 2e-2 of the largest |logit|, the loss within 1e-2
-// relative, each gradient tensor within 5e-2 relative in L2 norm (gradients pass through twice as many rounded
-// products). A wrong index, sign or transpose is off by O(1).
+// 2^-8 = 3.9e-3), the attention probabilities included, and accumulates in fp32. Each layer adds a few such
+// roundings whose errors are independent, so outputs differ by a few 1e-3 relative: logits within 2e-2 of the
+// largest |logit|, the loss within 1e-2 relative, each gradient tensor within 5e-2 relative in L2 norm (gradients
+// pass through twice as many rounded products). Row reductions (norms, softmaxes, cross-entropy) sum in the same
+// order on both (kernels::SerialRow and the GPU's block-per-row executor), so they add no difference of their own
+// beyond expf's last bit. A wrong index, sign or transpose is off by O(1).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -18,6 +27,7 @@
 #include "examples/lora_finetune/model.h"
 #include "examples/lora_finetune/model_cuda.h"
 #include "examples/lora_finetune/model_kernels.cuh"
+#include "zero/estimate.h"
 
 #if ZERO_WITH_CUDA
 #include <cuda_runtime.h>
@@ -97,6 +107,11 @@ class DeviceModel : public CudaParamAccess {
   void GradsReady(int) override {}
   const void* Param(int p) override { return params_[p]; }
   float* Grad(int p) override { return grads_[p]; }
+  void ZeroGrads() {
+    for (size_t p = 0; p < grads_.size(); ++p) {
+      if (grads_[p] != nullptr) Check(cudaMemset(grads_[p], 0, sizes_[p] * sizeof(float)));
+    }
+  }
   std::vector<float> HostGrad(int p) const {
     std::vector<float> g(sizes_[p]);
     if (!g.empty()) Check(cudaMemcpy(g.data(), grads_[p], g.size() * sizeof(float), cudaMemcpyDeviceToHost));
@@ -167,13 +182,109 @@ ModelConfig SmallModel() {
 
 TEST(LoraCudaModelTest, FullTrainingMatchesCpu) { CompareWithCpu(SmallModel(), LoraConfig()); }
 
-TEST(LoraCudaModelTest, LoraWithDropoutMatchesCpu) {
+LoraConfig AllAdaptersWithDropout() {
   LoraConfig l;
   l.enabled = true;
   l.r = 4;
   l.dropout = 0.1f;
   l.gate = l.up = l.down = true;
-  CompareWithCpu(SmallModel(), l);
+  return l;
+}
+
+TEST(LoraCudaModelTest, LoraWithDropoutMatchesCpu) { CompareWithCpu(SmallModel(), AllAdaptersWithDropout()); }
+
+// Recomputation runs the same kernels on the same inputs: the same loss and gradients, bit for bit.
+TEST(LoraCudaModelTest, RecomputationGivesTheSameBits) {
+  std::string why;
+  if (!CudaModelAvailable(&why)) GTEST_SKIP() << "needs a CUDA GPU: " << why;
+#if ZERO_WITH_CUDA
+  const ModelConfig m = SmallModel();
+  for (const LoraConfig& l : {LoraConfig(), AllAdaptersWithDropout()}) {
+    SCOPED_TRACE(l.enabled ? "lora, dropout" : "pretraining");
+    HostModel host(m, l);
+    DeviceModel device(host);
+    const int batch = 2, seq = 20;
+    std::vector<int32_t> tokens(batch * seq), targets(batch * seq);
+    for (int i = 0; i < batch * seq; ++i) {
+      tokens[i] = (i * 29 + 5) % m.vocab;
+      targets[i] = (i * 41 + 1) % m.vocab;
+    }
+    const Batch b{batch, seq, tokens.data(), targets.data()};
+    std::vector<std::vector<float>> grads[2];
+    float loss[2];
+    for (int recompute = 0; recompute < 2; ++recompute) {
+      device.ZeroGrads();
+      loss[recompute] = ForwardCuda(m, l, device, b, true, 4.f, 7, PassOptions{recompute == 1, nullptr});
+      for (size_t p = 0; p < host.infos.size(); ++p) grads[recompute].push_back(device.HostGrad(static_cast<int>(p)));
+    }
+    EXPECT_EQ(std::memcmp(&loss[0], &loss[1], sizeof(float)), 0) << loss[0] << " vs " << loss[1];
+    for (size_t p = 0; p < host.infos.size(); ++p) {
+      ASSERT_EQ(grads[0][p].size(), grads[1][p].size());
+      EXPECT_EQ(std::memcmp(grads[0][p].data(), grads[1][p].data(), grads[0][p].size() * sizeof(float)), 0)
+          << host.infos[p].name;
+    }
+  }
+#endif
+}
+
+// The measured activation peak (the workspace's high-water mark of live bytes) against the estimate.
+TEST(LoraCudaModelTest, ActivationPeakMatchesTheEstimate) {
+  std::string why;
+  if (!CudaModelAvailable(&why)) GTEST_SKIP() << "needs a CUDA GPU: " << why;
+#if ZERO_WITH_CUDA
+  const ModelConfig m = SmallModel();
+  for (const LoraConfig& l : {LoraConfig(), AllAdaptersWithDropout()}) {
+    HostModel host(m, l);
+    DeviceModel device(host);
+    for (int batch : {1, 2, 4}) {
+      for (int seq : {16, 64, 128}) {
+        std::vector<int32_t> tokens(static_cast<size_t>(batch * seq)), targets(tokens.size());
+        for (size_t i = 0; i < tokens.size(); ++i) {
+          tokens[i] = static_cast<int32_t>((i * 37 + 11) % static_cast<size_t>(m.vocab));
+          targets[i] = static_cast<int32_t>((i * 53 + 2) % static_cast<size_t>(m.vocab));
+        }
+        const Batch b{batch, seq, tokens.data(), targets.data()};
+        for (bool recompute : {false, true}) {
+          SCOPED_TRACE(std::string(l.enabled ? "lora" : "pretraining") + " batch " + std::to_string(batch) +
+                       " seq " + std::to_string(seq) + (recompute ? " recompute" : " stored"));
+          auto ws = NewCudaWorkspace();
+          ForwardCuda(m, l, device, b, true, 1.f, 3, PassOptions{recompute, ws.get()});
+          const int64_t outside = ws->outside_allocations();
+          ws->ResetPeak();
+          ForwardCuda(m, l, device, b, true, 1.f, 3, PassOptions{recompute, ws.get()});
+          EXPECT_EQ(ws->outside_allocations(), outside) << "the second pass allocated outside the arena";
+          zero::TransformerShape shape;
+          shape.layers = m.layers;
+          shape.hidden = m.dim;
+          shape.heads = m.heads;
+          shape.kv_heads = m.kv_heads;
+          shape.ffn = m.ffn;
+          shape.vocab = m.vocab;
+          shape.tied = true;
+          if (l.enabled) {
+            shape.lora_rank = l.r;
+            shape.lora_targets = 0x7f;  // all seven projections
+          }
+          zero::ActivationOptions o;
+          o.micro_batch = batch;
+          o.seq_len = seq;
+          o.recompute = recompute;
+          o.dtype = zero::DType::kBF16;
+          o.lora_dropout = l.enabled && l.dropout > 0.f;
+          zero::ActivationEstimate e;
+          ASSERT_TRUE(zero::EstimateActivations(shape, o, &e).ok());
+          const int64_t measured = ws->peak_bytes();
+          std::printf("cuda %-11s batch %d seq %3d %-9s measured %9lld estimated %9lld ratio %.4f\n",
+                      l.enabled ? "lora" : "pretraining", batch, seq, recompute ? "recompute" : "stored",
+                      static_cast<long long>(measured), static_cast<long long>(e.peak),
+                      static_cast<double>(e.peak) / static_cast<double>(measured));
+          EXPECT_LE(std::llabs(e.peak - measured), measured / 10);
+          EXPECT_EQ(ws->live_bytes(), 0);
+        }
+      }
+    }
+  }
+#endif
 }
 
 }  // namespace

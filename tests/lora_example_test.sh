@@ -8,6 +8,7 @@
 #   * `sample` reads the base and the adapter back and continues a prompt with each;
 #   * an interrupted fine-tune resumed from its zero checkpoint ends where the uninterrupted one did;
 #   * --targets q,gate puts adapters on those projections only (config and file agree); a bad list is refused.
+#   * --recompute 1 reports a measured activation peak below the stored one, each within 10% of the estimate.
 #   * `merge` folds the adapter into the base: merged logits equal adapter logits within 1e-5 (relative; the
 #     example checks it and fails otherwise, this reads its line), and merged/model.safetensors holds the base's
 #     tensors under Hugging Face names, no LoRA tensor, with the targeted projections changed by the fold and the rest
@@ -133,4 +134,15 @@ if "$mpiexec" -n 2 "$@" "$binary" "${lora_args[@]}" --targets q,nope > "$work/ba
 fi
 grep -q "subset of q,k,v,o,gate,up,down" "$work/bad_targets.log" || { echo "FAIL: no clear error"; cat "$work/bad_targets.log"; exit 1; }
 
-echo "PASS: validation loss $before -> $after (resumed run: $resumed), adapter $path"
+# --recompute 1: the run reports its measured activation peak and zero::EstimateActivations' within 10%, below the
+# peak of the same micro-batch without recomputation (run1's fine-tune).
+"$mpiexec" -n 2 "$@" "$binary" "${lora_args[@]}" --lora-steps 2 --recompute 1 > "$work/recompute.log"
+peaks() { sed -n 's/^peak_activation_bytes=\([0-9]*\) estimated_activation_bytes=\([0-9]*\)$/\1 \2/p' "$1" | tail -n 1; }
+read -r stored stored_est <<<"$(peaks "$work/run1.log")"
+read -r recomputed recomputed_est <<<"$(peaks "$work/recompute.log")"
+[[ -n $stored && -n $recomputed ]] || { echo "FAIL: no peak_activation_bytes line"; exit 1; }
+awk -v m="$stored" -v e="$stored_est" -v rm="$recomputed" -v re="$recomputed_est" 'BEGIN {
+  d1 = (e - m) / m; d2 = (re - rm) / rm; exit !(d1 <= 0.1 && d1 >= -0.1 && d2 <= 0.1 && d2 >= -0.1 && rm < m) }' ||
+  { echo "FAIL: activations stored $stored (estimate $stored_est), recomputed $recomputed (estimate $recomputed_est)"; exit 1; }
+
+echo "PASS: validation loss $before -> $after (resumed run: $resumed), adapter $path, activations $stored -> $recomputed bytes with --recompute"

@@ -14,8 +14,11 @@
 //    that truncated instead of rounding (up to 2^-7) would fail.
 //  * Gradients (backward functors) are checked against central finite differences of a double-precision forward
 //    (step 1e-5: truncation ~1e-10, rounding ~1e-11), i.e. against the calculus, not against the same formula.
+//  * Row functors sum in the order of a GPU block (kernels::SerialRow), checked bit for bit against that order
+//    rebuilt by hand; their narrow (bf16-output) variants equal the fp32 results rounded once, bit for bit.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -268,7 +271,7 @@ TEST(LoraKernelsTest, CausalSoftmaxForward) {
   }
   const auto sd = Widen(scores);
   std::vector<float> p = scores;
-  ForAll(rows, CausalSoftmaxRow{p.data(), T, scale});
+  ForAll(rows, CausalSoftmaxRow<float>{p.data(), p.data(), T, scale});
   for (int r = 0; r < rows; ++r) {
     const int t = r % T;
     const auto ref = SoftmaxRowRef(sd.data() + r * T, t, T, scale);
@@ -292,9 +295,9 @@ TEST(LoraKernelsTest, CausalSoftmaxBackwardIsTheGradient) {
   const double scale = 1.0 / std::sqrt(8.0);
   const auto scores = Random(rows * T, 14, -3.f, 3.f), g = Random(rows * T, 15);
   std::vector<float> p = scores;
-  ForAll(rows, CausalSoftmaxRow{p.data(), T, static_cast<float>(scale)});
+  ForAll(rows, CausalSoftmaxRow<float>{p.data(), p.data(), T, static_cast<float>(scale)});
   std::vector<float> ds = g;  // dp = dL/dp on entry
-  ForAll(rows, CausalSoftmaxBackwardRow{p.data(), ds.data(), T, static_cast<float>(scale)});
+  ForAll(rows, CausalSoftmaxBackwardRow<float, float>{p.data(), ds.data(), ds.data(), T, static_cast<float>(scale)});
   for (int r = 0; r < rows; ++r) {
     const int t = r % T;
     auto loss = [&](const std::vector<double>& row) {
@@ -341,7 +344,7 @@ TEST(LoraKernelsTest, SwiGluBackwardIsTheGradient) {
   const int n = 500;
   const auto g = Random(n, 18, -8.f, 8.f), u = Random(n, 19, -2.f, 2.f), dh = Random(n, 20);
   std::vector<float> dg(n), du(n);
-  ForAll(n, SwiGluBackwardElement<float>{g.data(), u.data(), dh.data(), dg.data(), du.data()});
+  ForAll(n, SwiGluBackwardElement<float, float>{g.data(), u.data(), dh.data(), dg.data(), du.data()});
   for (int i = 0; i < n; ++i) {
     auto f = [&](const std::vector<double>& v) { return dh[i] * SiluRef(v[0]) * v[1]; };
     const std::vector<double> at = {g[i], u[i]};
@@ -378,7 +381,7 @@ TEST(LoraKernelsTest, SoftmaxCrossEntropyAndGradient) {
   // The gradient of loss_scale * mean loss over the 4 counted rows, in place.
   const float coef = 128.f / 4;
   std::vector<float> d = p;
-  ForAll(rows, XentGradRow{d.data(), targets.data(), V, coef});
+  ForAll(rows, XentGradRow<float>{d.data(), d.data(), targets.data(), V, coef});
   for (int n = 0; n < rows; ++n) {
     for (int v = 0; v < V; ++v) {
       const int64_t i = n * V + v;
@@ -504,6 +507,97 @@ TEST(LoraKernelsTest, GpuMixedPrecisionInstantiations) {
     ASSERT_EQ(cb[i].bits, zero::kernels::FloatToBf16(x[i])) << i;
     ExpectNear(Load(cb[i]), x[i], 0, kBf16Tol, "cast", static_cast<int64_t>(i));
   }
+}
+
+// --- Row executor, narrow outputs, head permutation ------------------------------------------------------
+
+// SerialRow sums in the order a GPU block of kRowLanes threads does: per lane, then the pairwise tree. Rebuilt
+// here by hand, bit for bit, for rows shorter and longer than a block.
+TEST(LoraKernelsTest, SerialRowSumsInTheBlockOrder) {
+  for (int64_t n : {1, 7, 255, 256, 257, 1000, 49152}) {
+    const auto x = Random(n, 40 + static_cast<uint32_t>(n), -3.f, 3.f);
+    std::vector<float> lane(kRowLanes, 0.f);
+    for (int64_t i = 0; i < n; ++i) lane[static_cast<size_t>(i % kRowLanes)] += x[static_cast<size_t>(i)];
+    for (int s = kRowLanes / 2; s > 0; s >>= 1) {
+      for (int l = 0; l < s; ++l) lane[l] += lane[l + s];
+    }
+    const float got = SerialRow().Sum(n, [&](int64_t i) { return x[static_cast<size_t>(i)]; });
+    EXPECT_EQ(std::memcmp(&got, &lane[0], sizeof(float)), 0) << "n = " << n;
+    double ref = 0;
+    for (float v : x) ref += v;
+    EXPECT_NEAR(got, ref, 1e-4 * static_cast<double>(n));
+    const float mx = SerialRow().Max(n, [&](int64_t i) { return x[static_cast<size_t>(i)]; });
+    EXPECT_EQ(mx, *std::max_element(x.begin(), x.end()));
+  }
+}
+
+// The out-of-place narrow variants a GPU uses write exactly the in-place fp32 results, rounded once.
+TEST(LoraKernelsTest, NarrowOutputsAreTheFp32ResultsRounded) {
+  const int T = 11, rows = 2 * T;
+  const float scale = 0.25f;
+  const auto scores = Random(rows * T, 41, -4.f, 4.f);
+  std::vector<float> p32 = scores, s = scores;
+  std::vector<Bf16> pb(scores.size());
+  ForAll(rows, CausalSoftmaxRow<float>{p32.data(), p32.data(), T, scale});
+  ForAll(rows, CausalSoftmaxRow<Bf16>{s.data(), pb.data(), T, scale});
+  for (size_t i = 0; i < pb.size(); ++i) ASSERT_EQ(pb[i].bits, zero::kernels::FloatToBf16(p32[i])) << i;
+  // Backward from bf16 probabilities into bf16 score gradients: the fp32 functor on the same (rounded) inputs.
+  const auto g = Random(rows * T, 42);
+  std::vector<float> pr(pb.size());
+  for (size_t i = 0; i < pb.size(); ++i) pr[i] = Load(pb[i]);
+  std::vector<float> ds32 = g, dp = g;
+  std::vector<Bf16> dsb(g.size());
+  ForAll(rows, CausalSoftmaxBackwardRow<float, float>{pr.data(), ds32.data(), ds32.data(), T, scale});
+  ForAll(rows, CausalSoftmaxBackwardRow<Bf16, Bf16>{pb.data(), dp.data(), dsb.data(), T, scale});
+  for (size_t i = 0; i < dsb.size(); ++i) ASSERT_EQ(dsb[i].bits, zero::kernels::FloatToBf16(ds32[i])) << i;
+  // Cross-entropy's gradient into bf16 dlogits.
+  const int V = 300, n = 3;
+  std::vector<float> probs = Random(n * V, 43, 0.f, 1.f), d32 = probs;
+  const std::vector<int32_t> targets = {5, -1, 299};
+  std::vector<Bf16> db(probs.size());
+  ForAll(n, XentGradRow<float>{d32.data(), d32.data(), targets.data(), V, 3.f});
+  ForAll(n, XentGradRow<Bf16>{probs.data(), db.data(), targets.data(), V, 3.f});
+  for (size_t i = 0; i < db.size(); ++i) ASSERT_EQ(db[i].bits, zero::kernels::FloatToBf16(d32[i])) << i;
+  // SwiGLU's backward into bf16 operands.
+  const int m = 257;
+  const auto gg = Random(m, 44, -5.f, 5.f), uu = Random(m, 45), dh = Random(m, 46);
+  std::vector<float> dg(m), du(m);
+  std::vector<Bf16> dgb(m), dub(m);
+  ForAll(m, SwiGluBackwardElement<float, float>{gg.data(), uu.data(), dh.data(), dg.data(), du.data()});
+  ForAll(m, SwiGluBackwardElement<float, Bf16>{gg.data(), uu.data(), dh.data(), dgb.data(), dub.data()});
+  for (int i = 0; i < m; ++i) {
+    ASSERT_EQ(dgb[i].bits, zero::kernels::FloatToBf16(dg[i])) << i;
+    ASSERT_EQ(dub[i].bits, zero::kernels::FloatToBf16(du[i])) << i;
+  }
+}
+
+// Token-major [B, T, heads, hd] to head-major [B, heads, T, hd] and back; every element lands where the index
+// formula says, and RopeRow with heads = 1 on the head-major copy rotates exactly as on the token-major one.
+TEST(LoraKernelsTest, PermuteHeadsAndHeadMajorRope) {
+  const int B = 2, T = 5, heads = 3, hd = 4;
+  const int64_t total = int64_t{B} * T * heads * hd;
+  std::vector<float> tok(static_cast<size_t>(total)), hm(tok.size()), back(tok.size());
+  for (int64_t i = 0; i < total; ++i) tok[static_cast<size_t>(i)] = static_cast<float>(i);
+  ForAll(total, PermuteHeads<float, float>{tok.data(), hm.data(), T, heads, hd, true});
+  for (int b = 0; b < B; ++b) {
+    for (int t = 0; t < T; ++t) {
+      for (int h = 0; h < heads; ++h) {
+        for (int j = 0; j < hd; ++j) {
+          ASSERT_EQ(hm[static_cast<size_t>(((b * heads + h) * T + t) * hd + j)],
+                    tok[static_cast<size_t>(((b * T + t) * heads + h) * hd + j)]);
+        }
+      }
+    }
+  }
+  ForAll(total, PermuteHeads<float, float>{hm.data(), back.data(), T, heads, hd, false});
+  EXPECT_EQ(back, tok);
+  const RopeTables tables = MakeTables(T, hd, 10000.0);
+  std::vector<float> x = Random(total, 47), xh(x.size()), rotated_then_permuted(x.size());
+  ForAll(total, PermuteHeads<float, float>{x.data(), xh.data(), T, heads, hd, true});
+  ForAll(B * T, RopeRow<float>{x.data(), tables.cos.data(), tables.sin.data(), T, heads, hd, false});
+  ForAll(int64_t{B} * heads * T, RopeRow<float>{xh.data(), tables.cos.data(), tables.sin.data(), T, 1, hd, false});
+  ForAll(total, PermuteHeads<float, float>{x.data(), rotated_then_permuted.data(), T, heads, hd, true});
+  EXPECT_EQ(xh, rotated_then_permuted);
 }
 
 }  // namespace

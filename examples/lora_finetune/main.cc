@@ -91,6 +91,7 @@ struct Flags {
   // for merge, which folds adapters on the host; otherwise the CPU model (fp32, host memory, Open MPI).
   std::string device = "auto";
   bool cuda = false;            // resolved from device in Main
+  bool recompute = false;       // per-block recomputation (activation checkpointing): less memory, one more forward
   std::set<std::string> given;  // options set on the command line
 };
 
@@ -102,7 +103,7 @@ const char* kUsage =
     "  [--dropout P] [--eval-batches N] [--threads T] [--seed S] [--base-corpus fortunes|synthetic]\n"
     "  [--tune-corpus bible|synthetic] [--prompt TEXT] [--sample-tokens N] [--save-every N] [--resume 0|1]\n"
     "  [--targets q,k,v,o,gate,up,down] [--logits-out FILE]"
-    "  [--stop-after N] [--device auto|cpu|cuda]\n";
+    "  [--stop-after N] [--device auto|cpu|cuda] [--recompute 0|1]\n";
 
 bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
   int i = 1;
@@ -148,6 +149,7 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
     else if (k == "--targets") f->targets = v;
     else if (k == "--logits-out") f->logits_out = v;
     else if (k == "--resume") ok = num(&f->resume);
+    else if (k == "--recompute") ok = num(&f->recompute);
     else if (k == "--stop-after") ok = num(&f->stop_after);
     else if (k == "--pretrain-lr") ok = num(&f->pretrain_lr);
     else if (k == "--lora-lr") ok = num(&f->lora_lr);
@@ -273,25 +275,27 @@ class EngineCudaAccess : public lora::CudaParamAccess {
   zero::Engine* e_;
 };
 
-// The model's passes on the device --device chose: lora::Forward / Logits (CPU) or their CUDA twins.
+// The model's passes on the device --device chose: lora::Forward / Logits (CPU) or their CUDA twins, with their
+// activations in `ws` (whose peak is the activation memory reported).
 float ModelForward(const Flags& f, zero::Engine* engine, const lora::ModelConfig& m, const lora::LoraConfig& l,
-                   const lora::Batch& b, bool backward, float loss_scale, uint64_t dropout_seed) {
+                   const lora::Batch& b, bool backward, float loss_scale, uint64_t dropout_seed, lora::Workspace* ws) {
+  const lora::PassOptions options{f.recompute, ws};
   if (f.cuda) {
     EngineCudaAccess access(engine);
-    return lora::ForwardCuda(m, l, access, b, backward, loss_scale, dropout_seed);
+    return lora::ForwardCuda(m, l, access, b, backward, loss_scale, dropout_seed, options);
   }
   EngineAccess access(engine);
-  return lora::Forward(m, l, access, b, backward, loss_scale, dropout_seed, f.threads);
+  return lora::Forward(m, l, access, b, backward, loss_scale, dropout_seed, f.threads, options);
 }
 void ModelLogits(const Flags& f, zero::Engine* engine, const lora::ModelConfig& m, const lora::LoraConfig& l,
-                 const lora::Batch& b, std::vector<float>* logits) {
+                 const lora::Batch& b, std::vector<float>* logits, lora::Workspace* ws) {
   if (f.cuda) {
     EngineCudaAccess access(engine);
-    lora::LogitsCuda(m, l, access, b, logits);
+    lora::LogitsCuda(m, l, access, b, logits, ws);
     return;
   }
   EngineAccess access(engine);
-  lora::Logits(m, l, access, b, logits, f.threads);
+  lora::Logits(m, l, access, b, logits, f.threads, ws);
 }
 
 // How text becomes token ids: bytes for the small base, the GGUF's BPE for smollm2.
@@ -365,6 +369,7 @@ struct Run {
   lora::LoraConfig lora;
   std::vector<lora::ParamInfo> params;
   std::unique_ptr<zero::Engine> engine;
+  std::unique_ptr<lora::Workspace> workspace;  // the model's activations, on the model's device
 };
 
 zero::Options EngineOptions(const Flags& f, float lr) {
@@ -431,6 +436,34 @@ void Open(const Flags& f, zero::Comm* comm, const lora::ModelConfig& model, bool
     specs.push_back(s);
   }
   Check(zero::Engine::Open(EngineOptions(f, lr), comm, specs, &run->engine), "Engine::Open");
+  run->workspace = f.cuda ? lora::NewCudaWorkspace() : lora::Workspace::Host();
+}
+
+// zero::EstimateActivations for one micro-batch of this run (fp32 on the CPU model, bf16 on the CUDA model).
+int64_t EstimatedActivationBytes(const Flags& f, const Run& run) {
+  zero::TransformerShape s;
+  s.layers = run.model.layers;
+  s.hidden = run.model.dim;
+  s.heads = run.model.heads;
+  s.kv_heads = run.model.kv_heads;
+  s.ffn = run.model.ffn;
+  s.vocab = run.model.vocab;
+  s.tied = true;
+  if (run.lora.enabled) {
+    const bool on[7] = {run.lora.q, run.lora.k, run.lora.v, run.lora.o, run.lora.gate, run.lora.up, run.lora.down};
+    s.lora_rank = run.lora.r;
+    s.lora_targets = 0;
+    for (int p = 0; p < 7; ++p) s.lora_targets |= on[p] ? 1u << p : 0u;
+  }
+  zero::ActivationOptions o;
+  o.micro_batch = f.batch;
+  o.seq_len = f.seq;
+  o.recompute = f.recompute;
+  o.dtype = f.cuda ? zero::DType::kBF16 : zero::DType::kF32;
+  o.lora_dropout = run.lora.enabled && run.lora.dropout > 0.f;
+  zero::ActivationEstimate e;
+  Check(zero::EstimateActivations(s, o, &e), "EstimateActivations");
+  return e.peak;
 }
 
 // Fills the base from `base` and the adapters from `adapter` (PEFT names), or from their init when it is null
@@ -471,7 +504,8 @@ double ValidationLoss(const Flags& f, Run& run, const lora::BatchSampler& val) {
   for (int i = 0; i < f.eval_batches; ++i) {
     val.Sample(i, in.data(), tg.data());
     const lora::Batch b{f.batch, f.seq, in.data(), tg.data()};
-    total += ModelForward(f, run.engine.get(), run.model, run.lora, b, /*backward=*/false, 1.0f, 0);
+    total += ModelForward(f, run.engine.get(), run.model, run.lora, b, /*backward=*/false, 1.0f, 0,
+                          run.workspace.get());
   }
   Check(run.engine->EndEval(), "EndEval");
   return AllMean(total / f.eval_batches);
@@ -487,6 +521,7 @@ bool Train(const Flags& f, Run& run, const lora::BatchSampler& train, int steps,
   int world = 1, rank = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  run.workspace->ResetPeak();  // the training passes' peak, not the evaluation's before
   for (int step = start; step < steps; ++step) {
     const auto t0 = Clock::now();
     double loss = 0;
@@ -494,8 +529,8 @@ bool Train(const Flags& f, Run& run, const lora::BatchSampler& train, int steps,
       Check(run.engine->BeginMicroStep(m, m == f.micro - 1), "BeginMicroStep");
       train.Sample(static_cast<int64_t>(step) * f.micro + m, in.data(), tg.data());
       const lora::Batch b{f.batch, f.seq, in.data(), tg.data()};
-      loss += ModelForward(f, run.engine.get(), run.model, run.lora, b, /*backward=*/true,
-                           run.engine->LossScale(), f.seed * 1000003 + static_cast<uint64_t>(step * f.micro + m));
+      loss += ModelForward(f, run.engine.get(), run.model, run.lora, b, /*backward=*/true, run.engine->LossScale(),
+                           f.seed * 1000003 + static_cast<uint64_t>(step * f.micro + m), run.workspace.get());
     }
     zero::StepArgs args;
     args.lr = LearningRate(peak_lr, step, steps, f.warmup);
@@ -507,9 +542,12 @@ bool Train(const Flags& f, Run& run, const lora::BatchSampler& train, int steps,
     const zero::MemoryReport mem = run.engine->Memory();
     const double dev_mib = AllMax(static_cast<double>(mem.device.peak_total)) / (1 << 20);
     const double host_mib = AllMax(static_cast<double>(mem.host.peak_total)) / (1 << 20);
+    const double act_mib = AllMax(static_cast<double>(run.workspace->peak_bytes())) / (1 << 20);
     if (step % every == 0 || step == steps - 1) {
-      Say("%s step %4d/%d  loss %.4f  lr %.2e  norm %.3f  %6.0f tok/s  device %.1f MiB  host %.1f MiB  scale %g%s\n",
-          label, step + 1, steps, mean_loss, r.lr, r.grad_norm, tokens / AllMax(secs), dev_mib, host_mib,
+      // bench/report.py reads "tok/s  device X MiB  host Y MiB": the activations come after.
+      Say("%s step %4d/%d  loss %.4f  lr %.2e  norm %.3f  %6.0f tok/s  device %.1f MiB  host %.1f MiB  "
+          "activations %.1f MiB  scale %g%s\n",
+          label, step + 1, steps, mean_loss, r.lr, r.grad_norm, tokens / AllMax(secs), dev_mib, host_mib, act_mib,
           static_cast<double>(r.loss_scale), r.skipped ? "  (skipped)" : "");
     }
     const int done = step + 1;
@@ -530,6 +568,14 @@ bool Train(const Flags& f, Run& run, const lora::BatchSampler& train, int steps,
       return false;
     }
   }
+  // Activation memory: measured (the high-water mark of the model's workspace, largest rank) and estimated.
+  const double measured = AllMax(static_cast<double>(run.workspace->peak_bytes()));
+  const double estimated = static_cast<double>(EstimatedActivationBytes(f, run));
+  Say("%s: peak activations per rank %.2f MiB measured, %.2f MiB estimated by zero::EstimateActivations (%+.1f%%), "
+      "micro-batch %d x %d tokens%s\n",
+      label, measured / (1 << 20), estimated / (1 << 20), 100.0 * (estimated - measured) / std::max(measured, 1.0),
+      f.batch, f.seq, f.recompute ? ", per-block recomputation" : "");
+  Say("peak_activation_bytes=%.0f estimated_activation_bytes=%.0f\n", measured, estimated);
   return true;
 }
 
@@ -548,7 +594,7 @@ std::string Sample(const Flags& f, Run& run, const Text& text, const std::string
     const int n = static_cast<int>(std::min<size_t>(tokens.size(), static_cast<size_t>(f.seq)));
     std::vector<int32_t> window(tokens.end() - n, tokens.end()), targets(static_cast<size_t>(n), -1);
     const lora::Batch b{1, n, window.data(), targets.data()};
-    ModelLogits(f, run.engine.get(), run.model, run.lora, b, &logits);
+    ModelLogits(f, run.engine.get(), run.model, run.lora, b, &logits, run.workspace.get());
     const float* last = logits.data() + static_cast<size_t>(n - 1) * vocab;
     const float top = *std::max_element(last, last + vocab);
     std::vector<double> weights(static_cast<size_t>(vocab));

@@ -5,6 +5,10 @@
 // Conventions: activations are row-major [N, features] with N = batch * seq and row n = b * seq + t; a linear
 // weight W is [out, in] (Hugging Face), so y = x W^T. Backward walks the blocks in reverse, carrying the gradient
 // of the residual stream in one [N, dim] buffer that each block updates in place.
+//
+// Memory: every activation and temporary comes from the pass's Workspace (model_workspace.h), allocated and freed
+// as a stack. What is live when is what zero::EstimateActivations (src/estimate_activations.cc) counts, with the
+// compute dtype fp32; model_cuda.cu keeps the same buffers in the same order, some of them in bf16.
 #include "examples/lora_finetune/model.h"
 #include "examples/lora_finetune/model_layout.h"
 
@@ -14,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <numbers>
 
 #include "examples/lora_finetune/model_kernels.cuh"
@@ -100,96 +105,128 @@ void MatMulTN(int M, int N, int K, float alpha, const float* d, const float* x, 
   cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, M, N, K, alpha, d, M, x, N, beta, y, N);
 }
 
-// f(i) for i in [0, count): the CPU instantiation of model_kernels.cuh's functors.
+// f(i) for i in [0, count): the CPU instantiation of model_kernels.cuh's functors (a row functor's operator()
+// runs its row on one thread, kernels::SerialRow).
 template <typename F>
 void ForEach(int threads, int64_t count, const F& f) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < count; ++i) f(i);
 }
 
+template <typename T>
+using Buf = Buffer<T>;
+
+void Zero(Buf<float>& b) { std::fill(b.get(), b.get() + b.size(), 0.f); }
+
 // Everything one pass needs besides the parameters.
 struct Pass {
-  Pass(const ModelConfig& model, const LoraConfig& adapter, const Layout& lay, ParamAccess& acc)
-      : m(model), lora(adapter), layout(lay), access(acc) {}
+  Pass(const ModelConfig& model, const LoraConfig& adapter, const Layout& lay, ParamAccess& acc, Workspace* w)
+      : m(model), lora(adapter), layout(lay), access(acc), ws(w) {}
   const ModelConfig& m;
   const LoraConfig& lora;
   const Layout& layout;
   ParamAccess& access;
+  Workspace* ws;  // every activation and temporary of the pass
   int n = 0, batch = 0, seq = 0, threads = 1;
   int omp_threads = 1;  // threads for the OpenMP loops: 1 for tiny passes, where a team costs more than it saves
   int hd = 0, qd = 0, kvd = 0;
   bool training = false;  // backward requested: dropout on, gradients written
   uint64_t dropout_seed = 0;
-  float lora_scale = 0.f;       // alpha / r
-  std::vector<float> cos, sin;  // RoPE table [seq, hd / 2]
+  float lora_scale = 0.f;  // alpha / r
+  Buf<float> cos, sin;     // RoPE table [seq, hd / 2]
 
   bool Dropout() const { return training && lora.dropout > 0.f; }
   float* GradOrNull(int p) const { return layout.params[p].trainable ? access.Grad(p) : nullptr; }
 };
 
-// Per-block activations kept for backward.
+// What one block keeps from its forward for its backward (its input is kept by the caller). Allocate takes them
+// from the workspace in declaration order and Release frees them in reverse, so blocks stack.
 struct BlockActs {
-  std::vector<float> x_in, inv1, xn1;   // block input [N,D], 1/rms [N], normed [N,D]
-  std::vector<float> q, k, v;           // after RoPE (q, k): [N,QD], [N,KVD], [N,KVD]
-  std::vector<float> probs;             // attention [B,H,T,T], zero above the diagonal
-  std::vector<float> att;               // attention output [N,QD]
-  std::vector<float> x_mid, inv2, xn2;  // after the attention residual
-  std::vector<float> g, u, h;           // SwiGLU gate, up, silu(g) * u: [N,F]
-  std::vector<float> lora_u[kNumProj];  // A dropout(x): [N,r] per adapter
+  Buf<float> inv1, xn1;           // 1/rms [N], normed input [N,D]
+  Buf<float> q, k, v;             // after RoPE (q, k): [N,QD], [N,KVD], [N,KVD]
+  Buf<float> probs;               // attention [B,H,T,T], zero above the diagonal
+  Buf<float> att;                 // attention output [N,QD]
+  Buf<float> x_mid, inv2, xn2;    // after the attention residual
+  Buf<float> g, u, h;             // SwiGLU gate, up, silu(g) * u: [N,F]
+  Buf<float> lora_u[kNumProj];    // A dropout(x): [N,r] per adapter
+
+  void Allocate(const Pass& ps, int layer) {
+    Workspace* w = ps.ws;
+    const int64_t n = ps.n, nd = n * ps.m.dim, nf = n * ps.m.ffn;
+    inv1 = Buf<float>(w, n);
+    xn1 = Buf<float>(w, nd);
+    q = Buf<float>(w, n * ps.qd);
+    k = Buf<float>(w, n * ps.kvd);
+    v = Buf<float>(w, n * ps.kvd);
+    probs = Buf<float>(w, n * ps.m.heads * ps.seq);
+    att = Buf<float>(w, n * ps.qd);
+    x_mid = Buf<float>(w, nd);
+    inv2 = Buf<float>(w, n);
+    xn2 = Buf<float>(w, nd);
+    g = Buf<float>(w, nf);
+    u = Buf<float>(w, nf);
+    h = Buf<float>(w, nf);
+    for (int p = 0; p < kNumProj; ++p) {
+      if (ps.layout.blocks[layer].proj[p].a >= 0) lora_u[p] = Buf<float>(w, n * ps.lora.r);
+    }
+  }
+  void Release() {
+    for (int p = kNumProj - 1; p >= 0; --p) lora_u[p].Reset();
+    for (Buf<float>* b : {&h, &u, &g, &xn2, &inv2, &x_mid, &att, &probs, &v, &k, &q, &xn1, &inv1}) b->Reset();
+  }
 };
 
 // The hash stream of the dropout mask of the adapter input of (layer, proj): the same in forward and backward.
 uint64_t DropoutStream(int layer, int proj) { return static_cast<uint64_t>(layer) * kNumProj + proj + 1; }
 
-// The adapter's input: x, or dropout(x) in training with dropout > 0 (then written to *tmp).
-const float* AdapterInput(const Pass& ps, int layer, int proj, const float* x, int in, std::vector<float>* tmp) {
+// The adapter's input: x, or dropout(x) in training with dropout > 0 (then in *tmp).
+const float* AdapterInput(const Pass& ps, int layer, int proj, const float* x, int in, Buf<float>* tmp) {
   if (!ps.Dropout()) return x;
   const int64_t total = static_cast<int64_t>(ps.n) * in;
-  tmp->resize(total);
+  *tmp = Buf<float>(ps.ws, total);
   const float keep_scale = 1.f / (1.f - ps.lora.dropout);
   ForEach(ps.omp_threads, total,
-          kernels::DropoutElement<float, float>{x, tmp->data(), ps.dropout_seed, DropoutStream(layer, proj),
+          kernels::DropoutElement<float, float>{x, tmp->get(), ps.dropout_seed, DropoutStream(layer, proj),
                                                 ps.lora.dropout, keep_scale});
-  return tmp->data();
+  return tmp->get();
 }
 
-// y[N,out] = x W^T (+ s B A dropout(x)); keeps A dropout(x) in *lora_u.
-void LinearForward(const Pass& ps, int layer, int proj, const float* x, float* y, std::vector<float>* lora_u) {
+// y[N,out] = x W^T (+ s B A dropout(x)); keeps A dropout(x) in lora_u [N,r] (given when the projection is adapted).
+void LinearForward(const Pass& ps, int layer, int proj, const float* x, float* y, float* lora_u) {
   const Linear& lin = ps.layout.blocks[layer].proj[proj];
   MatMulNT(ps.n, lin.out, lin.in, 1.f, x, ps.access.Param(lin.w), 0.f, y);
   if (lin.a < 0) return;
-  std::vector<float> tmp;
+  Buf<float> tmp;
   const float* xd = AdapterInput(ps, layer, proj, x, lin.in, &tmp);
-  lora_u->assign(static_cast<size_t>(ps.n) * ps.lora.r, 0.f);
-  MatMulNT(ps.n, ps.lora.r, lin.in, 1.f, xd, ps.access.Param(lin.a), 0.f, lora_u->data());
-  MatMulNT(ps.n, lin.out, ps.lora.r, ps.lora_scale, lora_u->data(), ps.access.Param(lin.b), 1.f, y);
+  MatMulNT(ps.n, ps.lora.r, lin.in, 1.f, xd, ps.access.Param(lin.a), 0.f, lora_u);
+  MatMulNT(ps.n, lin.out, ps.lora.r, ps.lora_scale, lora_u, ps.access.Param(lin.b), 1.f, y);
 }
 
 // Given dy [N,out]: dx += dy W (+ the adapter's path); weight gradients into trainable Grad views.
-void LinearBackward(const Pass& ps, int layer, int proj, const float* x, const float* dy,
-                    const std::vector<float>& lora_u, float* dx) {
+void LinearBackward(const Pass& ps, int layer, int proj, const float* x, const float* dy, const float* lora_u,
+                    float* dx) {
   const Linear& lin = ps.layout.blocks[layer].proj[proj];
   if (float* dw = ps.GradOrNull(lin.w)) MatMulTN(lin.out, lin.in, ps.n, 1.f, dy, x, 1.f, dw);
   MatMulNN(ps.n, lin.in, lin.out, 1.f, dy, ps.access.Param(lin.w), 1.f, dx);
   if (lin.a < 0) return;
   const int r = ps.lora.r;
   const float s = ps.lora_scale;
-  if (float* db = ps.GradOrNull(lin.b)) MatMulTN(lin.out, r, ps.n, s, dy, lora_u.data(), 1.f, db);
-  std::vector<float> du(static_cast<size_t>(ps.n) * r);  // d(A xd) = s dy B
-  MatMulNN(ps.n, r, lin.out, s, dy, ps.access.Param(lin.b), 0.f, du.data());
-  std::vector<float> tmp;
+  if (float* db = ps.GradOrNull(lin.b)) MatMulTN(lin.out, r, ps.n, s, dy, lora_u, 1.f, db);
+  Buf<float> du(ps.ws, static_cast<int64_t>(ps.n) * r);  // d(A xd) = s dy B
+  MatMulNN(ps.n, r, lin.out, s, dy, ps.access.Param(lin.b), 0.f, du.get());
+  Buf<float> tmp;
   const float* xd = AdapterInput(ps, layer, proj, x, lin.in, &tmp);
-  if (float* da = ps.GradOrNull(lin.a)) MatMulTN(r, lin.in, ps.n, 1.f, du.data(), xd, 1.f, da);
+  if (float* da = ps.GradOrNull(lin.a)) MatMulTN(r, lin.in, ps.n, 1.f, du.get(), xd, 1.f, da);
   if (!ps.Dropout()) {
-    MatMulNN(ps.n, lin.in, r, 1.f, du.data(), ps.access.Param(lin.a), 1.f, dx);
+    MatMulNN(ps.n, lin.in, r, 1.f, du.get(), ps.access.Param(lin.a), 1.f, dx);
     return;
   }
-  std::vector<float> dxd(static_cast<size_t>(ps.n) * lin.in);
-  MatMulNN(ps.n, lin.in, r, 1.f, du.data(), ps.access.Param(lin.a), 0.f, dxd.data());
-  const float keep_scale = 1.f / (1.f - ps.lora.dropout);
   const int64_t total = static_cast<int64_t>(ps.n) * lin.in;
+  Buf<float> dxd(ps.ws, total);
+  MatMulNN(ps.n, lin.in, r, 1.f, du.get(), ps.access.Param(lin.a), 0.f, dxd.get());
+  const float keep_scale = 1.f / (1.f - ps.lora.dropout);
   ForEach(ps.omp_threads, total,
-          kernels::DropoutBackwardElement{dxd.data(), dx, ps.dropout_seed, DropoutStream(layer, proj), ps.lora.dropout,
+          kernels::DropoutBackwardElement{dxd.get(), dx, ps.dropout_seed, DropoutStream(layer, proj), ps.lora.dropout,
                                           keep_scale});
 }
 
@@ -210,32 +247,32 @@ void RmsNormBackward(const Pass& ps, const float* x, const float* w, const float
 // inverse = true applies the transpose rotation (the backward of the forward rotation).
 void Rope(const Pass& ps, float* x, int heads, bool inverse) {
   ForEach(ps.omp_threads, ps.n,
-          kernels::RopeRow<float>{x, ps.cos.data(), ps.sin.data(), ps.seq, heads, ps.hd, inverse});
+          kernels::RopeRow<float>{x, ps.cos.get(), ps.sin.get(), ps.seq, heads, ps.hd, inverse});
 }
 
 // Causal grouped-query attention: query head h reads kv head h / (heads / kv_heads). Per row of scores: the dot
-// products q_t . k_s here, the causal softmax in kernels::CausalSoftmaxRow, then the weighted sum of v.
+// products q_t . k_s here, the causal softmax in kernels::CausalSoftmaxRow (in place), then the weighted sum of v.
 void AttentionForward(const Pass& ps, BlockActs& a) {
   const int H = ps.m.heads, T = ps.seq, hd = ps.hd, group = ps.m.heads / ps.m.kv_heads;
-  a.probs.assign(static_cast<size_t>(ps.batch) * H * T * T, 0.f);
-  a.att.assign(static_cast<size_t>(ps.n) * ps.qd, 0.f);
-  const kernels::CausalSoftmaxRow softmax{a.probs.data(), T, 1.f / std::sqrt(static_cast<float>(hd))};
+  Zero(a.att);
+  const kernels::CausalSoftmaxRow<float> softmax{a.probs.get(), a.probs.get(), T,
+                                                 1.f / std::sqrt(static_cast<float>(hd))};
 #pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
   for (int bh = 0; bh < ps.batch * H; ++bh) {
     const int b = bh / H, h = bh % H, g = h / group;
     for (int t = 0; t < T; ++t) {
-      const float* q = a.q.data() + (static_cast<int64_t>(b * T + t) * H + h) * hd;
-      float* p = a.probs.data() + (static_cast<int64_t>(bh) * T + t) * T;
+      const float* q = a.q.get() + (static_cast<int64_t>(b * T + t) * H + h) * hd;
+      float* p = a.probs.get() + (static_cast<int64_t>(bh) * T + t) * T;
       for (int s = 0; s <= t; ++s) {
-        const float* k = a.k.data() + (static_cast<int64_t>(b * T + s) * ps.m.kv_heads + g) * hd;
+        const float* k = a.k.get() + (static_cast<int64_t>(b * T + s) * ps.m.kv_heads + g) * hd;
         float dot = 0.f;
         for (int j = 0; j < hd; ++j) dot += q[j] * k[j];
         p[s] = dot;
       }
       softmax(static_cast<int64_t>(bh) * T + t);
-      float* o = a.att.data() + (static_cast<int64_t>(b * T + t) * H + h) * hd;
+      float* o = a.att.get() + (static_cast<int64_t>(b * T + t) * H + h) * hd;
       for (int s = 0; s <= t; ++s) {
-        const float* v = a.v.data() + (static_cast<int64_t>(b * T + s) * ps.m.kv_heads + g) * hd;
+        const float* v = a.v.get() + (static_cast<int64_t>(b * T + s) * ps.m.kv_heads + g) * hd;
         for (int j = 0; j < hd; ++j) o[j] += p[s] * v[j];
       }
     }
@@ -243,23 +280,23 @@ void AttentionForward(const Pass& ps, BlockActs& a) {
 }
 
 // From datt [N,QD]: dq [N,QD], dk and dv [N,KVD] (gradients w.r.t. the rotated q and k). First, per row of
-// scores, dp[s] = datt_t . v_s and kernels::CausalSoftmaxBackwardRow turns it into ds; then, parallel over
-// (batch, kv head) so that the heads sharing a kv head accumulate into it from one thread, the products with
+// scores, dp[s] = datt_t . v_s and kernels::CausalSoftmaxBackwardRow turns it into ds (in place); then, parallel
+// over (batch, kv head) so that the heads sharing a kv head accumulate into it from one thread, the products with
 // q, k and datt.
 void AttentionBackward(const Pass& ps, const BlockActs& a, const float* datt, float* dq, float* dk, float* dv) {
   const int H = ps.m.heads, KV = ps.m.kv_heads, T = ps.seq, hd = ps.hd, group = H / KV;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  std::vector<float> ds(a.probs.size());  // [B,H,T,T]
-  const kernels::CausalSoftmaxBackwardRow softmax_backward{a.probs.data(), ds.data(), T, scale};
+  Buf<float> ds(ps.ws, a.probs.size());  // [B,H,T,T]
+  const kernels::CausalSoftmaxBackwardRow<float, float> softmax_backward{a.probs.get(), ds.get(), ds.get(), T, scale};
   const int64_t rows = static_cast<int64_t>(ps.batch) * H * T;
 #pragma omp parallel for num_threads(ps.omp_threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int t = static_cast<int>(r % T), h = static_cast<int>(r / T % H), b = static_cast<int>(r / T / H);
     const int g = h / group;
     const float* dout = datt + (static_cast<int64_t>(b * T + t) * H + h) * hd;
-    float* dp = ds.data() + r * T;
+    float* dp = ds.get() + r * T;
     for (int s = 0; s <= t; ++s) {
-      const float* v = a.v.data() + (static_cast<int64_t>(b * T + s) * KV + g) * hd;
+      const float* v = a.v.get() + (static_cast<int64_t>(b * T + s) * KV + g) * hd;
       float dot = 0.f;
       for (int j = 0; j < hd; ++j) dot += dout[j] * v[j];
       dp[s] = dot;
@@ -274,16 +311,16 @@ void AttentionBackward(const Pass& ps, const BlockActs& a, const float* datt, fl
     for (int h = g * group; h < (g + 1) * group; ++h) {
       for (int t = 0; t < T; ++t) {
         const int64_t qrow = (static_cast<int64_t>(b * T + t) * H + h) * hd;
-        const float* q = a.q.data() + qrow;
+        const float* q = a.q.get() + qrow;
         const float* dout = datt + qrow;
         float* dqr = dq + qrow;
         const int64_t prow = ((static_cast<int64_t>(b) * H + h) * T + t) * T;
-        const float* p = a.probs.data() + prow;
-        const float* dsr = ds.data() + prow;
+        const float* p = a.probs.get() + prow;
+        const float* dsr = ds.get() + prow;
         for (int j = 0; j < hd; ++j) dqr[j] = 0.f;
         for (int s = 0; s <= t; ++s) {
           const int64_t krow = (static_cast<int64_t>(b * T + s) * KV + g) * hd;
-          const float* k = a.k.data() + krow;
+          const float* k = a.k.get() + krow;
           for (int j = 0; j < hd; ++j) {
             dqr[j] += dsr[s] * k[j];
             dk[krow + j] += dsr[s] * q[j];
@@ -295,127 +332,152 @@ void AttentionBackward(const Pass& ps, const BlockActs& a, const float* datt, fl
   }
 }
 
+// x [N,D]: the residual stream, the block's input on entry and its output on return; a: allocated.
 void BlockForward(const Pass& ps, int layer, float* x, BlockActs& a) {
   const Block& blk = ps.layout.blocks[layer];
   const int64_t nd = static_cast<int64_t>(ps.n) * ps.m.dim, nf = static_cast<int64_t>(ps.n) * ps.m.ffn;
-  a.x_in.assign(x, x + nd);
-  a.inv1.resize(ps.n);
-  a.xn1.resize(nd);
-  RmsNormForward(ps, x, ps.access.Param(blk.ln1), a.xn1.data(), a.inv1.data());
-  a.q.resize(static_cast<size_t>(ps.n) * ps.qd);
-  a.k.resize(static_cast<size_t>(ps.n) * ps.kvd);
-  a.v.resize(static_cast<size_t>(ps.n) * ps.kvd);
-  LinearForward(ps, layer, kQ, a.xn1.data(), a.q.data(), &a.lora_u[kQ]);
-  LinearForward(ps, layer, kK, a.xn1.data(), a.k.data(), &a.lora_u[kK]);
-  LinearForward(ps, layer, kV, a.xn1.data(), a.v.data(), &a.lora_u[kV]);
-  Rope(ps, a.q.data(), ps.m.heads, false);
-  Rope(ps, a.k.data(), ps.m.kv_heads, false);
+  RmsNormForward(ps, x, ps.access.Param(blk.ln1), a.xn1.get(), a.inv1.get());
+  LinearForward(ps, layer, kQ, a.xn1.get(), a.q.get(), a.lora_u[kQ].get());
+  LinearForward(ps, layer, kK, a.xn1.get(), a.k.get(), a.lora_u[kK].get());
+  LinearForward(ps, layer, kV, a.xn1.get(), a.v.get(), a.lora_u[kV].get());
+  Rope(ps, a.q.get(), ps.m.heads, false);
+  Rope(ps, a.k.get(), ps.m.kv_heads, false);
   AttentionForward(ps, a);
-  std::vector<float> tmp(nd);
-  LinearForward(ps, layer, kO, a.att.data(), tmp.data(), &a.lora_u[kO]);
-  ForEach(ps.omp_threads, nd, kernels::AddElement<float>{x, tmp.data()});
-  a.x_mid.assign(x, x + nd);
-  a.inv2.resize(ps.n);
-  a.xn2.resize(nd);
-  RmsNormForward(ps, x, ps.access.Param(blk.ln2), a.xn2.data(), a.inv2.data());
-  a.g.resize(nf);
-  a.u.resize(nf);
-  a.h.resize(nf);
-  LinearForward(ps, layer, kGate, a.xn2.data(), a.g.data(), &a.lora_u[kGate]);
-  LinearForward(ps, layer, kUp, a.xn2.data(), a.u.data(), &a.lora_u[kUp]);
-  ForEach(ps.omp_threads, nf, kernels::SwiGluElement<float, float>{a.g.data(), a.u.data(), a.h.data()});
-  LinearForward(ps, layer, kDown, a.h.data(), tmp.data(), &a.lora_u[kDown]);
-  ForEach(ps.omp_threads, nd, kernels::AddElement<float>{x, tmp.data()});
+  Buf<float> tmp(ps.ws, nd);  // the o and down projections' outputs
+  LinearForward(ps, layer, kO, a.att.get(), tmp.get(), a.lora_u[kO].get());
+  ForEach(ps.omp_threads, nd, kernels::AddElement<float>{x, tmp.get()});
+  std::copy(x, x + nd, a.x_mid.get());
+  RmsNormForward(ps, x, ps.access.Param(blk.ln2), a.xn2.get(), a.inv2.get());
+  LinearForward(ps, layer, kGate, a.xn2.get(), a.g.get(), a.lora_u[kGate].get());
+  LinearForward(ps, layer, kUp, a.xn2.get(), a.u.get(), a.lora_u[kUp].get());
+  ForEach(ps.omp_threads, nf, kernels::SwiGluElement<float, float>{a.g.get(), a.u.get(), a.h.get()});
+  LinearForward(ps, layer, kDown, a.h.get(), tmp.get(), a.lora_u[kDown].get());
+  ForEach(ps.omp_threads, nd, kernels::AddElement<float>{x, tmp.get()});
 }
 
-// dx: gradient w.r.t. the block's output on entry, w.r.t. its input on return.
-void BlockBackward(const Pass& ps, int layer, const BlockActs& a, float* dx) {
+// dx: gradient w.r.t. the block's output on entry, w.r.t. its input on return. x_in: the block's input.
+// Temporaries are scoped so that each is freed as soon as nothing needs it, in reverse order of allocation.
+void BlockBackward(const Pass& ps, int layer, const float* x_in, const BlockActs& a, float* dx) {
   const Block& blk = ps.layout.blocks[layer];
-  const int64_t nd = static_cast<int64_t>(ps.n) * ps.m.dim, nf = static_cast<int64_t>(ps.n) * ps.m.ffn;
-  // MLP branch: x_out = x_mid + down(silu(gate(xn2)) * up(xn2)).
-  std::vector<float> dh(nf, 0.f), dg(nf), du(nf);
-  LinearBackward(ps, layer, kDown, a.h.data(), dx, a.lora_u[kDown], dh.data());
-  ForEach(ps.omp_threads, nf,
-          kernels::SwiGluBackwardElement<float>{a.g.data(), a.u.data(), dh.data(), dg.data(), du.data()});
-  std::vector<float> dxn(nd, 0.f);
-  LinearBackward(ps, layer, kGate, a.xn2.data(), dg.data(), a.lora_u[kGate], dxn.data());
-  LinearBackward(ps, layer, kUp, a.xn2.data(), du.data(), a.lora_u[kUp], dxn.data());
-  RmsNormBackward(ps, a.x_mid.data(), ps.access.Param(blk.ln2), a.inv2.data(), dxn.data(), dx, ps.GradOrNull(blk.ln2));
+  const int64_t n = ps.n, nd = n * ps.m.dim, nf = n * ps.m.ffn;
+  {  // MLP branch: x_out = x_mid + down(silu(gate(xn2)) * up(xn2)).
+    Buf<float> dg(ps.ws, nf), du(ps.ws, nf);
+    {
+      Buf<float> dh(ps.ws, nf);
+      Zero(dh);
+      LinearBackward(ps, layer, kDown, a.h.get(), dx, a.lora_u[kDown].get(), dh.get());
+      ForEach(ps.omp_threads, nf,
+              kernels::SwiGluBackwardElement<float, float>{a.g.get(), a.u.get(), dh.get(), dg.get(), du.get()});
+    }
+    Buf<float> dxn(ps.ws, nd);
+    Zero(dxn);
+    LinearBackward(ps, layer, kGate, a.xn2.get(), dg.get(), a.lora_u[kGate].get(), dxn.get());
+    LinearBackward(ps, layer, kUp, a.xn2.get(), du.get(), a.lora_u[kUp].get(), dxn.get());
+    RmsNormBackward(ps, a.x_mid.get(), ps.access.Param(blk.ln2), a.inv2.get(), dxn.get(), dx, ps.GradOrNull(blk.ln2));
+  }
   // Attention branch: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
-  std::vector<float> datt(static_cast<size_t>(ps.n) * ps.qd, 0.f);
-  LinearBackward(ps, layer, kO, a.att.data(), dx, a.lora_u[kO], datt.data());
-  std::vector<float> dq(static_cast<size_t>(ps.n) * ps.qd), dk(static_cast<size_t>(ps.n) * ps.kvd),
-      dv(static_cast<size_t>(ps.n) * ps.kvd);
-  AttentionBackward(ps, a, datt.data(), dq.data(), dk.data(), dv.data());
-  Rope(ps, dq.data(), ps.m.heads, true);
-  Rope(ps, dk.data(), ps.m.kv_heads, true);
-  std::fill(dxn.begin(), dxn.end(), 0.f);
-  LinearBackward(ps, layer, kQ, a.xn1.data(), dq.data(), a.lora_u[kQ], dxn.data());
-  LinearBackward(ps, layer, kK, a.xn1.data(), dk.data(), a.lora_u[kK], dxn.data());
-  LinearBackward(ps, layer, kV, a.xn1.data(), dv.data(), a.lora_u[kV], dxn.data());
-  RmsNormBackward(ps, a.x_in.data(), ps.access.Param(blk.ln1), a.inv1.data(), dxn.data(), dx, ps.GradOrNull(blk.ln1));
+  Buf<float> dq(ps.ws, n * ps.qd), dk(ps.ws, n * ps.kvd), dv(ps.ws, n * ps.kvd);
+  {
+    Buf<float> datt(ps.ws, n * ps.qd);
+    Zero(datt);
+    LinearBackward(ps, layer, kO, a.att.get(), dx, a.lora_u[kO].get(), datt.get());
+    AttentionBackward(ps, a, datt.get(), dq.get(), dk.get(), dv.get());
+  }
+  Rope(ps, dq.get(), ps.m.heads, true);
+  Rope(ps, dk.get(), ps.m.kv_heads, true);
+  Buf<float> dxn(ps.ws, nd);
+  Zero(dxn);
+  LinearBackward(ps, layer, kQ, a.xn1.get(), dq.get(), a.lora_u[kQ].get(), dxn.get());
+  LinearBackward(ps, layer, kK, a.xn1.get(), dk.get(), a.lora_u[kK].get(), dxn.get());
+  LinearBackward(ps, layer, kV, a.xn1.get(), dv.get(), a.lora_u[kV].get(), dxn.get());
+  RmsNormBackward(ps, x_in, ps.access.Param(blk.ln1), a.inv1.get(), dxn.get(), dx, ps.GradOrNull(blk.ln1));
 }
 
-Pass MakePass(const ModelConfig& m, const LoraConfig& lora, const Layout& layout, ParamAccess& access,
-              const Batch& batch, int threads) {
-  const std::string error = CheckConfig(m, lora);
+// The pass's fixed parts: sizes and the RoPE tables (the first buffers of the workspace).
+void MakePass(Pass* ps, const Batch& batch, int threads) {
+  const ModelConfig& m = ps->m;
+  const std::string error = CheckConfig(m, ps->lora);
   if (!error.empty()) Die(error);
   if (batch.batch <= 0 || batch.seq <= 0 || batch.tokens == nullptr) Die("empty batch or null tokens");
-  Pass ps(m, lora, layout, access);
-  ps.batch = batch.batch;
-  ps.seq = batch.seq;
-  ps.n = batch.batch * batch.seq;
-  ps.threads = Threads(threads);
+  if (ps->ws->device()) Die("the CPU model needs a host workspace (Workspace::Host())");
+  ps->ws->BeginPass();
+  ps->batch = batch.batch;
+  ps->seq = batch.seq;
+  ps->n = batch.batch * batch.seq;
+  ps->threads = Threads(threads);
   // Below ~16k elements per activation a loop takes microseconds, and an OpenMP barrier on a loaded core can
   // take milliseconds.
-  ps.omp_threads = static_cast<int64_t>(ps.n) * std::max(m.dim, m.ffn) >= (1 << 14) ? ps.threads : 1;
-  ps.hd = m.dim / m.heads;
-  ps.qd = m.heads * ps.hd;
-  ps.kvd = m.kv_heads * ps.hd;
-  ps.lora_scale = lora.enabled ? lora.alpha / static_cast<float>(lora.r) : 0.f;
-  const int half = ps.hd / 2;
-  ps.cos.resize(static_cast<size_t>(ps.seq) * half);
-  ps.sin.resize(static_cast<size_t>(ps.seq) * half);
-  for (int t = 0; t < ps.seq; ++t) {
+  ps->omp_threads = static_cast<int64_t>(ps->n) * std::max(m.dim, m.ffn) >= (1 << 14) ? ps->threads : 1;
+  ps->hd = m.dim / m.heads;
+  ps->qd = m.heads * ps->hd;
+  ps->kvd = m.kv_heads * ps->hd;
+  ps->lora_scale = ps->lora.enabled ? ps->lora.alpha / static_cast<float>(ps->lora.r) : 0.f;
+  const int half = ps->hd / 2;
+  ps->cos = Buf<float>(ps->ws, static_cast<int64_t>(ps->seq) * half);
+  ps->sin = Buf<float>(ps->ws, static_cast<int64_t>(ps->seq) * half);
+  for (int t = 0; t < ps->seq; ++t) {
     for (int j = 0; j < half; ++j) {
       // inv_freq_j = theta^(-2j/hd), computed in double then rounded, as the tables of HF's fp32 path.
-      const double angle = t * std::pow(static_cast<double>(m.rope_theta), -2.0 * j / ps.hd);
-      ps.cos[static_cast<size_t>(t) * half + j] = static_cast<float>(std::cos(angle));
-      ps.sin[static_cast<size_t>(t) * half + j] = static_cast<float>(std::sin(angle));
+      const double angle = t * std::pow(static_cast<double>(m.rope_theta), -2.0 * j / ps->hd);
+      ps->cos[static_cast<int64_t>(t) * half + j] = static_cast<float>(std::cos(angle));
+      ps->sin[static_cast<int64_t>(t) * half + j] = static_cast<float>(std::sin(angle));
     }
   }
-  for (int i = 0; i < ps.n; ++i) {
+  for (int i = 0; i < ps->n; ++i) {
     if (batch.tokens[i] < 0 || batch.tokens[i] >= m.vocab) Die("token out of range at position " + std::to_string(i));
   }
-  return ps;
 }
 
-// The forward protocol up to the final norm's output xnf [N,D]; activations into acts (every block's when keep,
-// else one reused buffer), x_final, invf.
-void Trunk(const Pass& ps, const Batch& batch, bool keep, std::vector<BlockActs>* acts, std::vector<float>* x_final,
-           std::vector<float>* invf, std::vector<float>* xnf) {
-  const int D = ps.m.dim;
+// What a training pass keeps between a block's forward and its backward: every block's input, and without
+// recomputation every block's activations.
+struct Kept {
+  std::vector<Buf<float>> inputs;
+  std::vector<BlockActs> acts;
+};
+
+// The embedding and the blocks: x [N,D] becomes the last block's output. With `kept`, each block's input is
+// copied into it, and its activations too unless recomputing; otherwise each block's activations live only
+// during its forward.
+void Blocks(const Pass& ps, const Batch& batch, Buf<float>& x, Kept* kept, bool recompute) {
+  const int D = ps.m.dim, L = ps.m.layers;
   const int64_t nd = static_cast<int64_t>(ps.n) * D;
-  std::vector<float> x(nd);
   ps.access.Acquire(0, false);
-  {
-    const float* emb = ps.access.Param(ps.layout.embed);
-    ForEach(ps.omp_threads, ps.n, kernels::EmbedGatherRow<float, float>{emb, batch.tokens, x.data(), D});
-  }
+  ForEach(ps.omp_threads, ps.n,
+          kernels::EmbedGatherRow<float, float>{ps.access.Param(ps.layout.embed), batch.tokens, x.get(), D});
   ps.access.Release(0, false);
-  acts->resize(keep ? ps.m.layers : 1);
-  for (int l = 0; l < ps.m.layers; ++l) {
+  if (kept != nullptr) {
+    kept->inputs.resize(static_cast<size_t>(L));
+    kept->acts.resize(recompute ? 0 : static_cast<size_t>(L));
+  }
+  for (int l = 0; l < L; ++l) {
     ps.access.Acquire(l + 1, false);
-    BlockForward(ps, l, x.data(), (*acts)[keep ? l : 0]);
+    if (kept != nullptr) {
+      Buf<float>& in = kept->inputs[static_cast<size_t>(l)];
+      in = Buf<float>(ps.ws, nd);
+      std::copy(x.get(), x.get() + nd, in.get());
+    }
+    if (kept != nullptr && !recompute) {
+      BlockActs& a = kept->acts[static_cast<size_t>(l)];
+      a.Allocate(ps, l);
+      BlockForward(ps, l, x.get(), a);
+    } else {
+      BlockActs a;
+      a.Allocate(ps, l);
+      BlockForward(ps, l, x.get(), a);
+      a.Release();
+    }
     ps.access.Release(l + 1, false);
   }
+}
+
+// The final norm: xnf [N,D] and invf [N] from the last block's output x.
+void FinalNorm(const Pass& ps, const float* x, Buf<float>* invf, Buf<float>* xnf) {
   const int final_unit = ps.m.layers + 1;
+  *invf = Buf<float>(ps.ws, ps.n);
+  *xnf = Buf<float>(ps.ws, static_cast<int64_t>(ps.n) * ps.m.dim);
   ps.access.Acquire(final_unit, false);
-  invf->resize(ps.n);
-  xnf->resize(nd);
-  RmsNormForward(ps, x.data(), ps.access.Param(ps.layout.norm), xnf->data(), invf->data());
+  RmsNormForward(ps, x, ps.access.Param(ps.layout.norm), xnf->get(), invf->get());
   ps.access.Release(final_unit, false);
-  *x_final = std::move(x);
 }
 
 }  // namespace
@@ -506,66 +568,97 @@ float InitValue(const ModelConfig& m, const LoraConfig& lora, int param, int64_t
 }
 
 float Forward(const ModelConfig& m, const LoraConfig& lora, ParamAccess& access, const Batch& batch, bool backward,
-              float loss_scale, uint64_t dropout_seed, int threads) {
+              float loss_scale, uint64_t dropout_seed, int threads, const PassOptions& options) {
+  std::unique_ptr<Workspace> own;
+  Workspace* ws = options.workspace;
+  if (ws == nullptr) ws = (own = Workspace::Host()).get();
   const Layout layout = BuildLayout(m, lora);
-  Pass ps = MakePass(m, lora, layout, access, batch, threads);
+  Pass ps(m, lora, layout, access, ws);
+  MakePass(&ps, batch, threads);
   ps.training = backward;
   ps.dropout_seed = dropout_seed;
-  const int D = m.dim, V = m.vocab;
+  const int D = m.dim, V = m.vocab, L = m.layers;
   if (batch.targets == nullptr) Die("Forward needs targets");
-  std::vector<BlockActs> acts;
-  std::vector<float> x_final, invf, xnf;
-  Trunk(ps, batch, backward, &acts, &x_final, &invf, &xnf);
-
-  // Head (tied embedding): logits, then softmax in place; loss over non-ignored targets.
-  std::vector<float> probs(static_cast<size_t>(ps.n) * V);
-  access.Acquire(0, false);
-  MatMulNT(ps.n, V, D, 1.f, xnf.data(), access.Param(layout.embed), 0.f, probs.data());
-  access.Release(0, false);
   int count = 0;
   for (int n = 0; n < ps.n; ++n) {
     const int32_t t = batch.targets[n];
     if (t < -1 || t >= V) Die("target out of range at position " + std::to_string(n));
     count += t >= 0;
   }
-  std::vector<double> row_loss(ps.n);
-  ForEach(ps.omp_threads, ps.n, kernels::SoftmaxXentRow{probs.data(), batch.targets, row_loss.data(), V});
+  // The workspace as a stack, bottom up: the RoPE tables, x (the residual stream), dx (its gradient, below the
+  // blocks' activations so that backward frees them from the top), each block's input and activations, the final
+  // norm's output, dxnf and the logits.
+  const int64_t nd = static_cast<int64_t>(ps.n) * D;
+  Buf<float> x(ws, nd), dx;
+  if (backward) dx = Buf<float>(ws, nd);
+  Kept kept;
+  Blocks(ps, batch, x, backward ? &kept : nullptr, options.recompute);
+  Buf<float> invf, xnf;
+  FinalNorm(ps, x.get(), &invf, &xnf);
+  Buf<float> dxnf;
+  if (backward) dxnf = Buf<float>(ws, nd);
+
+  // Head (tied embedding): logits, then softmax in place; loss over non-ignored targets.
+  Buf<float> probs(ws, static_cast<int64_t>(ps.n) * V);
+  access.Acquire(0, false);
+  MatMulNT(ps.n, V, D, 1.f, xnf.get(), access.Param(layout.embed), 0.f, probs.get());
+  access.Release(0, false);
   double loss_sum = 0.0;
-  for (const double l : row_loss) loss_sum += l;
+  {
+    Buf<double> row_loss(ws, ps.n);
+    ForEach(ps.omp_threads, ps.n, kernels::SoftmaxXentRow{probs.get(), batch.targets, row_loss.get(), V});
+    for (int n = 0; n < ps.n; ++n) loss_sum += row_loss[n];
+  }
   const float loss = count > 0 ? static_cast<float>(loss_sum / count) : 0.f;
   if (!backward) return loss;
 
   // dlogits = (softmax - onehot) * loss_scale / count on counted rows, 0 elsewhere (probs reused in place).
   const float coef = count > 0 ? loss_scale / static_cast<float>(count) : 0.f;
-  ForEach(ps.omp_threads, ps.n, kernels::XentGradRow{probs.data(), batch.targets, V, coef});
-  const int64_t nd = static_cast<int64_t>(ps.n) * D;
-  std::vector<float> dxnf(nd, 0.f);
+  ForEach(ps.omp_threads, ps.n, kernels::XentGradRow<float>{probs.get(), probs.get(), batch.targets, V, coef});
   access.Acquire(0, true);
-  if (float* de = ps.GradOrNull(layout.embed)) MatMulTN(V, D, ps.n, 1.f, probs.data(), xnf.data(), 1.f, de);
-  MatMulNN(ps.n, D, V, 1.f, probs.data(), access.Param(layout.embed), 0.f, dxnf.data());
+  if (float* de = ps.GradOrNull(layout.embed)) MatMulTN(V, D, ps.n, 1.f, probs.get(), xnf.get(), 1.f, de);
+  MatMulNN(ps.n, D, V, 1.f, probs.get(), access.Param(layout.embed), 0.f, dxnf.get());
   access.Release(0, true);
-  probs = std::vector<float>();
+  probs.Reset();
 
-  const int final_unit = m.layers + 1;
-  std::vector<float> dx(nd, 0.f);
+  const int final_unit = L + 1;
+  Zero(dx);
   access.Acquire(final_unit, true);
-  RmsNormBackward(ps, x_final.data(), access.Param(layout.norm), invf.data(), dxnf.data(), dx.data(),
+  RmsNormBackward(ps, x.get(), access.Param(layout.norm), invf.get(), dxnf.get(), dx.get(),
                   ps.GradOrNull(layout.norm));
   access.GradsReady(final_unit);
   access.Release(final_unit, true);
+  dxnf.Reset();
+  xnf.Reset();
+  invf.Reset();
 
-  for (int l = m.layers - 1; l >= 0; --l) {
+  for (int l = L - 1; l >= 0; --l) {
+    const size_t i = static_cast<size_t>(l);
     access.Acquire(l + 1, true);
-    BlockBackward(ps, l, acts[l], dx.data());
+    if (options.recompute) {
+      // The block's forward again, from its kept input, with the same dropout masks: the same activations.
+      BlockActs a;
+      a.Allocate(ps, l);
+      {
+        Buf<float> xs(ws, nd);
+        std::copy(kept.inputs[i].get(), kept.inputs[i].get() + nd, xs.get());
+        BlockForward(ps, l, xs.get(), a);
+      }
+      BlockBackward(ps, l, kept.inputs[i].get(), a, dx.get());
+      a.Release();
+    } else {
+      BlockBackward(ps, l, kept.inputs[i].get(), kept.acts[i], dx.get());
+      kept.acts[i].Release();
+    }
+    kept.inputs[i].Reset();
     access.GradsReady(l + 1);
     access.Release(l + 1, true);
-    acts[l] = BlockActs();
   }
 
   access.Acquire(0, true);
   if (float* de = ps.GradOrNull(layout.embed)) {
     // Parallel over columns: rows of repeated tokens accumulate into the same embedding row in position order.
-    ForEach(ps.omp_threads, D, kernels::EmbedScatterCol{dx.data(), batch.tokens, de, ps.n, D});
+    ForEach(ps.omp_threads, D, kernels::EmbedScatterCol{dx.get(), batch.tokens, de, ps.n, D});
   }
   access.GradsReady(0);
   access.Release(0, true);
@@ -573,15 +666,20 @@ float Forward(const ModelConfig& m, const LoraConfig& lora, ParamAccess& access,
 }
 
 void Logits(const ModelConfig& m, const LoraConfig& lora, ParamAccess& access, const Batch& batch,
-            std::vector<float>* logits, int threads) {
+            std::vector<float>* logits, int threads, Workspace* workspace) {
+  std::unique_ptr<Workspace> own;
+  Workspace* ws = workspace;
+  if (ws == nullptr) ws = (own = Workspace::Host()).get();
   const Layout layout = BuildLayout(m, lora);
-  const Pass ps = MakePass(m, lora, layout, access, batch, threads);
-  std::vector<BlockActs> acts;
-  std::vector<float> x_final, invf, xnf;
-  Trunk(ps, batch, false, &acts, &x_final, &invf, &xnf);
+  Pass ps(m, lora, layout, access, ws);
+  MakePass(&ps, batch, threads);
+  Buf<float> x(ws, static_cast<int64_t>(ps.n) * m.dim);
+  Blocks(ps, batch, x, nullptr, false);
+  Buf<float> invf, xnf;
+  FinalNorm(ps, x.get(), &invf, &xnf);
   logits->resize(static_cast<size_t>(ps.n) * m.vocab);
   access.Acquire(0, false);
-  MatMulNT(ps.n, m.vocab, m.dim, 1.f, xnf.data(), access.Param(layout.embed), 0.f, logits->data());
+  MatMulNT(ps.n, m.vocab, m.dim, 1.f, xnf.get(), access.Param(layout.embed), 0.f, logits->data());
   access.Release(0, false);
 }
 

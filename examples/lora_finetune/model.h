@@ -4,12 +4,15 @@
 //
 // The model owns no parameters: it reaches them only through ParamAccess, which the trainer implements over
 // zero::Engine (which owns and shards them) and tests implement over plain arrays. Activations for backward live
-// inside one Forward call; there is no global state (except OpenBLAS's thread count, set to `threads`).
+// inside one Forward call, in a Workspace (model_workspace.h) that counts them; there is no global state (except
+// OpenBLAS's thread count, set to `threads`).
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "examples/lora_finetune/model_workspace.h"
 
 namespace lora {
 
@@ -82,6 +85,17 @@ struct Batch {
   const int32_t* targets;
 };
 
+// How a pass keeps its activations.
+struct PassOptions {
+  // Per-block recomputation (activation checkpointing): forward keeps only each block's input; backward runs the
+  // block's forward again from it, then its backward. Costs one more forward of the blocks; the results are the
+  // same bits (dropout masks are hashed, not drawn). Memory: zero::EstimateActivations says how much.
+  bool recompute = false;
+  // Where activations live (Workspace::Host() for this model; the CUDA model's from NewCudaWorkspace()): its
+  // peak_bytes() is the pass's activation high-water mark. Null: a workspace for this pass alone.
+  Workspace* workspace = nullptr;
+};
+
 // Mean next-token cross-entropy over the non-ignored targets (0 when there are none). With `backward`, the
 // gradient of loss * loss_scale is added into Grad(p) of every trainable parameter, and LoRA dropout is applied
 // with masks hashed from dropout_seed. The access protocol, units u = 0 .. layers + 1:
@@ -89,11 +103,13 @@ struct Batch {
 //             Acquire(0) Release(0)   (the tied embedding again, for the output head)
 //   backward: Acquire(0) Release(0)   (head), then for u = layers+1 .. 1: Acquire(u) GradsReady(u) Release(u),
 //             then Acquire(0) GradsReady(0) Release(0)   (the lookup: unit 0's last backward use)
-// Param pointers are re-read after every Acquire. `threads` bounds OpenMP and OpenBLAS threads.
+// Param pointers are re-read after every Acquire (recomputation happens inside the backward Acquire of its block,
+// so the protocol is the same with it). `threads` bounds OpenMP and OpenBLAS threads.
 float Forward(const ModelConfig&, const LoraConfig&, ParamAccess&, const Batch&, bool backward, float loss_scale,
-              uint64_t dropout_seed, int threads);
+              uint64_t dropout_seed, int threads, const PassOptions& options = {});
 
 // Logits [batch * seq, vocab] for evaluation or sampling: the forward protocol above, no dropout, no targets read.
-void Logits(const ModelConfig&, const LoraConfig&, ParamAccess&, const Batch&, std::vector<float>* logits, int threads);
+void Logits(const ModelConfig&, const LoraConfig&, ParamAccess&, const Batch&, std::vector<float>* logits, int threads,
+            Workspace* workspace = nullptr);
 
 }  // namespace lora

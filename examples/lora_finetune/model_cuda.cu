@@ -1,33 +1,48 @@
 // The LoRA example's model on CUDA (model_cuda.h): model.cc's passes, step for step, with cuBLAS for the matrix
 // products (bf16 operands, fp32 accumulation and results) and model_kernels.cuh's functors, the CPU model's own
-// element- and row-wise math, run by one grid-stride kernel template. Everything is enqueued on the legacy
-// default stream (zero's compute stream); device buffers are stream-ordered (cudaMallocAsync / cudaFreeAsync).
+// element- and row-wise math. Everything is enqueued on the legacy default stream (zero's compute stream).
 //
-// Precision: parameters and every matrix-product operand are bf16; products, the residual stream, 1/rms, the
-// attention probabilities, logits, losses and gradients are fp32. An fp32 result that feeds another product is
-// rounded once to bf16 (CastElement). Attention runs as per-(batch, head) GEMMs over the full T x T scores, which
-// the causal softmax zeroes above the diagonal; clear first, fast later (a fused kernel needs a measured reason
-// and a CPU twin, DESIGN.md).
+// Precision: parameters and every matrix-product operand are bf16, the attention probabilities included;
+// products, the residual stream, 1/rms, the gate and up outputs, logits, losses and gradients are fp32. An fp32
+// result that feeds another product is rounded once to bf16 (CastElement, or the functor that produces it).
+//
+// Speed (../shared/gpu/REVIEW.md D7):
+//   - attention is one strided-batched GEMM per product, over (batch, kv head): q, k, v and their gradients are
+//     kept head-major, [B, heads, T, hd] (kernels::PermuteHeads), where the query heads sharing a kv head are
+//     one contiguous [group * T, hd] matrix, so grouped-query attention needs no per-head loop (and dk, dv sum
+//     over the group inside the product). The products cover the full T x T scores, which the causal softmax
+//     zeroes above the diagonal;
+//   - row functors (RMSNorm, the causal softmax and its backward, cross-entropy over the vocabulary) run a block
+//     of kRowLanes threads per row (BlockRow), summing in the order the CPU's SerialRow does;
+//   - activations come from a Workspace (model_workspace.h) whose arena is one stream-ordered allocation, sized by
+//     the first pass; later passes allocate nothing. Its peak is the activation memory lora_finetune reports.
+//
+// Memory: the same buffers as model.cc, allocated and freed in the same order (a stack), some in bf16, plus the
+// fp32 staging of products stored in bf16 and the head-major copies; zero::EstimateActivations
+// (src/estimate_activations.cc) counts them with the compute dtype bf16.
 //
 // Conventions are model.cc's: activations row-major [N, features], row n = b * seq + t; weights [out, in].
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "examples/lora_finetune/model_cuda.h"
-#include "examples/lora_finetune/model_layout.h"
 #include "examples/lora_finetune/model_kernels.cuh"
+#include "examples/lora_finetune/model_layout.h"
 #include "kernels/launch.cuh"
 
 namespace lora {
 namespace {
 
 using kernels::Bf16;
+using kernels::kRowLanes;
 
 [[noreturn]] void Die(const std::string& what) {
   std::fprintf(stderr, "lora cuda model: %s\n", what.c_str());
@@ -57,7 +72,7 @@ __global__ void ForEachKernel(int64_t n, F f) {
   }
 }
 
-// f(i) for i in [0, n): the CUDA instantiation of a model_kernels.cuh functor (model.cc's ForEach is the CPU one).
+// f(i) for i in [0, n): the CUDA instantiation of an element functor (model.cc's ForEach is the CPU one).
 template <typename F>
 void ForEach(int64_t n, const F& f) {
   if (n <= 0) return;
@@ -65,80 +80,103 @@ void ForEach(int64_t n, const F& f) {
   LORA_CUDA(cudaGetLastError());
 }
 
-// A stream-ordered device array: allocated and freed on kStream, so it may be dropped while kernels that use it
-// are still queued.
-template <typename T>
-class DeviceArray {
- public:
-  DeviceArray() = default;
-  explicit DeviceArray(int64_t n) : n_(n) {
-    if (n > 0) LORA_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&p_), static_cast<size_t>(n) * sizeof(T), kStream));
-  }
-  ~DeviceArray() { Reset(); }
-  DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_) {
-    o.p_ = nullptr;
-    o.n_ = 0;
-  }
-  DeviceArray& operator=(DeviceArray&& o) noexcept {
-    if (this != &o) {
-      Reset();
-      p_ = o.p_;
-      n_ = o.n_;
-      o.p_ = nullptr;
-      o.n_ = 0;
+// The row executor of model_kernels.cuh on a block of kRowLanes threads: lane l takes elements l, l + kRowLanes,
+// ..., and partials combine pairwise in shared memory, in kernels::SerialRow's order. Every thread of the block
+// calls every method (they synchronize the block). Host code never runs it: the host branches only satisfy the
+// __host__ __device__ functors that take it.
+struct BlockRow {
+  float* shared;  // kRowLanes floats
+  int lane;
+
+  template <typename Op>
+  __host__ __device__ float Combine(float v, Op op) const {
+#ifdef __CUDA_ARCH__
+    __syncthreads();  // the previous reduction's readers of shared[0] are done
+    shared[lane] = v;
+    __syncthreads();
+    for (int s = kRowLanes / 2; s > 0; s >>= 1) {
+      if (lane < s) shared[lane] = op(shared[lane], shared[lane + s]);
+      __syncthreads();
     }
-    return *this;
+    return shared[0];
+#else
+    return v;
+#endif
   }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
+  template <typename F>
+  __host__ __device__ float Sum(int64_t count, const F& f) const {
+    float acc = 0.f;
+    for (int64_t i = lane; i < count; i += kRowLanes) acc += f(i);
+    return Combine(acc, [](float a, float b) { return a + b; });
+  }
+  template <typename F>
+  __host__ __device__ float Max(int64_t count, const F& f) const {
+    float acc = -INFINITY;
+    for (int64_t i = lane; i < count; i += kRowLanes) {
+      const float v = f(i);
+      acc = acc < v ? v : acc;
+    }
+    return Combine(acc, [](float a, float b) { return a < b ? b : a; });
+  }
+  template <typename F>
+  __host__ __device__ void For(int64_t count, const F& f) const {
+    for (int64_t i = lane; i < count; i += kRowLanes) f(i);
+#ifdef __CUDA_ARCH__
+    __syncthreads();  // the row's elements are written before anyone reads them
+#endif
+  }
+  __host__ __device__ bool Leader() const { return lane == 0; }
+};
 
-  T* get() const { return p_; }
-  int64_t size() const { return n_; }
-  void Zero() {
-    if (n_ > 0) LORA_CUDA(cudaMemsetAsync(p_, 0, static_cast<size_t>(n_) * sizeof(T), kStream));
-  }
+template <typename F>
+__global__ void RowKernel(int64_t rows, F f) {
+  __shared__ float shared[kRowLanes];
+  const BlockRow r{shared, static_cast<int>(threadIdx.x)};
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) f.Row(r, row);
+}
 
- private:
-  void Reset() {
-    if (p_ != nullptr) cudaFreeAsync(p_, kStream);  // a failure here surfaces at the next checked call
-    p_ = nullptr;
-    n_ = 0;
+// f.Row(r, row) for every row: one block per row (a grid-stride loop over rows beyond the grid).
+template <typename F>
+void ForEachRow(int64_t rows, const F& f) {
+  if (rows <= 0) return;
+  const int blocks = static_cast<int>(std::min<int64_t>(rows, zero::kernels::kMaxBlocks));
+  RowKernel<<<blocks, kRowLanes, 0, kStream>>>(rows, f);
+  LORA_CUDA(cudaGetLastError());
+}
+
+// Device memory for a Workspace: stream-ordered, so the arena (or a buffer outside it) may be released while
+// kernels that use it are still queued.
+class DeviceMemory : public RawMemory {
+ public:
+  void* Allocate(int64_t bytes) override {
+    void* p = nullptr;
+    LORA_CUDA(cudaMallocAsync(&p, static_cast<size_t>(bytes), kStream));
+    return p;
   }
-  T* p_ = nullptr;
-  int64_t n_ = 0;
+  void Free(void* p) override { cudaFreeAsync(p, kStream); }  // a failure surfaces at the next checked call
+  bool device() const override { return true; }
 };
 
 template <typename T>
-DeviceArray<T> Zeros(int64_t n) {
-  DeviceArray<T> a(n);
-  a.Zero();
-  return a;
+using Buf = Buffer<T>;
+
+template <typename T>
+void Zero(Buf<T>& b) {
+  if (b.size() > 0) LORA_CUDA(cudaMemsetAsync(b.get(), 0, static_cast<size_t>(b.bytes()), kStream));
 }
 
 template <typename T>
-DeviceArray<T> ToDevice(const T* host, int64_t n) {
-  DeviceArray<T> a(n);
-  if (n > 0) {
-    LORA_CUDA(cudaMemcpyAsync(a.get(), host, static_cast<size_t>(n) * sizeof(T), cudaMemcpyHostToDevice, kStream));
+void Upload(Buf<T>& b, const T* host) {
+  if (b.size() > 0) {
+    LORA_CUDA(cudaMemcpyAsync(b.get(), host, static_cast<size_t>(b.bytes()), cudaMemcpyHostToDevice, kStream));
   }
-  return a;
 }
 
-template <typename T>
-DeviceArray<T> Copy(const T* device, int64_t n) {
-  DeviceArray<T> a(n);
-  if (n > 0) {
-    LORA_CUDA(cudaMemcpyAsync(a.get(), device, static_cast<size_t>(n) * sizeof(T), cudaMemcpyDeviceToDevice, kStream));
-  }
-  return a;
+void CopyDevice(float* dst, const float* src, int64_t n) {
+  if (n > 0) LORA_CUDA(cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * sizeof(float), cudaMemcpyDeviceToDevice, kStream));
 }
 
-// x [n] fp32 rounded to bf16: an fp32 result becoming the operand of the next product.
-DeviceArray<Bf16> ToBf16(const float* x, int64_t n) {
-  DeviceArray<Bf16> y(n);
-  ForEach(n, kernels::CastElement<float, Bf16>{x, y.get()});
-  return y;
-}
+void ToBf16(const float* x, Bf16* y, int64_t n) { ForEach(n, kernels::CastElement<float, Bf16>{x, y}); }
 
 // One cuBLAS handle per thread, on kStream, created on first use.
 cublasHandle_t Blas() {
@@ -154,10 +192,16 @@ cublasHandle_t Blas() {
   return handle.h;
 }
 
-// Row-major C[M,N] = alpha op(A) op(B) + beta C, with A [M,K] (stored [K,M] when ta) and B [K,N] (stored [N,K]
-// when tb) bf16, C fp32, leading dimensions the row strides in elements, fp32 accumulation. cuBLAS is
-// column-major and a row-major matrix read column-major is its transpose, so this asks for
-// C^T = op(B)^T op(A)^T: the operands swap, each keeps its transpose flag.
+// Row-major C[M,N] = alpha op(A) op(B) + beta C, `batch` times at element strides sa, sb, sc, with A [M,K]
+// (stored [K,M] when ta) and B [K,N] (stored [N,K] when tb) bf16, C fp32, leading dimensions the row strides in
+// elements, fp32 accumulation. cuBLAS is column-major and a row-major matrix read column-major is its transpose,
+// so this asks for C^T = op(B)^T op(A)^T: the operands swap, each keeps its transpose flag.
+void GemmBatched(bool ta, bool tb, int M, int N, int K, float alpha, const Bf16* A, int lda, int64_t sa,
+                 const Bf16* B, int ldb, int64_t sb, float beta, float* C, int ldc, int64_t sc, int batch) {
+  LORA_CUBLAS(cublasGemmStridedBatchedEx(Blas(), tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M,
+                                         K, &alpha, B, CUDA_R_16BF, ldb, sb, A, CUDA_R_16BF, lda, sa, &beta, C,
+                                         CUDA_R_32F, ldc, sc, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
 void Gemm(bool ta, bool tb, int M, int N, int K, float alpha, const Bf16* A, int lda, const Bf16* B, int ldb,
           float beta, float* C, int ldc) {
   LORA_CUBLAS(cublasGemmEx(Blas(), tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B,
@@ -183,80 +227,120 @@ using namespace detail;  // the parameter table: model_layout.h, built by model.
 
 // Everything one pass needs besides the parameters (model.cc's Pass, on the device).
 struct Pass {
-  Pass(const ModelConfig& model, const LoraConfig& adapter, const Layout& lay, CudaParamAccess& acc)
-      : m(model), lora(adapter), layout(lay), access(acc) {}
+  Pass(const ModelConfig& model, const LoraConfig& adapter, const Layout& lay, CudaParamAccess& acc, Workspace* w)
+      : m(model), lora(adapter), layout(lay), access(acc), ws(w) {}
   const ModelConfig& m;
   const LoraConfig& lora;
   const Layout& layout;
   CudaParamAccess& access;
+  Workspace* ws;
   int n = 0, batch = 0, seq = 0;
   int hd = 0, qd = 0, kvd = 0;
   bool training = false;
   uint64_t dropout_seed = 0;
   float lora_scale = 0.f;
-  DeviceArray<float> cos, sin;   // RoPE table [seq, hd / 2], model.cc's values
-  DeviceArray<int32_t> tokens;   // [N]
-  DeviceArray<int32_t> targets;  // [N], Forward only
+  // Allocated in this order (a stack): the batch's token ids and targets [N], the RoPE tables [seq, hd / 2].
+  Buf<int32_t> tokens, targets;
+  Buf<float> cos, sin;
 
   bool Dropout() const { return training && lora.dropout > 0.f; }
   const Bf16* P(int p) const { return static_cast<const Bf16*>(access.Param(p)); }
   float* GradOrNull(int p) const { return layout.params[p].trainable ? access.Grad(p) : nullptr; }
+  float AttentionScale() const { return 1.f / std::sqrt(static_cast<float>(hd)); }
 };
 
+// model.cc's BlockActs, with bf16 operands and q, k, v head-major.
 struct BlockActs {
-  DeviceArray<float> x_in, inv1;   // block input [N,D] (fp32 residual stream), 1/rms [N]
-  DeviceArray<Bf16> xn1;           // normed [N,D]
-  DeviceArray<Bf16> q, k, v;       // after RoPE (q, k): [N,QD], [N,KVD], [N,KVD]
-  DeviceArray<float> probs;        // [B,H,T,T], zero above the diagonal
-  DeviceArray<Bf16> att;           // attention output [N,QD]
-  DeviceArray<float> x_mid, inv2;  // after the attention residual
-  DeviceArray<Bf16> xn2;
-  DeviceArray<float> g, u;             // SwiGLU gate and up products [N,F]
-  DeviceArray<Bf16> h;                 // silu(g) * u [N,F]
-  DeviceArray<Bf16> lora_u[kNumProj];  // A dropout(x) [N,r] per adapter
+  Buf<float> inv1;                // 1/rms [N]
+  Buf<Bf16> xn1;                  // normed [N,D]
+  Buf<Bf16> q, k, v;              // after RoPE (q, k), head-major: [B,H,T,hd], [B,KV,T,hd], [B,KV,T,hd]
+  Buf<Bf16> probs;                // [B,H,T,T], zero above the diagonal
+  Buf<Bf16> att;                  // attention output, token-major [N,QD]
+  Buf<float> x_mid, inv2;         // after the attention residual
+  Buf<Bf16> xn2;
+  Buf<float> g, u;                // SwiGLU gate and up products [N,F]
+  Buf<Bf16> h;                    // silu(g) * u [N,F]
+  Buf<Bf16> lora_u[kNumProj];     // A dropout(x) [N,r] per adapter
+
+  void Allocate(const Pass& ps, int layer) {
+    Workspace* w = ps.ws;
+    const int64_t n = ps.n, nd = n * ps.m.dim, nf = n * ps.m.ffn;
+    inv1 = Buf<float>(w, n);
+    xn1 = Buf<Bf16>(w, nd);
+    q = Buf<Bf16>(w, n * ps.qd);
+    k = Buf<Bf16>(w, n * ps.kvd);
+    v = Buf<Bf16>(w, n * ps.kvd);
+    probs = Buf<Bf16>(w, n * ps.m.heads * ps.seq);
+    att = Buf<Bf16>(w, n * ps.qd);
+    x_mid = Buf<float>(w, nd);
+    inv2 = Buf<float>(w, n);
+    xn2 = Buf<Bf16>(w, nd);
+    g = Buf<float>(w, nf);
+    u = Buf<float>(w, nf);
+    h = Buf<Bf16>(w, nf);
+    for (int p = 0; p < kNumProj; ++p) {
+      if (ps.layout.blocks[layer].proj[p].a >= 0) lora_u[p] = Buf<Bf16>(w, n * ps.lora.r);
+    }
+  }
+  void Release() {
+    for (int p = kNumProj - 1; p >= 0; --p) lora_u[p].Reset();
+    h.Reset();
+    u.Reset();
+    g.Reset();
+    xn2.Reset();
+    inv2.Reset();
+    x_mid.Reset();
+    att.Reset();
+    probs.Reset();
+    v.Reset();
+    k.Reset();
+    q.Reset();
+    xn1.Reset();
+    inv1.Reset();
+  }
 };
 
 uint64_t DropoutStream(int layer, int proj) { return static_cast<uint64_t>(layer) * kNumProj + proj + 1; }
 
-// The adapter's input: x, or dropout(x) in training with dropout > 0 (then written to *tmp).
-const Bf16* AdapterInput(const Pass& ps, int layer, int proj, const Bf16* x, int in, DeviceArray<Bf16>* tmp) {
+// The adapter's input: x, or dropout(x) in training with dropout > 0 (then in *tmp).
+const Bf16* AdapterInput(const Pass& ps, int layer, int proj, const Bf16* x, int in, Buf<Bf16>* tmp) {
   if (!ps.Dropout()) return x;
   const int64_t total = static_cast<int64_t>(ps.n) * in;
-  *tmp = DeviceArray<Bf16>(total);
+  *tmp = Buf<Bf16>(ps.ws, total);
   ForEach(total, kernels::DropoutElement<Bf16, Bf16>{x, tmp->get(), ps.dropout_seed, DropoutStream(layer, proj),
                                                      ps.lora.dropout, 1.f / (1.f - ps.lora.dropout)});
   return tmp->get();
 }
 
-// y[N,out] = x W^T (+ s B A dropout(x)); keeps A dropout(x) (bf16) in *lora_u.
-void LinearForward(const Pass& ps, int layer, int proj, const Bf16* x, float* y, DeviceArray<Bf16>* lora_u) {
+// y[N,out] = x W^T (+ s B A dropout(x)); keeps A dropout(x) (bf16) in lora_u (given when adapted).
+void LinearForward(const Pass& ps, int layer, int proj, const Bf16* x, float* y, Bf16* lora_u) {
   const Linear& lin = ps.layout.blocks[layer].proj[proj];
   MatMulNT(ps.n, lin.out, lin.in, 1.f, x, ps.P(lin.w), 0.f, y);
   if (lin.a < 0) return;
   const int r = ps.lora.r;
-  DeviceArray<Bf16> tmp;
+  Buf<Bf16> tmp;
   const Bf16* xd = AdapterInput(ps, layer, proj, x, lin.in, &tmp);
-  DeviceArray<float> u(static_cast<int64_t>(ps.n) * r);
+  Buf<float> u(ps.ws, static_cast<int64_t>(ps.n) * r);
   MatMulNT(ps.n, r, lin.in, 1.f, xd, ps.P(lin.a), 0.f, u.get());
-  *lora_u = ToBf16(u.get(), u.size());
-  MatMulNT(ps.n, lin.out, r, ps.lora_scale, lora_u->get(), ps.P(lin.b), 1.f, y);
+  ToBf16(u.get(), lora_u, u.size());
+  MatMulNT(ps.n, lin.out, r, ps.lora_scale, lora_u, ps.P(lin.b), 1.f, y);
 }
 
-// Given dy [N,out] (fp32): dx += dy W (+ the adapter's path); weight gradients into trainable Grad views.
-void LinearBackward(const Pass& ps, int layer, int proj, const Bf16* x, const float* dy,
-                    const DeviceArray<Bf16>& lora_u, float* dx) {
+// Given dy [N,out] (bf16): dx += dy W (+ the adapter's path); weight gradients into trainable Grad views.
+void LinearBackward(const Pass& ps, int layer, int proj, const Bf16* x, const Bf16* dy, const Bf16* lora_u,
+                    float* dx) {
   const Linear& lin = ps.layout.blocks[layer].proj[proj];
-  const DeviceArray<Bf16> dyb = ToBf16(dy, static_cast<int64_t>(ps.n) * lin.out);
-  if (float* dw = ps.GradOrNull(lin.w)) MatMulTN(lin.out, lin.in, ps.n, 1.f, dyb.get(), x, 1.f, dw);
-  MatMulNN(ps.n, lin.in, lin.out, 1.f, dyb.get(), ps.P(lin.w), 1.f, dx);
+  if (float* dw = ps.GradOrNull(lin.w)) MatMulTN(lin.out, lin.in, ps.n, 1.f, dy, x, 1.f, dw);
+  MatMulNN(ps.n, lin.in, lin.out, 1.f, dy, ps.P(lin.w), 1.f, dx);
   if (lin.a < 0) return;
   const int r = ps.lora.r;
   const float s = ps.lora_scale;
-  if (float* db = ps.GradOrNull(lin.b)) MatMulTN(lin.out, r, ps.n, s, dyb.get(), lora_u.get(), 1.f, db);
-  DeviceArray<float> du(static_cast<int64_t>(ps.n) * r);  // d(A xd) = s dy B
-  MatMulNN(ps.n, r, lin.out, s, dyb.get(), ps.P(lin.b), 0.f, du.get());
-  const DeviceArray<Bf16> dub = ToBf16(du.get(), du.size());
-  DeviceArray<Bf16> tmp;
+  if (float* db = ps.GradOrNull(lin.b)) MatMulTN(lin.out, r, ps.n, s, dy, lora_u, 1.f, db);
+  Buf<float> du(ps.ws, static_cast<int64_t>(ps.n) * r);  // d(A xd) = s dy B
+  MatMulNN(ps.n, r, lin.out, s, dy, ps.P(lin.b), 0.f, du.get());
+  Buf<Bf16> dub(ps.ws, du.size());
+  ToBf16(du.get(), dub.get(), du.size());
+  Buf<Bf16> tmp;
   const Bf16* xd = AdapterInput(ps, layer, proj, x, lin.in, &tmp);
   if (float* da = ps.GradOrNull(lin.a)) MatMulTN(r, lin.in, ps.n, 1.f, dub.get(), xd, 1.f, da);
   if (!ps.Dropout()) {
@@ -264,157 +348,175 @@ void LinearBackward(const Pass& ps, int layer, int proj, const Bf16* x, const fl
     return;
   }
   const int64_t total = static_cast<int64_t>(ps.n) * lin.in;
-  DeviceArray<float> dxd(total);
+  Buf<float> dxd(ps.ws, total);
   MatMulNN(ps.n, lin.in, r, 1.f, dub.get(), ps.P(lin.a), 0.f, dxd.get());
   ForEach(total, kernels::DropoutBackwardElement{dxd.get(), dx, ps.dropout_seed, DropoutStream(layer, proj),
                                                  ps.lora.dropout, 1.f / (1.f - ps.lora.dropout)});
 }
 
+// The same with an fp32 dy (the residual stream's gradient), rounded to bf16 first.
+void LinearBackwardF32(const Pass& ps, int layer, int proj, const Bf16* x, const float* dy, const Bf16* lora_u,
+                       float* dx) {
+  const int64_t count = static_cast<int64_t>(ps.n) * ps.layout.blocks[layer].proj[proj].out;
+  Buf<Bf16> dyb(ps.ws, count);
+  ToBf16(dy, dyb.get(), count);
+  LinearBackward(ps, layer, proj, x, dyb.get(), lora_u, dx);
+}
+
 // y (bf16) = x / rms(x) * w per row; inv[n] = 1 / rms(x_n).
 void RmsNormForward(const Pass& ps, const float* x, const Bf16* w, Bf16* y, float* inv) {
-  ForEach(ps.n, kernels::RmsNormRow<float, Bf16, Bf16>{x, w, y, inv, ps.m.dim, ps.m.norm_eps});
+  ForEachRow(ps.n, kernels::RmsNormRow<float, Bf16, Bf16>{x, w, y, inv, ps.m.dim, ps.m.norm_eps});
 }
 
 // dx += d/dx, dw += d/dw (dw may be null: frozen) of y = x * inv * w given dy.
 void RmsNormBackward(const Pass& ps, const float* x, const Bf16* w, const float* inv, const float* dy, float* dx,
                      float* dw) {
-  ForEach(ps.n, kernels::RmsNormBackwardRow<float, Bf16>{x, w, inv, dy, dx, ps.m.dim});
+  ForEachRow(ps.n, kernels::RmsNormBackwardRow<float, Bf16>{x, w, inv, dy, dx, ps.m.dim});
   if (dw == nullptr) return;
   ForEach(ps.m.dim, kernels::RmsNormWeightGradCol<float>{x, inv, dy, dw, ps.n, ps.m.dim});
 }
 
-void Rope(const Pass& ps, float* x, int heads, bool inverse) {
-  ForEach(ps.n, kernels::RopeRow<float>{x, ps.cos.get(), ps.sin.get(), ps.seq, heads, ps.hd, inverse});
+// RoPE on `rows` rows of `heads` heads: token-major [N, heads * hd] (rows = N), or head-major with heads = 1
+// (rows = B * heads * T: row (b * heads + h) * T + t has position t).
+void Rope(const Pass& ps, float* x, int64_t rows, int heads, bool inverse) {
+  ForEach(rows, kernels::RopeRow<float>{x, ps.cos.get(), ps.sin.get(), ps.seq, heads, ps.hd, inverse});
 }
 
-// Offsets of head h's [T, hd] slice of batch b in a [N, heads * hd] activation (row stride heads * hd).
-int64_t HeadOffset(int b, int h, int T, int heads, int hd) { return (static_cast<int64_t>(b) * T * heads + h) * hd; }
-// Offset of (b, h)'s [T, T] block of [B, H, T, T] scores.
-int64_t ScoreOffset(int b, int h, int T, int H) { return (static_cast<int64_t>(b) * H + h) * T * T; }
+// x [N, heads * hd] token-major -> y [B, heads, T, hd] head-major (to_heads), or back.
+template <typename X, typename Y>
+void Permute(const Pass& ps, const X* x, Y* y, int heads, bool to_heads) {
+  ForEach(static_cast<int64_t>(ps.n) * heads * ps.hd, kernels::PermuteHeads<X, Y>{x, y, ps.seq, heads, ps.hd, to_heads});
+}
 
-// Causal grouped-query attention, per (batch, query head) h reading kv head h / (heads / kv_heads):
-// scores = q k^T (GEMM), causal softmax (kernels::CausalSoftmaxRow, scaled there), att = probs v (GEMM).
+// Causal grouped-query attention over head-major q, k, v: per (batch, kv head g), with the group's query heads
+// as one [group * T, hd] matrix Q_g, the scores Q_g K_g^T [group * T, T] (rows (b * H + h) * T + t of [B,H,T,T]),
+// the causal softmax into bf16 probabilities P_g, and P_g V_g; the output back to token-major bf16 for o_proj.
 void AttentionForward(const Pass& ps, BlockActs& a) {
-  const int H = ps.m.heads, KV = ps.m.kv_heads, T = ps.seq, hd = ps.hd, group = H / KV;
-  a.probs = DeviceArray<float>(static_cast<int64_t>(ps.batch) * H * T * T);
-  for (int b = 0; b < ps.batch; ++b) {
-    for (int h = 0; h < H; ++h) {
-      Gemm(false, true, T, T, hd, 1.f, a.q.get() + HeadOffset(b, h, T, H, hd), H * hd,
-           a.k.get() + HeadOffset(b, h / group, T, KV, hd), KV * hd, 0.f, a.probs.get() + ScoreOffset(b, h, T, H), T);
-    }
+  const int H = ps.m.heads, KV = ps.m.kv_heads, T = ps.seq, hd = ps.hd, group = H / KV, gT = group * T;
+  const int batch = ps.batch * KV;
+  Buf<float> att(ps.ws, static_cast<int64_t>(ps.n) * ps.qd);  // head-major fp32
+  {
+    Buf<float> scores(ps.ws, a.probs.size());
+    GemmBatched(false, true, gT, T, hd, 1.f, a.q.get(), hd, int64_t{gT} * hd, a.k.get(), hd, int64_t{T} * hd, 0.f,
+                scores.get(), T, int64_t{gT} * T, batch);
+    ForEachRow(static_cast<int64_t>(ps.batch) * H * T,
+               kernels::CausalSoftmaxRow<Bf16>{scores.get(), a.probs.get(), T, ps.AttentionScale()});
   }
-  ForEach(static_cast<int64_t>(ps.batch) * H * T,
-          kernels::CausalSoftmaxRow{a.probs.get(), T, 1.f / std::sqrt(static_cast<float>(hd))});
-  const DeviceArray<Bf16> pb = ToBf16(a.probs.get(), a.probs.size());
-  DeviceArray<float> att(static_cast<int64_t>(ps.n) * ps.qd);
-  for (int b = 0; b < ps.batch; ++b) {
-    for (int h = 0; h < H; ++h) {
-      Gemm(false, false, T, hd, T, 1.f, pb.get() + ScoreOffset(b, h, T, H), T,
-           a.v.get() + HeadOffset(b, h / group, T, KV, hd), KV * hd, 0.f, att.get() + HeadOffset(b, h, T, H, hd),
-           H * hd);
-    }
-  }
-  a.att = ToBf16(att.get(), att.size());
+  GemmBatched(false, false, gT, hd, T, 1.f, a.probs.get(), T, int64_t{gT} * T, a.v.get(), hd, int64_t{T} * hd, 0.f,
+              att.get(), hd, int64_t{gT} * hd, batch);
+  Permute(ps, att.get(), a.att.get(), H, /*to_heads=*/false);
 }
 
-// From datt [N,QD] (fp32): dq [N,QD], dk and dv [N,KVD] (gradients w.r.t. the rotated q and k; dk and dv are
-// overwritten). dp = datt v^T (GEMM), ds by kernels::CausalSoftmaxBackwardRow, then dq = ds k, dk += ds^T q and
-// dv += p^T datt (GEMMs; the heads of a group accumulate into their kv head in order).
-void AttentionBackward(const Pass& ps, const BlockActs& a, const float* datt, float* dq, float* dk, float* dv) {
-  const int H = ps.m.heads, KV = ps.m.kv_heads, T = ps.seq, hd = ps.hd, group = H / KV;
-  const DeviceArray<Bf16> dob = ToBf16(datt, static_cast<int64_t>(ps.n) * ps.qd);
-  DeviceArray<float> ds(a.probs.size());
-  for (int b = 0; b < ps.batch; ++b) {
-    for (int h = 0; h < H; ++h) {
-      Gemm(false, true, T, T, hd, 1.f, dob.get() + HeadOffset(b, h, T, H, hd), H * hd,
-           a.v.get() + HeadOffset(b, h / group, T, KV, hd), KV * hd, 0.f, ds.get() + ScoreOffset(b, h, T, H), T);
+// From datt [N,QD] (fp32, token-major): dq [N,QD], dk and dv [N,KVD], bf16 token-major, the gradients w.r.t. the
+// rotated q and k (RoPE's inverse applied here, head-major). Per (batch, kv head): dP = dO V^T, the softmax's
+// backward into bf16 dS, then dQ = dS K, dK = dS^T Q and dV = P^T dO, each one batched product; dK and dV sum
+// over the group's query heads inside the product.
+void AttentionBackward(const Pass& ps, const BlockActs& a, const float* datt, Bf16* dq, Bf16* dk, Bf16* dv) {
+  const int H = ps.m.heads, KV = ps.m.kv_heads, T = ps.seq, hd = ps.hd, group = H / KV, gT = group * T;
+  const int batch = ps.batch * KV;
+  const int64_t n = ps.n;
+  Buf<float> dq32(ps.ws, n * ps.qd), dk32(ps.ws, n * ps.kvd), dv32(ps.ws, n * ps.kvd);  // head-major
+  {
+    Buf<Bf16> dob(ps.ws, n * ps.qd);
+    Permute(ps, datt, dob.get(), H, /*to_heads=*/true);
+    Buf<Bf16> dsb(ps.ws, a.probs.size());
+    {
+      Buf<float> ds(ps.ws, a.probs.size());
+      GemmBatched(false, true, gT, T, hd, 1.f, dob.get(), hd, int64_t{gT} * hd, a.v.get(), hd, int64_t{T} * hd, 0.f,
+                  ds.get(), T, int64_t{gT} * T, batch);
+      ForEachRow(static_cast<int64_t>(ps.batch) * H * T,
+                 kernels::CausalSoftmaxBackwardRow<Bf16, Bf16>{a.probs.get(), ds.get(), dsb.get(), T,
+                                                               ps.AttentionScale()});
     }
+    GemmBatched(false, false, gT, hd, T, 1.f, dsb.get(), T, int64_t{gT} * T, a.k.get(), hd, int64_t{T} * hd, 0.f,
+                dq32.get(), hd, int64_t{gT} * hd, batch);
+    GemmBatched(true, false, T, hd, gT, 1.f, dsb.get(), T, int64_t{gT} * T, a.q.get(), hd, int64_t{gT} * hd, 0.f,
+                dk32.get(), hd, int64_t{T} * hd, batch);
+    GemmBatched(true, false, T, hd, gT, 1.f, a.probs.get(), T, int64_t{gT} * T, dob.get(), hd, int64_t{gT} * hd,
+                0.f, dv32.get(), hd, int64_t{T} * hd, batch);
   }
-  ForEach(static_cast<int64_t>(ps.batch) * H * T,
-          kernels::CausalSoftmaxBackwardRow{a.probs.get(), ds.get(), T, 1.f / std::sqrt(static_cast<float>(hd))});
-  const DeviceArray<Bf16> dsb = ToBf16(ds.get(), ds.size());
-  const DeviceArray<Bf16> pb = ToBf16(a.probs.get(), a.probs.size());
-  LORA_CUDA(cudaMemsetAsync(dk, 0, static_cast<size_t>(ps.n) * ps.kvd * sizeof(float), kStream));
-  LORA_CUDA(cudaMemsetAsync(dv, 0, static_cast<size_t>(ps.n) * ps.kvd * sizeof(float), kStream));
-  for (int b = 0; b < ps.batch; ++b) {
-    for (int h = 0; h < H; ++h) {
-      const int64_t so = ScoreOffset(b, h, T, H), qo = HeadOffset(b, h, T, H, hd),
-                    ko = HeadOffset(b, h / group, T, KV, hd);
-      Gemm(false, false, T, hd, T, 1.f, dsb.get() + so, T, a.k.get() + ko, KV * hd, 0.f, dq + qo, H * hd);
-      Gemm(true, false, T, hd, T, 1.f, dsb.get() + so, T, a.q.get() + qo, H * hd, 1.f, dk + ko, KV * hd);
-      Gemm(true, false, T, hd, T, 1.f, pb.get() + so, T, dob.get() + qo, H * hd, 1.f, dv + ko, KV * hd);
-    }
-  }
+  Rope(ps, dq32.get(), static_cast<int64_t>(ps.batch) * H * T, 1, /*inverse=*/true);
+  Rope(ps, dk32.get(), static_cast<int64_t>(ps.batch) * KV * T, 1, /*inverse=*/true);
+  Permute(ps, dq32.get(), dq, H, /*to_heads=*/false);
+  Permute(ps, dk32.get(), dk, KV, /*to_heads=*/false);
+  Permute(ps, dv32.get(), dv, KV, /*to_heads=*/false);
 }
 
-// x [N,D]: the residual stream, block input on entry, output on return.
-void BlockForward(const Pass& ps, int layer, DeviceArray<float>& x, BlockActs& a) {
+// x [N,D]: the residual stream, the block's input on entry and its output on return; a: allocated.
+void BlockForward(const Pass& ps, int layer, float* x, BlockActs& a) {
   const Block& blk = ps.layout.blocks[layer];
-  const int64_t nd = static_cast<int64_t>(ps.n) * ps.m.dim, nf = static_cast<int64_t>(ps.n) * ps.m.ffn;
-  a.x_in = Copy(x.get(), nd);
-  a.inv1 = DeviceArray<float>(ps.n);
-  a.xn1 = DeviceArray<Bf16>(nd);
-  RmsNormForward(ps, x.get(), ps.P(blk.ln1), a.xn1.get(), a.inv1.get());
-  DeviceArray<float> q(static_cast<int64_t>(ps.n) * ps.qd), k(static_cast<int64_t>(ps.n) * ps.kvd),
-      v(static_cast<int64_t>(ps.n) * ps.kvd);
-  LinearForward(ps, layer, kQ, a.xn1.get(), q.get(), &a.lora_u[kQ]);
-  LinearForward(ps, layer, kK, a.xn1.get(), k.get(), &a.lora_u[kK]);
-  LinearForward(ps, layer, kV, a.xn1.get(), v.get(), &a.lora_u[kV]);
-  Rope(ps, q.get(), ps.m.heads, false);
-  Rope(ps, k.get(), ps.m.kv_heads, false);
-  a.q = ToBf16(q.get(), q.size());
-  a.k = ToBf16(k.get(), k.size());
-  a.v = ToBf16(v.get(), v.size());
+  const int64_t n = ps.n, nd = n * ps.m.dim, nf = n * ps.m.ffn;
+  RmsNormForward(ps, x, ps.P(blk.ln1), a.xn1.get(), a.inv1.get());
+  {
+    // The products in fp32, RoPE in fp32 (token-major, as the CPU model), then bf16 head-major.
+    Buf<float> q(ps.ws, n * ps.qd), k(ps.ws, n * ps.kvd), v(ps.ws, n * ps.kvd);
+    LinearForward(ps, layer, kQ, a.xn1.get(), q.get(), a.lora_u[kQ].get());
+    LinearForward(ps, layer, kK, a.xn1.get(), k.get(), a.lora_u[kK].get());
+    LinearForward(ps, layer, kV, a.xn1.get(), v.get(), a.lora_u[kV].get());
+    Rope(ps, q.get(), n, ps.m.heads, false);
+    Rope(ps, k.get(), n, ps.m.kv_heads, false);
+    Permute(ps, q.get(), a.q.get(), ps.m.heads, /*to_heads=*/true);
+    Permute(ps, k.get(), a.k.get(), ps.m.kv_heads, /*to_heads=*/true);
+    Permute(ps, v.get(), a.v.get(), ps.m.kv_heads, /*to_heads=*/true);
+  }
   AttentionForward(ps, a);
-  DeviceArray<float> tmp(nd);
-  LinearForward(ps, layer, kO, a.att.get(), tmp.get(), &a.lora_u[kO]);
-  ForEach(nd, kernels::AddElement<float>{x.get(), tmp.get()});
-  a.x_mid = Copy(x.get(), nd);
-  a.inv2 = DeviceArray<float>(ps.n);
-  a.xn2 = DeviceArray<Bf16>(nd);
-  RmsNormForward(ps, x.get(), ps.P(blk.ln2), a.xn2.get(), a.inv2.get());
-  a.g = DeviceArray<float>(nf);
-  a.u = DeviceArray<float>(nf);
-  a.h = DeviceArray<Bf16>(nf);
-  LinearForward(ps, layer, kGate, a.xn2.get(), a.g.get(), &a.lora_u[kGate]);
-  LinearForward(ps, layer, kUp, a.xn2.get(), a.u.get(), &a.lora_u[kUp]);
+  Buf<float> tmp(ps.ws, nd);  // the o and down projections' outputs
+  LinearForward(ps, layer, kO, a.att.get(), tmp.get(), a.lora_u[kO].get());
+  ForEach(nd, kernels::AddElement<float>{x, tmp.get()});
+  CopyDevice(a.x_mid.get(), x, nd);
+  RmsNormForward(ps, x, ps.P(blk.ln2), a.xn2.get(), a.inv2.get());
+  LinearForward(ps, layer, kGate, a.xn2.get(), a.g.get(), a.lora_u[kGate].get());
+  LinearForward(ps, layer, kUp, a.xn2.get(), a.u.get(), a.lora_u[kUp].get());
   ForEach(nf, kernels::SwiGluElement<float, Bf16>{a.g.get(), a.u.get(), a.h.get()});
-  LinearForward(ps, layer, kDown, a.h.get(), tmp.get(), &a.lora_u[kDown]);
-  ForEach(nd, kernels::AddElement<float>{x.get(), tmp.get()});
+  LinearForward(ps, layer, kDown, a.h.get(), tmp.get(), a.lora_u[kDown].get());
+  ForEach(nd, kernels::AddElement<float>{x, tmp.get()});
 }
 
-// dx: gradient w.r.t. the block's output on entry, w.r.t. its input on return.
-void BlockBackward(const Pass& ps, int layer, const BlockActs& a, DeviceArray<float>& dx) {
+// dx: gradient w.r.t. the block's output on entry, w.r.t. its input on return. x_in: the block's input.
+// model.cc's BlockBackward, with the same temporaries in the same scopes.
+void BlockBackward(const Pass& ps, int layer, const float* x_in, const BlockActs& a, float* dx) {
   const Block& blk = ps.layout.blocks[layer];
-  const int64_t nd = static_cast<int64_t>(ps.n) * ps.m.dim, nf = static_cast<int64_t>(ps.n) * ps.m.ffn;
-  // MLP branch: x_out = x_mid + down(silu(gate(xn2)) * up(xn2)).
-  DeviceArray<float> dh = Zeros<float>(nf), dg(nf), du(nf);
-  LinearBackward(ps, layer, kDown, a.h.get(), dx.get(), a.lora_u[kDown], dh.get());
-  ForEach(nf, kernels::SwiGluBackwardElement<float>{a.g.get(), a.u.get(), dh.get(), dg.get(), du.get()});
-  DeviceArray<float> dxn = Zeros<float>(nd);
-  LinearBackward(ps, layer, kGate, a.xn2.get(), dg.get(), a.lora_u[kGate], dxn.get());
-  LinearBackward(ps, layer, kUp, a.xn2.get(), du.get(), a.lora_u[kUp], dxn.get());
-  RmsNormBackward(ps, a.x_mid.get(), ps.P(blk.ln2), a.inv2.get(), dxn.get(), dx.get(), ps.GradOrNull(blk.ln2));
+  const int64_t n = ps.n, nd = n * ps.m.dim, nf = n * ps.m.ffn;
+  {  // MLP branch: x_out = x_mid + down(silu(gate(xn2)) * up(xn2)).
+    Buf<Bf16> dg(ps.ws, nf), du(ps.ws, nf);
+    {
+      Buf<float> dh(ps.ws, nf);
+      Zero(dh);
+      LinearBackwardF32(ps, layer, kDown, a.h.get(), dx, a.lora_u[kDown].get(), dh.get());
+      ForEach(nf, kernels::SwiGluBackwardElement<float, Bf16>{a.g.get(), a.u.get(), dh.get(), dg.get(), du.get()});
+    }
+    Buf<float> dxn(ps.ws, nd);
+    Zero(dxn);
+    LinearBackward(ps, layer, kGate, a.xn2.get(), dg.get(), a.lora_u[kGate].get(), dxn.get());
+    LinearBackward(ps, layer, kUp, a.xn2.get(), du.get(), a.lora_u[kUp].get(), dxn.get());
+    RmsNormBackward(ps, a.x_mid.get(), ps.P(blk.ln2), a.inv2.get(), dxn.get(), dx, ps.GradOrNull(blk.ln2));
+  }
   // Attention branch: x_mid = x_in + o(attention(rope(q(xn1)), rope(k(xn1)), v(xn1))).
-  DeviceArray<float> datt = Zeros<float>(static_cast<int64_t>(ps.n) * ps.qd);
-  LinearBackward(ps, layer, kO, a.att.get(), dx.get(), a.lora_u[kO], datt.get());
-  DeviceArray<float> dq(static_cast<int64_t>(ps.n) * ps.qd), dk(static_cast<int64_t>(ps.n) * ps.kvd),
-      dv(static_cast<int64_t>(ps.n) * ps.kvd);
-  AttentionBackward(ps, a, datt.get(), dq.get(), dk.get(), dv.get());
-  Rope(ps, dq.get(), ps.m.heads, true);
-  Rope(ps, dk.get(), ps.m.kv_heads, true);
-  dxn.Zero();
-  LinearBackward(ps, layer, kQ, a.xn1.get(), dq.get(), a.lora_u[kQ], dxn.get());
-  LinearBackward(ps, layer, kK, a.xn1.get(), dk.get(), a.lora_u[kK], dxn.get());
-  LinearBackward(ps, layer, kV, a.xn1.get(), dv.get(), a.lora_u[kV], dxn.get());
-  RmsNormBackward(ps, a.x_in.get(), ps.P(blk.ln1), a.inv1.get(), dxn.get(), dx.get(), ps.GradOrNull(blk.ln1));
+  Buf<Bf16> dq(ps.ws, n * ps.qd), dk(ps.ws, n * ps.kvd), dv(ps.ws, n * ps.kvd);
+  {
+    Buf<float> datt(ps.ws, n * ps.qd);
+    Zero(datt);
+    LinearBackwardF32(ps, layer, kO, a.att.get(), dx, a.lora_u[kO].get(), datt.get());
+    AttentionBackward(ps, a, datt.get(), dq.get(), dk.get(), dv.get());
+  }
+  Buf<float> dxn(ps.ws, nd);
+  Zero(dxn);
+  LinearBackward(ps, layer, kQ, a.xn1.get(), dq.get(), a.lora_u[kQ].get(), dxn.get());
+  LinearBackward(ps, layer, kK, a.xn1.get(), dk.get(), a.lora_u[kK].get(), dxn.get());
+  LinearBackward(ps, layer, kV, a.xn1.get(), dv.get(), a.lora_u[kV].get(), dxn.get());
+  RmsNormBackward(ps, x_in, ps.P(blk.ln1), a.inv1.get(), dxn.get(), dx, ps.GradOrNull(blk.ln1));
 }
 
 void MakePass(Pass* ps, const Batch& batch) {
   const std::string error = CheckConfig(ps->m, ps->lora);
   if (!error.empty()) Die(error);
   if (batch.batch <= 0 || batch.seq <= 0 || batch.tokens == nullptr) Die("empty batch or null tokens");
+  if (!ps->ws->device()) Die("the CUDA model needs a device workspace (NewCudaWorkspace())");
   const ModelConfig& m = ps->m;
+  for (int i = 0; i < batch.batch * batch.seq; ++i) {
+    if (batch.tokens[i] < 0 || batch.tokens[i] >= m.vocab) Die("token out of range at position " + std::to_string(i));
+  }
+  ps->ws->BeginPass();
   ps->batch = batch.batch;
   ps->seq = batch.seq;
   ps->n = batch.batch * batch.seq;
@@ -422,6 +524,12 @@ void MakePass(Pass* ps, const Batch& batch) {
   ps->qd = m.heads * ps->hd;
   ps->kvd = m.kv_heads * ps->hd;
   ps->lora_scale = ps->lora.enabled ? ps->lora.alpha / static_cast<float>(ps->lora.r) : 0.f;
+  ps->tokens = Buf<int32_t>(ps->ws, ps->n);
+  Upload(ps->tokens, batch.tokens);
+  if (batch.targets != nullptr) {
+    ps->targets = Buf<int32_t>(ps->ws, ps->n);
+    Upload(ps->targets, batch.targets);
+  }
   const int half = ps->hd / 2;
   std::vector<float> cos(static_cast<size_t>(ps->seq) * half), sin(cos.size());
   for (int t = 0; t < ps->seq; ++t) {
@@ -432,37 +540,57 @@ void MakePass(Pass* ps, const Batch& batch) {
       sin[static_cast<size_t>(t) * half + j] = static_cast<float>(std::sin(angle));
     }
   }
-  ps->cos = ToDevice(cos.data(), static_cast<int64_t>(cos.size()));
-  ps->sin = ToDevice(sin.data(), static_cast<int64_t>(sin.size()));
-  for (int i = 0; i < ps->n; ++i) {
-    if (batch.tokens[i] < 0 || batch.tokens[i] >= m.vocab) Die("token out of range at position " + std::to_string(i));
-  }
-  ps->tokens = ToDevice(batch.tokens, ps->n);
+  ps->cos = Buf<float>(ps->ws, static_cast<int64_t>(cos.size()));
+  ps->sin = Buf<float>(ps->ws, static_cast<int64_t>(sin.size()));
+  Upload(ps->cos, cos.data());
+  Upload(ps->sin, sin.data());
 }
 
-// The forward protocol up to the final norm's output xnf [N,D] (bf16); activations into acts (every block's
-// when keep, else one reused set), x_final, invf.
-void Trunk(const Pass& ps, bool keep, std::vector<BlockActs>* acts, DeviceArray<float>* x_final,
-           DeviceArray<float>* invf, DeviceArray<Bf16>* xnf) {
-  const int D = ps.m.dim;
+// model.cc's Kept: each block's input, and its activations unless recomputing.
+struct Kept {
+  std::vector<Buf<float>> inputs;
+  std::vector<BlockActs> acts;
+};
+
+// model.cc's Blocks: the embedding and the blocks, keeping what backward needs when `kept` is given.
+void Blocks(const Pass& ps, Buf<float>& x, Kept* kept, bool recompute) {
+  const int D = ps.m.dim, L = ps.m.layers;
   const int64_t nd = static_cast<int64_t>(ps.n) * D;
-  DeviceArray<float> x(nd);
   ps.access.Acquire(0, false);
   ForEach(ps.n, kernels::EmbedGatherRow<Bf16, float>{ps.P(ps.layout.embed), ps.tokens.get(), x.get(), D});
   ps.access.Release(0, false);
-  acts->resize(keep ? static_cast<size_t>(ps.m.layers) : 1);
-  for (int l = 0; l < ps.m.layers; ++l) {
+  if (kept != nullptr) {
+    kept->inputs.resize(static_cast<size_t>(L));
+    kept->acts.resize(recompute ? 0 : static_cast<size_t>(L));
+  }
+  for (int l = 0; l < L; ++l) {
     ps.access.Acquire(l + 1, false);
-    BlockForward(ps, l, x, (*acts)[keep ? static_cast<size_t>(l) : 0]);
+    if (kept != nullptr) {
+      Buf<float>& in = kept->inputs[static_cast<size_t>(l)];
+      in = Buf<float>(ps.ws, nd);
+      CopyDevice(in.get(), x.get(), nd);
+    }
+    if (kept != nullptr && !recompute) {
+      BlockActs& a = kept->acts[static_cast<size_t>(l)];
+      a.Allocate(ps, l);
+      BlockForward(ps, l, x.get(), a);
+    } else {
+      BlockActs a;
+      a.Allocate(ps, l);
+      BlockForward(ps, l, x.get(), a);
+      a.Release();
+    }
     ps.access.Release(l + 1, false);
   }
+}
+
+void FinalNorm(const Pass& ps, const float* x, Buf<float>* invf, Buf<Bf16>* xnf) {
   const int final_unit = ps.m.layers + 1;
+  *invf = Buf<float>(ps.ws, ps.n);
+  *xnf = Buf<Bf16>(ps.ws, static_cast<int64_t>(ps.n) * ps.m.dim);
   ps.access.Acquire(final_unit, false);
-  *invf = DeviceArray<float>(ps.n);
-  *xnf = DeviceArray<Bf16>(nd);
-  RmsNormForward(ps, x.get(), ps.P(ps.layout.norm), xnf->get(), invf->get());
+  RmsNormForward(ps, x, ps.P(ps.layout.norm), xnf->get(), invf->get());
   ps.access.Release(final_unit, false);
-  *x_final = std::move(x);
 }
 
 }  // namespace
@@ -482,69 +610,98 @@ bool CudaModelAvailable(std::string* why) {
   return true;
 }
 
+std::unique_ptr<Workspace> NewCudaWorkspace() { return std::make_unique<Workspace>(std::make_unique<DeviceMemory>()); }
+
 float ForwardCuda(const ModelConfig& m, const LoraConfig& lora, CudaParamAccess& access, const Batch& batch,
-                  bool backward, float loss_scale, uint64_t dropout_seed) {
+                  bool backward, float loss_scale, uint64_t dropout_seed, const PassOptions& options) {
+  std::unique_ptr<Workspace> own;
+  Workspace* ws = options.workspace;
+  if (ws == nullptr) ws = (own = NewCudaWorkspace()).get();
   const Layout layout = BuildLayout(m, lora);
-  Pass ps(m, lora, layout, access);
-  MakePass(&ps, batch);
-  ps.training = backward;
-  ps.dropout_seed = dropout_seed;
-  const int D = m.dim, V = m.vocab;
+  const int D = m.dim, V = m.vocab, L = m.layers;
   if (batch.targets == nullptr) Die("Forward needs targets");
   int count = 0;
-  for (int n = 0; n < ps.n; ++n) {
+  for (int n = 0; n < batch.batch * batch.seq; ++n) {
     const int32_t t = batch.targets[n];
     if (t < -1 || t >= V) Die("target out of range at position " + std::to_string(n));
     count += t >= 0;
   }
-  ps.targets = ToDevice(batch.targets, ps.n);
-  std::vector<BlockActs> acts;
-  DeviceArray<float> x_final, invf;
-  DeviceArray<Bf16> xnf;
-  Trunk(ps, backward, &acts, &x_final, &invf, &xnf);
+  Pass ps(m, lora, layout, access, ws);
+  MakePass(&ps, batch);
+  ps.training = backward;
+  ps.dropout_seed = dropout_seed;
+  // The workspace stack as model.cc's: x and dx below the blocks, then the blocks, the final norm, dxnf, logits.
+  const int64_t nd = static_cast<int64_t>(ps.n) * D;
+  Buf<float> x(ws, nd), dx;
+  if (backward) dx = Buf<float>(ws, nd);
+  Kept kept;
+  Blocks(ps, x, backward ? &kept : nullptr, options.recompute);
+  Buf<float> invf;
+  Buf<Bf16> xnf;
+  FinalNorm(ps, x.get(), &invf, &xnf);
+  Buf<float> dxnf;
+  if (backward) dxnf = Buf<float>(ws, nd);
 
-  // Head (tied embedding): logits, then softmax in place and the loss per row.
-  DeviceArray<float> probs(static_cast<int64_t>(ps.n) * V);
+  // Head (tied embedding): logits, then softmax in place and the loss per row (a block per row).
+  Buf<float> probs(ws, static_cast<int64_t>(ps.n) * V);
   access.Acquire(0, false);
   MatMulNT(ps.n, V, D, 1.f, xnf.get(), ps.P(layout.embed), 0.f, probs.get());
   access.Release(0, false);
-  DeviceArray<double> row_loss_dev(ps.n);
-  ForEach(ps.n, kernels::SoftmaxXentRow{probs.get(), ps.targets.get(), row_loss_dev.get(), V});
-  std::vector<double> row_loss(static_cast<size_t>(ps.n));
-  LORA_CUDA(cudaMemcpyAsync(row_loss.data(), row_loss_dev.get(), row_loss.size() * sizeof(double),
-                            cudaMemcpyDeviceToHost, kStream));
-  LORA_CUDA(cudaStreamSynchronize(kStream));  // the loss is the host's: one wait per pass
   double loss_sum = 0.0;
-  for (const double l : row_loss) loss_sum += l;
+  {
+    Buf<double> row_loss(ws, ps.n);
+    ForEachRow(ps.n, kernels::SoftmaxXentRow{probs.get(), ps.targets.get(), row_loss.get(), V});
+    std::vector<double> host(static_cast<size_t>(ps.n));
+    LORA_CUDA(cudaMemcpyAsync(host.data(), row_loss.get(), host.size() * sizeof(double), cudaMemcpyDeviceToHost,
+                              kStream));
+    LORA_CUDA(cudaStreamSynchronize(kStream));  // the loss is the host's: one wait per pass
+    for (const double l : host) loss_sum += l;
+  }
   const float loss = count > 0 ? static_cast<float>(loss_sum / count) : 0.f;
   if (!backward) return loss;
 
-  // dlogits = (softmax - onehot) * loss_scale / count on counted rows, 0 elsewhere.
-  const float coef = count > 0 ? loss_scale / static_cast<float>(count) : 0.f;
-  ForEach(ps.n, kernels::XentGradRow{probs.get(), ps.targets.get(), V, coef});
-  DeviceArray<Bf16> dlogits = ToBf16(probs.get(), probs.size());
-  probs = DeviceArray<float>();
-  const int64_t nd = static_cast<int64_t>(ps.n) * D;
-  DeviceArray<float> dxnf(nd);
-  access.Acquire(0, true);
-  if (float* de = ps.GradOrNull(layout.embed)) MatMulTN(V, D, ps.n, 1.f, dlogits.get(), xnf.get(), 1.f, de);
-  MatMulNN(ps.n, D, V, 1.f, dlogits.get(), ps.P(layout.embed), 0.f, dxnf.get());
-  access.Release(0, true);
-  dlogits = DeviceArray<Bf16>();
+  {
+    // dlogits = (softmax - onehot) * loss_scale / count on counted rows, 0 elsewhere, in bf16 for the products.
+    const float coef = count > 0 ? loss_scale / static_cast<float>(count) : 0.f;
+    Buf<Bf16> dlogits(ws, probs.size());
+    ForEachRow(ps.n, kernels::XentGradRow<Bf16>{probs.get(), dlogits.get(), ps.targets.get(), V, coef});
+    access.Acquire(0, true);
+    if (float* de = ps.GradOrNull(layout.embed)) MatMulTN(V, D, ps.n, 1.f, dlogits.get(), xnf.get(), 1.f, de);
+    MatMulNN(ps.n, D, V, 1.f, dlogits.get(), ps.P(layout.embed), 0.f, dxnf.get());
+    access.Release(0, true);
+  }
+  probs.Reset();
 
-  const int final_unit = m.layers + 1;
-  DeviceArray<float> dx = Zeros<float>(nd);
+  const int final_unit = L + 1;
+  Zero(dx);
   access.Acquire(final_unit, true);
-  RmsNormBackward(ps, x_final.get(), ps.P(layout.norm), invf.get(), dxnf.get(), dx.get(), ps.GradOrNull(layout.norm));
+  RmsNormBackward(ps, x.get(), ps.P(layout.norm), invf.get(), dxnf.get(), dx.get(), ps.GradOrNull(layout.norm));
   access.GradsReady(final_unit);
   access.Release(final_unit, true);
+  dxnf.Reset();
+  xnf.Reset();
+  invf.Reset();
 
-  for (int l = m.layers - 1; l >= 0; --l) {
+  for (int l = L - 1; l >= 0; --l) {
+    const size_t i = static_cast<size_t>(l);
     access.Acquire(l + 1, true);
-    BlockBackward(ps, l, acts[static_cast<size_t>(l)], dx);
+    if (options.recompute) {
+      BlockActs a;
+      a.Allocate(ps, l);
+      {
+        Buf<float> xs(ws, nd);
+        CopyDevice(xs.get(), kept.inputs[i].get(), nd);
+        BlockForward(ps, l, xs.get(), a);
+      }
+      BlockBackward(ps, l, kept.inputs[i].get(), a, dx.get());
+      a.Release();
+    } else {
+      BlockBackward(ps, l, kept.inputs[i].get(), kept.acts[i], dx.get());
+      kept.acts[i].Release();
+    }
+    kept.inputs[i].Reset();
     access.GradsReady(l + 1);
     access.Release(l + 1, true);
-    acts[static_cast<size_t>(l)] = BlockActs();
   }
 
   access.Acquire(0, true);
@@ -558,15 +715,20 @@ float ForwardCuda(const ModelConfig& m, const LoraConfig& lora, CudaParamAccess&
 }
 
 void LogitsCuda(const ModelConfig& m, const LoraConfig& lora, CudaParamAccess& access, const Batch& batch,
-                std::vector<float>* logits) {
+                std::vector<float>* logits, Workspace* workspace) {
+  std::unique_ptr<Workspace> own;
+  Workspace* ws = workspace;
+  if (ws == nullptr) ws = (own = NewCudaWorkspace()).get();
   const Layout layout = BuildLayout(m, lora);
-  Pass ps(m, lora, layout, access);
-  MakePass(&ps, batch);
-  std::vector<BlockActs> acts;
-  DeviceArray<float> x_final, invf;
-  DeviceArray<Bf16> xnf;
-  Trunk(ps, false, &acts, &x_final, &invf, &xnf);
-  DeviceArray<float> out(static_cast<int64_t>(ps.n) * m.vocab);
+  Pass ps(m, lora, layout, access, ws);
+  const Batch no_targets{batch.batch, batch.seq, batch.tokens, nullptr};
+  MakePass(&ps, no_targets);
+  Buf<float> x(ws, static_cast<int64_t>(ps.n) * m.dim);
+  Blocks(ps, x, nullptr, false);
+  Buf<float> invf;
+  Buf<Bf16> xnf;
+  FinalNorm(ps, x.get(), &invf, &xnf);
+  Buf<float> out(ws, static_cast<int64_t>(ps.n) * m.vocab);
   access.Acquire(0, false);
   MatMulNT(ps.n, m.vocab, m.dim, 1.f, xnf.get(), ps.P(layout.embed), 0.f, out.get());
   access.Release(0, false);

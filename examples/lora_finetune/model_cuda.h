@@ -6,14 +6,16 @@
 //
 // Everything is enqueued on the calling thread's current device (zero's Comm::OpenNccl makes the rank's GPU
 // current) and on the legacy default stream, zero's compute stream on the CUDA backend (the one its
-// Acquire/GradsReady order against); Forward waits for it once, to read the loss. No machine that builds this
-// project has a GPU: lora_cuda_model_test compares it with the CPU model where one exists.
+// Acquire/GradsReady order against); Forward waits for it once, to read the loss. Activations live in a device
+// Workspace (NewCudaWorkspace): one arena, sized by the first pass, then reused with no allocation. No machine
+// that builds this project has a GPU: lora_cuda_model_test compares it with the CPU model where one exists.
 //
 // This header needs no CUDA header; without CUDA built in (model_cuda_stub.cc), CudaModelAvailable says so and
 // the other calls abort.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -36,10 +38,15 @@ class CudaParamAccess {
   virtual float* Grad(int param) = 0;        // device, fp32; asked only for trainable parameters
 };
 
+// A workspace in device memory for the CUDA model (PassOptions::workspace), allocated and freed in order on the
+// model's stream.
+std::unique_ptr<Workspace> NewCudaWorkspace();
+
 // model.h's Forward and Logits on the GPU: batch.tokens and batch.targets are host arrays; logits come back to
-// the host. The access protocol is model.h's, call for call.
+// the host. The access protocol is model.h's, call for call; options as model.h's (the workspace a device one).
 float ForwardCuda(const ModelConfig&, const LoraConfig&, CudaParamAccess&, const Batch&, bool backward,
-                  float loss_scale, uint64_t dropout_seed);
-void LogitsCuda(const ModelConfig&, const LoraConfig&, CudaParamAccess&, const Batch&, std::vector<float>* logits);
+                  float loss_scale, uint64_t dropout_seed, const PassOptions& options = {});
+void LogitsCuda(const ModelConfig&, const LoraConfig&, CudaParamAccess&, const Batch&, std::vector<float>* logits,
+                Workspace* workspace = nullptr);
 
 }  // namespace lora

@@ -20,11 +20,15 @@ bool CudaModelAvailable(std::string* why) {
   return false;
 }
 
-float ForwardCuda(const ModelConfig&, const LoraConfig&, CudaParamAccess&, const Batch&, bool, float, uint64_t) {
+std::unique_ptr<Workspace> NewCudaWorkspace() { Unavailable(); }
+
+float ForwardCuda(const ModelConfig&, const LoraConfig&, CudaParamAccess&, const Batch&, bool, float, uint64_t,
+                  const PassOptions&) {
   Unavailable();
 }
 
-void LogitsCuda(const ModelConfig&, const LoraConfig&, CudaParamAccess&, const Batch&, std::vector<float>*) {
+void LogitsCuda(const ModelConfig&, const LoraConfig&, CudaParamAccess&, const Batch&, std::vector<float>*,
+                Workspace*) {
   Unavailable();
 }
 

@@ -2,15 +2,18 @@
 // (nvcc): each functor computes one element, one row or one column, and both the CPU model's OpenMP loops and a
 // grid-stride CUDA kernel call it. Matrix products are not here (CBLAS sgemm on the CPU, cuBLAS on a GPU).
 //
-// defines: Bf16, Load, Store, Mix, Hash, Uniform01, Keep, RmsNormRow, RmsNormBackwardRow, RmsNormWeightGradCol,
-//          RopeRow, CausalSoftmaxRow, CausalSoftmaxBackwardRow, SwiGluElement, SwiGluBackwardElement,
-//          SoftmaxXentRow, XentGradRow, EmbedGatherRow, EmbedScatterCol, DropoutElement, DropoutBackwardElement,
-//          AddElement, CastElement
+// defines: Bf16, Load, Store, Mix, Hash, Uniform01, Keep, kRowLanes, SerialRow, RmsNormRow, RmsNormBackwardRow,
+//          RmsNormWeightGradCol, RopeRow, CausalSoftmaxRow, CausalSoftmaxBackwardRow, SwiGluElement,
+//          SwiGluBackwardElement, SoftmaxXentRow, XentGradRow, EmbedGatherRow, EmbedScatterCol, DropoutElement,
+//          DropoutBackwardElement, AddElement, CastElement, PermuteHeads
 //
 // Storage and arithmetic: every array is read through Load and written through Store, so a functor works on fp32
 // arrays (the CPU model) and on bf16 ones (what a GPU keeps for matrix-product inputs) with the arithmetic always
-// in fp32; statistics (1/rms, losses) and gradients stay fp32 or wider. The operation order of each functor is the
-// CPU model's, so the CPU model gives the same bits as before the functors existed.
+// in fp32; statistics (1/rms, losses) stay fp32 or wider.
+//
+// Row functors (a norm, a softmax, a cross-entropy: a reduction over a row, then per-element work) are written over
+// a row executor (SerialRow below), so that the CPU runs a row on one thread and a GPU on a block of threads with
+// the same per-element math and the same summation order.
 //
 // Layouts (model.cc's): activations row-major [N, features], row n = b * seq + t; attention scores and
 // probabilities [B, H, T, T] with row (b * H + h) * T + t; a weight [out, in].
@@ -53,6 +56,46 @@ ZERO_HD bool Keep(uint64_t seed, uint64_t stream, int64_t i, float dropout) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Row executors. A row functor's Row(r, n) does row n's math through an executor r that provides
+//   r.Sum(count, f)  the sum of f(i) for i < count, in the order below;
+//   r.Max(count, f)  the largest f(i) (exact in any order);
+//   r.For(count, f)  f(i) for every i < count (independent elements);
+//   r.Leader()       true on the one thread that writes the row's scalars.
+// f may write element i (it is called once per i). SerialRow runs a row on one thread (the CPU model, the tests);
+// model_cuda.cu's BlockRow runs it on a block of kRowLanes threads. Both sum in one order: lane l adds elements
+// l, l + kRowLanes, l + 2 kRowLanes, ... to a partial that starts at 0, then the lanes combine pairwise
+// (lane l += lane l + s, for s = kRowLanes / 2, ..., 1; lane 0 is the sum). So a row's sums have the same bits on
+// either device whenever its elements do.
+inline constexpr int kRowLanes = 256;
+
+struct SerialRow {
+  template <typename F>
+  ZERO_HD float Sum(int64_t count, const F& f) const {
+    float lane[kRowLanes];
+    for (int l = 0; l < kRowLanes; ++l) lane[l] = 0.f;
+    for (int64_t i = 0; i < count; ++i) lane[i & (kRowLanes - 1)] += f(i);
+    for (int s = kRowLanes / 2; s > 0; s >>= 1) {
+      for (int l = 0; l < s; ++l) lane[l] += lane[l + s];
+    }
+    return lane[0];
+  }
+  template <typename F>
+  ZERO_HD float Max(int64_t count, const F& f) const {
+    float m = -INFINITY;
+    for (int64_t i = 0; i < count; ++i) {
+      const float v = f(i);
+      m = m < v ? v : m;
+    }
+    return m;
+  }
+  template <typename F>
+  ZERO_HD void For(int64_t count, const F& f) const {
+    for (int64_t i = 0; i < count; ++i) f(i);
+  }
+  ZERO_HD bool Leader() const { return true; }
+};
+
+// ---------------------------------------------------------------------------------------------------------
 // RMSNorm: y = x / rms(x) * w per row of d, rms(x) = sqrt(mean(x^2) + eps); inv[n] = 1 / rms(x_n) kept for backward.
 template <typename X, typename W, typename Y>
 struct RmsNormRow {
@@ -62,15 +105,16 @@ struct RmsNormRow {
   float* inv;  // [N]
   int d;
   float eps;
-  ZERO_HD void operator()(int64_t n) const {
+  template <typename R>
+  ZERO_HD void Row(const R& r, int64_t n) const {
     const X* xr = x + n * d;
-    float ss = 0.f;
-    for (int j = 0; j < d; ++j) ss += Load(xr[j]) * Load(xr[j]);
+    const float ss = r.Sum(d, [&](int64_t j) { return Load(xr[j]) * Load(xr[j]); });
     const float iv = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
-    inv[n] = iv;
+    if (r.Leader()) inv[n] = iv;
     Y* yr = y + n * d;
-    for (int j = 0; j < d; ++j) Store(yr + j, Load(xr[j]) * iv * Load(w[j]));
+    r.For(d, [&](int64_t j) { Store(yr + j, Load(xr[j]) * iv * Load(w[j])); });
   }
+  ZERO_HD void operator()(int64_t n) const { Row(SerialRow(), n); }
 };
 
 // Per row: dx += d/dx of y = x * inv * w given dy (dx accumulates: the residual stream's gradient).
@@ -82,16 +126,17 @@ struct RmsNormBackwardRow {
   const float* dy;   // [N, d]
   float* dx;         // [N, d], +=
   int d;
-  ZERO_HD void operator()(int64_t n) const {
+  template <typename R>
+  ZERO_HD void Row(const R& r, int64_t n) const {
     const X* xr = x + n * d;
     const float* dyr = dy + n * d;
     float* dxr = dx + n * d;
-    float dot = 0.f;  // sum_j dy_j w_j x_j
-    for (int j = 0; j < d; ++j) dot += dyr[j] * Load(w[j]) * Load(xr[j]);
+    const float dot = r.Sum(d, [&](int64_t j) { return dyr[j] * Load(w[j]) * Load(xr[j]); });  // sum dy w x
     const float iv = inv[n];
     const float c = dot * iv * iv * iv / static_cast<float>(d);
-    for (int j = 0; j < d; ++j) dxr[j] += dyr[j] * Load(w[j]) * iv - Load(xr[j]) * c;
+    r.For(d, [&](int64_t j) { dxr[j] += dyr[j] * Load(w[j]) * iv - Load(xr[j]) * c; });
   }
+  ZERO_HD void operator()(int64_t n) const { Row(SerialRow(), n); }
 };
 
 // Per column j: dw[j] += sum_n dy[n, j] x[n, j] inv[n], summed in row order (one thread per column: no atomics,
@@ -144,47 +189,55 @@ struct RopeRow {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Causal softmax of one attention row r = (b * H + h) * T + t, in place: scores[s] = q_t . k_s (unscaled) for
-// s <= t on entry, probabilities softmax(scale * scores) for s <= t and 0 above the diagonal on return.
+// Causal softmax of one attention row r = (b * H + h) * T + t: on entry s[r, j] = q_t . k_j (unscaled) for
+// j <= t; on return p[r, j] = softmax(scale * s[r, :t+1])_j for j <= t and 0 above the diagonal, s[r, j <= t]
+// overwritten (scratch). p may be s itself (P = float: in place, the CPU model), or a separate array (bf16: what a
+// GPU keeps for the probabilities-times-values product and for backward).
+template <typename P>
 struct CausalSoftmaxRow {
-  float* p;  // [rows, T]
+  float* s;  // [rows, T]
+  P* p;      // [rows, T]
   int T;
   float scale;  // 1 / sqrt(head_dim)
-  ZERO_HD void operator()(int64_t r) const {
-    const int t = static_cast<int>(r % T);
-    float* row = p + r * T;
-    float mx = -INFINITY;
-    for (int s = 0; s <= t; ++s) {
-      row[s] = row[s] * scale;
-      mx = mx < row[s] ? row[s] : mx;
-    }
-    float sum = 0.f;
-    for (int s = 0; s <= t; ++s) {
-      row[s] = expf(row[s] - mx);
-      sum += row[s];
-    }
+  template <typename R>
+  ZERO_HD void Row(const R& r, int64_t row) const {
+    const int t = static_cast<int>(row % T);
+    float* sr = s + row * T;
+    P* pr = p + row * T;
+    const float mx = r.Max(t + 1, [&](int64_t j) {
+      sr[j] = sr[j] * scale;
+      return sr[j];
+    });
+    const float sum = r.Sum(t + 1, [&](int64_t j) {
+      sr[j] = expf(sr[j] - mx);
+      return sr[j];
+    });
     const float inv = 1.f / sum;
-    for (int s = 0; s <= t; ++s) row[s] *= inv;
-    for (int s = t + 1; s < T; ++s) row[s] = 0.f;
+    r.For(T, [&](int64_t j) { Store(pr + j, j <= t ? sr[j] * inv : 0.f); });
   }
+  ZERO_HD void operator()(int64_t row) const { Row(SerialRow(), row); }
 };
 
-// Backward of one causal softmax row, in place: dp[s] = dout_t . v_s on entry, the gradient w.r.t. the unscaled
-// scores on return, ds[s] = p[s] (dp[s] - sum_s' p[s'] dp[s']) * scale for s <= t, 0 above the diagonal.
+// Backward of one causal softmax row: on entry dp[r, j] = dout_t . v_j; on return ds[r, j] = p_j (dp_j - sum_j'
+// p_j' dp_j') * scale, the gradient w.r.t. the unscaled scores, for j <= t and 0 above the diagonal. ds may be dp
+// itself (D = float, in place) or a separate array (bf16, a GPU's operand for the next products).
+template <typename P, typename D>
 struct CausalSoftmaxBackwardRow {
-  const float* p;  // [rows, T], the forward's probabilities
-  float* dp;       // [rows, T]
+  const P* p;  // [rows, T], the forward's probabilities
+  float* dp;   // [rows, T]
+  D* ds;       // [rows, T]
   int T;
   float scale;
-  ZERO_HD void operator()(int64_t r) const {
-    const int t = static_cast<int>(r % T);
-    const float* pr = p + r * T;
-    float* d = dp + r * T;
-    float pdp = 0.f;
-    for (int s = 0; s <= t; ++s) pdp += pr[s] * d[s];
-    for (int s = 0; s <= t; ++s) d[s] = pr[s] * (d[s] - pdp) * scale;
-    for (int s = t + 1; s < T; ++s) d[s] = 0.f;
+  template <typename R>
+  ZERO_HD void Row(const R& r, int64_t row) const {
+    const int t = static_cast<int>(row % T);
+    const P* pr = p + row * T;
+    const float* d = dp + row * T;
+    D* out = ds + row * T;
+    const float pdp = r.Sum(t + 1, [&](int64_t j) { return Load(pr[j]) * d[j]; });
+    r.For(T, [&](int64_t j) { Store(out + j, j <= t ? Load(pr[j]) * (d[j] - pdp) * scale : 0.f); });
   }
+  ZERO_HD void operator()(int64_t row) const { Row(SerialRow(), row); }
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -200,18 +253,19 @@ struct SwiGluElement {
   }
 };
 
-// dg = dh * u * sig * (1 + g (1 - sig)), du = dh * g * sig (written, not accumulated).
-template <typename G>
+// dg = dh * u * sig * (1 + g (1 - sig)), du = dh * g * sig (written, not accumulated; in D: fp32 on the CPU, bf16
+// on a GPU, where they are the operands of the gate and up projections' backward products).
+template <typename G, typename D>
 struct SwiGluBackwardElement {
   const G* g;
   const G* u;
   const float* dh;
-  float* dg;
-  float* du;
+  D* dg;
+  D* du;
   ZERO_HD void operator()(int64_t i) const {
     const float gi = Load(g[i]), sig = 1.f / (1.f + expf(-gi));
-    du[i] = dh[i] * gi * sig;
-    dg[i] = dh[i] * Load(u[i]) * sig * (1.f + gi * (1.f - sig));
+    Store(du + i, dh[i] * gi * sig);
+    Store(dg + i, dh[i] * Load(u[i]) * sig * (1.f + gi * (1.f - sig)));
   }
 };
 
@@ -223,39 +277,44 @@ struct SoftmaxXentRow {
   const int32_t* targets;  // [N], -1 = ignored
   double* loss;            // [N]
   int V;
-  ZERO_HD void operator()(int64_t n) const {
+  template <typename R>
+  ZERO_HD void Row(const R& r, int64_t n) const {
     float* row = logits + n * V;
-    float mx = row[0];
-    for (int v = 1; v < V; ++v) mx = mx < row[v] ? row[v] : mx;
-    float sum = 0.f;
-    for (int v = 0; v < V; ++v) {
+    const float mx = r.Max(V, [&](int64_t v) { return row[v]; });
+    const float sum = r.Sum(V, [&](int64_t v) {
       row[v] = expf(row[v] - mx);
-      sum += row[v];
-    }
+      return row[v];
+    });
     const float inv = 1.f / sum;
-    for (int v = 0; v < V; ++v) row[v] *= inv;
+    r.For(V, [&](int64_t v) { row[v] *= inv; });
+    if (!r.Leader()) return;
     const int32_t t = targets[n];
     const float pt = t >= 0 ? row[t] : 1.f;
     loss[n] = t >= 0 ? -log(static_cast<double>(pt < 1e-30f ? 1e-30f : pt)) : 0.0;
   }
+  ZERO_HD void operator()(int64_t n) const { Row(SerialRow(), n); }
 };
 
-// Per row, in place: dlogits = (p - onehot(target)) * coef, coef = loss_scale / counted targets; 0 when ignored.
+// Per row: d = (p - onehot(target)) * coef, coef = loss_scale / counted targets; 0 when ignored. d may be p itself
+// (D = float: in place) or a separate array (bf16: a GPU's operand of the head's backward products).
+template <typename D>
 struct XentGradRow {
-  float* p;  // [N, V] probabilities in, dlogits out
+  const float* p;  // [N, V] probabilities
+  D* d;            // [N, V] dlogits
   const int32_t* targets;
   int V;
   float coef;
-  ZERO_HD void operator()(int64_t n) const {
-    float* row = p + n * V;
+  template <typename R>
+  ZERO_HD void Row(const R& r, int64_t n) const {
+    const float* pr = p + n * V;
+    D* dr = d + n * V;
     const int32_t t = targets[n];
-    if (t < 0) {
-      for (int v = 0; v < V; ++v) row[v] = 0.f;
-      return;
-    }
-    for (int v = 0; v < V; ++v) row[v] *= coef;
-    row[t] -= coef;
+    r.For(V, [&](int64_t v) {
+      const float scaled = pr[v] * coef;
+      Store(dr + v, t < 0 ? 0.f : v == t ? scaled - coef : scaled);
+    });
   }
+  ZERO_HD void operator()(int64_t n) const { Row(SerialRow(), n); }
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -329,6 +388,33 @@ struct CastElement {
   const X* x;
   Y* y;
   ZERO_HD void operator()(int64_t i) const { Store(y + i, Load(x[i])); }
+};
+
+// Token-major <-> head-major: model.cc's activations are token-major, [B, T, heads, hd] (row n = b * T + t of
+// [N, heads * hd]); a GPU's batched attention products read head-major [B, heads, T, hd], where one kv head's
+// group of query heads is one contiguous [group * T, hd] matrix. out[i] = in[the same (b, t, head, j)], element i
+// of the output; to_heads: token-major in, head-major out, else the reverse. RopeRow with heads = 1 rotates a
+// head-major array too (its row n = (b * heads + h) * T + t has position n % T).
+template <typename X, typename Y>
+struct PermuteHeads {
+  const X* in;
+  Y* out;
+  int seq;
+  int heads;
+  int hd;
+  bool to_heads;
+  ZERO_HD void operator()(int64_t i) const {
+    const int64_t j = i % hd, row = i / hd;
+    int64_t src;
+    if (to_heads) {  // out row (b * heads + h) * seq + t
+      const int64_t t = row % seq, bh = row / seq, h = bh % heads, b = bh / heads;
+      src = ((b * seq + t) * heads + h) * hd + j;
+    } else {  // out row (b * seq + t) * heads + h
+      const int64_t h = row % heads, bt = row / heads, t = bt % seq, b = bt / seq;
+      src = ((b * heads + h) * seq + t) * hd + j;
+    }
+    Store(out + i, Load(in[src]));
+  }
 };
 
 }  // namespace lora::kernels

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "zero/transformer.h"
 #include "zero/types.h"
 
 namespace zero {
@@ -15,10 +16,11 @@ enum class Stage : uint8_t {
   kOptimizerStates = 1,  // optimizer state partitioned; gradients reduce-scattered after the last micro-step
   kGradients = 2,        // + gradients partitioned; reduce-scattered every micro-step into shard accumulators
   kParameters = 3,       // + parameters partitioned; gathered per unit at Acquire, freed at Release
-  // Engine::Open chooses: the first configuration of the preference order (stage 0, 1, 2, 2 + optimizer offload,
-  // 3, 3 + optimizer offload, 3 + parameter offload) whose device bytes (zero::Estimate) fit in the smallest free
-  // device memory of any rank minus Options::reserved_bytes. Every rank makes the same choice; Engine::options()
-  // and Engine::auto_choice() report it. See include/zero/estimate.h.
+  // Engine::Open chooses: the first configuration of the preference order (on the device: stage 0, 1, 2, 3; then
+  // offloaded: 2 + optimizer offload, 3 + optimizer offload, 3 + parameter offload) whose device bytes
+  // (zero::Estimate) fit in the smallest free device memory of any rank minus the reserve (Options::reserved_bytes,
+  // plus the activation estimate of Options::activation_model). Every rank makes the same choice;
+  // Engine::options() and Engine::auto_choice() report it. See include/zero/estimate.h.
   kAuto = 255,
 };
 const char* StageName(Stage stage);
@@ -142,9 +144,15 @@ struct Options {
   // fails with an OutOfMemory status that carries the per-category breakdown.
   int64_t device_capacity_bytes = 0;
   // Device bytes per rank the trainer needs besides the engine's buffers (activations, workspace, its own
-  // kernels' scratch). Required (>= 0) with Stage::kAuto, which fits the engine into free memory minus this;
-  // otherwise used only by the configuration an out-of-memory status suggests. Default -1: not given.
+  // kernels' scratch). Required (>= 0) with Stage::kAuto unless activation_model is given; kAuto fits the engine
+  // into free memory minus this; otherwise used only by the configuration an out-of-memory status suggests.
+  // Default -1: not given.
   int64_t reserved_bytes = -1;
+  // Stage::kAuto's reserve by estimate: when activation_model.layers > 0, the activation memory of this LLaMA-style
+  // model and micro-batch (zero::EstimateActivations, estimate.h) is kept free, on top of reserved_bytes when that
+  // is given too (then for anything else: workspace, the CUDA context). Default: not given.
+  TransformerShape activation_model;
+  ActivationOptions activation_options;
 
   // Threads for CPU kernels on this rank. 0: cores per node / local ranks. Default 0.
   int cpu_threads = 0;
