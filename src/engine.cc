@@ -294,9 +294,10 @@ Status Engine::Impl::CheckUnitsDone(const std::string& call, bool need_grads) co
       return Status::FailedPrecondition(call + ": " + UnitName(static_cast<int>(u)) +
                                         " is still acquired; Release it first");
     }
-    if (need_grads && us.trainable_elems > 0 && !us.grads_ready) {
-      return Status::FailedPrecondition(call + ": " + UnitName(static_cast<int>(u)) +
-                                        " is not ready; call GradsReady for every unit in every micro-step");
+    if (need_grads && us.trainable_elems > 0 && !ReadyToReduce(us)) {
+      return Status::FailedPrecondition(call + ": " + UnitName(static_cast<int>(u)) + " is not ready; call GradsReady " +
+                                        (dynamic.on ? "for every unit this rank acquired in this micro-step"
+                                                    : "for every unit in every micro-step"));
     }
   }
   return Status::Ok();
@@ -311,13 +312,14 @@ void Engine::Impl::AgreeVector(AgreeKind kind, int64_t arg, const Status& local,
   v[kAgreeTrace] = static_cast<double>(trace_hash);
   v[kAgreeArg] = static_cast<double>(arg);
   v[kAgreeLocalError] = local.ok() ? 0 : 1;
+  v[kAgreeAny] = 0;
 }
 
 std::string Engine::Impl::DescribeDisagreement(int first, const std::vector<double>& all, int world,
                                                const std::string& where) {
-  static const char* kFieldNames[kAgreeFields] = {"call",      "optimizer step", "micro-step index",
-                                                  "is_last",   "partition plan", "units used so far",
-                                                  "argument",  "local error"};
+  static const char* kFieldNames[kAgreeFields] = {"call",     "optimizer step", "micro-step index",
+                                                  "is_last",  "partition plan", "units used so far",
+                                                  "argument", "local error",    "(not compared)"};
   auto field = [&](int r, int f) { return static_cast<int64_t>(all[static_cast<size_t>(r) * kAgreeFields + f]); };
   std::ostringstream os;
   os << "ranks disagree on the " << kFieldNames[first] << " at " << where << ":";
@@ -333,9 +335,10 @@ std::string Engine::Impl::DescribeDisagreement(int first, const std::vector<doub
   return os.str();
 }
 
-Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
+Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local, int64_t any, int64_t* any_max) {
   double v[2 * kAgreeFields];
   AgreeVector(kind, arg, local, v);
+  v[kAgreeAny] = static_cast<double>(any);
   for (int i = 0; i < kAgreeFields; ++i) v[kAgreeFields + i] = -v[i];
   CollectiveOptions co;
   co.control = true;
@@ -348,8 +351,9 @@ Status Engine::Impl::Agree(AgreeKind kind, int64_t arg, const Status& local) {
   }
   int first = -1;
   for (int i = 0; i < kAgreeFields && first < 0; ++i) {
-    if (out[i] != -out[kAgreeFields + i]) first = i;
+    if (i != kAgreeAny && out[i] != -out[kAgreeFields + i]) first = i;
   }
+  if (any_max != nullptr) *any_max = static_cast<int64_t>(out[kAgreeAny]);
   if (first < 0) return local;  // every rank agrees (and had no local error, or every rank had one)
   // Something differs: collect every rank's vector so that every rank can name who disagrees.
   std::vector<double> all(static_cast<size_t>(world) * kAgreeFields);
@@ -785,47 +789,64 @@ Status Engine::InitParams(const FillFn& fill) {
   return impl_->InitParamsImpl(fill);
 }
 
-Status Engine::BeginMicroStep(int micro, bool is_last) {
-  Impl& e = *impl_;
-  ZERO_RETURN_IF_ERROR(e.CheckUsable());
+Status Engine::BeginMicroStep(int micro, bool is_last) { return impl_->BeginMicroStepImpl(micro, is_last, nullptr); }
+
+Status Engine::BeginMicroStep(int micro, bool is_last, std::span<const int> units) {
+  const std::vector<int> list(units.begin(), units.end());
+  return impl_->BeginMicroStepImpl(micro, is_last, &list);
+}
+
+Status Engine::Impl::BeginMicroStepImpl(int micro_arg, bool is_last, const std::vector<int>* declared) {
+  ZERO_RETURN_IF_ERROR(CheckUsable());
+  // The end of a micro-step with declared units: its remaining collectives come first, on every rank alike.
+  if (micro >= 0 && dynamic.on) ZERO_RETURN_IF_ERROR(FinishDynamic());
   Status local;
-  if (e.in_eval) {
-    local = Status::FailedPrecondition("BeginMicroStep on " + e.Where() + " inside an eval pass; call EndEval first");
-  } else if (micro != e.micros_done) {
-    local = Status::FailedPrecondition("BeginMicroStep(" + std::to_string(micro) + ") on " + e.Where() +
-                                       ": expected micro-step " + std::to_string(e.micros_done) +
+  if (in_eval) {
+    local = Status::FailedPrecondition("BeginMicroStep on " + Where() + " inside an eval pass; call EndEval first");
+  } else if (micro_arg != micros_done) {
+    local = Status::FailedPrecondition("BeginMicroStep(" + std::to_string(micro_arg) + ") on " + Where() +
+                                       ": expected micro-step " + std::to_string(micros_done) +
                                        " (micro-steps count from 0 after each Step)");
-  } else if (e.micro >= 0 && e.micro_is_last) {
-    local = Status::FailedPrecondition("BeginMicroStep after the last micro-step on " + e.Where() +
+  } else if (micro >= 0 && micro_is_last) {
+    local = Status::FailedPrecondition("BeginMicroStep after the last micro-step on " + Where() +
                                        "; call Step first");
-  } else if (e.micro >= 0) {
-    local = e.CheckUnitsDone("BeginMicroStep on " + e.Where(), /*need_grads=*/true);
+  } else if (micro >= 0) {
+    local = CheckUnitsDone("BeginMicroStep on " + Where(), /*need_grads=*/true);
   }
+  if (local.ok()) local = CheckDeclaration(declared);
   // The agreement compares is_last too: set it for the check, restore on failure.
-  const bool prev_last = e.micro_is_last;
-  e.micro_is_last = is_last;
-  Status s = e.Agree(AgreeKind::kBeginMicroStep, micro, local);
+  const bool prev_last = micro_is_last;
+  micro_is_last = is_last;
+  int64_t any_declared = 0;
+  Status s = Agree(AgreeKind::kBeginMicroStep, micro_arg, local, declared != nullptr ? 1 : 0, &any_declared);
   if (!s.ok()) {
-    e.micro_is_last = prev_last;
+    micro_is_last = prev_last;
     return s;
   }
-  Trace& t = e.train_trace;
+  Trace& t = train_trace;
   if (t.recording) {  // the first micro-step's trace is complete
     t.recording = false;
     t.recorded = true;
-  } else if (!t.recorded && e.options.stage == Stage::kParameters) {
+  } else if (!t.recorded && options.stage == Stage::kParameters && any_declared == 0) {
     t.recording = true;
   }
   t.pos = 0;
-  e.micro = micro;
-  e.micros_done = micro + 1;
-  e.next_reduce = 0;
-  for (UnitState& u : e.units) {
+  micro = micro_arg;
+  micros_done = micro_arg + 1;
+  next_reduce = 0;
+  for (UnitState& u : units) {
     u.grads_ready = false;
     u.grad_window = false;
+    u.used = u.used_forward = u.zero_ready = u.skip_reduce = false;
   }
   // Units kept gathered across the turn but not used in backward would hold their slot forever.
-  e.DropUnheldSlots();
+  DropUnheldSlots();
+  dynamic = DynamicMicroStep();
+  if (any_declared != 0) {
+    s = StartDynamic(declared);
+    if (!s.ok() && poison.ok()) poison = s;
+    return s;
+  }
   return Status::Ok();
 }
 
@@ -851,6 +872,7 @@ Status Engine::GradsReady(int unit) {
 
 Status Engine::Step(const StepArgs& args, StepResult* result) {
   ZERO_RETURN_IF_ERROR(impl_->CheckUsable());
+  if (impl_->micro >= 0 && impl_->dynamic.on) ZERO_RETURN_IF_ERROR(impl_->FinishDynamic());
   return impl_->StepImpl(args, result);
 }
 

@@ -83,6 +83,7 @@ enum AgreeField : int {
   kAgreeTrace,       // hash of the units used since the step began
   kAgreeArg,         // call-specific argument (unit, unit-list hash)
   kAgreeLocalError,  // 1 when this rank found a local error it reports itself
+  kAgreeAny,         // not compared: the maximum over ranks is returned (BeginMicroStep: some rank declared units)
   kAgreeFields
 };
 
@@ -98,7 +99,8 @@ enum class AgreeKind : int {
   kSave,
   kLoad,
   kExport,
-  kEvalAcquire  // stage 3: one per Acquire in an eval pass, checked on the communication stream
+  kEvalAcquire,  // stage 3: one per Acquire in an eval pass, checked on the communication stream
+  kTurn          // a micro-step with declared units: the forward -> backward turn (engine_dynamic.cc)
 };
 
 struct BucketInfo {
@@ -118,6 +120,37 @@ struct UnitState {
   int64_t full_elems = 0;      // padded elements of all its buckets
   int64_t persistent_offset = 0;  // stage 3, persistent units: start in the persistent buffer
   DeviceBuffer full_scope;     // stage 3: GatherFull scope copy
+  // Micro-steps with declared units (engine_dynamic.cc):
+  bool used = false;           // this rank acquired the unit in this micro-step
+  bool used_forward = false;   // ... in its forward
+  bool zero_ready = false;     // after the turn: this rank contributes zero gradients (it did not use the unit)
+  bool skip_reduce = false;    // after the turn, stages 2-3: no rank used the unit, so its reduction is left out
+};
+
+// A micro-step whose ranks declared the units they may use (BeginMicroStep with units; README "Units that
+// depend on the data"). The ranks agree the union once; stage 3 gathers it in one order on every rank, whatever
+// each rank acquires, and the reductions take zeros from the ranks that did not use a unit.
+struct DynamicMicroStep {
+  bool on = false;                  // some rank declared units for this micro-step
+  std::vector<char> may_use;        // this rank may acquire the unit (every unit when it declared nothing)
+  std::vector<char> any_may_use;    // the union of the declarations
+  std::vector<char> any_used;       // after the turn: some rank used the unit in forward
+  bool turned = false;              // the forward -> backward turn ran
+  // Stage 3, forward: the units to gather (ascending), each unit's position there (-1: none), and how many
+  // entries were gathered so far (always a prefix).
+  std::vector<int> schedule;
+  std::vector<int> index;
+  size_t issued = 0;
+  // Stage 3, backward: one program of gathers (the units some rank used, descending) and reductions (each placed
+  // after the gather of the next used unit below it), issued in order on every rank; each unit's gather position
+  // in it (-1: none) and the next item to issue.
+  struct Item {
+    bool gather;
+    int unit;
+  };
+  std::vector<Item> program;
+  std::vector<int> gather_pos;
+  size_t next = 0;
 };
 
 struct GatherSlot {
@@ -222,6 +255,7 @@ class Engine::Impl {
   bool reduced_this_step = false;
   uint64_t trace_hash = 0;   // of the units used since the step began
   Trace train_trace;
+  DynamicMicroStep dynamic;
   // Stage-3 eval passes follow no recorded order (generation, early exit, beam search): prefetch predicts from
   // the unit that followed each unit the last time (eval_next[u], -1 when unknown), learned over every eval
   // pass, and every eval Acquire is checked against the other ranks on the communication stream.
@@ -259,7 +293,7 @@ class Engine::Impl {
   Status CheckUsable(bool allow_incomplete = false) const;
   // Issues the agreement all-reduce. `local` is this rank's own error (reported to the caller as is); any
   // disagreement between ranks or any rank's local error yields an error on every rank.
-  Status Agree(AgreeKind kind, int64_t arg, const Status& local);
+  Status Agree(AgreeKind kind, int64_t arg, const Status& local, int64_t any = 0, int64_t* any_max = nullptr);
   // This rank's agreement vector (kAgreeFields values) for a call of `kind` with `arg`.
   void AgreeVector(AgreeKind kind, int64_t arg, const Status& local, double* v) const;
   // The message naming field `first` and every rank's value, from every rank's vector (`all`, rank-major), for a
@@ -308,13 +342,21 @@ class Engine::Impl {
   // reserved_bytes.
   std::string OutOfMemoryAdvice(int64_t free_bytes) const;
 
+  // BeginMicroStep, with the units this rank declared (null: none declared, every unit).
+  Status BeginMicroStepImpl(int micro, bool is_last, const std::vector<int>* declared);
+
   // --- engine_units.cc ---
   Status AcquireImpl(int unit, Pass pass);
   Status ReleaseImpl(int unit, Pass pass);
   Status GradsReadyImpl(int unit);
-  Status BindPool(int unit);
+  // Binds a gradient pool buffer to `unit`; `for_trainer`: the trainer will add into it, so the compute stream
+  // waits for the buffer's previous reduction (otherwise the buffer only feeds a reduction of zeros).
+  Status BindPool(int unit, bool for_trainer);
   void ReleasePoolAfterReduction(int unit);
   Status IssueReadyReductions();
+  // Issues every bucket reduction of `unit` (the next unit in reduction order after any that no rank used),
+  // binding a pool buffer for a zero contribution, then frees its pool buffer.
+  Status ReduceUnit(int unit);
   Status ReduceBucket(int bucket);
   // Launches the gathers of `unit` into dst (full unit layout) on the communication stream.
   void GatherUnit(int unit, char* dst);
@@ -338,6 +380,33 @@ class Engine::Impl {
   void DropSlot(GatherSlot& slot);
   // Frees every gather slot whose unit nobody holds (stale after Step, unused after a pass).
   void DropUnheldSlots();
+
+  // --- engine_dynamic.cc ---
+  // BeginMicroStep's part: validates this rank's declaration (empty `local`: OK) before the agreement.
+  Status CheckDeclaration(const std::vector<int>* units) const;
+  // After BeginMicroStep's agreement, when some rank declared: agrees the union and builds the forward schedule.
+  Status StartDynamic(const std::vector<int>* units);
+  // Before Step's or the next BeginMicroStep's agreement: the turn if it has not run, and the rest of the backward
+  // schedule's gathers, so that every rank's collectives match.
+  Status FinishDynamic();
+  // The forward -> backward turn (the first backward call): the rest of the forward gathers, one agreement of the
+  // units used in forward, the backward schedule, and this rank's zero contributions.
+  Status Turn();
+  // Stage 3 in a declared micro-step: makes `unit` resident for `pass` following the schedule.
+  Status AcquireDynamic(int unit, Pass pass, int* wait_slot);
+  // Gathers forward schedule entries [issued, end) into slots and drops them at once (this rank does not use them).
+  Status PassThrough(size_t end);
+  // Stage 3's backward in a declared micro-step: issues the program's items in order (gathers and reductions, see
+  // engine_dynamic.cc) up to and including the gather of `demand` (-1: none), then prefetches; `drain`: every
+  // remaining item, gathers passed through.
+  Status AdvanceProgram(int demand, bool drain);
+  void GatherPassedThrough(int unit);
+  // 0/1 per unit from every rank combined by maximum (the union); a control collective, waited for.
+  Status UnionOverRanks(const std::vector<char>& mine, const char* what, std::vector<char>* out);
+  // Bytes of the prefetched (gathered, not yet acquired) units.
+  int64_t PrefetchedBytes() const;
+  // A unit is ready for its reduction: GradsReady, or (declared micro-steps) zeros / left out.
+  bool ReadyToReduce(const UnitState& u) const { return u.grads_ready || u.zero_ready || u.skip_reduce; }
 
   // --- engine_step.cc ---
   Status InitParamsImpl(const FillFn& fill);

@@ -31,7 +31,30 @@ Status Engine::Impl::AcquireImpl(int unit, Pass pass) {
     return Status::FailedPrecondition(call + ": GradsReady was already called for this unit in this micro-step");
   }
   const bool stage3 = options.stage == Stage::kParameters;
-  if (stage3 && !in_eval) {
+  const bool dyn = dynamic.on && !in_eval;
+  if (dyn) {
+    // Units that depend on the data (engine_dynamic.cc): local checks first, then the turn if this is backward.
+    if (pass == Pass::kForward && dynamic.turned) {
+      return Status::FailedPrecondition(call + ": this micro-step's backward has begun; in a micro-step with declared "
+                                        "units every forward Acquire comes before the first backward call");
+    }
+    if (pass == Pass::kForward && !dynamic.may_use[static_cast<size_t>(unit)]) {
+      return Status::FailedPrecondition(call + ": this rank did not declare " + UnitName(unit) +
+                                        " in BeginMicroStep's units; declare every unit it may use");
+    }
+    if (pass == Pass::kBackward) {
+      if (!dynamic.turned) ZERO_RETURN_IF_ERROR(Turn());
+      if (!u.used_forward) {
+        return Status::FailedPrecondition(call + ": this rank did not acquire " + UnitName(unit) +
+                                          " in this micro-step's forward, so it contributes zero gradients (already "
+                                          "accounted for); in a micro-step with declared units a backward follows a "
+                                          "forward");
+      }
+    }
+    u.used = true;
+    if (pass == Pass::kForward) u.used_forward = true;
+  }
+  if (stage3 && !in_eval && !dyn) {
     Trace& t = train_trace;
     const TraceEntry entry{unit, pass};
     if (t.recording) {
@@ -59,13 +82,13 @@ Status Engine::Impl::AcquireImpl(int unit, Pass pass) {
   }
   // Before this Acquire enters the trace hash, so that a rank that took another unit is named by the unit.
   if (stage3 && in_eval) LaunchEvalCheck(unit);
-  HashEvent(1 + static_cast<int>(pass), unit);
+  if (!dyn) HashEvent(1 + static_cast<int>(pass), unit);  // declared micro-steps differ by rank on purpose
   Log(Engine::Event::kAcquire, unit, -1);
   if (pass == Pass::kBackward) {
     if (!u.grad_window) {
       u.grad_window = true;
       const bool pooled = options.stage == Stage::kGradients || stage3;
-      if (pooled && u.trainable_elems > 0 && u.pool_slot < 0) ZERO_RETURN_IF_ERROR(BindPool(unit));
+      if (pooled && u.trainable_elems > 0 && u.pool_slot < 0) ZERO_RETURN_IF_ERROR(BindPool(unit, /*for_trainer=*/true));
     }
     ++u.bwd_refs;
   } else {
@@ -77,6 +100,8 @@ Status Engine::Impl::AcquireImpl(int unit, Pass pass) {
     Status s;
     if (in_eval) {
       s = AcquireEval(unit, &wait_slot);
+    } else if (dyn) {
+      s = AcquireDynamic(unit, pass, &wait_slot);
     } else {
       s = EnsureResident(unit, &wait_slot);
       if (s.ok()) s = Prefetch();  // issued before waiting, so the next gathers run while this unit computes
@@ -101,10 +126,12 @@ Status Engine::Impl::ReleaseImpl(int unit, Pass pass) {
                                       ") on " + Where() + " without a matching Acquire");
   }
   --refs;
-  HashEvent(3 + static_cast<int>(pass), unit);
+  const bool dyn = dynamic.on && !in_eval;
+  if (!dyn) HashEvent(3 + static_cast<int>(pass), unit);
   Log(Engine::Event::kRelease, unit, -1);
   if (options.stage == Stage::kParameters && u.fwd_refs == 0 && u.bwd_refs == 0 && u.gather_slot >= 0) {
-    const bool keep = u.keep_gathered && pass == Pass::kForward && !in_eval;
+    // Declared micro-steps gather each unit once per pass on every rank: nothing is kept across the turn.
+    const bool keep = u.keep_gathered && pass == Pass::kForward && !in_eval && !dyn;
     if (!keep) DropSlot(slots[static_cast<size_t>(u.gather_slot)]);
   }
   return Status::Ok();
@@ -119,15 +146,24 @@ Status Engine::Impl::GradsReadyImpl(int unit) {
     return Status::FailedPrecondition(call + ": called twice in one micro-step; call it once, after the unit's "
                                       "last backward use");
   }
+  const bool dyn = dynamic.on;
+  if (dyn) {
+    if (!dynamic.turned) {
+      const Status t = Turn();
+      if (!t.ok()) return t;
+    }
+    // A unit this rank did not use contributes zeros by itself (Turn): nothing to do, also when called twice.
+    if (!u.used) return Status::Ok();
+  }
   u.grads_ready = true;
   u.grad_window = false;
-  HashEvent(5, unit);
+  if (!dyn) HashEvent(5, unit);
   Log(Engine::Event::kGradsReady, unit, -1);
   if (u.trainable_elems == 0) return Status::Ok();
   device->RecordCompute(grads_done[static_cast<size_t>(unit)].get());
   const bool pooled = options.stage == Stage::kGradients || options.stage == Stage::kParameters;
   // A unit that got no backward this micro-step still contributes (zero) gradients to its reductions.
-  if (pooled && u.pool_slot < 0) ZERO_RETURN_IF_ERROR(BindPool(unit));
+  if (pooled && u.pool_slot < 0) ZERO_RETURN_IF_ERROR(BindPool(unit, /*for_trainer=*/true));
   Status s = IssueReadyReductions();
   if (!s.ok()) poison = s;
   return s;
@@ -140,7 +176,7 @@ Status Engine::Impl::GradsReadyImpl(int unit) {
 // collective.
 // Buffers come in two sizes (BufferPlan): a unit takes the smallest free one that fits it, so that the large ones
 // stay for the units that need them.
-Status Engine::Impl::BindPool(int unit) {
+Status Engine::Impl::BindPool(int unit, bool for_trainer) {
   const int64_t need = units[static_cast<size_t>(unit)].trainable_elems;
   int pick = -1;
   bool pick_ready = false;
@@ -159,7 +195,9 @@ Status Engine::Impl::BindPool(int unit) {
     pool_owner[i] = unit;
     units[static_cast<size_t>(unit)].pool_slot = pick;
     // reduce -> pool: the buffer's previous reduction, accumulation and zeroing are done before the trainer adds.
-    if (test.skip_wait != EngineTestHooks::SkipWait::kPoolFree) {
+    // A buffer bound for a zero contribution is only read by the next reduction, which the communication stream
+    // runs after the previous one's zeroing anyway: no wait.
+    if (for_trainer && test.skip_wait != EngineTestHooks::SkipWait::kPoolFree) {
       ZERO_RETURN_IF_ERROR(WaitOnCompute(*pool_free[i], "the reduction of gradient pool buffer " + std::to_string(i)));
     }
     return Status::Ok();
@@ -177,20 +215,48 @@ Status Engine::Impl::BindPool(int unit) {
 Status Engine::Impl::IssueReadyReductions() {
   const bool pooled = options.stage == Stage::kGradients || options.stage == Stage::kParameters;
   if (!pooled && !micro_is_last) return Status::Ok();  // stages 0-1 reduce once, after the last micro-step
+  // Stage 3 with declared units: reductions and backward gathers go out in one program (engine_dynamic.cc).
+  if (dynamic.on && options.stage == Stage::kParameters) return AdvanceProgram(-1, /*drain=*/false);
   if (!options.overlap_reductions) {
     // Without overlap every reduction waits for the micro-step's last GradsReady.
     for (const UnitState& u : units) {
-      if (u.trainable_elems > 0 && !u.grads_ready) return Status::Ok();
+      if (u.trainable_elems > 0 && !ReadyToReduce(u)) return Status::Ok();
     }
   }
-  int last_unit = -1;
+  while (next_reduce < reduce_order.size()) {
+    const int unit = plan.buckets[static_cast<size_t>(reduce_order[next_reduce])].unit;
+    const UnitState& u = units[static_cast<size_t>(unit)];
+    if (!ReadyToReduce(u)) break;
+    ZERO_RETURN_IF_ERROR(ReduceUnit(unit));
+  }
+  return Status::Ok();
+}
+
+Status Engine::Impl::ReduceUnit(int unit) {
+  const bool pooled = options.stage == Stage::kGradients || options.stage == Stage::kParameters;
+  // Units before it in reduction order that no rank used (declared micro-steps) have nothing to reduce.
+  while (next_reduce < reduce_order.size()) {
+    const int first = plan.buckets[static_cast<size_t>(reduce_order[next_reduce])].unit;
+    if (first == unit) break;
+    if (!units[static_cast<size_t>(first)].skip_reduce) {
+      return Status::Internal("reduction of " + UnitName(unit) + " at " + Where() + " before " + UnitName(first) +
+                              " (a bug in zero)");
+    }
+    ++next_reduce;
+  }
+  UnitState& u = units[static_cast<size_t>(unit)];
+  if (u.skip_reduce) {  // no rank used it: nothing to reduce
+    while (next_reduce < reduce_order.size() &&
+           plan.buckets[static_cast<size_t>(reduce_order[next_reduce])].unit == unit) {
+      ++next_reduce;
+    }
+    return Status::Ok();
+  }
+  if (pooled && u.pool_slot < 0) ZERO_RETURN_IF_ERROR(BindPool(unit, /*for_trainer=*/false));  // zeros
+  comm_stream->Wait(*grads_done[static_cast<size_t>(unit)]);  // compute -> reduce
   while (next_reduce < reduce_order.size()) {
     const int b = reduce_order[next_reduce];
-    const int unit = plan.buckets[static_cast<size_t>(b)].unit;
-    UnitState& u = units[static_cast<size_t>(unit)];
-    if (!u.grads_ready) break;
-    if (unit != last_unit) comm_stream->Wait(*grads_done[static_cast<size_t>(unit)]);  // compute -> reduce
-    last_unit = unit;
+    if (plan.buckets[static_cast<size_t>(b)].unit != unit) break;
     // At most reductions_in_flight reductions queued or running: the host waits (never the compute stream, whose
     // kernels must not stall behind communication).
     const size_t ring = static_cast<size_t>(reductions_issued % options.reductions_in_flight);
@@ -201,10 +267,8 @@ Status Engine::Impl::IssueReadyReductions() {
     comm_stream->Record(in_flight[ring].get());
     ++reductions_issued;
     ++next_reduce;
-    const bool unit_done = next_reduce == reduce_order.size() ||
-                           plan.buckets[static_cast<size_t>(reduce_order[next_reduce])].unit != unit;
-    if (pooled && unit_done) ReleasePoolAfterReduction(unit);
   }
+  if (pooled) ReleasePoolAfterReduction(unit);
   return Status::Ok();
 }
 
@@ -433,7 +497,7 @@ void Engine::Impl::LaunchEvalCheck(int unit) {
     ZERO_RETURN_IF_ERROR(c->AllReduce(v.data(), out, 2 * kAgreeFields, DType::kF64, ReduceOp::kMax, co));
     int first = -1;
     for (int i = 0; i < kAgreeFields && first < 0; ++i) {
-      if (out[i] != -out[kAgreeFields + i]) first = i;
+      if (i != kAgreeAny && out[i] != -out[kAgreeFields + i]) first = i;
     }
     if (first < 0) return Status::Ok();
     std::vector<double> all(static_cast<size_t>(n) * kAgreeFields);

@@ -126,6 +126,17 @@ class Engine {
   // Starts micro-step `micro` (0-based) of the current step; `is_last` marks the last one. Issues one small
   // all-reduce that checks every rank agrees on (step, micro, is_last, plan, units used so far).
   Status BeginMicroStep(int micro, bool is_last);
+  // The same for a micro-step whose units depend on the data (the experts a mixture of experts routes to, the
+  // blocks before an early exit, a branch): `units` are the ones this rank may use. When any rank declares units,
+  // every rank follows these rules in this micro-step (a rank that called the two-argument form may use every
+  // unit): a unit this rank does not acquire in forward contributes zero gradients and needs no GradsReady (calling
+  // it is allowed and does nothing); GradsReady comes once for each unit it did acquire, in any order; in stage 3
+  // the engine gathers the union of the declared units, in ascending order in forward and the units some rank used
+  // in descending order in backward, on every rank, so each rank acquires its units in that order (each once per
+  // pass; a tied unit used at both ends must be persistent), releases every unit before its first backward call,
+  // and acquires for backward only units it used in forward. Costs two small all-reduces per micro-step (the union,
+  // and the units used at the forward -> backward turn). README "Units that depend on the data".
+  Status BeginMicroStep(int micro, bool is_last, std::span<const int> units);
   // The factor the trainer multiplies its loss by (1 in fp32).
   float LossScale() const;
 
