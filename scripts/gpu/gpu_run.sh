@@ -196,7 +196,7 @@ facts=(
   "date: $(date -u +%FT%TZ)"
   "commit: $commit ($(sed -n 's/^describe=//p' "$Z/BUILT_FROM"); files changed since: $(sed -n 's/^dirty_files=//p' "$Z/BUILT_FROM"))"
   "built: $(sed -n 's/^built=//p' "$Z/BUILT_FROM"), $(sed -n 's/^cuda_arch=//p' "$Z/BUILT_FROM")"
-  "machine: $(uname -m), $(nproc) cores, $(free -g 2>/dev/null | awk '/^Mem:/ {print $2 " GiB"}'), kernel $(uname -r), $(grep -m1 PRETTY_NAME /etc/os-release 2>/dev/null | cut -d= -f2 | tr -d '"'), glibc $(ldd --version 2>/dev/null | head -n 1 | grep -oE '[0-9]+\.[0-9]+$')"
+  "machine: $(uname -m), $(nproc) cores, $(awk '/^MemTotal:/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo 2>/dev/null), kernel $(uname -r), $(grep -m1 PRETTY_NAME /etc/os-release 2>/dev/null | cut -d= -f2 | tr -d '"'), glibc $(ldd --version 2>/dev/null | head -n 1 | grep -oE '[0-9]+\.[0-9]+$')"
   "gpu: ${gpu:-none found by nvidia-smi} (name, driver, memory)"
   "cuda: ${image_versions:-zgpu-probe failed} (NCCL, runtime and driver API versions as loaded)"
   "nccl: the machine's from ${nccl_dir:-nowhere}; carried ${carried_versions:-none} from ${nccl230:-nowhere} (multi-rank phases)"
