@@ -148,7 +148,7 @@ TEST(CudaDeviceTest, NewDeviceMemoryIsZeroForTheEnginesStreams) {
   Device* d = device.get();
   void* dst = host.data();
   const void* src = fresh.data();
-  comm->Launch([d, dst, src, bytes](void* stream) { return d->Copy(dst, src, bytes, stream); });
+  comm->Launch([d, dst, src](void* stream) { return d->Copy(dst, src, bytes, stream); });
   ASSERT_TRUE(comm->Synchronize(std::chrono::milliseconds(60'000)).ok());
   const auto* p = host.as<unsigned char>();
   int64_t nonzero = 0;
