@@ -17,6 +17,9 @@
 #   kill        a rank killed (SIGKILL) in a collective: the survivor must end in Timeout/Aborted, not hang
 #   multirank4  nccl_comm_test and the suites' CUDA cases at 4 ranks (3 where CI runs a suite at 3, not 4)
 #   bench       every zero_bench_gpu* benchmark with --quick (if built)
+#   torch       scripts/gpu/torch_consumer.sh: zero::torch built against the machine's own libtorch and used from
+#               an installed zero (.gpu/zero-prefix.tar.xz); by default it runs inside np1's pool (its compile
+#               keeps the CPU cores busy while the GPU tests run); ZGPU_TORCH=0 leaves it out
 # Results in $OUT (at most 8 files): summary.txt (facts, then one PASS/FAIL/SKIP/TIMEOUT line per step),
 # run.log (everything), logs.tgz (each step's log, gtest XML, the example's outputs), bench-*.json (each
 # benchmark's JSON with the facts). Per-step logs live in ZGPU_WORK until the end, so a run killed by its timeout
@@ -262,6 +265,7 @@ run_np1() {
         "--gtest_output=xml:$L/xml/$name.np1.xml"
     fi
   done <"$Z/cuda_suites.txt"
+  [[ ${ZGPU_TORCH:-1} == 1 ]] && queue_torch
   if ((${#cs[@]})); then
     local engine_case=${ZGPU_SANITIZE_FILTER:-*stage3_adamw_offload_params_persistent_cuda*} tool
     for tool in racecheck synccheck; do
@@ -271,6 +275,28 @@ run_np1() {
     done
   fi
   collect
+  torch_lines
+}
+
+# zero::torch against the machine's libtorch (scripts/gpu/torch_consumer.sh, from the hf-torch work): its own
+# summary lines follow its verdict in summary.txt; its log is in logs.tgz (torch/).
+queue_torch() {
+  if [[ ! -f $PWD/scripts/gpu/torch_consumer.sh || ! -f $here/zero-prefix.tar.xz ]]; then
+    note "SKIP torch-consumer (no scripts/gpu/torch_consumer.sh or .gpu/zero-prefix.tar.xz)"
+    return 0
+  fi
+  bg torch-consumer 150 bash "$PWD/scripts/gpu/torch_consumer.sh" run "$here/zero-prefix.tar.xz" "$L/torch"
+}
+torch_lines() {
+  [[ -f $L/torch/torch_consumer_summary.txt ]] && sed 's/^/  torch: /' "$L/torch/torch_consumer_summary.txt" |
+    tee -a "$summary"
+  return 0
+}
+run_torch() {
+  begin_phase torch 150
+  queue_torch
+  collect
+  torch_lines
 }
 
 # The multi-rank phases need the carried NCCL; the first step is its probe, and a failing probe skips the rest
@@ -360,7 +386,7 @@ run_bench() {
 
 for ph in $phases; do
   case $ph in
-    probes|np1|multirank|lora2|kill|multirank4|bench) "run_$ph" ;;
+    probes|np1|multirank|lora2|kill|multirank4|bench|torch) "run_$ph" ;;
     *) note "SKIP unknown phase '$ph'" ;;
   esac
 done
@@ -384,7 +410,7 @@ PY
   n=$((n + 1))
 done < <(find "$L/bench" -name '*.json' -print0 2>/dev/null)
 cp "$L/facts.json" "$L/logs/" 2>/dev/null
-tar -C "$L" -czf "$O/logs.tgz" logs xml runs bench verdicts 2>/dev/null
+tar -C "$L" -czf "$O/logs.tgz" logs xml runs bench verdicts $(test -d "$L/torch" && echo torch) 2>/dev/null
 exec 1>&- 2>&-
 wait "$tee_pid" 2>/dev/null
 exit 0

@@ -5,6 +5,8 @@
 #                            and a relocatable Open MPI (gpu_bundle.sh)
 #   .gpu/nccl/               NCCL 2.30.7 for sm_90, compressed, and its checksum: lets ranks share the one GPU
 #   .gpu/gpu_run.sh          the script to run there, with its helpers inside the bundle
+#   .gpu/zero-prefix.tar.xz  zero installed as a CMake package, for torch_consumer.sh (zero::torch against the GPU
+#                            machine's libtorch)
 # then checks that what travels (the working tree and .gpu/) fits the 64 MiB a device call carries, and prints
 # the command to give the device tool. scripts/gpu/README.md says how to run and read it.
 #
@@ -41,6 +43,15 @@ fi
 
 "$here/gpu_bundle.sh" "$root" "$out/zero-gpu.tar.xz" "$@"
 cp "$here/gpu_run.sh" "$out/gpu_run.sh"
+# zero installed as a CMake package (about 1 MB), for torch_consumer.sh's build of zero::torch against the GPU
+# machine's own libtorch (gpu_run.sh runs it beside the one-rank tests).
+rm -f "$out/zero-prefix.tar.xz"
+if [[ -f $here/torch_consumer.sh ]]; then
+  tc=$(mktemp -d)
+  bash "$here/torch_consumer.sh" prepare "${ZGPU:-/tmp/zero-gpu}/build" "$tc" >/dev/null
+  cp "$tc/zero-prefix.tar.xz" "$out/zero-prefix.tar.xz"
+  rm -rf "$tc"
+fi
 
 # What a device call carries: tracked and untracked-not-ignored files, and .gpu/.
 tree_bytes=$(cd "$root" && git ls-files -co --exclude-standard -z | xargs -0 -r stat -c %s 2>/dev/null |
