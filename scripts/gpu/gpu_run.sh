@@ -16,6 +16,9 @@
 #   lora2       the LoRA example end to end at 2 ranks on the GPU
 #   kill        a rank killed (SIGKILL) in a collective: the survivor must end in Timeout/Aborted, not hang
 #   multirank4  nccl_comm_test and the suites' CUDA cases at 4 ranks (3 where CI runs a suite at 3, not 4)
+#               (multirank and multirank4: when two ranks cannot share the GPU through NCCL, the suites run over
+#               the tests' StagedComm instead, steps named SUITE.npN.staged)
+#   staged      not by default: the suites' CUDA cases at 2 ranks over StagedComm
 #   bench       every zero_bench_gpu* benchmark with --quick (if built)
 #   torch       scripts/gpu/torch_consumer.sh: zero::torch built against the machine's own libtorch and used from
 #               an installed zero (.gpu/zero-prefix.tar.xz); by default it runs inside np1's pool (its compile
@@ -77,7 +80,8 @@ run_step() {
     counts="$(grep -c '^\[       OK \]' "$log") ok and $(grep -c '^\[  FAILED  \]' "$log") failed before the timeout"
   fi
   local extra
-  extra=$(grep -hE '^(lora_check|expect_line): |^ERROR SUMMARY' "$log" | tail -n 2 | tr '\n' ' ')
+  extra=$(grep -hE '^(lora_check|expect_line): |^ERROR SUMMARY|^\[ cuda comm \]' "$log" | sort -u | tail -n 3 |
+          tr '\n' ' ')
   echo "$verdict $name $((SECONDS - t0))s ${counts}${extra:+ | $extra}" >"$L/verdicts/$name"
 }
 
@@ -324,26 +328,40 @@ multirank_gate() {
     { note "SKIP $1 (two ranks could not share the GPU with the carried NCCL)"; return 1; }
 }
 
-# suites_at N LABEL: every suite with CUDA cases that CI runs at N ranks (or at `alt` when given and not N).
+# suites_at N ALT MODE: every suite with CUDA cases that CI runs at N ranks (or at ALT, when not empty, for a suite
+# CI runs at ALT but at neither 2 nor N). MODE nccl: over NcclComm, ranks sharing the GPU through the carried NCCL;
+# MODE staged: over the test suites' StagedComm (device buffers through host memory and MPI; tests/testing/
+# backend_comm.h), which needs no NCCL that allows sharing, steps named SUITE.npN.staged.
 suites_at() {
-  local n=$1 alt=${2:-} name cases ranks at
+  local n=$1 alt=${2:-} mode=${3:-nccl} name cases ranks at envs=("${MR[@]}") suffix=""
+  [[ $mode == staged ]] && envs=(env ZERO_TEST_STAGED_COMM=1) && suffix=.staged
   while read -r name cases ranks; do
     [[ $ranks == - ]] && continue
     at=""
     if has_rank "$n" "$ranks"; then at=$n; elif [[ -n $alt ]] && has_rank "$alt" "$ranks" && ! has_rank 2 "$ranks"; then at=$alt; fi
     [[ -n $at ]] || continue
     [[ $name == nccl_comm_test ]] && continue  # run first, by the caller
-    step "$name.np$at" 150 "${MR[@]}" "${MPI[@]}" -n "$at" "$B/tests/$name" "--gtest_filter=$(suite_filter "$name")" \
-      "--gtest_output=xml:$L/xml/$name.np$at.xml"
+    step "$name.np$at$suffix" 150 "${envs[@]}" "${MPI[@]}" -n "$at" "$B/tests/$name" \
+      "--gtest_filter=$(suite_filter "$name")" "--gtest_output=xml:$L/xml/$name.np$at$suffix.xml"
   done <"$Z/cuda_suites.txt"
 }
 
 run_multirank() {
   begin_phase multirank 110
-  multirank_gate multirank || return 0
-  step nccl_comm_test.np2 60 "${MR[@]}" "${MPI[@]}" -n 2 "$B/tests/nccl_comm_test" \
-    "--gtest_output=xml:$L/xml/nccl_comm_test.np2.xml"
-  suites_at 2
+  if multirank_gate multirank; then
+    step nccl_comm_test.np2 60 "${MR[@]}" "${MPI[@]}" -n 2 "$B/tests/nccl_comm_test" \
+      "--gtest_output=xml:$L/xml/nccl_comm_test.np2.xml"
+    suites_at 2 "" nccl
+  else
+    note "  (instead: the suites' CUDA cases at 2 ranks over StagedComm, which needs no NCCL that shares a GPU)"
+    suites_at 2 "" staged
+  fi
+}
+
+# Optional (ZGPU_PHASES=staged): the suites' CUDA cases at 2 ranks over StagedComm even where NCCL can share.
+run_staged() {
+  begin_phase staged 150
+  suites_at 2 "" staged
 }
 
 run_lora2() {
@@ -365,10 +383,13 @@ run_kill() {
 
 run_multirank4() {
   begin_phase multirank4 $(($(left) - ${ZGPU_BENCH_RESERVE:-35}))
-  multirank_gate multirank4 || return 0
-  step nccl_comm_test.np4 60 "${MR[@]}" "${MPI[@]}" -n 4 "$B/tests/nccl_comm_test" \
-    "--gtest_output=xml:$L/xml/nccl_comm_test.np4.xml"
-  suites_at 4 3
+  if multirank_gate multirank4; then
+    step nccl_comm_test.np4 60 "${MR[@]}" "${MPI[@]}" -n 4 "$B/tests/nccl_comm_test" \
+      "--gtest_output=xml:$L/xml/nccl_comm_test.np4.xml"
+    suites_at 4 3 nccl
+  else
+    suites_at 4 3 staged
+  fi
 }
 
 run_bench() {
@@ -386,7 +407,7 @@ run_bench() {
 
 for ph in $phases; do
   case $ph in
-    probes|np1|multirank|lora2|kill|multirank4|bench|torch) "run_$ph" ;;
+    probes|np1|multirank|lora2|kill|multirank4|bench|torch|staged) "run_$ph" ;;
     *) note "SKIP unknown phase '$ph'" ;;
   esac
 done
