@@ -30,6 +30,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -402,7 +403,10 @@ class NcclComm final : public Comm {
       if (q != ncclSuccess) return Break(call, q, "reading the asynchronous state");
       if (state == ncclSuccess) return Status::Ok();
       if (state != ncclInProgress) return Break(call, state, when);
-      if (Clock::now() >= deadline) return TimedOut(call, "was not handed to the GPU");
+      if (Clock::now() >= deadline) {
+        // A split is collective too: a rank that never calls Duplicate leaves the others here.
+        return TimedOut(call, std::strcmp(when, "split") == 0 ? "did not complete" : "was not handed to the GPU");
+      }
       if (polls >= kSpinPolls) std::this_thread::sleep_for(kNap);
     }
   }

@@ -199,15 +199,19 @@ image_versions=$("$probe" versions 2>&1 | sed -n 's/^probe: versions: //p')
 carried_versions=""
 [[ -n $nccl230 ]] && carried_versions=$(LD_LIBRARY_PATH=$nccl230:$LD_LIBRARY_PATH "$probe" versions 2>&1 |
                                         sed -n 's/^probe: versions: nccl \([0-9]*\).*/\1/p')
+mem=$(awk '/^MemTotal:/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo 2>/dev/null)
+os=$(grep -m1 PRETTY_NAME /etc/os-release 2>/dev/null | cut -d= -f2 | tr -d '"')
+glibc=$(ldd --version 2>/dev/null | head -n 1 | grep -oE '[0-9]+\.[0-9]+$')
+sanitizer=$(compute-sanitizer --version 2>/dev/null | sed -n 's/.*Version //p' | head -n 1)
 facts=(
   "date: $(date -u +%FT%TZ)"
   "commit: $commit ($(sed -n 's/^describe=//p' "$Z/BUILT_FROM"); files changed since: $(sed -n 's/^dirty_files=//p' "$Z/BUILT_FROM"))"
   "built: $(sed -n 's/^built=//p' "$Z/BUILT_FROM"), $(sed -n 's/^cuda_arch=//p' "$Z/BUILT_FROM")"
-  "machine: $(uname -m), $(nproc) cores, $(awk '/^MemTotal:/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo 2>/dev/null), kernel $(uname -r), $(grep -m1 PRETTY_NAME /etc/os-release 2>/dev/null | cut -d= -f2 | tr -d '"'), glibc $(ldd --version 2>/dev/null | head -n 1 | grep -oE '[0-9]+\.[0-9]+$')"
+  "machine: $(uname -m), $(nproc) cores, $mem, kernel $(uname -r), $os, glibc $glibc"
   "gpu: ${gpu:-none found by nvidia-smi} (name, driver, memory)"
   "cuda: ${image_versions:-zgpu-probe failed} (NCCL, runtime and driver API versions as loaded)"
   "nccl: the machine's from ${nccl_dir:-nowhere}; carried ${carried_versions:-none} from ${nccl230:-nowhere} (multi-rank phases)"
-  "cublas: ${cublas_dir:-not found}; nvcc: $(nvcc --version 2>/dev/null | tail -n 2 | head -n 1); compute-sanitizer: $(compute-sanitizer --version 2>/dev/null | sed -n 's/.*Version //p' | head -n 1)"
+  "cublas: ${cublas_dir:-not found}; nvcc: $(nvcc --version 2>/dev/null | tail -n 2 | head -n 1); compute-sanitizer: $sanitizer"
   "python3: $(command -v python3) $(python3 -c 'import sys; print(sys.version.split()[0])' 2>/dev/null); xz: $(command -v xz || echo none)"
 )
 printf '%s\n' "${facts[@]}" | sed 's/^/fact /' | tee -a "$summary"
@@ -374,7 +378,7 @@ run_lora2() {
 run_kill() {
   begin_phase kill 30
   multirank_gate kill || return 0
-  # The last rank dies right after a collective both completed; the survivor's next one must time out (2 s) and
+  # The last rank dies right after a collective both completed; the survivor's next one must time out (3 s) and
   # abort NCCL. --enable-recovery keeps mpiexec from killing the survivor first.
   step killed-rank.np2 30 "${MR[@]}" ZERO_NCCL_TEST_VICTIM=kill bash "$Z/expect_line.sh" \
     '^\[ killed peer \] rank 0: (Timeout|Aborted) after' 'nccl_comm_test.cc:[0-9]+: Failure' -- \
@@ -382,7 +386,7 @@ run_kill() {
 }
 
 run_multirank4() {
-  begin_phase multirank4 $(($(left) - ${ZGPU_BENCH_RESERVE:-35}))
+  begin_phase multirank4 $(($(left) - ${ZGPU_BENCH_RESERVE:-100}))
   if multirank_gate multirank4; then
     step nccl_comm_test.np4 60 "${MR[@]}" "${MPI[@]}" -n 4 "$B/tests/nccl_comm_test" \
       "--gtest_output=xml:$L/xml/nccl_comm_test.np4.xml"
@@ -392,15 +396,17 @@ run_multirank4() {
   fi
 }
 
+# bench/gpu's binaries (zero_bench_gpu, zero_bench_gpu_card24: about 70 s and 35 s with --quick by their estimate)
+# write their JSON under the working directory (bench/results/gpu/ by default); every JSON found comes back.
 run_bench() {
-  begin_phase bench 60
+  begin_phase bench 120
   local b found=0 name
   for b in "$B"/bench/zero_bench_gpu*; do
     [[ -x $b && -f $b ]] || continue
     found=1
     name=$(basename "$b")
     mkdir -p "$L/bench/$name"
-    step "bench-$name" 60 bash -c 'cd "$1" && shift && exec "$@"' _ "$L/bench/$name" "$b" --quick
+    step "bench-$name" 100 bash -c 'cd "$1" && shift && exec "$@"' _ "$L/bench/$name" "$b" --quick
   done
   ((found)) || note "SKIP bench (no zero_bench_gpu* in this build)"
 }
