@@ -1,24 +1,36 @@
 // NcclComm: zero::Comm over NCCL on CUDA devices (Comm::OpenNccl), bootstrapped over MPI.
 //
 // Bootstrap: ranks first agree over MPI that every one of them has a usable device (so a rank without one
-// makes all of them fail, instead of leaving the others in ncclCommInitRankConfig); the local device is
-// local_rank % device_count, local_rank from MPI_Comm_split_type(MPI_COMM_TYPE_SHARED); rank 0's
-// ncclGetUniqueId is broadcast with MPI_Bcast.
+// makes all of them fail, instead of leaving the others in ncclCommInitRankConfig); the local device is the
+// node-local rank (MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)), and a node with more ranks than GPUs is refused
+// unless the loaded NCCL lets ranks share a GPU (cuda_placement.h); rank 0's ncclGetUniqueId (and whether it
+// worked) is broadcast with MPI_Bcast.
 //
-// Waiting: the communicator is non-blocking (ncclConfig_t::blocking = 0). A collective with a caller's stream
-// (CollectiveOptions::stream: the engine's communication stream) is enqueued there and returns at once; a watchdog
-// (Poll, run by every call and by health()) retires completed ones through events and times out the oldest.
-// Without a stream, or with host buffers (staged), a call runs on this Comm's own stream (after the caller's
-// stream's earlier work) and polls cudaStreamQuery and ncclCommGetAsyncError against CommOptions::timeout. On an NCCL error the Comm breaks with NCCL's own error string (ncclGetLastError); on a
-// timeout it calls ncclCommAbort, so a peer whose kernel waits for this rank gets an error from its NCCL
-// instead of spinning forever, and breaks with a status naming the collective. Every later call returns the
-// breaking status. Buffers are device memory; counts are elements; the in-place forms are NCCL's.
+// The communicator is non-blocking (ncclConfig_t::blocking = 0) so that no NCCL call can wait for a peer without
+// a timeout. With more than one rank NCCL hands each call to a helper thread and returns ncclInProgress: the
+// kernels reach the stream only when the communicator's asynchronous state is back to ncclSuccess, and NCCL
+// refuses any other call on the communicator until then. Every call therefore settles (Settle: polls that state
+// against CommOptions::timeout, aborting on expiry) before anything is recorded after it or the call returns.
 //
-// Not run on machines without a GPU (none here has one): it is compiled with warnings as errors, kept small,
-// and OpenNccl without a device returns Unavailable on every rank (tested).
+// Waiting: a collective with a caller's stream (CollectiveOptions::stream: the engine's communication stream) is
+// enqueued there and returns once enqueued; a watchdog (Poll, run by every call and by health()) retires
+// completed ones through events and times out the oldest. Without a stream, or with host buffers (staged), a call
+// runs on this Comm's own stream (after the caller's stream's earlier work) and polls cudaStreamQuery and
+// ncclCommGetAsyncError against CommOptions::timeout. On an NCCL error the Comm breaks with NCCL's own error
+// string (ncclGetLastError); on a timeout it calls ncclCommAbort, so a peer whose kernel waits for this rank gets
+// an error from its NCCL instead of spinning forever, and breaks with a status naming the collective. Every
+// later call returns the breaking status. Buffers are device memory; counts are elements; the in-place forms
+// are NCCL's. A failed CUDA call's error is cleared from the runtime's last-error state once it is turned into a
+// status, so that it is not reported again by an unrelated kernel launch check.
+//
+// Compiled with warnings as errors; without a GPU, OpenNccl returns Unavailable on every rank (tested). The GPU
+// half (tests/nccl_comm_test.cc at 1, 2 and 4 ranks, with NCCL >= 2.30 for ranks sharing one GPU) runs through
+// scripts/gpu/.
 #include <mpi.h>
 
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -28,11 +40,14 @@
 #include <vector>
 
 #include "comm_internal.h"
+#include "cuda_placement.h"
 #include "zero/comm.h"
 
 #if defined(ZERO_WITH_CUDA)
 #include <cuda_runtime.h>
 #include <nccl.h>
+
+#include "cuda_errors.h"
 #endif
 
 namespace zero {
@@ -68,6 +83,9 @@ ncclRedOp_t NcclOp(ReduceOp op) {
   return ncclSum;
 }
 
+using internal::Queried;
+using internal::Reported;
+
 class NcclComm final : public Comm {
  public:
   NcclComm(ncclComm_t comm, cudaStream_t stream, void* scratch, int device, int rank, int world,
@@ -77,7 +95,7 @@ class NcclComm final : public Comm {
   }
 
   ~NcclComm() override {
-    cudaSetDevice(device_);
+    (void)Reported(cudaSetDevice(device_));
     if (comm_aborted_) {
       // ncclCommAbort already freed the communicator.
     } else if (broken_.ok()) {
@@ -103,6 +121,7 @@ class NcclComm final : public Comm {
     if (stage_ != nullptr) cudaFree(stage_);
     if (order_event_ != nullptr) cudaEventDestroy(order_event_);
     cudaStreamDestroy(stream_);
+    (void)cudaGetLastError();  // nothing above may leave an error for the caller's next launch check
   }
 
   int cuda_device() const override { return device_; }
@@ -110,8 +129,7 @@ class NcclComm final : public Comm {
   void Abort(const Status& reason) override {
     if (!broken_.ok()) return;
     broken_ = internal::AbortedBy(rank(), internal::AbortReasonText(reason));
-    ncclCommAbort(comm_);  // peers' pending collectives with this rank fail in their NCCL
-    comm_aborted_ = true;
+    AbortNccl();  // peers' pending collectives with this rank fail in their NCCL
   }
 
   // Also the watchdog: polls the collectives in flight (see Poll).
@@ -174,15 +192,14 @@ class NcclComm final : public Comm {
     }
     if (!bad.ok()) {
       broken_ = bad;  // peers will issue the group and wait for this rank: abort so that their NCCL fails them
-      ncclCommAbort(comm_);
-      comm_aborted_ = true;
+      AbortNccl();
       return broken_;
     }
     for (const GatherItem& item : items) {
       internal::CountCall(&counters_, {CollectiveKind::kAllGather, opts.what, item.count, dtype, ReduceOp::kSum, 0},
                           opts, world_size());
     }
-    cudaSetDevice(device_);
+    ZERO_RETURN_IF_ERROR(UseDevice(first));
     ZERO_RETURN_IF_ERROR(Poll());
     // With a caller's stream the group goes there, asynchronously (tracked by the watchdog); without, on this
     // Comm's stream, waited for.
@@ -195,7 +212,7 @@ class NcclComm final : public Comm {
     }
     const ncclResult_t end = ncclGroupEnd();
     if (rc == ncclSuccess || rc == ncclInProgress) rc = end;
-    if (rc != ncclSuccess && rc != ncclInProgress) return Break(first, rc, "enqueue");
+    ZERO_RETURN_IF_ERROR(Settle(first, rc, "enqueue"));
     return opts.stream != nullptr ? Track(first, target) : Wait(first);
   }
 
@@ -203,42 +220,33 @@ class NcclComm final : public Comm {
   Status DoDuplicate(std::unique_ptr<Comm>* out) override {
     std::lock_guard<std::mutex> lock(call_mutex());  // ncclCommSplit is a call on comm_, like the collectives
     ZERO_RETURN_IF_ERROR(Poll());
-    cudaSetDevice(device_);
+    const CallInfo call{CollectiveKind::kBarrier, "Comm::Duplicate (ncclCommSplit)", 0, DType::kF32, ReduceOp::kSum, 0};
+    ZERO_RETURN_IF_ERROR(UseDevice(call));
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
     ncclComm_t split = nullptr;
-    ncclResult_t rc = ncclCommSplit(comm_, /*color=*/0, rank(), &split, &config);
-    const auto deadline = Clock::now() + options_.timeout;
-    // A non-blocking split returns at once; the new communicator's (or, before NCCL hands it out, the parent's)
-    // asynchronous state says when it is done.
-    while (rc == ncclInProgress && Clock::now() < deadline) {
-      std::this_thread::sleep_for(kNap);
-      if (ncclCommGetAsyncError(split != nullptr ? split : comm_, &rc) != ncclSuccess) rc = ncclInternalError;
+    // With a non-blocking parent NCCL runs the split on a helper thread: the parent's asynchronous state says when
+    // it is done and how it went, and `split` is written by that thread, at the end (NCCL's init.cc,
+    // ncclCommInitChildComm). Polling the new communicator instead would see a fresh, idle state at once and hand
+    // out a parent that NCCL still considers busy.
+    const ncclResult_t rc = ncclCommSplit(comm_, /*color=*/0, rank(), &split, &config);
+    const Status settled = Settle(call, rc, "split");
+    ncclComm_t child = __atomic_load_n(&split, __ATOMIC_ACQUIRE);  // the helper thread has finished or was joined
+    if (!settled.ok()) {
+      if (child != nullptr) ncclCommAbort(child);
+      return settled;
     }
-    const CallInfo call{CollectiveKind::kBarrier, "Comm::Duplicate (ncclCommSplit)", 0, DType::kF32, ReduceOp::kSum, 0};
-    if (rc != ncclSuccess) {
-      if (split != nullptr) ncclCommAbort(split);
-      if (rc == ncclInProgress) {
-        ncclCommAbort(comm_);
-        comm_aborted_ = true;
-        broken_ = Status::Timeout(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) +
-                                  " did not complete within " + std::to_string(options_.timeout.count()) +
-                                  " ms: every rank must call it at the same point; this communicator is now unusable");
-        return broken_;
-      }
-      return Break(call, rc, "split");
-    }
+    if (child == nullptr) return Break(call, ncclInternalError, "split (no communicator returned)");
     cudaStream_t stream = nullptr;
     void* scratch = nullptr;
-    cudaError_t crc = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-    if (crc == cudaSuccess) crc = cudaMalloc(&scratch, sizeof(float));
+    cudaError_t crc = Reported(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    if (crc == cudaSuccess) crc = Reported(cudaMalloc(&scratch, sizeof(float)));
     if (crc != cudaSuccess) {
-      ncclCommAbort(split);
+      ncclCommAbort(child);
       if (stream != nullptr) cudaStreamDestroy(stream);
-      (void)cudaGetLastError();
       return CudaBreak(call, crc);
     }
-    out->reset(new NcclComm(split, stream, scratch, device_, rank(), world_size(), options_));
+    out->reset(new NcclComm(child, stream, scratch, device_, rank(), world_size(), options_));
     return Status::Ok();
   }
 
@@ -265,25 +273,23 @@ class NcclComm final : public Comm {
     if (!bad.ok()) {
       // Peers will issue this collective and wait for this rank: abort so that their NCCL fails them.
       broken_ = bad;
-      ncclCommAbort(comm_);
-      comm_aborted_ = true;
+      AbortNccl();
       return broken_;
     }
     internal::CountCall(&counters_, call, opts, world_size());
     if (call.count == 0 && call.kind != CollectiveKind::kBarrier) return Status::Ok();
-    cudaSetDevice(device_);
+    ZERO_RETURN_IF_ERROR(UseDevice(call));
     ZERO_RETURN_IF_ERROR(Poll());
     if (!staged && opts.stream != nullptr && call.kind != CollectiveKind::kBarrier) {
-      // Asynchronous: on the caller's stream, tracked by the watchdog (Poll) until its event completes.
+      // Asynchronous: on the caller's stream, tracked by the watchdog (Poll) until its event completes. The event
+      // (and whatever the caller records next) must come after NCCL's kernels: settle first.
       const auto caller = static_cast<cudaStream_t>(opts.stream);
-      const ncclResult_t rc = issue(send, recv, type, caller);
-      if (rc != ncclSuccess && rc != ncclInProgress) return Break(call, rc, "enqueue");
+      ZERO_RETURN_IF_ERROR(Settle(call, issue(send, recv, type, caller), "enqueue"));
       return Track(call, caller);
     }
     if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(Follow(call, static_cast<cudaStream_t>(opts.stream)));
     if (!staged) {
-      const ncclResult_t rc = issue(send, recv, type, stream_);
-      if (rc != ncclSuccess && rc != ncclInProgress) return Break(call, rc, "enqueue");
+      ZERO_RETURN_IF_ERROR(Settle(call, issue(send, recv, type, stream_), "enqueue"));
       return Wait(call);
     }
     ZERO_RETURN_IF_ERROR(EnsureStage(call, send_bytes + recv_bytes + kStageAlign));
@@ -296,8 +302,7 @@ class NcclComm final : public Comm {
       crc = cudaMemcpyAsync(stage_recv, recv, recv_bytes, cudaMemcpyHostToDevice, stream_);
     }
     if (crc != cudaSuccess) return CudaBreak(call, crc);
-    const ncclResult_t rc = issue(stage_send, stage_recv, type, stream_);
-    if (rc != ncclSuccess && rc != ncclInProgress) return Break(call, rc, "enqueue");
+    ZERO_RETURN_IF_ERROR(Settle(call, issue(stage_send, stage_recv, type, stream_), "enqueue"));
     ZERO_RETURN_IF_ERROR(Wait(call));
     crc = cudaMemcpyAsync(recv, stage_recv, recv_bytes, cudaMemcpyDeviceToHost, stream_);
     if (crc == cudaSuccess) crc = cudaStreamSynchronize(stream_);  // this Comm's stream only: a few bytes
@@ -329,6 +334,12 @@ class NcclComm final : public Comm {
     }
   }
 
+  // The calling thread's current device is this Comm's (NCCL enqueues on it; the stream and staging are on it).
+  Status UseDevice(const CallInfo& call) {
+    const cudaError_t crc = cudaSetDevice(device_);
+    return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, crc);
+  }
+
   // This Comm's stream waits for the work `caller` has so far (the engine's communication stream).
   Status Follow(const CallInfo& call, cudaStream_t caller) {
     cudaError_t crc = cudaSuccess;
@@ -351,14 +362,54 @@ class NcclComm final : public Comm {
   }
 
   Status CudaBreak(const CallInfo& call, cudaError_t crc) {
+    (void)Reported(crc);
     broken_ = Status::Internal(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) + ": CUDA error " +
                                cudaGetErrorString(crc) + "; this communicator is now unusable");
-    ncclCommAbort(comm_);
-    comm_aborted_ = true;
+    AbortNccl();
     return broken_;
   }
 
-  bool Pending() const { return cudaStreamQuery(stream_) == cudaErrorNotReady; }
+  // ncclCommAbort once (it frees the communicator): peers whose kernels wait for this rank fail in their NCCL.
+  void AbortNccl() {
+    if (comm_aborted_) return;
+    ncclCommAbort(comm_);
+    comm_aborted_ = true;
+  }
+
+  // Breaks with a Timeout naming `call` and what did not happen in time, after aborting the communicator.
+  Status TimedOut(const CallInfo& call, const char* what) {
+    AbortNccl();
+    broken_ = Status::Timeout(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) + " of " +
+                              std::to_string(world_size()) + " " + what + " within " +
+                              std::to_string(options_.timeout.count()) +
+                              " ms: a peer is stalled or the ranks issued collectives in different orders; the "
+                              "NCCL communicator was aborted and is now unusable");
+    return broken_;
+  }
+
+  bool Pending() const { return Queried(cudaStreamQuery(stream_)) == cudaErrorNotReady; }
+
+  // After an NCCL call (or ncclGroupEnd) returned `rc`: an error breaks the Comm; ncclInProgress (a non-blocking
+  // communicator with more than one rank, whose call went to NCCL's helper thread) is polled until the
+  // communicator's asynchronous state leaves it, i.e. until the kernels are on the stream (or the call failed).
+  // Bounded by the timeout: the helper may be connecting to peers that never come.
+  Status Settle(const CallInfo& call, ncclResult_t rc, const char* when) {
+    if (rc == ncclSuccess) return Status::Ok();
+    if (rc != ncclInProgress) return Break(call, rc, when);
+    const auto deadline = Clock::now() + options_.timeout;
+    for (int polls = 0;; ++polls) {
+      ncclResult_t state = ncclInProgress;
+      const ncclResult_t q = ncclCommGetAsyncError(comm_, &state);
+      if (q != ncclSuccess) return Break(call, q, "reading the asynchronous state");
+      if (state == ncclSuccess) return Status::Ok();
+      if (state != ncclInProgress) return Break(call, state, when);
+      if (Clock::now() >= deadline) {
+        // A split is collective too: a rank that never calls Duplicate leaves the others here.
+        return TimedOut(call, std::strcmp(when, "split") == 0 ? "did not complete" : "was not handed to the GPU");
+      }
+      if (polls >= kSpinPolls) std::this_thread::sleep_for(kNap);
+    }
+  }
 
   // Records the completion of `call`, just enqueued on `caller`, for the watchdog.
   Status Track(const CallInfo& call, cudaStream_t caller) {
@@ -371,7 +422,10 @@ class NcclComm final : public Comm {
       crc = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
     }
     if (crc == cudaSuccess) crc = cudaEventRecord(ev, caller);
-    if (crc != cudaSuccess) return CudaBreak(call, crc);
+    if (crc != cudaSuccess) {
+      if (ev != nullptr) free_events_.push_back(ev);
+      return CudaBreak(call, crc);
+    }
     inflight_.push_back({ev, internal::DescribeCall(call), Clock::now() + options_.timeout});
     return Status::Ok();
   }
@@ -388,26 +442,25 @@ class NcclComm final : public Comm {
       broken_ = Status::Internal(what + " on rank " + std::to_string(rank()) + ": NCCL asynchronous error: " +
                                  ncclGetErrorString(async) + (last && *last ? std::string(" (") + last + ")" : "") +
                                  "; this communicator is now unusable");
-      ncclCommAbort(comm_);
-      comm_aborted_ = true;
+      AbortNccl();
       return broken_;
     }
     while (!inflight_.empty()) {
       const InFlight& f = inflight_.front();
-      const cudaError_t q = cudaEventQuery(f.event);
+      const cudaError_t q = Queried(cudaEventQuery(f.event));
       if (q == cudaSuccess) {
         free_events_.push_back(f.event);
         inflight_.pop_front();
         continue;
       }
       if (q != cudaErrorNotReady) {
+        (void)Reported(q);
         broken_ = Status::Internal(f.what + " on rank " + std::to_string(rank()) + ": CUDA error " +
                                    cudaGetErrorString(q) + "; this communicator is now unusable");
         return broken_;
       }
       if (Clock::now() >= f.deadline) {
-        ncclCommAbort(comm_);
-        comm_aborted_ = true;
+        AbortNccl();
         broken_ = Status::Timeout(f.what + " on rank " + std::to_string(rank()) + " of " +
                                   std::to_string(world_size()) + " did not complete within " +
                                   std::to_string(options_.timeout.count()) +
@@ -428,23 +481,15 @@ class NcclComm final : public Comm {
       if (ncclCommGetAsyncError(comm_, &async) != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
         return Break(call, async, "asynchronous error");
       }
-      const cudaError_t q = cudaStreamQuery(stream_);
+      const cudaError_t q = Queried(cudaStreamQuery(stream_));
       if (q == cudaSuccess && async == ncclSuccess) return Status::Ok();
       if (q != cudaSuccess && q != cudaErrorNotReady) {
+        (void)Reported(q);
         broken_ = Status::Internal(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) +
                                    ": CUDA error " + cudaGetErrorString(q) + "; this communicator is now unusable");
         return broken_;
       }
-      if (Clock::now() >= deadline) {
-        ncclCommAbort(comm_);
-        comm_aborted_ = true;
-        broken_ = Status::Timeout(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) + " of " +
-                                  std::to_string(world_size()) + " did not complete within " +
-                                  std::to_string(options_.timeout.count()) +
-                                  " ms: a peer is stalled or the ranks issued collectives in different orders; the "
-                                  "NCCL communicator was aborted and is now unusable");
-        return broken_;
-      }
+      if (Clock::now() >= deadline) return TimedOut(call, "did not complete");
       if (polls >= kSpinPolls) std::this_thread::sleep_for(kNap);
     }
   }
@@ -455,8 +500,7 @@ class NcclComm final : public Comm {
     broken_ = Status::Internal(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) + ": NCCL " +
                                when + ": " + ncclGetErrorString(rc) + (last && *last ? std::string(" (") + last + ")" : "") +
                                "; this communicator is now unusable");
-    ncclCommAbort(comm_);
-    comm_aborted_ = true;
+    AbortNccl();
     return broken_;
   }
 
@@ -479,6 +523,14 @@ class NcclComm final : public Comm {
   bool comm_aborted_ = false;
 };
 
+// Frees what OpenNccl made before a communicator owned it.
+void ReleaseOpenResources(ncclComm_t nccl, cudaStream_t stream, void* scratch) {
+  if (nccl != nullptr) ncclCommAbort(nccl);
+  if (scratch != nullptr) cudaFree(scratch);
+  if (stream != nullptr) cudaStreamDestroy(stream);
+  (void)cudaGetLastError();
+}
+
 }  // namespace
 
 Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& options, std::unique_ptr<Comm>* comm) {
@@ -492,59 +544,85 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   MPI_Comm_size(parent, &world);
   MPI_Comm local = MPI_COMM_NULL;
   MPI_Comm_split_type(parent, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &local);
-  int local_rank = 0;
+  int local_rank = 0, local_ranks = 1;
   MPI_Comm_rank(local, &local_rank);
+  MPI_Comm_size(local, &local_ranks);
   MPI_Comm_free(&local);
+  const std::string where = "Comm::OpenNccl on rank " + std::to_string(rank);
 
-  // Every rank must have a device, or none proceeds.
+  // Every rank must have a device of its own (or a GPU it may share: cuda_placement.h), or none proceeds.
   int devices = 0;
   cudaError_t crc = cudaGetDeviceCount(&devices);
   std::string why;
+  internal::GpuPlacement place;
   if (crc != cudaSuccess) {
-    cudaGetLastError();
+    (void)cudaGetLastError();
     why = cudaGetErrorString(crc);
-  } else if (devices == 0) {
-    why = "no CUDA device";
+  } else {
+    int version = 0;
+    if (ncclGetVersion(&version) != ncclSuccess) version = 0;
+    place = internal::PlaceRankOnGpu(local_rank, local_ranks, devices, version,
+                                     std::getenv("NCCL_MULTI_RANK_GPU_ENABLE"));
+    why = place.refusal;
   }
   int ok = why.empty() ? 1 : 0, all_ok = 0;
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, parent);
   if (!all_ok) {
-    return Status::Unavailable("Comm::OpenNccl on rank " + std::to_string(rank) + ": " +
-                               (why.empty() ? "another rank has no usable CUDA device" : why) +
-                               "; use Comm::OpenMpi and Backend::kCpu on machines without GPUs");
+    // A refused placement says what to do itself; the other causes get the CPU alternative.
+    const bool refused_placement = devices > 0 && !place.refusal.empty();
+    if (why.empty()) why = "another rank cannot use a GPU (its own status says why)";
+    return Status::Unavailable(where + ": " + why +
+                               (refused_placement ? "" : "; use Comm::OpenMpi and Backend::kCpu on machines without "
+                                                         "GPUs"));
   }
-  const int device = local_rank % devices;
-  ncclUniqueId id;
-  if (rank == 0) ncclGetUniqueId(&id);
-  MPI_Bcast(&id, sizeof(id), MPI_BYTE, 0, parent);
+  const int device = place.device;
 
-  cudaSetDevice(device);
+  // Rank 0's unique id, and whether ncclGetUniqueId worked (it needs a usable network interface for NCCL's
+  // bootstrap): every rank learns the outcome instead of initializing with an id that was never written.
+  struct {
+    ncclUniqueId id;
+    int rc;
+  } bootstrap{};
+  if (rank == 0) bootstrap.rc = static_cast<int>(ncclGetUniqueId(&bootstrap.id));
+  MPI_Bcast(&bootstrap, sizeof(bootstrap), MPI_BYTE, 0, parent);
+  if (bootstrap.rc != ncclSuccess) {
+    return Status::Unavailable(where + ": ncclGetUniqueId failed on rank 0: " +
+                               ncclGetErrorString(static_cast<ncclResult_t>(bootstrap.rc)) +
+                               " (NCCL's bootstrap found no usable network interface; on one machine "
+                               "NCCL_SOCKET_IFNAME=lo helps, NCCL_DEBUG=WARN says more); or use Comm::OpenMpi");
+  }
+
+  crc = cudaSetDevice(device);
   cudaStream_t stream = nullptr;
   void* scratch = nullptr;
-  crc = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  if (crc == cudaSuccess) crc = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
   if (crc == cudaSuccess) crc = cudaMalloc(&scratch, sizeof(float));
+  if (crc != cudaSuccess) (void)cudaGetLastError();
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
   ncclComm_t nccl = nullptr;
-  ncclResult_t rc = crc == cudaSuccess ? ncclCommInitRankConfig(&nccl, world, id, rank, &config) : ncclSystemError;
+  ncclResult_t rc = crc == cudaSuccess ? ncclCommInitRankConfig(&nccl, world, bootstrap.id, rank, &config)
+                                       : ncclSystemError;
   const auto deadline = Clock::now() + options.timeout;
   while (rc == ncclInProgress && Clock::now() < deadline) {
     std::this_thread::sleep_for(kNap);
-    ncclCommGetAsyncError(nccl, &rc);
+    if (ncclCommGetAsyncError(nccl, &rc) != ncclSuccess) rc = ncclInternalError;
   }
   // Agree on the outcome: a rank whose init failed must not leave the others with a half-built communicator.
   ok = rc == ncclSuccess ? 1 : 0;
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, parent);
   if (!all_ok) {
-    if (nccl != nullptr) ncclCommAbort(nccl);
-    if (scratch != nullptr) cudaFree(scratch);
-    if (stream != nullptr) cudaStreamDestroy(stream);
-    const std::string detail = crc != cudaSuccess ? cudaGetErrorString(crc)
-                               : rc == ncclInProgress ? "timed out"
-                               : rc != ncclSuccess   ? ncclGetErrorString(rc)
-                                                     : "another rank failed";
-    return Status::Unavailable("Comm::OpenNccl on rank " + std::to_string(rank) + ": NCCL initialization failed: " +
-                               detail);
+    const std::string last = nccl != nullptr && rc != ncclSuccess ? ncclGetLastError(nccl) : "";
+    ReleaseOpenResources(nccl, stream, scratch);
+    const std::string detail = crc != cudaSuccess ? std::string("CUDA device ") + std::to_string(device) + ": " +
+                                                        cudaGetErrorString(crc)
+                               : rc == ncclInProgress ? "timed out after " + std::to_string(options.timeout.count()) +
+                                                            " ms"
+                               : rc != ncclSuccess ? std::string(ncclGetErrorString(rc)) +
+                                                         (last.empty() ? "" : " (" + last + ")")
+                                                   : "another rank failed";
+    return Status::Unavailable(where + ": NCCL initialization failed: " + detail +
+                               "; NCCL_DEBUG=WARN says why, or use Comm::OpenMpi with Backend::kCpu");
   }
   comm->reset(new NcclComm(nccl, stream, scratch, device, rank, world, options));
   return Status::Ok();

@@ -3,21 +3,30 @@
 // default stream, which is the compute stream the trainer launches on unless it passes its own); events are
 // created with cudaEventDisableTiming. Nothing here synchronizes the whole device.
 //
-// Not run on machines without a GPU (none here has one): compiled with warnings as errors and kept small.
+// Because the engine's streams do not wait for the legacy stream, the calls documented as synchronous are made
+// complete before they return, not merely issued: CopyToDevice waits for its copy (a cudaMemcpy from pageable
+// memory returns once the data is staged, before the DMA lands), allocation zero-fills on a stream of its own and
+// waits, and Zero of host memory (offloaded optimizer state) is a CPU memset after the stream's earlier work.
+// Every failed call is reported through a Status and cleared from the runtime's last error (cuda_errors.h).
+//
+// Compiled with warnings as errors; the GPU half (tests/cuda_device_test.cc, the *cuda* engine suites) runs
+// through scripts/gpu/.
 #include "device.h"
 
 #if defined(ZERO_WITH_CUDA)
 #include <cuda_runtime.h>
 
-#include "host_memory.h"
-#include "kernels/cuda_kernels.h"
-
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
 #include <thread>
+
+#include "cuda_errors.h"
+#include "host_memory.h"
+#include "kernels/cuda_kernels.h"
 #endif
 
 namespace zero {
@@ -25,7 +34,11 @@ namespace zero {
 #if defined(ZERO_WITH_CUDA)
 namespace {
 
+using internal::Queried;
+using internal::Reported;
+
 Status CudaError(const std::string& what, cudaError_t rc) {
+  (void)Reported(rc);
   return Status::Internal(what + " failed: " + cudaGetErrorString(rc));
 }
 
@@ -35,12 +48,17 @@ class CudaEvent final : public Event {
   ~CudaEvent() override { cudaEventDestroy(event); }
   CudaEvent(const CudaEvent&) = delete;
   CudaEvent& operator=(const CudaEvent&) = delete;
-  bool Query() const override { return cudaEventQuery(event) != cudaErrorNotReady; }
+  // An error is not completion: the work did not run as recorded. Synchronize reports the error.
+  bool Query() const override {
+    const cudaError_t rc = Queried(cudaEventQuery(event));
+    if (rc != cudaSuccess && rc != cudaErrorNotReady) (void)Reported(rc);
+    return rc == cudaSuccess;
+  }
   // Polls (never cudaEventSynchronize, which cannot time out).
   Status Synchronize(std::chrono::milliseconds timeout, const std::string& what) const override {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (;;) {
-      const cudaError_t rc = cudaEventQuery(event);
+      const cudaError_t rc = Queried(cudaEventQuery(event));
       if (rc == cudaSuccess) return Status::Ok();
       if (rc != cudaErrorNotReady) return CudaError(what, rc);
       if (std::chrono::steady_clock::now() >= deadline) {
@@ -78,7 +96,7 @@ class CudaStream final : public Stream {
   Status Synchronize(std::chrono::milliseconds timeout) override {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (;;) {
-      const cudaError_t rc = cudaStreamQuery(stream_);
+      const cudaError_t rc = Queried(cudaStreamQuery(stream_));
       if (rc == cudaSuccess) return status_;
       if (rc != cudaErrorNotReady) {
         if (status_.ok()) status_ = CudaError(std::string("work on ") + name_, rc);
@@ -101,14 +119,18 @@ class CudaStream final : public Stream {
 
 class CudaDevice final : public Device {
  public:
-  explicit CudaDevice(int ordinal) : ordinal_(ordinal) {}
+  // `fill_stream`: a non-blocking stream of this device for the zero-fill of new allocations (owned).
+  CudaDevice(int ordinal, cudaStream_t fill_stream) : ordinal_(ordinal), fill_stream_(fill_stream) {}
+  ~CudaDevice() override {
+    cudaStreamDestroy(fill_stream_);
+    (void)cudaGetLastError();
+  }
   Backend backend() const override { return Backend::kCuda; }
   // What cudaMalloc can still give (other processes and contexts share the GPU), within the capacity.
   int64_t FreeBytes() const override {
     size_t free_bytes = 0, total_bytes = 0;
-    cudaSetDevice(ordinal_);
-    if (cudaMemGetInfo(&free_bytes, &total_bytes) != cudaSuccess) {
-      cudaGetLastError();
+    if (Reported(cudaSetDevice(ordinal_)) != cudaSuccess ||
+        Reported(cudaMemGetInfo(&free_bytes, &total_bytes)) != cudaSuccess) {
       return 0;
     }
     return std::min(Device::FreeBytes(), static_cast<int64_t>(free_bytes));
@@ -133,16 +155,40 @@ class CudaDevice final : public Device {
     *out = std::make_unique<CudaEvent>(e);
     return Status::Ok();
   }
-  // The compute stream is the legacy default stream (0).
-  void RecordCompute(Event* event) override { cudaEventRecord(static_cast<CudaEvent*>(event)->event, nullptr); }
+  // The compute stream is the legacy default stream (0). RecordCompute cannot return a status: a failed record
+  // is kept and returned by the next WaitCompute (an event whose record failed orders nothing).
+  void RecordCompute(Event* event) override {
+    const cudaError_t rc = cudaEventRecord(static_cast<CudaEvent*>(event)->event, nullptr);
+    if (rc != cudaSuccess) {
+      (void)Reported(rc);
+      int expected = cudaSuccess;
+      record_error_.compare_exchange_strong(expected, static_cast<int>(rc));
+    }
+  }
   Status WaitCompute(const Event& event, std::chrono::milliseconds, const std::string& what) override {
+    if (const int failed = record_error_.exchange(cudaSuccess); failed != cudaSuccess) {
+      return CudaError("recording an event on the compute stream (before waiting for " + what + ")",
+                       static_cast<cudaError_t>(failed));
+    }
     const cudaError_t rc = cudaStreamWaitEvent(nullptr, static_cast<const CudaEvent&>(event).event, 0);
     return rc == cudaSuccess ? Status::Ok() : CudaError("waiting for " + what, rc);
   }
 
+  // Device memory: a memset on `stream`. Host memory (offloaded optimizer state, pinned or, where pinning was
+  // refused, pageable): a GPU memset of host memory would run asynchronously to the CPU that reads and writes
+  // these buffers next (a checkpoint's moments loaded right after InitParams zeroed them could be zeroed again
+  // when the memset lands last), so the CPU zeroes them, after the work already on `stream`.
   Status Zero(void* p, int64_t bytes, void* stream) override {
     if (bytes <= 0) return Status::Ok();
-    return Check("cudaMemsetAsync", cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), Native(stream)));
+    cudaPointerAttributes attr{};
+    if (Reported(cudaPointerGetAttributes(&attr, p)) != cudaSuccess) attr.type = cudaMemoryTypeUnregistered;
+    if (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged) {
+      return Check("cudaMemsetAsync", cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), Native(stream)));
+    }
+    ZERO_RETURN_IF_ERROR(Check("cudaStreamSynchronize before zeroing host memory",
+                               cudaStreamSynchronize(Native(stream))));
+    std::memset(p, 0, static_cast<size_t>(bytes));
+    return Status::Ok();
   }
   Status Accumulate(void* acc, const void* x, DType dtype, int64_t n, void* stream) override {
     return Launched("accumulate", kernels::AccumulateCuda(acc, x, Grad(dtype), n, stream));
@@ -181,9 +227,14 @@ class CudaDevice final : public Device {
     return Check("cudaMemcpyAsync",
                  cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, Native(stream)));
   }
+  // cudaMemcpy from pageable memory returns once the data is staged, "but the DMA to final destination may not
+  // have completed" (the runtime's API synchronization notes), and the engine's non-blocking streams do not wait
+  // for the legacy stream it ran on: wait for it, so that a gather issued next reads the copied data.
   Status CopyToDevice(void* dst, const void* src, int64_t bytes) override {
     if (bytes <= 0) return Status::Ok();
-    return Check("cudaMemcpy to the device", cudaMemcpy(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault));
+    ZERO_RETURN_IF_ERROR(
+        Check("cudaMemcpy to the device", cudaMemcpy(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault)));
+    return Check("cudaStreamSynchronize after a copy to the device", cudaStreamSynchronize(nullptr));
   }
   Status CopyToHost(void* dst, const void* src, int64_t bytes) override {
     if (bytes <= 0) return Status::Ok();
@@ -192,17 +243,22 @@ class CudaDevice final : public Device {
   bool host_addressable() const override { return false; }
 
  protected:
-  // Zero-filled like CpuDevice: padding must be zero. Allocation is never on the step path, so the synchronous
-  // memset costs nothing that matters.
+  // Zero-filled like CpuDevice: padding must be zero. The fill runs on a stream of its own and is waited for:
+  // cudaMemset would run on the legacy stream, behind the trainer's queued kernels and unordered with the engine's
+  // streams (GatherFull gathers into a fresh buffer at once), and the trainer's kernels are not ours to wait for.
+  // Allocation is never on the step path. A failure returns null (Allocate reports OutOfMemory) and leaves no
+  // error behind for the next launch check.
   void* RawAllocate(int64_t bytes, MemoryKind kind) override {
-    if (cudaSetDevice(ordinal_) != cudaSuccess) return nullptr;
+    if (Reported(cudaSetDevice(ordinal_)) != cudaSuccess) return nullptr;
     void* p = nullptr;
     const auto n = static_cast<size_t>(bytes);
     switch (kind) {
       case MemoryKind::kDevice:
-        if (cudaMalloc(&p, n) != cudaSuccess) return nullptr;
-        if (cudaMemset(p, 0, n) != cudaSuccess) {
+        if (Reported(cudaMalloc(&p, n)) != cudaSuccess) return nullptr;
+        if (Reported(cudaMemsetAsync(p, 0, n, fill_stream_)) != cudaSuccess ||
+            Reported(cudaStreamSynchronize(fill_stream_)) != cudaSuccess) {
           cudaFree(p);
+          (void)cudaGetLastError();
           return nullptr;
         }
         return p;
@@ -234,23 +290,25 @@ class CudaDevice final : public Device {
     if (copy == nullptr) return kernels::CopyKind::kNone;
     return dtype == DType::kF16 ? kernels::CopyKind::kF16 : kernels::CopyKind::kBf16;
   }
+  // CudaError clears the error it reports (cuda_errors.h).
   static Status Check(const char* what, cudaError_t rc) { return rc == cudaSuccess ? Status::Ok() : CudaError(what, rc); }
   static Status Launched(const char* what, int rc) {
     return Check((std::string("launching the ") + what + " kernel").c_str(), static_cast<cudaError_t>(rc));
   }
 
   int ordinal_;
+  cudaStream_t fill_stream_;
+  std::atomic<int> record_error_{cudaSuccess};  // a failed RecordCompute, for the next WaitCompute
   // Huge pages for large buffers, first-touched by the allocating thread, then registered with CUDA; a refused
   // registration falls back to pageable memory with a warning (host_memory.h).
   PinnedHostAllocations pinned_{
       [](void* ptr, size_t len, std::string* error) {
-        const cudaError_t rc = cudaHostRegister(ptr, len, cudaHostRegisterPortable);
+        const cudaError_t rc = Reported(cudaHostRegister(ptr, len, cudaHostRegisterPortable));
         if (rc == cudaSuccess) return true;
-        cudaGetLastError();
         *error = std::string("cudaHostRegister: ") + cudaGetErrorString(rc);
         return false;
       },
-      [](void* ptr, size_t) { cudaHostUnregister(ptr); }};
+      [](void* ptr, size_t) { (void)Reported(cudaHostUnregister(ptr)); }};
 };
 
 }  // namespace
@@ -271,10 +329,13 @@ Status NewCudaDevice(int ordinal, std::unique_ptr<Device>* device) {
   rc = cudaSetDevice(ordinal);
   size_t free_bytes = 0, total_bytes = 0;
   if (rc == cudaSuccess) rc = cudaMemGetInfo(&free_bytes, &total_bytes);
+  cudaStream_t fill_stream = nullptr;
+  if (rc == cudaSuccess) rc = cudaStreamCreateWithFlags(&fill_stream, cudaStreamNonBlocking);
   if (rc != cudaSuccess) {
+    (void)Reported(rc);
     return Status::Unavailable("CUDA device " + std::to_string(ordinal) + " cannot be used: " + cudaGetErrorString(rc));
   }
-  auto d = std::make_unique<CudaDevice>(ordinal);
+  auto d = std::make_unique<CudaDevice>(ordinal, fill_stream);
   d->set_capacity(static_cast<int64_t>(total_bytes));
   *device = std::move(d);
   return Status::Ok();

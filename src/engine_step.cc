@@ -99,8 +99,14 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
     poison = s;
     return s;
   }
+  // Done when Zero returns, also for offloaded (host) state: Load writes the checkpoint's moments next, with the CPU.
   for (DeviceBuffer* b : {&state0, &state1}) {
-    if (b->data() != nullptr) (void)device->Zero(b->data(), b->bytes(), nullptr);
+    if (b->data() == nullptr) continue;
+    if (Status z = device->Zero(b->data(), b->bytes(), nullptr); !z.ok()) {
+      poison = z.WithContext("InitParams zeroing the optimizer state at " + Where());
+      comm->Abort(poison);  // peers would wait for this rank in the next step's collectives
+      return poison;
+    }
   }
   ZeroGrads();
   step = 0;

@@ -1,10 +1,24 @@
 // NcclComm. Here (no GPU) every rank must get Unavailable with the reason, without a hang, and MPI must stay
-// usable. On a machine with GPUs the collectives run on device memory and are checked like MpiComm's.
+// usable; which GPU a rank may use (cuda_placement.h) is checked everywhere. On a machine with GPUs (ctest: 1 and
+// 2 ranks; scripts/gpu/gpu_run.sh: also 4 ranks sharing one GPU through NCCL >= 2.30) the collectives run on
+// device memory, waited for and asynchronously on the caller's stream back to back (the non-blocking
+// communicator's ncclInProgress path, which only a world of two or more takes), on a Duplicate() too, and a
+// stalled peer (or, with ZERO_NCCL_TEST_VICTIM=kill under mpiexec --enable-recovery, a killed one) ends in a
+// Timeout on every other rank.
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
 
+#include "cuda_placement.h"
 #include "testing/mpi_env.h"
 #include "zero/comm.h"
 
@@ -15,12 +29,45 @@
 namespace zero::testing {
 namespace {
 
-std::unique_ptr<Comm> OpenNcclWorld(Status* status) {
+std::unique_ptr<Comm> OpenNcclWorld(Status* status,
+                                    std::chrono::milliseconds timeout = std::chrono::milliseconds(20'000)) {
   CommOptions options;
-  options.timeout = std::chrono::milliseconds(20'000);
+  options.timeout = timeout;
   std::unique_ptr<Comm> comm;
   *status = Comm::OpenNccl(MPI_Comm_c2f(MPI_COMM_WORLD), options, &comm);
   return comm;
+}
+
+// Before OpenNccl refused it, a node with more ranks than GPUs mapped ranks round-robin onto the GPUs and NCCL
+// <= 2.29 failed every rank's init with "Duplicate GPU detected" and no hint (ctest nccl_comm_test.np2,
+// lora_example_tiny and bench_quick on a one-GPU machine).
+TEST(NcclPlacementTest, OneGpuPerRankUnlessTheNcclLetsRanksShare) {
+  using internal::PlaceRankOnGpu;
+  // Enough GPUs: the local rank's own, whatever the NCCL.
+  EXPECT_EQ(PlaceRankOnGpu(0, 1, 1, 22809, nullptr).device, 0);
+  EXPECT_EQ(PlaceRankOnGpu(3, 4, 8, 22809, nullptr).device, 3);
+  EXPECT_TRUE(PlaceRankOnGpu(3, 4, 8, 22809, nullptr).refusal.empty());
+  // More ranks than GPUs with NCCL 2.28: refused, saying why and what to do.
+  const internal::GpuPlacement refused = PlaceRankOnGpu(1, 2, 1, 22809, nullptr);
+  EXPECT_EQ(refused.device, -1);
+  for (const char* part : {"2 ranks", "1 GPU", "NCCL 2.28.9", "NCCL_MULTI_RANK_GPU_ENABLE=1", "Comm::OpenMpi",
+                           "at most 1 rank"}) {
+    EXPECT_NE(refused.refusal.find(part), std::string::npos) << part << " not in: " << refused.refusal;
+  }
+  // The variable asks, but this NCCL cannot: still refused, and the message says the variable has no effect.
+  const internal::GpuPlacement old = PlaceRankOnGpu(1, 2, 1, 22907, "1");
+  EXPECT_EQ(old.device, -1);
+  EXPECT_NE(old.refusal.find("older than 2.30"), std::string::npos) << old.refusal;
+  // NCCL 2.30 with the variable: ranks share, round-robin.
+  EXPECT_EQ(PlaceRankOnGpu(1, 2, 1, 23007, "1").device, 0);
+  EXPECT_EQ(PlaceRankOnGpu(3, 4, 2, 23007, "1").device, 1);
+  EXPECT_TRUE(PlaceRankOnGpu(3, 4, 2, 23007, "1").refusal.empty());
+  // Without the variable (or with another value) 2.30 keeps one rank per GPU, as NCCL itself does.
+  EXPECT_EQ(PlaceRankOnGpu(1, 2, 1, 23007, nullptr).device, -1);
+  EXPECT_EQ(PlaceRankOnGpu(1, 2, 1, 23007, "0").device, -1);
+  // No GPU at all.
+  EXPECT_EQ(PlaceRankOnGpu(0, 1, 0, 23007, "1").refusal, "no CUDA device");
+  EXPECT_EQ(internal::NcclVersionText(23007), "2.30.7");
 }
 
 TEST(NcclCommTest, OpensOnEveryRankOrFailsOnEveryRankSayingWhy) {
@@ -70,6 +117,186 @@ TEST(NcclCommTest, CollectivesOnDeviceMemory) {
   EXPECT_EQ(comm->counters().all_gather, count * n);
   ASSERT_TRUE(comm->Barrier().ok());
   cudaFree(dev);
+#endif
+}
+
+#if defined(ZERO_WITH_CUDA)
+// Device memory of `n` floats filled from `host`, freed at scope exit.
+class DeviceFloats {
+ public:
+  explicit DeviceFloats(const std::vector<float>& host) : n_(host.size()) {
+    EXPECT_EQ(cudaMalloc(&p_, n_ * sizeof(float)), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(p_, host.data(), n_ * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  ~DeviceFloats() { cudaFree(p_); }
+  DeviceFloats(const DeviceFloats&) = delete;
+  DeviceFloats& operator=(const DeviceFloats&) = delete;
+  float* get() const { return p_; }
+  std::vector<float> Host() const {
+    std::vector<float> out(n_);
+    EXPECT_EQ(cudaMemcpy(out.data(), p_, n_ * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+    return out;
+  }
+
+ private:
+  size_t n_;
+  float* p_ = nullptr;
+};
+#endif
+
+// The engine's way of using NcclComm: collectives on its own (non-blocking) stream, issued back to back without
+// waiting, events recorded right after each. With two or more ranks NCCL answers each call with ncclInProgress
+// and enqueues it from a helper thread; before NcclComm waited for that, the second call failed with "invalid
+// argument" (the communicator was still busy) or the events fired before the collective ran.
+TEST(NcclCommTest, AsynchronousCollectivesBackToBackOnTheCallersStream) {
+  Status s;
+  auto comm = OpenNcclWorld(&s);
+  if (!s.ok()) GTEST_SKIP() << "no GPU: " << s.message();
+#if defined(ZERO_WITH_CUDA)
+  const int n = comm->world_size(), r = comm->rank();
+  const int64_t count = 4099;  // not a multiple of anything NCCL chunks by
+  std::vector<float> host(static_cast<size_t>(count * n));
+  for (size_t i = 0; i < host.size(); ++i) host[i] = static_cast<float>((r + 1) * static_cast<int>(i % 5));
+  DeviceFloats a(host), b(host), c(std::vector<float>(static_cast<size_t>(count * n), 0.0f));
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  CollectiveOptions co;
+  co.stream = stream;
+  co.what = "async test";
+  // Reduce-scatter in place, all-gather it back, a grouped all-gather of two items, an all-reduce: each one reads
+  // what the one before wrote, so a collective that ran out of order shows in the values.
+  ASSERT_TRUE(comm->ReduceScatter(a.get(), a.get() + r * count, count, DType::kF32, co).ok());
+  ASSERT_TRUE(comm->AllGather(a.get() + r * count, a.get(), count, DType::kF32, co).ok());
+  const Comm::GatherItem items[] = {{a.get() + r * count, c.get(), count / 2},
+                                    {b.get() + r * count, b.get(), count}};
+  ASSERT_TRUE(comm->AllGatherMany(items, DType::kF32, co).ok());
+  ASSERT_TRUE(comm->AllReduce(c.get(), c.get(), count * n, DType::kF32, ReduceOp::kSum, co).ok());
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  ASSERT_TRUE(comm->health().ok()) << comm->health().ToString();
+  const float ranks_sum = static_cast<float>(n * (n + 1) / 2);
+  const std::vector<float> got_a = a.Host(), got_b = b.Host(), got_c = c.Host();
+  // Small integers times small integers: every sum is exact in fp32.
+  for (int64_t i = 0; i < count * n; ++i) ASSERT_EQ(got_a[i], ranks_sum * (i % 5)) << "a " << i;
+  for (int q = 0; q < n; ++q) {
+    for (int64_t i = 0; i < count; ++i) {
+      // b's block q is rank q's own slice q of its input: (q + 1) * ((q * count + i) % 5).
+      ASSERT_EQ(got_b[q * count + i], static_cast<float>((q + 1) * ((q * count + i) % 5))) << "b " << q << " " << i;
+    }
+  }
+  for (int q = 0; q < n; ++q) {
+    for (int64_t i = 0; i < count / 2; ++i) {
+      // c's first items are every rank's first half of its reduced slice, summed n times by the all-reduce.
+      ASSERT_EQ(got_c[q * (count / 2) + i], n * ranks_sum * ((q * count + i) % 5)) << "c " << q << " " << i;
+    }
+  }
+  EXPECT_EQ(comm->counters().all_gather, count * n + (count / 2 + count) * n);
+  cudaStreamDestroy(stream);
+#endif
+}
+
+// Engine::Open runs the engine on a Duplicate() of the trainer's Comm (an ncclCommSplit). Both must be usable at
+// once, right after the split: NCCL reports the split's progress in the parent's state, and a parent used before
+// that state settles fails with "invalid argument".
+TEST(NcclCommTest, DuplicateAndParentBothWorkRightAfterTheSplit) {
+  Status s;
+  auto comm = OpenNcclWorld(&s);
+  if (!s.ok()) GTEST_SKIP() << "no GPU: " << s.message();
+#if defined(ZERO_WITH_CUDA)
+  std::unique_ptr<Comm> dup;
+  ASSERT_TRUE(comm->Duplicate(&dup).ok());
+  ASSERT_NE(dup, nullptr);
+  EXPECT_EQ(dup->rank(), comm->rank());
+  EXPECT_EQ(dup->world_size(), comm->world_size());
+  const int n = comm->world_size();
+  DeviceFloats x(std::vector<float>(64, 1.0f)), y(std::vector<float>(64, 2.0f));
+  ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 64, DType::kF32, ReduceOp::kSum).ok());
+  ASSERT_TRUE(dup->AllReduce(y.get(), y.get(), 64, DType::kF32, ReduceOp::kSum).ok());
+  ASSERT_TRUE(comm->Barrier().ok());
+  EXPECT_EQ(x.Host()[63], static_cast<float>(n));
+  EXPECT_EQ(y.Host()[63], 2.0f * n);
+  EXPECT_EQ(dup->counters().all_reduce, 64);
+  dup.reset();  // before its parent (comm.h)
+  ASSERT_TRUE(comm->Barrier().ok());
+#endif
+}
+
+// A peer that stops issuing collectives: every other rank gets a Timeout naming the collective within about the
+// communication timeout (through the watchdog for a collective in flight on the caller's stream, through the wait
+// for a waited one), NCCL's communicator is aborted (no kernel spins on), and MPI stays usable. The stalled rank
+// itself fails afterwards instead of hanging: its peers are gone. With ZERO_NCCL_TEST_VICTIM=kill the last rank
+// dies instead (SIGKILL); that needs mpiexec --enable-recovery, and the survivors then report on stdout
+// ("[ killed peer ] ...") and leave with _exit, as a job with a dead rank cannot finalize MPI.
+TEST(NcclCommPeerTest, StalledPeerEndsInTimeoutOnTheOthers) {
+  // Bounds the warm-up (with NCCL's connection setup) too, four ranks time-sharing one GPU included.
+  constexpr auto kTimeout = std::chrono::milliseconds(3'000);
+  Status s;
+  auto comm = OpenNcclWorld(&s, kTimeout);
+  if (!s.ok()) GTEST_SKIP() << "no GPU: " << s.message();
+#if defined(ZERO_WITH_CUDA)
+  const char* victim_env = std::getenv("ZERO_NCCL_TEST_VICTIM");
+  const bool kill = victim_env != nullptr && std::strcmp(victim_env, "kill") == 0;
+  const int n = comm->world_size(), r = comm->rank(), victim = n - 1;
+  DeviceFloats x(std::vector<float>(1024, 1.0f));
+  // Connect first (NCCL connects lazily, at a communicator's first collective of each kind), so that the stall
+  // hits a collective in flight rather than the connection setup.
+  ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 1024, DType::kF32, ReduceOp::kSum).ok());
+  const auto start = std::chrono::steady_clock::now();
+  if (r == victim) {
+    if (kill) raise(SIGKILL);
+    std::this_thread::sleep_for(kTimeout * 3 / 2);
+    // Its peers aborted: this collective can never complete. It must fail within its own timeout.
+    const Status late = comm->AllReduce(x.get(), x.get(), 1024, DType::kF32, ReduceOp::kSum);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_FALSE(late.ok());
+    EXPECT_LT(secs, 10.0) << late.ToString();
+    std::printf("[ stalled  ] rank %d: %s after %.1f s\n", r, late.ToString().c_str(), secs);
+  } else {
+    Status got;
+    if (r % 2 == 0) {
+      // In flight on the caller's stream; health() is the watchdog.
+      cudaStream_t stream = nullptr;
+      ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+      CollectiveOptions co;
+      co.stream = stream;
+      co.what = "bucket 7 of the stall test";
+      got = comm->AllReduce(x.get(), x.get(), 1024, DType::kF32, ReduceOp::kSum, co);
+      while (got.ok() && std::chrono::steady_clock::now() - start < kTimeout * 5) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        got = comm->health();
+      }
+      // Aborted: NCCL's kernel leaves the stream (polled, so that a kernel that spins on fails this test instead
+      // of hanging it).
+      cudaError_t q = cudaStreamQuery(stream);
+      for (int i = 0; q == cudaErrorNotReady && i < 2000; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        q = cudaStreamQuery(stream);
+      }
+      EXPECT_EQ(q, cudaSuccess) << "the aborted collective is still on the stream after 10 s";
+      cudaStreamDestroy(stream);
+      if (got.ok()) got = Status::Internal("the watchdog never fired");
+      EXPECT_NE(got.message().find("bucket 7 of the stall test"), std::string::npos) << got.ToString();
+    } else {
+      got = comm->AllReduce(x.get(), x.get(), 1024, DType::kF32, ReduceOp::kSum);  // waited for
+    }
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    EXPECT_EQ(got.code(), StatusCode::kTimeout) << got.ToString();
+    EXPECT_NE(got.message().find("aborted"), std::string::npos) << got.ToString();
+    // The timeout plus polling and abort; well under the 5x limit of the loop above.
+    EXPECT_LT(secs, 2.0 * kTimeout.count() / 1000.0) << got.ToString();
+    // Every later call returns the status that broke the Comm.
+    EXPECT_EQ(comm->Barrier().code(), StatusCode::kTimeout);
+    if (kill) {
+      std::printf("[ killed peer ] rank %d: %s after %.1f s: %s\n", r, StatusCodeName(got.code()), secs,
+                  got.message().c_str());
+      std::fflush(nullptr);
+      _exit(::testing::Test::HasFailure() ? 1 : 0);
+    }
+  }
+  comm.reset();
+  // MPI is still usable.
+  int one = 1, sum = 0;
+  ASSERT_EQ(MPI_Allreduce(&one, &sum, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD), MPI_SUCCESS);
+  EXPECT_EQ(sum, n);
 #endif
 }
 

@@ -845,10 +845,19 @@ int Main(int argc, char** argv) {
   f.cuda = f.device == "cuda" || (f.device == "auto" && have_cuda && f.command != "merge");
   std::unique_ptr<zero::Comm> comm;
   if (f.cuda) {
-    // NCCL over the world; it also makes this rank's GPU (local rank % GPUs) current, where the model runs.
-    Check(zero::Comm::OpenNccl(MPI_Comm_c2f(MPI_COMM_WORLD), zero::CommOptions(), &comm), "Comm (NCCL)");
-    Say("device: CUDA %d (bf16 model)\n", comm->cuda_device());
-  } else {
+    // NCCL over the world; it also makes this rank's GPU (its local rank's) current, where the model runs. With
+    // --device auto, a GPU this rank may not use (more ranks on the node than GPUs, unless the NCCL allows sharing)
+    // means the CPU; OpenNccl answers alike on every rank.
+    const zero::Status s = zero::Comm::OpenNccl(MPI_Comm_c2f(MPI_COMM_WORLD), zero::CommOptions(), &comm);
+    if (!s.ok() && f.device == "auto" && s.code() == zero::StatusCode::kUnavailable) {
+      Say("device: auto: the CPU (%s)\n", s.message().c_str());
+      f.cuda = false;
+    } else {
+      Check(s, "Comm (NCCL)");
+      Say("device: CUDA %d (bf16 model)\n", comm->cuda_device());
+    }
+  }
+  if (!f.cuda) {
     Check(zero::Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), zero::CommOptions(), &comm), "Comm");
   }
   int world = comm->world_size();
