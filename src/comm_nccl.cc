@@ -23,6 +23,14 @@
 // are NCCL's. A failed CUDA call's error is cleared from the runtime's last-error state once it is turned into a
 // status, so that it is not reported again by an unrelated kernel launch check.
 //
+// A family: a Comm and its Duplicates (the engine's private communicator, comm.h) are separate NCCL communicators,
+// and NCCL does not allow the kernels of two communicators to run at the same time unless every rank orders them
+// alike (one may block the GPU waiting for a peer that runs the other). Every call therefore makes its stream wait
+// for the family's last enqueued work (each member records an event after each enqueue) before it enqueues: the
+// GPU runs the family's collectives in the order the host issued them, which is the same on every rank when one
+// thread issues them (the engine's calls run on the thread that calls the engine, the trainer's own in program
+// order). With NCCL, collectives of one family from several threads at once are not supported.
+//
 // Compiled with warnings as errors; without a GPU, OpenNccl returns Unavailable on every rank (tested). The GPU
 // half (tests/nccl_comm_test.cc at 1, 2 and 4 ranks, with NCCL >= 2.30 for ranks sharing one GPU) runs through
 // scripts/gpu/.
@@ -86,15 +94,35 @@ ncclRedOp_t NcclOp(ReduceOp op) {
 using internal::Queried;
 using internal::Reported;
 
+class NcclComm;
+
+// The communicators split from one OpenNccl communicator (see "A family" above).
+struct NcclFamily {
+  std::mutex mu;
+  std::vector<NcclComm*> members;
+};
+
 class NcclComm final : public Comm {
  public:
   NcclComm(ncclComm_t comm, cudaStream_t stream, void* scratch, int device, int rank, int world,
-           const CommOptions& options)
-      : Comm(rank, world), comm_(comm), stream_(stream), scratch_(scratch), device_(device), options_(options) {
+           const CommOptions& options, std::shared_ptr<NcclFamily> family = nullptr)
+      : Comm(rank, world),
+        comm_(comm),
+        stream_(stream),
+        scratch_(scratch),
+        device_(device),
+        options_(options),
+        family_(family != nullptr ? std::move(family) : std::make_shared<NcclFamily>()) {
     timeout_ = options.timeout;
+    std::lock_guard<std::mutex> lock(family_->mu);
+    family_->members.push_back(this);
   }
 
   ~NcclComm() override {
+    {
+      std::lock_guard<std::mutex> lock(family_->mu);
+      std::erase(family_->members, this);
+    }
     (void)Reported(cudaSetDevice(device_));
     if (comm_aborted_) {
       // ncclCommAbort already freed the communicator.
@@ -120,6 +148,7 @@ class NcclComm final : public Comm {
     cudaFree(scratch_);
     if (stage_ != nullptr) cudaFree(stage_);
     if (order_event_ != nullptr) cudaEventDestroy(order_event_);
+    if (family_event_ != nullptr) cudaEventDestroy(family_event_);
     cudaStreamDestroy(stream_);
     (void)cudaGetLastError();  // nothing above may leave an error for the caller's next launch check
   }
@@ -204,6 +233,7 @@ class NcclComm final : public Comm {
     // With a caller's stream the group goes there, asynchronously (tracked by the watchdog); without, on this
     // Comm's stream, waited for.
     const auto target = opts.stream != nullptr ? static_cast<cudaStream_t>(opts.stream) : stream_;
+    ZERO_RETURN_IF_ERROR(AfterFamily(first, target));
     ncclResult_t rc = ncclGroupStart();
     for (const GatherItem& item : items) {
       if (rc != ncclSuccess && rc != ncclInProgress) break;
@@ -213,6 +243,7 @@ class NcclComm final : public Comm {
     const ncclResult_t end = ncclGroupEnd();
     if (rc == ncclSuccess || rc == ncclInProgress) rc = end;
     ZERO_RETURN_IF_ERROR(Settle(first, rc, "enqueue"));
+    ZERO_RETURN_IF_ERROR(MarkFamily(first, target));
     return opts.stream != nullptr ? Track(first, target) : Wait(first);
   }
 
@@ -246,7 +277,7 @@ class NcclComm final : public Comm {
       if (stream != nullptr) cudaStreamDestroy(stream);
       return CudaBreak(call, crc);
     }
-    out->reset(new NcclComm(child, stream, scratch, device_, rank(), world_size(), options_));
+    out->reset(new NcclComm(child, stream, scratch, device_, rank(), world_size(), options_, family_));
     return Status::Ok();
   }
 
@@ -284,12 +315,16 @@ class NcclComm final : public Comm {
       // Asynchronous: on the caller's stream, tracked by the watchdog (Poll) until its event completes. The event
       // (and whatever the caller records next) must come after NCCL's kernels: settle first.
       const auto caller = static_cast<cudaStream_t>(opts.stream);
+      ZERO_RETURN_IF_ERROR(AfterFamily(call, caller));
       ZERO_RETURN_IF_ERROR(Settle(call, issue(send, recv, type, caller), "enqueue"));
+      ZERO_RETURN_IF_ERROR(MarkFamily(call, caller));
       return Track(call, caller);
     }
     if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(Follow(call, static_cast<cudaStream_t>(opts.stream)));
+    ZERO_RETURN_IF_ERROR(AfterFamily(call, stream_));
     if (!staged) {
       ZERO_RETURN_IF_ERROR(Settle(call, issue(send, recv, type, stream_), "enqueue"));
+      ZERO_RETURN_IF_ERROR(MarkFamily(call, stream_));
       return Wait(call);
     }
     ZERO_RETURN_IF_ERROR(EnsureStage(call, send_bytes + recv_bytes + kStageAlign));
@@ -303,6 +338,7 @@ class NcclComm final : public Comm {
     }
     if (crc != cudaSuccess) return CudaBreak(call, crc);
     ZERO_RETURN_IF_ERROR(Settle(call, issue(stage_send, stage_recv, type, stream_), "enqueue"));
+    ZERO_RETURN_IF_ERROR(MarkFamily(call, stream_));
     ZERO_RETURN_IF_ERROR(Wait(call));
     crc = cudaMemcpyAsync(recv, stage_recv, recv_bytes, cudaMemcpyDeviceToHost, stream_);
     if (crc == cudaSuccess) crc = cudaStreamSynchronize(stream_);  // this Comm's stream only: a few bytes
@@ -338,6 +374,26 @@ class NcclComm final : public Comm {
   Status UseDevice(const CallInfo& call) {
     const cudaError_t crc = cudaSetDevice(device_);
     return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, crc);
+  }
+
+  // `target` waits for the last work every other member of the family enqueued (see "A family").
+  Status AfterFamily(const CallInfo& call, cudaStream_t target) {
+    std::lock_guard<std::mutex> lock(family_->mu);
+    for (NcclComm* other : family_->members) {
+      if (other == this || other->family_event_ == nullptr) continue;
+      const cudaError_t crc = cudaStreamWaitEvent(target, other->family_event_, 0);
+      if (crc != cudaSuccess) return CudaBreak(call, Reported(crc));
+    }
+    return Status::Ok();
+  }
+  // Records this member's last enqueued work, on `target`, for the family's next calls.
+  Status MarkFamily(const CallInfo& call, cudaStream_t target) {
+    std::lock_guard<std::mutex> lock(family_->mu);
+    if (family_->members.size() < 2) return Status::Ok();  // alone: nobody waits for it
+    cudaError_t crc = cudaSuccess;
+    if (family_event_ == nullptr) crc = cudaEventCreateWithFlags(&family_event_, cudaEventDisableTiming);
+    if (crc == cudaSuccess) crc = cudaEventRecord(family_event_, target);
+    return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, Reported(crc));
   }
 
   // This Comm's stream waits for the work `caller` has so far (the engine's communication stream).
@@ -519,6 +575,8 @@ class NcclComm final : public Comm {
   std::deque<InFlight> inflight_;         // asynchronous collectives not yet seen complete, oldest first
   std::vector<cudaEvent_t> free_events_;  // recycled completion events
   const CommOptions options_;
+  std::shared_ptr<NcclFamily> family_;
+  cudaEvent_t family_event_ = nullptr;  // this member's last enqueued work (guarded by family_->mu)
   Status broken_;
   bool comm_aborted_ = false;
 };
