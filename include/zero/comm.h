@@ -22,9 +22,11 @@
 // and runs every collective of its own there, on its communication thread. The trainer's collectives on its Comm
 // (loss averaging, metrics, agreeing on early stopping, a data loader's exchanges) therefore never interleave with
 // the engine's queued reductions and gathers: they may be issued at any moment, between any two engine calls, in
-// every stage, and from other threads while the engine works. They are not ordered after the engine's queued
-// work (no wait for it either): data they read from the engine comes through Param/Grad views, which the engine
-// orders itself (engine.h).
+// every stage, and (over MPI) from other threads while the engine works. They are not ordered after the engine's
+// queued work (no wait for it either): data they read from the engine comes through Param/Grad views, which the
+// engine orders itself (engine.h). Over NCCL the kernels of the Comm and its duplicates run in the order the host
+// issued them (NCCL forbids two communicators' kernels at once unless every rank orders them alike), so there
+// issue the trainer's collectives from the thread that calls the engine.
 #pragma once
 
 #include <chrono>
