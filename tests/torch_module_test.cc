@@ -56,8 +56,9 @@ struct NetImpl : torch::nn::Module {
     run(1, [&](const torch::Tensor& in) { return torch::tanh(embed(in)); });
     run(2, [&](const torch::Tensor& in) { return torch::tanh(frozen(in)) + in; });
     run(3, [&](const torch::Tensor& in) { return torch::tanh(hidden(in)); });
-    // Stage 3 replays the first micro-step's gather order, so the unit runs every time; its fn skips the branch.
-    run(4, [&](const torch::Tensor& in) { return use_side ? in + torch::tanh(side(in)) : in; });
+    // The branch's unit runs only when the branch is taken (the wrapper declares its units: a unit not run
+    // contributes zero gradients, and stage 3 gathers it only where another rank runs it).
+    if (use_side) run(4, [&](const torch::Tensor& in) { return in + torch::tanh(side(in)); });
     run(5, [&](const torch::Tensor& in) { return head(in); });
     return h;
   }

@@ -25,7 +25,14 @@
 // AccumulateGrad node (after accumulation) counts the unit's parameters; after the last one the unit's GradsReady
 // is called, so its reduction overlaps the rest of loss.backward(). If torch replaced .grad instead of adding (it
 // does under create_graph=true), the post-hook copies the result into zero's buffer (fallback_copies() counts
-// these). At the end of backward a callback completes, in plan order, the units whose parameters got no gradient.
+// these). At the end of backward a callback completes, in plan order, the units used in forward whose parameters
+// got no gradient.
+//
+// Units that depend on the data: every micro-step declares all units (Engine::BeginMicroStep with units), so a
+// unit the forward did not use (a branch this batch did not take, on this rank only or on every rank) contributes
+// zero gradients without holding back the reductions of the units below it. Stages 0-2 learn the units used from
+// the autograd graph at the start of backward; stage 3 from the Forward calls, which come in ascending unit order,
+// each unit at most once, and may leave units out.
 // After a unit's GradsReady its parameters' .grad are reset to undefined: zero owns the gradient from then on
 // (clipping is Options::clip_norm; the optimizer is Options::adamw / sgd). Frozen parameters never get a .grad.
 //
@@ -93,8 +100,8 @@ class TorchModule {
   TorchModule(const TorchModule&) = delete;
   TorchModule& operator=(const TorchModule&) = delete;
 
-  // Starts micro-step `micro` of the current step (Engine::BeginMicroStep) and runs the forward side of the
-  // protocol for every unit. Call it before each forward that will be followed by backward.
+  // Starts micro-step `micro` of the current step (Engine::BeginMicroStep, declaring every unit; see "Units that
+  // depend on the data" above). Call it before each forward that will be followed by backward.
   Status BeginMicroStep(int micro, bool is_last);
   // Runs unit `unit`'s forward, *output = fn(input), with the unit's parameters gathered (stage 3; see above).
   using UnitForward = std::function<at::Tensor(const at::Tensor&)>;

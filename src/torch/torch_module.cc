@@ -61,6 +61,7 @@ class TorchModule::Impl {
     bool ready = false;       // GradsReady(u) done this micro-step
     bool in_graph = false;    // some trainable parameter is in a live autograd graph at the start of backward
     bool ran_forward = false;  // stage 3: Forward(u) ran this micro-step
+    bool used = false;         // at the start of backward: used in this micro-step's forward (see StartBackward)
   };
 
   std::shared_ptr<torch::nn::Module> module;
@@ -121,12 +122,25 @@ class TorchModule::Impl {
     if (!s.ok()) Fail(std::move(s));
   }
 
+  // The start of this micro-step's backward. Micro-steps declare their units (Engine::BeginMicroStep with every
+  // unit), so a unit this rank did not use in forward contributes zero gradients and needs no GradsReady: that is
+  // what keeps a branch that a batch does not take from holding back the reductions of the units below it. Stage 3
+  // knows the units used from its Forward calls; stages 0-2 run the module's own forward, so the units in the
+  // autograd graph are acquired for forward here, before the first backward call turns the micro-step.
   void StartBackward() {
     if (backward_started) return;
     backward_started = true;
     // Runs when this backward's graph task finishes, on this thread.
     torch::autograd::Engine::get_default_engine().queue_callback([this] { EndOfBackward(); });
     MarkUnitsInGraph();
+    for (int u = 0; u < static_cast<int>(units.size()); ++u) {
+      Unit& unit = units[static_cast<size_t>(u)];
+      unit.used = stage3 ? unit.ran_forward : unit.in_graph;
+      if (!stage3 && unit.used) {
+        Check(engine->Acquire(u, Pass::kForward));
+        Check(engine->Release(u, Pass::kForward));
+      }
+    }
   }
 
   // Tensor hook, before AccumulateGrad adds: make the unit's gradient buffers the parameters' .grad.
@@ -140,13 +154,6 @@ class TorchModule::Impl {
           "backward, and backward once per micro-step"));
     }
     StartBackward();
-    // Units after this one that no graph reaches will get no gradient: complete them now, in plan order, rather
-    // than at the end of backward. Otherwise their place in the reduction order (descending units) would hold
-    // back every lower unit's reduction, and in stages 2-3 its gradient pool buffer, until backward ends.
-    for (int v = static_cast<int>(units.size()) - 1; v > p.unit; --v) {
-      const Unit& later = units[static_cast<size_t>(v)];
-      if (!later.in_graph && !(stage3 && later.ran_forward) && !later.ready) Complete(v);
-    }
     Unit& u = units[static_cast<size_t>(p.unit)];
     if (u.ready) {
       Fail(Status::FailedPrecondition("parameter '" + p.name + "' got a second gradient in one micro-step (unit " +
@@ -214,10 +221,6 @@ class TorchModule::Impl {
                                                         " outside a micro-step: call BeginMicroStep(micro, "
                                                         "is_last) before each forward, and backward once"));
     StartBackward();
-    for (int v = static_cast<int>(units.size()) - 1; v > unit; --v) {
-      const Unit& later = units[static_cast<size_t>(v)];
-      if (!later.in_graph && !later.ran_forward && !later.ready) Complete(v);
-    }
     if (!units[static_cast<size_t>(unit)].acquired) AcquireForBackward(unit);
   }
   // Stage 3, backward left the unit through its input: its gradients are complete.
@@ -259,13 +262,15 @@ class TorchModule::Impl {
     if (stage3) PointAtNothing(unit);
   }
 
-  // End of loss.backward(): units that got no gradient (unused, frozen) are completed in plan order, i.e.
-  // the reduction order (descending units).
+  // End of loss.backward(): units used in forward whose parameters got no gradient are completed in plan order,
+  // i.e. the reduction order (descending units). Units not used contribute zeros without a call.
   void EndOfBackward() {
     if (!error.ok()) return;
     try {
       for (int unit = static_cast<int>(units.size()) - 1; unit >= 0; --unit) {
-        if (!units[static_cast<size_t>(unit)].ready) Complete(unit);
+        Unit& u = units[static_cast<size_t>(unit)];
+        if (!u.ready && u.used) Complete(unit);
+        u.ready = true;
       }
     } catch (const std::exception&) {
       // error holds the status; the hook that throws next, or Step, reports it.
@@ -298,9 +303,13 @@ class TorchModule::Impl {
     return Status::Ok();
   }
 
-  // A micro-step whose loss never reached a parameter (no hook ran) still owes the engine its backward calls.
+  // A micro-step whose loss never reached a parameter (no hook ran) still owes the engine its backward calls: in
+  // stage 3 for the units its Forward calls ran (their gradients are zero).
   Status FinishMicroStep() {
     if (!in_micro_step) return Status::Ok();
+    if (!backward_started) {
+      for (Unit& u : units) u.used = stage3 && u.ran_forward;
+    }
     try {
       EndOfBackward();
     } catch (const std::exception&) {
@@ -530,18 +539,16 @@ Status TorchModule::BeginMicroStep(int micro, bool is_last) {
   ZERO_RETURN_IF_ERROR(im.error);
   ZERO_RETURN_IF_ERROR(im.FinishMicroStep());
   ZERO_RETURN_IF_ERROR(im.CheckRegistration());
-  ZERO_RETURN_IF_ERROR(im.engine->BeginMicroStep(micro, is_last));
-  // Stages 0-2 keep full parameters: the forward side of the protocol only checks, unit by unit. Stage 3: the
-  // model's Forward calls acquire and release.
-  for (int u = 0; u < static_cast<int>(im.units.size()) && !im.stage3; ++u) {
-    ZERO_RETURN_IF_ERROR(im.engine->Acquire(u, Pass::kForward));
-    ZERO_RETURN_IF_ERROR(im.engine->Release(u, Pass::kForward));
-  }
+  // Every unit may be used; which ones were is known at the start of backward (Impl::StartBackward).
+  std::vector<int> all(im.units.size());
+  for (size_t u = 0; u < all.size(); ++u) all[u] = static_cast<int>(u);
+  ZERO_RETURN_IF_ERROR(im.engine->BeginMicroStep(micro, is_last, all));
   for (Impl::Unit& u : im.units) {
     u.accumulated = 0;
     u.acquired = false;
     u.ready = false;
     u.ran_forward = false;
+    u.used = false;
   }
   im.in_micro_step = true;
   im.backward_started = false;
