@@ -676,6 +676,27 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
     return "\n".join(md) + "\n"
 
 
+def memory_order_violations(stages):
+    """Peak device bytes strictly decrease along stage 0 > 1 > 2 > 3 and, with optimizer offload, 1 > 2 > 3 > 3 +
+    parameter offload, within each (world, Ψ, dtype) group: the promise users pick ZeRO for (counted bytes, never
+    time)."""
+    out = []
+    groups = {}
+    for r in stages:
+        groups.setdefault((r["world"], r["log2_params"], r["dtype"]), {})[(r["stage"], r["offload"])] = r
+    chains = [[(0, "none"), (1, "none"), (2, "none"), (3, "none")],
+              [(1, "optimizer"), (2, "optimizer"), (3, "optimizer"), (3, "optimizer+params")]]
+    for (world, log2, dtype), g in sorted(groups.items()):
+        for chain in chains:
+            present = [c for c in chain if c in g]
+            for a, b in zip(present, present[1:]):
+                if g[b]["peak_device_bytes"] >= g[a]["peak_device_bytes"]:
+                    out.append(f"2^{log2} {dtype} at {world} ranks: stage {b[0]} {b[1]} needs "
+                               f"{g[b]['peak_device_bytes']} device bytes, not less than stage {a[0]} {a[1]}'s "
+                               f"{g[a]['peak_device_bytes']}")
+    return out
+
+
 def exactness_violations(stages, colls):
     """What the benchmarks count exactly and must match: elements per step (2Ψ or 3Ψ), bytes against DESIGN.md's
     formula, and wrong elements of the collectives. Times are never checked."""
@@ -688,6 +709,7 @@ def exactness_violations(stages, colls):
             out.append(f"{name}: {r['peak_device_bytes']} device bytes, formula {r['formula_device_bytes']}")
         if r["peak_host_bytes"] != r["formula_host_bytes"]:
             out.append(f"{name}: {r['peak_host_bytes']} host bytes, formula {r['formula_host_bytes']}")
+    out += memory_order_violations(stages)
     for r in colls:
         if r["wrong"] or r["raw_wrong"]:
             out.append(f"{r['impl']} {r['op']} {r['bytes']} B at {r['world']} ranks: #wrong {r['wrong']}, "

@@ -73,7 +73,10 @@ struct Model {
 
 Model Transformer(int log2) {
   Model m;
-  m.d = 256 << std::max(0, (log2 - 22) / 2);
+  // d = 256 at 2^22 and doubles every factor of 4 either way, so that every size has the same shape (4 blocks at
+  // even sizes): a quick run at 2^20 measures the structure the full runs do, not one block beside the head.
+  const int shift = log2 >= 22 ? (log2 - 22) / 2 : -((23 - log2) / 2);
+  m.d = shift >= 0 ? 256 << shift : 256 >> -shift;
   const double target = std::ldexp(1.0, log2);
   const double block = 12.0 * m.d * m.d + 2.0 * m.d;
   m.layers = std::max(1, static_cast<int>(std::lround(0.75 * target / block)));

@@ -102,7 +102,7 @@ Status ValidateOptions(const Options& o, int num_units) {
   if (o.bucket_elements < 1) return bad("bucket_elements must be >= 1 (default 2^25)");
   if (o.clip_norm < 0 || !std::isfinite(o.clip_norm)) return bad("clip_norm must be finite and >= 0 (0 disables)");
   if (o.grad_pool_buffers < 1) return bad("grad_pool_buffers must be >= 1 (default 2)");
-  if (o.gather_slots < 1) return bad("gather_slots must be >= 1 (default 3)");
+  if (o.gather_slots < 1) return bad("gather_slots must be >= 1 (default 2)");
   if (o.large_gather_slots < 0 || o.large_gather_slots > o.gather_slots) {
     return bad("large_gather_slots must be in [0, gather_slots] (default 0: chosen by size)");
   }

@@ -366,8 +366,8 @@ class Engine::Impl {
   // Issues the gathers of `unit` into slot `s` (after the slot's compute -> gather edge) and binds them.
   void GatherInto(int unit, int s, bool prefetched);
   Status Prefetch();
-  // A free slot that fits `unit`: the smallest such; -1 when none. `prefetch`: never a large slot for a unit that
-  // fits a regular one (large slots stay free for large units).
+  // A free slot that fits `unit`: the smallest such; -1 when none. (`prefetch` documents the caller: a prefetched
+  // unit in a large slot is evicted, or passed, when a large unit is acquired.)
   int FreeSlotFor(int unit, bool prefetch) const;
   // Stage-3 eval: the predicted units after `unit` (eval_next chain, not resident, within prefetch_bytes).
   std::vector<int> EvalChain(int unit) const;

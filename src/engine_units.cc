@@ -387,13 +387,12 @@ void Engine::Impl::DropUnheldSlots() {
 }
 
 int Engine::Impl::FreeSlotFor(int unit, bool prefetch) const {
+  (void)prefetch;  // a prefetch may take a large slot too: a demand for a large unit evicts (or passes) it
   const int64_t need = units[static_cast<size_t>(unit)].full_elems;
-  const int64_t smallest = slots.empty() ? 0 : slots.back().capacity;  // regular slots come last
   int best = -1;
   for (size_t i = 0; i < slots.size(); ++i) {
     const GatherSlot& slot = slots[i];
     if (slot.unit >= 0 || slot.capacity < need) continue;
-    if (prefetch && need <= smallest && slot.capacity > smallest) continue;
     if (best < 0 || slot.capacity < slots[static_cast<size_t>(best)].capacity) best = static_cast<int>(i);
   }
   return best;

@@ -168,7 +168,7 @@ TEST_P(MemoryTest, OffloadMovesOptimizerAndShardsToHostBytes) {
   const int n = comm->world_size();
   const Sizes s = ToySizes(n);
   const int64_t max_t = std::max({s.unit0, s.unit1, s.unit3});
-  const int64_t slots = SlotElements({s.unit0, s.unit1, s.unit2, s.unit3}, 3);
+  const int64_t slots = SlotElements({s.unit0, s.unit1, s.unit2, s.unit3}, Options().gather_slots);
   for (DType dt : {DType::kF32, DType::kBF16}) {
     const int64_t pb = static_cast<int64_t>(DTypeSize(dt)), gb = 4;
     for (int st = 1; st <= 3; ++st) {

@@ -110,11 +110,14 @@ struct Options {
   int reductions_in_flight = 4;
 
   // Stage 3: buffers for gathered units (acquired or prefetched): at most this many units are resident at once.
-  // Default 3 (the current unit, one prefetched, one tied or kept). large_gather_slots of them are as large as the
-  // largest non-persistent unit, the others as large as the largest unit that the large ones leave out, so that one
-  // oversized unit (a 108 MiB tied embedding beside 14 MiB blocks) costs its size once, not gather_slots times.
-  // Never more slots than non-persistent units.
-  int gather_slots = 3;
+  // Default 2: the unit in use and the next one, prefetched (FSDP2's default too). Raise it to 3 when the trainer
+  // holds a unit while later ones are gathered (a tied embedding kept acquired until the head, keep_gathered_units),
+  // or to prefetch further: each slot costs a unit's bytes, and with few large units at 2 ranks a third slot costs
+  // more than sharding the parameters saves. large_gather_slots of them are as large as the largest non-persistent
+  // unit, the others as large as the largest unit the large ones leave out, so that one oversized unit (a 108 MiB
+  // tied embedding beside 14 MiB blocks) costs its size once, not gather_slots times. Never more slots than
+  // non-persistent units.
+  int gather_slots = 2;
   // Stage 3: how many gather slots fit every unit. 0 (default): the count in 1..gather_slots that needs the fewest
   // bytes (the most slots among equals). Any number of resident units up to gather_slots works, but at most this
   // many of them larger than the other slots; set it to gather_slots for slots that each fit every unit.

@@ -42,7 +42,7 @@ options:
   --optimizer adamw|sgd      (default adamw)
   --bucket-elements N        Options::bucket_elements (default 2^25)
   --grad-pool-buffers N      Options::grad_pool_buffers (default 2)
-  --gather-slots N           Options::gather_slots (default 3)
+  --gather-slots N           Options::gather_slots (default 2)
   --persist-bytes SIZE       Options::persist_bytes (default 0)
   --backend cuda|cpu         (default cuda: includes the gradient-norm kernel's scratch)
   --device-memory SIZE       free device memory per rank (24GiB, 80GB): print the configuration Stage::kAuto
