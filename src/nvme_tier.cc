@@ -298,7 +298,9 @@ Status NvmeTier::Wait(uint64_t ticket) {
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    pending_[static_cast<size_t>(IoQueue::SlotOf(ticket))].used = false;
+    // The queue released the slot already: another thread's new transfer may hold it by now. Only ours is cleared.
+    Pending& mine = pending_[static_cast<size_t>(IoQueue::SlotOf(ticket))];
+    if (mine.ticket == ticket) mine.used = false;
     for (int r = p.first; r < p.first + p.count; ++r) {
       int16_t& busy = f.readers[static_cast<size_t>(r)];
       busy = p.write ? int16_t{0} : static_cast<int16_t>(busy - 1);
@@ -377,8 +379,8 @@ Status NvmeTier::CheckFiles() const {
     struct stat mine;
     if (::fstat(f.fd, &mine) != 0 || mine.st_size < f.bytes) {
       return Status::DataLoss(Prefix() + ": " + path + " (the " + f.layout.holds + ") was truncated to " +
-                              std::to_string(mine.st_size) + " bytes behind the engine's back; it has " +
-                              std::to_string(f.bytes) + lost);
+                              std::to_string(mine.st_size) + " bytes behind the engine's back (the tier wrote " +
+                              std::to_string(f.bytes) + ")" + lost);
     }
   }
   return Status::Ok();

@@ -66,7 +66,9 @@ struct MemoryUsage {
 struct MemoryReport {
   MemoryUsage device;
   MemoryUsage host;  // pinned + pageable host memory the engine allocated
-  // A table: one row per category and the total, columns device now / peak and host now / peak.
+  MemoryUsage nvme;  // the NVMe tier's files (Options::nvme_path): sized at Open, never more
+  // A table: one row per category and the total, columns device now / peak and host now / peak (and NVMe with a
+  // tier).
   std::string Table() const;
 };
 
