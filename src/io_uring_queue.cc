@@ -112,7 +112,18 @@ void IoQueue::Complete(int chunk, int res) {
     if (fault_.skip > 0) {
       --fault_.skip;
     } else {
-      res = fault_.error != 0 ? -fault_.error : static_cast<int>(std::min<int64_t>(fault_.short_bytes, c.bytes));
+      if (fault_.error != 0) {
+        res = -fault_.error;
+      } else if (fault_.short_bytes >= 0) {
+        res = static_cast<int>(std::min<int64_t>(fault_.short_bytes, c.bytes));
+      } else if (fault_.delay_ms > 0) {
+        // Completed later by Run, after a sleep without the lock (waiters can time out meanwhile).
+        delayed_chunk_ = chunk;
+        delayed_res_ = res;
+        delay_ms_ = fault_.delay_ms;
+        fault_ = IoFault();
+        return;
+      }
       fault_ = IoFault();  // once
     }
   }
@@ -204,6 +215,14 @@ void IoQueue::Run() {
       ++seen;
     }
     io_uring_cq_advance(ring, seen);
+    if (delayed_chunk_ >= 0) {  // IoFault::delay_ms: a stalled disk
+      lock.unlock();
+      std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms_));
+      lock.lock();
+      const int c = delayed_chunk_;
+      delayed_chunk_ = -1;
+      Complete(c, delayed_res_);
+    }
   }
 }
 

@@ -45,7 +45,8 @@ struct IoFault {
   int fd = -1;                // only transfers of this descriptor (-1: any)
   int64_t skip = 0;           // let this many matching completions through first
   int error = 0;              // report this errno (ENOSPC, EIO) ...
-  int64_t short_bytes = -1;   // ... or, with error 0, this many bytes moved (a short transfer)
+  int64_t short_bytes = -1;   // ... or, with error 0 and short_bytes >= 0, this many bytes moved (a short transfer)
+  int delay_ms = 0;           // ... or, with neither, complete it this much later (a stalled disk)
 };
 
 class IoQueue {
@@ -109,6 +110,7 @@ class IoQueue {
   std::vector<int> prepared_;       // queue_depth entries: the chunks of the submission being made (Run only)
   int in_flight_ = 0;
   IoFault fault_;
+  int delayed_chunk_ = -1, delayed_res_ = 0, delay_ms_ = 0;  // a completion IoFault::delay_ms holds back
   bool stop_ = false;
   std::thread thread_;
 };

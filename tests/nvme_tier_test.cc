@@ -377,5 +377,38 @@ TEST(NvmeTierTest, ARecordIsNeverReadAndWrittenAtOnceAndFilesGoWithTheTier) {
   EXPECT_FALSE(fs::exists(tier_dir)) << "the tier's files are working storage: removed with it";
 }
 
+TEST(NvmeTierTest, AStalledDiskTimesOutAndTheTransferStaysValid) {
+  Scratch dir("stall");
+  Tier t;
+  NvmeTierOptions o;
+  o.timeout = std::chrono::milliseconds(50);
+  ASSERT_TRUE(OpenTier(dir.path(), &t, o).ok());
+  Aligned rec = AlignedBuffer(4096);
+  Fill(rec.get(), 4096, 11);
+  t.tier->TEST_SetFault({IoFault::Op::kWrite, -1, 0, 0, -1, 400});  // this completion comes 400 ms late
+  uint64_t ticket = 0;
+  ASSERT_TRUE(t.tier->Write(0, 0, 1, rec.get(), &ticket).ok());
+  Status s = t.tier->Wait(ticket);
+  EXPECT_EQ(s.code(), StatusCode::kTimeout) << s.ToString();
+  EXPECT_TRUE(Has(s, "writing the optimizer state of bucket 0")) << s.ToString();
+  EXPECT_TRUE(Has(s, "did not complete within 50 ms: the disk is stalled")) << s.ToString();
+  // The buffer is still the transfer's: the record stays claimed, and a later wait collects it.
+  EXPECT_EQ(t.tier->Read(0, 0, 1, rec.get(), &ticket).code(), StatusCode::kInternal);
+  EXPECT_EQ(t.tier->WaitAll().code(), StatusCode::kTimeout);  // still held back
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  EXPECT_TRUE(t.tier->WaitAll().ok());
+  EXPECT_TRUE(ReadRecord(*t.tier, 0, 0, rec.get()).ok());
+}
+
+TEST(IoQueueTest, ARingTheKernelRefusesIsUnavailableSayingWhy) {
+  std::unique_ptr<IoQueue> q;
+  // More entries than io_uring allows (IORING_MAX_ENTRIES is 32768): the kernel refuses the ring.
+  const Status s = IoQueue::Create(60000, 4096, 4, &q);
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+  EXPECT_TRUE(Has(s, "io_uring_queue_init failed")) << s.ToString();
+  EXPECT_TRUE(Has(s, "The NVMe tier needs io_uring")) << s.ToString();
+  EXPECT_EQ(q, nullptr);
+}
+
 }  // namespace
 }  // namespace zero::testing
