@@ -186,4 +186,14 @@ Status Engine::Impl::FinishNvmeGather(const NvmeGather& g, void* stream) {
   return Status::Ok();
 }
 
+NvmeStats Engine::nvme_stats() const {
+  NvmeStats out;
+  if (impl_->nvme == nullptr) return out;
+  const IoStats s = impl_->nvme->stats();
+  out.bytes_read = s.bytes_read;
+  out.bytes_written = s.bytes_written;
+  out.busy_seconds = s.busy_seconds;
+  return out;
+}
+
 }  // namespace zero

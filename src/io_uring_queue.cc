@@ -51,6 +51,13 @@ IoQueue::~IoQueue() {
   if (ring_) io_uring_queue_exit(ring_.get());
 }
 
+IoStats IoQueue::stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  IoStats s = stats_;
+  if (in_flight_ > 0) s.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - busy_since_).count();
+  return s;
+}
+
 void IoQueue::SetFault(const IoFault& fault) {
   std::lock_guard<std::mutex> lock(mu_);
   fault_ = fault;
@@ -132,7 +139,10 @@ void IoQueue::Complete(int chunk, int res) {
       r.result.error = -res;
       r.result.error_offset = c.offset;
     }
-  } else if (res < c.bytes && r.result.short_offset < 0) {
+  } else {
+    (r.write ? stats_.bytes_written : stats_.bytes_read) += res;
+  }
+  if (res >= 0 && res < c.bytes && r.result.short_offset < 0) {
     // O_DIRECT transfers within the file's size move whole chunks; fewer bytes means the file ended early (a read
     // of a truncated file) or the disk filled up in the middle of a write. Either way the data is incomplete.
     r.result.short_offset = c.offset;
@@ -140,7 +150,9 @@ void IoQueue::Complete(int chunk, int res) {
     r.result.short_wanted = c.bytes;
   }
   c.request = -1;
-  --in_flight_;
+  if (--in_flight_ == 0) {
+    stats_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - busy_since_).count();
+  }
   if (++r.completed == r.chunks) {
     r.state = State::kDone;
     done_.notify_all();
@@ -170,7 +182,7 @@ void IoQueue::Run() {
         io_uring_prep_read(sqe, r.fd, buf, static_cast<unsigned>(ch.bytes), static_cast<uint64_t>(ch.offset));
       }
       io_uring_sqe_set_data64(sqe, static_cast<uint64_t>(c));
-      ++in_flight_;
+      if (in_flight_++ == 0) busy_since_ = std::chrono::steady_clock::now();
       prepared_[static_cast<size_t>(prepared++)] = c;
       if (++r.submitted == r.chunks) {
         fifo_head_ = (fifo_head_ + 1) % fifo_.size();

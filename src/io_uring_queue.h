@@ -49,6 +49,13 @@ struct IoFault {
   int delay_ms = 0;           // ... or, with neither, complete it this much later (a stalled disk)
 };
 
+// What a queue has moved since Create. busy_seconds: time with at least one chunk in flight, so that bytes over
+// it is the throughput while the disk works, whatever the caller did in between.
+struct IoStats {
+  int64_t bytes_read = 0, bytes_written = 0;
+  double busy_seconds = 0;
+};
+
 class IoQueue {
  public:
   // Fails with Unavailable when the kernel refuses io_uring (too old, kernel.io_uring_disabled, a seccomp filter).
@@ -67,6 +74,7 @@ class IoQueue {
   // *result saying how the transfer went.
   Status Wait(uint64_t ticket, std::chrono::milliseconds timeout, IoResult* result);
   void SetFault(const IoFault& fault);
+  IoStats stats();
 
   // The slot behind a ticket: in [0, max_requests), stable while the ticket is outstanding.
   static int SlotOf(uint64_t ticket) { return static_cast<int>(ticket & 0xffff); }
@@ -111,6 +119,8 @@ class IoQueue {
   int in_flight_ = 0;
   IoFault fault_;
   int delayed_chunk_ = -1, delayed_res_ = 0, delay_ms_ = 0;  // a completion IoFault::delay_ms holds back
+  IoStats stats_;
+  std::chrono::steady_clock::time_point busy_since_;  // when in_flight_ last went from 0 to 1
   bool stop_ = false;
   std::thread thread_;
 };

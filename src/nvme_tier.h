@@ -87,6 +87,7 @@ class NvmeTier {
   // Every file is still the one Open created, at its full size: not removed, replaced or truncated.
   Status CheckFiles() const;
 
+  IoStats stats() const { return queue_->stats(); }
   void TEST_SetFault(const IoFault& fault) { queue_->SetFault(fault); }
   int TEST_fd(int file) const { return files_[static_cast<size_t>(file)].fd; }
 

@@ -197,6 +197,17 @@ TEST_P(NvmeEquivalenceTest, BitwiseEqualToTheStateInHostMemory) {
     EXPECT_EQ(m.host.Current(MemoryCategory::kParams), 0);
   }
   EXPECT_EQ(e.NvmeBounceBytes() > 0, true);
+  // A step reads and writes every optimizer record once (and, with the shards on the tier, the gathers read those).
+  if (!c.nvme_params) {
+    const NvmeStats before = engine->nvme_stats();
+    const StepResult r = TrainToyStep(*engine, *comm, kSteps, kMicros, kGlobalBatch);
+    const NvmeStats after = engine->nvme_stats();
+    const int64_t file = EngineTestPeer::State(*engine).nvme->FileBytes(0);
+    EXPECT_FALSE(r.skipped);
+    EXPECT_EQ(after.bytes_read - before.bytes_read, file);
+    EXPECT_EQ(after.bytes_written - before.bytes_written, file);
+    EXPECT_GT(after.busy_seconds, before.busy_seconds);
+  }
   // The files are the tier's: on the disk while the engine lives, gone with it.
   const std::string files = EngineTestPeer::State(*engine).nvme->dir();
   EXPECT_TRUE(fs::exists(files + "/optimizer.bin"));

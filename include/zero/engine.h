@@ -72,6 +72,14 @@ struct MemoryReport {
   std::string Table() const;
 };
 
+// The NVMe tier's transfers since Open (Options::nvme_path; all zero without a tier). busy_seconds is the time
+// with at least one transfer in flight: bytes over it is the throughput the disk gave while the tier used it.
+struct NvmeStats {
+  int64_t bytes_read = 0;
+  int64_t bytes_written = 0;
+  double busy_seconds = 0;
+};
+
 // Engine::Export: consolidated weights as one safetensors file, written in parallel (each rank writes the
 // fragments it owns at their offsets; no rank holds the whole model).
 struct ExportOptions {
@@ -195,6 +203,8 @@ class Engine {
   // Current and peak bytes per category on the device and the host (MemoryReport::Table prints it). An
   // out-of-memory status from Open carries this table and a configuration that fits (zero/estimate.h).
   MemoryReport Memory() const;
+  // The NVMe tier's bytes read and written and its busy time since Open (monitoring, benchmarks).
+  NvmeStats nvme_stats() const;
   // Stage::kAuto: what Open chose and why (each earlier candidate's need against the budget); empty otherwise.
   const std::string& auto_choice() const;
   // The communicator's counters (elements and calls per collective). Waits for everything queued on the
