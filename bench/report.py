@@ -181,7 +181,7 @@ def nvme_records(results):
     for r in records:
         r["scale"] = 2 ** (r["log2_params"] - records[0]["log2_params"])
     info = {k: context.get(k, "") for k in ("fio", "nvme_dir", "adamw_target")}
-    for name in ("nvme_started", "nvme_loadavg_start", "nvme_loadavg_end", "nvme_fs", "nvme_commit"):
+    for name in ("nvme_started", "nvme_loadavg_start", "nvme_loadavg_end", "nvme_fs", "nvme_commit", "nvme_machine"):
         p = os.path.join(results, name)
         info[name] = open(p).read().strip() if os.path.exists(p) else ""
     return records, info, errors
@@ -238,7 +238,7 @@ def machine_info(results, build, adamw_context):
     if os.path.exists(log):
         m = re.search(r"AdamWStepCpu target: (\S+)", open(log).read())
         adamw_target = m.group(1).rstrip(",") if m else ""
-    return {
+    info = {
         "date": read("started"),
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -249,8 +249,6 @@ def machine_info(results, build, adamw_context):
         "compiler": sh(f"{cache.get('CMAKE_CXX_COMPILER', 'c++')} --version | head -1"),
         "mpi": sh("mpiexec --version 2>/dev/null | head -1"),
         "google_benchmark": sh("dpkg-query -W -f='${Version}' libbenchmark-dev 2>/dev/null"),
-        "liburing": sh("dpkg-query -W -f='${Version}' liburing-dev 2>/dev/null"),
-        "fio": sh("fio --version 2>/dev/null"),
         "build_type": cache.get("CMAKE_BUILD_TYPE", ""),
         "cuda_option": cache.get("ZERO_WITH_CUDA", ""),
         "adamw_target": adamw_target,
@@ -260,6 +258,15 @@ def machine_info(results, build, adamw_context):
         "loadavg_start": read("loadavg_start"),
         "loadavg_end": read("loadavg_end"),
     }
+    # A partial run (bench.sh --only) renders the report again, possibly on another machine: the facts of the full
+    # run that started at `date` stay those recorded when it was reported.
+    stored_path = os.path.join(results, "machine.json")
+    if os.path.exists(stored_path):
+        with open(stored_path) as f:
+            stored = json.load(f)
+        if stored.get("date") == info["date"]:
+            info.update({k: v for k, v in stored.items() if k in info})
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------- charts
@@ -478,7 +485,7 @@ def nvme_section(nvme, info, errors):
     big = nvme[-1]
     md.append(f"`zero_bench_nvme` (see the comment at the top of `bench/nvme_bench.cc`), {big['world']} "
               f"rank{'s' if big['world'] > 1 else ''}, commit {info.get('nvme_commit') or '?'}, run on "
-              f"{info.get('nvme_started') or '?'} (load average {(info.get('nvme_loadavg_start') or '?').split()[0]} "
+              f"{info.get('nvme_started') or '?'} on {info.get('nvme_machine') or '?'} (load average {(info.get('nvme_loadavg_start') or '?').split()[0]} "
               f"at its start, {(info.get('nvme_loadavg_end') or '?').split()[0]} at its end), the tier and fio in "
               f"the same directory on {info.get('nvme_fs') or '?'}, {info.get('fio') or 'no fio'}: models of "
               f"2^{nvme[0]['log2_params']} to 2^{big['log2_params']} parameters (units of a 1024 × 1024 weight and "
@@ -521,7 +528,8 @@ def nvme_section(nvme, info, errors):
          f"{host_text} MiB from 1× to {big['scale']}× (the state on the disk: {state_text} MiB)",
          f"the bounce buffers: {mib(big['bounce_bytes'])} MiB (the rest: gradient and parameter staging, 9 bytes of "
          f"checksum per {human_bytes(int(big['block_bytes']))} of state); a host budget of "
-         f"{mib(big['host_budget'])} MiB: host-memory offload fits it up to {fits_up_to}×, the tier at every size",
+         f"{mib(big['host_budget'])} MiB: host-memory offload fits it "
+         + (f"up to {fits_up_to}×" if fits_up_to else "at no size") + ", the tier at every size",
          "constant as the model grows 1× → 8×; a model whose state is ≥ 4× the budget trains",
          ok(host_constant and bool(trains) and all(r["host_peak_tier"] <= r["host_budget"] for r in nvme))
          + (f" ({trains[-1]['state_over_budget']:.1f}× the budget at {trains[-1]['scale']}×)" if trains else "")],
@@ -547,7 +555,9 @@ def nvme_section(nvme, info, errors):
     md.append("*fits budget*: the host-memory offload opened under the same `host_budget_bytes` as the tier (the "
               "tier's need at the largest size); above it Open fails with OutOfMemory pointing at `nvme_path`. "
               "*tier GB/s* counts the bytes the tier moved during the step over the time it had transfers in "
-              "flight (`Engine::nvme_stats`); fio's are read plus write bytes over its run time. The I/O alone "
+              "flight (`Engine::nvme_stats`); fio's are read plus write bytes over its run time (fio keeps its "
+              "queue full, so it has no idle time to leave out; its 50/50 mix shares the queue depth between reads "
+              "and writes, as the tier's does). The I/O alone "
               "streams the same records through the same number of bounce buffers without computing anything; the "
               "step also waits for the first bucket's read and the last one's write, which nothing overlaps, so "
               "*step / max* falls as buckets are added.\n")
@@ -585,7 +595,6 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
         ["kernel", machine["kernel"]], ["compiler", machine["compiler"]], ["MPI", machine["mpi"]],
         ["Google Benchmark", machine["google_benchmark"] + " (Debian's; it warns that it was built as DEBUG: "
          "that concerns its own timer code, not zero's)"],
-        ["liburing, fio", f"{machine.get('liburing', '')}, {machine.get('fio', '')}"],
         ["build", f"{machine['build_type']}, ZERO_WITH_CUDA={machine['cuda_option']}"],
         ["AdamW SIMD target", machine["adamw_target"]], ["commit", machine["commit"]],
         ["load average (1, 5, 15 min) at start", machine["loadavg_start"]],

@@ -164,6 +164,9 @@ run_nvme() {
     echo; } >"$out/nvme_commit" 2>/dev/null || true
   cat /proc/loadavg >"$out/nvme_loadavg_start"
   { df -T "$out" | tail -n 1 | awk '{print $2 " (" $1 ")"}'; } >"$out/nvme_fs" 2>/dev/null || true
+  # The machine of this part (a partial run may not be on the full run's): CPU, cores, kernel, liburing.
+  echo "$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, kernel $(uname -r), liburing" \
+    "$(dpkg-query -W -f='${Version}' liburing-dev 2>/dev/null)" >"$out/nvme_machine"
   "${mpi[@]}" -n 1 "$bin/zero_bench_nvme" "${nvme_args[@]}" --dir="$work" --benchmark_out="$out/nvme.gbench.json" \
     --benchmark_out_format=json --benchmark_color=false 2>&1 | tee "$log/nvme.log" | grep -E '^(zero_bench|Nvme)' |
     cut -c1-160
