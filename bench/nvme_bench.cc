@@ -350,7 +350,9 @@ Result Measure(int log2) {
   // Bitwise: every step's norm and every parameter.
   int64_t wrong = 0;
   if (s.ok()) {
-    for (size_t i = 0; i < rh.size(); ++i) wrong += rh[i].grad_norm != rt[i].grad_norm || rh[i].skipped != rt[i].skipped;
+    for (size_t i = 0; i < rh.size(); ++i) {
+      wrong += rh[i].grad_norm != rt[i].grad_norm || rh[i].skipped != rt[i].skipped;
+    }
     for (int p = 0; p < static_cast<int>(specs.size()); ++p) {
       const TensorView a = h->Param(p), b = t->Param(p);
       for (int64_t i = 0; i < a.numel; ++i) wrong += std::memcmp(a.as<float>() + i, b.as<float>() + i, 4) != 0;

@@ -145,7 +145,9 @@ Status ValidateOptions(const Options& o, int num_units) {
   if (o.nvme_block_bytes < 4096 || o.nvme_block_bytes % 4096 != 0 || o.nvme_block_bytes > (int64_t{256} << 20)) {
     return bad("nvme_block_bytes must be a multiple of 4096 between 4 KiB and 256 MiB (default 1 MiB)");
   }
-  if (o.nvme_queue_depth < 1 || o.nvme_queue_depth > 4096) return bad("nvme_queue_depth must be in [1, 4096] (default 8)");
+  if (o.nvme_queue_depth < 1 || o.nvme_queue_depth > 4096) {
+    return bad("nvme_queue_depth must be in [1, 4096] (default 8)");
+  }
   if (o.nvme_buffers < 2 || o.nvme_buffers > 64) return bad("nvme_buffers must be in [2, 64] (default 3)");
   if (o.host_budget_bytes < 0) return bad("host_budget_bytes must be >= 0 (0: not checked)");
   for (int u : o.keep_gathered_units) {
@@ -797,12 +799,15 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   bool over_host_budget = false;
   if (s.ok() && opts.host_budget_bytes > 0) {
     int64_t host = 0;
-    for (const PlannedBuffer& b : bp.buffers) host += b.kind == MemoryKind::kPinnedHost || b.kind == MemoryKind::kPageableHost ? b.bytes : 0;
+    for (const PlannedBuffer& b : bp.buffers) {
+      if (b.kind == MemoryKind::kPinnedHost || b.kind == MemoryKind::kPageableHost) host += b.bytes;
+    }
     if (host > opts.host_budget_bytes) {
       over_host_budget = true;
       s = Status::OutOfMemory(
-          ConfigurationName(opts) + " needs " + FormatBytes(host) + " of host memory per rank, over Options::host_budget_bytes (" +
-          FormatBytes(opts.host_budget_bytes) + "; zero::Estimate lists the buffers). " +
+          ConfigurationName(opts) + " needs " + FormatBytes(host) +
+          " of host memory per rank, over Options::host_budget_bytes (" + FormatBytes(opts.host_budget_bytes) +
+          "; zero::Estimate lists the buffers). " +
           (opts.nvme_path.empty() ? "Give Options::nvme_path: the NVMe tier keeps the optimizer state on a local disk, "
                                     "with host memory for a few buckets only; or raise the budget"
                                   : "Raise the budget, or lower bucket_elements or nvme_buffers (the bounce buffers "

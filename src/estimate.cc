@@ -277,7 +277,9 @@ Options WithConfig(const Options& base, const Config& c) {
   return o;
 }
 
-bool HostFits(const Options& o, int64_t host_bytes) { return o.host_budget_bytes <= 0 || host_bytes <= o.host_budget_bytes; }
+bool HostFits(const Options& o, int64_t host_bytes) {
+  return o.host_budget_bytes <= 0 || host_bytes <= o.host_budget_bytes;
+}
 
 }  // namespace
 
@@ -383,7 +385,8 @@ Status PlanTraining(const TrainingRequest& req, TrainingPlan* out) {
   out->chosen = best;
   if (best >= 0) {
     const TrainingCandidate& c = out->candidates[static_cast<size_t>(best)];
-    out->options = WithConfig(req.options, Config{c.stage, c.offload_optimizer, c.offload_params, c.nvme, c.nvme_params});
+    out->options =
+        WithConfig(req.options, Config{c.stage, c.offload_optimizer, c.offload_params, c.nvme, c.nvme_params});
     out->options.activation_model = req.shape;
     out->options.activation_options = req.activations;
     out->options.activation_options.micro_batch = c.micro_batch;

@@ -301,6 +301,36 @@ TEST(NvmeCheckpointTest, ATierCheckpointLoadsWithoutTheTierAndTheOtherWayRound) 
   RemoveShared(dir);
 }
 
+// Export reads the master and the frozen shards from the tier, and stage-3 eval passes gather from it: the same
+// bytes and the same loss as with the state in host memory.
+TEST(NvmeCheckpointTest, ExportAndEvalReadTheTier) {
+  auto comm = WorldComm();
+  const std::string dir = SharedDir("export");
+  const Case c{"stage3", Stage::kParameters, OptimizerKind::kAdamW, DType::kBF16, DType::kF32, 2, true};
+  const Options host = HostOffload(c);
+  const Options tier = WithTier(host, c, dir + "/nvme");
+  std::string files[2];
+  float losses[2];
+  for (int k = 0; k < 2; ++k) {
+    auto e = OpenToyEngine(k == 0 ? host : tier, comm.get());
+    ASSERT_NE(e, nullptr);
+    for (int st = 0; st < 3; ++st) TrainToyStep(*e, *comm, st, kMicros, kGlobalBatch);
+    ZERO_ASSERT_OK(e->BeginEval());
+    EngineAccess access(e.get());
+    losses[k] = ToyForward(access, ToyMicroBatch(100, 0, comm->rank(), comm->world_size(), kGlobalBatch));
+    ZERO_ASSERT_OK(e->EndEval());
+    const std::string path = dir + "/export_" + std::to_string(k) + ".safetensors";
+    ExportOptions eo;
+    eo.dtype = DType::kF32;
+    ZERO_ASSERT_OK(e->Export(path, eo));
+    files[k] = ReadFile(path);
+  }
+  EXPECT_EQ(losses[0], losses[1]);
+  EXPECT_FALSE(files[0].empty());
+  EXPECT_TRUE(files[0] == files[1]) << "the exports differ";
+  RemoveShared(dir);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Faults: every rank gets a status naming the file, the bucket and the fix.
 
@@ -610,6 +640,29 @@ TEST(NvmeBudgetTest, StageAutoConsidersTheTierLast) {
   EXPECT_EQ(s.code(), StatusCode::kOutOfMemory) << s.ToString();
   EXPECT_TRUE(Contains(s, "give an NVMe directory")) << s.ToString();
   RemoveShared(dir);
+}
+
+// PlanTraining walks the same order: the tier's configurations last, each with and without recomputation.
+TEST(NvmeBudgetTest, PlanTrainingConsidersTheTierLastToo) {
+  TrainingRequest req;
+  req.shape = TransformerShape{4, 256, 4, 4, 688, 1000, false, false};
+  req.activations.seq_len = 64;
+  req.world_size = 2;
+  req.global_batch = 8;
+  req.device_bytes = int64_t{1} << 40;
+  req.options.nvme_path = "nvme";
+  TrainingPlan plan;
+  ZERO_ASSERT_OK(PlanTraining(req, &plan));
+  ASSERT_EQ(plan.candidates.size(), 22u);  // 11 configurations x recompute off, on
+  for (size_t i = 0; i < plan.candidates.size(); ++i) {
+    EXPECT_EQ(plan.candidates[i].nvme, i >= 14) << i;
+    if (plan.candidates[i].nvme) {
+      EXPECT_GT(plan.candidates[i].nvme_bytes, 0) << i;
+    }
+  }
+  ASSERT_GE(plan.chosen, 0);
+  EXPECT_FALSE(plan.candidates[static_cast<size_t>(plan.chosen)].nvme);  // the device fits: never the tier
+  EXPECT_TRUE(plan.options.nvme_path.empty());
 }
 
 }  // namespace
