@@ -51,7 +51,7 @@ std::string NvmeTier::Prefix() const {
   return "NVMe tier (rank " + std::to_string(options_.rank) + ", " + (dir_.empty() ? options_.root : dir_) + ")";
 }
 
-std::string NvmeTier::Path(int file) const { return dir_ + "/" + files_[static_cast<size_t>(file)].layout.name; }
+std::string NvmeTier::Path(int file) const { return files_[static_cast<size_t>(file)].path; }
 
 std::string NvmeTier::What(int file, int first, int count) const {
   const NvmeFileLayout& l = files_[static_cast<size_t>(file)].layout;
@@ -112,6 +112,7 @@ Status NvmeTier::Open(const NvmeTierOptions& o, std::vector<NvmeFileLayout> file
       blocks += NvmeBlocks(r, o.block_bytes);
     }
     f.readers.assign(l.record_bytes.size(), 0);
+    f.path = t->dir_ + "/" + l.name;
     f.layout = std::move(l);
     t->files_.push_back(std::move(f));
   }
@@ -362,25 +363,27 @@ Status NvmeTier::WaitAll() {
 
 Status NvmeTier::CheckFiles() const {
   for (size_t i = 0; i < files_.size(); ++i) {
+    // Once per step: nothing is allocated unless a message is composed.
     const File& f = files_[i];
-    const std::string path = Path(static_cast<int>(i));
-    const std::string lost =
-        ". The state in it is lost for this engine: Load the last checkpoint into a new engine, and keep other "
-        "processes (cleanup jobs, tmp reapers) away from " + options_.root;
+    const std::string& path = f.path;
+    auto lost = [&] {
+      return ". The state in it is lost for this engine: Load the last checkpoint into a new engine, and keep other "
+             "processes (cleanup jobs, tmp reapers) away from " + options_.root;
+    };
     struct stat st;
     if (::stat(path.c_str(), &st) != 0) {
       return Status::DataLoss(Prefix() + ": " + path + " (the " + f.layout.holds + ") was removed behind the engine's "
-                              "back (" + ErrnoText(errno) + ")" + lost);
+                              "back (" + ErrnoText(errno) + ")" + lost());
     }
     if (st.st_dev != f.dev || st.st_ino != f.ino) {
       return Status::DataLoss(Prefix() + ": " + path + " (the " + f.layout.holds + ") was replaced by another file" +
-                              lost);
+                              lost());
     }
     struct stat mine;
     if (::fstat(f.fd, &mine) != 0 || mine.st_size < f.bytes) {
       return Status::DataLoss(Prefix() + ": " + path + " (the " + f.layout.holds + ") was truncated to " +
                               std::to_string(mine.st_size) + " bytes behind the engine's back (the tier wrote " +
-                              std::to_string(f.bytes) + ")" + lost);
+                              std::to_string(f.bytes) + ")" + lost());
     }
   }
   return Status::Ok();

@@ -101,6 +101,7 @@ class NvmeTier {
  private:
   struct File {
     NvmeFileLayout layout;
+    std::string path;
     int fd = -1;
     int64_t bytes = 0;
     dev_t dev = 0;
