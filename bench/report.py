@@ -3,11 +3,13 @@
 
 Inputs (in --results, written by scripts/bench.sh): Google Benchmark JSON of zero_bench_stages and
 zero_bench_collectives per world size (stages_wN.gbench.json, collectives_wN.gbench.json), of zero_bench_adamw
-(adamw.gbench.json), the LoRA example's logs (lora_sS_oO.log) and the machine's load average at start and end;
+(adamw.gbench.json) and zero_bench_nvme (nvme.gbench.json, with its own start time, load and file system:
+nvme_started, nvme_loadavg_*, nvme_fs), the LoRA example's logs (lora_sS_oO.log) and the machine's load average
+at start and end;
 and, from a separate run on a GPU machine (bench/gpu/run.sh), RESULTS/gpu/*.json (bench/report_gpu.py renders
 those; without them the GPU section says that nothing has been measured).
 Outputs: stages.json (one record per configuration, the fields of issue 9), collectives.json, adamw.json,
-lora.json, machine.json, charts/*.png, and the Markdown report (--docs).
+nvme.json, lora.json, machine.json, charts/*.png, and the Markdown report (--docs).
 
 Only ratios measured within one run are compared (paired per iteration by the benchmarks themselves); absolute
 times are printed for orientation and move with the machine's load.
@@ -151,6 +153,40 @@ def adamw_records(results):
     return records, context
 
 
+NVME_FIELDS = ["world", "log2_params", "params", "units", "block_bytes", "queue_depth", "buffers", "step_tier_s",
+               "step_host_s", "io_alone_s", "adamw_s", "step_vs_max", "step_vs_host", "tier_GBps", "fio_mixed_GBps",
+               "tier_vs_fio", "fio_read_GBps", "fio_write_GBps", "io_bytes_per_step", "state_bytes", "host_budget",
+               "host_peak_tier", "bounce_bytes", "host_peak_host", "host_offload_fits", "state_over_budget",
+               "bitwise_equal", "wrong"]
+
+
+def nvme_records(results):
+    """zero_bench_nvme's rows (one per model size) and the run's context (fio's version, the directory)."""
+    path = os.path.join(results, "nvme.gbench.json")
+    if not os.path.exists(path):
+        return [], {}, []
+    context, runs = load_gbench(path)
+    records, errors = [], []
+    for b in runs:
+        if b.get("error_occurred"):
+            errors.append(f"{b['name']}: {b.get('error_message', '')}")
+            continue
+        rec = {k: b[k] for k in NVME_FIELDS}
+        for k in ("world", "log2_params", "params", "units", "block_bytes", "queue_depth", "buffers",
+                  "io_bytes_per_step", "state_bytes", "host_budget", "host_peak_tier", "bounce_bytes", "host_peak_host",
+                  "host_offload_fits", "bitwise_equal", "wrong"):
+            rec[k] = int(round(rec[k]))  # Google Benchmark writes counters as floats
+        records.append(rec)
+    records.sort(key=lambda r: (r["world"], r["log2_params"]))
+    for r in records:
+        r["scale"] = 2 ** (r["log2_params"] - records[0]["log2_params"])
+    info = {k: context.get(k, "") for k in ("fio", "nvme_dir", "adamw_target")}
+    for name in ("nvme_started", "nvme_loadavg_start", "nvme_loadavg_end", "nvme_fs", "nvme_commit", "nvme_machine"):
+        p = os.path.join(results, name)
+        info[name] = open(p).read().strip() if os.path.exists(p) else ""
+    return records, info, errors
+
+
 LORA_STEP = re.compile(r"^lora step\s+(\d+)/(\d+).*?([\d.]+) tok/s\s+device ([\d.]+) MiB\s+host ([\d.]+) MiB")
 LORA_HEAD = re.compile(r"^lora: .*?(\d+) trainable / (\d+) frozen parameters, stage (\d)(.*?), (\d+) ranks")
 
@@ -202,7 +238,7 @@ def machine_info(results, build, adamw_context):
     if os.path.exists(log):
         m = re.search(r"AdamWStepCpu target: (\S+)", open(log).read())
         adamw_target = m.group(1).rstrip(",") if m else ""
-    return {
+    info = {
         "date": read("started"),
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -222,6 +258,15 @@ def machine_info(results, build, adamw_context):
         "loadavg_start": read("loadavg_start"),
         "loadavg_end": read("loadavg_end"),
     }
+    # A partial run (bench.sh --only) renders the report again, possibly on another machine: the facts of the full
+    # run that started at `date` stay those recorded when it was reported.
+    stored_path = os.path.join(results, "machine.json")
+    if os.path.exists(stored_path):
+        with open(stored_path) as f:
+            stored = json.load(f)
+        if stored.get("date") == info["date"]:
+            info.update({k: v for k, v in stored.items() if k in info})
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------- charts
@@ -426,8 +471,102 @@ STAGE_HEADER = ["stage", "offload", "dtype p/g", "step ms", "step / stage 0", "n
                 "exposed ms", "comm/Ψ", "device MiB", "device/formula", "host MiB", "host/formula"]
 
 
+def mib(b):
+    return f"{b / MIB:,.1f}"
+
+
+def nvme_section(nvme, info, errors):
+    """The NVMe tier: issue 19's table (goal, measured, reference in the same run), then every model size."""
+    md = ["## The NVMe tier: optimizer state on a local disk\n"]
+    if not nvme:
+        md.append("Not measured in this run (`scripts/bench.sh --only nvme` measures it).\n")
+        md += [f"- error: `{e}`" for e in errors]
+        return "\n".join(md) + "\n"
+    big = nvme[-1]
+    md.append(f"`zero_bench_nvme` (see the comment at the top of `bench/nvme_bench.cc`), {big['world']} "
+              f"rank{'s' if big['world'] > 1 else ''}, commit {info.get('nvme_commit') or '?'}, run on "
+              f"{info.get('nvme_started') or '?'} on {info.get('nvme_machine') or '?'} (load average {(info.get('nvme_loadavg_start') or '?').split()[0]} "
+              f"at its start, {(info.get('nvme_loadavg_end') or '?').split()[0]} at its end), the tier and fio in "
+              f"the same directory on {info.get('nvme_fs') or '?'}, {info.get('fio') or 'no fio'}: models of "
+              f"2^{nvme[0]['log2_params']} to 2^{big['log2_params']} parameters (units of a 1024 × 1024 weight and "
+              "a norm), stage 2 with the optimizer offloaded, fp32 AdamW, blocks of "
+              f"{human_bytes(int(big['block_bytes']))}, queue depth {int(big['queue_depth'])}, "
+              f"{int(big['buffers'])} bounce buffers. Two engines side by side, one with master, m and v in host "
+              "memory and one with them on the tier; each iteration steps both, then runs the tier's I/O alone for "
+              "the same bytes, the CPU AdamW alone, and fio, so that every ratio is paired within an iteration "
+              "(medians over iterations).\n")
+    md.append("**This disk is shared and virtual.** It is the machine's root disk (a virtio device), which other "
+              "engineers' builds use at the same time, and the host behind it may cache: fio's numbers are what "
+              "it gives O_DIRECT here and now, not a datasheet's. The ratios compare the tier with fio and with the "
+              "engine's own work measured back to back on that disk.\n")
+    ok = lambda good: "yes" if good else "**no**"  # noqa: E731
+    step_ratio = big["step_vs_max"]
+    fio_ratios = [r["tier_vs_fio"] for r in nvme if r["fio_mixed_GBps"] > 0]
+    host = [r["host_peak_tier"] for r in nvme]
+    trains = [r for r in nvme if r["state_over_budget"] >= 4]
+    step_ratios = ", ".join(f"{r['step_vs_max']:.2f}" for r in nvme)
+    fio_text = ", ".join(f"{x:.2f}" for x in fio_ratios)
+    host_text = " → ".join(mib(h) for h in host)
+    state_text = " → ".join(mib(r["state_bytes"]) for r in nvme)
+    fits_up_to = max([r["scale"] for r in nvme if r["host_offload_fits"]], default=0)
+    host_constant = max(host) - min(host) <= 16 * 1024 * len(nvme)  # the checksums: 9 B per block of state
+    rows = [
+        ["tier read and write throughput during a step",
+         f"{big['tier_GBps']:.2f} GB/s at {big['scale']}× (bytes moved / time with transfers in flight); tier / fio "
+         f"{fio_text} from 1× to {big['scale']}×",
+         f"fio, O_DIRECT io_uring, 50/50 read/write, same block size, queue depth and directory: "
+         f"{big['fio_mixed_GBps']:.2f} GB/s (reading alone {big['fio_read_GBps']:.2f}, writing alone "
+         f"{big['fio_write_GBps']:.2f})", "≥ 0.85",
+         ok(bool(fio_ratios) and min(fio_ratios) >= 0.85) if fio_ratios else "fio not run"],
+        ["offloaded step time with the tier",
+         f"{big['step_tier_s'] * 1e3:.0f} ms at {big['scale']}×: {step_ratio:.2f} × the reference "
+         f"({step_ratios} from 1× to {big['scale']}×)",
+         f"max(the tier's I/O alone {big['io_alone_s'] * 1e3:.0f} ms, the CPU AdamW alone {big['adamw_s'] * 1e3:.0f} "
+         f"ms) for the same bytes; the step with the state in host memory: {big['step_host_s'] * 1e3:.0f} ms",
+         "≤ 1.15×", ok(step_ratio <= 1.15)],
+        ["host memory with the tier",
+         f"{host_text} MiB from 1× to {big['scale']}× (the state on the disk: {state_text} MiB)",
+         f"the bounce buffers: {mib(big['bounce_bytes'])} MiB (the rest: gradient and parameter staging, 9 bytes of "
+         f"checksum per {human_bytes(int(big['block_bytes']))} of state); a host budget of "
+         f"{mib(big['host_budget'])} MiB: host-memory offload fits it "
+         + (f"up to {fits_up_to}×" if fits_up_to else "at no size") + ", the tier at every size",
+         "constant as the model grows 1× → 8×; a model whose state is ≥ 4× the budget trains",
+         ok(host_constant and bool(trains) and all(r["host_peak_tier"] <= r["host_budget"] for r in nvme))
+         + (f" ({trains[-1]['state_over_budget']:.1f}× the budget at {trains[-1]['scale']}×)" if trains else "")],
+        ["results", "bitwise equal at every size" if all(r["bitwise_equal"] for r in nvme)
+         else f"**{int(sum(r['wrong'] for r in nvme))} elements differ**",
+         "the same run with host-memory offload (every step's norm, every final parameter)", "bitwise equal",
+         ok(all(r["bitwise_equal"] for r in nvme))],
+    ]
+    md.append(table(["what", "measured", "reference in the same run", "goal", "met"], rows))
+    md.append("")
+    md.append("Per model size (per rank; times are medians over iterations, ratios the medians of paired ratios):\n")
+    md.append(table(["size", "Ψ", "state MiB", "tier host MiB", "bounce MiB", "host-offload MiB", "fits budget",
+                     "tier step ms", "host step ms", "I/O alone ms", "AdamW ms", "step / max", "tier GB/s",
+                     "fio rw GB/s", "tier / fio", "fio read GB/s", "fio write GB/s", "bitwise"],
+                    [[f"{r['scale']}×", f"2^{r['log2_params']}", mib(r["state_bytes"]), mib(r["host_peak_tier"]),
+                      mib(r["bounce_bytes"]), mib(r["host_peak_host"]), "yes" if r["host_offload_fits"] else "no",
+                      f"{r['step_tier_s'] * 1e3:.1f}", f"{r['step_host_s'] * 1e3:.1f}",
+                      f"{r['io_alone_s'] * 1e3:.1f}", f"{r['adamw_s'] * 1e3:.1f}", f"{r['step_vs_max']:.2f}",
+                      f"{r['tier_GBps']:.2f}", f"{r['fio_mixed_GBps']:.2f}", f"{r['tier_vs_fio']:.2f}",
+                      f"{r['fio_read_GBps']:.2f}", f"{r['fio_write_GBps']:.2f}",
+                      "yes" if r["bitwise_equal"] else f"no ({int(r['wrong'])})"] for r in nvme]))
+    md.append("")
+    md.append("*fits budget*: the host-memory offload opened under the same `host_budget_bytes` as the tier (the "
+              "tier's need at the largest size); above it Open fails with OutOfMemory pointing at `nvme_path`. "
+              "*tier GB/s* counts the bytes the tier moved during the step over the time it had transfers in "
+              "flight (`Engine::nvme_stats`); fio's are read plus write bytes over its run time (fio keeps its "
+              "queue full, so it has no idle time to leave out; its 50/50 mix shares the queue depth between reads "
+              "and writes, as the tier's does). The I/O alone "
+              "streams the same records through the same number of bounce buffers without computing anything; the "
+              "step also waits for the first bucket's read and the last one's write, which nothing overlaps, so "
+              "*step / max* falls as buckets are added.\n")
+    md += [f"- error: `{e}`" for e in errors]
+    return "\n".join(md) + "\n"
+
+
 def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_errors, adamw, lora, charts,
-                   phase_times, gpu_recs=None, gpu_charts=None):
+                   phase_times, gpu_recs=None, gpu_charts=None, nvme=None, nvme_info=None, nvme_errors=None):
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.docs)))  # noqa: E731
     md = []
     md.append("# Benchmarks\n")
@@ -640,6 +779,9 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
                           f"{r['roofline_ratio']:.3f}", f"{r['vs_scalar']:.2f}"] for r in adamw]))
         md.append("")
 
+    # ---- nvme
+    md.append(nvme_section(nvme or [], nvme_info or {}, nvme_errors or []))
+
     # ---- lora
     md.append("## The LoRA example: tokens/s per stage\n")
     if lora:
@@ -697,7 +839,7 @@ def memory_order_violations(stages):
     return out
 
 
-def exactness_violations(stages, colls):
+def exactness_violations(stages, colls, nvme=()):
     """What the benchmarks count exactly and must match: elements per step (2Ψ or 3Ψ), bytes against DESIGN.md's
     formula, and wrong elements of the collectives. Times are never checked."""
     out = []
@@ -710,6 +852,12 @@ def exactness_violations(stages, colls):
         if r["peak_host_bytes"] != r["formula_host_bytes"]:
             out.append(f"{name}: {r['peak_host_bytes']} host bytes, formula {r['formula_host_bytes']}")
     out += memory_order_violations(stages)
+    for r in nvme:
+        if not r["bitwise_equal"] or r["wrong"]:
+            out.append(f"NVMe tier at 2^{r['log2_params']}: {int(r['wrong'])} values differ from host-memory offload")
+        if r["host_peak_tier"] > r["host_budget"]:
+            out.append(f"NVMe tier at 2^{r['log2_params']}: {r['host_peak_tier']} host bytes over its budget "
+                       f"{r['host_budget']}")
     for r in colls:
         if r["wrong"] or r["raw_wrong"]:
             out.append(f"{r['impl']} {r['op']} {r['bytes']} B at {r['world']} ranks: #wrong {r['wrong']}, "
@@ -733,9 +881,10 @@ def main():
     colls, coll_notes, coll_errors = collective_records(res)
     adamw, adamw_context = adamw_records(res)
     lora = lora_records(res)
+    nvme, nvme_info, nvme_errors = nvme_records(res)
     machine = machine_info(res, args.build, adamw_context)
-    for name, data in (("stages", stages), ("collectives", colls), ("adamw", adamw), ("lora", lora),
-                       ("machine", machine)):
+    for name, data in (("stages", stages), ("collectives", colls), ("adamw", adamw), ("nvme", nvme),
+                       ("lora", lora), ("machine", machine)):
         with open(os.path.join(res, f"{name}.json"), "w") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
@@ -754,13 +903,14 @@ def main():
     with open(args.docs, "w") as f:
         f.write(write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_errors, adamw, lora,
                                charts, phase_times, gpu_recs,
-                               {k[4:]: v for k, v in charts.items() if k.startswith("gpu_")}))
+                               {k[4:]: v for k, v in charts.items() if k.startswith("gpu_")}, nvme, nvme_info,
+                               nvme_errors))
     missing = [k for k, v in (("stages", stages), ("collectives", colls), ("adamw", adamw)) if not v]
-    errors = stage_errors + coll_errors
+    errors = stage_errors + coll_errors + nvme_errors
     if args.strict:
-        errors += exactness_violations(stages, colls)
+        errors += exactness_violations(stages, colls, nvme)
     print(f"report: {len(stages)} stage configurations, {len(colls)} collective rows, {len(adamw)} AdamW rows, "
-          f"{len(lora)} LoRA runs, {len(charts)} charts -> {args.docs}")
+          f"{len(nvme)} NVMe sizes, {len(lora)} LoRA runs, {len(charts)} charts -> {args.docs}")
     if missing or errors:
         print(f"report: missing {missing}, errors {errors}", file=sys.stderr)
         return 1

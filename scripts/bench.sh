@@ -6,6 +6,8 @@
 #                           peak bytes per rank / DESIGN.md's formula
 #   zero_bench_collectives  reduce-scatter, all-gather, all-reduce through Comm against raw MPI (raw NCCL on GPUs)
 #   zero_bench_adamw        the CPU AdamW against its measured memory-bandwidth roofline
+#   zero_bench_nvme         the NVMe tier against fio (O_DIRECT, same block size, queue depth and directory), against
+#                           the step with the state in host memory, and its host memory as the model grows 1x -> 8x
 #   lora_finetune lora      the LoRA example's tokens/s per stage (a few steps of a small pretrained base)
 #
 # usage: scripts/bench.sh [--quick] [--build DIR] [--out DIR] [--docs FILE] [--no-build] [--no-deps] [--only LIST]
@@ -15,7 +17,7 @@
 #   --out       results directory (default bench/results)
 #   --docs      the Markdown report (default docs/BENCHMARKS.md)
 #   --no-build  use the binaries in --build as they are; --no-deps  skip scripts/deps.sh
-#   --only      run only these of stages,collectives,adamw,lora (comma-separated) and keep the other results
+#   --only      run only these of stages,collectives,adamw,nvme,lora (comma-separated) and keep the other results
 #               already in --out; the report covers everything there
 # Every step's wall time is printed; the machine it ran on goes into the report. Timings on a shared machine are
 # noisy: the report's ratios are measured within one run (paired per iteration), never across runs.
@@ -23,7 +25,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-quick=0 build=build out=bench/results docs=docs/BENCHMARKS.md do_build=1 do_deps=1 only=stages,collectives,adamw,lora
+all=stages,collectives,adamw,nvme,lora
+quick=0 build=build out=bench/results docs=docs/BENCHMARKS.md do_build=1 do_deps=1 only=$all
 while (($#)); do
   case $1 in
     --quick) quick=1 ;;
@@ -60,7 +63,7 @@ trap report_times EXIT
 if ((do_deps)); then phase deps scripts/deps.sh; fi
 
 # Build only what runs here. A fresh directory is configured like scripts/example.sh's, with benchmarks on.
-targets=(zero_bench_stages zero_bench_collectives zero_bench_adamw lora_finetune)
+targets=(zero_bench_stages zero_bench_collectives zero_bench_adamw zero_bench_nvme lora_finetune)
 build_all() {
   if [[ ! -f $build/CMakeCache.txt ]]; then
     cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DZERO_BUILD_BENCHMARKS=ON -DZERO_BUILD_EXAMPLES=ON \
@@ -71,8 +74,12 @@ build_all() {
 if ((do_build)); then phase build build_all; fi
 bin=$build/bench
 lora_bin=$build/examples/lora_finetune/lora_finetune
-for b in "$bin/zero_bench_stages" "$bin/zero_bench_collectives" "$bin/zero_bench_adamw"; do
-  [[ -x $b ]] || { echo "bench.sh: $b is missing (build it, or drop --no-build)" >&2; exit 1; }
+wanted() { [[ ,$only, == *,$1,* ]]; }
+for b in stages collectives adamw nvme; do
+  if wanted "$b" && [[ ! -x $bin/zero_bench_$b ]]; then
+    echo "bench.sh: $bin/zero_bench_$b is missing (build it, or drop --no-build)" >&2
+    exit 1
+  fi
 done
 
 # mpiexec: as root Open MPI needs the allow-run-as-root pair; --oversubscribe lets 4 ranks share 2 cores.
@@ -88,6 +95,7 @@ if ((quick)); then
   coll_args=(--max_bytes=1048576 --budget_bytes=4194304 --min_iterations=3)
   coll_worlds=(2 4)
   adamw_args=(--benchmark_filter='n:2\^20/threads:1/pages:4K')
+  nvme_args=(--sizes=21,22 --iterations=2)
   lora_args=(--dim 32 --layers 2 --heads 4 --kv-heads 2 --ffn 86 --seq 32 --batch 4 --micro 1 --pretrain-steps 2
              --lora-steps 4 --r 4 --eval-batches 1 --sample-tokens 2 --warmup 1)
   lora_cases=("0 0" "3 0")
@@ -98,13 +106,14 @@ else
   coll_args=()
   coll_worlds=(2 4)
   adamw_args=()
+  # 1x, 2x, 4x, 8x: 2^22 to 2^25 parameters, 48 to 384 MiB of optimizer state on the disk.
+  nvme_args=(--sizes=22,23,24,25 --iterations=5)
   lora_args=(--pretrain-steps 5 --lora-steps 16 --eval-batches 1 --sample-tokens 2 --warmup 2)
   lora_cases=("0 0" "1 0" "2 0" "3 0" "1 1" "2 1" "3 1")
   lora_corpora=()  # the main job's: fortunes, then the Bible (Debian packages that scripts/deps.sh installs)
 fi
 
-wanted() { [[ ,$only, == *,$1,* ]]; }
-if [[ $only == stages,collectives,adamw,lora ]]; then
+if [[ $only == "$all" ]]; then
   date -u +%Y-%m-%dT%H:%M:%SZ >"$out/started"
   cat /proc/loadavg >"$out/loadavg_start"
   # The commit measured (the binaries are built from the working tree as it is).
@@ -144,6 +153,28 @@ run_adamw() {
 }
 if wanted adamw; then phase adamw run_adamw; fi
 
+# The NVMe tier, one rank, in a directory of the results' disk (never tmpfs: the tier refuses it), fio beside it in
+# the same directory. Its own start time and load go beside its results: with --only it runs apart from the rest.
+run_nvme() {
+  local work=$out/nvme_work
+  rm -rf "$work"
+  date -u +%Y-%m-%dT%H:%M:%SZ >"$out/nvme_started"
+  { git rev-parse --short HEAD | tr -d '\n'
+    [[ -z $(git status --porcelain --untracked-files=no) ]] || printf ' + uncommitted changes in the working tree'
+    echo; } >"$out/nvme_commit" 2>/dev/null || true
+  cat /proc/loadavg >"$out/nvme_loadavg_start"
+  { df -T "$out" | tail -n 1 | awk '{print $2 " (" $1 ")"}'; } >"$out/nvme_fs" 2>/dev/null || true
+  # The machine of this part (a partial run may not be on the full run's): CPU, cores, kernel, liburing.
+  echo "$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, kernel $(uname -r), liburing" \
+    "$(dpkg-query -W -f='${Version}' liburing-dev 2>/dev/null)" >"$out/nvme_machine"
+  "${mpi[@]}" -n 1 "$bin/zero_bench_nvme" "${nvme_args[@]}" --dir="$work" --benchmark_out="$out/nvme.gbench.json" \
+    --benchmark_out_format=json --benchmark_color=false 2>&1 | tee "$log/nvme.log" | grep -E '^(zero_bench|Nvme)' |
+    cut -c1-160
+  cat /proc/loadavg >"$out/nvme_loadavg_end"
+  rm -rf "$work"
+}
+if wanted nvme; then phase nvme run_nvme; fi
+
 # The LoRA example in the main job's model configuration (quick: a tiny one on synthetic corpora): pretrain a base
 # once (a few steps: only throughput matters here), then fine-tune it per stage and offload setting on 2 ranks.
 # Each run's per-step lines go to its log; report.py takes the median tokens/s over the steps after the first.
@@ -171,8 +202,8 @@ else
   rm -f "$out"/lora_s*.log
 fi
 
-cat /proc/loadavg >"$out/loadavg_end"
-if [[ $only == stages,collectives,adamw,lora ]]; then
+if [[ $only == "$all" ]]; then
+  cat /proc/loadavg >"$out/loadavg_end"
   report_times >"$out/phase_times.txt"
 else
   report_times >>"$out/phase_times.txt"  # a partial run adds its phases to the full run's

@@ -16,7 +16,10 @@ packages=(
   libbenchmark-dev                 # benchmarks
   libhwy-dev                       # Google Highway: SIMD with run-time dispatch for the CPU AdamW kernel
   nlohmann-json3-dev               # checkpoints: the JSON index
-  libxxhash-dev                    # checkpoints: XXH3 block checksums
+  libxxhash-dev                    # checkpoints and the NVMe tier: XXH3 block checksums
+  liburing-dev                     # the NVMe tier: asynchronous O_DIRECT reads and writes through io_uring
+  fio                              # scripts/bench.sh: the disk's own O_DIRECT throughput beside the tier's
+  e2fsprogs                        # tests: mkfs.ext4 for the small loop-mounted disks of the tier's fault tests
   libopenblas-dev                  # OpenBLAS: CBLAS sgemm for the LoRA example's CPU model
   ccache                           # fast rebuilds; CMakeLists.txt uses it when found
   clang libomp-dev                 # the ThreadSanitizer build (scripts/test.sh's tsan phase)

@@ -6,14 +6,15 @@
 #include <vector>
 
 #include "kernels/sum_squares.cuh"
+#include "nvme_tier.h"
 
 namespace zero {
 
 int64_t BufferPlan::Bytes(MemoryKind kind, MemoryCategory category) const {
-  const bool device = kind == MemoryKind::kDevice;
+  auto host = [](MemoryKind k) { return k == MemoryKind::kPinnedHost || k == MemoryKind::kPageableHost; };
   int64_t sum = 0;
   for (const PlannedBuffer& b : buffers) {
-    if ((b.kind == MemoryKind::kDevice) == device && b.category == category) sum += b.bytes;
+    if ((b.kind == kind || (host(b.kind) && host(kind))) && b.category == category) sum += b.bytes;
   }
   return sum;
 }
@@ -84,19 +85,63 @@ BufferPlan PlanBuffers(const Options& o, const PartitionPlan& plan) {
   const int64_t ts = plan.trainable_shard, fs = plan.frozen_shard;
   const MemoryKind param_kind = o.offload_params ? MemoryKind::kPinnedHost : MemoryKind::kDevice;
   const MemoryKind opt_kind = offload ? MemoryKind::kPinnedHost : MemoryKind::kDevice;
-  add(BufferId::kTrainableParams, 0, MemoryCategory::kParams, param_kind, (stage3 ? ts : tp) * pe,
-      "trainable parameters", true);
-  add(BufferId::kFrozenParams, 0, MemoryCategory::kParams, param_kind, (stage3 ? fs : fp) * pe, "frozen parameters",
-      true);
+  // The NVMe tier's records (see the header): sizes rounded up to O_DIRECT's alignment.
+  NvmeLayout& nv = bp.nvme;
+  nv.on = !o.nvme_path.empty();
+  nv.params = nv.on && o.nvme_params;
+  if (nv.on) {
+    nv.states = o.optimizer == OptimizerKind::kAdamW ? 3 : 2;
+    nv.opt_record.assign(plan.buckets.size(), -1);
+    for (const Bucket& b : plan.buckets) {
+      if (!b.trainable) continue;
+      nv.opt_record[static_cast<size_t>(b.index)] = static_cast<int>(nv.opt_record_bytes.size());
+      nv.opt_record_bytes.push_back(NvmeAlign(nv.states * 4 * b.shard));
+      nv.opt_record_bucket.push_back(b.index);
+      nv.bounce_opt_bytes = std::max(nv.bounce_opt_bytes, nv.opt_record_bytes.back());
+      nv.blocks += NvmeBlocks(nv.opt_record_bytes.back(), o.nvme_block_bytes);
+      if (nv.params) nv.bounce_param_bytes = std::max(nv.bounce_param_bytes, NvmeAlign(pe * b.shard));
+    }
+    if (nv.params) {
+      for (const Bucket& b : plan.buckets) {
+        nv.param_record_bytes.push_back(NvmeAlign(pe * b.shard));
+        nv.blocks += NvmeBlocks(nv.param_record_bytes.back(), o.nvme_block_bytes);
+      }
+      for (const UnitPlan& up : plan.units) {
+        int64_t unit = 0;
+        for (int b : up.trainable_buckets) unit += nv.param_record_bytes[static_cast<size_t>(b)];
+        for (int b : up.frozen_buckets) unit += nv.param_record_bytes[static_cast<size_t>(b)];
+        nv.gather_bounce_bytes = std::max(nv.gather_bounce_bytes, unit);
+      }
+    }
+  }
+  auto sum = [](const std::vector<int64_t>& v) {
+    int64_t t = 0;
+    for (int64_t x : v) t += x;
+    return t;
+  };
+  if (nv.params) {
+    add(BufferId::kNvmeParamFile, 0, MemoryCategory::kParams, MemoryKind::kNvme, sum(nv.param_record_bytes),
+        "NVMe parameter shards (file)", true);
+  } else {
+    add(BufferId::kTrainableParams, 0, MemoryCategory::kParams, param_kind, (stage3 ? ts : tp) * pe,
+        "trainable parameters", true);
+    add(BufferId::kFrozenParams, 0, MemoryCategory::kParams, param_kind, (stage3 ? fs : fp) * pe,
+        "frozen parameters", true);
+  }
   add(BufferId::kGrads, 0, MemoryCategory::kGrads, MemoryKind::kDevice, (sharded_grads ? ts : tp) * ge, "gradients",
       true);
   const int64_t opt = st == Stage::kDataParallel ? tp : ts;
-  if (sep_master) {
-    add(BufferId::kMaster, 0, MemoryCategory::kOptimizer, opt_kind, opt * 4, "fp32 master parameters", true);
-  }
-  add(BufferId::kState0, 0, MemoryCategory::kOptimizer, opt_kind, opt * 4, "optimizer state", true);
-  if (o.optimizer == OptimizerKind::kAdamW) {
-    add(BufferId::kState1, 0, MemoryCategory::kOptimizer, opt_kind, opt * 4, "optimizer state", true);
+  if (nv.on) {
+    add(BufferId::kNvmeOptimizerFile, 0, MemoryCategory::kOptimizer, MemoryKind::kNvme, sum(nv.opt_record_bytes),
+        "NVMe optimizer state (file)", true);
+  } else {
+    if (sep_master) {
+      add(BufferId::kMaster, 0, MemoryCategory::kOptimizer, opt_kind, opt * 4, "fp32 master parameters", true);
+    }
+    add(BufferId::kState0, 0, MemoryCategory::kOptimizer, opt_kind, opt * 4, "optimizer state", true);
+    if (o.optimizer == OptimizerKind::kAdamW) {
+      add(BufferId::kState1, 0, MemoryCategory::kOptimizer, opt_kind, opt * 4, "optimizer state", true);
+    }
   }
   if (offload) {
     // Double-buffered host staging of the largest trainable bucket shard: gradients down, parameters up.
@@ -147,6 +192,22 @@ BufferPlan PlanBuffers(const Options& o, const PartitionPlan& plan) {
           bp.slot_elems[static_cast<size_t>(i)] * pe,
           i < bp.large_slots ? "stage-3 gather slots (fit every unit)" : "stage-3 gather slots", false);
     }
+  }
+  if (nv.on) {
+    for (int i = 0; i < o.nvme_buffers; ++i) {
+      add(BufferId::kNvmeBounce, i, MemoryCategory::kBuffers, MemoryKind::kPinnedHost,
+          nv.bounce_opt_bytes + nv.bounce_param_bytes, "NVMe bounce buffers", false);
+    }
+    if (nv.params) {
+      // One per unit being gathered or prefetched at once (the gather slots), at least two.
+      nv.gather_bounces = std::max(2, bp.gather_slots);
+      for (int i = 0; i < nv.gather_bounces; ++i) {
+        add(BufferId::kNvmeGatherBounce, i, MemoryCategory::kBuffers, MemoryKind::kPinnedHost, nv.gather_bounce_bytes,
+            "NVMe gather bounce buffers", false);
+      }
+    }
+    add(BufferId::kNvmeChecksums, 0, MemoryCategory::kBuffers, MemoryKind::kPageableHost, NvmeChecksumBytes(nv.blocks),
+        "NVMe block checksums", false);
   }
   // The step's norm is one batch over every trainable bucket shard (kernels/sum_squares.cuh sizes its scratch).
   std::vector<int64_t> norm_sizes;

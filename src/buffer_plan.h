@@ -18,6 +18,14 @@
 //                                 k = large_gather_slots, or (0) the k in 1..G with the fewest bytes, the
 //                                 largest such k among equals
 //   norm scratch (CUDA)           48 bytes per trainable bucket + 16 per started 4096 elements of its shard
+// With the NVMe tier (Options::nvme_path) the master and optimizer state are not in host memory but in the tier's
+// optimizer file (kNvme): per trainable bucket one record, its shard's master, then m and v (or momentum), each
+// `shard` fp32, the record rounded up to 4096 bytes. With nvme_params the parameter shards (trainable and frozen)
+// are in its parameter file: per bucket one record of p · shard bytes, rounded up to 4096. In host memory instead:
+//   NVMe bounce buffers           nvme_buffers × (the largest trainable bucket's optimizer record + its parameter
+//                                 record with nvme_params), pinned
+//   NVMe gather bounce buffers    nvme_params: max(2, G) × the largest unit's parameter records, pinned
+//   NVMe block checksums          9 bytes per nvme_block_bytes block of every record (rounded to 8), pageable
 #pragma once
 
 #include <cstdint>
@@ -44,6 +52,27 @@ enum class BufferId : uint8_t {
   kPersistentParams,
   kGatherSlot,        // index 0 .. gather_slots-1
   kNormScratch,
+  kNvmeOptimizerFile,  // kNvme: not allocated; the tier's files
+  kNvmeParamFile,
+  kNvmeBounce,         // index 0 .. nvme_buffers-1
+  kNvmeGatherBounce,   // index 0 .. NvmeLayout::gather_bounces-1
+  kNvmeChecksums,
+};
+
+// Where the NVMe tier keeps what (BufferPlan::nvme); empty without a tier.
+struct NvmeLayout {
+  bool on = false;
+  bool params = false;  // nvme_params: the stage-3 parameter shards too
+  int states = 0;       // fp32 arrays per optimizer record: master + m + v (3) or master + momentum (2)
+  std::vector<int> opt_record;          // per plan bucket: its record in the optimizer file, -1 for frozen ones
+  std::vector<int64_t> opt_record_bytes;  // per optimizer record
+  std::vector<int> opt_record_bucket;     // per optimizer record: its bucket
+  std::vector<int64_t> param_record_bytes;  // nvme_params: per plan bucket (record index = bucket index)
+  int64_t bounce_opt_bytes = 0;    // a bounce buffer: the largest optimizer record ...
+  int64_t bounce_param_bytes = 0;  // ... then, with nvme_params, the largest trainable parameter record
+  int gather_bounces = 0;
+  int64_t gather_bounce_bytes = 0;  // the largest unit's parameter records, back to back
+  int64_t blocks = 0;               // checksum blocks over both files
 };
 
 struct PlannedBuffer {
@@ -74,7 +103,8 @@ struct BufferPlan {
   int gather_slots = 0;
   int large_slots = 0;
   int64_t largest_trainable_shard = 0;
-  std::vector<PlannedBuffer> buffers;  // allocation order
+  NvmeLayout nvme;
+  std::vector<PlannedBuffer> buffers;  // allocation order (kNvme entries are the tier's files, not allocations)
 
   int64_t Bytes(MemoryKind kind, MemoryCategory category) const;  // pinned and pageable host count as host
 };

@@ -38,7 +38,7 @@ void DeviceBuffer::Reset() {
 }
 
 namespace {
-std::atomic<int64_t> g_live[3];  // index: MemoryKind
+std::atomic<int64_t> g_live[4];  // index: MemoryKind
 }  // namespace
 
 int64_t LiveBytes(MemoryKind kind) { return g_live[static_cast<int>(kind)].load(std::memory_order_relaxed); }
@@ -61,6 +61,7 @@ Status Device::Allocate(int64_t bytes, MemoryCategory category, MemoryKind kind,
                         DeviceBuffer* out) {
   out->Reset();
   if (bytes < 0) return Status::InvalidArgument("negative allocation size for " + what);
+  if (kind == MemoryKind::kNvme) return Status::Internal("the NVMe tier's files are not memory: " + what);
   std::lock_guard<std::mutex> lock(mu_);
   MemoryUsage& usage = kind == MemoryKind::kDevice ? report_.device : report_.host;
   if (kind == MemoryKind::kDevice && capacity_ > 0 && usage.Total() + bytes > capacity_) {

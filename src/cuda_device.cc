@@ -267,6 +267,8 @@ class CudaDevice final : public Device {
       case MemoryKind::kPageableHost:
         p = std::calloc(1, n);
         return p;
+      case MemoryKind::kNvme:  // the tier's files are not memory (Device::Allocate refuses them)
+        return nullptr;
     }
     return nullptr;
   }
@@ -275,6 +277,7 @@ class CudaDevice final : public Device {
       case MemoryKind::kDevice: cudaFree(ptr); break;
       case MemoryKind::kPinnedHost: pinned_.Free(ptr); break;
       case MemoryKind::kPageableHost: std::free(ptr); break;
+      case MemoryKind::kNvme: break;
     }
   }
 

@@ -41,7 +41,9 @@ std::vector<std::string> DescribeConfig(const Options& o, const std::vector<Para
      << o.loss_scale.initial << "/" << o.loss_scale.growth_interval << "/" << o.loss_scale.hysteresis << "/"
      << o.loss_scale.min_scale << " offload=" << o.offload_optimizer << "/" << o.offload_params << " prefetch_bytes=" << o.prefetch_bytes
      << " persist_bytes=" << o.persist_bytes << " keep_gathered_units=" << o.keep_gathered_units.size()
-     << " reserved_bytes=" << o.reserved_bytes;
+     << " reserved_bytes=" << o.reserved_bytes << " nvme=" << o.nvme_path << "|" << o.nvme_params << "/"
+     << o.nvme_block_bytes << "/" << o.nvme_queue_depth << "/" << o.nvme_buffers
+     << " host_budget_bytes=" << o.host_budget_bytes;
   const TransformerShape& am = o.activation_model;  // Stage::kAuto's activation reserve
   const ActivationOptions& ao = o.activation_options;
   os << " activation_model=" << am.layers << "/" << am.hidden << "/" << am.heads << "/" << am.kv_heads << "/" << am.ffn
@@ -89,9 +91,9 @@ Status ValidateOptions(const Options& o, int num_units) {
       return bad("Stage::kAuto needs reserved_bytes: the device bytes per rank your activations and workspace take "
                  "(0 if none), which the engine leaves free; or activation_model to reserve their estimate");
     }
-    if (o.offload_optimizer || o.offload_params) {
-      return bad("Stage::kAuto chooses offload itself; leave offload_optimizer and offload_params false, or choose "
-                 "the stage yourself");
+    if (o.offload_optimizer || o.offload_params || o.nvme_params) {
+      return bad("Stage::kAuto chooses offload itself; leave offload_optimizer, offload_params and nvme_params false "
+                 "(an nvme_path makes the NVMe tier a candidate), or choose the stage yourself");
     }
   } else if (o.reserved_bytes < -1) {
     return bad("reserved_bytes must be >= 0, or -1 (not given)");
@@ -133,6 +135,21 @@ Status ValidateOptions(const Options& o, int num_units) {
   if (o.offload_params && (o.stage != Stage::kParameters || !o.offload_optimizer)) {
     return bad("offload_params needs stage 3 with offload_optimizer");
   }
+  if (!o.nvme_path.empty() && o.stage != Stage::kAuto && !o.offload_optimizer) {
+    return bad("nvme_path needs offload_optimizer (stages 1-3): the NVMe tier holds the offloaded optimizer state");
+  }
+  if (o.nvme_params && (o.nvme_path.empty() || !o.offload_params)) {
+    return bad("nvme_params needs nvme_path and offload_params (stage 3): it moves the offloaded parameter shards "
+               "to the NVMe tier");
+  }
+  if (o.nvme_block_bytes < 4096 || o.nvme_block_bytes % 4096 != 0 || o.nvme_block_bytes > (int64_t{256} << 20)) {
+    return bad("nvme_block_bytes must be a multiple of 4096 between 4 KiB and 256 MiB (default 1 MiB)");
+  }
+  if (o.nvme_queue_depth < 1 || o.nvme_queue_depth > 4096) {
+    return bad("nvme_queue_depth must be in [1, 4096] (default 8)");
+  }
+  if (o.nvme_buffers < 2 || o.nvme_buffers > 64) return bad("nvme_buffers must be in [2, 64] (default 3)");
+  if (o.host_budget_bytes < 0) return bad("host_budget_bytes must be >= 0 (0: not checked)");
   for (int u : o.keep_gathered_units) {
     if (u < 0 || u >= num_units) {
       return bad("keep_gathered_units names unit " + std::to_string(u) + ", but units are 0.." +
@@ -404,10 +421,12 @@ std::string Engine::Impl::OutOfMemoryAdvice(int64_t free_bytes) const {
      << FormatBytes(free_bytes) << ", " << reserve << ").\n";
   if (choice.chosen >= 0) {
     const AutoCandidate& c = choice.candidates[static_cast<size_t>(choice.chosen)];
-    os << "Suggestion: " << ConfigurationName(c.stage, c.offload_optimizer, c.offload_params) << " fits (device "
-       << FormatBytes(c.device_bytes) << ", host " << FormatBytes(c.host_bytes) << " per rank): set Options.stage = "
-       << StageEnumName(c.stage) << ", offload_optimizer = " << (c.offload_optimizer ? "true" : "false")
+    os << "Suggestion: " << ConfigurationName(c.stage, c.offload_optimizer, c.offload_params, c.nvme, c.nvme_params)
+       << " fits (device " << FormatBytes(c.device_bytes) << ", host " << FormatBytes(c.host_bytes)
+       << " per rank): set Options.stage = " << StageEnumName(c.stage)
+       << ", offload_optimizer = " << (c.offload_optimizer ? "true" : "false")
        << ", offload_params = " << (c.offload_params ? "true" : "false")
+       << (c.nvme ? std::string(", keep nvme_path, nvme_params = ") + (c.nvme_params ? "true" : "false") : "")
        << "; or Stage::kAuto with reserved_bytes to let Open choose.";
   } else {
     const AutoCandidate& c = choice.candidates.back();
@@ -656,9 +675,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
     e.auto_choice = choice.Explain();
     if (e.rank == 0) {
       std::fprintf(stderr, "zero: Stage::kAuto chose %s for %d rank%s; %s",
-                   ConfigurationName(choice.options.stage, choice.options.offload_optimizer,
-                                     choice.options.offload_params)
-                       .c_str(),
+                   ConfigurationName(choice.options).c_str(),
                    e.world, e.world == 1 ? "" : "s", e.auto_choice.c_str());
     }
   }
@@ -706,6 +723,17 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   e.grad_pool.resize(static_cast<size_t>(bp.pool_buffers));
   e.pool_owner.assign(e.grad_pool.size(), -1);
   e.slots.resize(static_cast<size_t>(bp.gather_slots));
+  // The NVMe tier: its layout, bounce buffers and files (engine_nvme.cc).
+  e.nvme_layout = bp.nvme;
+  e.nvme_bounce.resize(bp.nvme.on ? static_cast<size_t>(opts.nvme_buffers) : 0);
+  e.nvme_gather_bounce.resize(static_cast<size_t>(bp.nvme.gather_bounces));
+  for (const PlannedBuffer& b : bp.buffers) {
+    if (b.kind != MemoryKind::kNvme) continue;
+    MemoryUsage& u = e.nvme_usage;
+    u.current[static_cast<int>(b.category)] += b.bytes;
+    u.peak[static_cast<int>(b.category)] = u.current[static_cast<int>(b.category)];
+    u.peak_total += b.bytes;
+  }
   auto target = [&](const PlannedBuffer& b) -> DeviceBuffer* {
     const size_t i = static_cast<size_t>(b.index);
     switch (b.id) {
@@ -721,11 +749,17 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
       case BufferId::kPersistentParams: return &e.persistent_params;
       case BufferId::kGatherSlot: return &e.slots[i].buffer;
       case BufferId::kNormScratch: return &e.norm_scratch;
+      case BufferId::kNvmeOptimizerFile: return nullptr;  // the tier's files (kNvme): not allocated
+      case BufferId::kNvmeParamFile: return nullptr;
+      case BufferId::kNvmeBounce: return &e.nvme_bounce[i];
+      case BufferId::kNvmeGatherBounce: return &e.nvme_gather_bounce[i];
+      case BufferId::kNvmeChecksums: return &e.nvme_checksums;
     }
     return nullptr;
   };
   auto run = [&]() -> Status {
     for (const PlannedBuffer& b : bp.buffers) {
+      if (b.kind == MemoryKind::kNvme) continue;
       ZERO_RETURN_IF_ERROR(e.device->Allocate(b.bytes, b.category, b.kind, b.what, target(b)));
     }
     // Streams and events (engine_impl.h's table).
@@ -754,9 +788,32 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
       }
       ZERO_RETURN_IF_ERROR(e.device->NewEvent(&e.step_begin));
     }
+    if (bp.nvme.on) {
+      ZERO_RETURN_IF_ERROR(events(e.nvme_gather_bounce.size(), &e.nvme_gather_free));
+      ZERO_RETURN_IF_ERROR(e.OpenNvme());
+    }
     return Status::Ok();
   };
   e.wait_timeout = 2 * comm->timeout() + std::chrono::milliseconds(60'000);
+  // Options::host_budget_bytes: the configuration's host buffers, checked before anything is allocated.
+  bool over_host_budget = false;
+  if (s.ok() && opts.host_budget_bytes > 0) {
+    int64_t host = 0;
+    for (const PlannedBuffer& b : bp.buffers) {
+      if (b.kind == MemoryKind::kPinnedHost || b.kind == MemoryKind::kPageableHost) host += b.bytes;
+    }
+    if (host > opts.host_budget_bytes) {
+      over_host_budget = true;
+      s = Status::OutOfMemory(
+          ConfigurationName(opts) + " needs " + FormatBytes(host) +
+          " of host memory per rank, over Options::host_budget_bytes (" + FormatBytes(opts.host_budget_bytes) +
+          "; zero::Estimate lists the buffers). " +
+          (opts.nvme_path.empty() ? "Give Options::nvme_path: the NVMe tier keeps the optimizer state on a local disk, "
+                                    "with host memory for a few buckets only; or raise the budget"
+                                  : "Raise the budget, or lower bucket_elements or nvme_buffers (the bounce buffers "
+                                    "hold nvme_buffers buckets)"));
+    }
+  }
   if (s.ok()) s = run();
   // Allocation can fail on one rank only (capacities may differ): agree before returning. The minimum of
   // rank * 64 + status code over the ranks that failed names the first of them and how it failed.
@@ -765,15 +822,21 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   co.what = "Engine::Open allocation agreement";
   ZERO_RETURN_IF_ERROR(comm->AllReduce(&mine_failed, &first_failed, 1, DType::kI64, ReduceOp::kMin, co));
   if (!s.ok()) {
-    if (s.code() == StatusCode::kOutOfMemory) s = Status::OutOfMemory(s.message() + e.OutOfMemoryAdvice(free_bytes));
+    if (s.code() == StatusCode::kOutOfMemory && !over_host_budget) {
+      s = Status::OutOfMemory(s.message() + e.OutOfMemoryAdvice(free_bytes));
+    }
     return s.WithContext(where + " (" + StageName(st) + ")");
   }
   if (first_failed < int64_t{e.world} * 64) {
     const int64_t r = first_failed / 64;
     const auto code = static_cast<StatusCode>(first_failed % 64);
-    const std::string what = code == StatusCode::kOutOfMemory ? "ran out of memory" : "could not open its device";
+    const std::string what = code == StatusCode::kOutOfMemory ? "ran out of memory"
+                             : opts.nvme_path.empty()         ? "could not open its device"
+                                                              : "could not open its device or its NVMe tier";
     const std::string msg = where + ": rank " + std::to_string(r) + " " + what + " (" + StatusCodeName(code) +
                             "); its status says why and what fits";
+    if (code == StatusCode::kIoError) return Status::IoError(msg);  // the NVMe tier's directory or disk
+    if (code == StatusCode::kInvalidArgument) return Status::InvalidArgument(msg);  // ... or its file system
     return code == StatusCode::kOutOfMemory ? Status::OutOfMemory(msg) : Status::Unavailable(msg);
   }
   e.ResetScaler();
@@ -907,7 +970,11 @@ const std::vector<ParamSpec>& Engine::specs() const { return impl_->specs; }
 const Options& Engine::options() const { return impl_->options; }
 int Engine::num_units() const { return static_cast<int>(impl_->units.size()); }
 int64_t Engine::step() const { return impl_->step; }
-MemoryReport Engine::Memory() const { return impl_->device->report(); }
+MemoryReport Engine::Memory() const {
+  MemoryReport r = impl_->device->report();
+  r.nvme = impl_->nvme_usage;  // the NVMe tier's files: allocated at Open, constant
+  return r;
+}
 // The communication thread updates the counters: let it finish what is queued first.
 const CommCounters& Engine::comm_counters() const {
   (void)impl_->comm_stream->Synchronize(impl_->wait_timeout);

@@ -134,6 +134,7 @@ Status Engine::Impl::CheckBetweenSteps(const std::string& call) const {
 
 // Copies `count` elements of one owned fragment of `kind` to host memory (raw, in the kind's dtype).
 Status Engine::Impl::ReadOwned(const Bucket& b, const Fragment& f, int which, void* host_dst) {
+  if (NvmeHolds(b, which)) return NvmeReadOwned(b, f, which, host_dst);  // the tier's records (engine_nvme.cc)
   const bool stage0 = options.stage == Stage::kDataParallel;
   const bool stage3 = options.stage == Stage::kParameters;
   const int64_t full_pos = b.offset + rank * b.shard + f.shard_off;
@@ -165,6 +166,7 @@ Status Engine::Impl::SaveImpl(const std::string& root, const std::string& tag, s
   ZERO_RETURN_IF_ERROR(Agree(AgreeKind::kSave, Hash52(root, tag), local));
   ZERO_RETURN_IF_ERROR(DrainComm());
   params_pending = false;
+  nvme_cached_opt = nvme_cached_param = -1;  // the tier's records are read afresh (and verified) for this save
 
   const std::string dir = Join(root, tag);
   const std::string tmp = dir + ".tmp";
@@ -460,12 +462,35 @@ Status Engine::Impl::LoadImpl(const std::string& root, const std::string& tag_ar
   values = {};
   if (missing) s = Status::Internal("Load: InitParams asked for a fragment this rank did not read");
 
-  // 4. Optimizer state, straight into its buffers (stage 0 holds all of it on every rank).
+  // 4. Optimizer state, straight into its buffers (stage 0 holds all of it on every rank). On the NVMe tier, each
+  // trainable bucket's record (its master written by InitParams above) is read, given the saved state, and written
+  // back, a few buckets in flight.
   const std::vector<CkptKind> kinds = Kinds(pdt, mixed, options.optimizer);
   const bool stage0 = options.stage == Stage::kDataParallel;
   std::vector<float> staging;
+  if (nvme != nullptr) {
+    size_t next = 0;
+    for (const Bucket& b : plan.buckets) {
+      if (!b.trainable || !s.ok()) continue;
+      const size_t i = next++ % nvme_bounce.size();
+      char* rec = NvmeOpt(static_cast<int>(i));
+      s = NvmeWaitIo(nvme_bounce_io[i]);
+      if (s.ok()) s = NvmeReadOpt(b, rec, nvme_bounce_io[i]);
+      if (s.ok()) s = NvmeWaitIo(nvme_bounce_io[i]);
+      for (const CkptKind& k : kinds) {
+        if (k.which < 2) continue;
+        float* region = reinterpret_cast<float*>(rec) + (k.which - 1) * b.shard;  // [master | state0 | state1]
+        for (const Fragment& f : b.fragments[static_cast<size_t>(rank)]) {
+          if (s.ok()) s = ReadTensorF32(*saved[static_cast<size_t>(f.param)]->Find(k.name), f.param_off, f.count,
+                                        region + f.shard_off, readers, raw);
+        }
+      }
+      if (s.ok()) s = NvmeWriteOpt(b, rec, nvme_bounce_io[i]);
+    }
+    if (Status w = NvmeWaitAllIo(); s.ok()) s = w;
+  }
   for (const CkptKind& k : kinds) {
-    if (k.which < 2 || !s.ok()) continue;
+    if (k.which < 2 || !s.ok() || nvme != nullptr) continue;
     DeviceBuffer& buf = k.which == 2 ? state0 : state1;
     const bool direct = device->host_addressable() || buf.kind() != MemoryKind::kDevice;
     for (const Bucket& b : plan.buckets) {
@@ -538,6 +563,7 @@ Status Engine::Impl::ExportImpl(const std::string& path, const ExportOptions& eo
   ZERO_RETURN_IF_ERROR(Agree(AgreeKind::kExport, Hash52(path, ""), local));
   ZERO_RETURN_IF_ERROR(DrainComm());
   params_pending = false;
+  nvme_cached_opt = nvme_cached_param = -1;
 
   // The header (the same on every rank): tensors in spec order, contiguous.
   const int64_t es = static_cast<int64_t>(DTypeSize(eo.dtype));

@@ -67,7 +67,9 @@
 #include <string>
 #include <vector>
 
+#include "buffer_plan.h"
 #include "device.h"
+#include "nvme_tier.h"
 #include "partition_plan.h"
 #include "zero/engine.h"
 
@@ -175,6 +177,26 @@ struct Trace {
   size_t pos = 0;         // next expected entry in the current pass
 };
 
+// The NVMe tier: transfers outstanding on one bounce buffer (a bucket's optimizer record and parameter record).
+struct NvmeInFlight {
+  uint64_t ticket[2] = {};
+  int count = 0;
+};
+
+// A stage-3 gather with the parameter shards on the NVMe tier: the reads StartNvmeGather issued into a gather
+// bounce buffer, and where each bucket's shard goes in the gathered layout once they are verified.
+struct NvmeGather {
+  int bounce = 0;
+  std::vector<uint64_t> tickets;
+  struct Piece {
+    char* to;
+    const char* from;
+    int64_t bytes;
+  };
+  std::vector<Piece> pieces;
+  Status error;  // StartNvmeGather's, reported by FinishNvmeGather on the communication stream
+};
+
 // Test-only hooks (tests/testing/engine_harness.h reaches them through EngineAccess). Never set in production.
 struct EngineTestHooks {
   // Which wait to leave out, so that ThreadSanitizer must report the race it protects against.
@@ -271,6 +293,18 @@ class Engine::Impl {
   // Streams and events (the table at the top of this file).
   // (Declared before the streams, so that the streams, which may still run queued copies, are destroyed first.)
   DeviceBuffer host_grad[2], host_copy[2];  // offload: double-buffered staging (pinned host)
+  // The NVMe tier (Options::nvme_path; engine_nvme.cc): what its files hold, the pinned bounce buffers every
+  // transfer goes through, and the tier itself. Declared after the buffers its transfers use and before the
+  // streams whose tasks use it: the streams go first, then the tier (waiting for its transfers), then the buffers.
+  NvmeLayout nvme_layout;
+  DeviceBuffer nvme_checksums;                   // the tier's block checksums (pageable host)
+  std::vector<DeviceBuffer> nvme_bounce;         // nvme_buffers: a bucket's optimizer record, then its parameters
+  std::vector<DeviceBuffer> nvme_gather_bounce;  // nvme_params: one unit's parameter records
+  std::vector<NvmeInFlight> nvme_bounce_io, nvme_gather_io;  // the transfers outstanding on each
+  std::unique_ptr<NvmeTier> nvme;
+  MemoryUsage nvme_usage;    // the tier's files, for Memory()
+  int nvme_gather_next = 0;  // the gather bounce buffer the next stage-3 gather takes
+  int nvme_cached_opt = -1, nvme_cached_param = -1;  // Save/Export: the bucket whose records the bounces hold
   std::unique_ptr<Stream> comm_stream;
   std::unique_ptr<Stream> copy_stream;  // offload: gradient shards to the host, parameters back
   std::unique_ptr<zero::Event> d2h_done[2], h2d_done[2], step_begin;
@@ -281,6 +315,7 @@ class Engine::Impl {
   std::vector<std::unique_ptr<zero::Event>> slot_free;   // per gather slot
   std::unique_ptr<zero::Event> params_ready;
   std::unique_ptr<zero::Event> optimizer_done;
+  std::vector<std::unique_ptr<zero::Event>> nvme_gather_free;  // per gather bounce: the gather that used it has run
   DeviceBuffer norm_scratch;  // CUDA: the sum of squares' block partials (none on the CPU)
   bool params_pending = false;
   int64_t reductions_issued = 0;
@@ -426,6 +461,31 @@ class Engine::Impl {
   void ResetScaler();
   bool UpdateScaler(bool overflow);
   void ZeroGrads();
+
+  // --- engine_nvme.cc: the NVMe tier ---
+  Status OpenNvme();
+  // A bounce buffer's optimizer record and (nvme_params) trainable parameter record.
+  char* NvmeOpt(int slot) { return nvme_bounce[static_cast<size_t>(slot)].as<char>(); }
+  char* NvmeParam(int slot) { return NvmeOpt(slot) + nvme_layout.bounce_opt_bytes; }
+  // Waits for the transfers outstanding on one buffer (a read is verified): the first error.
+  Status NvmeWaitIo(NvmeInFlight& io);
+  Status NvmeWaitAllIo();
+  // Queue a transfer of bucket `b`'s optimizer record or parameter record from / into buffer memory at `at`.
+  Status NvmeReadOpt(const Bucket& b, char* at, NvmeInFlight& io);
+  Status NvmeWriteOpt(const Bucket& b, const char* at, NvmeInFlight& io);
+  Status NvmeReadParams(const Bucket& b, char* at, NvmeInFlight& io);
+  Status NvmeWriteParams(const Bucket& b, const char* at, NvmeInFlight& io);
+  // Zeroes what no fragment of this rank covers in a parameter record at `at` (padding is zero everywhere).
+  void NvmeZeroParamPadding(const Bucket& b, char* at) const;
+  // Save and Export: an owned fragment of 0 the parameters, 1 the fp32 master, 2/3 the optimizer state, when the
+  // tier holds it (NvmeHolds), copied out through a bounce buffer that keeps the last record read.
+  bool NvmeHolds(const Bucket& b, int which) const;
+  Status NvmeReadOwned(const Bucket& b, const Fragment& f, int which, void* host_dst);
+  // Stage-3 gathers with nvme_params: Start (the host, at LaunchGathers) takes a gather bounce buffer and queues the
+  // reads of this rank's shards of `bucket_list` (one unit's); Finish (its task on the communication stream) waits
+  // for them, verified, and copies each into its place in the gathered layout, or aborts the communicator.
+  std::shared_ptr<NvmeGather> StartNvmeGather(const std::vector<int>& bucket_list, char* dst);
+  Status FinishNvmeGather(const NvmeGather& g, void* stream);
 
   // --- engine_checkpoint.cc ---
   Status SaveImpl(const std::string& root, const std::string& tag, std::string_view metadata);

@@ -36,9 +36,39 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
   std::vector<float> staging;
   std::vector<char> staging_p;
   Status e;
+  // With the NVMe tier, a bucket's records are composed in a bounce buffer (the optimizer record: the master, m = v
+  // = 0; the parameter record in a gather bounce buffer, which fits the largest bucket, frozen ones included) and
+  // written from there, several buckets in flight.
+  const bool tier = nvme != nullptr;
+  nvme_cached_opt = nvme_cached_param = -1;
+  int next_opt = 0, next_param = 0;
+  auto fail = [&](const Status& why) {
+    poison = why.WithContext("InitParams at " + Where());
+    comm->Abort(poison);  // peers wait in the gathers below
+    return poison;
+  };
   for (const Bucket& b : plan.buckets) {
     char* base = stage3 ? ShardParamBase(b) : PAt(FullParamBase(b), rank * b.shard);
     const int64_t master_base = stage0 ? b.offset + rank * b.shard : b.shard_offset;
+    char* opt_rec = nullptr;
+    char* param_rec = nullptr;
+    NvmeInFlight* opt_io = nullptr;
+    NvmeInFlight* param_io = nullptr;
+    if (tier && b.trainable) {
+      const size_t i = static_cast<size_t>(next_opt++) % nvme_bounce.size();
+      opt_io = &nvme_bounce_io[i];
+      if (Status w = NvmeWaitIo(*opt_io); !w.ok()) return fail(w);
+      opt_rec = NvmeOpt(static_cast<int>(i));
+      std::memset(opt_rec, 0, static_cast<size_t>(nvme_layout.opt_record_bytes[static_cast<size_t>(
+                                  nvme_layout.opt_record[static_cast<size_t>(b.index)])]));
+    }
+    if (tier && nvme_layout.params) {
+      const size_t i = static_cast<size_t>(next_param++) % nvme_gather_bounce.size();
+      param_io = &nvme_gather_io[i];
+      if (Status w = NvmeWaitIo(*param_io); !w.ok()) return fail(w);
+      param_rec = nvme_gather_bounce[i].as<char>();
+      std::memset(param_rec, 0, static_cast<size_t>(nvme_layout.param_record_bytes[static_cast<size_t>(b.index)]));
+    }
     for (const Fragment& f : b.fragments[static_cast<size_t>(rank)]) {
       char* dst = PAt(base, f.shard_off);
       if (!sep_master && device->host_addressable()) {
@@ -47,22 +77,29 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
       }
       staging.assign(static_cast<size_t>(f.count), 0.0f);
       fill(f.param, f.param_off, f.count, staging.data());
-      if (b.trainable && sep_master) {
+      if (opt_rec != nullptr) {
+        std::memcpy(opt_rec + f.shard_off * 4, staging.data(), static_cast<size_t>(f.count) * 4);
+      } else if (b.trainable && sep_master) {
         e = device->CopyToDevice(master.as<float>() + master_base + f.shard_off, staging.data(), f.count * 4);
       }
-      if (!mixed) {
+      if (param_rec != nullptr) {
+        kernels::CastCpu(staging.data(), DType::kF32, param_rec + f.shard_off * pe, pdt, f.count, 1);
+      } else if (!mixed) {
         if (e.ok()) e = device->CopyToDevice(dst, staging.data(), f.count * 4);
       } else {
         staging_p.resize(static_cast<size_t>(f.count * pe));
         kernels::CastCpu(staging.data(), DType::kF32, staging_p.data(), pdt, f.count, 1);
         if (e.ok()) e = device->CopyToDevice(dst, staging_p.data(), f.count * pe);
       }
-      if (!e.ok()) {
-        poison = e.WithContext("InitParams at " + Where());
-        comm->Abort(poison);  // peers wait in the gathers below
-        return poison;
-      }
+      if (!e.ok()) return fail(e);
     }
+    if (opt_rec != nullptr) e = NvmeWriteOpt(b, opt_rec, *opt_io);
+    if (e.ok() && param_rec != nullptr) e = NvmeWriteParams(b, param_rec, *param_io);
+    if (!e.ok()) return fail(e);
+  }
+  // Every record is on the disk before a gather (stage 3's persistent units, below) or a step reads it.
+  if (tier) {
+    if (Status w = NvmeWaitAllIo(); !w.ok()) return fail(w);
   }
   if (!stage3) {
     for (const Bucket& b : plan.buckets) {
@@ -196,15 +233,29 @@ void Engine::Impl::GatherPersistentAfterStep() {
 //   copy stream:  host_copy[i] -> the device parameters of k; record h2d_done[i]
 //   comm stream:  wait h2d_done[i]; stages 1-2: all-gather k (overlaps the update of k+1)
 // The host thread never waits for a gather; the trainer's next use of parameters waits for params_ready.
+//
+// With the NVMe tier, master, m and v of bucket k are not in host memory but in its record on the tier, streamed
+// through S = nvme_buffers bounce buffers, bucket k in buffer k % S:
+//   tier:         read k + S - 2 into its buffer once the write of k - 2 (the buffer's last bucket) completed
+//                 (S = 3: bucket k+1 is read while k is updated and k-1 written back)
+//   host:         wait for the read of k (every block verified against its checksum), update in the buffer (with
+//                 nvme_params the new parameter shard goes to the buffer's parameter record), queue the writes
+// and the step returns once every write is done, so the tier is consistent between steps. The gradient norm and
+// the skip decision came before any of this (StepImpl): a skipped step reads nothing.
 Status Engine::Impl::OffloadOptimizer(double grad_scale, double lr, int64_t t) {
   const Stage st = options.stage;
   const bool full_grads = st == Stage::kOptimizerStates;
   const bool adamw = options.optimizer == OptimizerKind::kAdamW;
+  const bool tier = nvme != nullptr;
+  const bool tier_params = tier && nvme_layout.params;
   Device* dev = device.get();
   std::vector<const Bucket*> order;
   for (const Bucket& b : plan.buckets) {
     if (b.trainable) order.push_back(&b);
   }
+  // Files removed, replaced or truncated behind the engine's back are found before anything reads them.
+  if (tier) ZERO_RETURN_IF_ERROR(nvme->CheckFiles());
+  nvme_cached_opt = nvme_cached_param = -1;  // the bounce buffers are the step's now
   // compute -> copies: the trainer's last kernels may still read the device parameters the copies overwrite.
   device->RecordCompute(step_begin.get());
   copy_stream->Wait(*step_begin);
@@ -216,11 +267,27 @@ Status Engine::Impl::OffloadOptimizer(double grad_scale, double lr, int64_t t) {
     copy_stream->Launch([dev, dst, src, bytes](void* stream) { return dev->Copy(dst, src, bytes, stream); });
     copy_stream->Record(d2h_done[k % 2].get());
   };
+  const size_t S = tier ? nvme_bounce.size() : 1;
+  size_t next_read = 0;
+  auto read_ahead = [&](size_t upto) -> Status {
+    for (; next_read < order.size() && next_read <= upto; ++next_read) {
+      NvmeInFlight& io = nvme_bounce_io[next_read % S];
+      ZERO_RETURN_IF_ERROR(NvmeWaitIo(io));  // the writes of bucket next_read - S, which used this buffer
+      ZERO_RETURN_IF_ERROR(NvmeReadOpt(*order[next_read], NvmeOpt(static_cast<int>(next_read % S)), io));
+    }
+    return Status::Ok();
+  };
   if (!order.empty()) down(0);
   for (size_t k = 0; k < order.size(); ++k) {
     const Bucket& b = *order[k];
     const size_t i = k % 2;
     if (k + 1 < order.size()) down(k + 1);
+    char* rec = nullptr;  // the tier: bucket k's optimizer record, [master | m | v], `b.shard` fp32 each
+    if (tier) {
+      ZERO_RETURN_IF_ERROR(read_ahead(k + S - 2));
+      ZERO_RETURN_IF_ERROR(NvmeWaitIo(nvme_bounce_io[k % S]));
+      rec = NvmeOpt(static_cast<int>(k % S));
+    }
     ZERO_RETURN_IF_ERROR(d2h_done[i]->Synchronize(wait_timeout, "the gradient copy to the host"));
     if (k >= 2) ZERO_RETURN_IF_ERROR(h2d_done[i]->Synchronize(wait_timeout, "the parameter copy to the device"));
     ZERO_RETURN_IF_ERROR(copy_stream->status());
@@ -229,24 +296,37 @@ Status Engine::Impl::OffloadOptimizer(double grad_scale, double lr, int64_t t) {
       const int64_t spos = b.shard_offset + f.shard_off;
       const ParamSpec& spec = specs[static_cast<size_t>(f.param)];
       const double plr = lr * spec.lr_mult;
-      float* p = master.as<float>() + spos;
+      float* p = tier ? reinterpret_cast<float*>(rec) + f.shard_off : master.as<float>() + spos;
+      float* m = tier ? reinterpret_cast<float*>(rec) + b.shard + f.shard_off : state0.as<float>() + spos;
+      float* v = !adamw ? nullptr
+                 : tier ? reinterpret_cast<float*>(rec) + 2 * b.shard + f.shard_off
+                        : state1.as<float>() + spos;
       const void* g = hg + f.shard_off * ge;
-      void* copy = offload_params ? PAt(trainable_params.as<char>(), spos) : PAt(host_copy[i].as<char>(), f.shard_off);
+      void* copy = tier_params       ? PAt(NvmeParam(static_cast<int>(k % S)), f.shard_off)
+                   : offload_params ? PAt(trainable_params.as<char>(), spos)
+                                    : PAt(host_copy[i].as<char>(), f.shard_off);
       bool ok;
       if (adamw) {
         const AdamWOptions& a = options.adamw;
         const auto c = kernels::MakeAdamWCoeffs(plr, a.beta1, a.beta2, a.eps, a.weight_decay * spec.wd_mult, t,
                                                 grad_scale);
-        ok = kernels::AdamWStepCpu(c, p, state0.as<float>() + spos, state1.as<float>() + spos, g, gdt, copy, pdt,
-                                   f.count, threads);
+        ok = kernels::AdamWStepCpu(c, p, m, v, g, gdt, copy, pdt, f.count, threads);
       } else {
         const SgdOptions& o = options.sgd;
         const auto c = kernels::MakeSgdCoeffs(plr, o.momentum, o.dampening, o.weight_decay * spec.wd_mult,
                                               o.nesterov, sgd_first_step, grad_scale);
-        ok = kernels::SgdCpu(c, p, state0.as<float>() + spos, g, gdt, f.count, threads) &&
+        ok = kernels::SgdCpu(c, p, m, g, gdt, f.count, threads) &&
              kernels::CastCpu(p, DType::kF32, copy, pdt, f.count, threads);
       }
       if (!ok) return Status::Internal("offloaded optimizer: unsupported dtype at " + Where());
+    }
+    if (tier) {
+      NvmeInFlight& io = nvme_bounce_io[k % S];
+      ZERO_RETURN_IF_ERROR(NvmeWriteOpt(b, rec, io));
+      if (tier_params) {
+        NvmeZeroParamPadding(b, NvmeParam(static_cast<int>(k % S)));
+        ZERO_RETURN_IF_ERROR(NvmeWriteParams(b, NvmeParam(static_cast<int>(k % S)), io));
+      }
     }
     if (!offload_params) {
       // Fragment by fragment, so that the shard's padding on the device is never written.
@@ -262,6 +342,9 @@ Status Engine::Impl::OffloadOptimizer(double grad_scale, double lr, int64_t t) {
     }
     if (st != Stage::kParameters) GatherBucketAfterStep(b);
   }
+  // Every write is on the disk before the step returns: the next step's reads, stage 3's gathers and Save find the
+  // tier consistent.
+  if (tier) ZERO_RETURN_IF_ERROR(NvmeWaitAllIo());
   return Status::Ok();
 }
 

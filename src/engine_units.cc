@@ -347,11 +347,13 @@ void Engine::Impl::LaunchGathers(const std::vector<int>& bucket_list, char* dst,
     int64_t bytes;
   };
   std::vector<Copy> copies;
+  // Shards on the NVMe tier: read now (asynchronously), copied into place by the task below (engine_nvme.cc).
+  std::shared_ptr<NvmeGather> from_nvme = nvme_layout.params ? StartNvmeGather(bucket_list, dst) : nullptr;
   for (int bi : bucket_list) {
     const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
     char* out = PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset);
-    const char* src = ShardParamBase(b);
-    if (offload_params) {
+    const char* src = from_nvme ? PAt(out, rank * b.shard) : ShardParamBase(b);
+    if (offload_params && !from_nvme) {
       char* mine = PAt(out, rank * b.shard);
       copies.push_back({mine, src, b.shard * pe});
       src = mine;
@@ -361,13 +363,15 @@ void Engine::Impl::LaunchGathers(const std::vector<int>& bucket_list, char* dst,
   const DType dt = pdt;
   Comm* c = comm;
   Device* dev = device.get();
-  LaunchComm([=, what = what_text](void* stream) -> Status {
+  LaunchComm([=, this, what = what_text](void* stream) -> Status {
+    if (from_nvme) ZERO_RETURN_IF_ERROR(FinishNvmeGather(*from_nvme, stream));
     for (const Copy& cp : copies) ZERO_RETURN_IF_ERROR(dev->Copy(cp.to, cp.from, cp.bytes, stream));
     CollectiveOptions co;
     co.what = what.c_str();
     co.stream = stream;
     return c->AllGatherMany(items, dt, co);
   });
+  if (from_nvme) comm_stream->Record(nvme_gather_free[static_cast<size_t>(from_nvme->bounce)].get());
 }
 
 void Engine::Impl::DropSlot(GatherSlot& slot) {

@@ -118,10 +118,24 @@ int64_t MemoryEstimate::HostTotal() const {
   return t;
 }
 
+int64_t MemoryEstimate::NvmeTotal() const {
+  int64_t t = 0;
+  for (int64_t b : nvme) t += b;
+  return t;
+}
+
+int64_t MemoryEstimate::NvmeBounceBytes() const {
+  int64_t t = 0;
+  for (const Item& it : items) {
+    if (it.what == "NVMe bounce buffers" || it.what == "NVMe gather bounce buffers") t += it.bytes;
+  }
+  return t;
+}
+
 std::string MemoryEstimate::Table() const {
   // Rows: allocations of the same name summed (the pool's buffers, both staging buffers...).
   std::vector<std::string> names;
-  std::vector<int64_t> dev, hst;
+  std::vector<int64_t> dev, hst, nvm;
   for (const Item& it : items) {
     auto at = std::find(names.begin(), names.end(), it.what);
     size_t i = static_cast<size_t>(at - names.begin());
@@ -129,32 +143,47 @@ std::string MemoryEstimate::Table() const {
       names.push_back(it.what);
       dev.push_back(0);
       hst.push_back(0);
+      nvm.push_back(0);
     }
-    (it.kind == MemoryKind::kDevice ? dev : hst)[i] += it.bytes;
+    (it.kind == MemoryKind::kDevice ? dev : it.kind == MemoryKind::kNvme ? nvm : hst)[i] += it.bytes;
   }
+  const bool tier = NvmeTotal() > 0;
   std::ostringstream os;
-  os << ConfigurationName(options.stage, options.offload_optimizer, options.offload_params) << ", " << world_size
+  os << ConfigurationName(options) << ", " << world_size
      << (world_size == 1 ? " rank" : " ranks") << ", param " << DTypeName(options.param_dtype) << ", grad "
      << DTypeName(options.grad_dtype) << ", "
      << (options.optimizer == OptimizerKind::kAdamW ? "AdamW" : "SGD momentum")
      << (model_state_only ? " (model states only: from a bare parameter count)" : "") << "\n";
-  Row(os, "allocation", {"device/rank", "host/rank"});
+  Row(os, "allocation", tier ? std::vector<std::string>{"device/rank", "host/rank", "NVMe/rank"}
+                             : std::vector<std::string>{"device/rank", "host/rank"});
   for (size_t i = 0; i < names.size(); ++i) {
-    if (dev[i] == 0 && hst[i] == 0) continue;
-    Row(os, names[i], {Cell(dev[i]), Cell(hst[i])});
+    if (dev[i] == 0 && hst[i] == 0 && nvm[i] == 0) continue;
+    std::vector<std::string> cells = {Cell(dev[i]), Cell(hst[i])};
+    if (tier) cells.push_back(Cell(nvm[i]));
+    Row(os, names[i], cells);
   }
-  Row(os, "total", {Cell(DeviceTotal()), Cell(HostTotal())});
+  std::vector<std::string> total = {Cell(DeviceTotal()), Cell(HostTotal())};
+  if (tier) total.push_back(Cell(NvmeTotal()));
+  Row(os, "total", total);
   return os.str();
 }
 
 std::string MemoryReport::Table() const {
   std::ostringstream os;
-  Row(os, "category", {"device now", "device peak", "host now", "host peak"});
+  const bool tier = nvme.Total() > 0;
+  std::vector<std::string> head = {"device now", "device peak", "host now", "host peak"};
+  if (tier) head.push_back("NVMe");
+  Row(os, "category", head);
   for (int c = 0; c < kNumMemoryCategories; ++c) {
-    Row(os, MemoryCategoryName(static_cast<MemoryCategory>(c)),
-        {Cell(device.current[c]), Cell(device.peak[c]), Cell(host.current[c]), Cell(host.peak[c])});
+    std::vector<std::string> cells = {Cell(device.current[c]), Cell(device.peak[c]), Cell(host.current[c]),
+                                      Cell(host.peak[c])};
+    if (tier) cells.push_back(Cell(nvme.current[c]));
+    Row(os, MemoryCategoryName(static_cast<MemoryCategory>(c)), cells);
   }
-  Row(os, "total", {Cell(device.Total()), Cell(device.peak_total), Cell(host.Total()), Cell(host.peak_total)});
+  std::vector<std::string> total = {Cell(device.Total()), Cell(device.peak_total), Cell(host.Total()),
+                                    Cell(host.peak_total)};
+  if (tier) total.push_back(Cell(nvme.Total()));
+  Row(os, "total", total);
   return os.str();
 }
 
@@ -193,38 +222,63 @@ Status Estimate(const ModelDescription& model, int world_size, const Options& op
   for (const PlannedBuffer& b : bp.buffers) {
     if (bare && !b.model_state) continue;
     out->items.push_back({b.what, b.category, b.kind, b.bytes});
-    (b.kind == MemoryKind::kDevice ? out->device : out->host)[static_cast<int>(b.category)] += b.bytes;
+    int64_t* where = b.kind == MemoryKind::kDevice ? out->device : b.kind == MemoryKind::kNvme ? out->nvme : out->host;
+    where[static_cast<int>(b.category)] += b.bytes;
   }
   return Status::Ok();
 }
 
-std::string ConfigurationName(Stage stage, bool offload_optimizer, bool offload_params) {
+std::string ConfigurationName(Stage stage, bool offload_optimizer, bool offload_params, bool nvme, bool nvme_params) {
   if (stage == Stage::kAuto) return "stage auto";
   std::string name = "stage " + std::to_string(static_cast<int>(stage));
+  if (offload_params && nvme && nvme_params) return name + " + parameter offload to NVMe";
+  if (offload_params && nvme) return name + " + parameter offload, optimizer to NVMe";
   if (offload_params) return name + " + parameter offload";
+  if (offload_optimizer && nvme) return name + " + optimizer offload to NVMe";
   if (offload_optimizer) return name + " + optimizer offload";
   return name;
+}
+
+std::string ConfigurationName(const Options& o) {
+  return ConfigurationName(o.stage, o.offload_optimizer, o.offload_params, !o.nvme_path.empty(), o.nvme_params);
 }
 
 namespace {
 
 // Stage::kAuto's preference order (issue 17's): every on-device configuration, stage 3 included, before any
-// offloaded one.
+// offloaded one; with an NVMe directory, the tier after all of them (it adds the disk's time to every step).
 struct Config {
   Stage stage;
   bool opt, params;
+  bool nvme = false, nvme_params = false;
 };
 constexpr Config kOrder[] = {{Stage::kDataParallel, false, false}, {Stage::kOptimizerStates, false, false},
                              {Stage::kGradients, false, false},    {Stage::kParameters, false, false},
                              {Stage::kGradients, true, false},     {Stage::kParameters, true, false},
                              {Stage::kParameters, true, true}};
+constexpr Config kNvmeOrder[] = {{Stage::kGradients, true, false, true, false},
+                                 {Stage::kParameters, true, false, true, false},
+                                 {Stage::kParameters, true, true, true, false},
+                                 {Stage::kParameters, true, true, true, true}};
+
+std::vector<Config> Order(const Options& o) {
+  std::vector<Config> order(std::begin(kOrder), std::end(kOrder));
+  if (!o.nvme_path.empty()) order.insert(order.end(), std::begin(kNvmeOrder), std::end(kNvmeOrder));
+  return order;
+}
 
 Options WithConfig(const Options& base, const Config& c) {
   Options o = base;
   o.stage = c.stage;
   o.offload_optimizer = c.opt;
   o.offload_params = c.params;
+  if (!c.nvme) o.nvme_path.clear();  // the directory only made the tier a candidate
+  o.nvme_params = c.nvme_params;
   return o;
+}
+
+bool HostFits(const Options& o, int64_t host_bytes) {
+  return o.host_budget_bytes <= 0 || host_bytes <= o.host_budget_bytes;
 }
 
 }  // namespace
@@ -241,12 +295,18 @@ Status ChooseConfiguration(const ModelDescription& model, int world_size, const 
   }
   out->reserved_bytes = out->activation_bytes + std::max<int64_t>(0, options.reserved_bytes);
   out->budget = free_bytes == kUnlimited ? kUnlimited : free_bytes - out->reserved_bytes;
+  out->host_budget = std::max<int64_t>(0, options.host_budget_bytes);
   out->options = options;
-  for (const Config& step : kOrder) {
+  for (const Config& step : Order(options)) {
     const Options o = WithConfig(options, step);
     MemoryEstimate e;
     ZERO_RETURN_IF_ERROR(Estimate(model, world_size, o, &e).WithContext("ChooseConfiguration"));
-    AutoCandidate c{step.stage, step.opt, step.params, e.DeviceTotal(), e.HostTotal(), e.DeviceTotal() <= out->budget};
+    AutoCandidate c{step.stage, step.opt, step.params, e.DeviceTotal(), e.HostTotal(), false};
+    c.nvme = step.nvme;
+    c.nvme_params = step.nvme_params;
+    c.nvme_bytes = e.NvmeTotal();
+    c.host_fits = HostFits(options, c.host_bytes);
+    c.fits = e.DeviceTotal() <= out->budget && c.host_fits;
     out->candidates.push_back(c);
     if (c.fits && out->chosen < 0) {
       out->chosen = static_cast<int>(out->candidates.size()) - 1;
@@ -283,7 +343,7 @@ Status PlanTraining(const TrainingRequest& req, TrainingPlan* out) {
   int best = -1;
   std::tuple<int, int, int, int, int64_t> best_key;
   int order = 0;
-  for (const Config& step : kOrder) {
+  for (const Config& step : Order(req.options)) {
     Options o = WithConfig(req.options, step);
     o.activation_model = TransformerShape();  // Estimate takes concrete options; the reserve is this function's
     MemoryEstimate states;
@@ -291,7 +351,11 @@ Status PlanTraining(const TrainingRequest& req, TrainingPlan* out) {
     for (bool recompute : {false, true}) {
       TrainingCandidate c{step.stage, step.opt, step.params, recompute, 0, 0, states.DeviceTotal(), 0,
                           states.HostTotal(), false};
+      c.nvme = step.nvme;
+      c.nvme_params = step.nvme_params;
+      c.nvme_bytes = states.NvmeTotal();
       for (int64_t b : divisors) {
+        if (!HostFits(req.options, c.host_bytes)) break;  // over the host budget at any micro-batch
         ActivationOptions ao = req.activations;
         ao.micro_batch = b;
         ao.recompute = recompute;
@@ -306,8 +370,8 @@ Status PlanTraining(const TrainingRequest& req, TrainingPlan* out) {
         c.accumulation_steps = per_rank / c.micro_batch;
         c.efficient = c.micro_batch * req.activations.seq_len >= req.efficient_tokens || c.accumulation_steps == 1;
         // The rule of estimate.h, as a key compared lexicographically (smaller is preferred).
-        const auto key = std::make_tuple(step.opt ? 1 : 0, c.efficient ? 0 : 1, recompute ? 1 : 0, order,
-                                         -c.micro_batch);
+        const auto key = std::make_tuple(step.nvme ? 2 : step.opt ? 1 : 0, c.efficient ? 0 : 1, recompute ? 1 : 0,
+                                         order, -c.micro_batch);
         if (best < 0 || key < best_key) {
           best = static_cast<int>(out->candidates.size());
           best_key = key;
@@ -321,7 +385,8 @@ Status PlanTraining(const TrainingRequest& req, TrainingPlan* out) {
   out->chosen = best;
   if (best >= 0) {
     const TrainingCandidate& c = out->candidates[static_cast<size_t>(best)];
-    out->options = WithConfig(req.options, Config{c.stage, c.offload_optimizer, c.offload_params});
+    out->options =
+        WithConfig(req.options, Config{c.stage, c.offload_optimizer, c.offload_params, c.nvme, c.nvme_params});
     out->options.activation_model = req.shape;
     out->options.activation_options = req.activations;
     out->options.activation_options.micro_batch = c.micro_batch;
@@ -335,8 +400,12 @@ std::string TrainingPlan::Explain() const {
   os << "per-rank batch " << per_rank_batch << ", device budget per rank " << FormatBytes(budget) << "\n";
   for (size_t i = 0; i < candidates.size(); ++i) {
     const TrainingCandidate& c = candidates[i];
-    os << "  " << ConfigurationName(c.stage, c.offload_optimizer, c.offload_params)
+    os << "  " << ConfigurationName(c.stage, c.offload_optimizer, c.offload_params, c.nvme, c.nvme_params)
        << (c.recompute ? ", recompute" : ", no recompute") << ": ";
+    if (c.micro_batch == 0 && c.activation_bytes == 0) {
+      os << "does not fit (host " << FormatBytes(c.host_bytes) << " per rank, over the host budget)\n";
+      continue;
+    }
     if (c.micro_batch == 0) {
       os << "does not fit (states " << FormatBytes(c.model_state_bytes) << " + activations of micro-batch 1 "
          << FormatBytes(c.activation_bytes) << ")\n";
@@ -356,21 +425,27 @@ std::string AutoChoice::Explain() const {
   const std::string budget_text = budget == kUnlimited ? "unlimited" : FormatBytes(budget);
   os << "device budget per rank " << budget_text << " (smallest free memory of any rank " << free_text
      << " - reserved " << FormatBytes(reserved_bytes)
-     << (activation_bytes > 0 ? ", of which the activation estimate " + FormatBytes(activation_bytes) : "") << ")\n";
+     << (activation_bytes > 0 ? ", of which the activation estimate " + FormatBytes(activation_bytes) : "") << ")"
+     << (host_budget > 0 ? ", host budget per rank " + FormatBytes(host_budget) : "") << "\n";
   const size_t last = chosen >= 0 ? static_cast<size_t>(chosen) : candidates.size() - 1;
   for (size_t i = 0; i <= last && i < candidates.size(); ++i) {
     const AutoCandidate& c = candidates[i];
-    os << "  " << ConfigurationName(c.stage, c.offload_optimizer, c.offload_params) << ": device "
-       << FormatBytes(c.device_bytes) << ", host " << FormatBytes(c.host_bytes) << " per rank: ";
+    os << "  " << ConfigurationName(c.stage, c.offload_optimizer, c.offload_params, c.nvme, c.nvme_params)
+       << ": device " << FormatBytes(c.device_bytes) << ", host " << FormatBytes(c.host_bytes)
+       << (c.nvme ? ", NVMe " + FormatBytes(c.nvme_bytes) : "") << " per rank: ";
+    const bool device_fits = budget == kUnlimited || c.device_bytes <= budget;
     if (c.fits) {
       os << "fits, chosen\n";
-    } else {
+    } else if (!device_fits) {
       os << "does not fit (" << FormatBytes(c.device_bytes - budget) << " over)\n";
+    } else {
+      os << "does not fit (host " << FormatBytes(c.host_bytes - host_budget) << " over the host budget)\n";
     }
   }
   if (chosen < 0) {
     os << "nothing fits: add ranks or device memory, lower reserved_bytes, gather_slots, grad_pool_buffers or "
-          "bucket_elements\n";
+          "bucket_elements"
+       << (host_budget > 0 ? ", raise the host budget or give an NVMe directory (Options::nvme_path)" : "") << "\n";
   }
   return os.str();
 }

@@ -124,6 +124,19 @@ class Cases {
     m["open-offload-stage0"] = opt([](Options& o) { o.offload_optimizer = true; }, Stage::kDataParallel);
     m["open-offload-params"] = opt([](Options& o) { o.offload_params = true; }, Stage::kParameters);
     m["open-keep-gathered"] = opt([](Options& o) { o.keep_gathered_units = {7}; });
+    m["open-nvme-offload"] = opt([](Options& o) { o.nvme_path = "nvme"; });
+    m["open-nvme-params"] = opt([](Options& o) {
+      o.offload_optimizer = true;
+      o.nvme_params = true;
+    }, Stage::kParameters);
+    m["open-nvme-block"] = opt([](Options& o) { o.nvme_block_bytes = 5000; });
+    m["open-nvme-queue"] = opt([](Options& o) { o.nvme_queue_depth = 0; });
+    m["open-nvme-buffers"] = opt([](Options& o) { o.nvme_buffers = 1; });
+    m["open-host-budget-negative"] = opt([](Options& o) { o.host_budget_bytes = -1; });
+    m["open-host-budget"] = opt([](Options& o) {
+      o.offload_optimizer = true;
+      o.host_budget_bytes = 1;
+    });
     m["open-adamw-lr"] = opt([](Options& o) { o.adamw.lr = -1; });
     m["open-adamw-betas"] = opt([](Options& o) { o.adamw.beta2 = 1.0f; });
     m["open-adamw-eps"] = opt([](Options& o) { o.adamw.eps = 0; });

@@ -117,6 +117,50 @@ TEST(EstimateCliTest, ShapeAndAutomaticChoiceForADeviceSize) {
   EXPECT_FALSE(choice.options.offload_optimizer);
 }
 
+// --nvme: the tier's configurations after all others, with host and NVMe bytes per rank and per node and the bounce
+// buffers, each the library's Estimate; --host-memory (per node) is Stage::kAuto's host budget, which only the
+// tier fits here.
+TEST(EstimateCliTest, TheNvmeTierAndAHostBudget) {
+  const CliRun r = RunCli("--preset llama2-70b --world 8 --nvme --device-memory 80GiB --host-memory 512GiB "
+                          "--reserved 20GiB --unit GiB");
+  SCOPED_TRACE(r.out);
+  ASSERT_EQ(r.exit_code, 0);
+  ModelDescription m;
+  ASSERT_TRUE(TransformerSpecs(TransformerShape{80, 8192, 64, 8, 28672, 32000, false, false}, &m.specs).ok());
+  Options o;
+  o.param_dtype = DType::kBF16;
+  o.backend = Backend::kCuda;
+  o.stage = Stage::kParameters;
+  o.offload_optimizer = true;
+  o.nvme_path = "nvme";
+  MemoryEstimate e;
+  ASSERT_TRUE(Estimate(m, 8, o, &e).ok());
+  const std::vector<std::string> row = RowOf(r.out, "stage 3 + optimizer offload to NVMe");
+  ASSERT_GE(row.size(), 11u);  // 4 categories, device, host/rank, host/node, bounce, NVMe/rank, NVMe/node, fits
+  auto gib = [](int64_t b, int decimals) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.*f", decimals, static_cast<double>(b) / 1073741824.0);
+    return std::string(buf);
+  };
+  EXPECT_EQ(row[4], gib(e.DeviceTotal(), 1));
+  EXPECT_EQ(row[5], gib(e.HostTotal(), 2));
+  EXPECT_EQ(row[6], gib(e.HostTotal() * 8, 1));
+  EXPECT_EQ(row[7], gib(e.NvmeBounceBytes(), 2));
+  EXPECT_EQ(row[8], gib(e.NvmeTotal(), 2));
+  EXPECT_EQ(row[9], gib(e.NvmeTotal() * 8, 1));
+  EXPECT_GT(e.NvmeBounceBytes(), 0);
+  EXPECT_EQ(e.Host(MemoryCategory::kOptimizer), 0);
+  // 80 GiB GPUs, 512 GiB of host memory per node: host-memory offload needs more (773.8 GiB per node).
+  const size_t at = r.out.find("  stage 3 + optimizer offload: device ");
+  ASSERT_NE(at, std::string::npos);
+  const std::string line = r.out.substr(at, r.out.find('\n', at) - at);
+  EXPECT_NE(line.find("host 96.73 GiB per rank: does not fit (host"), std::string::npos) << line;
+  EXPECT_NE(r.out.find("choice: stage 3 + optimizer offload to NVMe\n"), std::string::npos);
+  // Without --nvme the table is as before: no tier rows, no NVMe columns.
+  const CliRun plain = RunCli("--preset llama2-70b --world 8 --unit GiB");
+  EXPECT_EQ(plain.out.find("NVMe"), std::string::npos) << plain.out;
+}
+
 // The rows of the table printed after "device " (the --table header), keyed by their first column.
 std::vector<std::vector<std::string>> TableRows(const std::string& out) {
   std::vector<std::vector<std::string>> rows;

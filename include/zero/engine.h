@@ -66,8 +66,18 @@ struct MemoryUsage {
 struct MemoryReport {
   MemoryUsage device;
   MemoryUsage host;  // pinned + pageable host memory the engine allocated
-  // A table: one row per category and the total, columns device now / peak and host now / peak.
+  MemoryUsage nvme;  // the NVMe tier's files (Options::nvme_path): sized at Open, never more
+  // A table: one row per category and the total, columns device now / peak and host now / peak (and NVMe with a
+  // tier).
   std::string Table() const;
+};
+
+// The NVMe tier's transfers since Open (Options::nvme_path; all zero without a tier). busy_seconds is the time
+// with at least one transfer in flight: bytes over it is the throughput the disk gave while the tier used it.
+struct NvmeStats {
+  int64_t bytes_read = 0;
+  int64_t bytes_written = 0;
+  double busy_seconds = 0;
 };
 
 // Engine::Export: consolidated weights as one safetensors file, written in parallel (each rank writes the
@@ -193,6 +203,8 @@ class Engine {
   // Current and peak bytes per category on the device and the host (MemoryReport::Table prints it). An
   // out-of-memory status from Open carries this table and a configuration that fits (zero/estimate.h).
   MemoryReport Memory() const;
+  // The NVMe tier's bytes read and written and its busy time since Open (monitoring, benchmarks).
+  NvmeStats nvme_stats() const;
   // Stage::kAuto: what Open chose and why (each earlier candidate's need against the budget); empty otherwise.
   const std::string& auto_choice() const;
   // The communicator's counters (elements and calls per collective). Waits for everything queued on the

@@ -74,15 +74,21 @@ struct MemoryEstimate {
   int64_t trainable_padded = 0;   // Ψt, padded elements of trainable parameters (over all ranks)
   int64_t frozen_padded = 0;      // Ψf
   int64_t device[kNumMemoryCategories] = {};  // bytes per rank on the device, index MemoryCategory
-  int64_t host[kNumMemoryCategories] = {};    // bytes per rank in (pinned) host memory: offload
-  std::vector<Item> items;                    // every allocation of Engine::Open, in its order
+  int64_t host[kNumMemoryCategories] = {};    // bytes per rank in host memory: offload, staging, NVMe bounce buffers
+  int64_t nvme[kNumMemoryCategories] = {};    // bytes per rank in the NVMe tier's files (Options::nvme_path)
+  std::vector<Item> items;                    // every allocation of Engine::Open (and the tier's files), in order
 
   int64_t DeviceTotal() const;
   int64_t HostTotal() const;
+  int64_t NvmeTotal() const;
   int64_t Device(MemoryCategory c) const { return device[static_cast<int>(c)]; }
   int64_t Host(MemoryCategory c) const { return host[static_cast<int>(c)]; }
+  int64_t Nvme(MemoryCategory c) const { return nvme[static_cast<int>(c)]; }
+  // The NVMe tier's bounce buffers (pinned host, part of host[kBuffers]): what stays in host memory per rank however
+  // large the model.
+  int64_t NvmeBounceBytes() const;
   // A table: one row per allocation kind (params, gradients, optimizer, pool, gather slots, staging...) with
-  // device and host bytes per rank, and the totals.
+  // device and host bytes per rank (and NVMe with a tier), and the totals.
   std::string Table() const;
 };
 
@@ -90,8 +96,12 @@ struct MemoryEstimate {
 // Fails like Engine::Open on invalid options or specs.
 Status Estimate(const ModelDescription& model, int world_size, const Options& options, MemoryEstimate* out);
 
-// "stage 2 + optimizer offload", "stage 3 + parameter offload" (optimizer too: offload_params needs it).
-std::string ConfigurationName(Stage stage, bool offload_optimizer, bool offload_params);
+// "stage 2 + optimizer offload", "stage 3 + parameter offload" (optimizer too: offload_params needs it); with the
+// NVMe tier "stage 3 + optimizer offload to NVMe", "stage 3 + parameter offload, optimizer to NVMe" (the shards in
+// host memory) and "stage 3 + parameter offload to NVMe" (both there).
+std::string ConfigurationName(Stage stage, bool offload_optimizer, bool offload_params, bool nvme = false,
+                              bool nvme_params = false);
+std::string ConfigurationName(const Options& options);  // of its stage, offload flags, nvme_path and nvme_params
 
 // One step of Stage::kAuto's preference order, evaluated.
 struct AutoCandidate {
@@ -100,7 +110,11 @@ struct AutoCandidate {
   bool offload_params;
   int64_t device_bytes;  // MemoryEstimate::DeviceTotal() per rank
   int64_t host_bytes;    // MemoryEstimate::HostTotal() per rank
-  bool fits;             // device_bytes <= budget
+  bool fits;             // device_bytes <= budget, and host_bytes <= Options::host_budget_bytes when that is given
+  bool nvme = false;         // the optimizer state on the NVMe tier (Options::nvme_path kept)
+  bool nvme_params = false;  // the stage-3 parameter shards too (Options::nvme_params)
+  int64_t nvme_bytes = 0;    // MemoryEstimate::NvmeTotal() per rank
+  bool host_fits = true;     // host_bytes <= Options::host_budget_bytes (always true without a budget)
 };
 
 struct AutoChoice {
@@ -108,6 +122,7 @@ struct AutoChoice {
   int64_t activation_bytes = 0;  // EstimateActivations(activation_model, activation_options).peak, when given
   int64_t reserved_bytes = 0;    // activation_bytes + Options::reserved_bytes (when >= 0)
   int64_t budget = 0;            // free_bytes - reserved_bytes: what the engine's buffers may take per rank
+  int64_t host_budget = 0;       // Options::host_budget_bytes (0: host memory not checked)
   std::vector<AutoCandidate> candidates;  // the whole preference order
   int chosen = -1;             // index of the first candidate that fits, -1 when none does
   Options options;             // the input options with the chosen stage and offload (unchanged if none fits)
@@ -118,10 +133,14 @@ struct AutoChoice {
 // Stage::kAuto's decision: walks the on-device configurations, stage 0, 1, 2, 3, then the offloaded ones, 2 +
 // optimizer offload, 3 + optimizer offload, 3 + parameter offload (offload moves the optimizer step to the CPU
 // and every step's gradients and parameters over PCIe: the slowest choice, taken only when nothing on the device
-// fits), and chooses the first whose device bytes fit in free_bytes minus the reserve: the activation estimate
-// of options.activation_model (when its layers > 0) plus options.reserved_bytes (a negative one counts as 0).
-// `options.stage` and the offload flags are ignored; every other field (dtypes, optimizer, bucket and pool sizes,
-// slots, persistence, backend) is used as given. OK with chosen = -1 when nothing fits.
+// fits), then, when options.nvme_path is given, the NVMe tier last: 2 + optimizer offload to NVMe, 3 + optimizer
+// offload to NVMe, 3 + parameter offload with the optimizer state on NVMe, 3 + parameter offload to NVMe (every
+// step then also reads and writes the state at the disk's speed). It chooses the first whose device bytes fit in
+// free_bytes minus the reserve (the activation estimate of options.activation_model, when its layers > 0, plus
+// options.reserved_bytes; a negative one counts as 0) and, when options.host_budget_bytes > 0, whose host bytes
+// fit that. `options.stage`, the offload flags and nvme_params are ignored; every other field (dtypes, optimizer,
+// bucket and pool sizes, slots, persistence, backend, the tier's block size and buffers) is used as given. OK with
+// chosen = -1 when nothing fits.
 Status ChooseConfiguration(const ModelDescription& model, int world_size, const Options& options,
                            int64_t free_bytes, AutoChoice* out);
 
@@ -153,6 +172,9 @@ struct TrainingCandidate {
   int64_t activation_bytes;    // EstimateActivations(...).peak at micro_batch
   int64_t host_bytes;          // Estimate(...).HostTotal() per rank (offload)
   bool efficient;              // micro_batch * seq_len >= efficient_tokens, or no accumulation
+  bool nvme = false;           // the NVMe tier holds the optimizer state (and with nvme_params the shards)
+  bool nvme_params = false;
+  int64_t nvme_bytes = 0;      // Estimate(...).NvmeTotal() per rank
 };
 
 struct TrainingPlan {
@@ -165,8 +187,10 @@ struct TrainingPlan {
   std::string Explain() const;  // the choice and why, one line per candidate that fits
 };
 
-// Chooses among the candidates that fit, by this rule (each step breaks the ties of the one before):
-//   1. on the device before offloaded (offload runs the optimizer on the CPU and moves every step over PCIe);
+// Chooses among the candidates that fit (device memory, and Options::host_budget_bytes when given), by this rule
+// (each step breaks the ties of the one before):
+//   1. on the device before offloaded (offload runs the optimizer on the CPU and moves every step over PCIe), and
+//      the optimizer state in host memory before the NVMe tier (options.nvme_path adds those candidates last);
 //   2. an efficient micro-batch (see efficient_tokens) before one that is not;
 //   3. without recomputation before with it (recomputation costs one more forward of every block);
 //   4. ChooseConfiguration's order (stage 0, 1, 2, 3: less communication first);

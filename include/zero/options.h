@@ -17,10 +17,12 @@ enum class Stage : uint8_t {
   kGradients = 2,        // + gradients partitioned; reduce-scattered every micro-step into shard accumulators
   kParameters = 3,       // + parameters partitioned; gathered per unit at Acquire, freed at Release
   // Engine::Open chooses: the first configuration of the preference order (on the device: stage 0, 1, 2, 3; then
-  // offloaded: 2 + optimizer offload, 3 + optimizer offload, 3 + parameter offload) whose device bytes
-  // (zero::Estimate) fit in the smallest free device memory of any rank minus the reserve (Options::reserved_bytes,
-  // plus the activation estimate of Options::activation_model). Every rank makes the same choice;
-  // Engine::options() and Engine::auto_choice() report it. See include/zero/estimate.h.
+  // offloaded: 2 + optimizer offload, 3 + optimizer offload, 3 + parameter offload; then, with Options::nvme_path,
+  // the same three with the optimizer state on NVMe and 3 + parameter offload with the shards there too) whose
+  // device bytes (zero::Estimate) fit in the smallest free device memory of any rank minus the reserve
+  // (Options::reserved_bytes, plus the activation estimate of Options::activation_model), and whose host bytes fit
+  // Options::host_budget_bytes when that is given. Every rank makes the same choice; Engine::options() and
+  // Engine::auto_choice() report it. See include/zero/estimate.h.
   kAuto = 255,
 };
 const char* StageName(Stage stage);
@@ -142,6 +144,36 @@ struct Options {
   // Stage 3, with offload_optimizer: parameter shards live in pinned host memory too; each gather first copies
   // this rank's shard to the device. Device memory keeps only gathered units, persistent units and buffers.
   bool offload_params = false;
+
+  // The NVMe tier (stages 1-3, with offload_optimizer): the fp32 master and the optimizer state live in files on a
+  // local disk instead of host memory, streamed bucket by bucket through nvme_buffers pinned bounce buffers behind
+  // the CPU AdamW (bucket k+1 is read while bucket k is updated and bucket k-1 written back). Host memory then does
+  // not grow with the model: it holds the bounce buffers (nvme_buffers x one bucket's state), the gradient staging
+  // and 9 bytes of checksum per nvme_block_bytes of state. Each rank works in its own directory,
+  // nvme_path/zero-nvme-r<rank>-p<pid>-<n>, created at Open (files preallocated: a full disk fails Open) and removed
+  // with the engine: working storage, not a checkpoint (Save writes the usual shards from it, Load fills it). The
+  // path must be on a local disk file system that supports O_DIRECT (ext4, xfs), not tmpfs. Cost: every step reads
+  // and writes (4 + K) bytes per owned trainable parameter (K = 8 for AdamW, 4 for SGD) at the disk's speed. With
+  // Stage::kAuto a path makes the tier a candidate, tried after every configuration that keeps the state in host
+  // memory. Default empty: no tier.
+  std::string nvme_path;
+  // Stage 3 with offload_params and a tier: the parameter shards live in the tier too, read at every gather of a
+  // unit and written by the optimizer. Default false (the shards stay in pinned host memory).
+  bool nvme_params = false;
+  // Bytes per read or write and per checksummed block of the tier: a multiple of 4096 (fio's block size). Default
+  // 1 MiB.
+  int64_t nvme_block_bytes = int64_t{1} << 20;
+  // Reads and writes in flight per rank (fio's iodepth). Default 8.
+  int nvme_queue_depth = 8;
+  // Pinned bounce buffers of the tier, each one bucket's master and optimizer state (and parameter shard with
+  // nvme_params). 3, the default, overlaps the read of bucket k+1, the update of k and the write of k-1; each one
+  // more reads a bucket further ahead; 2 reads a bucket only after the one before it was written. At least 2.
+  int nvme_buffers = 3;
+  // Host memory per rank the engine may take (pinned and pageable: offloaded state, staging, the tier's bounce
+  // buffers and checksums; what zero::Estimate lists as host bytes). 0 (default): not checked. Open fails with
+  // OutOfMemory when the configuration needs more; Stage::kAuto takes the first configuration that fits both this
+  // and the device.
+  int64_t host_budget_bytes = 0;
 
   // Capacity of device memory in bytes (0: unlimited on the CPU backend; the free memory on CUDA). Exceeding it
   // fails with an OutOfMemory status that carries the per-category breakdown.

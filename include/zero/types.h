@@ -33,6 +33,7 @@ enum class MemoryKind : uint8_t {
   kDevice,        // GPU memory (CUDA) or the CPU backend's stand-in for it
   kPinnedHost,    // page-locked host memory (offload)
   kPageableHost,  // ordinary host memory
+  kNvme,          // not memory: a file of the NVMe tier on a local disk (Options::nvme_path), counted apart
 };
 
 // A plain, non-owning record of a tensor inside one of the engine's flat buffers. Frameworks can wrap it

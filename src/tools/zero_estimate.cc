@@ -50,6 +50,14 @@ options:
   --reserved SIZE            device memory kept free besides activations: workspace, the CUDA context (default 0)
   --unit GB|GiB|MB|MiB       table unit (default GB = 10^9 bytes, the ZeRO paper's)
   --items                    also list every allocation of each configuration
+the NVMe tier (Options::nvme_path):
+  --nvme                     also the configurations with the optimizer state (and stage-3 parameter shards) in
+                             files on a local disk, after all others; adds host and NVMe columns per rank and per
+                             node, and the bounce buffers (what stays in host memory however large the model)
+  --host-memory SIZE         host memory per node the engine may take (divided among --ranks-per-node ranks:
+                             Options::host_budget_bytes); with --device-memory, Stage::kAuto's choice fits it too
+  --nvme-buffers N           Options::nvme_buffers (default 3)
+  --nvme-block SIZE          Options::nvme_block_bytes (default 1MiB)
 activations (with a shape that gives --heads):
   --seq S                    tokens per sequence: print the activations of one micro-batch, and reserve them in
                              Stage::kAuto's choice for --device-memory
@@ -175,7 +183,8 @@ int main(int argc, char** argv) {
   std::string preset;
   int world = 1, ranks_per_node = 8;
   int64_t device_memory = -1, reserved = 0, global_batch = 0, efficient_tokens = 2048;
-  bool items = false, table = false, compute_dtype_given = false;
+  bool items = false, table = false, compute_dtype_given = false, nvme = false;
+  int64_t host_memory = 0;
   std::string unit = "GB";
   zero::Options o;
   o.param_dtype = zero::DType::kBF16;
@@ -189,7 +198,8 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (a == "--tied" || a == "--frozen" || a == "--items" || a == "--recompute" || a == "--table" ||
-        a == "--lora-dropout") {
+        a == "--lora-dropout" || a == "--nvme") {
+      if (a == "--nvme") nvme = true;
       if (a == "--tied") shape.tied = true;
       if (a == "--frozen") shape.frozen = true;
       if (a == "--items") items = true;
@@ -230,6 +240,9 @@ int main(int argc, char** argv) {
       else if (v == "cpu") o.backend = zero::Backend::kCpu;
       else Fail("--backend must be cuda or cpu, not '" + v + "'");
     } else if (a == "--device-memory") device_memory = ParseBytes(a, v);
+    else if (a == "--host-memory") host_memory = ParseBytes(a, v);
+    else if (a == "--nvme-buffers") o.nvme_buffers = ParseInt(a, v, 2);
+    else if (a == "--nvme-block") o.nvme_block_bytes = ParseBytes(a, v);
     else if (a == "--reserved") reserved = ParseBytes(a, v);
     else if (a == "--seq") act.seq_len = ParseCount(a, v);
     else if (a == "--micro-batch") act.micro_batch = ParseCount(a, v);
@@ -265,9 +278,12 @@ int main(int argc, char** argv) {
   if (global_batch > 0 && !table && device_memory < 0) Fail("--global-batch needs --device-memory (or --table)");
   if (!compute_dtype_given) act.dtype = o.param_dtype;
   o.reserved_bytes = reserved;
+  // The tier's directory only makes it a candidate here: nothing is created.
+  if (nvme) o.nvme_path = "nvme";
   const double scale = unit == "GB" ? 1e9 : unit == "GiB" ? 1073741824.0 : unit == "MB" ? 1e6 : 1048576.0;
   auto in_unit = [&](int64_t bytes, int decimals) { return Fixed(static_cast<double>(bytes) / scale, decimals); };
   const int per_node = std::min(world, ranks_per_node);
+  if (host_memory > 0) o.host_budget_bytes = host_memory / per_node;
 
   zero::ModelDescription model;
   std::string what;
@@ -320,8 +336,18 @@ int main(int argc, char** argv) {
                                              &choice);
   if (!s.ok()) Fail(s.message());
   const bool show_auto = device_memory >= 0 && global_batch <= 0;
-  std::printf("%-28s %9s %9s %9s %9s %14s %14s%s\n", "configuration", "params", "grads", "optimizer", "buffers",
-              ("device " + unit + "/rank").c_str(), ("host " + unit + "/node").c_str(), show_auto ? "  fits" : "");
+  // With --nvme the names are longer and host, NVMe and the bounce buffers get columns of their own.
+  const int name_width = nvme ? 45 : 28;
+  std::printf("%-*s %9s %9s %9s %9s %14s", name_width, "configuration", "params", "grads", "optimizer", "buffers",
+              ("device " + unit + "/rank").c_str());
+  if (nvme) {
+    std::printf(" %14s %14s %15s %14s %14s", ("host " + unit + "/rank").c_str(), ("host " + unit + "/node").c_str(),
+                ("bounce " + unit + "/rank").c_str(), ("NVMe " + unit + "/rank").c_str(),
+                ("NVMe " + unit + "/node").c_str());
+  } else {
+    std::printf(" %14s", ("host " + unit + "/node").c_str());
+  }
+  std::printf("%s\n", show_auto ? "  fits" : "");
   std::vector<zero::MemoryEstimate> estimates;
   for (size_t i = 0; i < choice.candidates.size(); ++i) {
     const zero::AutoCandidate& c = choice.candidates[i];
@@ -329,21 +355,38 @@ int main(int argc, char** argv) {
     co.stage = c.stage;
     co.offload_optimizer = c.offload_optimizer;
     co.offload_params = c.offload_params;
+    if (!c.nvme) co.nvme_path.clear();
+    co.nvme_params = c.nvme_params;
     zero::MemoryEstimate e;
     s = zero::Estimate(model, world, co, &e);
     if (!s.ok()) Fail(s.message());
     auto cat = [&](zero::MemoryCategory m) { return in_unit(e.Device(m), 2); };
-    std::printf("%-28s %9s %9s %9s %9s %14s %14s%s\n",
-                zero::ConfigurationName(c.stage, c.offload_optimizer, c.offload_params).c_str(),
+    std::printf("%-*s %9s %9s %9s %9s %14s", name_width,
+                zero::ConfigurationName(c.stage, c.offload_optimizer, c.offload_params, c.nvme, c.nvme_params).c_str(),
                 cat(zero::MemoryCategory::kParams).c_str(), cat(zero::MemoryCategory::kGrads).c_str(),
                 cat(zero::MemoryCategory::kOptimizer).c_str(), cat(zero::MemoryCategory::kBuffers).c_str(),
-                in_unit(e.DeviceTotal(), 1).c_str(), in_unit(e.HostTotal() * per_node, 1).c_str(),
+                in_unit(e.DeviceTotal(), 1).c_str());
+    if (nvme) {
+      std::printf(" %14s %14s %15s %14s %14s", in_unit(e.HostTotal(), 2).c_str(),
+                  in_unit(e.HostTotal() * per_node, 1).c_str(), in_unit(e.NvmeBounceBytes(), 2).c_str(),
+                  in_unit(e.NvmeTotal(), 2).c_str(), in_unit(e.NvmeTotal() * per_node, 1).c_str());
+    } else {
+      std::printf(" %14s", in_unit(e.HostTotal() * per_node, 1).c_str());
+    }
+    std::printf("%s\n",
                 !show_auto ? "" : (static_cast<int>(i) == choice.chosen ? "  yes <- chosen" : c.fits ? "  yes" : "  no"));
     estimates.push_back(std::move(e));
   }
   std::printf("\nparams/grads/optimizer/buffers: device %s per rank. Host memory is the offloaded optimizer state "
               "(and parameter shards) plus staging, per rank times %d.\n",
               unit.c_str(), per_node);
+  if (nvme) {
+    std::printf("NVMe: the tier's files per rank (times %d per node). With them host memory holds the staging and the "
+                "bounce buffers (%d x one bucket's state: Options::nvme_buffers), which do not grow with the model.%s\n",
+                per_node, o.nvme_buffers,
+                model.specs.empty() ? " A bare count does not give the buckets: bounce buffers and staging show as 0."
+                                    : "");
+  }
   if (items) {
     for (const zero::MemoryEstimate& e : estimates) std::printf("\n%s", e.Table().c_str());
   }
@@ -361,7 +404,8 @@ int main(int argc, char** argv) {
     std::printf("\nStage::kAuto with %s", choice.Explain().c_str());
     if (choice.chosen < 0) return 1;
     const zero::AutoCandidate& c = choice.candidates[static_cast<size_t>(choice.chosen)];
-    std::printf("choice: %s\n", zero::ConfigurationName(c.stage, c.offload_optimizer, c.offload_params).c_str());
+    std::printf("choice: %s\n",
+                zero::ConfigurationName(c.stage, c.offload_optimizer, c.offload_params, c.nvme, c.nvme_params).c_str());
   }
   if (global_batch <= 0) return 0;
 
@@ -377,7 +421,8 @@ int main(int argc, char** argv) {
   auto answer = [&](const zero::TrainingPlan& plan) -> std::string {
     if (plan.chosen < 0) return "nothing fits";
     const zero::TrainingCandidate& c = plan.candidates[static_cast<size_t>(plan.chosen)];
-    return zero::ConfigurationName(c.stage, c.offload_optimizer, c.offload_params) + ", micro-batch " +
+    return zero::ConfigurationName(c.stage, c.offload_optimizer, c.offload_params, c.nvme, c.nvme_params) +
+           ", micro-batch " +
            std::to_string(c.micro_batch) + (c.recompute ? ", recompute" : ", no recompute") + ", " +
            std::to_string(c.accumulation_steps) + " accumulation step" + (c.accumulation_steps == 1 ? "" : "s");
   };
@@ -410,7 +455,8 @@ int main(int argc, char** argv) {
       }
       const zero::TrainingCandidate& c = plan.candidates[static_cast<size_t>(plan.chosen)];
       std::printf("%-8s %-28s %11lld %9s %12lld %16s %16s\n", size.c_str(),
-                  zero::ConfigurationName(c.stage, c.offload_optimizer, c.offload_params).c_str(),
+                  zero::ConfigurationName(c.stage, c.offload_optimizer, c.offload_params, c.nvme, c.nvme_params)
+                      .c_str(),
                   static_cast<long long>(c.micro_batch), c.recompute ? "yes" : "no",
                   static_cast<long long>(c.accumulation_steps), in_unit(c.activation_bytes, 2).c_str(),
                   in_unit(c.model_state_bytes + c.activation_bytes, 2).c_str());
