@@ -201,6 +201,41 @@ CombineFn GetCombine(DType dtype, ReduceOp op) {  // dtype and op were validated
 
 }  // namespace
 
+// MPI_Comm_idup of `parent` into *out, polled until `timeout`. A request that does not complete is left to MPI: it
+// is erroneous to free or cancel a non-blocking collective's request, so it is kept (and the communicator leaks if
+// it ever completes).
+static Status IdupWithTimeout(MPI_Comm parent, std::chrono::milliseconds timeout, MPI_Comm* out) {
+  MPI_Request req = MPI_REQUEST_NULL;
+  int rc = MPI_Comm_idup(parent, out, &req);
+  const auto deadline = Clock::now() + timeout;
+  for (int polls = 0, done = 0; rc == MPI_SUCCESS && !done; ++polls) {
+    rc = MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS || done) break;
+    if (Clock::now() >= deadline) {
+      static std::mutex mu;
+      static auto* abandoned = new std::vector<MPI_Request>();  // reachable: a leak checker says nothing
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        abandoned->push_back(req);
+      }
+      *out = MPI_COMM_NULL;
+      int rank = 0, world = 1;
+      MPI_Comm_rank(parent, &rank);
+      MPI_Comm_size(parent, &world);
+      return Status::Timeout("creating a communicator (MPI_Comm_idup) on rank " + std::to_string(rank) + " of " +
+                             std::to_string(world) + " did not complete within " + std::to_string(timeout.count()) +
+                             " ms: every rank must create it at the same point (Comm::OpenMpi, FromMpiComm, "
+                             "Duplicate and Engine::Open are collective); a peer is stalled or skipped the call");
+    }
+    if (polls >= kSpinPolls) std::this_thread::sleep_for(kNap);
+  }
+  if (rc != MPI_SUCCESS) {
+    *out = MPI_COMM_NULL;
+    return Status::Internal("MPI_Comm_idup failed: " + MpiErrorString(rc));
+  }
+  return Status::Ok();
+}
+
 Status MpiComm::Create(MPI_Comm parent, const CommOptions& options, bool owns_mpi, std::unique_ptr<Comm>* out) {
   if (out == nullptr) return Status::InvalidArgument("Comm output pointer is null");
   if (options.timeout.count() <= 0) return Status::InvalidArgument("CommOptions::timeout must be positive");
@@ -216,35 +251,15 @@ Status MpiComm::Create(MPI_Comm parent, const CommOptions& options, bool owns_mp
   }
   if (parent == MPI_COMM_NULL) return Status::InvalidArgument("the MPI communicator is MPI_COMM_NULL");
   // Non-blocking duplicates polled against the timeout: a peer that never calls (a rank that failed before
-  // creating its Comm, or an Engine::Open that one rank skipped) makes this a Timeout, not a hang.
+  // creating its Comm, or an Engine::Open that one rank skipped) makes this a Timeout, not a hang. One at a time:
+  // several outstanding MPI_Comm_idup under MPI_THREAD_MULTIPLE have hung Open MPI before (open-mpi/ompi#2380),
+  // and one did here, once in a TSan run.
   MPI_Comm data = MPI_COMM_NULL, abort = MPI_COMM_NULL;
-  MPI_Request reqs[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
-  int rc = MPI_Comm_idup(parent, &data, &reqs[0]);
-  if (rc == MPI_SUCCESS) rc = MPI_Comm_idup(parent, &abort, &reqs[1]);
-  const auto deadline = Clock::now() + options.timeout;
-  for (int polls = 0, done = 0; rc == MPI_SUCCESS && !done; ++polls) {
-    rc = MPI_Testall(2, reqs, &done, MPI_STATUSES_IGNORE);
-    if (rc != MPI_SUCCESS || done) break;
-    if (Clock::now() >= deadline) {
-      // The requests cannot be cancelled: they are left to MPI (the communicators leak if they ever complete).
-      for (MPI_Request& r : reqs) {
-        if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
-      }
-      int rank = 0, world = 1;
-      MPI_Comm_rank(parent, &rank);
-      MPI_Comm_size(parent, &world);
-      return Status::Timeout("creating a communicator (MPI_Comm_idup) on rank " + std::to_string(rank) + " of " +
-                             std::to_string(world) + " did not complete within " +
-                             std::to_string(options.timeout.count()) +
-                             " ms: every rank must create it at the same point (Comm::OpenMpi, FromMpiComm, "
-                             "Duplicate and Engine::Open are collective); a peer is stalled or skipped the call");
-    }
-    if (polls >= kSpinPolls) std::this_thread::sleep_for(kNap);
-  }
-  if (rc != MPI_SUCCESS) {
-    if (reqs[0] == MPI_REQUEST_NULL && data != MPI_COMM_NULL) MPI_Comm_free(&data);
-    if (reqs[1] == MPI_REQUEST_NULL && abort != MPI_COMM_NULL) MPI_Comm_free(&abort);
-    return Status::Internal("MPI_Comm_idup failed: " + MpiErrorString(rc));
+  Status s = IdupWithTimeout(parent, options.timeout, &data);
+  if (s.ok()) s = IdupWithTimeout(parent, options.timeout, &abort);
+  if (!s.ok()) {
+    if (data != MPI_COMM_NULL) MPI_Comm_free(&data);
+    return s;
   }
   // Errors become Statuses (MPI's default handler would kill the job).
   MPI_Comm_set_errhandler(data, MPI_ERRORS_RETURN);
@@ -258,7 +273,7 @@ Status MpiComm::Create(MPI_Comm parent, const CommOptions& options, bool owns_mp
     token = (static_cast<uint64_t>(std::random_device{}()) << 32) ^
             static_cast<uint64_t>(Clock::now().time_since_epoch().count()) ^ (++created * 0x9e3779b97f4a7c15ull);
   }
-  rc = MPI_Bcast(&token, 1, MPI_UINT64_T, 0, data);
+  const int rc = MPI_Bcast(&token, 1, MPI_UINT64_T, 0, data);
   if (rc != MPI_SUCCESS) {
     MPI_Comm_free(&data);
     MPI_Comm_free(&abort);

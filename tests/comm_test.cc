@@ -693,3 +693,60 @@ TEST(CommTest, AllGatherManyEqualsSeparateAllGathers) {
 
 }  // namespace
 }  // namespace zero
+
+namespace zero {
+namespace {
+
+// Comm::Duplicate: a communicator over the same ranks whose collectives never meet the original's, with counters of
+// its own (what Engine::Open uses so that a trainer's collectives on its Comm never interleave with the engine's).
+TEST(CommDuplicateTest, DuplicatesAreIndependentWithTheirOwnCounters) {
+  auto comm = MakeComm();
+  ASSERT_NE(comm, nullptr);
+  for (auto* c : {comm.get()}) {
+    std::unique_ptr<Comm> dup;
+    ASSERT_TRUE(c->Duplicate(&dup).ok());
+    ASSERT_NE(dup, nullptr);
+    EXPECT_EQ(dup->rank(), c->rank());
+    EXPECT_EQ(dup->world_size(), c->world_size());
+    EXPECT_EQ(dup->counters().Volume(), 0);
+    // A second thread runs collectives on the duplicate while this one runs others on the original: different
+    // kinds and counts, so a message of one that met the other would fail the call (or its value check).
+    std::thread other([&] {
+      for (int i = 0; i < 50; ++i) CheckAllReduce<double>(dup.get(), 1003, ReduceOp::kSum, /*in_place=*/false);
+    });
+    for (int i = 0; i < 50; ++i) CheckAllGather<float>(c, 7, /*in_place=*/true);
+    other.join();
+    EXPECT_EQ(dup->counters().all_gather, 0);
+    EXPECT_EQ(dup->counters().all_reduce, 50 * 1003);
+    EXPECT_TRUE(dup->health().ok());
+    ASSERT_TRUE(c->Barrier().ok());  // every rank is done with the duplicate before any breaks it
+    // Breaking the duplicate leaves the original usable.
+    dup->Abort(Status::Internal("test"));
+    EXPECT_EQ(dup->health().code(), StatusCode::kAborted);
+    EXPECT_TRUE(c->health().ok());
+    CheckAllGather<float>(c, 7, /*in_place=*/false);
+  }
+  std::unique_ptr<Comm> single_dup;
+  ASSERT_TRUE(Comm::Single()->Duplicate(&single_dup).ok());
+  EXPECT_EQ(single_dup->world_size(), 1);
+}
+
+// A rank that never duplicates: every other rank gets a Timeout naming the call and the cause, never a hang. The
+// parent is leaked on purpose: the others' abandoned MPI_Comm_idup stays pending on it (MPI cannot cancel it).
+TEST(CommDuplicatePeerTest, ARankThatNeverDuplicatesTimesOutTheOthers) {
+  MPI_Comm parent = MPI_COMM_NULL;
+  ASSERT_EQ(MPI_Comm_dup(MPI_COMM_WORLD, &parent), MPI_SUCCESS);
+  auto* comm = MakeComm(kDefaultMessage, milliseconds(1'500), parent).release();  // leaked with `parent`
+  ASSERT_NE(comm, nullptr);
+  if (comm->rank() != 0) {
+    std::unique_ptr<Comm> dup;
+    const Status s = comm->Duplicate(&dup);
+    EXPECT_EQ(s.code(), StatusCode::kTimeout) << s.ToString();
+    EXPECT_TRUE(Contains(s.message(), "a peer is stalled or skipped the call")) << s.ToString();
+    EXPECT_EQ(dup, nullptr);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
+}  // namespace
+}  // namespace zero
