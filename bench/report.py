@@ -695,8 +695,11 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
         md.append("### Where the trainer's thread spends the engine's time\n")
         md.append("In a step with compute, the time inside each kind of engine call (medians, slowest rank; ms). "
                   "On the CPU backend these calls do real work on the trainer's thread that a GPU backend would "
-                  "mostly enqueue: `Acquire(u, kBackward)` in stages 2–3 waits for a gradient-pool buffer and zeroes "
-                  "it (a memset of the unit's gradient bytes), stage 3's `Acquire` waits for its gathers, `Step` "
+                  "mostly enqueue: `Acquire(u, kBackward)` in stages 2–3 waits for a gradient-pool buffer (the comm "
+                  "thread zeroes a buffer once its reduction is done, so the wait is for an earlier unit's "
+                  "reduction: with 2 ranks it is near 0; with 4 ranks sharing 2 cores the reductions fall behind "
+                  "and the wait that stage 1 spends in *drain* moves here), stage 3's `Acquire` waits for its "
+                  "gathers, `Step` "
                   "runs the optimizer on the owned shard (and, with offload, the copies and the host AdamW), and "
                   "*drain* waits for the post-step all-gathers. Engine time spent here cannot hide behind compute "
                   "on this backend.\n")
