@@ -65,9 +65,9 @@ void WidenAddCpu(const void* src, QuantElem kind, int64_t n, float* acc, int thr
   for (int64_t i = 0; i < n; ++i) acc[i] += LoadAsFloat(src, i, kind);
 }
 
-void StoreFloatsCpu(const float* acc, void* dst, QuantElem kind, int64_t n, int threads) {
+void ConvertCpu(const void* src, QuantElem src_kind, void* dst, QuantElem dst_kind, int64_t n, int threads) {
 #pragma omp parallel for num_threads(ThreadsFor(n, threads)) schedule(static)
-  for (int64_t i = 0; i < n; ++i) StoreFromFloat(dst, i, acc[i], kind);
+  for (int64_t i = 0; i < n; ++i) StoreFromFloat(dst, i, LoadAsFloat(src, i, src_kind), dst_kind);
 }
 
 }  // namespace zero::kernels

@@ -70,9 +70,9 @@ __global__ void WidenAddKernel(const void* src, QuantElem kind, int64_t n, float
   }
 }
 
-__global__ void StoreFloatsKernel(const float* acc, void* dst, QuantElem kind, int64_t n) {
+__global__ void ConvertKernel(const void* src, QuantElem src_kind, void* dst, QuantElem dst_kind, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    StoreFromFloat(dst, i, acc[i], kind);
+    StoreFromFloat(dst, i, LoadAsFloat(src, i, src_kind), dst_kind);
   }
 }
 
@@ -113,9 +113,9 @@ int WidenAddCuda(const void* src, QuantElem kind, int64_t n, float* acc, void* s
   return static_cast<int>(cudaGetLastError());
 }
 
-int StoreFloatsCuda(const float* acc, void* dst, QuantElem kind, int64_t n, void* stream) {
+int ConvertCuda(const void* src, QuantElem src_kind, void* dst, QuantElem dst_kind, int64_t n, void* stream) {
   if (n == 0) return cudaSuccess;
-  StoreFloatsKernel<<<BlocksFor(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(acc, dst, kind, n);
+  ConvertKernel<<<BlocksFor(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(src, src_kind, dst, dst_kind, n);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -18,13 +18,13 @@ void DequantizeCpu(const void* payload, int64_t n, int bits, void* dst, QuantEle
 void DequantizeAddCpu(const void* payload, int64_t n, int bits, float* acc, int threads);
 // acc[i] += src[i] widened exactly to fp32.
 void WidenAddCpu(const void* src, QuantElem kind, int64_t n, float* acc, int threads);
-// dst[i] = acc[i] rounded to `kind` (to nearest, ties to even).
-void StoreFloatsCpu(const float* acc, void* dst, QuantElem kind, int64_t n, int threads);
+// dst[i] = src[i] converted (widened exactly, or rounded to nearest, ties to even).
+void ConvertCpu(const void* src, QuantElem src_kind, void* dst, QuantElem dst_kind, int64_t n, int threads);
 
 int QuantizeCuda(const void* src, QuantElem kind, int64_t n, int bits, void* payload, void* stream);
 int DequantizeCuda(const void* payload, int64_t n, int bits, void* dst, QuantElem kind, void* stream);
 int DequantizeAddCuda(const void* payload, int64_t n, int bits, float* acc, void* stream);
 int WidenAddCuda(const void* src, QuantElem kind, int64_t n, float* acc, void* stream);
-int StoreFloatsCuda(const float* acc, void* dst, QuantElem kind, int64_t n, void* stream);
+int ConvertCuda(const void* src, QuantElem src_kind, void* dst, QuantElem dst_kind, int64_t n, void* stream);
 
 }  // namespace zero::kernels

@@ -181,14 +181,14 @@ TEST(QuantizeTest, NonFiniteBlockBecomesNaNAndOnlyIt) {
   }
 }
 
-TEST(QuantizeTest, WidenAddAndStore) {
+TEST(QuantizeTest, WidenAddAndConvert) {
   const std::vector<float> x = RandomFloats(1003, 9, -3.0f, 3.0f);
   for (QuantElem kind : kKinds) {
     const Stored in = Store(x, kind);
     std::vector<float> acc(1003, 0.5f);
     WidenAddCpu(in.bytes.data(), kind, 1003, acc.data(), 3);
     std::vector<uint8_t> out(in.bytes.size());
-    StoreFloatsCpu(acc.data(), out.data(), kind, 1003, 3);
+    ConvertCpu(acc.data(), QuantElem::kF32, out.data(), kind, 1003, 3);
     for (size_t i = 0; i < x.size(); ++i) {
       ASSERT_EQ(acc[i], 0.5f + in.widened[i]);
       const Stored r = Store({acc[i]}, kind);
