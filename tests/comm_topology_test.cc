@@ -1,15 +1,17 @@
 // Comm's node topology, Split and AllToAll, and the per-link-kind byte counters, at 1-4 ranks.
 //
-// "Nodes" on one machine come from CommOptions::ranks_per_node; without it every rank here shares memory, so the
-// detected topology is one node. The link counters are checked message by message against comm_internal.h's
-// model of MpiComm's algorithms (the model NcclComm counts with), for every collective, with 1, 2 and all ranks per
-// node.
+// "Nodes" on one machine come from CommOptions::ranks_per_node; without it the shared-memory split decides: one node
+// here, and one per host on the namespace cluster (scripts/netns_cluster.sh), where tests/multihost_test.sh sets
+// ZERO_TEST_NODES to the number of hosts. The link counters are checked message by message against
+// comm_internal.h's model of MpiComm's algorithms (the model NcclComm counts with), for every collective, with the
+// detected nodes and with 1, 2 and all ranks per node.
 #include <mpi.h>
 
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -40,14 +42,21 @@ std::unique_ptr<Comm> CommWith(int ranks_per_node, int64_t max_message = int64_t
   return comm;
 }
 
-TEST(CommTopologyTest, DetectedOnOneMachineIsOneNode) {
+// Hosts: 1 on one machine, ZERO_TEST_NODES on the namespace cluster (whose hostfile fills each host in turn).
+int ExpectedHosts() {
+  const char* v = std::getenv("ZERO_TEST_NODES");
+  return v != nullptr ? std::atoi(v) : 1;
+}
+
+TEST(CommTopologyTest, DetectedNodesAreTheHosts) {
   auto comm = CommWith(0);
   const NodeTopology& t = comm->topology();
-  EXPECT_EQ(t.nodes, 1);
-  EXPECT_EQ(t.local_size, WorldSize());
-  EXPECT_EQ(t.local_rank, WorldRank());
+  const int hosts = ExpectedHosts(), per_host = WorldSize() / hosts;
+  EXPECT_EQ(t.nodes, hosts) << t.ToString();
+  EXPECT_EQ(t.local_size, per_host);
+  EXPECT_EQ(t.local_rank, WorldRank() % per_host);
   EXPECT_TRUE(t.uniform());
-  EXPECT_EQ(t.node_of, std::vector<int>(static_cast<size_t>(WorldSize()), 0));
+  for (int q = 0; q < WorldSize(); ++q) EXPECT_EQ(t.node_of[static_cast<size_t>(q)], q / per_host);
 }
 
 TEST(CommTopologyTest, RanksPerNodeOverride) {
@@ -97,11 +106,12 @@ TEST(CommTopologyPeerTest, DifferentRanksPerNodeIsAMismatchOnEveryRank) {
 // By node and by local index: the two splits ZeRO++ uses. Ranks are ordered by key, topology is restricted.
 TEST(CommTopologyTest, SplitByNodeAndByLocalIndex) {
   const int n = WorldSize(), r = WorldRank();
-  for (int k = 1; k <= n; ++k) {
-    if (n % k != 0) continue;
-    SCOPED_TRACE("ranks_per_node " + std::to_string(k));
-    auto comm = CommWith(k);
+  for (int override = 0; override <= n; ++override) {
+    if (override > 0 && n % override != 0) continue;
+    SCOPED_TRACE("ranks_per_node " + std::to_string(override));
+    auto comm = CommWith(override);
     const NodeTopology& t = comm->topology();
+    const int k = t.local_size;
     std::unique_ptr<Comm> intra, inter;
     ASSERT_TRUE(comm->Split(t.node, r, &intra).ok());
     ASSERT_TRUE(comm->Split(t.local_rank, -t.node, &inter).ok());  // reversed: highest node first
@@ -185,9 +195,10 @@ TEST(CommTopologyTest, AllToAllRejectsOverlap) {
 // Every collective's bytes per link kind, as MpiComm sent them, equal the model (comm_internal.h's ModelSends).
 TEST(CommTopologyTest, LinkCountersEqualTheModel) {
   const int n = WorldSize(), r = WorldRank();
-  for (int k : {1, 2, n}) {
-    if (n % k != 0) continue;
-    auto comm = CommWith(k, /*max_message=*/7);
+  for (int override : {0, 1, 2, n}) {
+    if (override > 0 && n % override != 0) continue;
+    auto comm = CommWith(override, /*max_message=*/7);
+    const int k = comm->topology().local_size;
     SCOPED_TRACE(comm->topology().ToString());
     CommCounters want;
     auto expect = [&](internal::CollectiveKind kind, int64_t count, DType dtype, int root = 0) {
