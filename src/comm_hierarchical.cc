@@ -44,6 +44,7 @@ HierarchicalComm::HierarchicalComm(Comm* world, std::unique_ptr<Comm> intra, std
   local_size_ = t.local_size;
   node_ = t.node;
   local_rank_ = t.local_rank;
+  if (intra_ == nullptr) return;  // no node split: the layout below needs nodes of one size
   rank_at_.resize(static_cast<size_t>(nodes_) * local_size_);
   for (int j = 0; j < nodes_; ++j) {
     const std::vector<int> ranks = t.RanksOf(j);
@@ -51,9 +52,14 @@ HierarchicalComm::HierarchicalComm(Comm* world, std::unique_ptr<Comm> intra, std
   }
 }
 
-Status HierarchicalComm::Create(Comm* world, Backend backend, int threads, std::unique_ptr<HierarchicalComm>* out) {
+Status HierarchicalComm::Create(Comm* world, Backend backend, int threads, bool split,
+                                std::unique_ptr<HierarchicalComm>* out) {
   out->reset();
   const NodeTopology& t = world->topology();
+  if (!split) {
+    out->reset(new HierarchicalComm(world, nullptr, nullptr, backend, threads));
+    return Status::Ok();
+  }
   // The topology is the same on every rank (comm.h), so every rank refuses alike, before any collective.
   if (!t.uniform()) {
     return Status::InvalidArgument("rank " + std::to_string(world->rank()) + ": ZeRO++'s hierarchical collectives "
@@ -68,8 +74,9 @@ Status HierarchicalComm::Create(Comm* world, Backend backend, int threads, std::
 }
 
 CommCounters HierarchicalComm::counters() const {
-  CommCounters c = intra_->counters();
-  c += inter_->counters();
+  CommCounters c;
+  if (intra_ != nullptr) c += intra_->counters();
+  if (inter_ != nullptr) c += inter_->counters();
   return c;
 }
 
@@ -195,6 +202,10 @@ Status HierarchicalComm::QuantizedReduceScatter(const void* send, void* recv, in
     return Status::InvalidArgument("quantized ReduceScatter" + What(opts) + " on rank " + std::to_string(rank) +
                                    ": f32, bf16 or f16 in 8 or 4 bits only, not " + DTypeName(dtype) + " in " +
                                    std::to_string(bits));
+  }
+  if (intra_ == nullptr) {
+    return Status::Internal("quantized ReduceScatter" + What(opts) + " on rank " + std::to_string(rank) +
+                            ": this HierarchicalComm was created without the node split");
   }
   if (count == 0) return Status::Ok();
   const int L = local_size_, nodes = nodes_, me = local_rank_;

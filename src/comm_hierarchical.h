@@ -37,15 +37,16 @@ namespace zero::internal {
 
 class HierarchicalComm {
  public:
-  // Collective over `world` (kept, not owned; it must outlive this): splits it by node and by local index
-  // (Comm::Split twice). InvalidArgument on every rank when the nodes have different numbers of ranks.
-  static Status Create(Comm* world, Backend backend, int threads, std::unique_ptr<HierarchicalComm>* out);
+  // Over `world` (kept, not owned; it must outlive this). With `split` (collective over `world`): splits it by node
+  // and by local index (Comm::Split twice), which QuantizedReduceScatter and intra() need; InvalidArgument on every
+  // rank when the nodes have different numbers of ranks. Without: QuantizedAllGatherMany only.
+  static Status Create(Comm* world, Backend backend, int threads, bool split, std::unique_ptr<HierarchicalComm>* out);
 
   Comm* world() const { return world_; }
   Comm* intra() const { return intra_.get(); }
   Comm* inter() const { return inter_.get(); }
   const NodeTopology& topology() const { return world_->topology(); }
-  // The node groups' counters (intra() + inter()); world()'s are its own.
+  // The node groups' counters (intra() + inter(), when split); world()'s are its own.
   CommCounters counters() const;
 
   // Staging bytes of QuantizedAllGatherMany for items of these per-rank counts over `world` ranks.

@@ -87,7 +87,7 @@ std::vector<float> RoundTrip(const float* x, int64_t n, int bits) {
 
 std::unique_ptr<HierarchicalComm> MakeHier(Comm* world) {
   std::unique_ptr<HierarchicalComm> h;
-  const Status s = HierarchicalComm::Create(world, Backend::kCpu, 2, &h);
+  const Status s = HierarchicalComm::Create(world, Backend::kCpu, 2, /*split=*/true, &h);
   EXPECT_TRUE(s.ok()) << s.ToString();
   return h;
 }
@@ -121,7 +121,7 @@ TEST(HierarchicalCommPeerTest, RefusesNodesOfDifferentSizesOnEveryRank) {
   if (n % 2 == 0) GTEST_SKIP() << "every split of " << n << " ranks into nodes of 2 is uniform";
   auto world = CommWith(2);
   std::unique_ptr<HierarchicalComm> h;
-  const Status s = HierarchicalComm::Create(world.get(), Backend::kCpu, 1, &h);
+  const Status s = HierarchicalComm::Create(world.get(), Backend::kCpu, 1, /*split=*/true, &h);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
   EXPECT_NE(s.message().find("same number of ranks on every node"), std::string::npos) << s.ToString();
   EXPECT_NE(s.message().find("(2, 1)"), std::string::npos) << s.ToString();
