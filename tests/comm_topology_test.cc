@@ -79,6 +79,14 @@ TEST(CommTopologyTest, RanksPerNodeOverride) {
   }
 }
 
+TEST(CommTopologyTest, NegativeRanksPerNodeIsRefused) {
+  Status s;
+  auto comm = CommWith(-1, int64_t{1} << 30, &s);
+  EXPECT_EQ(comm, nullptr);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_NE(s.message().find("ranks_per_node must be >= 0"), std::string::npos) << s.ToString();
+}
+
 TEST(CommTopologyTest, SingleIsOneNode) {
   auto comm = Comm::Single();
   EXPECT_EQ(comm->topology().nodes, 1);
