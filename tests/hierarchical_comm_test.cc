@@ -146,7 +146,7 @@ TEST(HierarchicalCommTest, QuantizedAllGatherGivesEveryRankTheSameRoundTrip) {
         out.emplace_back(static_cast<size_t>(c * n) * es, 0xCD);
       }
       for (size_t k = 0; k < mine.size(); ++k) {
-        if (in_place) std::memcpy(out[k].data() + r * counts[k] * es, mine[k].data(), mine[k].size());
+        if (in_place && counts[k] > 0) std::memcpy(out[k].data() + r * counts[k] * es, mine[k].data(), mine[k].size());
         const void* src = in_place ? static_cast<const void*>(out[k].data() + r * counts[k] * es) : mine[k].data();
         items.push_back({src, out[k].data(), counts[k]});
       }
@@ -164,7 +164,7 @@ TEST(HierarchicalCommTest, QuantizedAllGatherGivesEveryRankTheSameRoundTrip) {
           kernels::QuantizeCpu(bytes.data(), ElemOf(dtype), c, 8, payload.data(), 1);
           std::vector<uint8_t> want(static_cast<size_t>(c) * es);
           kernels::DequantizeCpu(payload.data(), c, 8, want.data(), ElemOf(dtype), 1);
-          bad += std::memcmp(out[k].data() + q * c * es, want.data(), want.size()) != 0;
+          bad += c > 0 && std::memcmp(out[k].data() + q * c * es, want.data(), want.size()) != 0;  // no null memcmp
           std::vector<float> got(static_cast<size_t>(c));
           kernels::ConvertCpu(out[k].data() + q * c * es, ElemOf(dtype), got.data(), QuantElem::kF32, c, 1);
           for (int64_t i = 0; i < c; ++i) {
