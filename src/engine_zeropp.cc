@@ -19,6 +19,7 @@
 //   reduce-scatter   (N - 1) / N · Ψ · g, or with qgZ L · (n - 1) · Σ_b Pq(s_b, bits)
 // engine_zeropp_test checks the counted bytes against these, and bench/zeropp_bench.cc reports them.
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -92,21 +93,27 @@ void Engine::Impl::GatherSlotUnit(int unit, char* dst) {
 }
 
 void Engine::Impl::LaunchQuantizedGathers(const std::vector<int>& bucket_list, char* dst, const std::string& what) {
+  // Shards on the NVMe tier (nvme_params) are first read into their place in the gathered layout, as LaunchGathers
+  // does, and quantized from there (in place); otherwise quantized straight from the shards (pinned host memory with
+  // offload_params): nothing to copy first.
+  std::shared_ptr<NvmeGather> from_nvme = nvme_layout.params ? StartNvmeGather(bucket_list, dst) : nullptr;
   std::vector<Comm::GatherItem> items;
   for (int bi : bucket_list) {
     const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
-    // Quantized straight from the shard (pinned host memory with offload_params): nothing to copy first.
-    items.push_back({ShardParamBase(b), PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset), b.shard});
+    char* out = PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset);
+    items.push_back({from_nvme ? PAt(out, rank * b.shard) : ShardParamBase(b), out, b.shard});
   }
   internal::HierarchicalComm* h = hier.get();
   void* staging = qwz_staging.data();
   const DType dt = pdt;
-  LaunchComm([=, what = what](void* stream) -> Status {
+  LaunchComm([=, this, what = what](void* stream) -> Status {
+    if (from_nvme) ZERO_RETURN_IF_ERROR(FinishNvmeGather(*from_nvme, stream));
     CollectiveOptions co;
     co.what = what.c_str();
     co.stream = stream;
     return h->QuantizedAllGatherMany(items, dt, staging, co);
   });
+  if (from_nvme) comm_stream->Record(nvme_gather_free[static_cast<size_t>(from_nvme->bounce)].get());
 }
 
 void Engine::Impl::RefreshSecondary(const std::vector<int>& bucket_list, const char* dst) {
