@@ -30,6 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import report_gpu  # noqa: E402  (bench/report_gpu.py: the GPU section, from RESULTS/gpu/*.json)
+import report_zeropp  # noqa: E402  (bench/report_zeropp.py: the ZeRO++ section, from RESULTS/zeropp_*)
 
 DTYPES = {"f32": ("f32", "f32"), "bf16": ("bf16", "f32"), "bf16g": ("bf16", "bf16")}
 OFFLOADS = {"none": "none", "optimizer": "optimizer", "params": "optimizer+params"}
@@ -816,6 +817,9 @@ def write_markdown(args, machine, stages, stage_errors, colls, coll_notes, coll_
     else:
         md.append("Not measured in this run (the example was not built).\n")
 
+    # ---- ZeRO++ (bench/report_zeropp.py)
+    md.append(report_zeropp.section(report_zeropp.records(args.results)))
+
     # ---- GPU (a separate run on a GPU machine: bench/gpu/run.sh)
     md.append(report_gpu.section(gpu_recs or report_gpu.records(report_gpu.load(None)), gpu_charts or {}, rel))
     return "\n".join(md) + "\n"
@@ -886,8 +890,9 @@ def main():
     lora = lora_records(res)
     nvme, nvme_info, nvme_errors = nvme_records(res)
     machine = machine_info(res, args.build, adamw_context)
+    zeropp = report_zeropp.records(res)
     for name, data in (("stages", stages), ("collectives", colls), ("adamw", adamw), ("nvme", nvme),
-                       ("lora", lora), ("machine", machine)):
+                       ("lora", lora), ("machine", machine), ("zeropp", zeropp)):
         with open(os.path.join(res, f"{name}.json"), "w") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
@@ -911,7 +916,7 @@ def main():
     missing = [k for k, v in (("stages", stages), ("collectives", colls), ("adamw", adamw)) if not v]
     errors = stage_errors + coll_errors + nvme_errors
     if args.strict:
-        errors += exactness_violations(stages, colls, nvme)
+        errors += exactness_violations(stages, colls, nvme) + report_zeropp.violations(zeropp)
     print(f"report: {len(stages)} stage configurations, {len(colls)} collective rows, {len(adamw)} AdamW rows, "
           f"{len(nvme)} NVMe sizes, {len(lora)} LoRA runs, {len(charts)} charts -> {args.docs}")
     if missing or errors:

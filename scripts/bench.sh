@@ -9,6 +9,10 @@
 #   zero_bench_nvme         the NVMe tier against fio (O_DIRECT, same block size, queue depth and directory), against
 #                           the step with the state in host memory, and its host memory as the model grows 1x -> 8x
 #   lora_finetune lora      the LoRA example's tokens/s per stage (a few steps of a small pretrained base)
+#   zero_bench_zeropp       ZeRO++ against plain stage 3: bytes per link kind on 4 ranks in 2 "nodes" of one machine,
+#                           step times on 2 namespace hosts x 2 ranks with limited links (scripts/netns_cluster.sh;
+#                           skipped, saying why, where namespaces are forbidden), and the example's pretraining loss
+#                           with and without it
 #
 # usage: scripts/bench.sh [--quick] [--build DIR] [--out DIR] [--docs FILE] [--no-build] [--no-deps] [--only LIST]
 #   --quick     a smoke run (small sizes, few iterations, under 3 minutes on 2 cores); ctest's bench_quick runs it
@@ -17,15 +21,15 @@
 #   --out       results directory (default bench/results)
 #   --docs      the Markdown report (default docs/BENCHMARKS.md)
 #   --no-build  use the binaries in --build as they are; --no-deps  skip scripts/deps.sh
-#   --only      run only these of stages,collectives,adamw,nvme,lora (comma-separated) and keep the other results
-#               already in --out; the report covers everything there
+#   --only      run only these of stages,collectives,adamw,nvme,lora,zeropp (comma-separated) and keep the other
+#               results already in --out; the report covers everything there
 # Every step's wall time is printed; the machine it ran on goes into the report. Timings on a shared machine are
 # noisy: the report's ratios are measured within one run (paired per iteration), never across runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-all=stages,collectives,adamw,nvme,lora
+all=stages,collectives,adamw,nvme,lora,zeropp
 quick=0 build=build out=bench/results docs=docs/BENCHMARKS.md do_build=1 do_deps=1 only=$all
 while (($#)); do
   case $1 in
@@ -63,7 +67,7 @@ trap report_times EXIT
 if ((do_deps)); then phase deps scripts/deps.sh; fi
 
 # Build only what runs here. A fresh directory is configured like scripts/example.sh's, with benchmarks on.
-targets=(zero_bench_stages zero_bench_collectives zero_bench_adamw zero_bench_nvme lora_finetune)
+targets=(zero_bench_stages zero_bench_collectives zero_bench_adamw zero_bench_nvme zero_bench_zeropp lora_finetune)
 build_all() {
   if [[ ! -f $build/CMakeCache.txt ]]; then
     cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DZERO_BUILD_BENCHMARKS=ON -DZERO_BUILD_EXAMPLES=ON \
@@ -75,7 +79,7 @@ if ((do_build)); then phase build build_all; fi
 bin=$build/bench
 lora_bin=$build/examples/lora_finetune/lora_finetune
 wanted() { [[ ,$only, == *,$1,* ]]; }
-for b in stages collectives adamw nvme; do
+for b in stages collectives adamw nvme zeropp; do
   if wanted "$b" && [[ ! -x $bin/zero_bench_$b ]]; then
     echo "bench.sh: $bin/zero_bench_$b is missing (build it, or drop --no-build)" >&2
     exit 1
@@ -100,6 +104,8 @@ if ((quick)); then
              --lora-steps 4 --r 4 --eval-batches 1 --sample-tokens 2 --warmup 1)
   lora_cases=("0 0" "3 0")
   lora_corpora=(--base-corpus synthetic --tune-corpus synthetic)
+  zeropp_args=(--sizes=20 --iterations=2)
+  zeropp_lora_steps=60
 else
   stage_runs=("2 --sizes=22,24 --dtypes=f32,bf16,bf16g --iterations=5" "2 --sizes=26 --dtypes=bf16g --iterations=3"
               "4 --sizes=22,24 --dtypes=f32,bf16,bf16g --iterations=5")
@@ -111,6 +117,8 @@ else
   lora_args=(--pretrain-steps 5 --lora-steps 16 --eval-batches 1 --sample-tokens 2 --warmup 2)
   lora_cases=("0 0" "1 0" "2 0" "3 0" "1 1" "2 1" "3 1")
   lora_corpora=()  # the main job's: fortunes, then the Bible (Debian packages that scripts/deps.sh installs)
+  zeropp_args=(--sizes=22 --iterations=3)
+  zeropp_lora_steps=200
 fi
 
 if [[ $only == "$all" ]]; then
@@ -201,6 +209,45 @@ else
   echo "== lora: skipped ($lora_bin not built: configure with -DZERO_BUILD_EXAMPLES=ON)"
   rm -f "$out"/lora_s*.log
 fi
+
+# ZeRO++ (hpZ, qwZ, qgZ) against plain stage 3, bf16. (1) 4 ranks in 2 "nodes" of 2 on this machine: bytes per link
+# kind per step against the formula. (2) The same on 2 hosts of 2 ranks made of network namespaces whose links are
+# limited to 100 Mbit/s each way, so that step times show the savings; each host's link counters are kept to compare
+# with what its ranks counted. (3) The example's pretraining (the tiny model of tests/lora_zeropp_test.sh) without
+# ZeRO++, with hpZ + qwZ + qgZ 8 bits, and with 4 bits: the loss curve and the validation loss.
+run_zeropp() {
+  rm -f "$out"/zeropp_*.gbench.json "$out"/zeropp_*.txt "$out"/zeropp_lora_*.log
+  "${mpi[@]}" -n 4 "$bin/zero_bench_zeropp" "${zeropp_args[@]}" --ranks_per_node=2 \
+    --benchmark_out="$out/zeropp_w4.gbench.json" --benchmark_out_format=json --benchmark_color=false 2>&1 |
+    tee "$log/zeropp_w4.log" | grep -E '^(zero_bench|ZeroPP)' | cut -c1-150
+  local why
+  if why=$(scripts/netns_cluster.sh check); then
+    scripts/netns_cluster.sh run --hosts 2 --ranks-per-host 2 --rate 100mbit --stats "$out/zeropp_cluster_links.txt" \
+      -- "$bin/zero_bench_zeropp" "${zeropp_args[@]}" --ranks_per_node=0 \
+      --benchmark_out="$out/zeropp_cluster.gbench.json" --benchmark_out_format=json --benchmark_color=false 2>&1 |
+      tee "$log/zeropp_cluster.log" | grep -E '^(zero_bench|ZeroPP)' | cut -c1-150
+    grep '^zero_bench_zeropp: node' "$log/zeropp_cluster.log" >"$out/zeropp_cluster_counted.txt"
+  else
+    echo "$why" | tee "$out/zeropp_cluster_skipped.txt"
+  fi
+  if [[ -x $lora_bin ]]; then
+    local name flags
+    for name in plain zeropp8 zeropp4; do
+      case $name in
+        plain) flags=() ;;
+        zeropp8) flags=(--hpz 1 --qwz 1 --qgz-bits 8) ;;
+        zeropp4) flags=(--hpz 1 --qwz 1 --qgz-bits 4) ;;
+      esac
+      "${mpi[@]}" -n 4 "$lora_bin" pretrain --out "$out/zeropp_lora_work" --base-corpus synthetic \
+        --tune-corpus synthetic --dim 32 --layers 2 --heads 4 --kv-heads 2 --ffn 86 --seq 32 --batch 2 --micro 1 \
+        --pretrain-steps "$zeropp_lora_steps" --warmup 10 --eval-batches 8 --stage 3 --ranks-per-node 2 \
+        "${flags[@]}" >"$out/zeropp_lora_$name.log" 2>&1 || { tail -n 20 "$out/zeropp_lora_$name.log"; return 1; }
+      grep '^pretrain: validation loss' "$out/zeropp_lora_$name.log" | sed "s/^/$name: /"
+    done
+    rm -rf "$out/zeropp_lora_work"
+  fi
+}
+if wanted zeropp; then phase zeropp run_zeropp; fi
 
 if [[ $only == "$all" ]]; then
   cat /proc/loadavg >"$out/loadavg_end"

@@ -12,6 +12,7 @@ set -euo pipefail
 packages=(
   cmake g++ make                   # the build
   libopenmpi-dev openmpi-bin       # Open MPI: the CPU backend's communicator, and mpiexec for tests and examples
+  iproute2                         # ip and tc: the namespace hosts of scripts/netns_cluster.sh (multihost phase)
   libgtest-dev libgmock-dev        # tests
   libbenchmark-dev                 # benchmarks
   libhwy-dev                       # Google Highway: SIMD with run-time dispatch for the CPU AdamW kernel

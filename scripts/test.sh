@@ -9,6 +9,10 @@
 #              (find_package(zero) + zero::zero from an outside project), and tests/install_consumer_torch
 #              (find_package(zero COMPONENTS torch) + zero::torch) when zero::torch was built
 #   test       ctest; multi-rank suites run under mpiexec
+#   multihost  one job across hosts made of network namespaces (tests/multihost_test.sh, scripts/netns_cluster.sh):
+#              Open MPI over TCP between them; the topology, ZeRO++'s collectives and engine, the example, and the
+#              bytes counted across nodes against what the links carried. Skipped, saying why, where the kernel
+#              forbids network namespaces
 #   tsan       the protocol suites (ctest label tsan) again in build-tsan/: clang + ThreadSanitizer, CPU only
 #   asan       every CPU suite again in build-asan/ (ctest label asan): clang + AddressSanitizer + LeakSanitizer +
 #              UndefinedBehaviorSanitizer, multi-rank suites included; Open MPI's own leaks suppressed (tests/lsan.supp)
@@ -112,6 +116,15 @@ fi
 begin_phase test
 # --no-tests=error: a filter that matches nothing is a failure, not a silent pass.
 ctest --test-dir "$build" --output-on-failure --no-tests=error --parallel "$(nproc)" "$@"
+
+# --- multihost ----------------------------------------------------------------------------------------------------
+# Real multi-host runs on this machine: hosts are network namespaces joined by veth links, Open MPI reaches them
+# through `ip netns exec` and talks TCP between them (about 30 s). Skipped (like fuzz) when ctest arguments were
+# given; ZERO_SKIP_MULTIHOST=1 skips it. Where namespaces are forbidden the script says so and passes.
+if [[ ${ZERO_SKIP_MULTIHOST:-0} != 1 && $# -eq 0 ]]; then
+  begin_phase multihost
+  tests/multihost_test.sh "$build"
+fi
 
 # --- tsan ---------------------------------------------------------------------------------------------------------
 # The protocol suites again, built with clang and ThreadSanitizer (CPU backend only): streams are worker threads,

@@ -5,6 +5,7 @@
 #include <functional>
 #include <vector>
 
+#include "comm_hierarchical.h"
 #include "kernels/sum_squares.cuh"
 #include "nvme_tier.h"
 
@@ -44,7 +45,50 @@ static std::vector<int64_t> TwoSizeBuffers(std::vector<int64_t> sizes, int count
   return out;
 }
 
-BufferPlan PlanBuffers(const Options& o, const PartitionPlan& plan) {
+// ZeRO++'s buffers (buffer_plan.h's table), after every other one so that the rest of the plan does not move.
+template <typename Add>
+static void PlanZeroPlusPlus(const Options& o, const PartitionPlan& plan, int ranks_per_node, Add add,
+                             BufferPlan* bp) {
+  const ZeroPlusPlusOptions& z = o.zeropp;
+  const int world = plan.world_size, L = std::max(1, ranks_per_node), nodes = std::max(1, world / L);
+  const int64_t pe = static_cast<int64_t>(DTypeSize(o.param_dtype));
+  bp->hpz_offset.assign(plan.buckets.size(), -1);
+  bp->hpz_ranks = L;
+  const bool stage3 = o.stage == Stage::kParameters;
+  if (stage3 && z.hpz) {
+    int64_t secondary = 0;
+    for (const Bucket& b : plan.buckets) {
+      if (bp->unit_persistent[static_cast<size_t>(b.unit)]) continue;
+      bp->hpz_offset[static_cast<size_t>(b.index)] = secondary;
+      secondary += b.padded / L;
+    }
+    add(BufferId::kHpzSecondary, 0, MemoryCategory::kParams, MemoryKind::kDevice, secondary * pe,
+        "hpZ secondary partition (ZeRO++)", true);
+  }
+  if (stage3 && z.qwz) {
+    int64_t largest = 0;
+    for (size_t u = 0; u < plan.units.size(); ++u) {
+      if (bp->unit_persistent[u]) continue;
+      std::vector<int64_t> shards;
+      for (int b : plan.units[u].trainable_buckets) shards.push_back(plan.buckets[static_cast<size_t>(b)].shard);
+      for (int b : plan.units[u].frozen_buckets) shards.push_back(plan.buckets[static_cast<size_t>(b)].shard);
+      largest = std::max(largest, internal::HierarchicalComm::GatherStagingBytes(shards, world));
+    }
+    add(BufferId::kQwzStaging, 0, MemoryCategory::kBuffers, MemoryKind::kDevice, largest, "qwZ staging (ZeRO++)",
+        false);
+  }
+  if (z.qgz_bits > 0 && o.stage != Stage::kDataParallel) {
+    int64_t largest = 0;
+    for (const Bucket& b : plan.buckets) {
+      if (!b.trainable) continue;
+      largest = std::max(largest, internal::HierarchicalComm::ReduceStagingBytes(b.shard, nodes, L, z.qgz_bits));
+    }
+    add(BufferId::kQgzStaging, 0, MemoryCategory::kBuffers, MemoryKind::kDevice, largest, "qgZ staging (ZeRO++)",
+        false);
+  }
+}
+
+BufferPlan PlanBuffers(const Options& o, const PartitionPlan& plan, int ranks_per_node) {
   BufferPlan bp;
   const Stage st = o.stage;
   const bool stage3 = st == Stage::kParameters;
@@ -221,6 +265,7 @@ BufferPlan PlanBuffers(const Options& o, const PartitionPlan& plan) {
     add(BufferId::kNormScratch, 0, MemoryCategory::kBuffers, MemoryKind::kDevice, scratch, "gradient norm scratch",
         false);
   }
+  PlanZeroPlusPlus(o, plan, ranks_per_node, add, &bp);
   return bp;
 }
 

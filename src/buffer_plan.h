@@ -26,6 +26,10 @@
 //                                 record with nvme_params), pinned
 //   NVMe gather bounce buffers    nvme_params: max(2, G) × the largest unit's parameter records, pinned
 //   NVMe block checksums          9 bytes per nvme_block_bytes block of every record (rounded to 8), pageable
+//   ZeRO++ (Options::zeropp; L ranks per node, n = N / L nodes, Pq(c, bits) = kernels::QuantPayloadBytes):
+//     hpZ secondary partition     p · padded / L of every bucket of every non-persistent unit (stage 3)
+//     qwZ staging                 the largest non-persistent unit's Σ N · Pq(shard, 8) over its buckets (stage 3)
+//     qgZ staging                 the largest trainable bucket's (2N + 2n) · Pq(shard, bits) + 4 (n + 1) · shard
 #pragma once
 
 #include <cstdint>
@@ -57,6 +61,9 @@ enum class BufferId : uint8_t {
   kNvmeBounce,         // index 0 .. nvme_buffers-1
   kNvmeGatherBounce,   // index 0 .. NvmeLayout::gather_bounces-1
   kNvmeChecksums,
+  kHpzSecondary,
+  kQwzStaging,
+  kQgzStaging,
 };
 
 // Where the NVMe tier keeps what (BufferPlan::nvme); empty without a tier.
@@ -104,17 +111,23 @@ struct BufferPlan {
   int large_slots = 0;
   int64_t largest_trainable_shard = 0;
   NvmeLayout nvme;
+  // hpZ: each bucket's start (elements) in the secondary partition, -1 for buckets of persistent units (none without
+  // hpZ); the partition spans hpz_ranks ranks (a node), so a bucket's piece is padded / hpz_ranks elements.
+  std::vector<int64_t> hpz_offset;
+  int hpz_ranks = 1;
   std::vector<PlannedBuffer> buffers;  // allocation order (kNvme entries are the tier's files, not allocations)
 
   int64_t Bytes(MemoryKind kind, MemoryCategory category) const;  // pinned and pageable host count as host
 };
 
 // REQUIRES: options validated (ValidateOptions) with a concrete stage (not kAuto); `plan` built from the same
-// bucket_elements.
-BufferPlan PlanBuffers(const Options& options, const PartitionPlan& plan);
+// bucket_elements; ranks_per_node divides the world size (it sizes ZeRO++'s buffers only).
+BufferPlan PlanBuffers(const Options& options, const PartitionPlan& plan, int ranks_per_node = 1);
 
 
 // Engine::Open's option checks (engine.cc), shared with zero::Estimate.
 Status ValidateOptions(const Options& options, int num_units);
+// Its checks of Options::zeropp (engine_zeropp.cc).
+Status ValidateZeroPlusPlus(const Options& options);
 
 }  // namespace zero

@@ -12,7 +12,7 @@
 
 namespace zero::internal {
 
-enum class CollectiveKind : uint8_t { kReduceScatter, kAllGather, kAllReduce, kBroadcast, kBarrier };
+enum class CollectiveKind : uint8_t { kReduceScatter, kAllGather, kAllReduce, kBroadcast, kBarrier, kAllToAll };
 
 inline const char* CollectiveName(CollectiveKind kind) {
   switch (kind) {
@@ -21,6 +21,7 @@ inline const char* CollectiveName(CollectiveKind kind) {
     case CollectiveKind::kAllReduce: return "AllReduce";
     case CollectiveKind::kBroadcast: return "Broadcast";
     case CollectiveKind::kBarrier: return "Barrier";
+    case CollectiveKind::kAllToAll: return "AllToAll";
   }
   return "?";
 }
@@ -53,6 +54,7 @@ inline std::string DescribeCall(const CallInfo& call) {
   if (call.kind == CollectiveKind::kBroadcast) s += " from root " + std::to_string(call.root);
   s += " of " + std::to_string(call.count) + " " + DTypeName(call.dtype);
   if (call.kind == CollectiveKind::kReduceScatter || call.kind == CollectiveKind::kAllGather) s += " per rank";
+  if (call.kind == CollectiveKind::kAllToAll) s += " per block";
   return s;
 }
 
@@ -109,6 +111,9 @@ inline Status ValidateCall(const CallInfo& call, const void* send, const void* r
     case CollectiveKind::kAllReduce:
       if (Overlaps(send, bytes, recv, bytes) && s != r) return invalid("send and recv partially overlap");
       break;
+    case CollectiveKind::kAllToAll:
+      if (Overlaps(send, all, recv, all)) return invalid("send and recv overlap (AllToAll is never in place)");
+      break;
     default: break;
   }
   return Status::Ok();
@@ -118,7 +123,8 @@ inline Status ValidateCall(const CallInfo& call, const void* send, const void* r
 // all-gather the whole world * count buffer); control collectives count apart. Barrier moves no data: it counts
 // one control call (0 elements) when marked control, and nothing otherwise.
 inline void CountCall(CommCounters* counters, const CallInfo& call, const CollectiveOptions& opts, int world) {
-  const bool per_rank = call.kind == CollectiveKind::kReduceScatter || call.kind == CollectiveKind::kAllGather;
+  const bool per_rank = call.kind == CollectiveKind::kReduceScatter || call.kind == CollectiveKind::kAllGather ||
+                        call.kind == CollectiveKind::kAllToAll;
   const int64_t elements = call.kind == CollectiveKind::kBarrier ? 0 : per_rank ? call.count * world : call.count;
   if (opts.control) {
     counters->control_calls += 1;
@@ -130,6 +136,50 @@ inline void CountCall(CommCounters* counters, const CallInfo& call, const Collec
     case CollectiveKind::kAllGather: counters->all_gather += elements; break;
     case CollectiveKind::kAllReduce: counters->all_reduce += elements; break;
     case CollectiveKind::kBroadcast: counters->broadcast += elements; break;
+    case CollectiveKind::kAllToAll: counters->all_to_all += elements; break;
+    case CollectiveKind::kBarrier: break;
+  }
+}
+
+// Counts `bytes` sent by this rank to rank `peer` in its link kind (CommCounters::intra_node_bytes / inter).
+inline void CountSent(CommCounters* counters, const NodeTopology& topology, int peer, int64_t bytes) {
+  if (topology.node_of[static_cast<size_t>(peer)] == topology.node) {
+    counters->intra_node_bytes += bytes;
+  } else {
+    counters->inter_node_bytes += bytes;
+  }
+}
+
+// What MpiComm's algorithms send from `rank` for one data call, peer by peer (comm_mpi.cc describes them): rings
+// in rank order (reduce-scatter and all-gather: world - 1 blocks to the next rank; all-reduce: every ring chunk but
+// one, twice), a root that sends to every peer, direct all-to-all blocks. MpiComm counts its real messages; NcclComm
+// counts this model (NCCL chooses its own rings and trees); comm_topology_test checks that the two agree.
+template <typename Sent>
+void ModelSends(const CallInfo& call, int rank, int world, Sent&& sent) {
+  const int64_t elem = static_cast<int64_t>(DTypeSize(call.dtype));
+  const int next = (rank + 1) % world;
+  if (world == 1 || call.count == 0) return;
+  switch (call.kind) {
+    case CollectiveKind::kReduceScatter:
+    case CollectiveKind::kAllGather: sent(next, (world - 1) * call.count * elem); break;
+    case CollectiveKind::kAllReduce: {
+      // RingReduce sends every chunk but this rank's own; RingGather every chunk but the next rank's.
+      auto len = [&](int c) { return (c + 1) * call.count / world - c * call.count / world; };
+      sent(next, (2 * call.count - len(rank) - len(next)) * elem);
+      break;
+    }
+    case CollectiveKind::kBroadcast:
+      if (rank == call.root) {
+        for (int p = 0; p < world; ++p) {
+          if (p != rank) sent(p, call.count * elem);
+        }
+      }
+      break;
+    case CollectiveKind::kAllToAll:
+      for (int p = 0; p < world; ++p) {
+        if (p != rank) sent(p, call.count * elem);
+      }
+      break;
     case CollectiveKind::kBarrier: break;
   }
 }

@@ -81,6 +81,7 @@ extern "C" void __tsan_write_range(void* addr, unsigned long size);  // NOLINT(r
 
 #include "comm_internal.h"
 #include "kernels/cast.cuh"
+#include "node_topology.h"
 #include "ring_order.h"
 #include "zero/comm.h"
 
@@ -236,11 +237,15 @@ static Status IdupWithTimeout(MPI_Comm parent, std::chrono::milliseconds timeout
   return Status::Ok();
 }
 
-Status MpiComm::Create(MPI_Comm parent, const CommOptions& options, bool owns_mpi, std::unique_ptr<Comm>* out) {
+Status MpiComm::Create(MPI_Comm parent, const CommOptions& options, bool owns_mpi, std::unique_ptr<Comm>* out,
+                       const NodeTopology* topology) {
   if (out == nullptr) return Status::InvalidArgument("Comm output pointer is null");
   if (options.timeout.count() <= 0) return Status::InvalidArgument("CommOptions::timeout must be positive");
   if (options.TEST_max_message_elements < 1) {
     return Status::InvalidArgument("CommOptions::TEST_max_message_elements must be >= 1");
+  }
+  if (options.ranks_per_node < 0) {
+    return Status::InvalidArgument("CommOptions::ranks_per_node must be >= 0 (0: detect the nodes)");
   }
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
@@ -279,12 +284,26 @@ Status MpiComm::Create(MPI_Comm parent, const CommOptions& options, bool owns_mp
     MPI_Comm_free(&abort);
     return Status::Internal("MPI_Bcast of the communicator's token failed: " + MpiErrorString(rc));
   }
+  // Which node each rank is on: inherited (Duplicate, Split) or found now, every rank taking part.
+  NodeTopology nodes;
+  if (topology != nullptr) {
+    nodes = *topology;
+  } else {
+    const Status found = DetectNodeTopology(data, options.ranks_per_node, &nodes);
+    if (!found.ok()) {
+      MPI_Comm_free(&data);
+      MPI_Comm_free(&abort);
+      return found;
+    }
+  }
   int* tag_ub = nullptr;
   MPI_Comm_get_attr(data, MPI_TAG_UB, &tag_ub, &found);
   const int ub = found && tag_ub != nullptr ? *tag_ub : 32767;  // 32767 is the standard's minimum
   int mask = 1;
   while (mask < (INT32_MAX >> 1) && ((mask << 1) | 1) <= ub) mask = (mask << 1) | 1;
-  out->reset(new MpiComm(data, abort, token, rank, world, mask, options, owns_mpi));
+  auto* comm = new MpiComm(data, abort, token, rank, world, mask, options, owns_mpi);
+  comm->topology_ = std::move(nodes);
+  out->reset(comm);
   return Status::Ok();
 }
 
@@ -334,6 +353,7 @@ Status MpiComm::Begin(const CallInfo& info, const CollectiveOptions& opts, const
   call->info = info;
   call->type = MpiType(info.dtype);
   call->elem = std::max<size_t>(1, DTypeSize(info.dtype));
+  call->control = opts.control;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!broken_.ok()) return broken_;
@@ -364,6 +384,8 @@ void MpiComm::PostOne(const Call& call, bool recv, const void* at, int count, in
   }
   reqs_.push_back(req);
   pending_.push_back({peer, recv, count, at});
+  // Per link kind: what this rank sends, message by message (data collectives only, like the other counters).
+  if (!recv && !call.control) CountSent(&counters_, topology_, peer, static_cast<int64_t>(count) * call.elem);
 }
 
 // Posts `count` elements as messages of at most max_message_ elements (nothing when count is 0).
@@ -571,9 +593,53 @@ Status MpiComm::DoDuplicate(std::unique_ptr<Comm>* out) {
   // the point-to-point messages that another thread's collective may be exchanging on it meanwhile. Create
   // touches no member of this Comm.
   ZERO_RETURN_IF_ERROR(CheckBroken());
-  Status s = Create(data_, options_, /*owns_mpi=*/false, out);
+  Status s = Create(data_, options_, /*owns_mpi=*/false, out, &topology_);
   if (!s.ok()) return Break(s, s.ToString());  // peers may be waiting in theirs: tell them
   return s;
+}
+
+// Comm::Split has exchanged every rank's color under the call lock, so every rank is here: MPI_Comm_split (which
+// cannot time out) then finds all of them. The new communicator is created from it like any other (its own
+// duplicates for data and abort notices) and the split itself freed.
+Status MpiComm::DoSplit(int color, int key, const std::vector<int>& members, const NodeTopology& topology,
+                        std::unique_ptr<Comm>* out) {
+  (void)members;
+  MPI_Comm sub = MPI_COMM_NULL;
+  int rc = MPI_Comm_split(data_, color, key, &sub);
+  if (rc != MPI_SUCCESS) {
+    Status s = Status::Internal("Comm::Split on rank " + std::to_string(rank()) + ": MPI_Comm_split failed: " +
+                                MpiErrorString(rc));
+    return Break(s, s.ToString());
+  }
+  Status s = Create(sub, options_, /*owns_mpi=*/false, out, &topology);
+  MPI_Comm_free(&sub);
+  if (!s.ok()) return Break(s, s.ToString());
+  return s;
+}
+
+// Every block goes straight to its rank: one wait per window of the blocks, every peer's send and receive posted
+// at once (the request list holds 2 * (world - 1) * kPiecesPerWait messages at most). This rank's own block is a
+// copy.
+Status MpiComm::DoAllToAll(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) {
+  Call call;
+  ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kAllToAll, opts.what, count, dtype}, opts, send, recv, &call));
+  if (count == 0) return Status::Ok();
+  const size_t es = call.elem;
+  const auto* in = static_cast<const char*>(send);
+  auto* out = static_cast<char*>(recv);
+  const int n = world_size(), r = rank();
+  std::memcpy(out + static_cast<size_t>(r) * count * es, in + static_cast<size_t>(r) * count * es, count * es);
+  const int64_t window = WindowElements(es);
+  for (int64_t w = 0; w < count; w += window) {
+    const int64_t len = std::min(window, count - w);
+    for (int k = 1; k < n; ++k) {  // peers in ring order from this rank, the same pattern on every rank
+      const int to = Mod(r + k, n), from = Mod(r - k, n);
+      Post(call, /*recv=*/false, in + (static_cast<size_t>(to) * count + w) * es, len, to);
+      Post(call, /*recv=*/true, out + (static_cast<size_t>(from) * count + w) * es, len, from);
+    }
+    ZERO_RETURN_IF_ERROR(Wait(call));
+  }
+  return Status::Ok();
 }
 
 void MpiComm::Abort(const Status& reason) {

@@ -22,7 +22,9 @@ std::string MpiErrorString(int code);
 
 class MpiComm final : public Comm {
  public:
-  static Status Create(MPI_Comm parent, const CommOptions& options, bool owns_mpi, std::unique_ptr<Comm>* out);
+  // `topology`: the new Comm's (Duplicate, Split); null detects it (DetectNodeTopology).
+  static Status Create(MPI_Comm parent, const CommOptions& options, bool owns_mpi, std::unique_ptr<Comm>* out,
+                       const NodeTopology* topology = nullptr);
   ~MpiComm() override;
 
   void Abort(const Status& reason) override;
@@ -37,6 +39,9 @@ class MpiComm final : public Comm {
   Status DoBroadcast(void* buffer, int64_t count, DType dtype, int root, const CollectiveOptions& opts) override;
   Status DoBarrier(const CollectiveOptions& opts) override;
   Status DoDuplicate(std::unique_ptr<Comm>* out) override;
+  Status DoAllToAll(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override;
+  Status DoSplit(int color, int key, const std::vector<int>& members, const NodeTopology& topology,
+                 std::unique_ptr<Comm>* out) override;
 
  private:
   // One call in flight.
@@ -45,6 +50,7 @@ class MpiComm final : public Comm {
     MPI_Datatype type = MPI_BYTE;
     size_t elem = 1;  // bytes per element
     int tag = 0;
+    bool control = false;  // CollectiveOptions::control: not counted per link kind
   };
   // One posted request of the current wait (parallel to reqs_).
   struct Pending {

@@ -45,6 +45,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "comm_internal.h"
@@ -56,6 +57,7 @@
 #include <nccl.h>
 
 #include "cuda_errors.h"
+#include "node_topology.h"
 #endif
 
 namespace zero {
@@ -105,7 +107,7 @@ struct NcclFamily {
 class NcclComm final : public Comm {
  public:
   NcclComm(ncclComm_t comm, cudaStream_t stream, void* scratch, int device, int rank, int world,
-           const CommOptions& options, std::shared_ptr<NcclFamily> family = nullptr)
+           const CommOptions& options, NodeTopology topology, std::shared_ptr<NcclFamily> family = nullptr)
       : Comm(rank, world),
         comm_(comm),
         stream_(stream),
@@ -114,6 +116,7 @@ class NcclComm final : public Comm {
         options_(options),
         family_(family != nullptr ? std::move(family) : std::make_shared<NcclFamily>()) {
     timeout_ = options.timeout;
+    topology_ = std::move(topology);
     std::lock_guard<std::mutex> lock(family_->mu);
     family_->members.push_back(this);
   }
@@ -225,8 +228,9 @@ class NcclComm final : public Comm {
       return broken_;
     }
     for (const GatherItem& item : items) {
-      internal::CountCall(&counters_, {CollectiveKind::kAllGather, opts.what, item.count, dtype, ReduceOp::kSum, 0},
-                          opts, world_size());
+      const CallInfo call{CollectiveKind::kAllGather, opts.what, item.count, dtype, ReduceOp::kSum, 0};
+      internal::CountCall(&counters_, call, opts, world_size());
+      CountLinks(call, opts);
     }
     ZERO_RETURN_IF_ERROR(UseDevice(first));
     ZERO_RETURN_IF_ERROR(Poll());
@@ -250,35 +254,32 @@ class NcclComm final : public Comm {
   // ncclCommSplit with one color: a communicator over the same ranks with its own stream and scratch.
   Status DoDuplicate(std::unique_ptr<Comm>* out) override {
     std::lock_guard<std::mutex> lock(call_mutex());  // ncclCommSplit is a call on comm_, like the collectives
-    ZERO_RETURN_IF_ERROR(Poll());
-    const CallInfo call{CollectiveKind::kBarrier, "Comm::Duplicate (ncclCommSplit)", 0, DType::kF32, ReduceOp::kSum, 0};
-    ZERO_RETURN_IF_ERROR(UseDevice(call));
-    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-    config.blocking = 0;
-    ncclComm_t split = nullptr;
-    // With a non-blocking parent NCCL runs the split on a helper thread: the parent's asynchronous state says when
-    // it is done and how it went, and `split` is written by that thread, at the end (NCCL's init.cc,
-    // ncclCommInitChildComm). Polling the new communicator instead would see a fresh, idle state at once and hand
-    // out a parent that NCCL still considers busy.
-    const ncclResult_t rc = ncclCommSplit(comm_, /*color=*/0, rank(), &split, &config);
-    const Status settled = Settle(call, rc, "split");
-    ncclComm_t child = __atomic_load_n(&split, __ATOMIC_ACQUIRE);  // the helper thread has finished or was joined
-    if (!settled.ok()) {
-      if (child != nullptr) ncclCommAbort(child);
-      return settled;
-    }
-    if (child == nullptr) return Break(call, ncclInternalError, "split (no communicator returned)");
-    cudaStream_t stream = nullptr;
-    void* scratch = nullptr;
-    cudaError_t crc = Reported(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    if (crc == cudaSuccess) crc = Reported(cudaMalloc(&scratch, sizeof(float)));
-    if (crc != cudaSuccess) {
-      ncclCommAbort(child);
-      if (stream != nullptr) cudaStreamDestroy(stream);
-      return CudaBreak(call, crc);
-    }
-    out->reset(new NcclComm(child, stream, scratch, device_, rank(), world_size(), options_, family_));
-    return Status::Ok();
+    return SplitInto(/*color=*/0, rank(), topology_, "Comm::Duplicate (ncclCommSplit)", out);
+  }
+
+  // Under the call lock already (Comm::Split).
+  Status DoSplit(int color, int key, const std::vector<int>& members, const NodeTopology& topology,
+                 std::unique_ptr<Comm>* out) override {
+    (void)members;
+    return SplitInto(color, key, topology, "Comm::Split (ncclCommSplit)", out);
+  }
+
+  // ncclSend/ncclRecv to and from every peer in one group (NCCL's all-to-all recipe).
+  Status DoAllToAll(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override {
+    const CallInfo call{CollectiveKind::kAllToAll, opts.what, count, dtype, ReduceOp::kSum, 0};
+    const size_t block = static_cast<size_t>(count) * DTypeSize(dtype);
+    const int n = world_size();
+    return Run(call, opts, send, recv, [&](const void* s, void* r, ncclDataType_t t, cudaStream_t st) {
+      ncclResult_t rc = ncclGroupStart();
+      for (int p = 0; p < n && (rc == ncclSuccess || rc == ncclInProgress); ++p) {
+        rc = ncclSend(static_cast<const char*>(s) + p * block, static_cast<size_t>(count), t, p, comm_, st);
+        if (rc == ncclSuccess || rc == ncclInProgress) {
+          rc = ncclRecv(static_cast<char*>(r) + p * block, static_cast<size_t>(count), t, p, comm_, st);
+        }
+      }
+      const ncclResult_t end = ncclGroupEnd();
+      return rc == ncclSuccess || rc == ncclInProgress ? end : rc;
+    });
   }
 
  private:
@@ -308,6 +309,7 @@ class NcclComm final : public Comm {
       return broken_;
     }
     internal::CountCall(&counters_, call, opts, world_size());
+    CountLinks(call, opts);
     if (call.count == 0 && call.kind != CollectiveKind::kBarrier) return Status::Ok();
     ZERO_RETURN_IF_ERROR(UseDevice(call));
     ZERO_RETURN_IF_ERROR(Poll());
@@ -345,6 +347,50 @@ class NcclComm final : public Comm {
     return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, crc);
   }
 
+  // CommCounters' link kinds: what a ring in rank order would send (comm_internal.h's ModelSends).
+  void CountLinks(const CallInfo& call, const CollectiveOptions& opts) {
+    if (opts.control) return;
+    internal::ModelSends(call, rank(), world_size(),
+                         [&](int peer, int64_t bytes) { internal::CountSent(&counters_, topology_, peer, bytes); });
+  }
+
+  // ncclCommSplit (non-blocking): a communicator over the ranks that pass `color`, ordered by `key`, with its own
+  // stream and scratch, in this Comm's family. REQUIRES the call lock.
+  Status SplitInto(int color, int key, const NodeTopology& topology, const char* what, std::unique_ptr<Comm>* out) {
+    ZERO_RETURN_IF_ERROR(Poll());
+    const CallInfo call{CollectiveKind::kBarrier, what, 0, DType::kF32, ReduceOp::kSum, 0};
+    ZERO_RETURN_IF_ERROR(UseDevice(call));
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    ncclComm_t split = nullptr;
+    // With a non-blocking parent NCCL runs the split on a helper thread: the parent's asynchronous state says when
+    // it is done and how it went, and `split` is written by that thread, at the end (NCCL's init.cc,
+    // ncclCommInitChildComm). Polling the new communicator instead would see a fresh, idle state at once and hand
+    // out a parent that NCCL still considers busy.
+    const ncclResult_t rc = ncclCommSplit(comm_, color, key, &split, &config);
+    const Status settled = Settle(call, rc, "split");
+    ncclComm_t child = __atomic_load_n(&split, __ATOMIC_ACQUIRE);  // the helper thread has finished or was joined
+    if (!settled.ok()) {
+      if (child != nullptr) ncclCommAbort(child);
+      return settled;
+    }
+    if (child == nullptr) return Break(call, ncclInternalError, "split (no communicator returned)");
+    cudaStream_t stream = nullptr;
+    void* scratch = nullptr;
+    cudaError_t crc = Reported(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    if (crc == cudaSuccess) crc = Reported(cudaMalloc(&scratch, sizeof(float)));
+    if (crc != cudaSuccess) {
+      ncclCommAbort(child);
+      if (stream != nullptr) cudaStreamDestroy(stream);
+      return CudaBreak(call, crc);
+    }
+    int child_rank = 0, child_world = 1;
+    ncclCommUserRank(child, &child_rank);
+    ncclCommCount(child, &child_world);
+    out->reset(new NcclComm(child, stream, scratch, device_, child_rank, child_world, options_, topology, family_));
+    return Status::Ok();
+  }
+
   static constexpr size_t kMaxStagedBytes = size_t{1} << 20;
   static constexpr size_t kStageAlign = 256;
 
@@ -366,6 +412,7 @@ class NcclComm final : public Comm {
       case CollectiveKind::kAllGather: *send_bytes = n; *recv_bytes = all; break;
       case CollectiveKind::kAllReduce: *send_bytes = n; *recv_bytes = n; break;
       case CollectiveKind::kBroadcast: *send_bytes = 0; *recv_bytes = n; break;
+      case CollectiveKind::kAllToAll: *send_bytes = all; *recv_bytes = all; break;
       default: *send_bytes = 0; *recv_bytes = 0; break;
     }
   }
@@ -634,6 +681,9 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
                                                          "GPUs"));
   }
   const int device = place.device;
+  // Which node each rank is on (CommOptions::ranks_per_node may override the shared-memory split).
+  NodeTopology topology;
+  ZERO_RETURN_IF_ERROR(internal::DetectNodeTopology(parent, options.ranks_per_node, &topology).WithContext(where));
 
   // Rank 0's unique id, and whether ncclGetUniqueId worked (it needs a usable network interface for NCCL's
   // bootstrap): every rank learns the outcome instead of initializing with an id that was never written.
@@ -682,7 +732,7 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
     return Status::Unavailable(where + ": NCCL initialization failed: " + detail +
                                "; NCCL_DEBUG=WARN says why, or use Comm::OpenMpi with Backend::kCpu");
   }
-  comm->reset(new NcclComm(nccl, stream, scratch, device, rank, world, options));
+  comm->reset(new NcclComm(nccl, stream, scratch, device, rank, world, options, std::move(topology)));
   return Status::Ok();
 }
 

@@ -3,6 +3,7 @@
 // apart.
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "comm_internal.h"
 #include "zero/comm.h"
@@ -59,6 +60,17 @@ class SingleComm final : public Comm {
   }
 
   Status DoDuplicate(std::unique_ptr<Comm>* out) override {
+    out->reset(new SingleComm());
+    return Status::Ok();
+  }
+
+  Status DoAllToAll(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override {
+    ZERO_RETURN_IF_ERROR(Begin({CollectiveKind::kAllToAll, opts.what, count, dtype}, send, recv, opts));
+    internal::CopyUnlessSame(recv, send, count * DTypeSize(dtype));
+    return Status::Ok();
+  }
+
+  Status DoSplit(int, int, const std::vector<int>&, const NodeTopology&, std::unique_ptr<Comm>* out) override {
     out->reset(new SingleComm());
     return Status::Ok();
   }

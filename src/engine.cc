@@ -113,6 +113,7 @@ Status ValidateOptions(const Options& o, int num_units) {
   if (o.persist_bytes < 0) return bad("persist_bytes must be >= 0");
   if (o.device_capacity_bytes < 0) return bad("device_capacity_bytes must be >= 0 (0: unlimited)");
   if (o.cpu_threads < 0) return bad("cpu_threads must be >= 0 (0: cores per node / local ranks)");
+  ZERO_RETURN_IF_ERROR(ValidateZeroPlusPlus(o));
   if (o.param_dtype != DType::kF32 && o.param_dtype != DType::kBF16 && o.param_dtype != DType::kF16) {
     return bad("param_dtype must be kF32, kBF16 or kF16");
   }
@@ -407,7 +408,7 @@ std::string Engine::Impl::OutOfMemoryAdvice(int64_t free_bytes) const {
   os << "\nEngine memory on rank " << rank << " when the allocation failed:\n" << device->report().Table();
   const ModelDescription model = ModelDescription::FromSpecs(specs);
   MemoryEstimate need;
-  if (Estimate(model, world, options, &need).ok()) {
+  if (Estimate(model, world, comm->topology().local_size, options, &need).ok()) {
     os << "This configuration needs " << FormatBytes(need.DeviceTotal()) << " of device memory per rank:\n"
        << need.Table();
   }
@@ -683,7 +684,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
   const Stage st = opts.stage;
 
   // Every buffer's size comes from the buffer plan (buffer_plan.h), which zero::Estimate sums too.
-  const BufferPlan bp = PlanBuffers(opts, e.plan);
+  const BufferPlan bp = PlanBuffers(opts, e.plan, comm->topology().local_size);
 
   // Unit layouts.
   e.buckets.resize(e.plan.buckets.size());
@@ -754,9 +755,14 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
       case BufferId::kNvmeBounce: return &e.nvme_bounce[i];
       case BufferId::kNvmeGatherBounce: return &e.nvme_gather_bounce[i];
       case BufferId::kNvmeChecksums: return &e.nvme_checksums;
+      case BufferId::kHpzSecondary: return &e.hpz_secondary;
+      case BufferId::kQwzStaging: return &e.qwz_staging;
+      case BufferId::kQgzStaging: return &e.qgz_staging;
     }
     return nullptr;
   };
+  // ZeRO++: the node split is collective, so every rank makes it here, whatever its device did (agreed below).
+  if (opts.zeropp.hpz || opts.zeropp.qwz || opts.zeropp.qgz_bits > 0) ZERO_RETURN_IF_ERROR(e.OpenZeroPlusPlus(bp));
   auto run = [&]() -> Status {
     for (const PlannedBuffer& b : bp.buffers) {
       if (b.kind == MemoryKind::kNvme) continue;
@@ -978,7 +984,10 @@ MemoryReport Engine::Memory() const {
 // The communication thread updates the counters: let it finish what is queued first.
 const CommCounters& Engine::comm_counters() const {
   (void)impl_->comm_stream->Synchronize(impl_->wait_timeout);
-  return impl_->comm->counters();
+  if (impl_->hier == nullptr) return impl_->comm->counters();
+  impl_->counter_sum = impl_->comm->counters();  // ZeRO++: the node Comms' traffic too
+  impl_->counter_sum += impl_->hier->counters();
+  return impl_->counter_sum;
 }
 Status Engine::healthy() const {
   ZERO_RETURN_IF_ERROR(impl_->CheckUsable());

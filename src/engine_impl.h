@@ -68,6 +68,7 @@
 #include <vector>
 
 #include "buffer_plan.h"
+#include "comm_hierarchical.h"
 #include "device.h"
 #include "nvme_tier.h"
 #include "partition_plan.h"
@@ -225,6 +226,14 @@ class Engine::Impl {
   // the streams, whose queued tasks use it, so that it is destroyed after them.
   std::unique_ptr<Comm> own_comm;
   Comm* comm = nullptr;  // own_comm.get()
+  // ZeRO++ (Options::zeropp; engine_zeropp.cc): own_comm split by node, created at Open when any technique is on.
+  // Declared after own_comm (its node Comms must go first) and before the streams whose queued tasks use it.
+  std::unique_ptr<internal::HierarchicalComm> hier;
+  std::vector<int64_t> hpz_offset;      // per bucket: start in hpz_secondary (elements), -1 none
+  int hpz_ranks = 1;                    // ranks per node: a bucket's piece is padded / hpz_ranks elements
+  std::vector<uint64_t> hpz_epoch;      // per unit: params_epoch when its piece was last written (0: never)
+  uint64_t params_epoch = 1;            // bumped whenever the parameters change (InitParams, Step)
+  CommCounters counter_sum;             // Engine::comm_counters(): own_comm's and the node Comms'
   int rank = 0;
   int world = 1;
   int threads = 1;
@@ -305,6 +314,8 @@ class Engine::Impl {
   MemoryUsage nvme_usage;    // the tier's files, for Memory()
   int nvme_gather_next = 0;  // the gather bounce buffer the next stage-3 gather takes
   int nvme_cached_opt = -1, nvme_cached_param = -1;  // Save/Export: the bucket whose records the bounces hold
+  DeviceBuffer hpz_secondary;               // ZeRO++'s hpZ: this rank's piece of every non-persistent bucket
+  DeviceBuffer qwz_staging, qgz_staging;    // ZeRO++'s quantized payloads (BufferPlan)
   std::unique_ptr<Stream> comm_stream;
   std::unique_ptr<Stream> copy_stream;  // offload: gradient shards to the host, parameters back
   std::unique_ptr<zero::Event> d2h_done[2], h2d_done[2], step_begin;
@@ -486,6 +497,21 @@ class Engine::Impl {
   // for them, verified, and copies each into its place in the gathered layout, or aborts the communicator.
   std::shared_ptr<NvmeGather> StartNvmeGather(const std::vector<int>& bucket_list, char* dst);
   Status FinishNvmeGather(const NvmeGather& g, void* stream);
+
+  // --- engine_zeropp.cc ---
+  // Open: splits the Comm by node (collective; hpz or qgz_bits) and lays out hpZ's pieces. Called on every rank,
+  // whatever happened before, when any ZeRO++ technique is on.
+  Status OpenZeroPlusPlus(const BufferPlan& bp);
+  // A stage-3 Acquire's gather of `unit` into `dst` (its full layout): from the node's secondary pieces when they
+  // hold the current parameters (hpZ), otherwise from the primary shards, quantized (qwZ) or not, refreshing this
+  // rank's piece (hpZ). Without ZeRO++: GatherUnit.
+  void GatherSlotUnit(int unit, char* dst);
+  // qwZ's gathers of a unit's buckets from the primary shards (LaunchGathers' quantized twin).
+  void LaunchQuantizedGathers(const std::vector<int>& bucket_list, char* dst, const std::string& what);
+  // hpZ: copies this rank's piece of each bucket from the gathered unit in `dst` (on the comm stream).
+  void RefreshSecondary(const std::vector<int>& bucket_list, const char* dst);
+  // hpZ: the gathers of a unit's buckets from the node's pieces, over the node's Comm.
+  void LaunchSecondaryGathers(const std::vector<int>& bucket_list, char* dst, const std::string& what);
 
   // --- engine_checkpoint.cc ---
   Status SaveImpl(const std::string& root, const std::string& tag, std::string_view metadata);

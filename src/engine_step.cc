@@ -30,6 +30,7 @@ Status Engine::Impl::InitParamsImpl(const FillFn& fill) {
     local = Status::FailedPrecondition("InitParams on " + Where() + ": a step or eval pass is in progress");
   }
   ZERO_RETURN_IF_ERROR(Agree(AgreeKind::kInitParams, 0, local));
+  ++params_epoch;  // ZeRO++'s hpZ pieces are stale from here (Load comes here too)
   const bool stage3 = options.stage == Stage::kParameters;
   // Each owned fragment: fill in fp32, then the fp32 master (low-precision param_dtype) and the compute copy.
   const bool stage0 = options.stage == Stage::kDataParallel;
@@ -478,6 +479,7 @@ Status Engine::Impl::StepImpl(const StepArgs& args, StepResult* result) {
       return poison;
     }
     ++step;
+    ++params_epoch;  // ZeRO++'s hpZ pieces are stale now
     sgd_first_step = false;
     DropUnheldSlots();  // stage-3 gathered copies are stale now (nothing is held at Step)
     if (offload) {

@@ -303,18 +303,26 @@ Status Engine::Impl::ReduceBucket(int bucket) {
   char* in_grads = GAt(g, st == Stage::kGradients || st == Stage::kParameters ? b.shard_offset : b.offset);
   char* mine = GAt(st == Stage::kOptimizerStates ? in_grads : full, rank * shard);  // this rank's reduced slice
   const int64_t padded = b.padded;
+  // ZeRO++'s qgZ: the reduce-scatter quantized, inside each node then across nodes (comm_hierarchical.h).
+  internal::HierarchicalComm* qgz = options.zeropp.qgz_bits > 0 ? hier.get() : nullptr;
+  const int qgz_bits = options.zeropp.qgz_bits;
+  void* qgz_staging_data = qgz_staging.data();
   LaunchComm([=, what = std::move(what)](void* stream) -> Status {
     CollectiveOptions co;
     co.what = what.c_str();
     co.stream = stream;
+    auto reduce_scatter = [&](const void* send, void* recv) {
+      return qgz != nullptr ? qgz->QuantizedReduceScatter(send, recv, shard, dt, qgz_bits, qgz_staging_data, co)
+                            : c->ReduceScatter(send, recv, shard, dt, co);
+    };
     switch (st) {
       case Stage::kDataParallel:
         return c->AllReduce(in_grads, in_grads, padded, dt, ReduceOp::kSum, co);
       case Stage::kOptimizerStates:
-        return c->ReduceScatter(in_grads, mine, shard, dt, co);
+        return reduce_scatter(in_grads, mine);
       case Stage::kGradients:
       case Stage::kParameters:
-        ZERO_RETURN_IF_ERROR(c->ReduceScatter(full, mine, shard, dt, co));
+        ZERO_RETURN_IF_ERROR(reduce_scatter(full, mine));
         return dev->Accumulate(in_grads, mine, dt, shard, stream);
       case Stage::kAuto:  // Open resolves it to a concrete stage
         return Status::Internal("a reduction with an unresolved Stage::kAuto");
@@ -444,7 +452,7 @@ Status Engine::Impl::EnsureResident(int unit, int* wait_slot) {
 void Engine::Impl::GatherInto(int unit, int s, bool prefetched) {
   GatherSlot& slot = slots[static_cast<size_t>(s)];
   comm_stream->Wait(*slot_free[static_cast<size_t>(s)]);  // compute -> gather slot
-  GatherUnit(unit, slot.buffer.as<char>());
+  GatherSlotUnit(unit, slot.buffer.as<char>());  // GatherUnit, or ZeRO++'s hpZ / qwZ (engine_zeropp.cc)
   comm_stream->Record(slot_ready[static_cast<size_t>(s)].get());  // gather -> compute
   slot.unit = unit;
   slot.prefetched = prefetched;

@@ -188,7 +188,16 @@ std::string MemoryReport::Table() const {
 }
 
 Status Estimate(const ModelDescription& model, int world_size, const Options& options, MemoryEstimate* out) {
+  return Estimate(model, world_size, /*ranks_per_node=*/1, options, out);
+}
+
+Status Estimate(const ModelDescription& model, int world_size, int ranks_per_node, const Options& options,
+                MemoryEstimate* out) {
   *out = MemoryEstimate();
+  if (ranks_per_node < 1 || world_size % ranks_per_node != 0) {
+    return Status::InvalidArgument("Estimate: ranks_per_node (" + std::to_string(ranks_per_node) +
+                                   ") must be >= 1 and divide world_size (" + std::to_string(world_size) + ")");
+  }
   if (options.stage == Stage::kAuto) {
     return Status::InvalidArgument("Estimate: options.stage is Stage::kAuto; estimate a concrete stage, or call "
                                    "ChooseConfiguration for what kAuto would choose");
@@ -213,7 +222,7 @@ Status Estimate(const ModelDescription& model, int world_size, const Options& op
   PartitionPlan plan;
   ZERO_RETURN_IF_ERROR(PartitionPlan::Build(specs, world_size, o.bucket_elements, &plan).WithContext("Estimate"));
   ZERO_RETURN_IF_ERROR(ValidateOptions(o, static_cast<int>(plan.units.size())).WithContext("Estimate"));
-  const BufferPlan bp = PlanBuffers(o, plan);
+  const BufferPlan bp = PlanBuffers(o, plan, ranks_per_node);
   out->options = options;
   out->world_size = world_size;
   out->model_state_only = bare;

@@ -137,6 +137,14 @@ class Cases {
       o.offload_optimizer = true;
       o.host_budget_bytes = 1;
     });
+    m["open-zeropp-bits"] = opt([](Options& o) { o.zeropp.qgz_bits = 3; });
+    m["open-zeropp-stage"] = opt([](Options& o) { o.zeropp.hpz = true; }, Stage::kGradients);
+    m["open-zeropp-stage0"] = opt([](Options& o) { o.zeropp.qgz_bits = 8; }, Stage::kDataParallel);
+    m["open-zeropp-auto"] = opt([](Options& o) {
+      o.stage = Stage::kAuto;
+      o.reserved_bytes = 0;
+      o.zeropp.qwz = true;
+    });
     m["open-adamw-lr"] = opt([](Options& o) { o.adamw.lr = -1; });
     m["open-adamw-betas"] = opt([](Options& o) { o.adamw.beta2 = 1.0f; });
     m["open-adamw-eps"] = opt([](Options& o) { o.adamw.eps = 0; });

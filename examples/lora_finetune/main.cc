@@ -92,6 +92,9 @@ struct Flags {
   std::string device = "auto";
   bool cuda = false;            // resolved from device in Main
   bool recompute = false;       // per-block recomputation (activation checkpointing): less memory, one more forward
+  // ZeRO++ (zero::Options::zeropp) and the nodes it sees (zero::CommOptions::ranks_per_node; 0: the hosts).
+  bool hpz = false, qwz = false;
+  int qgz_bits = 0, ranks_per_node = 0;
   std::set<std::string> given;  // options set on the command line
 };
 
@@ -103,7 +106,8 @@ const char* kUsage =
     "  [--dropout P] [--eval-batches N] [--threads T] [--seed S] [--base-corpus fortunes|synthetic]\n"
     "  [--tune-corpus bible|synthetic] [--prompt TEXT] [--sample-tokens N] [--save-every N] [--resume 0|1]\n"
     "  [--targets q,k,v,o,gate,up,down] [--logits-out FILE]"
-    "  [--stop-after N] [--device auto|cpu|cuda] [--recompute 0|1]\n";
+    "  [--stop-after N] [--device auto|cpu|cuda] [--recompute 0|1]\n"
+    "  [--hpz 0|1] [--qwz 0|1] [--qgz-bits 0|4|8] [--ranks-per-node K]   (ZeRO++; README \"ZeRO++\")\n";
 
 bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
   int i = 1;
@@ -150,6 +154,10 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
     else if (k == "--logits-out") f->logits_out = v;
     else if (k == "--resume") ok = num(&f->resume);
     else if (k == "--recompute") ok = num(&f->recompute);
+    else if (k == "--hpz") ok = num(&f->hpz);
+    else if (k == "--qwz") ok = num(&f->qwz);
+    else if (k == "--qgz-bits") ok = num(&f->qgz_bits);
+    else if (k == "--ranks-per-node") ok = num(&f->ranks_per_node);
     else if (k == "--stop-after") ok = num(&f->stop_after);
     else if (k == "--pretrain-lr") ok = num(&f->pretrain_lr);
     else if (k == "--lora-lr") ok = num(&f->lora_lr);
@@ -381,6 +389,9 @@ zero::Options EngineOptions(const Flags& f, float lr) {
   o.clip_norm = 1.0;
   o.bucket_elements = int64_t{1} << 20;
   o.cpu_threads = f.threads;
+  o.zeropp.hpz = f.hpz;
+  o.zeropp.qwz = f.qwz;
+  o.zeropp.qgz_bits = f.qgz_bits;
   if (f.cuda) {  // the CUDA model computes in bf16 (fp32 master weights and gradients)
     o.backend = zero::Backend::kCuda;
     o.param_dtype = zero::DType::kBF16;
@@ -844,11 +855,13 @@ int Main(int argc, char** argv) {
   if (f.device == "cuda" && f.command == "merge") Fail("merge folds adapters on the host: use --device cpu");
   f.cuda = f.device == "cuda" || (f.device == "auto" && have_cuda && f.command != "merge");
   std::unique_ptr<zero::Comm> comm;
+  zero::CommOptions comm_options;
+  comm_options.ranks_per_node = f.ranks_per_node;
   if (f.cuda) {
     // NCCL over the world; it also makes this rank's GPU (its local rank's) current, where the model runs. With
     // --device auto, a GPU this rank may not use (more ranks on the node than GPUs, unless the NCCL allows sharing)
     // means the CPU; OpenNccl answers alike on every rank.
-    const zero::Status s = zero::Comm::OpenNccl(MPI_Comm_c2f(MPI_COMM_WORLD), zero::CommOptions(), &comm);
+    const zero::Status s = zero::Comm::OpenNccl(MPI_Comm_c2f(MPI_COMM_WORLD), comm_options, &comm);
     if (!s.ok() && f.device == "auto" && s.code() == zero::StatusCode::kUnavailable) {
       Say("device: auto: the CPU (%s)\n", s.message().c_str());
       f.cuda = false;
@@ -858,7 +871,11 @@ int Main(int argc, char** argv) {
     }
   }
   if (!f.cuda) {
-    Check(zero::Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), zero::CommOptions(), &comm), "Comm");
+    Check(zero::Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), comm_options, &comm), "Comm");
+  }
+  if (f.hpz || f.qwz || f.qgz_bits > 0) {
+    Say("ZeRO++: hpz %d, qwz %d, qgz %d bits; %s\n", f.hpz ? 1 : 0, f.qwz ? 1 : 0, f.qgz_bits,
+        comm->topology().ToString().c_str());
   }
   int world = comm->world_size();
   if (f.threads < 1) f.threads = 1;

@@ -35,6 +35,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "zero/status.h"
 #include "zero/types.h"
@@ -49,6 +50,28 @@ struct CommOptions {
   std::chrono::milliseconds timeout{300'000};
   // Test seam: largest element count of one point-to-point message (MPI counts are int). Default 2^30.
   int64_t TEST_max_message_elements = int64_t{1} << 30;
+  // Which ranks share a node (Comm::topology). 0 (default): the ranks that share memory, as MPI's
+  // MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) finds them (one node per host). k > 0: ranks [k*i, k*(i+1)) form
+  // node i whatever the hardware, so that tests and benchmarks have several "nodes" on one machine. Every rank
+  // must pass the same value (creating the Comm fails with kMismatch on every rank otherwise).
+  int ranks_per_node = 0;
+};
+
+// Which node each rank of a Comm runs on. Nodes are numbered in the order of their lowest rank; a rank's local
+// index is its position among its node's ranks in rank order. Identical on every rank of the Comm.
+struct NodeTopology {
+  std::vector<int> node_of;  // node of each rank (size world_size)
+  int nodes = 1;
+  int node = 0;         // this rank's node
+  int local_rank = 0;   // this rank's index on its node
+  int local_size = 1;   // ranks on this rank's node
+
+  // Every node has the same number of ranks (what the hierarchical collectives of ZeRO++ need).
+  bool uniform() const;
+  // The ranks of `node`, ascending.
+  std::vector<int> RanksOf(int node) const;
+  // "4 ranks on 2 nodes of 2" or "5 ranks on 2 nodes (3, 2)", for messages.
+  std::string ToString() const;
 };
 
 // Describes one call for counters and error messages.
@@ -70,10 +93,17 @@ struct CommCounters {
   int64_t all_gather = 0;
   int64_t all_reduce = 0;
   int64_t broadcast = 0;
+  int64_t all_to_all = 0;        // the whole (world_size * count) send buffer
   int64_t control_calls = 0;     // number of control collectives
   int64_t control_elements = 0;  // elements of control collectives
-  // The ZeRO paper's volume: reduce-scatter + all-gather + 2 * all-reduce.
-  int64_t Volume() const { return reduce_scatter + all_gather + 2 * all_reduce; }
+  // Bytes of data collectives this rank sent to ranks on its own node and on other nodes (Comm::topology): what
+  // each kind of link carried. MpiComm counts the messages it sends; NcclComm counts what a ring in rank order
+  // sends (NCCL picks its own rings and trees); a Comm::Single sends nothing.
+  int64_t intra_node_bytes = 0;
+  int64_t inter_node_bytes = 0;
+  // The ZeRO paper's volume: reduce-scatter + all-gather + all-to-all + 2 * all-reduce.
+  int64_t Volume() const { return reduce_scatter + all_gather + all_to_all + 2 * all_reduce; }
+  CommCounters& operator+=(const CommCounters& o);
 };
 
 class Comm {
@@ -126,6 +156,9 @@ class Comm {
     int64_t count;
   };
   Status AllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts = {});
+  // Any dtype. Rank r sends block j of `send` (world_size blocks of `count` elements) to rank j, and receives rank
+  // j's block r into block j of `recv`. Not in place: send and recv must not overlap.
+  Status AllToAll(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts = {});
 
   // A new Comm over the same ranks, in the same rank order, with the same options, whose collectives never
   // interleave with this one's (MPI_Comm_idup; an NCCL communicator split from this one). Its counters start at
@@ -135,6 +168,12 @@ class Comm {
   // calls it; a trainer may use it to give another thread collectives of its own, in an order independent of its
   // main thread's. The duplicate must be destroyed before this Comm.
   Status Duplicate(std::unique_ptr<Comm>* out);
+  // A new Comm over the ranks of this one that pass the same `color` (>= 0), ordered by `key` (ties by rank), with
+  // the same options; its topology is this one's restricted to its ranks and its counters start at zero.
+  // Collective over every rank of this Comm, serialized with its collectives (a polled exchange of the colors
+  // first, so a rank that never calls makes it time out rather than hang). Engine::Open splits its duplicate by
+  // node for ZeRO++ (Options::zeropp). The new Comm must be destroyed before this one.
+  Status Split(int color, int key, std::unique_ptr<Comm>* out);
 
   // Marks this Comm broken with `reason` and tells every peer, whose current or next wait then returns
   // Status::Aborted naming this rank and the reason. Use it when this rank can no longer follow the
@@ -145,9 +184,11 @@ class Comm {
 
   const CommCounters& counters() const { return counters_; }
   void ResetCounters() { counters_ = CommCounters(); }
+  // Which node each rank is on (CommOptions::ranks_per_node). A Comm::Single is one node.
+  const NodeTopology& topology() const { return topology_; }
 
  protected:
-  Comm(int rank, int world_size) : rank_(rank), world_size_(world_size) {}
+  Comm(int rank, int world_size);
   // The backends' collectives, called with the call lock held (one at a time), arguments as above.
   virtual Status DoReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
                                  const CollectiveOptions& opts) = 0;
@@ -160,12 +201,19 @@ class Comm {
   // Default: one DoAllGather per item.
   virtual Status DoAllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts);
   virtual Status DoDuplicate(std::unique_ptr<Comm>* out) = 0;
+  // Default: Unavailable, naming the call.
+  virtual Status DoAllToAll(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts);
+  // Called with the call lock held, after every rank's (color, key) is known: `members` are the new Comm's ranks
+  // (ranks of this Comm, in the new order) and `topology` its topology. Default: Unavailable.
+  virtual Status DoSplit(int color, int key, const std::vector<int>& members, const NodeTopology& topology,
+                         std::unique_ptr<Comm>* out);
 
   // The lock the collectives hold; DoDuplicate runs without it (see Duplicate).
   std::mutex& call_mutex() { return call_mu_; }
 
   CommCounters counters_;
   std::chrono::milliseconds timeout_{300'000};
+  NodeTopology topology_;  // backends set it at creation; the default is one node of every rank
 
  private:
   int rank_;

@@ -95,6 +95,11 @@ struct MemoryEstimate {
 // Per-rank bytes for `world_size` ranks and `options` (a concrete stage; for kAuto use ChooseConfiguration).
 // Fails like Engine::Open on invalid options or specs.
 Status Estimate(const ModelDescription& model, int world_size, const Options& options, MemoryEstimate* out);
+// The same with `ranks_per_node` ranks on every node, which sizes ZeRO++'s buffers (Options::zeropp: hpZ's secondary
+// partition spans a node, qgZ's staging depends on the number of nodes). The overload above counts one rank per
+// node: hpZ's largest partition. ranks_per_node must divide world_size.
+Status Estimate(const ModelDescription& model, int world_size, int ranks_per_node, const Options& options,
+                MemoryEstimate* out);
 
 // "stage 2 + optimizer offload", "stage 3 + parameter offload" (optimizer too: offload_params needs it); with the
 // NVMe tier "stage 3 + optimizer offload to NVMe", "stage 3 + parameter offload, optimizer to NVMe" (the shards in

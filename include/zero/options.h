@@ -72,6 +72,27 @@ struct LossScaleOptions {
   float min_scale = 1.0f;
 };
 
+// ZeRO++ (Wang et al., 2023): less traffic between nodes, where the slow links are. A node is what the Comm's
+// topology says (CommOptions::ranks_per_node, or the ranks that share memory). Each technique is off by default;
+// any combination works. They need an explicit stage (not kAuto); hpz and qgz_bits need the same number of ranks
+// on every node. README ("ZeRO++") has the traffic per step and the error bounds.
+struct ZeroPlusPlusOptions {
+  // hpZ, stage 3: a gather from the primary shards (across nodes) also keeps this rank's slice of the gathered unit
+  // in a secondary partition over its node's L ranks; until the parameters change (Step, InitParams, Load) the
+  // unit's next gathers (backward, later micro-steps, eval) come from there, inside the node, with the same values.
+  // Costs p bytes per parameter of every non-persistent unit / L per rank (zero::Estimate counts it).
+  bool hpz = false;
+  // qwZ, stage 3: gathers from the primary shards move blockwise int8 (256 elements and an fp32 scale per block:
+  // 1.016 bytes per parameter instead of p) and dequantize on arrival into param_dtype; every rank then computes
+  // with the same values, within max|block| / 254 (+ half an ulp of param_dtype) of the parameters. The shards,
+  // the fp32 master, the optimizer, persistent units and GatherFull are never quantized.
+  bool qwz = false;
+  // qgZ, stages 1-3: gradient reduce-scatters move blockwise int8 (8) or int4 (4) values, reduced inside each node
+  // first and then across nodes, summed in fp32 in a fixed order (reproducible bit for bit). 0: off (default).
+  // Costs staging of about (2 + 2/L) * bits/8 + 4/L bytes per element of the largest trainable bucket.
+  int qgz_bits = 0;
+};
+
 struct Options {
   Stage stage = Stage::kGradients;
   Backend backend = Backend::kCpu;
@@ -174,6 +195,9 @@ struct Options {
   // OutOfMemory when the configuration needs more; Stage::kAuto takes the first configuration that fits both this
   // and the device.
   int64_t host_budget_bytes = 0;
+
+  // ZeRO++'s hierarchical partitioning and quantized collectives (above). Default: all off.
+  ZeroPlusPlusOptions zeropp;
 
   // Capacity of device memory in bytes (0: unlimited on the CPU backend; the free memory on CUDA). Exceeding it
   // fails with an OutOfMemory status that carries the per-category breakdown.
