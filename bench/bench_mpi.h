@@ -34,6 +34,16 @@ inline void MaxOverRanks(std::vector<double>* values) {
                 MPI_COMM_WORLD);
 }
 
+// main() of a benchmark run under mpiexec: MPI initialised for threads (the engine's communication thread calls
+// MPI too), `body`, then MPI_Finalize; returns body's exit code.
+inline int MpiMain(int argc, char** argv, int (*body)(int, char**)) {
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
+  const int rc = body(argc, argv);
+  MPI_Finalize();
+  return rc;
+}
+
 inline int WorldRank() {
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);

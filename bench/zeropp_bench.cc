@@ -348,10 +348,4 @@ int Main(int argc, char** argv) {
 }  // namespace
 }  // namespace zero::bench
 
-int main(int argc, char** argv) {
-  int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
-  const int rc = zero::bench::Main(argc, argv);
-  MPI_Finalize();
-  return rc;
-}
+int main(int argc, char** argv) { return zero::bench::MpiMain(argc, argv, zero::bench::Main); }

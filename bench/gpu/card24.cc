@@ -265,19 +265,10 @@ int main(int argc, char** argv) {
   }
   std::vector<std::string> storage;
   std::vector<char*> args;
-  zero::bench::gpu::ParseGpuFlags(&argc, argv, &storage, &args);
-  char** av = args.data();
-  benchmark::Initialize(&argc, av);
-  if (benchmark::ReportUnrecognizedArguments(argc, av)) return 1;
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    cudaGetLastError();
-    std::printf("zero_bench_gpu_card24: no usable CUDA device; the case will be skipped\n");
-  } else {
-    cudaSetDevice(0);
-    cudaFree(nullptr);  // the context exists before the memory baseline is read
+  if (!zero::bench::gpu::StartGpuBenchmark(&argc, argv, &storage, &args, "the case will be skipped")) {
+    MPI_Finalize();
+    return 1;
   }
-  zero::bench::gpu::AddGpuContext();
   const std::string label = "Card24/shape:" + zero::bench::gpu::g_flags.shape + "/capacity_gib:" +
                             std::to_string(static_cast<int>(zero::bench::gpu::g_flags.capacity_gib));
   benchmark::RegisterBenchmark(label.c_str(), zero::bench::gpu::BM_Card24, zero::bench::gpu::g_flags.shape)

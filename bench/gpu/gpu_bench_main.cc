@@ -24,19 +24,10 @@ int main(int argc, char** argv) {
   MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
   std::vector<std::string> storage;
   std::vector<char*> args;
-  zero::bench::gpu::ParseGpuFlags(&argc, argv, &storage, &args);
-  char** av = args.data();
-  benchmark::Initialize(&argc, av);
-  if (benchmark::ReportUnrecognizedArguments(argc, av)) return 1;
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    cudaGetLastError();
-    std::printf("zero_bench_gpu: no usable CUDA device; every case will be skipped\n");
-  } else {
-    cudaSetDevice(0);
-    cudaFree(nullptr);  // the context, before anything is timed
+  if (!zero::bench::gpu::StartGpuBenchmark(&argc, argv, &storage, &args, "every case will be skipped")) {
+    MPI_Finalize();
+    return 1;
   }
-  zero::bench::gpu::AddGpuContext();
   zero::bench::gpu::RegisterKernelRows();
   zero::bench::gpu::RegisterEngineRows();
   const auto t0 = std::chrono::steady_clock::now();

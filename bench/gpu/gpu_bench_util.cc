@@ -93,6 +93,24 @@ void ParseGpuFlags(int* argc, char** argv, std::vector<std::string>* storage, st
   *argc = static_cast<int>(args->size());
 }
 
+bool StartGpuBenchmark(int* argc, char** argv, std::vector<std::string>* storage, std::vector<char*>* args,
+                       const char* without_device) {
+  ParseGpuFlags(argc, argv, storage, args);
+  char** av = args->data();
+  benchmark::Initialize(argc, av);
+  if (benchmark::ReportUnrecognizedArguments(*argc, av)) return false;
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    cudaGetLastError();  // leave no error behind for an unrelated check
+    std::printf("%s: no usable CUDA device; %s\n", g_config.program.c_str(), without_device);
+  } else {
+    cudaSetDevice(0);
+    cudaFree(nullptr);  // the context exists before anything is timed or the memory baseline is read
+  }
+  AddGpuContext();
+  return true;
+}
+
 std::string NvidiaSmi(const std::string& fields) {
   return Capture("nvidia-smi --query-gpu=" + fields + " --format=csv,noheader -i 0");
 }

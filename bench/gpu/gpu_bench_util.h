@@ -32,6 +32,13 @@ const GpuBenchConfig& Config();
 // unless given, and creates the output directory. `storage` keeps the added strings alive.
 void ParseGpuFlags(int* argc, char** argv, std::vector<std::string>* storage, std::vector<char*>* args);
 
+// The start of a GPU benchmark's main() after MPI_Init_thread: ParseGpuFlags, benchmark::Initialize, device 0 and
+// its context made current before anything is timed (without a usable device it prints "<program>: no usable CUDA
+// device; <without_device>" and the cases skip themselves), then AddGpuContext. False (after Google Benchmark said
+// why) on an unrecognized flag. `storage` and `args` must outlive the run.
+bool StartGpuBenchmark(int* argc, char** argv, std::vector<std::string>* storage, std::vector<char*>* args,
+                       const char* without_device);
+
 // Adds the machine context to Google Benchmark's JSON (benchmark::AddCustomContext). Call once before running;
 // AddClocksAfter(Config().json_path) after running adds the clocks and temperature at the end to that file.
 void AddGpuContext();
