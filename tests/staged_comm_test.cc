@@ -12,6 +12,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -266,6 +267,64 @@ TEST_P(StagedCollectivesTest, DuplicateIsAnIndependentStagedComm) {
   dup.reset();
 }
 
+// AllToAll gives a plain MpiComm's bits, and Split gives StagedComms on the same memory whose
+// topology is the inner Comm's (CommOptions::ranks_per_node), restricted: what ZeRO++'s HierarchicalComm needs
+// from the Comm the engine's GPU cases run over. Bytes per link kind are the inner Comm's.
+TEST_P(StagedCollectivesTest, AllToAllAndSplitFollowTheInnerComm) {
+  const int per_node = WorldSize() % 2 == 0 ? 2 : 1;
+  CommOptions options;
+  options.timeout = std::chrono::milliseconds(20'000);
+  options.ranks_per_node = per_node;
+  std::unique_ptr<Comm> inner, plain;
+  ZERO_ASSERT_OK(Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), options, &inner));
+  ZERO_ASSERT_OK(Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), options, &plain));
+  StagedComm staged(std::move(inner), memory_);
+  EXPECT_EQ(staged.topology().nodes, plain->topology().nodes);
+  EXPECT_EQ(staged.topology().local_size, per_node);
+  const int n = staged.world_size(), r = staged.rank();
+  constexpr int64_t kCount = 5;
+  const int64_t bytes = kCount * n * 4;
+  const std::vector<char> in = Input(r, kCount * n, DType::kF32, 3);
+  std::vector<char> want(static_cast<size_t>(bytes));
+  ZERO_ASSERT_OK(plain->AllToAll(in.data(), want.data(), kCount, DType::kF32));
+  Buffers mem(device());
+  char* send = mem.Put(in, bytes);
+  char* recv = mem.Put({}, bytes);
+  ZERO_ASSERT_OK(staged.AllToAll(send, recv, kCount, DType::kF32));
+  EXPECT_EQ(mem.Get(recv, bytes), want);
+  EXPECT_EQ(staged.counters().all_to_all, plain->counters().all_to_all);
+  EXPECT_EQ(staged.counters().inter_node_bytes, plain->counters().inter_node_bytes);
+  EXPECT_EQ(staged.counters().intra_node_bytes, plain->counters().intra_node_bytes);
+  if (n > per_node) {
+    EXPECT_GT(staged.counters().inter_node_bytes, 0);
+  }
+
+  // Split by node: the node's ranks, one node each, and a collective on the device memory works.
+  std::unique_ptr<Comm> node;
+  ZERO_ASSERT_OK(staged.Split(staged.topology().node, r, &node));
+  ASSERT_NE(dynamic_cast<StagedComm*>(node.get()), nullptr);
+  EXPECT_EQ(node->cuda_device(), staged.cuda_device());
+  EXPECT_EQ(node->world_size(), per_node);
+  EXPECT_EQ(node->topology().nodes, 1);
+  const std::vector<char> one = Input(r, 3, DType::kF32, 4);
+  char* buf = mem.Put(one, 12);
+  ZERO_ASSERT_OK(node->AllReduce(buf, buf, 3, DType::kF32, ReduceOp::kSum));
+  const auto got = mem.Get(buf, 12);
+  for (int i = 0; i < 3; ++i) {
+    float sum = 0;
+    for (int k = 0; k < per_node; ++k) {
+      const std::vector<char> peer = Input(staged.topology().node * per_node + k, 3, DType::kF32, 4);
+      float v = 0;
+      std::memcpy(&v, peer.data() + i * 4, 4);
+      sum += v;
+    }
+    float g = 0;
+    std::memcpy(&g, got.data() + i * 4, 4);
+    EXPECT_EQ(g, sum) << "element " << i;
+  }
+  ZERO_EXPECT_OK(staged.Barrier());
+}
+
 // A stand-in for a stream on the CPU: work enqueued on it runs only when someone waits for it, so a StagedComm that
 // read a buffer without waiting for the caller's stream would read it unwritten.
 struct FakeStream {
@@ -481,6 +540,34 @@ TEST(StagedEngineTest, TrainsBitForBitLikeAPlainMpiComm) {
     EXPECT_EQ(staged_norms, plain_norms);
     EXPECT_EQ(staged_params, plain_params);
   }
+}
+
+// ZeRO++ (hpZ + qwZ + qgZ, nodes of 2 at even world sizes) over a StagedComm trains like over a plain MpiComm: the
+// path the engine's GPU cases take where ranks share the GPU and NCCL refuses that.
+TEST(StagedEngineTest, ZeroPPTrainsBitForBitLikeAPlainMpiComm) {
+  CommOptions co;
+  co.timeout = std::chrono::milliseconds(20'000);
+  co.ranks_per_node = WorldSize() % 2 == 0 ? 2 : 1;
+  std::unique_ptr<Comm> inner, plain;
+  ZERO_ASSERT_OK(Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), co, &inner));
+  ZERO_ASSERT_OK(Comm::FromMpiComm(MPI_Comm_c2f(MPI_COMM_WORLD), co, &plain));
+  StagedComm staged(std::move(inner), NewHostStaging());
+  Options o = SmallToyOptions(Stage::kParameters);
+  o.zeropp.hpz = true;
+  o.zeropp.qwz = true;
+  o.zeropp.qgz_bits = 8;
+  auto run = [&](Comm* comm) {
+    auto e = OpenToyEngine(o, comm);
+    EXPECT_NE(e, nullptr);
+    if (e == nullptr) return std::vector<std::vector<float>>{};
+    for (int step = 0; step < 3; ++step) TrainToyStep(*e, *comm, step, 2, 24);
+    ZERO_EXPECT_OK(e->healthy());
+    return GatherToyParams(*e);
+  };
+  const auto staged_params = run(&staged);
+  const auto plain_params = run(plain.get());
+  ASSERT_FALSE(plain_params.empty());
+  EXPECT_EQ(staged_params, plain_params);
 }
 
 }  // namespace

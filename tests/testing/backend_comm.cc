@@ -27,9 +27,11 @@ std::string EnvOr(const char* name, const char* fallback) {
   return v == nullptr ? fallback : v;
 }
 
-std::unique_ptr<Comm> OpenStaged(MPI_Comm mpi_comm, int device, std::chrono::milliseconds timeout) {
+std::unique_ptr<Comm> OpenStaged(MPI_Comm mpi_comm, int device, std::chrono::milliseconds timeout,
+                                 int ranks_per_node) {
   CommOptions options;
   options.timeout = timeout;
+  options.ranks_per_node = ranks_per_node;
   std::unique_ptr<Comm> inner;
   Status s = Comm::FromMpiComm(MPI_Comm_c2f(mpi_comm), options, &inner);
   std::unique_ptr<StagingMemory> memory;
@@ -72,7 +74,8 @@ int LocalCudaDevice(MPI_Comm mpi_comm, std::string* skip) {
   return Place(mpi_comm, &p, skip) ? p.local_rank % p.devices : -1;
 }
 
-std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseconds timeout, std::string* skip) {
+std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseconds timeout, std::string* skip,
+                                       int ranks_per_node) {
   int rank = 0, world = 1;
   MPI_Comm_rank(mpi_comm, &rank);
   MPI_Comm_size(mpi_comm, &world);
@@ -104,6 +107,7 @@ std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseco
   if (!staged) {
     CommOptions options;
     options.timeout = timeout;
+    options.ranks_per_node = ranks_per_node;
     std::unique_ptr<Comm> comm;
     const Status s = Comm::OpenNccl(MPI_Comm_c2f(mpi_comm), options, &comm);
     if (s.ok()) {
@@ -125,7 +129,7 @@ std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseco
   }
   Announce(rank, "StagedComm (device buffers through host memory and MPI), " + ranks + " on " +
                      std::to_string(devices) + " GPU" + (devices == 1 ? "" : "s") + ": " + why);
-  return OpenStaged(mpi_comm, device, timeout);
+  return OpenStaged(mpi_comm, device, timeout, ranks_per_node);
 }
 
 bool SumsInRingOrder(const Comm& comm) {

@@ -17,8 +17,10 @@
 
 namespace zero::testing {
 
-// Returns null with *skip set to the reason when some rank has no usable GPU (every rank agrees).
-std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseconds timeout, std::string* skip);
+// Returns null with *skip set to the reason when some rank has no usable GPU (every rank agrees). `ranks_per_node`
+// is CommOptions::ranks_per_node of the Comm (0: the nodes MPI finds).
+std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseconds timeout, std::string* skip,
+                                       int ranks_per_node = 0);
 
 // The GPU this rank uses (node-local rank % visible GPUs, as Comm::OpenNccl chooses), or -1 with *skip set to the
 // reason when some rank of `mpi_comm` has none (every rank agrees). Collective.

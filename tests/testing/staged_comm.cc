@@ -86,6 +86,7 @@ Status NewCudaStaging(int device, std::unique_ptr<StagingMemory>* out) {
 StagedComm::StagedComm(std::unique_ptr<Comm> inner, std::shared_ptr<StagingMemory> memory)
     : Comm(inner->rank(), inner->world_size()), inner_(std::move(inner)), memory_(std::move(memory)) {
   timeout_ = inner_->timeout();
+  topology_ = inner_->topology();
 }
 
 Status StagedComm::health() const {
@@ -135,6 +136,9 @@ void StagedComm::AddCounts(const CommCounters& before) {
   counters_.all_gather += now.all_gather - before.all_gather;
   counters_.all_reduce += now.all_reduce - before.all_reduce;
   counters_.broadcast += now.broadcast - before.broadcast;
+  counters_.all_to_all += now.all_to_all - before.all_to_all;
+  counters_.intra_node_bytes += now.intra_node_bytes - before.intra_node_bytes;
+  counters_.inter_node_bytes += now.inter_node_bytes - before.inter_node_bytes;
   counters_.control_calls += now.control_calls - before.control_calls;
   counters_.control_elements += now.control_elements - before.control_elements;
 }
@@ -258,6 +262,33 @@ Status StagedComm::DoAllGatherMany(std::span<const GatherItem> items, DType dtyp
     ZERO_RETURN_IF_ERROR(
         Write(items[i].recv, static_cast<const char*>(host[i].recv), items[i].count * elem * world_size(), opts));
   }
+  return Status::Ok();
+}
+
+Status StagedComm::DoAllToAll(const void* send, void* recv, int64_t count, DType dtype,
+                              const CollectiveOptions& opts) {
+  ZERO_RETURN_IF_ERROR(Check({CollectiveKind::kAllToAll, opts.what, count, dtype}, send, recv));
+  ZERO_RETURN_IF_ERROR(WaitStream(opts));
+  const int64_t all = count * static_cast<int64_t>(DTypeSize(dtype)) * world_size();
+  char* h_send = Stage(2 * all);  // AllToAll is never in place (ValidateCall)
+  char* h_recv = h_send + all;
+  ZERO_RETURN_IF_ERROR(Read(h_send, send, all, opts));
+  const CommCounters before = inner_->counters();
+  const Status s =
+      inner_->AllToAll(count > 0 ? h_send : nullptr, count > 0 ? h_recv : nullptr, count, dtype, InnerOptions(opts));
+  AddCounts(before);
+  ZERO_RETURN_IF_ERROR(s);
+  return Write(recv, h_recv, all, opts);
+}
+
+Status StagedComm::DoSplit(int color, int key, const std::vector<int>& members, const NodeTopology& topology,
+                           std::unique_ptr<Comm>* out) {
+  (void)members;
+  (void)topology;  // the inner Comm restricts its own topology the same way
+  ZERO_RETURN_IF_ERROR(health());
+  std::unique_ptr<Comm> inner;
+  ZERO_RETURN_IF_ERROR(inner_->Split(color, key, &inner));
+  *out = std::make_unique<StagedComm>(std::move(inner), memory_);
   return Status::Ok();
 }
 

@@ -12,7 +12,8 @@
 // compute and communication streams, its device buffers, shard offsets and in-place forms at world > 1.
 //
 // Everything else is the inner Comm's: argument checks (the caller's pointers are validated first, with the same
-// rules), counters (each call adds what the inner Comm counted), Abort, health and timeouts. A failed copy breaks
+// rules), counters (each call adds what the inner Comm counted, bytes per link kind included), the node topology
+// (CommOptions::ranks_per_node of the inner Comm), Split, Abort, health and timeouts. A failed copy breaks
 // this Comm and aborts the inner one, so peers fail instead of hanging.
 #pragma once
 
@@ -69,6 +70,10 @@ class StagedComm final : public Comm {
   Status DoBarrier(const CollectiveOptions& opts) override;
   Status DoAllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts) override;
   Status DoDuplicate(std::unique_ptr<Comm>* out) override;
+  // The inner Comm's Split (its topology, restricted), staged like this one.
+  Status DoSplit(int color, int key, const std::vector<int>& members, const NodeTopology& topology,
+                 std::unique_ptr<Comm>* out) override;
+  Status DoAllToAll(const void* send, void* recv, int64_t count, DType dtype, const CollectiveOptions& opts) override;
 
  private:
   // Host staging of at least `bytes` (8-byte aligned; reused across calls, which the call lock serializes).
