@@ -158,14 +158,27 @@ class NcclComm final : public Comm {
 
   int cuda_device() const override { return device_; }
 
+  // From the thread that issues the collectives (comm.h): ncclCommAbort frees the communicator.
   void Abort(const Status& reason) override {
+    CallScope scope(this);
     if (!broken_.ok()) return;
     broken_ = internal::AbortedBy(rank(), internal::AbortReasonText(reason));
     AbortNccl();  // peers' pending collectives with this rank fail in their NCCL
   }
 
-  // Also the watchdog: polls the collectives in flight (see Poll).
-  Status health() const override { return const_cast<NcclComm*>(this)->Poll(); }
+  // Any thread (comm.h). Also the watchdog, polling the collectives in flight (see Poll), when no call of this
+  // Comm is running on another thread; while one is (it polls for itself), the status the calls so far left.
+  Status health() const override {
+    auto* self = const_cast<NcclComm*>(this);
+    std::unique_lock<std::mutex> lock(self->state_mu_, std::try_to_lock);
+    if (!lock.owns_lock()) {
+      std::lock_guard<std::mutex> published(published_mu_);
+      return published_;
+    }
+    const Status s = self->Poll();
+    self->Publish();
+    return s;
+  }
 
  protected:
   Status DoReduceScatter(const void* send, void* recv, int64_t count, DType dtype,
@@ -208,10 +221,11 @@ class NcclComm final : public Comm {
 
   // One NCCL group for all items (device memory only; host buffers fall back to one staged call per item).
   Status DoAllGatherMany(std::span<const GatherItem> items, DType dtype, const CollectiveOptions& opts) override {
-    if (!broken_.ok()) return broken_;
-    for (const GatherItem& item : items) {
+    for (const GatherItem& item : items) {  // one call per item, each through Run (which holds the scope)
       if (IsHost(item.send) || IsHost(item.recv)) return Comm::DoAllGatherMany(items, dtype, opts);
     }
+    CallScope scope(this);
+    if (!broken_.ok()) return broken_;
     ncclDataType_t type = ncclFloat32;
     const CallInfo first{CollectiveKind::kAllGather, opts.what, items.empty() ? 0 : items[0].count, dtype,
                          ReduceOp::kSum, 0};
@@ -287,6 +301,7 @@ class NcclComm final : public Comm {
   // Host buffers (small control messages: agreement checks, norms) are staged through device memory.
   template <typename Issue>
   Status Run(const CallInfo& call, const CollectiveOptions& opts, const void* send, void* recv, Issue issue) {
+    CallScope scope(this);
     if (!broken_.ok()) return broken_;
     ncclDataType_t type = ncclFloat32;
     Status bad;
@@ -357,6 +372,7 @@ class NcclComm final : public Comm {
   // ncclCommSplit (non-blocking): a communicator over the ranks that pass `color`, ordered by `key`, with its own
   // stream and scratch, in this Comm's family. REQUIRES the call lock.
   Status SplitInto(int color, int key, const NodeTopology& topology, const char* what, std::unique_ptr<Comm>* out) {
+    CallScope scope(this);
     ZERO_RETURN_IF_ERROR(Poll());
     const CallInfo call{CollectiveKind::kBarrier, what, 0, DType::kF32, ReduceOp::kSum, 0};
     ZERO_RETURN_IF_ERROR(UseDevice(call));
@@ -597,6 +613,26 @@ class NcclComm final : public Comm {
     }
   }
 
+  // Copies a broken status to published_ for health() on other threads. REQUIRES state_mu_.
+  void Publish() {
+    if (broken_.ok()) return;
+    std::lock_guard<std::mutex> lock(published_mu_);
+    if (published_.ok()) published_ = broken_;
+  }
+
+  // state_mu_ for the duration of a call; publishes what the call left on its way out.
+  class CallScope {
+   public:
+    explicit CallScope(NcclComm* comm) : comm_(comm), lock_(comm->state_mu_) {}
+    ~CallScope() { comm_->Publish(); }
+    CallScope(const CallScope&) = delete;
+    CallScope& operator=(const CallScope&) = delete;
+
+   private:
+    NcclComm* comm_;
+    std::lock_guard<std::mutex> lock_;
+  };
+
   // Breaks with NCCL's error (its own last-error text when there is one) and aborts the communicator.
   Status Break(const CallInfo& call, ncclResult_t rc, const char* when) {
     const char* last = comm_aborted_ ? "" : ncclGetLastError(comm_);
@@ -626,6 +662,12 @@ class NcclComm final : public Comm {
   cudaEvent_t family_event_ = nullptr;  // this member's last enqueued work (guarded by family_->mu)
   Status broken_;
   bool comm_aborted_ = false;
+  // Held by every call (CallScope) and by health() while it polls: broken_, comm_aborted_, the events in flight
+  // and the communicator itself are touched by one thread at a time. health() on another thread during a call
+  // does not wait for it: it returns published_, the broken status as of the last call's end.
+  std::mutex state_mu_;
+  mutable std::mutex published_mu_;
+  Status published_;
 };
 
 // Frees what OpenNccl made before a communicator owned it.

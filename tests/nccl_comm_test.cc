@@ -7,6 +7,7 @@
 // Timeout on every other rank.
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -217,6 +218,52 @@ TEST(NcclCommTest, DuplicateAndParentBothWorkRightAfterTheSplit) {
   EXPECT_EQ(dup->counters().all_reduce, 64);
   dup.reset();  // before its parent (comm.h)
   ASSERT_TRUE(comm->Barrier().ok());
+#endif
+}
+
+// health() may be called from any thread (comm.h). A thread polling it while this one issues collectives, waited and
+// asynchronous, sees OK throughout (during a call it reads the status the calls left instead of polling NCCL
+// under the caller's feet), and the collectives give the right values; an Abort on the issuing thread then shows
+// on the other thread.
+TEST(NcclCommTest, HealthFromAnotherThreadDuringCollectives) {
+  Status s;
+  auto comm = OpenNcclWorld(&s);
+  if (!s.ok()) GTEST_SKIP() << "no GPU: " << s.message();
+#if defined(ZERO_WITH_CUDA)
+  std::atomic<bool> stop{false};
+  std::atomic<int> polls{0}, bad{0};
+  std::thread watcher([&] {
+    while (!stop.load()) {
+      if (!comm->health().ok()) bad.fetch_add(1);
+      polls.fetch_add(1);
+    }
+  });
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  DeviceFloats x(std::vector<float>(4096, 1.0f)), y(std::vector<float>(4096, 2.0f));
+  CollectiveOptions async;
+  async.stream = stream;
+  for (int i = 0; i < 100; ++i) {
+    ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 4096, DType::kF32, ReduceOp::kMax).ok());
+    ASSERT_TRUE(comm->AllReduce(y.get(), y.get(), 4096, DType::kF32, ReduceOp::kMax, async).ok());
+  }
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  ASSERT_TRUE(comm->Barrier().ok());
+  while (polls.load() < 10) std::this_thread::yield();
+  EXPECT_EQ(bad.load(), 0) << "health() on the other thread reported a broken Comm";
+  EXPECT_EQ(x.Host()[4095], 1.0f);
+  EXPECT_EQ(y.Host()[4095], 2.0f);
+  EXPECT_EQ(comm->counters().all_reduce, 2 * 100 * 4096);
+  // Every rank aborts its own Comm (so no peer waits for it), and the watcher sees it.
+  comm->Abort(Status::Internal("test: done"));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  const int before = bad.load();
+  while (bad.load() == before && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  stop = true;
+  watcher.join();
+  EXPECT_GT(bad.load(), before) << "the other thread never saw the abort";
+  EXPECT_EQ(comm->health().code(), StatusCode::kAborted) << comm->health().ToString();
+  cudaStreamDestroy(stream);
 #endif
 }
 
