@@ -66,6 +66,7 @@ struct Flags {
   int sample_tokens = 48;
   int stage = 3;
   bool offload = false;
+  std::string nvme;  // with --offload 1: the optimizer state on an NVMe tier in this directory (README "NVMe")
   // Defaults: the main job on 2 CPU ranks (scripts/example.sh), about 4 minutes of pretraining and 1 of
   // fine-tuning on 2 cores; about 1.6M tokens of fortunes and 0.4M of Bible.
   int micro = 2;             // micro-steps per optimizer step
@@ -100,7 +101,7 @@ struct Flags {
 
 const char* kUsage =
     "usage: lora_finetune [prepare|pretrain|lora|sample|merge|all] [--out DIR] [--data DIR] [--stage 0-3]\n"
-    "  [--base small|smollm2] [--gguf PATH] [--offload 0|1]\n"
+    "  [--base small|smollm2] [--gguf PATH] [--offload 0|1] [--nvme DIR]\n"
     "  [--micro M] [--batch B] [--seq S] [--pretrain-steps N] [--lora-steps N] [--pretrain-lr X] [--lora-lr X]\n"
     "  [--warmup N] [--dim D] [--layers L] [--heads H] [--kv-heads K] [--ffn F] [--r R] [--alpha A]\n"
     "  [--dropout P] [--eval-batches N] [--threads T] [--seed S] [--base-corpus fortunes|synthetic]\n"
@@ -144,6 +145,7 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
     else if (k == "--sample-tokens") ok = num(&f->sample_tokens);
     else if (k == "--stage") ok = num(&f->stage);
     else if (k == "--offload") ok = num(&f->offload);
+    else if (k == "--nvme") f->nvme = v;
     else if (k == "--micro") ok = num(&f->micro);
     else if (k == "--batch") ok = num(&f->batch);
     else if (k == "--seq") ok = num(&f->seq);
@@ -205,6 +207,7 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
   else if (f->micro < 1 || f->batch < 1 || f->seq < 2) *error = "--micro, --batch must be >= 1 and --seq >= 2";
   else if (f->pretrain_steps < 0 || f->lora_steps < 0) *error = "step counts must be >= 0";
   else if (f->offload && f->stage == 0) *error = "--offload 1 needs --stage 1, 2 or 3";
+  else if (!f->nvme.empty() && !f->offload) *error = "--nvme DIR holds the offloaded optimizer state: add --offload 1";
   else if (f->device != "auto" && f->device != "cpu" && f->device != "cuda") *error = "--device: auto, cpu or cuda";
   if (f->data.empty()) f->data = f->out + "/data";
   return error->empty();
@@ -384,6 +387,7 @@ zero::Options EngineOptions(const Flags& f, float lr) {
   zero::Options o;
   o.stage = static_cast<zero::Stage>(f.stage);
   o.offload_optimizer = f.offload;
+  o.nvme_path = f.nvme;
   o.adamw.lr = lr;
   o.adamw.weight_decay = 0.01f;
   o.clip_norm = 1.0;
@@ -447,6 +451,7 @@ void Open(const Flags& f, zero::Comm* comm, const lora::ModelConfig& model, bool
     specs.push_back(s);
   }
   Check(zero::Engine::Open(EngineOptions(f, lr), comm, specs, &run->engine), "Engine::Open");
+  if (!f.nvme.empty()) Say("offload: the optimizer state on the NVMe tier under %s\n", f.nvme.c_str());
   run->workspace = f.cuda ? lora::NewCudaWorkspace() : lora::Workspace::Host();
 }
 
