@@ -221,7 +221,7 @@ run_zeropp() {
     --benchmark_out="$out/zeropp_w4.gbench.json" --benchmark_out_format=json --benchmark_color=false 2>&1 |
     tee "$log/zeropp_w4.log" | grep -E '^(zero_bench|ZeroPP)' | cut -c1-150
   local why
-  if why=$(scripts/netns_cluster.sh check); then
+  if why=$(scripts/netns_cluster.sh check-rate); then
     scripts/netns_cluster.sh run --hosts 2 --ranks-per-host 2 --rate 100mbit --stats "$out/zeropp_cluster_links.txt" \
       -- "$bin/zero_bench_zeropp" "${zeropp_args[@]}" --ranks_per_node=0 \
       --benchmark_out="$out/zeropp_cluster.gbench.json" --benchmark_out_format=json --benchmark_color=false 2>&1 |

@@ -12,6 +12,9 @@
 #   scripts/netns_cluster.sh check
 #       exit 0 when network namespaces, veth links and a bridge can be made here; 77 printing why not (not root, or
 #       a kernel or container that forbids them)
+#   scripts/netns_cluster.sh check-rate
+#       exit 0 when, on top of that, tc can limit a link here (the tbf queueing discipline that --rate uses); 77
+#       printing why not (a kernel without sch_tbf)
 #   scripts/netns_cluster.sh run [--hosts H] [--ranks-per-host R] [--rate RATE] [--stats FILE] [--mpi-arg ARG]...
 #                                -- PROGRAM [ARGS...]
 #       makes H hosts (default 2) of R ranks (default 2), runs PROGRAM on all H*R ranks under one mpiexec, removes the
@@ -62,6 +65,21 @@ check() {
     rc=77
   elif ! err=$(ip netns exec "$probe" unshare --uts -- hostname zcprobe 2>&1); then
     echo "the kernel refuses UTS namespaces here (unshare --uts): $err"
+    rc=77
+  fi
+  ip netns del "$probe" 2>/dev/null || true
+  return "$rc"
+}
+
+check_rate() {
+  local probe="${prefix}rate" err="" rc=0
+  err=$(check) || { echo "$err"; return 77; }
+  ip netns add "$probe"
+  if ! err=$(ip netns exec "$probe" ip link add name zca type veth peer name zcb 2>&1); then
+    echo "veth: $err"
+    rc=77
+  elif ! err=$(ip netns exec "$probe" tc qdisc add dev zca root tbf rate 200mbit burst 64kb latency 200ms 2>&1); then
+    echo "the kernel refuses tc's tbf queueing discipline here (no sch_tbf?): $err"
     rc=77
   fi
   ip netns del "$probe" 2>/dev/null || true
@@ -147,6 +165,7 @@ EOF
 
 case ${1:-} in
   check) shift; check ;;
+  check-rate) shift; check_rate ;;
   run) shift; run "$@" ;;
-  *) die "usage: $0 check | run [options] -- PROGRAM [ARGS...] (see the comment at the top)" ;;
+  *) die "usage: $0 check | check-rate | run [options] -- PROGRAM [ARGS...] (see the comment at the top)" ;;
 esac

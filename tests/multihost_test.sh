@@ -4,7 +4,8 @@
 #   1. 2 hosts x 2 ranks, then 3 hosts x 1 rank: comm_topology_test, hierarchical_comm_test and engine_zeropp_test
 #      with the nodes MPI detects (ZERO_TEST_NODES = the hosts, which the topology tests require).
 #   2. The LoRA example's pretraining with ZeRO++ across 2 hosts x 2 ranks (a real trainer, a few seconds).
-#   3. zero_bench_zeropp across 2 hosts x 2 ranks with every host link limited to 200 Mbit/s: for every
+#   3. zero_bench_zeropp across 2 hosts x 2 ranks with every host link limited to 200 Mbit/s (unlimited, saying so,
+#      where the kernel has no tc tbf): for every
 #      configuration the bytes counted to other nodes equal the formula (inter_formula_ratio 1), and each host's link
 #      carried at least what its ranks counted (it also carries TCP/IP headers and MPI's own messages): the traffic
 #      zero calls inter-node went over the network.
@@ -64,7 +65,12 @@ fi
 bench=$build/bench/zero_bench_zeropp
 if [[ -x $bench ]]; then
   log=$work/bench.log
-  if "$cluster" run --hosts 2 --ranks-per-host 2 --rate 200mbit --stats "$work/links" -- "$bench" --sizes=20 \
+  rate=(--rate 200mbit)
+  if ! why=$("$cluster" check-rate); then
+    echo "multihost: links not limited (the bytes check does not need it): $why"
+    rate=()
+  fi
+  if "$cluster" run --hosts 2 --ranks-per-host 2 "${rate[@]}" --stats "$work/links" -- "$bench" --sizes=20 \
       --iterations=2 --ranks_per_node=0 --benchmark_format=csv >"$log" 2>&1; then
     ratios=$(grep '^"ZeroPP' "$log" | awk -F, '{print $12}' | sort -u | tr '\n' ' ')
     [[ $ratios == "1 " ]] || fail "counted inter-node bytes differ from the formula (inter_formula_ratio: $ratios)"
