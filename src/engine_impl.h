@@ -355,6 +355,8 @@ class Engine::Impl {
   std::string UnitName(int unit) const;
   std::string Where() const;  // "rank R, step S, micro M"
   Status ValidUnit(int unit, const char* call) const;
+  // InvalidArgument naming `call` unless 0 <= param < the number of ParamSpecs.
+  Status KnownParam(int param, const std::string& call) const;
   // The end of a micro-step (or eval pass): no unit acquired and, when `need_grads`, every unit with trainable
   // parameters got GradsReady. `call` names the caller in the message.
   Status CheckUnitsDone(const std::string& call, bool need_grads) const;
