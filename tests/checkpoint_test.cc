@@ -71,22 +71,9 @@ Options MakeOptions(const Config& c, Backend backend) {
   return o;
 }
 
-// A directory every rank sees: made by world rank 0, its name broadcast.
-std::string SharedDir(const std::string& what) {
-  char buf[256] = {};
-  if (WorldRank() == 0) {
-    std::string t = (fs::temp_directory_path() / ("zero_ckpt_" + what + "_XXXXXX")).string();
-    std::snprintf(buf, sizeof(buf), "%s", t.c_str());
-    if (mkdtemp(buf) == nullptr) buf[0] = '\0';
-  }
-  MPI_Bcast(buf, sizeof(buf), MPI_CHAR, 0, MPI_COMM_WORLD);
-  return buf;
-}
-
-void RemoveShared(const std::string& dir) {
-  MPI_Barrier(MPI_COMM_WORLD);
-  if (WorldRank() == 0) fs::remove_all(dir);
-}
+// A directory every rank sees (testing/mpi_env.h), under the system's temporary directory.
+std::string SharedDir(const std::string& what) { return MakeSharedDir(fs::temp_directory_path(), "zero_ckpt_" + what); }
+void RemoveShared(const std::string& dir) { RemoveSharedDir(dir); }
 
 // A Comm for `backend` over the first n ranks of the world (null on the others). Collective over the world. The
 // caller has made sure the backend runs here (every rank of a sub-communicator has a GPU if the world's do).

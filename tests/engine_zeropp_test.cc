@@ -298,25 +298,19 @@ TEST(EngineZeroPPTest, QuantizedTrainingStaysCloseAndIsReproducible) {
 // bits as with the shards in host memory.
 TEST(EngineZeroPPTest, ShardsOnTheNvmeTierGiveTheSameBits) {
   auto comm = NodeComm();
-  char buf[512] = {};
-  if (comm->rank() == 0) {
-    const std::string d = (std::filesystem::current_path() / ("zeropp_nvme_" + std::to_string(::getpid()))).string();
-    std::filesystem::remove_all(d);
-    std::filesystem::create_directories(d);
-    std::snprintf(buf, sizeof(buf), "%s", d.c_str());
-  }
-  ZERO_ASSERT_OK(comm->Broadcast(buf, sizeof(buf), DType::kU8, 0));
+  // Under the working directory: the tier refuses tmpfs, which the system's temporary directory may be.
+  const std::string dir = MakeSharedDir(std::filesystem::current_path(), "zeropp_nvme");
+  ASSERT_FALSE(dir.empty());
   Options host = ZeroPP(true, true, 8);
   host.offload_optimizer = host.offload_params = true;
   Options tier = host;
-  tier.nvme_path = buf;
+  tier.nvme_path = dir;
   tier.nvme_params = true;
   tier.nvme_block_bytes = 4096;
   const auto want = Train(host, comm.get(), 3, 2);
   const auto got = Train(tier, comm.get(), 3, 2);
   EXPECT_EQ(got, want);
-  ZERO_ASSERT_OK(comm->Barrier());
-  if (comm->rank() == 0) std::filesystem::remove_all(buf);
+  RemoveSharedDir(dir);
 }
 
 TEST(EngineZeroPPTest, MemoryEqualsTheEstimate) {

@@ -43,23 +43,10 @@ constexpr int kMicros = 2;
 constexpr int kGlobalBatch = 24;  // divisible by 1, 2, 3 and 4 ranks
 constexpr int kSteps = 8;
 
-// A directory every rank sees, under the working directory: made by world rank 0, its name broadcast.
-std::string SharedDir(const std::string& what) {
-  char buf[512] = {};
-  if (WorldRank() == 0) {
-    const std::string d = (fs::current_path() / ("nvme_engine_" + what + "_" + std::to_string(::getpid()))).string();
-    fs::remove_all(d);
-    fs::create_directories(d);
-    std::snprintf(buf, sizeof(buf), "%s", d.c_str());
-  }
-  MPI_Bcast(buf, sizeof(buf), MPI_CHAR, 0, MPI_COMM_WORLD);
-  return buf;
-}
-
-void RemoveShared(const std::string& dir) {
-  MPI_Barrier(MPI_COMM_WORLD);
-  if (WorldRank() == 0) fs::remove_all(dir);
-}
+// A directory every rank sees (testing/mpi_env.h), under the working directory: the tier refuses tmpfs, which the
+// system's temporary directory may be.
+std::string SharedDir(const std::string& what) { return MakeSharedDir(fs::current_path(), "nvme_engine_" + what); }
+void RemoveShared(const std::string& dir) { RemoveSharedDir(dir); }
 
 struct Case {
   const char* name;

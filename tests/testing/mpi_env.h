@@ -1,9 +1,13 @@
-// Test helpers for multi-rank suites: a Comm over MPI_COMM_WORLD with a short timeout.
+// Test helpers for multi-rank suites: a Comm over MPI_COMM_WORLD with a short timeout, and directories that every
+// rank sees.
 #pragma once
 
 #include <mpi.h>
+#include <stdlib.h>  // mkdtemp
 
 #include <chrono>
+#include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 
@@ -57,6 +61,24 @@ inline int WorldSize() {
   int n = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &n);
   return n;
+}
+
+// A new, empty directory every rank sees: made by world rank 0 under `parent` (prefix + a unique suffix), its name
+// broadcast. Collective over MPI_COMM_WORLD. "" on every rank when it could not be made.
+inline std::string MakeSharedDir(const std::filesystem::path& parent, const std::string& prefix) {
+  char buf[1024] = {};
+  if (WorldRank() == 0) {
+    std::snprintf(buf, sizeof(buf), "%s", (parent / (prefix + "_XXXXXX")).string().c_str());
+    if (mkdtemp(buf) == nullptr) buf[0] = '\0';
+  }
+  MPI_Bcast(buf, sizeof(buf), MPI_CHAR, 0, MPI_COMM_WORLD);
+  return buf;
+}
+
+// Removes a MakeSharedDir directory once every rank is done with it. Collective over MPI_COMM_WORLD.
+inline void RemoveSharedDir(const std::string& dir) {
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (WorldRank() == 0 && !dir.empty()) std::filesystem::remove_all(dir);
 }
 
 }  // namespace zero::testing
