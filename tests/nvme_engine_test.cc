@@ -63,23 +63,8 @@ struct Case {
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 Options HostOffload(const Case& c) {
-  Options o;
-  o.stage = c.stage;
-  o.optimizer = c.optimizer;
-  o.bucket_elements = 40;  // several buckets per unit, fragments that straddle parameters
-  o.clip_norm = 0.5;
-  o.adamw.lr = 1e-2f;
-  o.adamw.eps = 1e-6f;
-  o.adamw.weight_decay = 0.05f;
-  o.sgd.lr = 0.2f;
-  o.param_dtype = c.param_dtype;
-  o.grad_dtype = c.grad_dtype;
-  o.offload_optimizer = c.offload >= 1;
-  o.offload_params = c.offload >= 2;
+  Options o = StateCoverageOptions(c.stage, c.optimizer, c.param_dtype, c.grad_dtype, c.offload);
   o.persist_bytes = c.persist_bytes;
-  o.loss_scale.initial = 1024.0f;
-  o.loss_scale.growth_interval = 4;
-  o.cpu_threads = 1;
   return o;
 }
 

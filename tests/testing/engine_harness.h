@@ -265,6 +265,31 @@ inline Options SmallToyOptions(Stage stage) {
   return o;
 }
 
+// The toy model's options for suites that must reach every piece of state (checkpoints, the NVMe tier): buckets
+// of 40 elements (several per unit, fragments that straddle parameters), clipping that engages, AdamW and SGD
+// settings that move the parameters, and a loss scaler whose state changes within a short run. offload: 0 none,
+// 1 the optimizer state, 2 the parameter shards too.
+inline Options StateCoverageOptions(Stage stage, OptimizerKind optimizer, DType param_dtype, DType grad_dtype,
+                                    int offload) {
+  Options o;
+  o.stage = stage;
+  o.optimizer = optimizer;
+  o.bucket_elements = 40;
+  o.clip_norm = 0.5;
+  o.adamw.lr = 1e-2f;
+  o.adamw.eps = 1e-6f;
+  o.adamw.weight_decay = 0.05f;
+  o.sgd.lr = 0.2f;
+  o.param_dtype = param_dtype;
+  o.grad_dtype = grad_dtype;
+  o.offload_optimizer = offload >= 1;
+  o.offload_params = offload >= 2;
+  o.loss_scale.initial = 1024.0f;
+  o.loss_scale.growth_interval = 4;
+  o.cpu_threads = 1;
+  return o;
+}
+
 inline bool Contains(const Status& s, const std::string& text) {
   return s.message().find(text) != std::string::npos;
 }
