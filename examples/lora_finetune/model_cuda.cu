@@ -13,7 +13,8 @@
 //     over the group inside the product). The products cover the full T x T scores, which the causal softmax
 //     zeroes above the diagonal;
 //   - row functors (RMSNorm, the causal softmax and its backward, cross-entropy over the vocabulary) run a block
-//     of kRowLanes threads per row (BlockRow), summing in the order the CPU's SerialRow does;
+//     of kRowLanes threads per row (BlockRow, model_cuda_kernels.cuh), summing in the order the CPU's SerialRow
+//     does;
 //   - activations come from a Workspace (model_workspace.h) whose arena is one stream-ordered allocation, sized by
 //     the first pass; later passes allocate nothing. Its peak is the activation memory lora_finetune reports.
 //
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include "examples/lora_finetune/model_cuda.h"
+#include "examples/lora_finetune/model_cuda_kernels.cuh"
 #include "examples/lora_finetune/model_kernels.cuh"
 #include "examples/lora_finetune/model_layout.h"
 #include "kernels/launch.cuh"
@@ -65,74 +67,12 @@ void CublasCheck(cublasStatus_t s, const char* call, const char* file, int line)
 // zero's compute stream on the CUDA backend: the legacy default stream.
 const cudaStream_t kStream = nullptr;
 
-template <typename F>
-__global__ void ForEachKernel(int64_t n, F f) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    f(i);
-  }
-}
-
 // f(i) for i in [0, n): the CUDA instantiation of an element functor (model.cc's ForEach is the CPU one).
 template <typename F>
 void ForEach(int64_t n, const F& f) {
   if (n <= 0) return;
   ForEachKernel<<<zero::kernels::BlocksFor(n), zero::kernels::kThreads, 0, kStream>>>(n, f);
   LORA_CUDA(cudaGetLastError());
-}
-
-// The row executor of model_kernels.cuh on a block of kRowLanes threads: lane l takes elements l, l + kRowLanes,
-// ..., and partials combine pairwise in shared memory, in kernels::SerialRow's order. Every thread of the block
-// calls every method (they synchronize the block). Host code never runs it: the host branches only satisfy the
-// __host__ __device__ functors that take it.
-struct BlockRow {
-  float* shared;  // kRowLanes floats
-  int lane;
-
-  template <typename Op>
-  __host__ __device__ float Combine(float v, Op op) const {
-#ifdef __CUDA_ARCH__
-    __syncthreads();  // the previous reduction's readers of shared[0] are done
-    shared[lane] = v;
-    __syncthreads();
-    for (int s = kRowLanes / 2; s > 0; s >>= 1) {
-      if (lane < s) shared[lane] = op(shared[lane], shared[lane + s]);
-      __syncthreads();
-    }
-    return shared[0];
-#else
-    return v;
-#endif
-  }
-  template <typename F>
-  __host__ __device__ float Sum(int64_t count, const F& f) const {
-    float acc = 0.f;
-    for (int64_t i = lane; i < count; i += kRowLanes) acc += f(i);
-    return Combine(acc, [](float a, float b) { return a + b; });
-  }
-  template <typename F>
-  __host__ __device__ float Max(int64_t count, const F& f) const {
-    float acc = -INFINITY;
-    for (int64_t i = lane; i < count; i += kRowLanes) {
-      const float v = f(i);
-      acc = acc < v ? v : acc;
-    }
-    return Combine(acc, [](float a, float b) { return a < b ? b : a; });
-  }
-  template <typename F>
-  __host__ __device__ void For(int64_t count, const F& f) const {
-    for (int64_t i = lane; i < count; i += kRowLanes) f(i);
-#ifdef __CUDA_ARCH__
-    __syncthreads();  // the row's elements are written before anyone reads them
-#endif
-  }
-  __host__ __device__ bool Leader() const { return lane == 0; }
-};
-
-template <typename F>
-__global__ void RowKernel(int64_t rows, F f) {
-  __shared__ float shared[kRowLanes];
-  const BlockRow r{shared, static_cast<int>(threadIdx.x)};
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) f.Row(r, row);
 }
 
 // f.Row(r, row) for every row: one block per row (a grid-stride loop over rows beyond the grid).
