@@ -1,0 +1,200 @@
+// CUDA-on-CPU emulation for tests: runs a kernel's own source (kernels/*_kernels.cuh, the LoRA example's
+// model_cuda_kernels.cuh) in a host (g++/clang) translation unit, so that its block-level structure (indexing,
+// tiling, grid-stride loops, barrier placement, shared-memory tree reductions) is exercised where there is no GPU.
+//
+// Include it before any kernel header. It defines ZERO_CUDA_EMULATION (so kernels/device_code.cuh's
+// ZERO_DEVICE_CODE is 1, as in nvcc's device pass), the execution-space keywords as host no-ops
+// (__global__, __device__, __host__, __launch_bounds__(n); __forceinline__ is `inline`), `__shared__` as
+// `static`, the thread-local builtins threadIdx / blockIdx / blockDim / gridDim, __syncthreads(), and
+//
+//   zero::testing::Emulate(grid, block, kernel, args...)
+//
+// which runs kernel<<<grid, block>>>(args...): the blocks one after another, each as blockDim real std::threads
+// that meet at a barrier per __syncthreads(). A test picks the grid, so a small one makes grid-stride loops take
+// several iterations. Parameters are converted to the kernel's parameter types once, then each thread gets its own
+// copy (as each GPU thread reads the launch's parameters).
+//
+// What a pass shows: the kernel's indexing, bounds and per-thread arithmetic produce the expected bytes for the
+// tested shapes, and every barrier phase is entered by every live thread of the block at the same __syncthreads()
+// call site (a divergent barrier aborts, naming both sites). Threads are real threads, so a barrier that is missing
+// between a shared-memory write and another thread's read is a data race: ThreadSanitizer reports it (the tsan build
+// runs this), and without TSan it shows as a wrong result whenever the scheduler interleaves the threads (not
+// always). AddressSanitizer sees out-of-bounds global and shared accesses (shared arrays are ordinary statics).
+//
+// Limits (what a pass does not show):
+//   - blocks run sequentially, not concurrently: a race between blocks through global memory is not seen, and
+//     `__shared__` as a function-local static is correct only because one block runs at a time (a new block finds
+//     the previous block's values where a GPU leaves it undefined: a kernel that reads shared memory before writing
+//     it may pass here);
+//   - no warps: no warp-synchronous execution, shuffles, votes, warp-level or cooperative-group primitives (a kernel
+//     relying on implicit warp lockstep fails here or races; none of zero's do), no atomics on device memory, no
+//     dynamic shared memory, no streams, events or asynchronous copies; memory is host memory;
+//   - device arithmetic is the host compiler's: same IEEE fp32/fp64 operations and rounding only where both
+//     compilers contract nothing (the build passes -ffp-contract=off and nvcc --fmad=false) and the math library
+//     calls agree (expf, logf, sqrtf may differ in the last bit between glibc and CUDA's libdevice);
+//   - performance, occupancy, register or shared-memory limits, and __launch_bounds__ are not checked; an exited
+//     thread leaves the block's barrier (as on current GPUs), so early returns are allowed.
+// A block is blockDim.x * y * z threads created and joined per block: keep blocks few and sizes small.
+#pragma once
+
+#ifdef ZERO_DEVICE_CODE
+#error "tests/testing/cuda_emulation.h must be included before any kernel header (kernels/device_code.cuh)"
+#endif
+#define ZERO_CUDA_EMULATION 1
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <mutex>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kernels/device_code.cuh"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+// CUDA's builtin vector types, as the kernels use them (unsigned components).
+struct uint3 {
+  unsigned int x = 0, y = 0, z = 0;
+};
+struct dim3 {
+  unsigned int x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
+};
+
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+namespace zero::testing {
+namespace emulation_detail {
+
+// The barrier of one emulated block. A phase completes when every thread still running the kernel has arrived;
+// a thread that returns from the kernel leaves (its absence no longer holds the others). Every arrival of a phase
+// must come from one call site. Arrivals count under a mutex; waiters sleep on a futex on the phase number and
+// read it with acquire order after the releasing thread's release store, so the happens-before edges (arrivals ->
+// mutex -> release -> every waiter) are ones ThreadSanitizer models. Not a condition variable: its waiters would
+// all re-take the mutex on wake-up, which serializes a 256-thread block on two cores (about 2 ms a phase).
+class BlockBarrier {
+ public:
+  explicit BlockBarrier(int threads) : live_(threads) {}
+
+  void Arrive(int line, const char* file) {
+    uint32_t phase;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (arrived_ == 0) {
+        line_ = line;
+        file_ = file;
+      } else if (line != line_ || std::strcmp(file, file_) != 0) {
+        Die("divergent __syncthreads: threads of one block wait at %s:%d and at %s:%d", file_, line_, file, line);
+      }
+      phase = phase_.load(std::memory_order_relaxed);
+      if (++arrived_ == live_) {
+        ReleaseLocked();
+        return;
+      }
+    }
+    // A block whose threads never all arrive (one skipped this barrier and waits at a later one, or never returns)
+    // would hang the test: fail with the site instead. Generous: TSan builds on shared cores are slow.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (phase_.load(std::memory_order_acquire) == phase) {
+      timespec timeout{1, 0};
+      syscall(SYS_futex, reinterpret_cast<uint32_t*>(&phase_), FUTEX_WAIT_PRIVATE, phase, &timeout, nullptr, 0);
+      if (std::chrono::steady_clock::now() > deadline && phase_.load(std::memory_order_acquire) == phase) {
+        Die("__syncthreads at %s:%d: not every thread of the block arrived in 120 s (a thread skipped this "
+            "barrier or hangs)", file, line);
+      }
+    }
+  }
+
+  void Leave() {
+    std::lock_guard<std::mutex> lock(mu_);
+    --live_;
+    if (arrived_ > 0 && arrived_ == live_) ReleaseLocked();
+  }
+
+ private:
+  void ReleaseLocked() {
+    arrived_ = 0;
+    phase_.store(phase_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&phase_), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+  }
+  template <typename... A>
+  [[noreturn]] static void Die(const char* format, A... args) {
+    std::fprintf(stderr, "cuda emulation: ");
+    std::fprintf(stderr, format, args...);
+    std::fprintf(stderr, "\n");
+    std::abort();
+  }
+
+  static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t) && std::atomic<uint32_t>::is_always_lock_free,
+                "the futex word is the atomic's own storage");
+  std::mutex mu_;
+  int live_;                        // threads still running the kernel
+  int arrived_ = 0;                 // arrivals in the current phase
+  std::atomic<uint32_t> phase_{0};  // phases completed (the futex word)
+  int line_ = 0;                    // the current phase's call site
+  const char* file_ = "";
+};
+
+inline thread_local BlockBarrier* current_barrier = nullptr;
+
+}  // namespace emulation_detail
+
+// Runs kernel<<<grid, block>>>(args...) on the CPU; returns when every block has finished.
+template <typename... Params, typename... Args>
+void Emulate(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "a launch passes one argument per kernel parameter");
+  const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  for (unsigned int bz = 0; bz < grid.z; ++bz) {
+    for (unsigned int by = 0; by < grid.y; ++by) {
+      for (unsigned int bx = 0; bx < grid.x; ++bx) {
+        emulation_detail::BlockBarrier barrier(threads);
+        std::vector<std::thread> pool;
+        pool.reserve(static_cast<size_t>(threads));
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            threadIdx = uint3{static_cast<unsigned int>(t) % block.x, static_cast<unsigned int>(t) / block.x % block.y,
+                              static_cast<unsigned int>(t) / (block.x * block.y)};
+            blockIdx = uint3{bx, by, bz};
+            blockDim = block;
+            gridDim = grid;
+            emulation_detail::current_barrier = &barrier;
+            std::tuple<std::decay_t<Params>...> own = params;
+            std::apply(kernel, std::move(own));
+            barrier.Leave();
+            emulation_detail::current_barrier = nullptr;
+          });
+        }
+        for (std::thread& th : pool) th.join();
+      }
+    }
+  }
+}
+
+}  // namespace zero::testing
+
+// The block barrier. The call site (builtins, as clang 14 has no std::source_location) identifies the barrier.
+inline void __syncthreads(int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
+  zero::testing::emulation_detail::current_barrier->Arrive(line, file);
+}
