@@ -14,6 +14,7 @@
 // a missing barrier between a shared-memory write and another thread's read is a reported race.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,7 +22,9 @@
 #include <vector>
 
 // First among the project's headers: the kernel headers below compile as emulated device code.
+// clang-format off
 #include "testing/cuda_emulation.h"
+// clang-format on
 
 #include "examples/lora_finetune/model_cuda_kernels.cuh"
 #include "examples/lora_finetune/model_kernels.cuh"
@@ -64,8 +67,8 @@ std::vector<uint8_t> SumSquaresData(int64_t n, DType dtype, uint32_t seed, bool 
     if (dtype == DType::kF32) {
       std::memcpy(bytes.data() + i * 4, &v[static_cast<size_t>(i)], 4);
     } else {
-      const uint16_t h = dtype == DType::kBF16 ? FloatToBf16(v[static_cast<size_t>(i)])
-                                               : FloatToF16(v[static_cast<size_t>(i)]);
+      const uint16_t h =
+          dtype == DType::kBF16 ? FloatToBf16(v[static_cast<size_t>(i)]) : FloatToF16(v[static_cast<size_t>(i)]);
       std::memcpy(bytes.data() + i * 2, &h, 2);
     }
   }
@@ -261,11 +264,12 @@ TEST(CudaEmulationRowTest, RmsNormForwardAndBackward) {
       std::vector<float> inv;
     };
     const Fwd fwd{Values<float>(kRows * d, 1, -3.f, 3.f), Values<Bf16>(d, 2, 0.5f, 1.5f),
-                  std::vector<Bf16>(static_cast<size_t>(kRows * d), Bf16{0x7fc1}),
-                  std::vector<float>(kRows, -1.f)};
+                  std::vector<Bf16>(static_cast<size_t>(kRows * d), Bf16{0x7fc1}), std::vector<float>(kRows, -1.f)};
     ExpectRowKernelLikeSerial(
         kRows, fwd,
-        [d](Fwd& s) { return kernels::RmsNormRow<float, Bf16, Bf16>{s.x.data(), s.w.data(), s.y.data(), s.inv.data(), d, 1e-5f}; },
+        [d](Fwd& s) {
+          return kernels::RmsNormRow<float, Bf16, Bf16>{s.x.data(), s.w.data(), s.y.data(), s.inv.data(), d, 1e-5f};
+        },
         [](const Fwd& a, const Fwd& b) {
           EXPECT_TRUE(SameBytes(a.y, b.y));
           EXPECT_TRUE(SameBytes(a.inv, b.inv));
@@ -282,8 +286,8 @@ TEST(CudaEmulationRowTest, RmsNormForwardAndBackward) {
     ExpectRowKernelLikeSerial(
         kRows, bwd,
         [d](Bwd& s) {
-          return kernels::RmsNormBackwardRow<float, Bf16>{s.x.data(), s.w.data(), s.inv.data(), s.dy.data(),
-                                                          s.dx.data(), d};
+          return kernels::RmsNormBackwardRow<float, Bf16>{s.x.data(),  s.w.data(),  s.inv.data(),
+                                                          s.dy.data(), s.dx.data(), d};
         },
         [](const Bwd& a, const Bwd& b) { EXPECT_TRUE(SameBytes(a.dx, b.dx)); });
   }
@@ -352,7 +356,9 @@ TEST(CudaEmulationRowTest, CrossEntropyAndItsGradient) {
     const Xent xent{Values<float>(kRows * V, 11, -6.f, 6.f), std::vector<double>(kRows, -1.0)};
     ExpectRowKernelLikeSerial(
         kRows, xent,
-        [&](Xent& s) { return kernels::SoftmaxXentRow{s.logits.data(), targets.data(), s.loss.data(), V}; },
+        [&](Xent& s) {
+          return kernels::SoftmaxXentRow{s.logits.data(), targets.data(), s.loss.data(), V};
+        },
         [](const Xent& a, const Xent& b) {
           EXPECT_TRUE(SameBytes(a.logits, b.logits));
           EXPECT_TRUE(SameBytes(a.loss, b.loss));
@@ -362,10 +368,13 @@ TEST(CudaEmulationRowTest, CrossEntropyAndItsGradient) {
       std::vector<float> p;
       std::vector<Bf16> d;
     };
-    const Grad grad{Values<float>(kRows * V, 12, 0.f, 1.f), std::vector<Bf16>(static_cast<size_t>(kRows * V), Bf16{0x7fc1})};
+    const Grad grad{Values<float>(kRows * V, 12, 0.f, 1.f),
+                    std::vector<Bf16>(static_cast<size_t>(kRows * V), Bf16{0x7fc1})};
     ExpectRowKernelLikeSerial(
         kRows, grad,
-        [&](Grad& s) { return kernels::XentGradRow<Bf16>{s.p.data(), s.d.data(), targets.data(), V, 0.25f}; },
+        [&](Grad& s) {
+          return kernels::XentGradRow<Bf16>{s.p.data(), s.d.data(), targets.data(), V, 0.25f};
+        },
         [](const Grad& a, const Grad& b) { EXPECT_TRUE(SameBytes(a.d, b.d)); });
   }
 }
@@ -376,7 +385,9 @@ TEST(CudaEmulationRowTest, ForEachKernelEqualsSerialLoop) {
   const int64_t rows = 6, d = 150, n = rows * d;
   const std::vector<float> g = Values<float>(n, 13, -4.f, 4.f), u = Values<float>(n, 14, -2.f, 2.f);
   std::vector<Bf16> h_serial(static_cast<size_t>(n), Bf16{0x7fc1}), h_emulated = h_serial;
-  const auto swiglu = [&](std::vector<Bf16>& h) { return kernels::SwiGluElement<float, Bf16>{g.data(), u.data(), h.data()}; };
+  const auto swiglu = [&](std::vector<Bf16>& h) {
+    return kernels::SwiGluElement<float, Bf16>{g.data(), u.data(), h.data()};
+  };
   for (int64_t i = 0; i < n; ++i) swiglu(h_serial)(i);
   Emulate(dim3(2), dim3(32), ForEachKernel<decltype(swiglu(h_emulated))>, n, swiglu(h_emulated));
   EXPECT_TRUE(SameBytes(h_serial, h_emulated));

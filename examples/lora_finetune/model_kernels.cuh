@@ -62,8 +62,8 @@ ZERO_HD bool Keep(uint64_t seed, uint64_t stream, int64_t i, float dropout) {
 //   r.For(count, f)  f(i) for every i < count (independent elements);
 //   r.Leader()       true on the one thread that writes the row's scalars.
 // f may write element i (it is called once per i). SerialRow runs a row on one thread (the CPU model, the tests);
-// model_cuda.cu's BlockRow runs it on a block of kRowLanes threads. Both sum in one order: lane l adds elements
-// l, l + kRowLanes, l + 2 kRowLanes, ... to a partial that starts at 0, then the lanes combine pairwise
+// model_cuda_kernels.cuh's BlockRow runs it on a block of kRowLanes threads. Both sum in one order: lane l adds
+// elements l, l + kRowLanes, l + 2 kRowLanes, ... to a partial that starts at 0, then the lanes combine pairwise
 // (lane l += lane l + s, for s = kRowLanes / 2, ..., 1; lane 0 is the sum). So a row's sums have the same bits on
 // either device whenever its elements do.
 inline constexpr int kRowLanes = 256;

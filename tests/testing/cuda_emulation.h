@@ -121,7 +121,8 @@ class BlockBarrier {
       syscall(SYS_futex, reinterpret_cast<uint32_t*>(&phase_), FUTEX_WAIT_PRIVATE, phase, &timeout, nullptr, 0);
       if (std::chrono::steady_clock::now() > deadline && phase_.load(std::memory_order_acquire) == phase) {
         Die("__syncthreads at %s:%d: not every thread of the block arrived in 120 s (a thread skipped this "
-            "barrier or hangs)", file, line);
+            "barrier or hangs)",
+            file, line);
       }
     }
   }
