@@ -33,7 +33,10 @@
 //     compilers contract nothing (the build passes -ffp-contract=off and nvcc --fmad=false) and the math library
 //     calls agree (expf, logf, sqrtf may differ in the last bit between glibc and CUDA's libdevice);
 //   - performance, occupancy, register or shared-memory limits, and __launch_bounds__ are not checked; an exited
-//     thread leaves the block's barrier (as on current GPUs), so early returns are allowed.
+//     thread leaves the block's barrier (as on current GPUs), so early returns are allowed, and a barrier that some
+//     threads reach more often than others at one site is caught only when the others never arrive (it aborts
+//     after 120 s) -- not when they exit first;
+//   - one launch at a time per process (the statics standing for shared memory are per kernel, not per launch).
 // A block is blockDim.x * y * z threads created and joined per block: keep blocks few and sizes small.
 #pragma once
 
