@@ -337,13 +337,17 @@ class NcclComm final : public Comm {
       ZERO_RETURN_IF_ERROR(MarkFamily(call, caller));
       return Track(call, caller);
     }
-    if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(Follow(call, static_cast<cudaStream_t>(opts.stream)));
-    ZERO_RETURN_IF_ERROR(AfterFamily(call, stream_));
     if (!staged) {
+      if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(Follow(call, static_cast<cudaStream_t>(opts.stream)));
+      ZERO_RETURN_IF_ERROR(AfterFamily(call, stream_));
       ZERO_RETURN_IF_ERROR(Settle(call, issue(send, recv, type, stream_), "enqueue"));
       ZERO_RETURN_IF_ERROR(MarkFamily(call, stream_));
       return Wait(call);
     }
+    // The host data goes up BEFORE this stream is made to wait for the caller's stream and the family: a copy from
+    // pageable memory "may synchronize with the stream" (the runtime's API synchronization notes), and behind those
+    // waits that is the engine's queued collectives, a wait with no timeout when a peer stalls. Here the stream is
+    // idle (every earlier call on it was waited for), so the copy cannot wait for anything.
     ZERO_RETURN_IF_ERROR(EnsureStage(call, send_bytes + recv_bytes + kStageAlign));
     char* stage_send = static_cast<char*>(stage_);
     char* stage_recv = stage_send + (send_bytes + kStageAlign - 1) / kStageAlign * kStageAlign;
@@ -354,6 +358,8 @@ class NcclComm final : public Comm {
       crc = cudaMemcpyAsync(stage_recv, recv, recv_bytes, cudaMemcpyHostToDevice, stream_);
     }
     if (crc != cudaSuccess) return CudaBreak(call, crc);
+    if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(Follow(call, static_cast<cudaStream_t>(opts.stream)));
+    ZERO_RETURN_IF_ERROR(AfterFamily(call, stream_));
     ZERO_RETURN_IF_ERROR(Settle(call, issue(stage_send, stage_recv, type, stream_), "enqueue"));
     ZERO_RETURN_IF_ERROR(MarkFamily(call, stream_));
     ZERO_RETURN_IF_ERROR(Wait(call));
@@ -468,15 +474,25 @@ class NcclComm final : public Comm {
     return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, crc);
   }
 
-  // Grows the staging buffer (control messages only, so at most kMaxStagedBytes plus alignment).
+  // The staging buffer, allocated once at its largest (control messages: at most kMaxStagedBytes plus alignment)
+  // and freed with the Comm: growing it would cudaFree the old one, and cudaFree waits for the whole device, NCCL
+  // kernels of the engine's queued collectives included (no timeout when a peer stalls).
   Status EnsureStage(const CallInfo& call, size_t bytes) {
     if (bytes <= stage_bytes_) return Status::Ok();
-    if (stage_ != nullptr) cudaFree(stage_);
-    stage_ = nullptr;
-    stage_bytes_ = 0;
-    const cudaError_t crc = cudaMalloc(&stage_, bytes);
-    if (crc != cudaSuccess) return CudaBreak(call, crc);
-    stage_bytes_ = bytes;
+    const size_t largest = kMaxStagedBytes + kStageAlign;
+    if (bytes > largest || stage_ != nullptr) {  // unreachable: Run refuses larger messages before it gets here
+      broken_ = Status::Internal(internal::DescribeCall(call) + " on rank " + std::to_string(rank()) + ": " +
+                                 std::to_string(bytes) + " bytes of staging requested, more than the " +
+                                 std::to_string(largest) + " allocated");
+      AbortNccl();  // peers wait for this rank's part
+      return broken_;
+    }
+    const cudaError_t crc = cudaMalloc(&stage_, largest);
+    if (crc != cudaSuccess) {
+      stage_ = nullptr;
+      return CudaBreak(call, crc);
+    }
+    stage_bytes_ = largest;
     return Status::Ok();
   }
 
