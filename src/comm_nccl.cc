@@ -17,11 +17,14 @@
 // completed ones through events and times out the oldest. Without a stream, or with host buffers (staged), a call
 // runs on this Comm's own stream (after the caller's stream's earlier work) and polls cudaStreamQuery and
 // ncclCommGetAsyncError against CommOptions::timeout. On an NCCL error the Comm breaks with NCCL's own error
-// string (ncclGetLastError); on a timeout it calls ncclCommAbort, so a peer whose kernel waits for this rank gets
-// an error from its NCCL instead of spinning forever, and breaks with a status naming the collective. Every
-// later call returns the breaking status. Buffers are device memory; counts are elements; the in-place forms
-// are NCCL's. A failed CUDA call's error is cleared from the runtime's last-error state once it is turned into a
-// status, so that it is not reported again by an unrelated kernel launch check.
+// string (ncclGetLastError); on a timeout it calls ncclCommAbort (this rank's kernels stop; a peer over a network
+// transport sees its connections fail and breaks on its NCCL's asynchronous error, a peer on the same node (P2P,
+// SHM) on its own timeout: NCCL cannot tell it why, so peers get kTimeout or kInternal, never Abort's reason) and
+// breaks with a status naming the collective. Every later call returns the breaking status. health() and Abort()
+// make this Comm's GPU the calling thread's current device, as every collective does. Buffers are device memory;
+// counts are elements; the in-place forms are NCCL's. A failed CUDA call's error is cleared from the runtime's
+// last-error state once it is turned into a status, so that it is not reported again by an unrelated kernel
+// launch check.
 //
 // A family: a Comm and its Duplicates (the engine's private communicator, comm.h) are separate NCCL communicators,
 // and NCCL does not allow the kernels of two communicators to run at the same time unless every rank orders them
@@ -162,6 +165,9 @@ class NcclComm final : public Comm {
   void Abort(const Status& reason) override {
     CallScope scope(this);
     if (!broken_.ok()) return;
+    // ncclCommAbort switches to the communicator's device and back to the caller's; on a foreign thread "back" is
+    // device 0, and since CUDA 12 cudaSetDevice initializes that device's context.
+    CurrentDeviceForForeignThread();
     broken_ = internal::AbortedBy(rank(), internal::AbortReasonText(reason));
     AbortNccl();  // peers' pending collectives with this rank fail in their NCCL
   }
@@ -175,6 +181,7 @@ class NcclComm final : public Comm {
       std::lock_guard<std::mutex> published(published_mu_);
       return published_;
     }
+    self->CurrentDeviceForForeignThread();
     const Status s = self->Poll();
     self->Publish();
     return s;
@@ -438,6 +445,12 @@ class NcclComm final : public Comm {
       default: *send_bytes = 0; *recv_bytes = 0; break;
     }
   }
+
+  // health() and Abort() on a thread other than the issuing one (comm.h allows it): a thread that never chose a
+  // device has device 0 current, and its first runtime call (cudaEventQuery) creates a primary context there, about
+  // half a GiB of GPU 0 per rank on a node whose other ranks use GPUs 1..n-1. Making this Comm's device current
+  // first costs nothing on the issuing thread (every call does it) and creates no context.
+  void CurrentDeviceForForeignThread() { (void)Reported(cudaSetDevice(device_)); }
 
   // The calling thread's current device is this Comm's (NCCL enqueues on it; the stream and staging are on it).
   Status UseDevice(const CallInfo& call) {
