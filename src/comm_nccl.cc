@@ -468,10 +468,11 @@ class NcclComm final : public Comm {
     }
     return Status::Ok();
   }
-  // Records this member's last enqueued work, on `target`, for the family's next calls.
+  // Records this member's last enqueued work, on `target`, for the family's next calls. Also while it is alone: a
+  // Duplicate made later must still find the work this Comm left in flight (asynchronous collectives on the
+  // caller's stream) and run its first collectives after it.
   Status MarkFamily(const CallInfo& call, cudaStream_t target) {
     std::lock_guard<std::mutex> lock(family_->mu);
-    if (family_->members.size() < 2) return Status::Ok();  // alone: nobody waits for it
     cudaError_t crc = cudaSuccess;
     if (family_event_ == nullptr) crc = cudaEventCreateWithFlags(&family_event_, cudaEventDisableTiming);
     if (crc == cudaSuccess) crc = cudaEventRecord(family_event_, target);
