@@ -585,11 +585,14 @@ class NcclComm final : public Comm {
   Status Poll() {
     if (!broken_.ok()) return broken_;
     ncclResult_t async = ncclSuccess;
-    if (ncclCommGetAsyncError(comm_, &async) != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
+    const ncclResult_t query = ncclCommGetAsyncError(comm_, &async);
+    if (query != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
       const std::string what = inflight_.empty() ? std::string("a collective") : inflight_.front().what;
       const char* last = ncclGetLastError(comm_);
+      // A failed query leaves `async` unwritten: its own code is the news then.
       broken_ = Status::Internal(what + " on rank " + std::to_string(rank()) + ": NCCL asynchronous error: " +
-                                 ncclGetErrorString(async) + (last && *last ? std::string(" (") + last + ")" : "") +
+                                 ncclGetErrorString(query != ncclSuccess ? query : async) +
+                                 (last && *last ? std::string(" (") + last + ")" : "") +
                                  "; this communicator is now unusable");
       AbortNccl();
       return broken_;
@@ -627,8 +630,9 @@ class NcclComm final : public Comm {
     for (int polls = 0;; ++polls) {
       ZERO_RETURN_IF_ERROR(Poll());  // an earlier asynchronous collective that is stuck is the one to name
       ncclResult_t async = ncclSuccess;
-      if (ncclCommGetAsyncError(comm_, &async) != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
-        return Break(call, async, "asynchronous error");
+      const ncclResult_t query = ncclCommGetAsyncError(comm_, &async);
+      if (query != ncclSuccess || (async != ncclSuccess && async != ncclInProgress)) {
+        return Break(call, query != ncclSuccess ? query : async, "asynchronous error");
       }
       const cudaError_t q = Queried(cudaStreamQuery(stream_));
       if (q == cudaSuccess && async == ncclSuccess) return Status::Ok();
