@@ -8,7 +8,8 @@
 // init failure with no hint; here it is refused up front, saying what to do instead.
 #pragma once
 
-#include <cstring>
+#include <cerrno>
+#include <cstdlib>
 #include <string>
 
 namespace zero::internal {
@@ -19,6 +20,16 @@ inline constexpr int kNcclMultiRankGpuVersion = 23000;
 // "2.28.9" from ncclGetVersion's integer.
 inline std::string NcclVersionText(int code) {
   return std::to_string(code / 10000) + "." + std::to_string(code / 100 % 100) + "." + std::to_string(code % 100);
+}
+
+// Whether NCCL reads `value` of a boolean parameter such as NCCL_MULTI_RANK_GPU_ENABLE as set: NCCL parses it with
+// strtoll(value, nullptr, 0) and takes any non-zero integer ("1", "2", "0x1", " 1"); empty, "0" and words are 0.
+// Comparing with "1" would refuse a launch that NCCL itself accepts.
+inline bool NcclParamSet(const char* value) {
+  if (value == nullptr || *value == '\0') return false;
+  errno = 0;
+  const long long v = std::strtoll(value, nullptr, 0);
+  return errno == 0 && v != 0;
 }
 
 struct GpuPlacement {
@@ -39,15 +50,16 @@ inline GpuPlacement PlaceRankOnGpu(int local_rank, int local_ranks, int gpus, in
     p.device = local_rank;
     return p;
   }
-  const bool asked = multi_rank_env != nullptr && std::strcmp(multi_rank_env, "1") == 0;
+  const bool asked = NcclParamSet(multi_rank_env);
   if (asked && nccl_version >= kNcclMultiRankGpuVersion) {
     p.device = local_rank % gpus;
     return p;
   }
   p.refusal = std::to_string(local_ranks) + " ranks on this node share its " + std::to_string(gpus) +
               (gpus == 1 ? " GPU" : " GPUs") + ", and NCCL " + NcclVersionText(nccl_version) +
-              (asked ? " is older than 2.30, the first NCCL that lets ranks share a GPU "
-                       "(NCCL_MULTI_RANK_GPU_ENABLE=1 is set but has no effect)"
+              (asked ? std::string(" is older than 2.30, the first NCCL that lets ranks share a GPU "
+                                   "(NCCL_MULTI_RANK_GPU_ENABLE=") +
+                           multi_rank_env + " is set but has no effect)"
                      : " gives each rank a GPU of its own unless NCCL_MULTI_RANK_GPU_ENABLE=1 is set (NCCL >= 2.30)") +
               "; start at most " + std::to_string(gpus) + " rank(s) per node, or use Comm::OpenMpi with "
               "Backend::kCpu";

@@ -66,6 +66,17 @@ TEST(NcclPlacementTest, OneGpuPerRankUnlessTheNcclLetsRanksShare) {
   // Without the variable (or with another value) 2.30 keeps one rank per GPU, as NCCL itself does.
   EXPECT_EQ(PlaceRankOnGpu(1, 2, 1, 23007, nullptr).device, -1);
   EXPECT_EQ(PlaceRankOnGpu(1, 2, 1, 23007, "0").device, -1);
+  // NCCL reads the variable as an integer (strtoll, base 0) and enables sharing for any non-zero value: "2", "0x1"
+  // and " 1" are asked too, and must not be refused where NCCL would accept them; an empty value and words are 0.
+  for (const char* yes : {"2", "0x1", " 1", "01"}) {
+    EXPECT_EQ(PlaceRankOnGpu(1, 2, 1, 23007, yes).device, 0) << "'" << yes << "'";
+  }
+  for (const char* no : {"", "00", "0x0", "yes", "true"}) {
+    EXPECT_EQ(PlaceRankOnGpu(1, 2, 1, 23007, no).device, -1) << "'" << no << "'";
+  }
+  EXPECT_NE(PlaceRankOnGpu(1, 2, 1, 22907, "2").refusal.find("NCCL_MULTI_RANK_GPU_ENABLE=2 is set but has no effect"),
+            std::string::npos)
+      << PlaceRankOnGpu(1, 2, 1, 22907, "2").refusal;
   // No GPU at all.
   EXPECT_EQ(PlaceRankOnGpu(0, 1, 0, 23007, "1").refusal, "no CUDA device");
   EXPECT_EQ(internal::NcclVersionText(23007), "2.30.7");
