@@ -311,13 +311,25 @@ TEST(NcclCommPeerTest, StalledPeerEndsInTimeoutOnTheOthers) {
   } else {
     Status got;
     if (r % 2 == 0) {
-      // In flight on the caller's stream; health() is the watchdog.
+      // In flight on the caller's stream; the watchdog is a staged control call's wait (ranks 0, 4, ...) or
+      // health() (ranks 2, 6, ...).
       cudaStream_t stream = nullptr;
       ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
       CollectiveOptions co;
       co.stream = stream;
       co.what = "bucket 7 of the stall test";
       got = comm->AllReduce(x.get(), x.get(), 1024, DType::kF32, ReduceOp::kSum, co);
+      if (got.ok() && r % 4 == 0) {
+        // What the engine does next (its agreement check): a control collective on host memory, ordered after the
+        // caller's stream. Its wait is the watchdog; before its host data went up ahead of the waits, the
+        // pageable copy could block behind the stalled collective, with no timeout.
+        CollectiveOptions control;
+        control.stream = stream;
+        control.control = true;
+        control.what = "agreement after the stall";
+        double flag = 1.0;
+        got = comm->AllReduce(&flag, &flag, 1, DType::kF64, ReduceOp::kSum, control);
+      }
       while (got.ok() && std::chrono::steady_clock::now() - start < kTimeout * 5) {
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
         got = comm->health();
