@@ -148,9 +148,12 @@ class CudaDevice final : public Device {
     *out = std::make_unique<CudaStream>(stream, name);
     return Status::Ok();
   }
+  // On this device (an event recorded on another device's stream fails): the caller's current device may be
+  // another one by now, NewStream and RawAllocate set it for the same reason.
   Status NewEvent(std::unique_ptr<Event>* out) override {
     cudaEvent_t e = nullptr;
-    const cudaError_t rc = cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
+    cudaError_t rc = cudaSetDevice(ordinal_);
+    if (rc == cudaSuccess) rc = cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
     if (rc != cudaSuccess) return CudaError("cudaEventCreateWithFlags", rc);
     *out = std::make_unique<CudaEvent>(e);
     return Status::Ok();
@@ -264,9 +267,13 @@ class CudaDevice final : public Device {
         return p;
       case MemoryKind::kPinnedHost:
         return pinned_.Allocate(bytes);
-      case MemoryKind::kPageableHost:
-        p = std::calloc(1, n);
+      case MemoryKind::kPageableHost: {
+        // 64-byte aligned like every Device allocation (device.h); calloc gives 16.
+        const size_t rounded = (n + kHostAlign - 1) / kHostAlign * kHostAlign;
+        p = std::aligned_alloc(kHostAlign, rounded);
+        if (p != nullptr) std::memset(p, 0, rounded);
         return p;
+      }
       case MemoryKind::kNvme:  // the tier's files are not memory (Device::Allocate refuses them)
         return nullptr;
     }
@@ -282,6 +289,7 @@ class CudaDevice final : public Device {
   }
 
  private:
+  static constexpr size_t kHostAlign = 64;
   static cudaStream_t Native(void* stream) { return static_cast<cudaStream_t>(stream); }
   // The engine validates dtypes at Open: gradients are kF32, kBF16 or kF16.
   static kernels::GradKind Grad(DType dtype) {
