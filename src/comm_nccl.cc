@@ -13,18 +13,17 @@
 // against CommOptions::timeout, aborting on expiry) before anything is recorded after it or the call returns.
 //
 // Waiting: a collective with a caller's stream (CollectiveOptions::stream: the engine's communication stream) is
-// enqueued there and returns once enqueued; a watchdog (Poll, run by every call and by health()) retires
-// completed ones through events and times out the oldest. Without a stream, or with host buffers (staged), a call
-// runs on this Comm's own stream (after the caller's stream's earlier work) and polls cudaStreamQuery and
-// ncclCommGetAsyncError against CommOptions::timeout. On an NCCL error the Comm breaks with NCCL's own error
-// string (ncclGetLastError); on a timeout it calls ncclCommAbort (this rank's kernels stop; a peer over a network
-// transport sees its connections fail and breaks on its NCCL's asynchronous error, a peer on the same node (P2P,
-// SHM) on its own timeout: NCCL cannot tell it why, so peers get kTimeout or kInternal, never Abort's reason) and
-// breaks with a status naming the collective. Every later call returns the breaking status. health() and Abort()
-// make this Comm's GPU the calling thread's current device, as every collective does. Buffers are device memory;
-// counts are elements; the in-place forms are NCCL's. A failed CUDA call's error is cleared from the runtime's
-// last-error state once it is turned into a status, so that it is not reported again by an unrelated kernel
-// launch check.
+// enqueued there and returns once enqueued; a watchdog (Poll, run by every call and by health()) retires completed ones
+// through events and times out the oldest. Without a stream, or with host buffers (staged), a call runs on this Comm's
+// own stream (after the caller's stream's earlier work, which a staged call first waits for on the host) and polls
+// cudaStreamQuery and ncclCommGetAsyncError against CommOptions::timeout. On an NCCL error the Comm breaks with NCCL's
+// own error string (ncclGetLastError); on a timeout it calls ncclCommAbort (this rank's kernels stop; a peer over a
+// network transport sees its connections fail and breaks on its NCCL's asynchronous error, a peer on the same node
+// (P2P, SHM) on its own timeout: NCCL cannot tell it why, so peers get kTimeout or kInternal, never Abort's reason) and
+// breaks with a status naming the collective. Every later call returns the breaking status. health() and Abort() make
+// this Comm's GPU the calling thread's current device, as every collective does. Buffers are device memory; counts are
+// elements; the in-place forms are NCCL's. A failed CUDA call's error is cleared from the runtime's last-error state
+// once it is turned into a status, so that it is not reported again by an unrelated kernel launch check.
 //
 // A family: a Comm and its Duplicates (the engine's private communicator, comm.h) are separate NCCL communicators,
 // and NCCL does not allow the kernels of two communicators to run at the same time unless every rank orders them
@@ -351,10 +350,14 @@ class NcclComm final : public Comm {
       ZERO_RETURN_IF_ERROR(MarkFamily(call, stream_));
       return Wait(call);
     }
-    // The host data goes up BEFORE this stream is made to wait for the caller's stream and the family: a copy from
-    // pageable memory "may synchronize with the stream" (the runtime's API synchronization notes), and behind those
-    // waits that is the engine's queued collectives, a wait with no timeout when a peer stalls. Here the stream is
-    // idle (every earlier call on it was waited for), so the copy cannot wait for anything.
+    // Host data is read when the copy is issued if it is pageable (staged by the CPU), in stream order if pinned;
+    // either way it must come after the caller's stream's earlier work (which may write it, e.g. a D2H copy) and
+    // the copy must not wait for the stream without a timeout: a copy from pageable memory "may synchronize with
+    // the stream" (the runtime's API synchronization notes), and behind the caller's stream and the family's last
+    // work are queued collectives that never finish when a peer stalls. So the caller's stream is drained first,
+    // polled against the timeout with the watchdog running, and the copy goes up while this Comm's stream is idle
+    // (every earlier call on it was waited for), before it is made to wait for the family.
+    if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(DrainCaller(call, static_cast<cudaStream_t>(opts.stream)));
     ZERO_RETURN_IF_ERROR(EnsureStage(call, send_bytes + recv_bytes + kStageAlign));
     char* stage_send = static_cast<char*>(stage_);
     char* stage_recv = stage_send + (send_bytes + kStageAlign - 1) / kStageAlign * kStageAlign;
@@ -365,7 +368,6 @@ class NcclComm final : public Comm {
       crc = cudaMemcpyAsync(stage_recv, recv, recv_bytes, cudaMemcpyHostToDevice, stream_);
     }
     if (crc != cudaSuccess) return CudaBreak(call, crc);
-    if (opts.stream != nullptr) ZERO_RETURN_IF_ERROR(Follow(call, static_cast<cudaStream_t>(opts.stream)));
     ZERO_RETURN_IF_ERROR(AfterFamily(call, stream_));
     ZERO_RETURN_IF_ERROR(Settle(call, issue(stage_send, stage_recv, type, stream_), "enqueue"));
     ZERO_RETURN_IF_ERROR(MarkFamily(call, stream_));
@@ -477,6 +479,21 @@ class NcclComm final : public Comm {
     if (family_event_ == nullptr) crc = cudaEventCreateWithFlags(&family_event_, cudaEventDisableTiming);
     if (crc == cudaSuccess) crc = cudaEventRecord(family_event_, target);
     return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, Reported(crc));
+  }
+
+  // Returns once the work `caller` has so far has run (a staged call's host data may depend on it), polling with
+  // the watchdog (an asynchronous collective of this Comm that is stuck there is the one to name) against the
+  // timeout.
+  Status DrainCaller(const CallInfo& call, cudaStream_t caller) {
+    const auto deadline = Clock::now() + options_.timeout;
+    for (int polls = 0;; ++polls) {
+      ZERO_RETURN_IF_ERROR(Poll());
+      const cudaError_t q = Queried(cudaStreamQuery(caller));
+      if (q == cudaSuccess) return Status::Ok();
+      if (q != cudaErrorNotReady) return CudaBreak(call, q);
+      if (Clock::now() >= deadline) return TimedOut(call, "did not see the caller's stream drain");
+      if (polls >= kSpinPolls) std::this_thread::sleep_for(kNap);
+    }
   }
 
   // This Comm's stream waits for the work `caller` has so far (the engine's communication stream).

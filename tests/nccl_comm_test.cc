@@ -320,9 +320,10 @@ TEST(NcclCommPeerTest, StalledPeerEndsInTimeoutOnTheOthers) {
       co.what = "bucket 7 of the stall test";
       got = comm->AllReduce(x.get(), x.get(), 1024, DType::kF32, ReduceOp::kSum, co);
       if (got.ok() && r % 4 == 0) {
-        // What the engine does next (its agreement check): a control collective on host memory, ordered after the
-        // caller's stream. Its wait is the watchdog; before its host data went up ahead of the waits, the
-        // pageable copy could block behind the stalled collective, with no timeout.
+        // A control collective on host memory ordered after the caller's stream (CollectiveOptions::stream): it
+        // waits for that stream on the host with the watchdog running, so it ends in the Timeout naming the stalled
+        // collective. Its pageable copy used to be issued behind a GPU-side wait for that stream, where the
+        // runtime may block the host with no timeout.
         CollectiveOptions control;
         control.stream = stream;
         control.control = true;
