@@ -362,17 +362,18 @@ class NcclComm final : public Comm {
     char* stage_send = static_cast<char*>(stage_);
     char* stage_recv = stage_send + (send_bytes + kStageAlign - 1) / kStageAlign * kStageAlign;
     cudaError_t crc = cudaSuccess;
-    if (send_bytes > 0) crc = cudaMemcpyAsync(stage_send, send, send_bytes, cudaMemcpyHostToDevice, stream_);
+    if (send_bytes > 0) crc = cudaMemcpyAsync(stage_send, send, send_bytes, cudaMemcpyDefault, stream_);
+    // cudaMemcpyDefault: one of the two buffers may be device memory (only one needs to be host memory to stage).
     // Broadcast is in place: the root's data starts in the receive buffer.
     if (crc == cudaSuccess && call.kind == CollectiveKind::kBroadcast) {
-      crc = cudaMemcpyAsync(stage_recv, recv, recv_bytes, cudaMemcpyHostToDevice, stream_);
+      crc = cudaMemcpyAsync(stage_recv, recv, recv_bytes, cudaMemcpyDefault, stream_);
     }
     if (crc != cudaSuccess) return CudaBreak(call, crc);
     ZERO_RETURN_IF_ERROR(AfterFamily(call, stream_));
     ZERO_RETURN_IF_ERROR(Settle(call, issue(stage_send, stage_recv, type, stream_), "enqueue"));
     ZERO_RETURN_IF_ERROR(MarkFamily(call, stream_));
     ZERO_RETURN_IF_ERROR(Wait(call));
-    crc = cudaMemcpyAsync(recv, stage_recv, recv_bytes, cudaMemcpyDeviceToHost, stream_);
+    crc = cudaMemcpyAsync(recv, stage_recv, recv_bytes, cudaMemcpyDefault, stream_);
     if (crc == cudaSuccess) crc = cudaStreamSynchronize(stream_);  // this Comm's stream only: a few bytes
     return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, crc);
   }
