@@ -15,6 +15,7 @@
 
 #include "cublas_v2.h"
 #include "cuda_runtime.h"
+#include "kernels/cast.cuh"
 
 namespace fake_cuda {
 namespace {
@@ -248,28 +249,18 @@ cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
 
 namespace {
 
+// bf16 is kernels/cast.cuh's (round to nearest even, NaN kept), the rounding cuBLAS applies to a bf16 result.
 float LoadElement(const void* base, cudaDataType type, int64_t i) {
   if (type == CUDA_R_32F) return static_cast<const float*>(base)[i];
-  uint32_t bits = uint32_t{static_cast<const uint16_t*>(base)[i]} << 16;  // bf16: the upper half of an fp32
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return zero::kernels::Bf16ToFloat(static_cast<const uint16_t*>(base)[i]);
 }
 
 void StoreElement(void* base, cudaDataType type, int64_t i, float v) {
   if (type == CUDA_R_32F) {
     static_cast<float*>(base)[i] = v;
-    return;
-  }
-  uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  uint16_t out;
-  if (std::isnan(v)) {
-    out = static_cast<uint16_t>((bits >> 16) | 0x40);  // stays a NaN
   } else {
-    out = static_cast<uint16_t>((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);  // round to nearest even
+    static_cast<uint16_t*>(base)[i] = zero::kernels::FloatToBf16(v);
   }
-  static_cast<uint16_t*>(base)[i] = out;
 }
 
 size_t ElementBytes(cudaDataType t) { return t == CUDA_R_32F ? 4 : 2; }
