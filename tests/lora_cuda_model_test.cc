@@ -5,7 +5,8 @@
 // buffers one by one, so the two should agree to the byte, as they do for the CPU model in lora_activation_test),
 // at several batch sizes and sequence lengths, with and without recomputation, with the arena sized by the first
 // pass. Runs only where a CUDA GPU is usable; elsewhere every case skips and says why (built without CUDA, or no
-// GPU).
+// GPU). Compiled a second time as lora_cuda_model_emulated_test against the model built for the CPU
+// (tests/testing/fake_cuda/model_cuda_emulated.cc): there every case runs on every CI machine, GPU or not.
 //
 // Tolerances: the CPU model is fp32 throughout; the GPU rounds every matrix-product operand to bf16 (unit roundoff
 // 2^-8 = 3.9e-3), the attention probabilities included, and accumulates in fp32. Each layer adds a few such
@@ -233,11 +234,18 @@ TEST(LoraCudaModelTest, ActivationPeakMatchesTheEstimate) {
   if (!CudaModelAvailable(&why)) GTEST_SKIP() << "needs a CUDA GPU: " << why;
 #if ZERO_WITH_CUDA
   const ModelConfig m = SmallModel();
+#if ZERO_CUDA_EMULATION
+  // The emulated build runs each block's 256 threads on one CPU core: fewer and shorter shapes, still several of
+  // each so that the peak's dependence on both is checked.
+  const std::vector<int> batches = {1, 3}, seqs = {8, 24};
+#else
+  const std::vector<int> batches = {1, 2, 4}, seqs = {16, 64, 128};
+#endif
   for (const LoraConfig& l : {LoraConfig(), AllAdaptersWithDropout()}) {
     HostModel host(m, l);
     DeviceModel device(host);
-    for (int batch : {1, 2, 4}) {
-      for (int seq : {16, 64, 128}) {
+    for (int batch : batches) {
+      for (int seq : seqs) {
         std::vector<int32_t> tokens(static_cast<size_t>(batch * seq)), targets(tokens.size());
         for (size_t i = 0; i < tokens.size(); ++i) {
           tokens[i] = static_cast<int32_t>((i * 37 + 11) % static_cast<size_t>(m.vocab));

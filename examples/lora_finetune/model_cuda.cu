@@ -67,11 +67,25 @@ void CublasCheck(cublasStatus_t s, const char* call, const char* file, int line)
 // zero's compute stream on the CUDA backend: the legacy default stream.
 const cudaStream_t kStream = nullptr;
 
+// kernel<<<grid, block, 0, kStream>>>(args...). In tests/lora_cuda_model_emulated_test this file is compiled for
+// the CPU against host-only stand-ins of the CUDA runtime and cuBLAS (tests/testing/fake_cuda) and the same kernel
+// source runs through the CPU emulation of a launch (tests/testing/cuda_emulation.h, a block's threads as fibers),
+// with the stand-in's device memory readable while it runs.
+#if defined(ZERO_CUDA_EMULATION)
+#define LORA_LAUNCH(kernel, grid, block, ...)                                   \
+  do {                                                                          \
+    fake_cuda::DeviceAccess device_access;                                      \
+    zero::testing::EmulateFibers(dim3(grid), dim3(block), kernel, __VA_ARGS__); \
+  } while (false)
+#else
+#define LORA_LAUNCH(kernel, grid, block, ...) kernel<<<grid, block, 0, kStream>>>(__VA_ARGS__)
+#endif
+
 // f(i) for i in [0, n): the CUDA instantiation of an element functor (model.cc's ForEach is the CPU one).
 template <typename F>
 void ForEach(int64_t n, const F& f) {
   if (n <= 0) return;
-  ForEachKernel<<<zero::kernels::BlocksFor(n), zero::kernels::kThreads, 0, kStream>>>(n, f);
+  LORA_LAUNCH(ForEachKernel<F>, zero::kernels::BlocksFor(n), zero::kernels::kThreads, n, f);
   LORA_CUDA(cudaGetLastError());
 }
 
@@ -80,7 +94,7 @@ template <typename F>
 void ForEachRow(int64_t rows, const F& f) {
   if (rows <= 0) return;
   const int blocks = static_cast<int>(std::min<int64_t>(rows, zero::kernels::kMaxBlocks));
-  RowKernel<<<blocks, kRowLanes, 0, kStream>>>(rows, f);
+  LORA_LAUNCH(RowKernel<F>, blocks, kRowLanes, rows, f);
   LORA_CUDA(cudaGetLastError());
 }
 

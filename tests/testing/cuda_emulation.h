@@ -14,6 +14,16 @@
 // several iterations. Parameters are converted to the kernel's parameter types once, then each thread gets its own
 // copy (as each GPU thread reads the launch's parameters).
 //
+// A second mode runs a block's threads as fibers (ucontext) on the calling thread instead: each runs until it
+// reaches a __syncthreads() or returns, in thread order, and the next phase starts when every live fiber has
+// arrived. A missing barrier then gives a wrong result every time rather than when the scheduler interleaves
+// (lower threads run first, so a read of a higher thread's shared-memory write sees the old value), and a phase
+// costs microseconds instead of milliseconds (threads: ~3.7 ms a phase for 256 threads on two cores), which is
+// what lets a whole model run (tests/lora_cuda_model_emulated_test). Races are not visible to ThreadSanitizer in
+// this mode (one OS thread), and the sanitizer builds do not use it. EmulateFibers(...) always uses fibers;
+// Emulate(...) uses them when the environment has ZERO_CUDA_EMULATION_MODE=fibers (ctest runs
+// cuda_emulation_test both ways).
+//
 // What a pass shows: the kernel's indexing, bounds and per-thread arithmetic produce the expected bytes for the
 // tested shapes, and every barrier phase is entered by every live thread of the block at the same __syncthreads()
 // call site (a divergent barrier aborts, naming both sites). Threads are real threads, so a barrier that is missing
@@ -47,6 +57,7 @@
 
 #include <linux/futex.h>
 #include <sys/syscall.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -57,6 +68,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <tuple>
@@ -96,11 +109,20 @@ namespace emulation_detail {
 // read it with acquire order after the releasing thread's release store, so the happens-before edges (arrivals ->
 // mutex -> release -> every waiter) are ones ThreadSanitizer models. Not a condition variable: its waiters would
 // all re-take the mutex on wake-up, which serializes a 256-thread block on two cores (about 2 ms a phase).
-class BlockBarrier {
+// What __syncthreads() calls: the current block's barrier, in either mode.
+class BlockSync {
+ public:
+  virtual void Arrive(int line, const char* file) = 0;
+
+ protected:
+  ~BlockSync() = default;
+};
+
+class BlockBarrier final : public BlockSync {
  public:
   explicit BlockBarrier(int threads) : live_(threads) {}
 
-  void Arrive(int line, const char* file) {
+  void Arrive(int line, const char* file) override {
     uint32_t phase;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -160,14 +182,180 @@ class BlockBarrier {
   const char* file_ = "";
 };
 
-inline thread_local BlockBarrier* current_barrier = nullptr;
+inline thread_local BlockSync* current_barrier = nullptr;
+
+#if defined(__x86_64__)
+// Saves the callee-saved registers (System V x86-64: rbp, rbx, r12-r15) on the current stack, stores the stack
+// pointer in *save, switches to the stack pointer `load` and restores what was saved there. No signal mask, unlike
+// swapcontext's system call per switch: that is what makes a 256-fiber phase cost microseconds.
+__attribute__((naked, noinline)) inline void SwitchStack(void** /*save*/, void* /*load*/) {
+  asm volatile(
+      "pushq %rbp\n pushq %rbx\n pushq %r12\n pushq %r13\n pushq %r14\n pushq %r15\n"
+      "movq %rsp, (%rdi)\n movq %rsi, %rsp\n"
+      "popq %r15\n popq %r14\n popq %r13\n popq %r12\n popq %rbx\n popq %rbp\n ret\n");
+}
+#endif
+
+// A block's threads as fibers on the calling thread (see the header comment). Run(threads, body, enter) runs
+// body(t) for every t, phase by phase: each round resumes every live fiber in thread order until it arrives at a
+// barrier or returns; all arrivals of a round must come from one call site. x86-64 switches with SwitchStack,
+// other machines with ucontext.
+class FiberBlock final : public BlockSync {
+ public:
+  static constexpr size_t kStackBytes = size_t{128} << 10;
+
+  // Runs the block; `enter(t)` restores fiber t's builtins (threadIdx) before each resume.
+  void Run(int threads, const std::function<void(int)>& body, const std::function<void(int)>& enter) {
+    fibers_.resize(static_cast<size_t>(threads));
+    body_ = &body;
+    for (int t = 0; t < threads; ++t) {
+      Fiber& f = fibers_[static_cast<size_t>(t)];
+      if (f.stack == nullptr) f.stack.reset(new char[kStackBytes]);  // untouched until used
+      f.done = false;
+#if defined(__x86_64__)
+      // A stack the first switch "returns" from into Entry, entered as if called (rsp = 8 mod 16 at its start).
+      auto top = reinterpret_cast<uintptr_t>(f.stack.get() + kStackBytes) & ~uintptr_t{15};
+      void** sp = reinterpret_cast<void**>(top);
+      *--sp = nullptr;                                      // Entry's return address: it never returns
+      *--sp = reinterpret_cast<void*>(&FiberBlock::Entry);  // popped by SwitchStack's ret
+      for (int r = 0; r < 6; ++r) *--sp = nullptr;          // rbp, rbx, r12-r15
+      f.sp = sp;
+#else
+      getcontext(&f.context);
+      f.context.uc_stack.ss_sp = f.stack.get();
+      f.context.uc_stack.ss_size = kStackBytes;
+      f.context.uc_link = nullptr;
+      makecontext(&f.context, &FiberBlock::Entry, 0);
+#endif
+    }
+    int live = threads;
+    running_ = this;
+    while (live > 0) {
+      arrived_ = 0;
+      for (int t = 0; t < threads; ++t) {
+        Fiber& f = fibers_[static_cast<size_t>(t)];
+        if (f.done) continue;
+        enter(t);
+        current_ = t;
+        Resume(f);
+        if (f.done) --live;
+      }
+    }
+    running_ = nullptr;
+  }
+
+  void Arrive(int line, const char* file) override {
+    if (arrived_++ == 0) {
+      line_ = line;
+      file_ = file;
+    } else if (line != line_ || std::strcmp(file, file_) != 0) {
+      std::fprintf(stderr, "cuda emulation: divergent __syncthreads: threads of one block wait at %s:%d and at %s:%d\n",
+                   file_, line_, file, line);
+      std::abort();
+    }
+    Yield(fibers_[static_cast<size_t>(current_)]);
+  }
+
+ private:
+  struct Fiber {
+#if defined(__x86_64__)
+    void* sp = nullptr;
+#else
+    ucontext_t context;
+#endif
+    std::unique_ptr<char[]> stack;
+    bool done = false;
+  };
+
+#if defined(__x86_64__)
+  void Resume(Fiber& f) { SwitchStack(&scheduler_sp_, f.sp); }
+  void Yield(Fiber& f) { SwitchStack(&f.sp, scheduler_sp_); }
+#else
+  void Resume(Fiber& f) { swapcontext(&scheduler_, &f.context); }
+  void Yield(Fiber& f) { swapcontext(&f.context, &scheduler_); }
+#endif
+
+  // The fiber's entry (no arguments: the running block is a thread_local). It never returns: a finished fiber
+  // yields for the last time and is never resumed.
+  [[noreturn]] static void Entry() {
+    FiberBlock* self = running_;
+    const int t = self->current_;
+    (*self->body_)(t);
+    Fiber& f = self->fibers_[static_cast<size_t>(t)];
+    f.done = true;
+    self->Yield(f);
+    __builtin_unreachable();
+  }
+
+  static inline thread_local FiberBlock* running_ = nullptr;
+  std::vector<Fiber> fibers_;
+#if defined(__x86_64__)
+  void* scheduler_sp_ = nullptr;
+#else
+  ucontext_t scheduler_;
+#endif
+  const std::function<void(int)>* body_ = nullptr;
+  int current_ = 0;
+  int arrived_ = 0;
+  int line_ = 0;
+  const char* file_ = "";
+};
+
+// The calling thread's fiber block, kept from launch to launch (and shared by every kernel) so that its stacks are
+// allocated once.
+inline FiberBlock& ThreadFibers() {
+  static thread_local FiberBlock fibers;
+  return fibers;
+}
+
+inline bool FibersFromEnvironment() {
+  const char* mode = std::getenv("ZERO_CUDA_EMULATION_MODE");
+  return mode != nullptr && std::strcmp(mode, "fibers") == 0;
+}
 
 }  // namespace emulation_detail
 
-// Runs kernel<<<grid, block>>>(args...) on the CPU; returns when every block has finished.
+// Runs kernel<<<grid, block>>>(args...) on the CPU with a block's threads as fibers; returns when every block has
+// finished.
+template <typename... Params, typename... Args>
+void EmulateFibers(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "a launch passes one argument per kernel parameter");
+  const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  emulation_detail::FiberBlock& fibers = emulation_detail::ThreadFibers();
+  const auto index = [&](int t) {
+    return uint3{static_cast<unsigned int>(t) % block.x, static_cast<unsigned int>(t) / block.x % block.y,
+                 static_cast<unsigned int>(t) / (block.x * block.y)};
+  };
+  const std::function<void(int)> body = [&](int) {
+    std::tuple<std::decay_t<Params>...> own = params;
+    std::apply(kernel, std::move(own));
+  };
+  const std::function<void(int)> enter = [&](int t) { threadIdx = index(t); };
+  emulation_detail::BlockSync* const outer = emulation_detail::current_barrier;
+  blockDim = block;
+  gridDim = grid;
+  for (unsigned int bz = 0; bz < grid.z; ++bz) {
+    for (unsigned int by = 0; by < grid.y; ++by) {
+      for (unsigned int bx = 0; bx < grid.x; ++bx) {
+        blockIdx = uint3{bx, by, bz};
+        emulation_detail::current_barrier = &fibers;
+        fibers.Run(threads, body, enter);
+      }
+    }
+  }
+  emulation_detail::current_barrier = outer;
+}
+
+// Runs kernel<<<grid, block>>>(args...) on the CPU; returns when every block has finished. Threads, or fibers when
+// ZERO_CUDA_EMULATION_MODE=fibers.
 template <typename... Params, typename... Args>
 void Emulate(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "a launch passes one argument per kernel parameter");
+  if (emulation_detail::FibersFromEnvironment()) {
+    EmulateFibers(grid, block, kernel, std::forward<Args>(args)...);
+    return;
+  }
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   const int threads = static_cast<int>(block.x * block.y * block.z);
   for (unsigned int bz = 0; bz < grid.z; ++bz) {

@@ -1,0 +1,189 @@
+// The host-only CUDA runtime and cuBLAS stand-ins (testing/fake_cuda/) that let the LoRA example's CUDA model run
+// in ctest without a GPU: they are only as good as their faithfulness to the real contracts, so this suite pins
+// those down with hand-worked cases:
+//   - cublasGemmEx / cublasGemmStridedBatchedEx against products worked out by hand from cuBLAS's column-major
+//     definition (op N and T on each side, leading dimensions larger than the rows, batch strides, beta = 0
+//     ignoring a NaN C, beta != 0 accumulating, bf16 operands and a bf16 result rounded to nearest even), and the
+//     argument checks cuBLAS makes (leading dimension too small);
+//   - device memory is unreadable from host code outside runtime calls (a write(2) of it fails with EFAULT: the
+//     kernel checks the pointer, no signal needed), starts as a NaN pattern, and copies and memsets refuse a
+//     direction or range that does not match where the pointers are;
+//   - the last error is sticky until cudaGetLastError; live and peak bytes follow allocations.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cublas_v2.h"
+#include "cuda_runtime.h"
+
+namespace {
+
+// A device copy of `host` (fp32).
+float* ToDevice(const std::vector<float>& host) {
+  void* p = nullptr;
+  EXPECT_EQ(cudaMalloc(&p, host.size() * 4), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(p, host.data(), host.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  return static_cast<float*>(p);
+}
+
+std::vector<float> ToHost(const float* d, size_t n) {
+  std::vector<float> h(n);
+  EXPECT_EQ(cudaMemcpy(h.data(), d, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  return h;
+}
+
+uint16_t Bf16Bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return static_cast<uint16_t>(b >> 16);  // exact for the values used (few significant bits)
+}
+
+class FakeCudaTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_EQ(cublasCreate(&h_), CUBLAS_STATUS_SUCCESS);
+    live_ = fake_cuda::LiveAllocations();
+  }
+  void TearDown() override {
+    EXPECT_EQ(cublasDestroy(h_), CUBLAS_STATUS_SUCCESS);
+    EXPECT_EQ(fake_cuda::LiveAllocations(), live_) << "a test leaked device memory";
+  }
+  cublasHandle_t h_ = nullptr;
+  int64_t live_ = 0;
+};
+
+// A = [[1,2,3],[4,5,6]] (2x3), stored column-major with lda 3 (a padding row): 1 4 x | 2 5 x | 3 6 x.
+// B = [[1,0],[0,1],[2,-1]] (3x2), stored column-major with ldb 3: 1 0 2 | 0 1 -1.
+// A*B = [[1+0+6, 0+2-3],[4+0+12, 0+5-6]] = [[7,-1],[16,-1]].
+TEST_F(FakeCudaTest, GemmFollowsTheColumnMajorContract) {
+  const float nan = std::nanf("");
+  float* A = ToDevice({1, 4, 99, 2, 5, 99, 3, 6, 99});
+  float* B = ToDevice({1, 0, 2, 0, 1, -1});
+  float* C = ToDevice({nan, nan, 55, nan, nan, 55});  // ldc 3; row 2 must stay untouched
+  const float one = 1.f, zero = 0.f, two = 2.f;
+  ASSERT_EQ(cublasGemmEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, A, CUDA_R_32F, 3, B, CUDA_R_32F, 3, &zero, C,
+                         CUDA_R_32F, 3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(ToHost(C, 6), (std::vector<float>{7, 16, 55, -1, -1, 55}));
+  // beta != 0 reads C: C = 2 * A*B + 1 * C.
+  ASSERT_EQ(cublasGemmEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &two, A, CUDA_R_32F, 3, B, CUDA_R_32F, 3, &one, C,
+                         CUDA_R_32F, 3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(ToHost(C, 6), (std::vector<float>{21, 48, 55, -3, -3, 55}));
+
+  // (A*B)^T = B^T A^T: B stored as above read with op T is B^T (2x3), A with op T is A^T (3x2).
+  float* D = ToDevice({0, 0, 0, 0});
+  ASSERT_EQ(cublasGemmEx(h_, CUBLAS_OP_T, CUBLAS_OP_T, 2, 2, 3, &one, B, CUDA_R_32F, 3, A, CUDA_R_32F, 3, &zero, D,
+                         CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(ToHost(D, 4), (std::vector<float>{7, -1, 16, -1}));
+
+  // op N on A, op T on B: A (2x3) times Bt^T where Bt = B^T stored column-major 2x3 (ldb 2): 1 0 | 0 1 | 2 -1.
+  float* Bt = ToDevice({1, 0, 0, 1, 2, -1});
+  ASSERT_EQ(cublasGemmEx(h_, CUBLAS_OP_N, CUBLAS_OP_T, 2, 2, 3, &one, A, CUDA_R_32F, 3, Bt, CUDA_R_32F, 2, &zero, D,
+                         CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(ToHost(D, 4), (std::vector<float>{7, 16, -1, -1}));
+
+  // cuBLAS refuses a leading dimension below the stored rows.
+  EXPECT_EQ(cublasGemmEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, A, CUDA_R_32F, 1, B, CUDA_R_32F, 3, &zero, C,
+                         CUDA_R_32F, 3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            CUBLAS_STATUS_INVALID_VALUE);
+  // An operand that runs past its allocation is refused (a GPU would read garbage).
+  EXPECT_EQ(cublasGemmEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 3, &one, A, CUDA_R_32F, 3, B, CUDA_R_32F, 4, &zero, C,
+                         CUDA_R_32F, 3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            CUBLAS_STATUS_INVALID_VALUE);
+  for (float* p : {A, B, C, D, Bt}) EXPECT_EQ(cudaFree(p), cudaSuccess);
+}
+
+// Three 1x2 * 2x1 products at batch strides, bf16 operands, a bf16 result: [1,2].[3,4] = 11, [0.5,-1].[2,2] = -1,
+// [1,0].[256,1] = 256; then [1,1].[256,1] = 257, not a bf16 (8 significant bits), rounds to the even 256.
+TEST_F(FakeCudaTest, StridedBatchedBf16RoundsItsResultToNearestEven) {
+  std::vector<uint16_t> a = {Bf16Bits(1), Bf16Bits(2), 0, Bf16Bits(0.5f), Bf16Bits(-1), 0, Bf16Bits(1), 0, 0};
+  std::vector<uint16_t> b = {Bf16Bits(3), Bf16Bits(4), Bf16Bits(2), Bf16Bits(2), Bf16Bits(256), Bf16Bits(1)};
+  void *A, *B, *C;
+  ASSERT_EQ(cudaMalloc(&A, a.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&B, b.size() * 2), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&C, 3 * 2), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(A, a.data(), a.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(B, b.data(), b.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  const float one = 1.f, zero = 0.f;
+  // A is 1x2 with lda 1 (a row vector: columns one element apart), stride 3; B is 2x1 with ldb 2, stride 2.
+  ASSERT_EQ(
+      cublasGemmStridedBatchedEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 2, &one, A, CUDA_R_16BF, 1, 3, B, CUDA_R_16BF, 2,
+                                 2, &zero, C, CUDA_R_16BF, 1, 1, 3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      CUBLAS_STATUS_SUCCESS);
+  std::vector<uint16_t> c(3);
+  ASSERT_EQ(cudaMemcpy(c.data(), C, 6, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(c[0], Bf16Bits(11));
+  EXPECT_EQ(c[1], Bf16Bits(-1));
+  EXPECT_EQ(c[2], Bf16Bits(256));
+  // 257 = 256 + 1: A = [1, 1] . B = [256, 1]; rounds to 256 (ties to even: 0x4380 is even, 0x4381 odd).
+  std::vector<uint16_t> a2 = {Bf16Bits(1), Bf16Bits(1)};
+  ASSERT_EQ(cudaMemcpy(A, a2.data(), 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cublasGemmEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 2, &one, A, CUDA_R_16BF, 1, static_cast<uint16_t*>(B) + 4,
+                         CUDA_R_16BF, 2, &zero, C, CUDA_R_16BF, 1, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cudaMemcpy(c.data(), C, 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(c[0], 0x4380);  // 256
+  for (void* p : {A, B, C}) EXPECT_EQ(cudaFree(p), cudaSuccess);
+}
+
+TEST_F(FakeCudaTest, DeviceMemoryIsItsOwnWorld) {
+  void* d = nullptr;
+  ASSERT_EQ(cudaMalloc(&d, 64), cudaSuccess);
+  EXPECT_TRUE(fake_cuda::IsDevice(d, 64));
+  EXPECT_FALSE(fake_cuda::IsDevice(d, 65));
+  // Host code cannot read it: the kernel refuses the pointer (EFAULT) instead of the process faulting.
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  errno = 0;
+  EXPECT_EQ(write(fds[1], d, 16), -1);
+  EXPECT_EQ(errno, EFAULT);
+  // Fresh memory reads as NaN, not zero.
+  float f[16];
+  ASSERT_EQ(cudaMemcpy(f, d, sizeof(f), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_TRUE(std::isnan(f[0]));
+  // Directions must match where the pointers are; ranges must stay inside the allocation.
+  float host[32] = {};
+  EXPECT_EQ(cudaMemcpy(d, host, 64, cudaMemcpyDeviceToHost), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // read once, then clear
+  EXPECT_EQ(cudaMemcpy(host, d, 64, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaMemcpy(d, host, 128, cudaMemcpyHostToDevice), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaMemset(host, 0, 8), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaMemset(static_cast<char*>(d) + 60, 0, 8), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaFree(static_cast<char*>(d) + 4), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaMemset(d, 0, 64), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(f, d, sizeof(f), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(f[15], 0.f);
+  {
+    fake_cuda::DeviceAccess access;  // what kernels run inside
+    EXPECT_EQ(static_cast<float*>(d)[3], 0.f);
+  }
+  EXPECT_EQ(cudaFree(d), cudaSuccess);
+  close(fds[0]);
+  close(fds[1]);
+}
+
+TEST_F(FakeCudaTest, LiveAndPeakBytesFollowAllocations) {
+  const int64_t base = fake_cuda::LiveBytes();
+  fake_cuda::ResetPeak();
+  void *a, *b;
+  ASSERT_EQ(cudaMallocAsync(&a, 1000, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaMallocAsync(&b, 24, nullptr), cudaSuccess);
+  EXPECT_EQ(fake_cuda::LiveBytes(), base + 1024);
+  EXPECT_EQ(cudaFreeAsync(a, nullptr), cudaSuccess);
+  EXPECT_EQ(fake_cuda::LiveBytes(), base + 24);
+  EXPECT_EQ(fake_cuda::PeakBytes(), base + 1024);
+  EXPECT_EQ(cudaFreeAsync(b, nullptr), cudaSuccess);
+  EXPECT_EQ(fake_cuda::LiveBytes(), base);
+}
+
+}  // namespace

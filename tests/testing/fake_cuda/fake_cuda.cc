@@ -1,0 +1,350 @@
+// The host-only CUDA runtime and cuBLAS stand-ins (cuda_runtime.h, cublas_v2.h beside this file): device memory as
+// separate page mappings that are inaccessible outside runtime calls and kernels, checked copies, a sticky last
+// error, and cuBLAS's column-major GEMM contract computed directly.
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iterator>
+#include <map>
+#include <mutex>
+
+#include "cublas_v2.h"
+#include "cuda_runtime.h"
+#include "kernels/cast.cuh"
+
+namespace fake_cuda {
+namespace {
+
+struct Allocation {
+  size_t bytes;   // what was asked for
+  size_t mapped;  // whole pages
+};
+
+struct State {
+  std::recursive_mutex mu;
+  std::map<uintptr_t, Allocation> live;  // by start address
+  int64_t live_bytes = 0;
+  int64_t peak_bytes = 0;
+  int access_depth = 0;  // DeviceAccess nesting: > 0 while device memory is readable and writable
+  cudaError_t last_error = cudaSuccess;
+};
+
+State& S() {
+  static State* s = new State;  // never destroyed: thread_local cuBLAS handles may be released after main
+  return *s;
+}
+
+size_t PageSize() {
+  static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return page;
+}
+
+void Protect(uintptr_t start, const Allocation& a, bool accessible) {
+  if (mprotect(reinterpret_cast<void*>(start), a.mapped, accessible ? PROT_READ | PROT_WRITE : PROT_NONE) != 0) {
+    std::perror("fake_cuda: mprotect");
+    std::abort();
+  }
+}
+
+cudaError_t Fail(cudaError_t e) {
+  S().last_error = e;
+  return e;
+}
+
+// The allocation holding [p, p + bytes), or live.end().
+std::map<uintptr_t, Allocation>::iterator Find(const void* p, size_t bytes) {
+  auto& live = S().live;
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  auto it = live.upper_bound(addr);
+  if (it == live.begin()) return live.end();
+  --it;
+  if (addr + bytes > it->first + it->second.bytes) return live.end();
+  return it;
+}
+
+bool IsHost(const void* p) {
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  auto& live = S().live;
+  auto it = live.upper_bound(addr);
+  if (it == live.begin()) return true;
+  --it;
+  return addr >= it->first + it->second.mapped;
+}
+
+}  // namespace
+
+int64_t LiveBytes() {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return S().live_bytes;
+}
+int64_t PeakBytes() {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return S().peak_bytes;
+}
+void ResetPeak() {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  S().peak_bytes = S().live_bytes;
+}
+int64_t LiveAllocations() {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return static_cast<int64_t>(S().live.size());
+}
+
+DeviceAccess::DeviceAccess() {
+  State& s = S();
+  s.mu.lock();  // held for the object's lifetime: one runtime call or kernel at a time, as on one stream
+  if (s.access_depth++ == 0) {
+    for (const auto& [start, a] : s.live) Protect(start, a, true);
+  }
+}
+
+DeviceAccess::~DeviceAccess() {
+  State& s = S();
+  if (--s.access_depth == 0) {
+    for (const auto& [start, a] : s.live) Protect(start, a, false);
+  }
+  s.mu.unlock();
+}
+
+void SetLastError(cudaError_t e) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  S().last_error = e;
+}
+
+bool IsDevice(const void* p, size_t bytes) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return Find(p, bytes) != S().live.end();
+}
+
+}  // namespace fake_cuda
+
+using fake_cuda::DeviceAccess;
+using fake_cuda::S;
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  if (count == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
+  *count = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetLastError() {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  const cudaError_t e = S().last_error;
+  S().last_error = cudaSuccess;
+  return e;
+}
+
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorMemoryAllocation:
+      return "out of memory";
+  }
+  return "unrecognized error code";
+}
+
+cudaError_t cudaMalloc(void** p, size_t bytes) {
+  DeviceAccess access;
+  if (p == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
+  *p = nullptr;
+  if (bytes == 0) return cudaSuccess;  // the runtime returns success and a null pointer for zero bytes
+  const size_t page = fake_cuda::PageSize();
+  const size_t mapped = (bytes + page - 1) / page * page;
+  void* m = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) return fake_cuda::Fail(cudaErrorMemoryAllocation);
+  // Fresh device memory is not zero on a GPU: fill it with a pattern that reads as NaN in fp32 and bf16, so that
+  // a missing initialisation shows.
+  std::memset(m, 0xff, mapped);
+  auto& s = S();
+  s.live[reinterpret_cast<uintptr_t>(m)] = fake_cuda::Allocation{bytes, mapped};
+  s.live_bytes += static_cast<int64_t>(bytes);
+  if (s.live_bytes > s.peak_bytes) s.peak_bytes = s.live_bytes;
+  *p = m;
+  return cudaSuccess;  // left accessible until `access` ends, like every other allocation
+}
+
+cudaError_t cudaFree(void* p) {
+  DeviceAccess access;
+  if (p == nullptr) return cudaSuccess;
+  auto& s = S();
+  auto it = s.live.find(reinterpret_cast<uintptr_t>(p));
+  if (it == s.live.end()) return fake_cuda::Fail(cudaErrorInvalidValue);  // not the start of an allocation
+  s.live_bytes -= static_cast<int64_t>(it->second.bytes);
+  munmap(p, it->second.mapped);
+  s.live.erase(it);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
+cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  DeviceAccess access;
+  if (bytes == 0) return cudaSuccess;
+  if (dst == nullptr || src == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
+  const bool dst_dev = fake_cuda::Find(dst, bytes) != S().live.end();
+  const bool src_dev = fake_cuda::Find(src, bytes) != S().live.end();
+  // A pointer into device memory whose range runs past its allocation is neither: refuse it.
+  if ((!dst_dev && !fake_cuda::IsHost(dst)) || (!src_dev && !fake_cuda::IsHost(src))) {
+    return fake_cuda::Fail(cudaErrorInvalidValue);
+  }
+  bool ok = false;
+  switch (kind) {
+    case cudaMemcpyHostToHost:
+      ok = !dst_dev && !src_dev;
+      break;
+    case cudaMemcpyHostToDevice:
+      ok = dst_dev && !src_dev;
+      break;
+    case cudaMemcpyDeviceToHost:
+      ok = !dst_dev && src_dev;
+      break;
+    case cudaMemcpyDeviceToDevice:
+      ok = dst_dev && src_dev;
+      break;
+    case cudaMemcpyDefault:
+      ok = true;
+      break;
+  }
+  if (!ok) return fake_cuda::Fail(cudaErrorInvalidValue);
+  std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
+  return cudaMemcpy(dst, src, bytes, kind);
+}
+
+cudaError_t cudaMemset(void* p, int value, size_t bytes) {
+  DeviceAccess access;
+  if (bytes == 0) return cudaSuccess;
+  if (fake_cuda::Find(p, bytes) == S().live.end()) return fake_cuda::Fail(cudaErrorInvalidValue);
+  std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) { return cudaMemset(p, value, bytes); }
+cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }  // everything already ran
+cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+// ---------------------------------------------------------------------------------------------------------------
+// cuBLAS
+
+struct FakeCublasContext {
+  cudaStream_t stream = nullptr;
+};
+
+cublasStatus_t cublasCreate(cublasHandle_t* handle) {
+  if (handle == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+  *handle = new FakeCublasContext;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasDestroy(cublasHandle_t handle) {
+  if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  delete handle;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
+  if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  handle->stream = stream;
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+namespace {
+
+// bf16 is kernels/cast.cuh's (round to nearest even, NaN kept), the rounding cuBLAS applies to a bf16 result.
+float LoadElement(const void* base, cudaDataType type, int64_t i) {
+  if (type == CUDA_R_32F) return static_cast<const float*>(base)[i];
+  return zero::kernels::Bf16ToFloat(static_cast<const uint16_t*>(base)[i]);
+}
+
+void StoreElement(void* base, cudaDataType type, int64_t i, float v) {
+  if (type == CUDA_R_32F) {
+    static_cast<float*>(base)[i] = v;
+  } else {
+    static_cast<uint16_t*>(base)[i] = zero::kernels::FloatToBf16(v);
+  }
+}
+
+size_t ElementBytes(cudaDataType t) { return t == CUDA_R_32F ? 4 : 2; }
+
+// The bytes an operand spans: the last element of the last column plus one, at `ld` per column.
+size_t Span(int rows, int cols, int ld, cudaDataType t) {
+  if (rows == 0 || cols == 0) return 0;
+  return (static_cast<size_t>(cols - 1) * static_cast<size_t>(ld) + static_cast<size_t>(rows)) * ElementBytes(t);
+}
+
+cublasStatus_t Gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                    const void* alpha_p, const void* A, cudaDataType at, int lda, long long sa, const void* B,
+                    cudaDataType bt, int ldb, long long sb, const void* beta_p, void* C, cudaDataType ct, int ldc,
+                    long long sc, int batch, cublasComputeType_t compute) {
+  if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (compute != CUBLAS_COMPUTE_32F || (at != CUDA_R_32F && at != CUDA_R_16BF) || bt != at ||
+      (ct != CUDA_R_32F && ct != CUDA_R_16BF)) {
+    return CUBLAS_STATUS_NOT_SUPPORTED;
+  }
+  const int a_rows = ta == CUBLAS_OP_N ? m : k, a_cols = ta == CUBLAS_OP_N ? k : m;
+  const int b_rows = tb == CUBLAS_OP_N ? k : n, b_cols = tb == CUBLAS_OP_N ? n : k;
+  if (m < 0 || n < 0 || k < 0 || batch < 0 || lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) ||
+      ldc < std::max(1, m) || alpha_p == nullptr || beta_p == nullptr) {
+    return CUBLAS_STATUS_INVALID_VALUE;
+  }
+  const float alpha = *static_cast<const float*>(alpha_p), beta = *static_cast<const float*>(beta_p);
+  DeviceAccess access;
+  for (int b = 0; b < batch; ++b) {
+    const char* a = static_cast<const char*>(A) + b * sa * static_cast<long long>(ElementBytes(at));
+    const char* bb = static_cast<const char*>(B) + b * sb * static_cast<long long>(ElementBytes(bt));
+    char* c = static_cast<char*>(C) + b * sc * static_cast<long long>(ElementBytes(ct));
+    // Operands live in device memory, wholly inside their allocations (a GPU would read past them silently).
+    if ((k > 0 && !fake_cuda::IsDevice(a, Span(a_rows, a_cols, lda, at))) ||
+        (k > 0 && !fake_cuda::IsDevice(bb, Span(b_rows, b_cols, ldb, bt))) ||
+        !fake_cuda::IsDevice(c, Span(m, n, ldc, ct))) {
+      std::fprintf(stderr, "fake cuBLAS: an operand of batch %d lies outside device memory\n", b);
+      return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    for (int j = 0; j < n; ++j) {
+      for (int i = 0; i < m; ++i) {
+        float sum = 0.f;
+        for (int l = 0; l < k; ++l) {
+          const int64_t ai = ta == CUBLAS_OP_N ? i + int64_t{l} * lda : l + int64_t{i} * lda;
+          const int64_t bi = tb == CUBLAS_OP_N ? l + int64_t{j} * ldb : j + int64_t{l} * ldb;
+          sum += LoadElement(a, at, ai) * LoadElement(bb, bt, bi);
+        }
+        const int64_t ci = i + int64_t{j} * ldc;
+        const float out = beta == 0.f ? alpha * sum : alpha * sum + beta * LoadElement(c, ct, ci);
+        StoreElement(c, ct, ci, out);
+      }
+    }
+  }
+  return CUBLAS_STATUS_SUCCESS;
+}
+
+}  // namespace
+
+cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                            int k, const void* alpha, const void* A, cudaDataType Atype, int lda, const void* B,
+                            cudaDataType Btype, int ldb, const void* beta, void* C, cudaDataType Ctype, int ldc,
+                            cublasComputeType_t compute, cublasGemmAlgo_t) {
+  return Gemm(handle, transa, transb, m, n, k, alpha, A, Atype, lda, 0, B, Btype, ldb, 0, beta, C, Ctype, ldc, 0, 1,
+              compute);
+}
+
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
+                                          int m, int n, int k, const void* alpha, const void* A, cudaDataType Atype,
+                                          int lda, long long int strideA, const void* B, cudaDataType Btype, int ldb,
+                                          long long int strideB, const void* beta, void* C, cudaDataType Ctype, int ldc,
+                                          long long int strideC, int batch, cublasComputeType_t compute,
+                                          cublasGemmAlgo_t) {
+  return Gemm(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb, strideB, beta, C, Ctype,
+              ldc, strideC, batch, compute);
+}
