@@ -143,11 +143,13 @@ nice -n 10 "$nvcc" -O2 -std=c++17 "-arch=sm_$arch" "$here/probe/probe.cu" -o "$s
 
 # 8. Which test suites have CUDA cases, and at which rank counts CI runs them (gpu_run.sh reads this):
 #    "NAME CASES RANKS" with RANKS like 1,2,4 ("-": a plain process). Suites named *cuda* or *nccl* count whole.
+#    The suites that emulate CUDA on the CPU (the runtime stand-ins, the kernel emulation) need no GPU: CI runs them.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 ctest_names=$(cd "$Z/build" && ctest -N 2>/dev/null | sed -n 's/^ *Test *#[0-9]*: //p')
 : >"$stage/cuda_suites.txt"
 for bin in "$Z"/build/tests/*_test; do
   name=$(basename "$bin")
+  [[ $name == fake_cuda_test || $name == *emulat* ]] && continue
   filter='*cuda*:*Cuda*:*CUDA*'
   [[ $name == *cuda* || $name == *nccl* ]] && filter='*'
   cases=$(timeout 60 "$bin" --gtest_list_tests "--gtest_filter=$filter" 2>/dev/null | grep -c '^  ' || true)
