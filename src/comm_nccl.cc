@@ -44,6 +44,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
@@ -760,8 +761,10 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   } else {
     int version = 0;
     if (ncclGetVersion(&version) != ncclSuccess) version = 0;
+    const std::optional<std::string> multi_rank =
+        internal::NcclParamValue("NCCL_MULTI_RANK_GPU_ENABLE", internal::NcclConfFiles());
     place = internal::PlaceRankOnGpu(local_rank, local_ranks, devices, version,
-                                     std::getenv("NCCL_MULTI_RANK_GPU_ENABLE"));
+                                     multi_rank ? multi_rank->c_str() : nullptr);
     why = place.refusal;
   }
   int ok = why.empty() ? 1 : 0, all_ok = 0;

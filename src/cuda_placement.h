@@ -8,9 +8,15 @@
 // init failure with no hint; here it is refused up front, saying what to do instead.
 #pragma once
 
+#include <pwd.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstdlib>
+#include <fstream>
+#include <optional>
 #include <string>
+#include <vector>
 
 namespace zero::internal {
 
@@ -32,13 +38,49 @@ inline bool NcclParamSet(const char* value) {
   return errno == 0 && v != 0;
 }
 
+// NCCL also takes its parameters from files: at init it reads each "NAME=VALUE" line of the user's file
+// ($NCCL_CONF_FILE if set, else ~/.nccl.conf), then /etc/nccl.conf, and sets each variable not set already (the
+// environment wins, then the user's file, then the system's). Reading only the environment would refuse a node
+// whose administrator enabled NCCL_MULTI_RANK_GPU_ENABLE in /etc/nccl.conf, where NCCL itself accepts it.
+inline std::vector<std::string> NcclConfFiles() {
+  std::vector<std::string> files;
+  if (const char* conf = std::getenv("NCCL_CONF_FILE"); conf != nullptr && *conf != '\0') {
+    files.emplace_back(conf);
+  } else if (const passwd* pw = getpwuid(getuid()); pw != nullptr && pw->pw_dir != nullptr) {
+    files.push_back(std::string(pw->pw_dir) + "/.nccl.conf");
+  }
+  files.emplace_back("/etc/nccl.conf");
+  return files;
+}
+
+// The value NCCL sees for parameter `name`: the environment's, else the first of `files` (in order) with a
+// "name=value" line ('#' starts a comment line; spaces around the name are ignored, the value is kept as written up
+// to the end of the line, as NCCL keeps it). nullopt when none sets it.
+inline std::optional<std::string> NcclParamValue(const std::string& name, const std::vector<std::string>& files) {
+  if (const char* env = std::getenv(name.c_str()); env != nullptr) return std::string(env);
+  for (const std::string& path : files) {
+    std::ifstream in(path);
+    std::string line;
+    while (std::getline(in, line)) {
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      const size_t eq = line.find('=');
+      if (line.empty() || line[0] == '#' || eq == std::string::npos) continue;
+      std::string key = line.substr(0, eq);
+      while (!key.empty() && (key.back() == ' ' || key.back() == '\t')) key.pop_back();
+      while (!key.empty() && (key.front() == ' ' || key.front() == '\t')) key.erase(0, 1);
+      if (key == name) return line.substr(eq + 1);
+    }
+  }
+  return std::nullopt;
+}
+
 struct GpuPlacement {
   int device = -1;      // the CUDA ordinal this rank uses, when `refusal` is empty
   std::string refusal;  // why this rank gets no GPU (an Unavailable message's body), or empty
 };
 
 // local_rank of local_ranks ranks on this node, `gpus` visible CUDA devices, the loaded NCCL's version code and
-// the value of NCCL_MULTI_RANK_GPU_ENABLE (null when unset).
+// the value of NCCL_MULTI_RANK_GPU_ENABLE as NCCL sees it (NcclParamValue; null when unset).
 inline GpuPlacement PlaceRankOnGpu(int local_rank, int local_ranks, int gpus, int nccl_version,
                                    const char* multi_rank_env) {
   GpuPlacement p;

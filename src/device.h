@@ -163,8 +163,8 @@ class Device {
 
 std::unique_ptr<Device> NewCpuDevice();
 
-// The CUDA device `ordinal`: device memory from cudaMalloc, pinned host memory from cudaHostAlloc, pageable
-// host memory from malloc; the capacity defaults to the device's total memory. Fails with Unavailable, saying
+// The CUDA device `ordinal`: device memory from cudaMalloc, pinned host memory mapped and first-touched by
+// host_memory.h, then registered with cudaHostRegister (portable), pageable host memory 64-byte aligned; the capacity defaults to the device's total memory. Fails with Unavailable, saying
 // why, when this build has no CUDA support or the machine has no usable device (no driver, no GPU).
 Status NewCudaDevice(int ordinal, std::unique_ptr<Device>* device);
 

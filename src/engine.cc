@@ -869,8 +869,10 @@ const CommCounters& Engine::comm_counters() const {
 }
 Status Engine::healthy() const {
   ZERO_RETURN_IF_ERROR(impl_->CheckUsable());
-  // With the communication stream idle, the communicator may be polled for a peer's abort notice.
-  ZERO_RETURN_IF_ERROR(impl_->comm_stream->Synchronize(impl_->wait_timeout));
+  // With the communication stream idle, the communicator may be polled for a peer's abort notice. DrainComm, not a
+  // plain wait: on CUDA a stalled collective is then named (and aborted) by the communicator's watchdog within the
+  // timeout, as at every other drain.
+  ZERO_RETURN_IF_ERROR(impl_->DrainComm());
   Status h = impl_->comm->health();
   if (!h.ok()) return h.WithContext("the communicator is broken");
   return Status::Ok();

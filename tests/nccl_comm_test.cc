@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -80,6 +81,41 @@ TEST(NcclPlacementTest, OneGpuPerRankUnlessTheNcclLetsRanksShare) {
   // No GPU at all.
   EXPECT_EQ(PlaceRankOnGpu(0, 1, 0, 23007, "1").refusal, "no CUDA device");
   EXPECT_EQ(internal::NcclVersionText(23007), "2.30.7");
+}
+
+// NCCL takes NCCL_MULTI_RANK_GPU_ENABLE from its configuration files too (the environment first, then the user's
+// file, then /etc/nccl.conf): OpenNccl reads it the same way, or it would refuse a node NCCL accepts.
+TEST(NcclPlacementTest, TheParameterComesFromTheEnvironmentThenTheConfigurationFiles) {
+  const std::string dir = ::testing::TempDir();
+  const std::string user = dir + "/zero_nccl_user.conf", system = dir + "/zero_nccl_system.conf";
+  std::ofstream(user) << "# a comment\nNCCL_DEBUG=WARN\n  NCCL_MULTI_RANK_GPU_ENABLE = 1\n";
+  std::ofstream(system) << "NCCL_MULTI_RANK_GPU_ENABLE=0\nNCCL_SOCKET_IFNAME=eth0\n";
+  const char* name = "ZERO_TEST_NCCL_PARAM";
+  unsetenv(name);
+  // Only in the files: the first file that sets it wins, and the value is kept as written (NCCL parses it later).
+  std::ofstream(user, std::ios::app) << "ZERO_TEST_NCCL_PARAM= 0x1\n";
+  std::ofstream(system, std::ios::app) << "ZERO_TEST_NCCL_PARAM=0\n";
+  EXPECT_EQ(internal::NcclParamValue(name, {user, system}).value_or("unset"), " 0x1");
+  EXPECT_EQ(internal::NcclParamValue(name, {system, user}).value_or("unset"), "0");
+  EXPECT_EQ(internal::NcclParamValue(name, {dir + "/missing.conf", system}).value_or("unset"), "0");
+  EXPECT_FALSE(internal::NcclParamValue(name, {dir + "/missing.conf"}).has_value());
+  // Spaces around the name are ignored.
+  EXPECT_EQ(internal::NcclParamValue("NCCL_MULTI_RANK_GPU_ENABLE", {user}).value_or("unset"), " 1");
+  // The environment wins over every file.
+  setenv(name, "2", 1);
+  EXPECT_EQ(internal::NcclParamValue(name, {user, system}).value_or("unset"), "2");
+  unsetenv(name);
+  // What placement makes of a value read from a file: " 0x1" lets ranks share on NCCL 2.30.
+  EXPECT_EQ(internal::PlaceRankOnGpu(1, 2, 1, 23007, " 0x1").device, 0);
+  // The list: $NCCL_CONF_FILE replaces the user's ~/.nccl.conf; /etc/nccl.conf always comes last.
+  setenv("NCCL_CONF_FILE", user.c_str(), 1);
+  EXPECT_EQ(internal::NcclConfFiles(), (std::vector<std::string>{user, "/etc/nccl.conf"}));
+  unsetenv("NCCL_CONF_FILE");
+  const std::vector<std::string> files = internal::NcclConfFiles();
+  ASSERT_EQ(files.size(), 2u);
+  EXPECT_NE(files[0].find("/.nccl.conf"), std::string::npos) << files[0];
+  std::remove(user.c_str());
+  std::remove(system.c_str());
 }
 
 TEST(NcclCommTest, OpensOnEveryRankOrFailsOnEveryRankSayingWhy) {
