@@ -194,45 +194,52 @@ TEST_P(NvmeEquivalenceTest, BitwiseEqualToTheStateInHostMemory) {
   RemoveShared(dir);
 }
 
+// The cases both backends run.
+const Case kStage2Bf16FourBuffers{
+    "stage2_adamw_bf16_four_buffers", Stage::kGradients, OptimizerKind::kAdamW, DType::kBF16, DType::kF32, 1, false, 4};
+const Case kStage3ParamsOnNvmePersistent{"stage3_params_on_nvme_persistent",
+                                         Stage::kParameters,
+                                         OptimizerKind::kAdamW,
+                                         DType::kF32,
+                                         DType::kF32,
+                                         2,
+                                         true,
+                                         3,
+                                         512};
+const Case kStage3SgdFp16ParamsOnNvme{"stage3_sgd_fp16_fp16grads_params_on_nvme",
+                                      Stage::kParameters,
+                                      OptimizerKind::kSgdMomentum,
+                                      DType::kF16,
+                                      DType::kF16,
+                                      2,
+                                      true,
+                                      2};
+
 std::string EquivalenceName(const ::testing::TestParamInfo<std::tuple<Case, Backend>>& i) {
   return std::string(std::get<0>(i.param).name) + "_" + BackendName(std::get<1>(i.param));
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Configs, NvmeEquivalenceTest,
-    ::testing::Combine(
-        ::testing::Values(
-            Case{"stage1_adamw", Stage::kOptimizerStates},
-            Case{"stage2_sgd_two_buffers", Stage::kGradients, OptimizerKind::kSgdMomentum, DType::kF32, DType::kF32,
-                 1, false, 2},
-            Case{"stage2_adamw_bf16_four_buffers", Stage::kGradients, OptimizerKind::kAdamW, DType::kBF16,
-                 DType::kF32, 1, false, 4},
-            Case{"stage3_adamw", Stage::kParameters},
-            Case{"stage3_params_in_host_optimizer_on_nvme", Stage::kParameters, OptimizerKind::kAdamW, DType::kF32,
-                 DType::kF32, 2},
-            Case{"stage3_params_on_nvme_persistent", Stage::kParameters, OptimizerKind::kAdamW, DType::kF32,
-                 DType::kF32, 2, true, 3, 512},
-            Case{"stage3_sgd_fp16_fp16grads_params_on_nvme", Stage::kParameters, OptimizerKind::kSgdMomentum,
-                 DType::kF16, DType::kF16, 2, true, 2}),
-        ::testing::Values(Backend::kCpu)),
+    ::testing::Combine(::testing::Values(Case{"stage1_adamw", Stage::kOptimizerStates},
+                                         Case{"stage2_sgd_two_buffers", Stage::kGradients, OptimizerKind::kSgdMomentum,
+                                              DType::kF32, DType::kF32, 1, false, 2},
+                                         kStage2Bf16FourBuffers, Case{"stage3_adamw", Stage::kParameters},
+                                         Case{"stage3_params_in_host_optimizer_on_nvme", Stage::kParameters,
+                                              OptimizerKind::kAdamW, DType::kF32, DType::kF32, 2},
+                                         kStage3ParamsOnNvmePersistent, kStage3SgdFp16ParamsOnNvme),
+                       ::testing::Values(Backend::kCpu)),
     EquivalenceName);
 
 // On the GPU the tier's bounce buffers are registered with CUDA (cudaHostRegister) and the device copies run on the
 // engine's streams: the same bitwise claim against host offload on the same backend, for a stage-2 case, a stage-3
 // case with the shards on the tier and a half-precision one. (Skipped, with the reason, where there is no GPU; the
 // GPU run (scripts/gpu) runs them at 1, 2 and 4 ranks.)
-INSTANTIATE_TEST_SUITE_P(
-    Cuda, NvmeEquivalenceTest,
-    ::testing::Combine(
-        ::testing::Values(
-            Case{"stage2_adamw_bf16_four_buffers", Stage::kGradients, OptimizerKind::kAdamW, DType::kBF16,
-                 DType::kF32, 1, false, 4},
-            Case{"stage3_params_on_nvme_persistent", Stage::kParameters, OptimizerKind::kAdamW, DType::kF32,
-                 DType::kF32, 2, true, 3, 512},
-            Case{"stage3_sgd_fp16_fp16grads_params_on_nvme", Stage::kParameters, OptimizerKind::kSgdMomentum,
-                 DType::kF16, DType::kF16, 2, true, 2}),
-        ::testing::Values(Backend::kCuda)),
-    EquivalenceName);
+INSTANTIATE_TEST_SUITE_P(Cuda, NvmeEquivalenceTest,
+                         ::testing::Combine(::testing::Values(kStage2Bf16FourBuffers, kStage3ParamsOnNvmePersistent,
+                                                              kStage3SgdFp16ParamsOnNvme),
+                                            ::testing::Values(Backend::kCuda)),
+                         EquivalenceName);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Checkpoints both ways
