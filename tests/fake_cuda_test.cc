@@ -8,15 +8,24 @@
 //   - device memory is unreadable from host code outside runtime calls (a write(2) of it fails with EFAULT: the
 //     kernel checks the pointer, no signal needed), starts as a NaN pattern, and copies and memsets refuse a
 //     direction or range that does not match where the pointers are;
-//   - the last error is sticky until cudaGetLastError; live and peak bytes follow allocations.
-#include <gtest/gtest.h>
+//   - the last error is sticky until cudaGetLastError, and per host thread; live and peak bytes follow allocations;
+//   - streams and events (created with flags and priorities, clamped to the device's range; queried, waited for,
+//     destroyed) and every call that takes one refuse a handle that is not live; an event never recorded is
+//     complete;
+//   - cudaHostRegister/Unregister's rules and cudaPointerGetAttributes' answer for device, registered and
+//     unregistered memory; cudaSetDevice, cudaMemGetInfo and the capacity cudaMalloc refuses beyond;
+//   - concurrent calls from several threads (the engine's communication thread and the trainer's).
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include "cublas_v2.h"
 #include "cuda_runtime.h"
@@ -114,10 +123,10 @@ TEST_F(FakeCudaTest, StridedBatchedBf16RoundsItsResultToNearestEven) {
   ASSERT_EQ(cudaMemcpy(B, b.data(), b.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
   const float one = 1.f, zero = 0.f;
   // A is 1x2 with lda 1 (a row vector: columns one element apart), stride 3; B is 2x1 with ldb 2, stride 2.
-  ASSERT_EQ(
-      cublasGemmStridedBatchedEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 2, &one, A, CUDA_R_16BF, 1, 3, B, CUDA_R_16BF, 2,
-                                 2, &zero, C, CUDA_R_16BF, 1, 1, 3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-      CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(cublasGemmStridedBatchedEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 2, &one, A, CUDA_R_16BF, 1, 3, B,
+                                       CUDA_R_16BF, 2, 2, &zero, C, CUDA_R_16BF, 1, 1, 3, CUBLAS_COMPUTE_32F,
+                                       CUBLAS_GEMM_DEFAULT),
+            CUBLAS_STATUS_SUCCESS);
   std::vector<uint16_t> c(3);
   ASSERT_EQ(cudaMemcpy(c.data(), C, 6, cudaMemcpyDeviceToHost), cudaSuccess);
   EXPECT_EQ(c[0], Bf16Bits(11));
@@ -126,8 +135,9 @@ TEST_F(FakeCudaTest, StridedBatchedBf16RoundsItsResultToNearestEven) {
   // 257 = 256 + 1: A = [1, 1] . B = [256, 1]; rounds to 256 (ties to even: 0x4380 is even, 0x4381 odd).
   std::vector<uint16_t> a2 = {Bf16Bits(1), Bf16Bits(1)};
   ASSERT_EQ(cudaMemcpy(A, a2.data(), 4, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cublasGemmEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 2, &one, A, CUDA_R_16BF, 1, static_cast<uint16_t*>(B) + 4,
-                         CUDA_R_16BF, 2, &zero, C, CUDA_R_16BF, 1, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+  ASSERT_EQ(cublasGemmEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 2, &one, A, CUDA_R_16BF, 1,
+                         static_cast<uint16_t*>(B) + 4, CUDA_R_16BF, 2, &zero, C, CUDA_R_16BF, 1, CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT),
             CUBLAS_STATUS_SUCCESS);
   ASSERT_EQ(cudaMemcpy(c.data(), C, 2, cudaMemcpyDeviceToHost), cudaSuccess);
   EXPECT_EQ(c[0], 0x4380);  // 256
@@ -184,6 +194,211 @@ TEST_F(FakeCudaTest, LiveAndPeakBytesFollowAllocations) {
   EXPECT_EQ(fake_cuda::PeakBytes(), base + 1024);
   EXPECT_EQ(cudaFreeAsync(b, nullptr), cudaSuccess);
   EXPECT_EQ(fake_cuda::LiveBytes(), base);
+}
+
+// Priorities: the device reports least 0 and greatest -5 (lower is higher, as on current GPUs); a request outside
+// that range is clamped into it, not refused.
+TEST_F(FakeCudaTest, StreamsHaveFlagsAndClampedPriorities) {
+  int least = 1, greatest = 1;
+  ASSERT_EQ(cudaDeviceGetStreamPriorityRange(&least, &greatest), cudaSuccess);
+  EXPECT_EQ(least, 0);
+  EXPECT_EQ(greatest, -5);
+  const int64_t streams = fake_cuda::LiveStreams();
+  cudaStream_t hi = nullptr, lo = nullptr, mid = nullptr, plain = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithPriority(&hi, cudaStreamNonBlocking, -100), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithPriority(&lo, cudaStreamNonBlocking, 3), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithPriority(&mid, cudaStreamDefault, -2), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreate(&plain), cudaSuccess);
+  EXPECT_EQ(fake_cuda::StreamPriority(hi), -5);
+  EXPECT_EQ(fake_cuda::StreamPriority(lo), 0);
+  EXPECT_EQ(fake_cuda::StreamPriority(mid), -2);
+  EXPECT_EQ(fake_cuda::StreamPriority(plain), 0);
+  EXPECT_EQ(fake_cuda::LiveStreams(), streams + 4);
+  cudaStream_t bad = nullptr;
+  EXPECT_EQ(cudaStreamCreateWithFlags(&bad, 0x10), cudaErrorInvalidValue);  // not a stream flag
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+  for (cudaStream_t s : {hi, lo, mid, plain}) EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+  EXPECT_EQ(fake_cuda::LiveStreams(), streams);
+}
+
+// Work completes at issue: a live stream is idle, a recorded event complete, and an event never recorded is
+// complete too ("If cudaEventRecord() has not been called on this event, the function returns cudaSuccess"). A
+// handle that is not live (destroyed, or never created) is cudaErrorInvalidResourceHandle wherever it is passed.
+TEST_F(FakeCudaTest, StreamAndEventHandlesAreChecked) {
+  const int64_t events = fake_cuda::LiveEvents();
+  cudaStream_t s = nullptr;
+  cudaEvent_t e = nullptr, fresh = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(cudaEventCreate(&fresh), cudaSuccess);
+  EXPECT_EQ(fake_cuda::LiveEvents(), events + 2);
+  EXPECT_EQ(cudaEventQuery(fresh), cudaSuccess);  // never recorded
+  EXPECT_EQ(cudaStreamQuery(s), cudaSuccess);
+  EXPECT_EQ(cudaStreamQuery(nullptr), cudaSuccess);  // the legacy stream
+  EXPECT_EQ(cudaEventRecord(e, s), cudaSuccess);
+  EXPECT_EQ(cudaEventQuery(e), cudaSuccess);
+  EXPECT_EQ(cudaEventSynchronize(e), cudaSuccess);
+  EXPECT_EQ(cudaStreamWaitEvent(nullptr, e, cudaEventWaitDefault), cudaSuccess);
+  EXPECT_EQ(cudaStreamWaitEvent(s, e, 0x8), cudaErrorInvalidValue);  // not a wait flag
+  EXPECT_EQ(cudaEventRecord(e, nullptr), cudaSuccess);
+  EXPECT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  // An interprocess event must disable timing.
+  cudaEvent_t ipc = nullptr;
+  EXPECT_EQ(cudaEventCreateWithFlags(&ipc, cudaEventInterprocess), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+
+  ASSERT_EQ(cudaStreamDestroy(s), cudaSuccess);
+  ASSERT_EQ(cudaEventDestroy(e), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(s), cudaErrorInvalidResourceHandle);  // twice
+  EXPECT_EQ(cudaStreamDestroy(nullptr), cudaErrorInvalidResourceHandle);  // the legacy stream is not ours
+  EXPECT_EQ(cudaEventDestroy(e), cudaErrorInvalidResourceHandle);
+  EXPECT_EQ(cudaStreamQuery(s), cudaErrorInvalidResourceHandle);
+  EXPECT_EQ(cudaStreamSynchronize(s), cudaErrorInvalidResourceHandle);
+  EXPECT_EQ(cudaEventQuery(e), cudaErrorInvalidResourceHandle);
+  EXPECT_EQ(cudaEventRecord(fresh, s), cudaErrorInvalidResourceHandle);  // a live event on a dead stream
+  EXPECT_EQ(cudaStreamWaitEvent(nullptr, e, 0), cudaErrorInvalidResourceHandle);
+  float host[4] = {}, back[4] = {};
+  void* d = nullptr;
+  ASSERT_EQ(cudaMalloc(&d, sizeof(host)), cudaSuccess);
+  EXPECT_EQ(cudaMemcpyAsync(d, host, sizeof(host), cudaMemcpyHostToDevice, s), cudaErrorInvalidResourceHandle);
+  EXPECT_EQ(cudaMemsetAsync(d, 0, sizeof(host), s), cudaErrorInvalidResourceHandle);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidResourceHandle);
+  EXPECT_FALSE(fake_cuda::IsValidStream(s));
+  EXPECT_TRUE(fake_cuda::IsValidStream(nullptr));
+  // cudaMemcpyDefault infers the direction from the pointers, both ways.
+  host[2] = 7.f;
+  ASSERT_EQ(cudaMemcpyAsync(d, host, sizeof(host), cudaMemcpyDefault, nullptr), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(back, d, sizeof(back), cudaMemcpyDefault), cudaSuccess);
+  EXPECT_EQ(back[2], 7.f);
+  EXPECT_EQ(cudaFree(d), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(fresh), cudaSuccess);
+  EXPECT_EQ(fake_cuda::LiveEvents(), events);
+}
+
+// "Returns the last error that has been produced by any of the runtime calls in the same host thread": a failure
+// on one thread is not another thread's last error; cudaPeekAtLastError reads it without clearing it.
+TEST_F(FakeCudaTest, TheLastErrorIsPerThread) {
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  cudaError_t other_before = cudaErrorNotReady, other_after = cudaErrorNotReady;
+  std::thread([&] {
+    other_before = cudaSetDevice(1);  // this machine has one device: ordinal 1 does not exist
+    other_after = cudaPeekAtLastError();
+  }).join();
+  EXPECT_EQ(other_before, cudaErrorInvalidDevice);
+  EXPECT_EQ(other_after, cudaErrorInvalidDevice);
+  EXPECT_EQ(cudaPeekAtLastError(), cudaSuccess);  // not this thread's
+  EXPECT_EQ(cudaFree(reinterpret_cast<void*>(0x10)), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaPeekAtLastError(), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaPeekAtLastError(), cudaErrorInvalidValue);  // peeking does not clear
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  EXPECT_STREQ(cudaGetErrorString(cudaErrorInvalidResourceHandle), "invalid resource handle");
+}
+
+// One device: ordinal 0 only. cudaMemGetInfo's free bytes are the capacity less what is allocated, and cudaMalloc
+// refuses beyond the capacity (out of memory, the runtime's error for it).
+TEST_F(FakeCudaTest, OneDeviceOfAFixedCapacity) {
+  int count = 0, device = -1;
+  ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess);
+  EXPECT_EQ(count, 1);
+  EXPECT_EQ(cudaSetDevice(0), cudaSuccess);
+  EXPECT_EQ(cudaGetDevice(&device), cudaSuccess);
+  EXPECT_EQ(device, 0);
+  EXPECT_EQ(cudaSetDevice(-1), cudaErrorInvalidDevice);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidDevice);
+  size_t free_bytes = 0, total = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total), cudaSuccess);
+  EXPECT_EQ(total, size_t{16} << 30);
+  fake_cuda::SetCapacity(fake_cuda::LiveBytes() + 3 * 4096);
+  void *a = nullptr, *b = nullptr;
+  ASSERT_EQ(cudaMalloc(&a, 2 * 4096), cudaSuccess);
+  ASSERT_EQ(cudaMemGetInfo(&free_bytes, &total), cudaSuccess);
+  EXPECT_EQ(free_bytes, size_t{4096});
+  EXPECT_EQ(cudaMalloc(&b, 4097), cudaErrorMemoryAllocation);
+  EXPECT_EQ(b, nullptr);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorMemoryAllocation);
+  ASSERT_EQ(cudaMalloc(&b, 4096), cudaSuccess);  // exactly what is left
+  EXPECT_EQ(cudaFree(a), cudaSuccess);
+  EXPECT_EQ(cudaFree(b), cudaSuccess);
+  fake_cuda::SetCapacity(int64_t{16} << 30);
+}
+
+// cudaHostRegister: ranges may not overlap (cudaErrorHostMemoryAlreadyRegistered), adjacent ones may; device
+// memory, a null pointer, zero bytes or an unknown flag is cudaErrorInvalidValue. cudaHostUnregister takes the
+// base address it was given (anything else: cudaErrorHostMemoryNotRegistered). cudaPointerGetAttributes: device
+// memory is Device, any byte of a registered range is Host (the same address on both sides), any other host
+// pointer is Unregistered, with success.
+TEST_F(FakeCudaTest, HostRegistrationAndPointerAttributes) {
+  const int64_t registrations = fake_cuda::LiveRegistrations();
+  std::vector<char> host(3 * 4096);
+  char* h = host.data();
+  ASSERT_EQ(cudaHostRegister(h, 4096, cudaHostRegisterPortable), cudaSuccess);
+  EXPECT_EQ(cudaHostRegister(h + 4095, 2, cudaHostRegisterDefault), cudaErrorHostMemoryAlreadyRegistered);
+  EXPECT_EQ(cudaHostRegister(h - 1, 2, cudaHostRegisterDefault), cudaErrorHostMemoryAlreadyRegistered);
+  ASSERT_EQ(cudaHostRegister(h + 4096, 4096, cudaHostRegisterPortable), cudaSuccess);  // adjacent
+  EXPECT_EQ(cudaHostRegister(h + 2 * 4096, 16, 0x100), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaHostRegister(nullptr, 16, 0), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaHostRegister(h + 2 * 4096, 0, 0), cudaErrorInvalidValue);
+  EXPECT_EQ(fake_cuda::LiveRegistrations(), registrations + 2);
+
+  void* d = nullptr;
+  ASSERT_EQ(cudaMalloc(&d, 100), cudaSuccess);
+  EXPECT_EQ(cudaHostRegister(d, 100, 0), cudaErrorInvalidValue);
+  cudaPointerAttributes a;
+  ASSERT_EQ(cudaPointerGetAttributes(&a, static_cast<char*>(d) + 10), cudaSuccess);
+  EXPECT_EQ(a.type, cudaMemoryTypeDevice);
+  EXPECT_EQ(a.device, 0);
+  EXPECT_EQ(a.devicePointer, static_cast<char*>(d) + 10);
+  EXPECT_EQ(a.hostPointer, nullptr);
+  ASSERT_EQ(cudaPointerGetAttributes(&a, h + 5000), cudaSuccess);
+  EXPECT_EQ(a.type, cudaMemoryTypeHost);
+  EXPECT_EQ(a.hostPointer, h + 5000);
+  EXPECT_EQ(a.devicePointer, h + 5000);
+  ASSERT_EQ(cudaPointerGetAttributes(&a, h + 2 * 4096), cudaSuccess);  // just past the registered ranges
+  EXPECT_EQ(a.type, cudaMemoryTypeUnregistered);
+  EXPECT_EQ(cudaPointerGetAttributes(nullptr, h), cudaErrorInvalidValue);
+
+  EXPECT_EQ(cudaHostUnregister(h + 1), cudaErrorHostMemoryNotRegistered);  // not the base address
+  EXPECT_EQ(cudaGetLastError(), cudaErrorHostMemoryNotRegistered);
+  EXPECT_EQ(cudaHostUnregister(h), cudaSuccess);
+  EXPECT_EQ(cudaHostUnregister(h), cudaErrorHostMemoryNotRegistered);  // twice
+  ASSERT_EQ(cudaPointerGetAttributes(&a, h), cudaSuccess);
+  EXPECT_EQ(a.type, cudaMemoryTypeUnregistered);
+  EXPECT_EQ(cudaHostUnregister(h + 4096), cudaSuccess);
+  EXPECT_EQ(fake_cuda::LiveRegistrations(), registrations);
+  (void)cudaGetLastError();
+  EXPECT_EQ(cudaFree(d), cudaSuccess);
+}
+
+// The engine calls the runtime from its communication thread while the trainer's thread does: four threads
+// allocating, copying round trips through their own device memory and freeing, at once, each on a stream of its
+// own, must each get their own bytes back, and leave nothing behind.
+TEST_F(FakeCudaTest, ConcurrentCallsFromSeveralThreads) {
+  const int64_t live = fake_cuda::LiveAllocations(), streams = fake_cuda::LiveStreams();
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([t, &wrong] {
+      cudaStream_t s = nullptr;
+      if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess) ++wrong;
+      for (int i = 0; i < 200; ++i) {
+        std::vector<int> in(64 + i, t * 1000 + i), out(64 + i, -1);
+        const size_t bytes = in.size() * sizeof(int);
+        void* d = nullptr;
+        if (cudaMalloc(&d, bytes) != cudaSuccess) ++wrong;
+        if (cudaMemcpyAsync(d, in.data(), bytes, cudaMemcpyHostToDevice, s) != cudaSuccess) ++wrong;
+        if (cudaMemcpyAsync(out.data(), d, bytes, cudaMemcpyDeviceToHost, s) != cudaSuccess) ++wrong;
+        if (cudaStreamSynchronize(s) != cudaSuccess) ++wrong;
+        if (out != in) ++wrong;
+        if (cudaFree(d) != cudaSuccess) ++wrong;
+      }
+      if (cudaStreamDestroy(s) != cudaSuccess) ++wrong;
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(fake_cuda::LiveAllocations(), live);
+  EXPECT_EQ(fake_cuda::LiveStreams(), streams);
 }
 
 }  // namespace

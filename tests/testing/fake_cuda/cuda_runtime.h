@@ -1,8 +1,9 @@
-// A host-only stand-in for the subset of the CUDA runtime that the LoRA example's CUDA model
-// (examples/lora_finetune/model_cuda.cu) and its test use, so that the model's host code (allocation, copies, the
-// matrix products' arguments, the kernels' plumbing) runs on a machine without a GPU and is compared with the CPU
-// model in ctest (tests/lora_cuda_model_emulated_test.cc). Put this directory first on the include path of such a
-// target and never on one that uses the real runtime.
+// A host-only stand-in for the subset of the CUDA runtime that zero's CUDA host code uses: the LoRA example's CUDA
+// model (examples/lora_finetune/model_cuda.cu), and, in the ZERO_CUDA_EMULATION build, libzero's CUDA device
+// (src/cuda_device.cc, cuda_errors.h, the pinned host memory it registers) and the tests' CUDA helpers, so that
+// Backend::kCuda runs on a machine without a GPU and the engine suites' CUDA cases run in ctest. Put this
+// directory first on the include path of such a target and never on one that uses the real runtime. One instance
+// per process: it is the shared library zero_fake_cuda (testing/fake_cuda/CMakeLists.txt says why).
 //
 // What it checks that a plain "malloc" stand-in would not:
 //   - device memory is a separate world: each allocation is its own mapping, inaccessible (PROT_NONE) except while
@@ -10,12 +11,22 @@
 //     directly faults here as it would (or worse, silently misbehave) on a GPU;
 //   - copies name their direction: a kind that does not match where the pointers are (host or device), or a range
 //     outside its allocation, fails with cudaErrorInvalidValue, as does freeing what was not allocated;
-//   - the last error is sticky until cudaGetLastError, like the runtime's.
-// What it does not show: everything runs synchronously in issue order on the calling thread (no stream
-// concurrency, no ordering bug can appear), and kernels run through the CPU emulation of testing/cuda_emulation.h.
+//   - handles are checked: a stream or event that was never created or is already destroyed is
+//     cudaErrorInvalidResourceHandle wherever it is passed (a GPU run would often go on silently or crash);
+//   - host registration follows cudaHostRegister's rules (overlap, unregistering what was not registered), and
+//     cudaPointerGetAttributes tells device, registered and unregistered memory apart;
+//   - the last error is sticky until cudaGetLastError, and per host thread, like the runtime's;
+//   - allocations beyond the device's capacity (SetCapacity; 16 GiB unless changed) fail with
+//     cudaErrorMemoryAllocation, and fresh device memory reads as NaN, not zero.
+// What it does not show: every call runs synchronously at issue, on the calling thread, in issue order: a copy or
+// kernel is complete when the call returns, so every event is complete once recorded, every stream is idle,
+// cudaStreamWaitEvent orders nothing that is not already ordered. A missing wait, an event recorded on the wrong
+// stream, a host read of pinned memory before its copy landed, or any race between streams cannot show here; the
+// concurrency of the engine's own threads (the communication thread against the trainer's) is real. Kernels are
+// the CPU instantiations of the same math (see the emulated kernels' translation unit), not the .cu sources.
 //
 // The names are CUDA's; the types are distinct (Fake* tags) and the functions have C++ linkage, so a program may
-// link the real runtime as well (libzero does) without a clash.
+// link the real runtime as well without a clash. Error codes and enum values are the runtime's.
 #pragma once
 
 #include <cstddef>
@@ -25,6 +36,13 @@ enum FakeCudaError : int {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorMemoryAllocation = 2,
+  cudaErrorNoDevice = 100,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorInvalidResourceHandle = 400,
+  cudaErrorNotReady = 600,
+  cudaErrorIllegalAddress = 700,
+  cudaErrorHostMemoryAlreadyRegistered = 712,
+  cudaErrorHostMemoryNotRegistered = 713,
 };
 using cudaError_t = FakeCudaError;
 
@@ -37,8 +55,41 @@ enum FakeCudaMemcpyKind : int {
 };
 using cudaMemcpyKind = FakeCudaMemcpyKind;
 
-struct FakeCudaStream;  // only the legacy default stream (nullptr) exists
+// Streams: nullptr is the legacy default stream; others come from cudaStreamCreate*.
+struct FakeCudaStream;
 using cudaStream_t = FakeCudaStream*;
+struct FakeCudaEvent;
+using cudaEvent_t = FakeCudaEvent*;
+
+// Flags, with the runtime's values.
+inline constexpr unsigned int cudaStreamDefault = 0x0;
+inline constexpr unsigned int cudaStreamNonBlocking = 0x1;
+inline constexpr unsigned int cudaEventDefault = 0x0;
+inline constexpr unsigned int cudaEventBlockingSync = 0x1;
+inline constexpr unsigned int cudaEventDisableTiming = 0x2;
+inline constexpr unsigned int cudaEventInterprocess = 0x4;
+inline constexpr unsigned int cudaEventWaitDefault = 0x0;
+inline constexpr unsigned int cudaEventWaitExternal = 0x1;
+inline constexpr unsigned int cudaHostRegisterDefault = 0x0;
+inline constexpr unsigned int cudaHostRegisterPortable = 0x1;
+inline constexpr unsigned int cudaHostRegisterMapped = 0x2;
+inline constexpr unsigned int cudaHostRegisterIoMemory = 0x4;
+inline constexpr unsigned int cudaHostRegisterReadOnly = 0x8;
+
+enum FakeCudaMemoryType : int {
+  cudaMemoryTypeUnregistered = 0,
+  cudaMemoryTypeHost = 1,
+  cudaMemoryTypeDevice = 2,
+  cudaMemoryTypeManaged = 3,
+};
+using cudaMemoryType = FakeCudaMemoryType;
+
+struct cudaPointerAttributes {
+  cudaMemoryType type = cudaMemoryTypeUnregistered;
+  int device = -1;
+  void* devicePointer = nullptr;
+  void* hostPointer = nullptr;
+};
 
 enum FakeCudaDataType : int {
   CUDA_R_32F = 0,
@@ -47,20 +98,42 @@ enum FakeCudaDataType : int {
 using cudaDataType = FakeCudaDataType;
 
 cudaError_t cudaGetDeviceCount(int* count);
+cudaError_t cudaSetDevice(int device);
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
+cudaError_t cudaDeviceGetStreamPriorityRange(int* least, int* greatest);
 cudaError_t cudaGetLastError();
+cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t e);
 
 cudaError_t cudaMalloc(void** p, size_t bytes);
 cudaError_t cudaFree(void* p);
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream);
 cudaError_t cudaFreeAsync(void* p, cudaStream_t stream);
+cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned int flags);
+cudaError_t cudaHostUnregister(void* p);
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const void* p);
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind);
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream);
 cudaError_t cudaMemset(void* p, int value, size_t bytes);
 cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t stream);
+
+cudaError_t cudaStreamCreate(cudaStream_t* stream);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags);
+cudaError_t cudaStreamCreateWithPriority(cudaStream_t* stream, unsigned int flags, int priority);
+cudaError_t cudaStreamDestroy(cudaStream_t stream);
+cudaError_t cudaStreamQuery(cudaStream_t stream);
 cudaError_t cudaStreamSynchronize(cudaStream_t stream);
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags);
 cudaError_t cudaDeviceSynchronize();
+
+cudaError_t cudaEventCreate(cudaEvent_t* event);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags);
+cudaError_t cudaEventDestroy(cudaEvent_t event);
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream);
+cudaError_t cudaEventQuery(cudaEvent_t event);
+cudaError_t cudaEventSynchronize(cudaEvent_t event);
 
 namespace fake_cuda {
 
@@ -68,11 +141,19 @@ namespace fake_cuda {
 int64_t LiveBytes();
 int64_t PeakBytes();
 void ResetPeak();
-// Live allocations (a leak check for tests).
+// Live allocations, streams, events and host registrations (leak checks for tests).
 int64_t LiveAllocations();
+int64_t LiveStreams();
+int64_t LiveEvents();
+int64_t LiveRegistrations();
+// The device's memory (cudaMemGetInfo's total; cudaMalloc refuses beyond it). 16 GiB unless set.
+void SetCapacity(int64_t bytes);
+// The priority a stream was created with, after clamping to the device's range (cudaStreamGetPriority's answer).
+int StreamPriority(cudaStream_t stream);
 
-// Makes device memory accessible for the lifetime of the object (kernels, cuBLAS, the runtime's own calls).
-// Nests; not for use by the code under test.
+// Makes device memory accessible for the lifetime of the object (kernels, cuBLAS, the runtime's own calls) and
+// holds the runtime's lock: one call or kernel at a time in the process, as on one in-order queue. Nests; not for
+// use by the code under test.
 class DeviceAccess {
  public:
   DeviceAccess();
@@ -81,9 +162,11 @@ class DeviceAccess {
   DeviceAccess& operator=(const DeviceAccess&) = delete;
 };
 
-// Records a failure as the runtime's sticky last error (a kernel launch that was refused).
+// Records a failure as the calling thread's sticky last error (a kernel launch that was refused).
 void SetLastError(cudaError_t e);
 // Whether [p, p + bytes) lies inside one device allocation.
 bool IsDevice(const void* p, size_t bytes);
+// Whether `stream` may be launched on: the legacy stream (nullptr) or a live created stream.
+bool IsValidStream(cudaStream_t stream);
 
 }  // namespace fake_cuda

@@ -1,6 +1,8 @@
 // The host-only CUDA runtime and cuBLAS stand-ins (cuda_runtime.h, cublas_v2.h beside this file): device memory as
-// separate page mappings that are inaccessible outside runtime calls and kernels, checked copies, a sticky last
-// error, and cuBLAS's column-major GEMM contract computed directly.
+// separate page mappings that are inaccessible outside runtime calls and kernels, checked copies, checked stream
+// and event handles, host registration, a sticky per-thread last error, and cuBLAS's column-major GEMM contract
+// computed directly. Every call completes before it returns (cuda_runtime.h says what that hides). Thread-safe:
+// one lock serializes every call that touches the runtime's tables or device memory.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -12,13 +14,27 @@
 #include <iterator>
 #include <map>
 #include <mutex>
+#include <set>
 
 #include "cublas_v2.h"
 #include "cuda_runtime.h"
 #include "kernels/cast.cuh"
 
+struct FakeCudaStream {
+  unsigned int flags;
+  int priority;
+};
+struct FakeCudaEvent {
+  unsigned int flags;
+};
+
 namespace fake_cuda {
 namespace {
+
+constexpr int kDevices = 1;
+// cudaDeviceGetStreamPriorityRange on current GPUs: 0 is the least priority, -5 the greatest (lower is higher).
+constexpr int kLeastPriority = 0;
+constexpr int kGreatestPriority = -5;
 
 struct Allocation {
   size_t bytes;   // what was asked for
@@ -28,16 +44,23 @@ struct Allocation {
 struct State {
   std::recursive_mutex mu;
   std::map<uintptr_t, Allocation> live;  // by start address
+  std::map<uintptr_t, size_t> registered;  // cudaHostRegister ranges: start -> bytes
+  std::set<const FakeCudaStream*> streams;
+  std::set<const FakeCudaEvent*> events;
   int64_t live_bytes = 0;
   int64_t peak_bytes = 0;
+  int64_t capacity = int64_t{16} << 30;
   int access_depth = 0;  // DeviceAccess nesting: > 0 while device memory is readable and writable
-  cudaError_t last_error = cudaSuccess;
 };
 
 State& S() {
   static State* s = new State;  // never destroyed: thread_local cuBLAS handles may be released after main
   return *s;
 }
+
+// The runtime's last error and current device are per host thread.
+thread_local cudaError_t last_error = cudaSuccess;
+thread_local int current_device = 0;
 
 size_t PageSize() {
   static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
@@ -52,7 +75,7 @@ void Protect(uintptr_t start, const Allocation& a, bool accessible) {
 }
 
 cudaError_t Fail(cudaError_t e) {
-  S().last_error = e;
+  last_error = e;
   return e;
 }
 
@@ -67,6 +90,7 @@ std::map<uintptr_t, Allocation>::iterator Find(const void* p, size_t bytes) {
   return it;
 }
 
+// Whether p lies outside every device mapping.
 bool IsHost(const void* p) {
   const auto addr = reinterpret_cast<uintptr_t>(p);
   auto& live = S().live;
@@ -75,6 +99,29 @@ bool IsHost(const void* p) {
   --it;
   return addr >= it->first + it->second.mapped;
 }
+
+// Whether [p, p + bytes) overlaps any device mapping.
+bool TouchesDevice(const void* p, size_t bytes) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  auto& live = S().live;
+  auto it = live.lower_bound(a + bytes);  // first mapping starting at or after the end
+  if (it == live.begin()) return false;
+  --it;
+  return it->first + it->second.mapped > a;
+}
+
+// The registered range holding p, or registered.end().
+std::map<uintptr_t, size_t>::iterator FindRegistered(const void* p) {
+  auto& reg = S().registered;
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  auto it = reg.upper_bound(addr);
+  if (it == reg.begin()) return reg.end();
+  --it;
+  return addr < it->first + it->second ? it : reg.end();
+}
+
+bool ValidStream(cudaStream_t s) { return s == nullptr || S().streams.count(s) != 0; }
+bool ValidEvent(cudaEvent_t e) { return e != nullptr && S().events.count(e) != 0; }
 
 }  // namespace
 
@@ -94,10 +141,30 @@ int64_t LiveAllocations() {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   return static_cast<int64_t>(S().live.size());
 }
+int64_t LiveStreams() {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return static_cast<int64_t>(S().streams.size());
+}
+int64_t LiveEvents() {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return static_cast<int64_t>(S().events.size());
+}
+int64_t LiveRegistrations() {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return static_cast<int64_t>(S().registered.size());
+}
+void SetCapacity(int64_t bytes) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  S().capacity = bytes;
+}
+int StreamPriority(cudaStream_t stream) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return stream == nullptr || !ValidStream(stream) ? 0 : stream->priority;
+}
 
 DeviceAccess::DeviceAccess() {
   State& s = S();
-  s.mu.lock();  // held for the object's lifetime: one runtime call or kernel at a time, as on one stream
+  s.mu.lock();  // held for the object's lifetime: one runtime call or kernel at a time
   if (s.access_depth++ == 0) {
     for (const auto& [start, a] : s.live) Protect(start, a, true);
   }
@@ -111,14 +178,16 @@ DeviceAccess::~DeviceAccess() {
   s.mu.unlock();
 }
 
-void SetLastError(cudaError_t e) {
-  std::lock_guard<std::recursive_mutex> lock(S().mu);
-  S().last_error = e;
-}
+void SetLastError(cudaError_t e) { last_error = e; }
 
 bool IsDevice(const void* p, size_t bytes) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   return Find(p, bytes) != S().live.end();
+}
+
+bool IsValidStream(cudaStream_t stream) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return ValidStream(stream);
 }
 
 }  // namespace fake_cuda
@@ -126,36 +195,76 @@ bool IsDevice(const void* p, size_t bytes) {
 using fake_cuda::DeviceAccess;
 using fake_cuda::S;
 
+// --- device, errors ----------------------------------------------------------------------------------------------
+
 cudaError_t cudaGetDeviceCount(int* count) {
   if (count == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
-  *count = 1;
+  *count = fake_cuda::kDevices;
+  return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+  if (device < 0 || device >= fake_cuda::kDevices) return fake_cuda::Fail(cudaErrorInvalidDevice);
+  fake_cuda::current_device = device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  if (device == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
+  *device = fake_cuda::current_device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+  if (free_bytes == nullptr || total_bytes == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  *total_bytes = static_cast<size_t>(S().capacity);
+  *free_bytes = static_cast<size_t>(std::max<int64_t>(0, S().capacity - S().live_bytes));
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetStreamPriorityRange(int* least, int* greatest) {
+  // Either pointer may be null (the runtime fills what it is given).
+  if (least != nullptr) *least = fake_cuda::kLeastPriority;
+  if (greatest != nullptr) *greatest = fake_cuda::kGreatestPriority;
   return cudaSuccess;
 }
 
 cudaError_t cudaGetLastError() {
-  std::lock_guard<std::recursive_mutex> lock(S().mu);
-  const cudaError_t e = S().last_error;
-  S().last_error = cudaSuccess;
+  const cudaError_t e = fake_cuda::last_error;
+  fake_cuda::last_error = cudaSuccess;
   return e;
 }
 
+cudaError_t cudaPeekAtLastError() { return fake_cuda::last_error; }
+
 const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
-    case cudaSuccess:
-      return "no error";
-    case cudaErrorInvalidValue:
-      return "invalid argument";
-    case cudaErrorMemoryAllocation:
-      return "out of memory";
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorHostMemoryAlreadyRegistered: return "part or all of the requested memory range is already mapped";
+    case cudaErrorHostMemoryNotRegistered: return "pointer does not correspond to a registered memory region";
   }
   return "unrecognized error code";
 }
+
+// --- memory ------------------------------------------------------------------------------------------------------
 
 cudaError_t cudaMalloc(void** p, size_t bytes) {
   DeviceAccess access;
   if (p == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
   *p = nullptr;
   if (bytes == 0) return cudaSuccess;  // the runtime returns success and a null pointer for zero bytes
+  auto& s = S();
+  if (static_cast<int64_t>(bytes) < 0 || s.live_bytes + static_cast<int64_t>(bytes) > s.capacity) {
+    return fake_cuda::Fail(cudaErrorMemoryAllocation);
+  }
   const size_t page = fake_cuda::PageSize();
   const size_t mapped = (bytes + page - 1) / page * page;
   void* m = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -163,7 +272,6 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   // Fresh device memory is not zero on a GPU: fill it with a pattern that reads as NaN in fp32 and bf16, so that
   // a missing initialisation shows.
   std::memset(m, 0xff, mapped);
-  auto& s = S();
   s.live[reinterpret_cast<uintptr_t>(m)] = fake_cuda::Allocation{bytes, mapped};
   s.live_bytes += static_cast<int64_t>(bytes);
   if (s.live_bytes > s.peak_bytes) s.peak_bytes = s.live_bytes;
@@ -183,8 +291,64 @@ cudaError_t cudaFree(void* p) {
   return cudaSuccess;
 }
 
-cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
-cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
+cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
+  if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  return cudaMalloc(p, bytes);
+}
+cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
+  if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  return cudaFree(p);
+}
+
+// The runtime's contract: the range must not overlap a registered one (cudaErrorHostMemoryAlreadyRegistered);
+// a null pointer, zero bytes or an unknown flag is cudaErrorInvalidValue; so is device memory (not host memory).
+cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned int flags) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  constexpr unsigned int kKnown = cudaHostRegisterPortable | cudaHostRegisterMapped | cudaHostRegisterIoMemory |
+                                  cudaHostRegisterReadOnly;
+  if (p == nullptr || bytes == 0 || (flags & ~kKnown) != 0) return fake_cuda::Fail(cudaErrorInvalidValue);
+  if (fake_cuda::TouchesDevice(p, bytes)) return fake_cuda::Fail(cudaErrorInvalidValue);
+  auto& reg = S().registered;
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  auto next = reg.lower_bound(a);
+  if (next != reg.end() && next->first < a + bytes) return fake_cuda::Fail(cudaErrorHostMemoryAlreadyRegistered);
+  if (next != reg.begin() && std::prev(next)->first + std::prev(next)->second > a) {
+    return fake_cuda::Fail(cudaErrorHostMemoryAlreadyRegistered);
+  }
+  reg[a] = bytes;
+  return cudaSuccess;
+}
+
+// `p` must be the base address of a registered range.
+cudaError_t cudaHostUnregister(void* p) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  auto it = S().registered.find(reinterpret_cast<uintptr_t>(p));
+  if (it == S().registered.end()) return fake_cuda::Fail(cudaErrorHostMemoryNotRegistered);
+  S().registered.erase(it);
+  return cudaSuccess;
+}
+
+// Device memory: type Device on its device, no host alias. Registered host memory: type Host, the same address on
+// both sides (unified addressing). Anything else: type Unregistered and success (CUDA 11 and later).
+cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const void* p) {
+  if (attributes == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  *attributes = cudaPointerAttributes{};
+  void* q = const_cast<void*>(p);
+  if (!fake_cuda::IsHost(p)) {
+    attributes->type = cudaMemoryTypeDevice;
+    attributes->device = 0;
+    attributes->devicePointer = q;
+  } else if (fake_cuda::FindRegistered(p) != S().registered.end()) {
+    attributes->type = cudaMemoryTypeHost;
+    attributes->device = 0;
+    attributes->devicePointer = q;
+    attributes->hostPointer = q;
+  } else {
+    attributes->hostPointer = q;
+  }
+  return cudaSuccess;
+}
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
   DeviceAccess access;
@@ -198,28 +362,19 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind 
   }
   bool ok = false;
   switch (kind) {
-    case cudaMemcpyHostToHost:
-      ok = !dst_dev && !src_dev;
-      break;
-    case cudaMemcpyHostToDevice:
-      ok = dst_dev && !src_dev;
-      break;
-    case cudaMemcpyDeviceToHost:
-      ok = !dst_dev && src_dev;
-      break;
-    case cudaMemcpyDeviceToDevice:
-      ok = dst_dev && src_dev;
-      break;
-    case cudaMemcpyDefault:
-      ok = true;
-      break;
+    case cudaMemcpyHostToHost: ok = !dst_dev && !src_dev; break;
+    case cudaMemcpyHostToDevice: ok = dst_dev && !src_dev; break;
+    case cudaMemcpyDeviceToHost: ok = !dst_dev && src_dev; break;
+    case cudaMemcpyDeviceToDevice: ok = dst_dev && src_dev; break;
+    case cudaMemcpyDefault: ok = true; break;
   }
   if (!ok) return fake_cuda::Fail(cudaErrorInvalidValue);
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
 
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
+  if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
   return cudaMemcpy(dst, src, bytes, kind);
 }
 
@@ -231,9 +386,95 @@ cudaError_t cudaMemset(void* p, int value, size_t bytes) {
   return cudaSuccess;
 }
 
-cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) { return cudaMemset(p, value, bytes); }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }  // everything already ran
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t stream) {
+  if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  return cudaMemset(p, value, bytes);
+}
+
+// --- streams and events ------------------------------------------------------------------------------------------
+// Work completes at issue, so a valid stream is always idle and a valid event always complete.
+
+cudaError_t cudaStreamCreateWithPriority(cudaStream_t* stream, unsigned int flags, int priority) {
+  if (stream == nullptr || (flags & ~cudaStreamNonBlocking) != 0) return fake_cuda::Fail(cudaErrorInvalidValue);
+  // "Priorities follow a convention where lower numbers imply greater priorities"; values outside the range the
+  // device reports are clamped to it.
+  priority = std::clamp(priority, fake_cuda::kGreatestPriority, fake_cuda::kLeastPriority);
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  *stream = new FakeCudaStream{flags, priority};
+  S().streams.insert(*stream);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
+  return cudaStreamCreateWithPriority(stream, flags, fake_cuda::kLeastPriority);
+}
+
+cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, cudaStreamDefault); }
+
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  // The legacy stream cannot be destroyed; nor can a stream twice.
+  if (stream == nullptr || S().streams.erase(stream) == 0) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  delete stream;
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+  if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) { return cudaStreamQuery(stream); }
+
+cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (flags != cudaEventWaitDefault && flags != cudaEventWaitExternal) return fake_cuda::Fail(cudaErrorInvalidValue);
+  if (!fake_cuda::ValidStream(stream) || !fake_cuda::ValidEvent(event)) {
+    return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  }
+  return cudaSuccess;
+}
+
 cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags) {
+  constexpr unsigned int kKnown = cudaEventBlockingSync | cudaEventDisableTiming | cudaEventInterprocess;
+  if (event == nullptr || (flags & ~kKnown) != 0) return fake_cuda::Fail(cudaErrorInvalidValue);
+  // An interprocess event must also disable timing (the runtime's documented rule).
+  if ((flags & cudaEventInterprocess) != 0 && (flags & cudaEventDisableTiming) == 0) {
+    return fake_cuda::Fail(cudaErrorInvalidValue);
+  }
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  *event = new FakeCudaEvent{flags};
+  S().events.insert(*event);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, cudaEventDefault); }
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (event == nullptr || S().events.erase(event) == 0) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  delete event;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (!fake_cuda::ValidEvent(event) || !fake_cuda::ValidStream(stream)) {
+    return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  }
+  return cudaSuccess;
+}
+
+// Complete once recorded (the recorded work is done), and complete when never recorded (the documented rule).
+cudaError_t cudaEventQuery(cudaEvent_t event) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (!fake_cuda::ValidEvent(event)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) { return cudaEventQuery(event); }
 
 // ---------------------------------------------------------------------------------------------------------------
 // cuBLAS
@@ -342,8 +583,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
 cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
                                           int m, int n, int k, const void* alpha, const void* A, cudaDataType Atype,
                                           int lda, long long int strideA, const void* B, cudaDataType Btype, int ldb,
-                                          long long int strideB, const void* beta, void* C, cudaDataType Ctype, int ldc,
-                                          long long int strideC, int batch, cublasComputeType_t compute,
+                                          long long int strideB, const void* beta, void* C, cudaDataType Ctype,
+                                          int ldc, long long int strideC, int batch, cublasComputeType_t compute,
                                           cublasGemmAlgo_t) {
   return Gemm(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb, strideB, beta, C, Ctype,
               ldc, strideC, batch, compute);
