@@ -13,6 +13,9 @@
 #              Open MPI over TCP between them; the topology, ZeRO++'s collectives and engine, the example, and the
 #              bytes counted across nodes against what the links carried. Skipped, saying why, where the kernel
 #              forbids network namespaces
+#   cuda-emulated  the CUDA cases of the suites that have them (ctest label cuda) in build-cudaemu/: Backend::kCuda's
+#              host code against the host-only CUDA stand-in (ZERO_CUDA_EMULATION: tests/testing/fake_cuda), kernels
+#              replaced by their CPU instantiations, StagedComm for NCCL; a skipped case fails there
 #   tsan       the protocol suites (ctest label tsan) again in build-tsan/: clang + ThreadSanitizer, CPU only
 #   asan       every CPU suite again in build-asan/ (ctest label asan): clang + AddressSanitizer + LeakSanitizer +
 #              UndefinedBehaviorSanitizer, multi-rank suites included; Open MPI's own leaks suppressed (tests/lsan.supp)
@@ -58,10 +61,10 @@ on_exit() {
   echo "==> wall time per phase"
   local i
   for i in "${!phase_names[@]}"; do
-    printf '  %-10s %10s%s\n' "${phase_names[$i]}" "$(fmt_s "${phase_us[$i]}")" \
+    printf '  %-13s %10s%s\n' "${phase_names[$i]}" "$(fmt_s "${phase_us[$i]}")" \
       "$([[ ${phase_names[$i]} == "$failed" && $rc -ne 0 ]] && echo "   FAILED")"
   done
-  printf '  %-10s %10s\n' total "$(fmt_s $(($(now_us) - total_start)))"
+  printf '  %-13s %10s\n' total "$(fmt_s $(($(now_us) - total_start)))"
   if ((rc == 0)); then echo "==> test.sh: OK"; else echo "==> test.sh: FAILED (exit $rc)"; fi
   exit "$rc"
 }
@@ -124,6 +127,24 @@ ctest --test-dir "$build" --output-on-failure --no-tests=error --parallel "$(npr
 if [[ ${ZERO_SKIP_MULTIHOST:-0} != 1 && $# -eq 0 ]]; then
   begin_phase multihost
   tests/multihost_test.sh "$build"
+fi
+
+# --- cuda-emulated ------------------------------------------------------------------------------------------------
+# The CUDA backend has no GPU here: its host code (src/cuda_device.cc, the pinned host memory it registers, the
+# tests' CUDA helpers) runs against the host-only CUDA runtime stand-in instead, which keeps device memory
+# unreadable from host code, checks copy directions and stream/event handles, and runs every call at once (so no
+# stream-ordering bug can show: tests/testing/fake_cuda/cuda_runtime.h says what it does not cover). Only the
+# suites with CUDA cases are built, and only those cases run (the test phase ran the CPU ones); NCCL is not
+# emulated, so the CUDA cases' Comm is the tests' StagedComm. About 1.5 min on 2 cores, most of it the runs.
+# ZERO_SKIP_CUDA_EMULATED=1 skips it; like tsan, with ctest arguments only the matching tests run.
+if [[ ${ZERO_SKIP_CUDA_EMULATED:-0} != 1 ]]; then
+  begin_phase cuda-emulated
+  cmake -S . -B build-cudaemu -DCMAKE_BUILD_TYPE=Release -DZERO_WITH_CUDA=OFF -DZERO_CUDA_EMULATION=ON \
+    -DZERO_BUILD_TESTS=ON -DZERO_BUILD_BENCHMARKS=OFF -DZERO_BUILD_EXAMPLES=OFF -DZERO_WITH_TORCH=OFF \
+    -DZERO_WERROR=ON >/dev/null
+  cmake --build build-cudaemu --parallel "$(nproc)" --target cuda_emulated_suites
+  ctest --test-dir build-cudaemu -L cuda --output-on-failure \
+    --no-tests="$([[ $# -gt 0 ]] && echo ignore || echo error)" --parallel "$(nproc)" "$@"
 fi
 
 # --- tsan ---------------------------------------------------------------------------------------------------------
