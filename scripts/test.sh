@@ -15,7 +15,8 @@
 #              forbids network namespaces
 #   cuda-emulated  the CUDA cases of the suites that have them (ctest label cuda) in build-cudaemu/: Backend::kCuda's
 #              host code against the host-only CUDA stand-in (ZERO_CUDA_EMULATION: tests/testing/fake_cuda), kernels
-#              replaced by their CPU instantiations, StagedComm for NCCL; a skipped case fails there
+#              replaced by their CPU instantiations, StagedComm for NCCL, work deferred until waited for (so a
+#              missing stream wait shows); a skipped case fails there
 #   tsan       the protocol suites (ctest label tsan) again in build-tsan/: clang + ThreadSanitizer, CPU only
 #   asan       every CPU suite again in build-asan/ (ctest label asan): clang + AddressSanitizer + LeakSanitizer +
 #              UndefinedBehaviorSanitizer, multi-rank suites included; Open MPI's own leaks suppressed (tests/lsan.supp)
@@ -132,10 +133,11 @@ fi
 # --- cuda-emulated ------------------------------------------------------------------------------------------------
 # The CUDA backend has no GPU here: its host code (src/cuda_device.cc, the pinned host memory it registers, the
 # tests' CUDA helpers) runs against the host-only CUDA runtime stand-in instead, which keeps device memory
-# unreadable from host code, checks copy directions and stream/event handles, and runs every call at once (so no
-# stream-ordering bug can show: tests/testing/fake_cuda/cuda_runtime.h says what it does not cover). Only the
-# suites with CUDA cases are built, and only those cases run (the test phase ran the CPU ones); NCCL is not
-# emulated, so the CUDA cases' Comm is the tests' StagedComm. About 1.5 min on 2 cores, most of it the runs.
+# unreadable from host code, checks copy directions and stream/event handles, and (deferred mode, set by the
+# tests' CMakeLists) runs each stream's work only when something waits for it, so a missing wait reads stale
+# bytes (tests/testing/fake_cuda/cuda_runtime.h says what it still does not cover). Only the suites with CUDA
+# cases are built, and only those cases run (the test phase ran the CPU ones); NCCL is not emulated, so the CUDA
+# cases' Comm is the tests' StagedComm. About 1 min on 2 cores with ccache warm, nearly all of it the runs.
 # ZERO_SKIP_CUDA_EMULATED=1 skips it; like tsan, with ctest arguments only the matching tests run.
 if [[ ${ZERO_SKIP_CUDA_EMULATED:-0} != 1 ]]; then
   begin_phase cuda-emulated

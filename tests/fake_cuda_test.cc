@@ -14,7 +14,12 @@
 //     complete;
 //   - cudaHostRegister/Unregister's rules and cudaPointerGetAttributes' answer for device, registered and
 //     unregistered memory; cudaSetDevice, cudaMemGetInfo and the capacity cudaMalloc refuses beyond;
-//   - concurrent calls from several threads (the engine's communication thread and the trainer's).
+//   - concurrent calls from several threads (the engine's communication thread and the trainer's);
+//   - deferred mode: work runs when waited for and no earlier: a stream that does not wait for another reads its
+//     stale bytes, cudaStreamWaitEvent orders it, queries answer cudaErrorNotReady before the work ran (without
+//     making it the last error), copies follow the runtime's documented synchronization (a pageable cudaMemcpy
+//     to the device lands on the legacy stream later; to the host it is complete on return), and blocking streams
+//     and the legacy stream wait for each other.
 #include <unistd.h>
 
 #include <atomic>
@@ -55,10 +60,12 @@ uint16_t Bf16Bits(float f) {
 class FakeCudaTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    fake_cuda::SetDeferred(false);  // work at issue unless a case says otherwise (ZERO_FAKE_CUDA_DEFERRED aside)
     ASSERT_EQ(cublasCreate(&h_), CUBLAS_STATUS_SUCCESS);
     live_ = fake_cuda::LiveAllocations();
   }
   void TearDown() override {
+    fake_cuda::SetDeferred(false);
     EXPECT_EQ(cublasDestroy(h_), CUBLAS_STATUS_SUCCESS);
     EXPECT_EQ(fake_cuda::LiveAllocations(), live_) << "a test leaked device memory";
   }
@@ -399,6 +406,93 @@ TEST_F(FakeCudaTest, ConcurrentCallsFromSeveralThreads) {
   EXPECT_EQ(wrong.load(), 0);
   EXPECT_EQ(fake_cuda::LiveAllocations(), live);
   EXPECT_EQ(fake_cuda::LiveStreams(), streams);
+}
+
+// Deferred mode. d starts as 0; a "kernel" on s1 writes 1 into d[0]; s2 copies d into pinned memory. Without a
+// wait s2 runs first and reads 0, deterministically; after cudaStreamWaitEvent on an event recorded behind the
+// kernel it reads 1. Queries of work that has not run answer cudaErrorNotReady (and run it): the next one succeeds.
+TEST_F(FakeCudaTest, DeferredWorkRunsWhenWaitedForAndNotBefore) {
+  fake_cuda::SetDeferred(true);
+  cudaStream_t s1 = nullptr, s2 = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking), cudaSuccess);
+  float* d = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d), 4 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMemsetAsync(d, 0, 4 * sizeof(float), s1), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(s1), cudaSuccess);
+  std::vector<float> pinned(4, -1.f);
+  ASSERT_EQ(cudaHostRegister(pinned.data(), 4 * sizeof(float), cudaHostRegisterPortable), cudaSuccess);
+
+  ASSERT_EQ(fake_cuda::Enqueue(s1, [d] { d[0] = 1.f; }), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(pinned.data(), d, 4 * sizeof(float), cudaMemcpyDeviceToHost, s2), cudaSuccess);
+  EXPECT_EQ(pinned[0], -1.f);  // into pinned memory: not before s2 is waited for
+  ASSERT_EQ(cudaStreamSynchronize(s2), cudaSuccess);
+  EXPECT_EQ(pinned[0], 0.f) << "s2 does not wait for s1: it reads d before the kernel";
+
+  cudaEvent_t e = nullptr;
+  ASSERT_EQ(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(e, s1), cudaSuccess);  // behind the kernel, which has not run
+  ASSERT_EQ(cudaStreamWaitEvent(s2, e, 0), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(pinned.data(), d, 4 * sizeof(float), cudaMemcpyDeviceToHost, s2), cudaSuccess);
+  EXPECT_EQ(cudaStreamQuery(s2), cudaErrorNotReady);
+  EXPECT_EQ(cudaPeekAtLastError(), cudaSuccess);  // an answer, not an error
+  EXPECT_EQ(cudaStreamQuery(s2), cudaSuccess);
+  EXPECT_EQ(pinned[0], 1.f) << "the wait orders s2 behind the kernel";
+  EXPECT_EQ(cudaEventQuery(e), cudaSuccess);  // s2's wait ran s1 up to the record
+
+  // An event recorded behind new work: not complete until queried or synchronized.
+  ASSERT_EQ(fake_cuda::Enqueue(s1, [d] { d[1] = 2.f; }), cudaSuccess);
+  ASSERT_EQ(cudaEventRecord(e, s1), cudaSuccess);
+  EXPECT_EQ(cudaEventQuery(e), cudaErrorNotReady);
+  EXPECT_EQ(cudaEventQuery(e), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(pinned.data(), d, 4 * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(pinned[1], 2.f);
+
+  ASSERT_EQ(cudaHostUnregister(pinned.data()), cudaSuccess);
+  EXPECT_EQ(cudaEventDestroy(e), cudaSuccess);
+  for (cudaStream_t s : {s1, s2}) EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+  EXPECT_EQ(cudaFree(d), cudaSuccess);
+}
+
+// The runtime's documented synchronization of copies ("API synchronization behavior"), deferred as late as it
+// allows. cudaMemcpy from pageable memory returns once the bytes are staged (the source may be reused), "but the
+// DMA to final destination may not have completed": it lands on the legacy stream, which a non-blocking stream
+// does not wait for and a blocking one (cudaStreamCreate) does. Copies to pageable host memory are complete on
+// return, cudaMemcpyAsync's too.
+TEST_F(FakeCudaTest, DeferredCopiesFollowTheDocumentedSynchronization) {
+  fake_cuda::SetDeferred(true);
+  cudaStream_t nonblocking = nullptr, blocking = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&nonblocking, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreate(&blocking), cudaSuccess);
+  int* d = nullptr;
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d), 2 * sizeof(int)), cudaSuccess);
+  ASSERT_EQ(cudaMemset(d, 0, 2 * sizeof(int)), cudaSuccess);  // legacy stream, asynchronous
+  ASSERT_EQ(cudaStreamSynchronize(nullptr), cudaSuccess);
+  std::vector<int> pageable = {5, 6}, pinned = {-1, -1};
+  ASSERT_EQ(cudaHostRegister(pinned.data(), 2 * sizeof(int), cudaHostRegisterPortable), cudaSuccess);
+
+  ASSERT_EQ(cudaMemcpy(d, pageable.data(), 2 * sizeof(int), cudaMemcpyHostToDevice), cudaSuccess);
+  pageable = {7, 8};  // staged already: the copy carries 5, 6
+  ASSERT_EQ(cudaMemcpyAsync(pinned.data(), d, 2 * sizeof(int), cudaMemcpyDeviceToHost, nonblocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(nonblocking), cudaSuccess);
+  EXPECT_EQ(pinned, (std::vector<int>{0, 0})) << "the non-blocking stream read d before the DMA landed";
+  ASSERT_EQ(cudaMemcpyAsync(pinned.data(), d, 2 * sizeof(int), cudaMemcpyDeviceToHost, blocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(blocking), cudaSuccess);
+  EXPECT_EQ(pinned, (std::vector<int>{5, 6})) << "a blocking stream waits for the legacy stream's earlier work";
+
+  // Into pageable memory: complete when the call returns, after the stream's earlier work.
+  ASSERT_EQ(cudaMemsetAsync(d, 0, sizeof(int), nonblocking), cudaSuccess);
+  std::vector<int> back = {-1, -1};
+  ASSERT_EQ(cudaMemcpyAsync(back.data(), d, 2 * sizeof(int), cudaMemcpyDeviceToHost, nonblocking), cudaSuccess);
+  EXPECT_EQ(back, (std::vector<int>{0, 6}));
+  // cudaMemcpy to the host waits for the legacy stream's earlier work.
+  ASSERT_EQ(cudaMemcpy(d, pageable.data(), 2 * sizeof(int), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(back.data(), d, 2 * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(back, (std::vector<int>{7, 8}));
+
+  ASSERT_EQ(cudaHostUnregister(pinned.data()), cudaSuccess);
+  for (cudaStream_t s : {nonblocking, blocking}) EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+  EXPECT_EQ(cudaFree(d), cudaSuccess);
 }
 
 }  // namespace

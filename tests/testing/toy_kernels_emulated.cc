@@ -45,9 +45,10 @@ std::string LaunchToyOpCuda(ToyOp op, const ToyArgs& args) {
   if (const void* p = HostPointer(args, &name); p != nullptr) {
     std::fprintf(stderr, "emulated toy op %d: %s (%p) is not device memory\n", static_cast<int>(op), name, p);
     fake_cuda::SetLastError(cudaErrorIllegalAddress);
-  } else {
-    fake_cuda::DeviceAccess access;
-    for (int64_t i = 0; i < n; ++i) RunToyOpItem(op, args, i);
+  } else {  // on the legacy stream: now, or when it gets there in the fake runtime's deferred mode
+    (void)fake_cuda::Enqueue(nullptr, [op, args, n] {
+      for (int64_t i = 0; i < n; ++i) RunToyOpItem(op, args, i);
+    });
   }
   const cudaError_t rc = cudaGetLastError();  // as the real launcher: an earlier uncleared error shows here too
   return rc == cudaSuccess ? std::string() : std::string("toy op kernel launch: ") + cudaGetErrorString(rc);

@@ -18,12 +18,19 @@
 //   - the last error is sticky until cudaGetLastError, and per host thread, like the runtime's;
 //   - allocations beyond the device's capacity (SetCapacity; 16 GiB unless changed) fail with
 //     cudaErrorMemoryAllocation, and fresh device memory reads as NaN, not zero.
-// What it does not show: every call runs synchronously at issue, on the calling thread, in issue order: a copy or
-// kernel is complete when the call returns, so every event is complete once recorded, every stream is idle,
-// cudaStreamWaitEvent orders nothing that is not already ordered. A missing wait, an event recorded on the wrong
-// stream, a host read of pinned memory before its copy landed, or any race between streams cannot show here; the
-// concurrency of the engine's own threads (the communication thread against the trainer's) is real. Kernels are
-// the CPU instantiations of the same math (see the emulated kernels' translation unit), not the .cu sources.
+// Two modes of execution, both on the calling thread (the engine's own threads, its communication thread against
+// the trainer's, are real and concurrent; the runtime serializes their calls):
+//   - at issue (the default): every copy, memset and kernel is complete when its call returns, so every event is
+//     complete once recorded, every stream idle, and cudaStreamWaitEvent orders nothing that is not already
+//     ordered: no missing wait, no host read of pinned memory before its copy landed, can show;
+//   - deferred (SetDeferred, ZERO_FAKE_CUDA_DEFERRED=1): work is queued per stream and runs only when something
+//     waits for it (a stream or event synchronization or query, a wait another stream reaches, a call the runtime
+//     documents as synchronous, cudaFree), as late as the runtime's documented synchronization allows. A missing
+//     cudaStreamWaitEvent, a record on the wrong stream, a read of a pinned buffer before its copy's stream was
+//     waited for, all show deterministically (stale bytes), and queries answer cudaErrorNotReady before work ran.
+//     What it still cannot show: a true overlap (two streams' work interleaved, a kernel racing a copy), timing,
+//     or the order a GPU picks among streams that are not ordered (here: the order in which they are waited for).
+// Kernels are the CPU instantiations of the same math (testing/fake_cuda/emulated_kernels.cc), not the .cu sources.
 //
 // The names are CUDA's; the types are distinct (Fake* tags) and the functions have C++ linkage, so a program may
 // link the real runtime as well without a clash. Error codes and enum values are the runtime's.
@@ -31,6 +38,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 
 enum FakeCudaError : int {
   cudaSuccess = 0,
@@ -168,5 +176,15 @@ void SetLastError(cudaError_t e);
 bool IsDevice(const void* p, size_t bytes);
 // Whether `stream` may be launched on: the legacy stream (nullptr) or a live created stream.
 bool IsValidStream(cudaStream_t stream);
+
+// Deferred mode (on when the environment has ZERO_FAKE_CUDA_DEFERRED=1 at the first call, or after
+// SetDeferred(true)): work is queued per stream and runs only when something waits for it, as late as the
+// runtime's documented synchronization allows, so that a missing wait shows deterministically. Switching runs
+// everything queued first.
+void SetDeferred(bool deferred);
+bool Deferred();
+// Appends `work` (a kernel's body) to `stream`'s queue, or runs it now when not deferred; it runs with device
+// memory accessible. cudaErrorInvalidResourceHandle (the thread's last error too) for a stream that is not live.
+cudaError_t Enqueue(cudaStream_t stream, std::function<void()> work);
 
 }  // namespace fake_cuda

@@ -14,7 +14,8 @@
 //
 // An operand outside device memory is what a GPU reports as an illegal address (asynchronously, sticky, at the
 // next synchronization); here it is this launch's error (cudaErrorIllegalAddress) with a line on stderr naming the
-// kernel and the operand, and nothing is written.
+// kernel and the operand, and nothing is written. The operands are checked at the launch; the body runs on the
+// stream (at once, or when the stream gets there in the fake runtime's deferred mode).
 #include <cstdio>
 #include <initializer_list>
 #include <vector>
@@ -53,13 +54,14 @@ int Launch(const char* kernel, void* stream, std::initializer_list<Operand> oper
       return static_cast<int>(cudaGetLastError());
     }
   }
-  {
-    fake_cuda::DeviceAccess access;
-    if (!body()) {
+  // On the stream: now, or when the stream gets there in the fake runtime's deferred mode. `body` holds copies
+  // of the arguments, as a kernel launch does.
+  (void)fake_cuda::Enqueue(static_cast<cudaStream_t>(stream), [kernel, body] {
+    if (!body()) {  // an argument the launcher should have refused: an asynchronous error, like a kernel fault
       std::fprintf(stderr, "emulated CUDA kernel %s: the CPU instantiation refused its arguments\n", kernel);
       fake_cuda::SetLastError(cudaErrorInvalidValue);
     }
-  }
+  });
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -79,7 +81,7 @@ int AdamWCuda(const AdamWCoeffs& c, float* p, float* m, float* v, const void* g,
   return Launch("AdamW", stream,
                 {{"p", p, 4 * n}, {"m", m, 4 * n}, {"v", v, 4 * n}, {"g", g, BytesOf(gk) * n},
                  {"copy", copy, CopyBytes(kind) * n}},
-                [&] {
+                [=] {
                   return AdamWStepCpu(c, p, m, v, g, DTypeOf(gk), kind == CopyKind::kNone ? nullptr : copy,
                                       DTypeOf(kind), n, 1);
                 });
@@ -90,7 +92,7 @@ int SgdCuda(const SgdCoeffs& c, float* p, float* buf, const void* g, GradKind gk
   if (n == 0) return cudaSuccess;
   return Launch("SGD", stream,
                 {{"p", p, 4 * n}, {"buf", buf, 4 * n}, {"g", g, BytesOf(gk) * n}, {"copy", copy, CopyBytes(kind) * n}},
-                [&] {
+                [=] {
                   if (!SgdCpu(c, p, buf, g, DTypeOf(gk), n, 1)) return false;
                   return kind == CopyKind::kNone || CastCpu(p, DType::kF32, copy, DTypeOf(kind), n, 1);
                 });
@@ -99,12 +101,12 @@ int SgdCuda(const SgdCoeffs& c, float* p, float* buf, const void* g, GradKind gk
 int AccumulateCuda(void* acc, const void* x, GradKind gk, int64_t n, void* stream) {
   if (n == 0) return cudaSuccess;
   return Launch("accumulate", stream, {{"acc", acc, BytesOf(gk) * n}, {"x", x, BytesOf(gk) * n}},
-                [&] { return AccumulateCpu(acc, x, DTypeOf(gk), n, 1); });
+                [=] { return AccumulateCpu(acc, x, DTypeOf(gk), n, 1); });
 }
 
 int ScaleCuda(float* x, float s, int64_t n, void* stream) {
   if (n == 0) return cudaSuccess;
-  return Launch("scale", stream, {{"x", x, 4 * n}}, [&] {
+  return Launch("scale", stream, {{"x", x, 4 * n}}, [=] {
     ScaleCpu(x, s, n, 1);
     return true;
   });
@@ -116,7 +118,7 @@ int Cast(const char* kernel, const void* src, DType from, void* dst, DType to, i
   return Launch(kernel, stream,
                 {{"src", src, static_cast<int64_t>(DTypeSize(from)) * n},
                  {"dst", dst, static_cast<int64_t>(DTypeSize(to)) * n}},
-                [&] { return CastCpu(src, from, dst, to, n, 1); });
+                [=] { return CastCpu(src, from, dst, to, n, 1); });
 }
 }  // namespace
 
@@ -160,7 +162,7 @@ int SumSquaresCuda(const SumSquaresRange* ranges, int64_t count, GradKind gk, vo
     if (launched != cudaSuccess) return launched;
   }
   const int launched =
-      Launch("sum of squares", stream, {{"scratch", scratch, SumSquaresScratchBytes(sizes.data(), count)}}, [&] {
+      Launch("sum of squares", stream, {{"scratch", scratch, SumSquaresScratchBytes(sizes.data(), count)}}, [=] {
         for (int64_t r = 0; r < count; ++r) totals[r] = SumSquaresCpu(tasks[r].x, DTypeOf(gk), tasks[r].n, 1);
         return true;
       });
@@ -172,7 +174,7 @@ int SumSquaresCuda(const SumSquaresRange* ranges, int64_t count, GradKind gk, vo
 int QuantizeCuda(const void* src, QuantElem kind, int64_t n, int bits, void* payload, void* stream) {
   if (n == 0) return cudaSuccess;
   return Launch("quantize", stream, {{"src", src, BytesOf(kind) * n}, {"payload", payload, QuantPayloadBytes(n, bits)}},
-                [&] {
+                [=] {
                   QuantizeCpu(src, kind, n, bits, payload, 1);
                   return true;
                 });
@@ -181,7 +183,7 @@ int QuantizeCuda(const void* src, QuantElem kind, int64_t n, int bits, void* pay
 int DequantizeCuda(const void* payload, int64_t n, int bits, void* dst, QuantElem kind, void* stream) {
   if (n == 0) return cudaSuccess;
   return Launch("dequantize", stream, {{"payload", payload, QuantPayloadBytes(n, bits)}, {"dst", dst, BytesOf(kind) * n}},
-                [&] {
+                [=] {
                   DequantizeCpu(payload, n, bits, dst, kind, 1);
                   return true;
                 });
@@ -190,7 +192,7 @@ int DequantizeCuda(const void* payload, int64_t n, int bits, void* dst, QuantEle
 int DequantizeAddCuda(const void* payload, int64_t n, int bits, float* acc, void* stream) {
   if (n == 0) return cudaSuccess;
   return Launch("dequantize-add", stream, {{"payload", payload, QuantPayloadBytes(n, bits)}, {"acc", acc, 4 * n}},
-                [&] {
+                [=] {
                   DequantizeAddCpu(payload, n, bits, acc, 1);
                   return true;
                 });
@@ -198,7 +200,7 @@ int DequantizeAddCuda(const void* payload, int64_t n, int bits, float* acc, void
 
 int WidenAddCuda(const void* src, QuantElem kind, int64_t n, float* acc, void* stream) {
   if (n == 0) return cudaSuccess;
-  return Launch("widen-add", stream, {{"src", src, BytesOf(kind) * n}, {"acc", acc, 4 * n}}, [&] {
+  return Launch("widen-add", stream, {{"src", src, BytesOf(kind) * n}, {"acc", acc, 4 * n}}, [=] {
     WidenAddCpu(src, kind, n, acc, 1);
     return true;
   });
@@ -206,7 +208,7 @@ int WidenAddCuda(const void* src, QuantElem kind, int64_t n, float* acc, void* s
 
 int ConvertCuda(const void* src, QuantElem src_kind, void* dst, QuantElem dst_kind, int64_t n, void* stream) {
   if (n == 0) return cudaSuccess;
-  return Launch("convert", stream, {{"src", src, BytesOf(src_kind) * n}, {"dst", dst, BytesOf(dst_kind) * n}}, [&] {
+  return Launch("convert", stream, {{"src", src, BytesOf(src_kind) * n}, {"dst", dst, BytesOf(dst_kind) * n}}, [=] {
     ConvertCpu(src, src_kind, dst, dst_kind, n, 1);
     return true;
   });

@@ -1,8 +1,9 @@
 // The host-only CUDA runtime and cuBLAS stand-ins (cuda_runtime.h, cublas_v2.h beside this file): device memory as
 // separate page mappings that are inaccessible outside runtime calls and kernels, checked copies, checked stream
 // and event handles, host registration, a sticky per-thread last error, and cuBLAS's column-major GEMM contract
-// computed directly. Every call completes before it returns (cuda_runtime.h says what that hides). Thread-safe:
-// one lock serializes every call that touches the runtime's tables or device memory.
+// computed directly. Work runs at issue, or in deferred mode (cuda_runtime.h) is queued per stream and runs only
+// when something waits for it. Thread-safe: one lock serializes every call that touches the runtime's tables,
+// queues or device memory.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -11,21 +12,40 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <iterator>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
+#include <utility>
+#include <vector>
 
 #include "cublas_v2.h"
 #include "cuda_runtime.h"
 #include "kernels/cast.cuh"
 
+namespace fake_cuda {
+// A stream's work in issue order: operations numbered 1, 2, ... as enqueued; those up to `executed` have run.
+// Shared, so that an event or a wait still refers to the work of a stream destroyed since.
+struct Queue {
+  std::deque<std::pair<uint64_t, std::function<void()>>> pending;
+  uint64_t enqueued = 0;
+  uint64_t executed = 0;
+  bool blocking = false;  // created without cudaStreamNonBlocking: ordered with the legacy stream both ways
+};
+}  // namespace fake_cuda
+
 struct FakeCudaStream {
   unsigned int flags;
   int priority;
+  std::shared_ptr<fake_cuda::Queue> queue;
 };
 struct FakeCudaEvent {
   unsigned int flags;
+  std::shared_ptr<fake_cuda::Queue> queue;  // of the stream of the last record; null: never recorded
+  uint64_t position = 0;                    // the work recorded: that queue's operations up to here
 };
 
 namespace fake_cuda {
@@ -51,10 +71,17 @@ struct State {
   int64_t peak_bytes = 0;
   int64_t capacity = int64_t{16} << 30;
   int access_depth = 0;  // DeviceAccess nesting: > 0 while device memory is readable and writable
+  std::shared_ptr<Queue> legacy = std::make_shared<Queue>();  // the legacy default stream (nullptr)
+  bool deferred = false;
 };
 
 State& S() {
-  static State* s = new State;  // never destroyed: thread_local cuBLAS handles may be released after main
+  static State* s = [] {  // never destroyed: thread_local cuBLAS handles may be released after main
+    auto* state = new State;
+    const char* env = std::getenv("ZERO_FAKE_CUDA_DEFERRED");
+    state->deferred = env != nullptr && std::strcmp(env, "1") == 0;
+    return state;
+  }();
   return *s;
 }
 
@@ -123,6 +150,66 @@ std::map<uintptr_t, size_t>::iterator FindRegistered(const void* p) {
 bool ValidStream(cudaStream_t s) { return s == nullptr || S().streams.count(s) != 0; }
 bool ValidEvent(cudaEvent_t e) { return e != nullptr && S().events.count(e) != 0; }
 
+// The lock is held by the callers of everything below.
+const std::shared_ptr<Queue>& QueueOf(cudaStream_t s) { return s == nullptr ? S().legacy : s->queue; }
+
+// Runs q's operations up to `position` (all when it is q->enqueued), in order, on this thread. An operation may
+// run another queue's (a wait); a wait only ever names work enqueued before it, so this cannot cycle.
+void RunUpTo(const std::shared_ptr<Queue>& q, uint64_t position) {
+  while (q->executed < position && !q->pending.empty()) {
+    auto op = std::move(q->pending.front());
+    q->pending.pop_front();
+    {
+      DeviceAccess access;
+      op.second();
+    }
+    q->executed = op.first;
+  }
+}
+void RunAll(const std::shared_ptr<Queue>& q) { RunUpTo(q, q->enqueued); }
+void RunEverything() {
+  RunAll(S().legacy);
+  for (const FakeCudaStream* st : S().streams) RunAll(st->queue);
+}
+
+// Appends `work` to q: runs it now unless deferred. The legacy stream and blocking streams wait for each other's
+// earlier work (the runtime's implicit synchronization); non-blocking streams wait for nothing they are not told to.
+void Push(const std::shared_ptr<Queue>& q, std::function<void()> work) {
+  State& s = S();
+  if (!s.deferred) {
+    {
+      DeviceAccess access;
+      work();
+    }
+    q->executed = ++q->enqueued;
+    return;
+  }
+  const auto wait_for = [&](const std::shared_ptr<Queue>& other) {
+    if (other->executed < other->enqueued) {
+      q->pending.emplace_back(++q->enqueued, [other, at = other->enqueued] { RunUpTo(other, at); });
+    }
+  };
+  if (q == s.legacy) {
+    for (const FakeCudaStream* st : s.streams) {
+      if (st->queue->blocking) wait_for(st->queue);
+    }
+  } else if (q->blocking) {
+    wait_for(s.legacy);
+  }
+  q->pending.emplace_back(++q->enqueued, std::move(work));
+}
+
+bool IsRegistered(const void* p) { return FindRegistered(p) != S().registered.end(); }
+
+void FreeNow(void* p) {
+  auto& s = S();
+  auto it = s.live.find(reinterpret_cast<uintptr_t>(p));
+  if (it == s.live.end()) return;
+  s.live_bytes -= static_cast<int64_t>(it->second.bytes);
+  munmap(p, it->second.mapped);
+  s.live.erase(it);
+}
+
 }  // namespace
 
 int64_t LiveBytes() {
@@ -188,6 +275,24 @@ bool IsDevice(const void* p, size_t bytes) {
 bool IsValidStream(cudaStream_t stream) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   return ValidStream(stream);
+}
+
+void SetDeferred(bool deferred) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  RunEverything();
+  S().deferred = deferred;
+}
+
+bool Deferred() {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return S().deferred;
+}
+
+cudaError_t Enqueue(cudaStream_t stream, std::function<void()> work) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (!ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
+  Push(QueueOf(stream), std::move(work));
+  return cudaSuccess;
 }
 
 }  // namespace fake_cuda
@@ -279,15 +384,16 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   return cudaSuccess;  // left accessible until `access` ends, like every other allocation
 }
 
+// cudaFree synchronizes the device: all work issued before it has run when the memory goes.
 cudaError_t cudaFree(void* p) {
   DeviceAccess access;
   if (p == nullptr) return cudaSuccess;
   auto& s = S();
-  auto it = s.live.find(reinterpret_cast<uintptr_t>(p));
-  if (it == s.live.end()) return fake_cuda::Fail(cudaErrorInvalidValue);  // not the start of an allocation
-  s.live_bytes -= static_cast<int64_t>(it->second.bytes);
-  munmap(p, it->second.mapped);
-  s.live.erase(it);
+  if (s.live.count(reinterpret_cast<uintptr_t>(p)) == 0) {
+    return fake_cuda::Fail(cudaErrorInvalidValue);  // not the start of an allocation
+  }
+  fake_cuda::RunEverything();
+  fake_cuda::FreeNow(p);
   return cudaSuccess;
 }
 
@@ -295,9 +401,14 @@ cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
   if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
   return cudaMalloc(p, bytes);
 }
+// Stream-ordered: the memory goes once the stream's earlier work has run.
 cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
-  if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
-  return cudaFree(p);
+  DeviceAccess access;
+  if (!fake_cuda::ValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  if (p == nullptr) return cudaSuccess;
+  if (S().live.count(reinterpret_cast<uintptr_t>(p)) == 0) return fake_cuda::Fail(cudaErrorInvalidValue);
+  fake_cuda::Push(fake_cuda::QueueOf(stream), [p] { fake_cuda::FreeNow(p); });
+  return cudaSuccess;
 }
 
 // The runtime's contract: the range must not overlap a registered one (cudaErrorHostMemoryAlreadyRegistered);
@@ -322,6 +433,7 @@ cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned int flags) {
 // `p` must be the base address of a registered range.
 cudaError_t cudaHostUnregister(void* p) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
+  fake_cuda::RunEverything();  // no queued copy may still read or write the range it pins
   auto it = S().registered.find(reinterpret_cast<uintptr_t>(p));
   if (it == S().registered.end()) return fake_cuda::Fail(cudaErrorHostMemoryNotRegistered);
   S().registered.erase(it);
@@ -350,16 +462,28 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const vo
   return cudaSuccess;
 }
 
-cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+namespace fake_cuda {
+namespace {
+
+// A copy on `stream` (the legacy stream for cudaMemcpy), validated at issue. When it runs follows the runtime's
+// documented synchronization ("API synchronization behavior"); in deferred mode that is as late as allowed:
+//   host to host: at once, after the stream's earlier work;
+//   device to host: pageable destination, or cudaMemcpy: complete when the call returns; cudaMemcpyAsync into
+//     pinned (registered) memory: queued, the host bytes written when the stream gets there;
+//   host to device: pageable source: the bytes are staged at the call (the buffer may be reused at once), the
+//     device written when the stream gets there, for cudaMemcpy too ("the DMA to final destination may not have
+//     completed"); pinned source: cudaMemcpy complete on return, cudaMemcpyAsync reads it when the stream gets
+//     there;
+//   device to device: queued.
+cudaError_t Copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream, bool async) {
   DeviceAccess access;
+  if (!ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
   if (bytes == 0) return cudaSuccess;
-  if (dst == nullptr || src == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
-  const bool dst_dev = fake_cuda::Find(dst, bytes) != S().live.end();
-  const bool src_dev = fake_cuda::Find(src, bytes) != S().live.end();
+  if (dst == nullptr || src == nullptr) return Fail(cudaErrorInvalidValue);
+  const bool dst_dev = Find(dst, bytes) != S().live.end();
+  const bool src_dev = Find(src, bytes) != S().live.end();
   // A pointer into device memory whose range runs past its allocation is neither: refuse it.
-  if ((!dst_dev && !fake_cuda::IsHost(dst)) || (!src_dev && !fake_cuda::IsHost(src))) {
-    return fake_cuda::Fail(cudaErrorInvalidValue);
-  }
+  if ((!dst_dev && !IsHost(dst)) || (!src_dev && !IsHost(src))) return Fail(cudaErrorInvalidValue);
   bool ok = false;
   switch (kind) {
     case cudaMemcpyHostToHost: ok = !dst_dev && !src_dev; break;
@@ -368,31 +492,60 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind 
     case cudaMemcpyDeviceToDevice: ok = dst_dev && src_dev; break;
     case cudaMemcpyDefault: ok = true; break;
   }
-  if (!ok) return fake_cuda::Fail(cudaErrorInvalidValue);
-  std::memmove(dst, src, bytes);
+  if (!ok) return Fail(cudaErrorInvalidValue);
+  const std::shared_ptr<Queue>& q = QueueOf(stream);
+  const auto move = [dst, src, bytes] { std::memmove(dst, src, bytes); };
+  if (!dst_dev && !src_dev) {
+    RunAll(q);
+    move();
+  } else if (!dst_dev) {
+    Push(q, move);
+    if (!async || !IsRegistered(dst)) RunAll(q);
+  } else if (!src_dev && !IsRegistered(src)) {
+    if (!async) RunAll(q);  // "a stream sync is performed before the copy is initiated"
+    auto staged = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
+                                                      static_cast<const char*>(src) + bytes);
+    Push(q, [dst, staged] { std::memcpy(dst, staged->data(), staged->size()); });
+  } else if (!src_dev) {
+    Push(q, move);
+    if (!async) RunAll(q);
+  } else {
+    Push(q, move);
+  }
   return cudaSuccess;
+}
+
+// Memsets of device memory are asynchronous to the host, cudaMemset's too (on the legacy stream).
+cudaError_t Set(void* p, int value, size_t bytes, cudaStream_t stream) {
+  DeviceAccess access;
+  if (!ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
+  if (bytes == 0) return cudaSuccess;
+  if (Find(p, bytes) == S().live.end()) return Fail(cudaErrorInvalidValue);
+  Push(QueueOf(stream), [p, value, bytes] { std::memset(p, value, bytes); });
+  return cudaSuccess;
+}
+
+}  // namespace
+}  // namespace fake_cuda
+
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  return fake_cuda::Copy(dst, src, bytes, kind, nullptr, false);
 }
 
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
-  if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
-  return cudaMemcpy(dst, src, bytes, kind);
+  return fake_cuda::Copy(dst, src, bytes, kind, stream, true);
 }
 
-cudaError_t cudaMemset(void* p, int value, size_t bytes) {
-  DeviceAccess access;
-  if (bytes == 0) return cudaSuccess;
-  if (fake_cuda::Find(p, bytes) == S().live.end()) return fake_cuda::Fail(cudaErrorInvalidValue);
-  std::memset(p, value, bytes);
-  return cudaSuccess;
-}
+cudaError_t cudaMemset(void* p, int value, size_t bytes) { return fake_cuda::Set(p, value, bytes, nullptr); }
 
 cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t stream) {
-  if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
-  return cudaMemset(p, value, bytes);
+  return fake_cuda::Set(p, value, bytes, stream);
 }
 
 // --- streams and events ------------------------------------------------------------------------------------------
-// Work completes at issue, so a valid stream is always idle and a valid event always complete.
+// A query of work that has not run yet answers cudaErrorNotReady and runs it (the next query succeeds): pollers
+// see their loop taken, and nothing waits forever. cudaErrorNotReady is an answer, not a failure: it is not made
+// the thread's last error.
 
 cudaError_t cudaStreamCreateWithPriority(cudaStream_t* stream, unsigned int flags, int priority) {
   if (stream == nullptr || (flags & ~cudaStreamNonBlocking) != 0) return fake_cuda::Fail(cudaErrorInvalidValue);
@@ -400,7 +553,9 @@ cudaError_t cudaStreamCreateWithPriority(cudaStream_t* stream, unsigned int flag
   // device reports are clamped to it.
   priority = std::clamp(priority, fake_cuda::kGreatestPriority, fake_cuda::kLeastPriority);
   std::lock_guard<std::recursive_mutex> lock(S().mu);
-  *stream = new FakeCudaStream{flags, priority};
+  auto queue = std::make_shared<fake_cuda::Queue>();
+  queue->blocking = (flags & cudaStreamNonBlocking) == 0;
+  *stream = new FakeCudaStream{flags, priority, std::move(queue)};
   S().streams.insert(*stream);
   return cudaSuccess;
 }
@@ -411,31 +566,52 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) 
 
 cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, cudaStreamDefault); }
 
+// Work still queued completes (the runtime releases the stream once it has); here before the call returns.
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   // The legacy stream cannot be destroyed; nor can a stream twice.
-  if (stream == nullptr || S().streams.erase(stream) == 0) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  if (stream == nullptr || S().streams.count(stream) == 0) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  fake_cuda::RunAll(stream->queue);
+  S().streams.erase(stream);
   delete stream;
   return cudaSuccess;
 }
 
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
-  if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (!fake_cuda::ValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  const auto& q = fake_cuda::QueueOf(stream);
+  if (q->executed >= q->enqueued) return cudaSuccess;
+  fake_cuda::RunAll(q);
+  return cudaErrorNotReady;
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (!fake_cuda::ValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  fake_cuda::RunAll(fake_cuda::QueueOf(stream));
   return cudaSuccess;
 }
 
-cudaError_t cudaStreamSynchronize(cudaStream_t stream) { return cudaStreamQuery(stream); }
-
+// The stream's later work waits for the work the event's last record captured (recorded later: not waited for).
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   if (flags != cudaEventWaitDefault && flags != cudaEventWaitExternal) return fake_cuda::Fail(cudaErrorInvalidValue);
   if (!fake_cuda::ValidStream(stream) || !fake_cuda::ValidEvent(event)) {
     return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
   }
+  if (event->queue != nullptr && event->queue->executed < event->position) {
+    fake_cuda::Push(fake_cuda::QueueOf(stream),
+                       [q = event->queue, at = event->position] { fake_cuda::RunUpTo(q, at); });
+  }
   return cudaSuccess;
 }
 
-cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+cudaError_t cudaDeviceSynchronize() {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  fake_cuda::RunEverything();
+  return cudaSuccess;
+}
 
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags) {
   constexpr unsigned int kKnown = cudaEventBlockingSync | cudaEventDisableTiming | cudaEventInterprocess;
@@ -445,7 +621,7 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags) {
     return fake_cuda::Fail(cudaErrorInvalidValue);
   }
   std::lock_guard<std::recursive_mutex> lock(S().mu);
-  *event = new FakeCudaEvent{flags};
+  *event = new FakeCudaEvent{flags, nullptr, 0};
   S().events.insert(*event);
   return cudaSuccess;
 }
@@ -459,22 +635,32 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
   return cudaSuccess;
 }
 
+// Captures the stream's work issued so far.
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   if (!fake_cuda::ValidEvent(event) || !fake_cuda::ValidStream(stream)) {
     return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
   }
+  event->queue = fake_cuda::QueueOf(stream);
+  event->position = event->queue->enqueued;
   return cudaSuccess;
 }
 
-// Complete once recorded (the recorded work is done), and complete when never recorded (the documented rule).
+// Complete when the recorded work has run, and when never recorded (the documented rule).
 cudaError_t cudaEventQuery(cudaEvent_t event) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   if (!fake_cuda::ValidEvent(event)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
-  return cudaSuccess;
+  if (event->queue == nullptr || event->queue->executed >= event->position) return cudaSuccess;
+  fake_cuda::RunUpTo(event->queue, event->position);
+  return cudaErrorNotReady;
 }
 
-cudaError_t cudaEventSynchronize(cudaEvent_t event) { return cudaEventQuery(event); }
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (!fake_cuda::ValidEvent(event)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
+  if (event->queue != nullptr) fake_cuda::RunUpTo(event->queue, event->position);
+  return cudaSuccess;
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // cuBLAS
@@ -542,31 +728,40 @@ cublasStatus_t Gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation
   }
   const float alpha = *static_cast<const float*>(alpha_p), beta = *static_cast<const float*>(beta_p);
   DeviceAccess access;
+  // Operands live in device memory, wholly inside their allocations (a GPU would read past them silently).
   for (int b = 0; b < batch; ++b) {
     const char* a = static_cast<const char*>(A) + b * sa * static_cast<long long>(ElementBytes(at));
     const char* bb = static_cast<const char*>(B) + b * sb * static_cast<long long>(ElementBytes(bt));
     char* c = static_cast<char*>(C) + b * sc * static_cast<long long>(ElementBytes(ct));
-    // Operands live in device memory, wholly inside their allocations (a GPU would read past them silently).
     if ((k > 0 && !fake_cuda::IsDevice(a, Span(a_rows, a_cols, lda, at))) ||
         (k > 0 && !fake_cuda::IsDevice(bb, Span(b_rows, b_cols, ldb, bt))) ||
         !fake_cuda::IsDevice(c, Span(m, n, ldc, ct))) {
       std::fprintf(stderr, "fake cuBLAS: an operand of batch %d lies outside device memory\n", b);
       return CUBLAS_STATUS_INVALID_VALUE;
     }
-    for (int j = 0; j < n; ++j) {
-      for (int i = 0; i < m; ++i) {
-        float sum = 0.f;
-        for (int l = 0; l < k; ++l) {
-          const int64_t ai = ta == CUBLAS_OP_N ? i + int64_t{l} * lda : l + int64_t{i} * lda;
-          const int64_t bi = tb == CUBLAS_OP_N ? l + int64_t{j} * ldb : j + int64_t{l} * ldb;
-          sum += LoadElement(a, at, ai) * LoadElement(bb, bt, bi);
+  }
+  // alpha and beta are read at the call (host pointer mode); the product runs on the handle's stream.
+  const cudaError_t queued = fake_cuda::Enqueue(handle->stream, [=] {
+    for (int b = 0; b < batch; ++b) {
+      const char* a = static_cast<const char*>(A) + b * sa * static_cast<long long>(ElementBytes(at));
+      const char* bb = static_cast<const char*>(B) + b * sb * static_cast<long long>(ElementBytes(bt));
+      char* c = static_cast<char*>(C) + b * sc * static_cast<long long>(ElementBytes(ct));
+      for (int j = 0; j < n; ++j) {
+        for (int i = 0; i < m; ++i) {
+          float sum = 0.f;
+          for (int l = 0; l < k; ++l) {
+            const int64_t ai = ta == CUBLAS_OP_N ? i + int64_t{l} * lda : l + int64_t{i} * lda;
+            const int64_t bi = tb == CUBLAS_OP_N ? l + int64_t{j} * ldb : j + int64_t{l} * ldb;
+            sum += LoadElement(a, at, ai) * LoadElement(bb, bt, bi);
+          }
+          const int64_t ci = i + int64_t{j} * ldc;
+          const float out = beta == 0.f ? alpha * sum : alpha * sum + beta * LoadElement(c, ct, ci);
+          StoreElement(c, ct, ci, out);
         }
-        const int64_t ci = i + int64_t{j} * ldc;
-        const float out = beta == 0.f ? alpha * sum : alpha * sum + beta * LoadElement(c, ct, ci);
-        StoreElement(c, ct, ci, out);
       }
     }
-  }
+  });
+  if (queued != cudaSuccess) return CUBLAS_STATUS_INVALID_VALUE;
   return CUBLAS_STATUS_SUCCESS;
 }
 
