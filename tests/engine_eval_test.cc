@@ -52,6 +52,7 @@ struct Config {
   int64_t prefetch_bytes;
   int gather_slots;
   DType param_dtype;
+  Backend backend = Backend::kCpu;
 };
 
 std::string Name(const ::testing::TestParamInfo<Config>& info) {
@@ -60,7 +61,8 @@ std::string Name(const ::testing::TestParamInfo<Config>& info) {
                                : c.prefetch_bytes < (int64_t{1} << 20) ? "_prefetch" + std::to_string(c.prefetch_bytes)
                                                                        : "_prefetch";
   return "stage" + std::to_string(static_cast<int>(c.stage)) + prefetch +
-         "_slots" + std::to_string(c.gather_slots) + (c.param_dtype == DType::kBF16 ? "_bf16" : "_f32");
+         "_slots" + std::to_string(c.gather_slots) + (c.param_dtype == DType::kBF16 ? "_bf16" : "_f32") +
+         (c.backend == Backend::kCuda ? "_cuda" : "");
 }
 
 class EvalOrderTest : public ::testing::TestWithParam<Config> {};
@@ -70,9 +72,9 @@ class EvalOrderTest : public ::testing::TestWithParam<Config> {};
 // every parameter of every acquired unit with GatherFull's values.
 TEST_P(EvalOrderTest, AnySequenceOfUnitsSeesTheTrueParameters) {
   const Config c = GetParam();
-  auto comm = WorldComm();
-  ASSERT_NE(comm, nullptr);
+  ZERO_BACKEND_COMM(comm, c.backend);
   Options o = SmallToyOptions(c.stage);
+  o.backend = c.backend;
   o.prefetch_bytes = c.prefetch_bytes;
   o.gather_slots = c.gather_slots;
   o.param_dtype = c.param_dtype;
@@ -114,7 +116,13 @@ INSTANTIATE_TEST_SUITE_P(
                       Config{Stage::kParameters, int64_t{256} << 20, 2, DType::kF32},
                       Config{Stage::kParameters, 0, 1, DType::kF32},
                       Config{Stage::kParameters, 600, 2, DType::kF32},  // a budget of about one unit
-                      Config{Stage::kParameters, int64_t{256} << 20, 4, DType::kBF16}),
+                      Config{Stage::kParameters, int64_t{256} << 20, 4, DType::kBF16},
+                      // Backend::kCuda: the gathers on the communication stream, the views device memory.
+                      Config{Stage::kDataParallel, int64_t{256} << 20, 3, DType::kF32, Backend::kCuda},
+                      Config{Stage::kParameters, int64_t{256} << 20, 3, DType::kF32, Backend::kCuda},
+                      Config{Stage::kParameters, 0, 1, DType::kF32, Backend::kCuda},
+                      Config{Stage::kParameters, 600, 2, DType::kF32, Backend::kCuda},
+                      Config{Stage::kParameters, int64_t{256} << 20, 4, DType::kBF16, Backend::kCuda}),
     Name);
 
 // Prefetch follows the order once it repeats: in the second of two identical passes, most gathers are issued
