@@ -19,7 +19,10 @@
 //     stale bytes, cudaStreamWaitEvent orders it, queries answer cudaErrorNotReady before the work ran (without
 //     making it the last error), copies follow the runtime's documented synchronization (a pageable cudaMemcpy
 //     to the device lands on the legacy stream later; to the host it is complete on return), and blocking streams
-//     and the legacy stream wait for each other.
+//     and the legacy stream wait for each other;
+//   - several devices: memory, streams and events belong to the thread's current device; a kernel launch on
+//     another device's stream fails, and so does recording an event on a stream of another device than its own;
+//     copies and waits across devices succeed (the CUDA programming guide's multi-device rules).
 #include <unistd.h>
 
 #include <atomic>
@@ -61,11 +64,14 @@ class FakeCudaTest : public ::testing::Test {
  protected:
   void SetUp() override {
     fake_cuda::SetDeferred(false);  // work at issue unless a case says otherwise (ZERO_FAKE_CUDA_DEFERRED aside)
+    fake_cuda::SetDeviceCount(1);   // one device unless a case says otherwise (ZERO_FAKE_CUDA_DEVICES aside)
     ASSERT_EQ(cublasCreate(&h_), CUBLAS_STATUS_SUCCESS);
     live_ = fake_cuda::LiveAllocations();
   }
   void TearDown() override {
     fake_cuda::SetDeferred(false);
+    EXPECT_EQ(cudaSetDevice(0), cudaSuccess);
+    fake_cuda::SetDeviceCount(1);
     EXPECT_EQ(cublasDestroy(h_), CUBLAS_STATUS_SUCCESS);
     EXPECT_EQ(fake_cuda::LiveAllocations(), live_) << "a test leaked device memory";
   }
@@ -493,6 +499,67 @@ TEST_F(FakeCudaTest, DeferredCopiesFollowTheDocumentedSynchronization) {
   ASSERT_EQ(cudaHostUnregister(pinned.data()), cudaSuccess);
   for (cudaStream_t s : {nonblocking, blocking}) EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
   EXPECT_EQ(cudaFree(d), cudaSuccess);
+}
+
+// Two devices. Device 1's memory, stream and event, made while it is current, keep device 1 when device 0 becomes
+// current; the current device is per thread. From device 0: a kernel (fake_cuda::Enqueue) on device 1's stream
+// fails with cudaErrorInvalidResourceHandle; recording device 1's event on device 0's legacy stream fails too, on
+// its own stream it succeeds; device 0's legacy stream may wait for it; a copy between the devices succeeds.
+TEST_F(FakeCudaTest, SeveralDevicesFollowTheMultiDeviceRules) {
+  fake_cuda::SetDeviceCount(2);
+  int count = 0;
+  ASSERT_EQ(cudaGetDeviceCount(&count), cudaSuccess);
+  EXPECT_EQ(count, 2);
+  ASSERT_EQ(cudaSetDevice(1), cudaSuccess);
+  void *a = nullptr, *b = nullptr;
+  cudaStream_t s1 = nullptr;
+  cudaEvent_t e1 = nullptr;
+  ASSERT_EQ(cudaMalloc(&a, 64), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaEventCreateWithFlags(&e1, cudaEventDisableTiming), cudaSuccess);
+  size_t free1 = 0, total = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free1, &total), cudaSuccess);
+  EXPECT_EQ(free1, total - 64);  // device 1's bytes
+  int other_thread_device = -1;
+  std::thread([&] { (void)cudaGetDevice(&other_thread_device); }).join();
+  EXPECT_EQ(other_thread_device, 0);  // per thread: a new thread starts on device 0
+
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&b, 64), cudaSuccess);
+  size_t free0 = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free0, &total), cudaSuccess);
+  EXPECT_EQ(free0, total - 64);
+  EXPECT_EQ(fake_cuda::DeviceOf(a), 1);
+  EXPECT_EQ(fake_cuda::DeviceOf(b), 0);
+  EXPECT_EQ(fake_cuda::DeviceOf(&count), -1);
+  EXPECT_EQ(fake_cuda::StreamDevice(s1), 1);
+  EXPECT_EQ(fake_cuda::StreamDevice(nullptr), 0);
+  cudaPointerAttributes attr;
+  ASSERT_EQ(cudaPointerGetAttributes(&attr, static_cast<char*>(a) + 8), cudaSuccess);
+  EXPECT_EQ(attr.device, 1);
+
+  bool ran = false;
+  EXPECT_EQ(fake_cuda::Enqueue(s1, [&] { ran = true; }), cudaErrorInvalidResourceHandle);
+  EXPECT_FALSE(ran);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidResourceHandle);
+  EXPECT_EQ(fake_cuda::Enqueue(nullptr, [&] { ran = true; }), cudaSuccess);  // device 0's own legacy stream
+  EXPECT_TRUE(ran);
+  EXPECT_EQ(cudaEventRecord(e1, nullptr), cudaErrorInvalidResourceHandle);  // event of device 1, stream of 0
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidResourceHandle);
+  EXPECT_EQ(cudaEventRecord(e1, s1), cudaSuccess);
+  EXPECT_EQ(cudaStreamWaitEvent(nullptr, e1, 0), cudaSuccess);
+  EXPECT_EQ(cudaEventQuery(e1), cudaSuccess);
+  // Copies cross devices (peer copies through unified addressing).
+  ASSERT_EQ(cudaMemset(a, 7, 64), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(b, a, 64, cudaMemcpyDeviceToDevice), cudaSuccess);
+  std::vector<char> back(64);
+  ASSERT_EQ(cudaMemcpy(back.data(), b, 64, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(back, std::vector<char>(64, 7));
+
+  EXPECT_EQ(cudaEventDestroy(e1), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(s1), cudaSuccess);
+  EXPECT_EQ(cudaFree(a), cudaSuccess);
+  EXPECT_EQ(cudaFree(b), cudaSuccess);
 }
 
 }  // namespace

@@ -13,10 +13,11 @@
 namespace zero::testing {
 namespace {
 
-// The first non-null pointer of `args` that is not device memory, or nullptr; *name says which.
+// The first non-null pointer of `args` that is not memory of the current device, or nullptr; *name says which.
 const void* HostPointer(const ToyArgs& a, const char** name) {
+  const int device = fake_cuda::StreamDevice(nullptr);  // the legacy stream's: the current device
   const auto bad = [&](const void* p, const char* what) {
-    if (p == nullptr || fake_cuda::IsDevice(p, 1)) return false;
+    if (p == nullptr || fake_cuda::DeviceOf(p) == device) return false;
     *name = what;
     return true;
   };
@@ -43,7 +44,8 @@ std::string LaunchToyOpCuda(ToyOp op, const ToyArgs& args) {
   if (n == 0) return "";
   const char* name = "";
   if (const void* p = HostPointer(args, &name); p != nullptr) {
-    std::fprintf(stderr, "emulated toy op %d: %s (%p) is not device memory\n", static_cast<int>(op), name, p);
+    std::fprintf(stderr, "emulated toy op %d: %s (%p) is not memory of the current device\n", static_cast<int>(op),
+                 name, p);
     fake_cuda::SetLastError(cudaErrorIllegalAddress);
   } else {  // on the legacy stream: now, or when it gets there in the fake runtime's deferred mode
     (void)fake_cuda::Enqueue(nullptr, [op, args, n] {

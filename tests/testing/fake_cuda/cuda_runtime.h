@@ -17,7 +17,10 @@
 //     cudaPointerGetAttributes tells device, registered and unregistered memory apart;
 //   - the last error is sticky until cudaGetLastError, and per host thread, like the runtime's;
 //   - allocations beyond the device's capacity (SetCapacity; 16 GiB unless changed) fail with
-//     cudaErrorMemoryAllocation, and fresh device memory reads as NaN, not zero.
+//     cudaErrorMemoryAllocation, and fresh device memory reads as NaN, not zero;
+//   - with several devices (SetDeviceCount, ZERO_FAKE_CUDA_DEVICES), the multi-device rules: memory, streams and
+//     events belong to the thread's current device, a kernel launch on another device's stream fails, a kernel's
+//     operands must be on its stream's device, an event is recorded only on a stream of its own device.
 // Two modes of execution, both on the calling thread (the engine's own threads, its communication thread against
 // the trainer's, are real and concurrent; the runtime serializes their calls):
 //   - at issue (the default): every copy, memset and kernel is complete when its call returns, so every event is
@@ -184,7 +187,17 @@ bool IsValidStream(cudaStream_t stream);
 void SetDeferred(bool deferred);
 bool Deferred();
 // Appends `work` (a kernel's body) to `stream`'s queue, or runs it now when not deferred; it runs with device
-// memory accessible. cudaErrorInvalidResourceHandle (the thread's last error too) for a stream that is not live.
+// memory accessible. cudaErrorInvalidResourceHandle (the thread's last error too) for a stream that is not live
+// or not of the calling thread's current device (a kernel launch there fails).
 cudaError_t Enqueue(cudaStream_t stream, std::function<void()> work);
+
+// Several devices (ZERO_FAKE_CUDA_DEVICES=N at the first call, or SetDeviceCount; 1 unless set), each with its
+// legacy stream and capacity. Allocations, streams and events belong to the calling thread's current device
+// (cudaSetDevice, per thread) when made; a kernel's operands must be on its stream's device (no peer access), an
+// event is recorded only on a stream of its own device; copies and waits may cross devices.
+void SetDeviceCount(int devices);
+// The device of the allocation holding p (-1: not device memory), and of a stream (-1: not a live stream).
+int DeviceOf(const void* p);
+int StreamDevice(cudaStream_t stream);
 
 }  // namespace fake_cuda

@@ -12,8 +12,8 @@
 // here; they are exercised separately, run on the CPU by the kernel-launch emulator (testing/cuda_emulation.h),
 // and on a GPU by scripts/gpu/.
 //
-// An operand outside device memory is what a GPU reports as an illegal address (asynchronously, sticky, at the
-// next synchronization); here it is this launch's error (cudaErrorIllegalAddress) with a line on stderr naming the
+// An operand outside device memory, or on another device than the stream's, is what a GPU reports as an illegal
+// address (asynchronously, sticky, at the next synchronization); here it is this launch's error (cudaErrorIllegalAddress) with a line on stderr naming the
 // kernel and the operand, and nothing is written. The operands are checked at the launch; the body runs on the
 // stream (at once, or when the stream gets there in the fake runtime's deferred mode).
 #include <cstdio>
@@ -45,11 +45,19 @@ int Launch(const char* kernel, void* stream, std::initializer_list<Operand> oper
     fake_cuda::SetLastError(cudaErrorInvalidResourceHandle);
     return static_cast<int>(cudaGetLastError());
   }
+  const int device = fake_cuda::StreamDevice(static_cast<cudaStream_t>(stream));
   for (const Operand& o : operands) {
     if (o.bytes > 0 && !fake_cuda::IsDevice(o.p, static_cast<size_t>(o.bytes))) {
       std::fprintf(stderr,
                    "emulated CUDA kernel %s: operand %s [%p, +%lld bytes) is not inside one device allocation\n",
                    kernel, o.name, o.p, static_cast<long long>(o.bytes));
+      fake_cuda::SetLastError(cudaErrorIllegalAddress);
+      return static_cast<int>(cudaGetLastError());
+    }
+    // Without peer access (zero enables none) a kernel reads only its own device's memory.
+    if (o.bytes > 0 && fake_cuda::DeviceOf(o.p) != device) {
+      std::fprintf(stderr, "emulated CUDA kernel %s: operand %s is memory of device %d, the stream's device is %d\n",
+                   kernel, o.name, fake_cuda::DeviceOf(o.p), device);
       fake_cuda::SetLastError(cudaErrorIllegalAddress);
       return static_cast<int>(cudaGetLastError());
     }

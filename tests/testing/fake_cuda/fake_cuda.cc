@@ -40,10 +40,12 @@ struct Queue {
 struct FakeCudaStream {
   unsigned int flags;
   int priority;
+  int device;  // current when it was created
   std::shared_ptr<fake_cuda::Queue> queue;
 };
 struct FakeCudaEvent {
   unsigned int flags;
+  int device;                               // current when it was created
   std::shared_ptr<fake_cuda::Queue> queue;  // of the stream of the last record; null: never recorded
   uint64_t position = 0;                    // the work recorded: that queue's operations up to here
 };
@@ -51,7 +53,7 @@ struct FakeCudaEvent {
 namespace fake_cuda {
 namespace {
 
-constexpr int kDevices = 1;
+constexpr int kMaxDevices = 8;
 // cudaDeviceGetStreamPriorityRange on current GPUs: 0 is the least priority, -5 the greatest (lower is higher).
 constexpr int kLeastPriority = 0;
 constexpr int kGreatestPriority = -5;
@@ -59,6 +61,7 @@ constexpr int kGreatestPriority = -5;
 struct Allocation {
   size_t bytes;   // what was asked for
   size_t mapped;  // whole pages
+  int device;     // current when it was allocated
 };
 
 struct State {
@@ -67,11 +70,13 @@ struct State {
   std::map<uintptr_t, size_t> registered;  // cudaHostRegister ranges: start -> bytes
   std::set<const FakeCudaStream*> streams;
   std::set<const FakeCudaEvent*> events;
-  int64_t live_bytes = 0;
+  int64_t live_bytes = 0;  // all devices
   int64_t peak_bytes = 0;
-  int64_t capacity = int64_t{16} << 30;
+  int64_t capacity = int64_t{16} << 30;  // each device's
+  int devices = 1;
+  int64_t device_bytes[kMaxDevices] = {};
   int access_depth = 0;  // DeviceAccess nesting: > 0 while device memory is readable and writable
-  std::shared_ptr<Queue> legacy = std::make_shared<Queue>();  // the legacy default stream (nullptr)
+  std::shared_ptr<Queue> legacy[kMaxDevices];  // each device's legacy default stream (nullptr)
   bool deferred = false;
 };
 
@@ -80,6 +85,9 @@ State& S() {
     auto* state = new State;
     const char* env = std::getenv("ZERO_FAKE_CUDA_DEFERRED");
     state->deferred = env != nullptr && std::strcmp(env, "1") == 0;
+    const char* devices = std::getenv("ZERO_FAKE_CUDA_DEVICES");
+    if (devices != nullptr) state->devices = std::clamp(std::atoi(devices), 1, kMaxDevices);
+    for (auto& q : state->legacy) q = std::make_shared<Queue>();
     return state;
   }();
   return *s;
@@ -151,7 +159,11 @@ bool ValidStream(cudaStream_t s) { return s == nullptr || S().streams.count(s) !
 bool ValidEvent(cudaEvent_t e) { return e != nullptr && S().events.count(e) != 0; }
 
 // The lock is held by the callers of everything below.
-const std::shared_ptr<Queue>& QueueOf(cudaStream_t s) { return s == nullptr ? S().legacy : s->queue; }
+const std::shared_ptr<Queue>& QueueOf(cudaStream_t s) {
+  return s == nullptr ? S().legacy[current_device] : s->queue;
+}
+// The device a stream belongs to: the current one for the legacy stream.
+int DeviceOfStream(cudaStream_t s) { return s == nullptr ? current_device : s->device; }
 
 // Runs q's operations up to `position` (all when it is q->enqueued), in order, on this thread. An operation may
 // run another queue's (a wait); a wait only ever names work enqueued before it, so this cannot cycle.
@@ -168,7 +180,7 @@ void RunUpTo(const std::shared_ptr<Queue>& q, uint64_t position) {
 }
 void RunAll(const std::shared_ptr<Queue>& q) { RunUpTo(q, q->enqueued); }
 void RunEverything() {
-  RunAll(S().legacy);
+  for (const auto& q : S().legacy) RunAll(q);
   for (const FakeCudaStream* st : S().streams) RunAll(st->queue);
 }
 
@@ -189,12 +201,17 @@ void Push(const std::shared_ptr<Queue>& q, std::function<void()> work) {
       q->pending.emplace_back(++q->enqueued, [other, at = other->enqueued] { RunUpTo(other, at); });
     }
   };
-  if (q == s.legacy) {
-    for (const FakeCudaStream* st : s.streams) {
-      if (st->queue->blocking) wait_for(st->queue);
+  for (int d = 0; d < kMaxDevices; ++d) {  // a device's legacy stream and its blocking streams
+    if (q == s.legacy[d]) {
+      for (const FakeCudaStream* st : s.streams) {
+        if (st->queue->blocking && st->device == d) wait_for(st->queue);
+      }
     }
-  } else if (q->blocking) {
-    wait_for(s.legacy);
+  }
+  if (q->blocking) {
+    for (const FakeCudaStream* st : s.streams) {
+      if (st->queue == q) wait_for(s.legacy[st->device]);
+    }
   }
   q->pending.emplace_back(++q->enqueued, std::move(work));
 }
@@ -206,6 +223,7 @@ void FreeNow(void* p) {
   auto it = s.live.find(reinterpret_cast<uintptr_t>(p));
   if (it == s.live.end()) return;
   s.live_bytes -= static_cast<int64_t>(it->second.bytes);
+  s.device_bytes[it->second.device] -= static_cast<int64_t>(it->second.bytes);
   munmap(p, it->second.mapped);
   s.live.erase(it);
 }
@@ -288,9 +306,30 @@ bool Deferred() {
   return S().deferred;
 }
 
+int DeviceOf(const void* p) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  auto it = Find(p, 1);
+  return it == S().live.end() ? -1 : it->second.device;
+}
+
+int StreamDevice(cudaStream_t stream) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  return ValidStream(stream) ? DeviceOfStream(stream) : -1;
+}
+
+void SetDeviceCount(int devices) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  RunEverything();
+  S().devices = std::clamp(devices, 1, kMaxDevices);
+  if (current_device >= S().devices) current_device = 0;
+}
+
+// A kernel launch "will fail if it is issued to a stream that is not associated to the current device".
 cudaError_t Enqueue(cudaStream_t stream, std::function<void()> work) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
-  if (!ValidStream(stream)) return Fail(cudaErrorInvalidResourceHandle);
+  if (!ValidStream(stream) || DeviceOfStream(stream) != current_device) {
+    return Fail(cudaErrorInvalidResourceHandle);
+  }
   Push(QueueOf(stream), std::move(work));
   return cudaSuccess;
 }
@@ -304,12 +343,14 @@ using fake_cuda::S;
 
 cudaError_t cudaGetDeviceCount(int* count) {
   if (count == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
-  *count = fake_cuda::kDevices;
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  *count = S().devices;
   return cudaSuccess;
 }
 
 cudaError_t cudaSetDevice(int device) {
-  if (device < 0 || device >= fake_cuda::kDevices) return fake_cuda::Fail(cudaErrorInvalidDevice);
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (device < 0 || device >= S().devices) return fake_cuda::Fail(cudaErrorInvalidDevice);
   fake_cuda::current_device = device;
   return cudaSuccess;
 }
@@ -324,7 +365,8 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   if (free_bytes == nullptr || total_bytes == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   *total_bytes = static_cast<size_t>(S().capacity);
-  *free_bytes = static_cast<size_t>(std::max<int64_t>(0, S().capacity - S().live_bytes));
+  *free_bytes = static_cast<size_t>(
+      std::max<int64_t>(0, S().capacity - S().device_bytes[fake_cuda::current_device]));
   return cudaSuccess;
 }
 
@@ -367,7 +409,8 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   *p = nullptr;
   if (bytes == 0) return cudaSuccess;  // the runtime returns success and a null pointer for zero bytes
   auto& s = S();
-  if (static_cast<int64_t>(bytes) < 0 || s.live_bytes + static_cast<int64_t>(bytes) > s.capacity) {
+  const int device = fake_cuda::current_device;
+  if (static_cast<int64_t>(bytes) < 0 || s.device_bytes[device] + static_cast<int64_t>(bytes) > s.capacity) {
     return fake_cuda::Fail(cudaErrorMemoryAllocation);
   }
   const size_t page = fake_cuda::PageSize();
@@ -377,8 +420,9 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
   // Fresh device memory is not zero on a GPU: fill it with a pattern that reads as NaN in fp32 and bf16, so that
   // a missing initialisation shows.
   std::memset(m, 0xff, mapped);
-  s.live[reinterpret_cast<uintptr_t>(m)] = fake_cuda::Allocation{bytes, mapped};
+  s.live[reinterpret_cast<uintptr_t>(m)] = fake_cuda::Allocation{bytes, mapped, device};
   s.live_bytes += static_cast<int64_t>(bytes);
+  s.device_bytes[device] += static_cast<int64_t>(bytes);
   if (s.live_bytes > s.peak_bytes) s.peak_bytes = s.live_bytes;
   *p = m;
   return cudaSuccess;  // left accessible until `access` ends, like every other allocation
@@ -449,11 +493,12 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* attributes, const vo
   void* q = const_cast<void*>(p);
   if (!fake_cuda::IsHost(p)) {
     attributes->type = cudaMemoryTypeDevice;
-    attributes->device = 0;
+    auto it = fake_cuda::Find(p, 1);
+    attributes->device = it == S().live.end() ? fake_cuda::current_device : it->second.device;
     attributes->devicePointer = q;
   } else if (fake_cuda::FindRegistered(p) != S().registered.end()) {
     attributes->type = cudaMemoryTypeHost;
-    attributes->device = 0;
+    attributes->device = fake_cuda::current_device;
     attributes->devicePointer = q;
     attributes->hostPointer = q;
   } else {
@@ -555,7 +600,7 @@ cudaError_t cudaStreamCreateWithPriority(cudaStream_t* stream, unsigned int flag
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   auto queue = std::make_shared<fake_cuda::Queue>();
   queue->blocking = (flags & cudaStreamNonBlocking) == 0;
-  *stream = new FakeCudaStream{flags, priority, std::move(queue)};
+  *stream = new FakeCudaStream{flags, priority, fake_cuda::current_device, std::move(queue)};
   S().streams.insert(*stream);
   return cudaSuccess;
 }
@@ -621,7 +666,7 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int flags) {
     return fake_cuda::Fail(cudaErrorInvalidValue);
   }
   std::lock_guard<std::recursive_mutex> lock(S().mu);
-  *event = new FakeCudaEvent{flags, nullptr, 0};
+  *event = new FakeCudaEvent{flags, fake_cuda::current_device, nullptr, 0};
   S().events.insert(*event);
   return cudaSuccess;
 }
@@ -635,10 +680,12 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
   return cudaSuccess;
 }
 
-// Captures the stream's work issued so far.
+// Captures the stream's work issued so far. "cudaEventRecord() will fail if the input event and input stream are
+// associated to different devices" (waits, queries and synchronizations across devices succeed).
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
-  if (!fake_cuda::ValidEvent(event) || !fake_cuda::ValidStream(stream)) {
+  if (!fake_cuda::ValidEvent(event) || !fake_cuda::ValidStream(stream) ||
+      event->device != fake_cuda::DeviceOfStream(stream)) {
     return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
   }
   event->queue = fake_cuda::QueueOf(stream);
