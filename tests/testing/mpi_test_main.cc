@@ -1,10 +1,16 @@
 // GoogleTest main for every suite: initializes MPI, runs the tests on every rank, and prints the full
-// report on rank 0 only (other ranks print just their failures, prefixed with the rank).
+// report on rank 0 only (other ranks print just their failures, prefixed with the rank). In the
+// ZERO_CUDA_EMULATION build it also fails a test that leaves CUDA streams, events or host registrations behind.
 #include <mpi.h>
 
+#include <cstdint>
 #include <cstdio>
 
 #include <gtest/gtest.h>
+
+#if defined(ZERO_CUDA_EMULATION)
+#include "cuda_runtime.h"  // the stand-in (testing/fake_cuda)
+#endif
 
 namespace {
 
@@ -27,6 +33,39 @@ class RankFailurePrinter : public testing::EmptyTestEventListener {
   int rank_;
 };
 
+#if defined(ZERO_CUDA_EMULATION)
+// Streams, events and host registrations alive after a test that were not before it: an engine, a device or a
+// helper that does not give back what it made (each engine makes its streams and events; a long-running trainer
+// that opens engines would run out of them). Device memory is left out: test helpers cache some on purpose.
+class CudaHandleLeakCheck : public testing::EmptyTestEventListener {
+ public:
+  void OnTestStart(const testing::TestInfo&) override { before_ = Counts(); }
+  void OnTestEnd(const testing::TestInfo& info) override {
+    const Handles after = Counts();
+    if (after.streams > before_.streams || after.events > before_.events ||
+        after.registrations > before_.registrations) {
+      std::fprintf(stderr, "[  LEAKED  ] %s.%s: %lld stream(s), %lld event(s), %lld host registration(s) more than "
+                   "before it\n", info.test_suite_name(), info.name(),
+                   static_cast<long long>(after.streams - before_.streams),
+                   static_cast<long long>(after.events - before_.events),
+                   static_cast<long long>(after.registrations - before_.registrations));
+      leaked_ = true;
+    }
+  }
+  bool leaked() const { return leaked_; }
+
+ private:
+  struct Handles {
+    int64_t streams, events, registrations;
+  };
+  static Handles Counts() {
+    return {fake_cuda::LiveStreams(), fake_cuda::LiveEvents(), fake_cuda::LiveRegistrations()};
+  }
+  Handles before_{};
+  bool leaked_ = false;
+};
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -40,7 +79,14 @@ int main(int argc, char** argv) {
     delete listeners.Release(listeners.default_result_printer());
     listeners.Append(new RankFailurePrinter(rank));
   }
+#if defined(ZERO_CUDA_EMULATION)
+  auto* leaks = new CudaHandleLeakCheck;  // owned by the listener list
+  testing::UnitTest::GetInstance()->listeners().Append(leaks);
+#endif
   int failed = RUN_ALL_TESTS();
+#if defined(ZERO_CUDA_EMULATION)
+  if (leaks->leaked()) failed = 1;
+#endif
   // Every rank's verdict decides the exit code of every rank, so mpiexec fails when any rank failed.
   int any_failed = 0;
   MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
