@@ -1,6 +1,7 @@
 // GoogleTest main for every suite: initializes MPI, runs the tests on every rank, and prints the full
 // report on rank 0 only (other ranks print just their failures, prefixed with the rank). In the
-// ZERO_CUDA_EMULATION build it also fails a test that leaves CUDA streams, events or host registrations behind.
+// ZERO_CUDA_EMULATION build it also fails a test that leaves CUDA streams, events or host registrations behind,
+// or a runtime error nobody cleared.
 #include <mpi.h>
 
 #include <cstdint>
@@ -41,6 +42,13 @@ class CudaHandleLeakCheck : public testing::EmptyTestEventListener {
  public:
   void OnTestStart(const testing::TestInfo&) override { before_ = Counts(); }
   void OnTestEnd(const testing::TestInfo& info) override {
+    // The thread's last error: src/cuda_errors.h clears every failure zero turns into a Status, because the
+    // trainer's next kernel launch check (cudaGetLastError) would report it as its own.
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) {
+      std::fprintf(stderr, "[  LEAKED  ] %s.%s: the runtime's last error is still set: %s\n", info.test_suite_name(),
+                   info.name(), cudaGetErrorString(e));
+      leaked_ = true;
+    }
     const Handles after = Counts();
     if (after.streams > before_.streams || after.events > before_.events ||
         after.registrations > before_.registrations) {
