@@ -9,7 +9,7 @@
 
 #include <gtest/gtest.h>
 
-#if defined(ZERO_CUDA_EMULATION)
+#if defined(ZERO_FAKE_CUDA_RUNTIME)
 #include "cuda_runtime.h"  // the stand-in (testing/fake_cuda)
 #endif
 
@@ -34,7 +34,7 @@ class RankFailurePrinter : public testing::EmptyTestEventListener {
   int rank_;
 };
 
-#if defined(ZERO_CUDA_EMULATION)
+#if defined(ZERO_FAKE_CUDA_RUNTIME)
 // Streams, events and host registrations alive after a test that were not before it: an engine, a device or a
 // helper that does not give back what it made (each engine makes its streams and events; a long-running trainer
 // that opens engines would run out of them). Device memory is left out: test helpers cache some on purpose.
@@ -87,12 +87,12 @@ int main(int argc, char** argv) {
     delete listeners.Release(listeners.default_result_printer());
     listeners.Append(new RankFailurePrinter(rank));
   }
-#if defined(ZERO_CUDA_EMULATION)
+#if defined(ZERO_FAKE_CUDA_RUNTIME)
   auto* leaks = new CudaHandleLeakCheck;  // owned by the listener list
   testing::UnitTest::GetInstance()->listeners().Append(leaks);
 #endif
   int failed = RUN_ALL_TESTS();
-#if defined(ZERO_CUDA_EMULATION)
+#if defined(ZERO_FAKE_CUDA_RUNTIME)
   if (leaks->leaked()) failed = 1;
 #endif
   // Every rank's verdict decides the exit code of every rank, so mpiexec fails when any rank failed.
