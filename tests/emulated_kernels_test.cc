@@ -5,12 +5,12 @@
 // uncleared error as its own, as the real launchers' cudaGetLastError does (src/cuda_errors.h); and the sum of
 // squares follows reduce.cu's plumbing (table into the scratch, totals back to the host), refusing a short scratch.
 // Built only in the emulated configuration: on a GPU a launch on host memory would poison the context.
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "cuda_runtime.h"  // the stand-in
 #include "kernels/cpu_adamw.h"
@@ -93,7 +93,7 @@ TEST_F(EmulatedCudaKernelsTest, ReportsAnEarlierUnclearedErrorAsTheLaunchsOwn) {
   float* d = ToDevice(std::vector<float>(8, 3.f));
   EXPECT_EQ(cudaSetDevice(7), cudaErrorInvalidDevice);  // left uncleared
   EXPECT_EQ(ScaleCuda(d, 2.f, 8, nullptr), cudaErrorInvalidDevice);
-  EXPECT_EQ(ToHost(d, 8), std::vector<float>(8, 6.f));  // the kernel itself ran
+  EXPECT_EQ(ToHost(d, 8), std::vector<float>(8, 6.f));    // the kernel itself ran
   EXPECT_EQ(ScaleCuda(d, 2.f, 8, nullptr), cudaSuccess);  // reported once
   EXPECT_EQ(cudaFree(d), cudaSuccess);
 }

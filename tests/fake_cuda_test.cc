@@ -23,6 +23,7 @@
 //   - several devices: memory, streams and events belong to the thread's current device; a kernel launch on
 //     another device's stream fails, and so does recording an event on a stream of another device than its own;
 //     copies and waits across devices succeed (the CUDA programming guide's multi-device rules).
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -32,8 +33,6 @@
 #include <cstring>
 #include <thread>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "cublas_v2.h"
 #include "cuda_runtime.h"
@@ -136,10 +135,10 @@ TEST_F(FakeCudaTest, StridedBatchedBf16RoundsItsResultToNearestEven) {
   ASSERT_EQ(cudaMemcpy(B, b.data(), b.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
   const float one = 1.f, zero = 0.f;
   // A is 1x2 with lda 1 (a row vector: columns one element apart), stride 3; B is 2x1 with ldb 2, stride 2.
-  ASSERT_EQ(cublasGemmStridedBatchedEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 2, &one, A, CUDA_R_16BF, 1, 3, B,
-                                       CUDA_R_16BF, 2, 2, &zero, C, CUDA_R_16BF, 1, 1, 3, CUBLAS_COMPUTE_32F,
-                                       CUBLAS_GEMM_DEFAULT),
-            CUBLAS_STATUS_SUCCESS);
+  ASSERT_EQ(
+      cublasGemmStridedBatchedEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 2, &one, A, CUDA_R_16BF, 1, 3, B, CUDA_R_16BF, 2,
+                                 2, &zero, C, CUDA_R_16BF, 1, 1, 3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      CUBLAS_STATUS_SUCCESS);
   std::vector<uint16_t> c(3);
   ASSERT_EQ(cudaMemcpy(c.data(), C, 6, cudaMemcpyDeviceToHost), cudaSuccess);
   EXPECT_EQ(c[0], Bf16Bits(11));
@@ -148,9 +147,8 @@ TEST_F(FakeCudaTest, StridedBatchedBf16RoundsItsResultToNearestEven) {
   // 257 = 256 + 1: A = [1, 1] . B = [256, 1]; rounds to 256 (ties to even: 0x4380 is even, 0x4381 odd).
   std::vector<uint16_t> a2 = {Bf16Bits(1), Bf16Bits(1)};
   ASSERT_EQ(cudaMemcpy(A, a2.data(), 4, cudaMemcpyHostToDevice), cudaSuccess);
-  ASSERT_EQ(cublasGemmEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 2, &one, A, CUDA_R_16BF, 1,
-                         static_cast<uint16_t*>(B) + 4, CUDA_R_16BF, 2, &zero, C, CUDA_R_16BF, 1, CUBLAS_COMPUTE_32F,
-                         CUBLAS_GEMM_DEFAULT),
+  ASSERT_EQ(cublasGemmEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 2, &one, A, CUDA_R_16BF, 1, static_cast<uint16_t*>(B) + 4,
+                         CUDA_R_16BF, 2, &zero, C, CUDA_R_16BF, 1, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             CUBLAS_STATUS_SUCCESS);
   ASSERT_EQ(cudaMemcpy(c.data(), C, 2, cudaMemcpyDeviceToHost), cudaSuccess);
   EXPECT_EQ(c[0], 0x4380);  // 256
@@ -262,7 +260,7 @@ TEST_F(FakeCudaTest, StreamAndEventHandlesAreChecked) {
 
   ASSERT_EQ(cudaStreamDestroy(s), cudaSuccess);
   ASSERT_EQ(cudaEventDestroy(e), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(s), cudaErrorInvalidResourceHandle);  // twice
+  EXPECT_EQ(cudaStreamDestroy(s), cudaErrorInvalidResourceHandle);        // twice
   EXPECT_EQ(cudaStreamDestroy(nullptr), cudaErrorInvalidResourceHandle);  // the legacy stream is not ours
   EXPECT_EQ(cudaEventDestroy(e), cudaErrorInvalidResourceHandle);
   EXPECT_EQ(cudaStreamQuery(s), cudaErrorInvalidResourceHandle);

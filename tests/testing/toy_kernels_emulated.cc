@@ -27,7 +27,7 @@ const void* HostPointer(const ToyArgs& a, const char** name) {
     if (bad(a.param[k].data, "param[k].data")) return a.param[k].data;
     if (bad(a.grad[k], "grad[k]")) return a.grad[k];
   }
-  const void* acts[] = {a.acts.x0, a.acts.h1, a.acts.x1, a.acts.t2, a.acts.x2, a.acts.t3,
+  const void* acts[] = {a.acts.x0, a.acts.h1, a.acts.x1, a.acts.t2,         a.acts.x2,  a.acts.t3,
                         a.acts.dl, a.acts.dx, a.acts.dh, a.acts.loss_parts, a.acts.loss};
   for (const void* p : acts) {
     if (bad(p, "an activation")) return p;

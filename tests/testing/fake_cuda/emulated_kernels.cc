@@ -13,9 +13,10 @@
 // and on a GPU by scripts/gpu/.
 //
 // An operand outside device memory, or on another device than the stream's, is what a GPU reports as an illegal
-// address (asynchronously, sticky, at the next synchronization); here it is this launch's error (cudaErrorIllegalAddress) with a line on stderr naming the
-// kernel and the operand, and nothing is written. The operands are checked at the launch; the body runs on the
-// stream (at once, or when the stream gets there in the fake runtime's deferred mode).
+// address (asynchronously, sticky, at the next synchronization); here it is this launch's error
+// (cudaErrorIllegalAddress) with a line on stderr naming the kernel and the operand, and nothing is written. The
+// operands are checked at the launch; the body runs on the stream (at once, or when the stream gets there in the fake
+// runtime's deferred mode).
 #include <cstdio>
 #include <initializer_list>
 #include <vector>
@@ -83,11 +84,14 @@ int64_t BytesOf(QuantElem kind) { return kind == QuantElem::kF32 ? 4 : 2; }
 
 }  // namespace
 
-int AdamWCuda(const AdamWCoeffs& c, float* p, float* m, float* v, const void* g, GradKind gk, void* copy,
-              CopyKind kind, int64_t n, void* stream) {
+int AdamWCuda(const AdamWCoeffs& c, float* p, float* m, float* v, const void* g, GradKind gk, void* copy, CopyKind kind,
+              int64_t n, void* stream) {
   if (n == 0) return cudaSuccess;
   return Launch("AdamW", stream,
-                {{"p", p, 4 * n}, {"m", m, 4 * n}, {"v", v, 4 * n}, {"g", g, BytesOf(gk) * n},
+                {{"p", p, 4 * n},
+                 {"m", m, 4 * n},
+                 {"v", v, 4 * n},
+                 {"g", g, BytesOf(gk) * n},
                  {"copy", copy, CopyBytes(kind) * n}},
                 [=] {
                   return AdamWStepCpu(c, p, m, v, g, DTypeOf(gk), kind == CopyKind::kNone ? nullptr : copy,
@@ -95,8 +99,8 @@ int AdamWCuda(const AdamWCoeffs& c, float* p, float* m, float* v, const void* g,
                 });
 }
 
-int SgdCuda(const SgdCoeffs& c, float* p, float* buf, const void* g, GradKind gk, void* copy, CopyKind kind,
-            int64_t n, void* stream) {
+int SgdCuda(const SgdCoeffs& c, float* p, float* buf, const void* g, GradKind gk, void* copy, CopyKind kind, int64_t n,
+            void* stream) {
   if (n == 0) return cudaSuccess;
   return Launch("SGD", stream,
                 {{"p", p, 4 * n}, {"buf", buf, 4 * n}, {"g", g, BytesOf(gk) * n}, {"copy", copy, CopyBytes(kind) * n}},
@@ -123,10 +127,10 @@ int ScaleCuda(float* x, float s, int64_t n, void* stream) {
 namespace {
 int Cast(const char* kernel, const void* src, DType from, void* dst, DType to, int64_t n, void* stream) {
   if (n == 0) return cudaSuccess;
-  return Launch(kernel, stream,
-                {{"src", src, static_cast<int64_t>(DTypeSize(from)) * n},
-                 {"dst", dst, static_cast<int64_t>(DTypeSize(to)) * n}},
-                [=] { return CastCpu(src, from, dst, to, n, 1); });
+  return Launch(
+      kernel, stream,
+      {{"src", src, static_cast<int64_t>(DTypeSize(from)) * n}, {"dst", dst, static_cast<int64_t>(DTypeSize(to)) * n}},
+      [=] { return CastCpu(src, from, dst, to, n, 1); });
 }
 }  // namespace
 
@@ -175,8 +179,8 @@ int SumSquaresCuda(const SumSquaresRange* ranges, int64_t count, GradKind gk, vo
         return true;
       });
   if (launched != cudaSuccess) return launched;
-  return static_cast<int>(cudaMemcpyAsync(host_totals, totals, static_cast<size_t>(count) * sizeof(SumSquares),
-                                          cudaMemcpyDeviceToHost, s));
+  return static_cast<int>(
+      cudaMemcpyAsync(host_totals, totals, static_cast<size_t>(count) * sizeof(SumSquares), cudaMemcpyDeviceToHost, s));
 }
 
 int QuantizeCuda(const void* src, QuantElem kind, int64_t n, int bits, void* payload, void* stream) {
@@ -190,8 +194,8 @@ int QuantizeCuda(const void* src, QuantElem kind, int64_t n, int bits, void* pay
 
 int DequantizeCuda(const void* payload, int64_t n, int bits, void* dst, QuantElem kind, void* stream) {
   if (n == 0) return cudaSuccess;
-  return Launch("dequantize", stream, {{"payload", payload, QuantPayloadBytes(n, bits)}, {"dst", dst, BytesOf(kind) * n}},
-                [=] {
+  return Launch("dequantize", stream,
+                {{"payload", payload, QuantPayloadBytes(n, bits)}, {"dst", dst, BytesOf(kind) * n}}, [=] {
                   DequantizeCpu(payload, n, bits, dst, kind, 1);
                   return true;
                 });
@@ -199,11 +203,10 @@ int DequantizeCuda(const void* payload, int64_t n, int bits, void* dst, QuantEle
 
 int DequantizeAddCuda(const void* payload, int64_t n, int bits, float* acc, void* stream) {
   if (n == 0) return cudaSuccess;
-  return Launch("dequantize-add", stream, {{"payload", payload, QuantPayloadBytes(n, bits)}, {"acc", acc, 4 * n}},
-                [=] {
-                  DequantizeAddCpu(payload, n, bits, acc, 1);
-                  return true;
-                });
+  return Launch("dequantize-add", stream, {{"payload", payload, QuantPayloadBytes(n, bits)}, {"acc", acc, 4 * n}}, [=] {
+    DequantizeAddCpu(payload, n, bits, acc, 1);
+    return true;
+  });
 }
 
 int WidenAddCuda(const void* src, QuantElem kind, int64_t n, float* acc, void* stream) {

@@ -66,7 +66,7 @@ struct Allocation {
 
 struct State {
   std::recursive_mutex mu;
-  std::map<uintptr_t, Allocation> live;  // by start address
+  std::map<uintptr_t, Allocation> live;    // by start address
   std::map<uintptr_t, size_t> registered;  // cudaHostRegister ranges: start -> bytes
   std::set<const FakeCudaStream*> streams;
   std::set<const FakeCudaEvent*> events;
@@ -75,7 +75,7 @@ struct State {
   int64_t capacity = int64_t{16} << 30;  // each device's
   int devices = 1;
   int64_t device_bytes[kMaxDevices] = {};
-  int access_depth = 0;  // DeviceAccess nesting: > 0 while device memory is readable and writable
+  int access_depth = 0;                        // DeviceAccess nesting: > 0 while device memory is readable and writable
   std::shared_ptr<Queue> legacy[kMaxDevices];  // each device's legacy default stream (nullptr)
   bool deferred = false;
 };
@@ -159,9 +159,7 @@ bool ValidStream(cudaStream_t s) { return s == nullptr || S().streams.count(s) !
 bool ValidEvent(cudaEvent_t e) { return e != nullptr && S().events.count(e) != 0; }
 
 // The lock is held by the callers of everything below.
-const std::shared_ptr<Queue>& QueueOf(cudaStream_t s) {
-  return s == nullptr ? S().legacy[current_device] : s->queue;
-}
+const std::shared_ptr<Queue>& QueueOf(cudaStream_t s) { return s == nullptr ? S().legacy[current_device] : s->queue; }
 // The device a stream belongs to: the current one for the legacy stream.
 int DeviceOfStream(cudaStream_t s) { return s == nullptr ? current_device : s->device; }
 
@@ -365,8 +363,7 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   if (free_bytes == nullptr || total_bytes == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   *total_bytes = static_cast<size_t>(S().capacity);
-  *free_bytes = static_cast<size_t>(
-      std::max<int64_t>(0, S().capacity - S().device_bytes[fake_cuda::current_device]));
+  *free_bytes = static_cast<size_t>(std::max<int64_t>(0, S().capacity - S().device_bytes[fake_cuda::current_device]));
   return cudaSuccess;
 }
 
@@ -387,16 +384,26 @@ cudaError_t cudaPeekAtLastError() { return fake_cuda::last_error; }
 
 const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorMemoryAllocation: return "out of memory";
-    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
-    case cudaErrorInvalidDevice: return "invalid device ordinal";
-    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
-    case cudaErrorNotReady: return "device not ready";
-    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
-    case cudaErrorHostMemoryAlreadyRegistered: return "part or all of the requested memory range is already mapped";
-    case cudaErrorHostMemoryNotRegistered: return "pointer does not correspond to a registered memory region";
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorMemoryAllocation:
+      return "out of memory";
+    case cudaErrorNoDevice:
+      return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle:
+      return "invalid resource handle";
+    case cudaErrorNotReady:
+      return "device not ready";
+    case cudaErrorIllegalAddress:
+      return "an illegal memory access was encountered";
+    case cudaErrorHostMemoryAlreadyRegistered:
+      return "part or all of the requested memory range is already mapped";
+    case cudaErrorHostMemoryNotRegistered:
+      return "pointer does not correspond to a registered memory region";
   }
   return "unrecognized error code";
 }
@@ -459,8 +466,8 @@ cudaError_t cudaFreeAsync(void* p, cudaStream_t stream) {
 // a null pointer, zero bytes or an unknown flag is cudaErrorInvalidValue; so is device memory (not host memory).
 cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned int flags) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
-  constexpr unsigned int kKnown = cudaHostRegisterPortable | cudaHostRegisterMapped | cudaHostRegisterIoMemory |
-                                  cudaHostRegisterReadOnly;
+  constexpr unsigned int kKnown =
+      cudaHostRegisterPortable | cudaHostRegisterMapped | cudaHostRegisterIoMemory | cudaHostRegisterReadOnly;
   if (p == nullptr || bytes == 0 || (flags & ~kKnown) != 0) return fake_cuda::Fail(cudaErrorInvalidValue);
   if (fake_cuda::TouchesDevice(p, bytes)) return fake_cuda::Fail(cudaErrorInvalidValue);
   auto& reg = S().registered;
@@ -531,11 +538,21 @@ cudaError_t Copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, 
   if ((!dst_dev && !IsHost(dst)) || (!src_dev && !IsHost(src))) return Fail(cudaErrorInvalidValue);
   bool ok = false;
   switch (kind) {
-    case cudaMemcpyHostToHost: ok = !dst_dev && !src_dev; break;
-    case cudaMemcpyHostToDevice: ok = dst_dev && !src_dev; break;
-    case cudaMemcpyDeviceToHost: ok = !dst_dev && src_dev; break;
-    case cudaMemcpyDeviceToDevice: ok = dst_dev && src_dev; break;
-    case cudaMemcpyDefault: ok = true; break;
+    case cudaMemcpyHostToHost:
+      ok = !dst_dev && !src_dev;
+      break;
+    case cudaMemcpyHostToDevice:
+      ok = dst_dev && !src_dev;
+      break;
+    case cudaMemcpyDeviceToHost:
+      ok = !dst_dev && src_dev;
+      break;
+    case cudaMemcpyDeviceToDevice:
+      ok = dst_dev && src_dev;
+      break;
+    case cudaMemcpyDefault:
+      ok = true;
+      break;
   }
   if (!ok) return Fail(cudaErrorInvalidValue);
   const std::shared_ptr<Queue>& q = QueueOf(stream);
@@ -548,8 +565,8 @@ cudaError_t Copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, 
     if (!async || !IsRegistered(dst)) RunAll(q);
   } else if (!src_dev && !IsRegistered(src)) {
     if (!async) RunAll(q);  // "a stream sync is performed before the copy is initiated"
-    auto staged = std::make_shared<std::vector<char>>(static_cast<const char*>(src),
-                                                      static_cast<const char*>(src) + bytes);
+    auto staged =
+        std::make_shared<std::vector<char>>(static_cast<const char*>(src), static_cast<const char*>(src) + bytes);
     Push(q, [dst, staged] { std::memcpy(dst, staged->data(), staged->size()); });
   } else if (!src_dev) {
     Push(q, move);
@@ -647,7 +664,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
   }
   if (event->queue != nullptr && event->queue->executed < event->position) {
     fake_cuda::Push(fake_cuda::QueueOf(stream),
-                       [q = event->queue, at = event->position] { fake_cuda::RunUpTo(q, at); });
+                    [q = event->queue, at = event->position] { fake_cuda::RunUpTo(q, at); });
   }
   return cudaSuccess;
 }
@@ -825,8 +842,8 @@ cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cub
 cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
                                           int m, int n, int k, const void* alpha, const void* A, cudaDataType Atype,
                                           int lda, long long int strideA, const void* B, cudaDataType Btype, int ldb,
-                                          long long int strideB, const void* beta, void* C, cudaDataType Ctype,
-                                          int ldc, long long int strideC, int batch, cublasComputeType_t compute,
+                                          long long int strideB, const void* beta, void* C, cudaDataType Ctype, int ldc,
+                                          long long int strideC, int batch, cublasComputeType_t compute,
                                           cublasGemmAlgo_t) {
   return Gemm(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb, strideB, beta, C, Ctype,
               ldc, strideC, batch, compute);
