@@ -103,16 +103,19 @@ struct Config {
   bool offload;         // offload_optimizer (stages 1-3)
   bool offload_params;  // stage 3
   bool overlap;
+  Backend backend = Backend::kCpu;
 };
 
 std::string Name(const ::testing::TestParamInfo<Config>& info) {
   const Config& c = info.param;
   return "stage" + std::to_string(static_cast<int>(c.stage)) + (c.offload ? "_offload" : "") +
-         (c.offload_params ? "_params" : "") + (c.overlap ? "_overlap" : "_no_overlap");
+         (c.offload_params ? "_params" : "") + (c.overlap ? "_overlap" : "_no_overlap") +
+         (c.backend == Backend::kCuda ? "_cuda" : "");
 }
 
 Options ConfigOptions(const Config& c) {
   Options o = SmallToyOptions(c.stage);
+  o.backend = c.backend;
   o.offload_optimizer = c.offload;
   o.offload_params = c.offload_params;
   o.overlap_reductions = c.overlap;
@@ -170,8 +173,7 @@ std::vector<std::vector<float>> Train(const Config& c, Comm* comm, Chatter* chat
 class TrainerCollectivesTest : public ::testing::TestWithParam<Config> {};
 
 TEST_P(TrainerCollectivesTest, BetweenEveryPairOfEngineCallsWithoutChangingABit) {
-  auto comm = WorldComm();
-  ASSERT_NE(comm, nullptr);
+  ZERO_BACKEND_COMM(comm, GetParam().backend);
   Chatter chat(comm.get());
   const auto chatty = Train(GetParam(), comm.get(), &chat);
   const auto quiet = Train(GetParam(), comm.get(), nullptr);
@@ -195,17 +197,26 @@ INSTANTIATE_TEST_SUITE_P(
                       Config{Stage::kOptimizerStates, true, false, true}, Config{Stage::kGradients, false, false, true},
                       Config{Stage::kGradients, false, false, false}, Config{Stage::kGradients, true, false, true},
                       Config{Stage::kParameters, false, false, true}, Config{Stage::kParameters, true, false, true},
-                      Config{Stage::kParameters, true, true, true}),
+                      Config{Stage::kParameters, true, true, true},
+                      // Backend::kCuda: the trainer's collectives on host memory through the Comm the CUDA cases
+                      // use (NcclComm stages them; StagedComm copies), while the engine's work is queued on its
+                      // streams.
+                      Config{Stage::kDataParallel, false, false, true, Backend::kCuda},
+                      Config{Stage::kOptimizerStates, true, false, true, Backend::kCuda},
+                      Config{Stage::kGradients, false, false, true, Backend::kCuda},
+                      Config{Stage::kParameters, true, true, true, Backend::kCuda}),
     Name);
 
 // A second thread owns the trainer's Comm (a data loader agreeing on batches, a metrics logger) while the main
-// thread drives the engine: both make progress and neither sees the other's messages.
-TEST(TrainerCollectivesThreadTest, ASecondThreadTalksWhileTheMainThreadTrains) {
-  auto comm = WorldComm();
-  ASSERT_NE(comm, nullptr);
+// thread drives the engine: both make progress and neither sees the other's messages. On CUDA the second thread
+// calls the runtime (its Comm's copies) while the main thread's kernels and the engine's copies are queued.
+class TrainerCollectivesThreadTest : public ::testing::TestWithParam<Backend> {};
+
+TEST_P(TrainerCollectivesThreadTest, ASecondThreadTalksWhileTheMainThreadTrains) {
+  ZERO_BACKEND_COMM(comm, GetParam());
   for (Stage stage : {Stage::kOptimizerStates, Stage::kGradients, Stage::kParameters}) {
     SCOPED_TRACE(std::to_string(static_cast<int>(stage)));
-    const Config c{stage, stage != Stage::kGradients, false, true};
+    const Config c{stage, stage != Stage::kGradients, false, true, GetParam()};
     const auto quiet = Train(c, comm.get(), nullptr);
     Chatter chat(comm.get());
     std::thread loader([&] {
@@ -223,6 +234,9 @@ TEST(TrainerCollectivesThreadTest, ASecondThreadTalksWhileTheMainThreadTrains) {
     for (size_t p = 0; p < quiet.size(); ++p) EXPECT_EQ(params[p], quiet[p]) << "param " << p;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(Backends, TrainerCollectivesThreadTest, ::testing::Values(Backend::kCpu, Backend::kCuda),
+                         [](const ::testing::TestParamInfo<Backend>& info) { return BackendName(info.param); });
 
 }  // namespace
 }  // namespace zero::testing
