@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -126,15 +127,28 @@ class MoeTrainer {
  public:
   MoeTrainer(Engine* engine, const Ids& ids) : e_(engine), ids_(ids) {}
 
+  // On Backend::kCuda the views are device memory: the model works on host mirrors, a parameter copied in at each
+  // P, a gradient copied in at G (the model adds to it) and back before its unit's GradsReady.
   float* P(int p) {
     TensorView v;
     Check(e_->Param(p, &v));
-    return v.as<float>();
+    if (v.backend == Backend::kCpu) return v.as<float>();
+    std::vector<float>& h = params_[p];
+    h.assign(static_cast<size_t>(v.numel), 0.0f);
+    if (ok_ && v.numel > 0) Check(CopyFromDevice(h.data(), v.data, v.numel * 4));
+    return h.data();
   }
   float* G(int p) {
     TensorView v;
     Check(e_->Grad(p, &v));
-    return v.as<float>();
+    if (v.backend == Backend::kCpu) return v.as<float>();
+    std::vector<float>& h = grads_[p];
+    h.assign(static_cast<size_t>(v.numel), 0.0f);
+    if (ok_ && v.numel > 0) {
+      Check(CopyFromDevice(h.data(), v.data, v.numel * 4));
+      dirty_[p] = v.data;
+    }
+    return h.data();
   }
   void Check(const Status& s) {
     if (!s.ok() && ok_) {
@@ -338,6 +352,15 @@ class MoeTrainer {
     if (ok_) Check(e_->Release(unit, backward ? Pass::kBackward : Pass::kForward));
   }
   void Ready(int unit) {
+    for (auto it = dirty_.begin(); it != dirty_.end();) {  // the host mirrors of this unit's gradients, back
+      if (e_->specs()[static_cast<size_t>(it->first)].unit == unit) {
+        const std::vector<float>& h = grads_[it->first];
+        if (ok_) Check(CopyToDevice(it->second, h.data(), static_cast<int64_t>(h.size()) * 4));
+        it = dirty_.erase(it);
+      } else {
+        ++it;
+      }
+    }
     if (defer_) {
       deferred_.push_back(unit);
     } else if (ok_) {
@@ -353,24 +376,29 @@ class MoeTrainer {
   Ids ids_;
   bool ok_ = true;
   std::vector<int> deferred_;
+  std::map<int, std::vector<float>> params_, grads_;  // host mirrors (Backend::kCuda)
+  std::map<int, void*> dirty_;                        // mirrored gradients not yet copied back: their device view
 };
 
 struct Config {
   Stage stage;
   bool offload;
   bool shuffle_ready;
+  Backend backend = Backend::kCpu;
 };
 
 std::string Name(const ::testing::TestParamInfo<Config>& info) {
   std::ostringstream os;
   os << "stage" << static_cast<int>(info.param.stage) << (info.param.offload ? "_offload" : "")
-     << (info.param.shuffle_ready ? "_any_order" : "");
+     << (info.param.shuffle_ready ? "_any_order" : "") << (info.param.backend == Backend::kCuda ? "_cuda" : "");
   return os.str();
 }
 
-std::unique_ptr<Engine> OpenMoe(Comm* comm, Stage stage, bool offload, Ids* ids, int pool_buffers = 3) {
+std::unique_ptr<Engine> OpenMoe(Comm* comm, Stage stage, bool offload, Ids* ids, int pool_buffers = 3,
+                                Backend backend = Backend::kCpu) {
   const std::vector<ParamSpec> specs = MoeSpecs(ids);
   Options o;
+  o.backend = backend;
   o.stage = stage;
   o.offload_optimizer = offload;
   o.bucket_elements = 32;  // several buckets per unit
@@ -414,16 +442,15 @@ class MoeTest : public ::testing::TestWithParam<Config> {};
 
 TEST_P(MoeTest, DeclaredUnitsTrainBitwiseLikeEveryUnitOnEveryRank) {
   const Config c = GetParam();
-  auto comm = WorldComm();
-  ASSERT_NE(comm, nullptr);
+  ZERO_BACKEND_COMM(comm, c.backend);
   Ids ids;
-  // The reference: every unit on every rank, no declaration, the same stage.
-  auto dense = OpenMoe(comm.get(), c.stage, false, &ids);
+  // The reference: every unit on every rank, no declaration, the same stage (and backend).
+  auto dense = OpenMoe(comm.get(), c.stage, false, &ids, 3, c.backend);
   ASSERT_NE(dense, nullptr);
   Train(*dense, *comm, ids, Mode{false, false}, 0, kSteps);
   const auto want = GatherToyParams(*dense);
 
-  auto engine = OpenMoe(comm.get(), c.stage, c.offload, &ids);
+  auto engine = OpenMoe(comm.get(), c.stage, c.offload, &ids, 3, c.backend);
   ASSERT_NE(engine, nullptr);
   std::vector<std::vector<Seen>> seen;
   Train(*engine, *comm, ids, Mode{true, c.shuffle_ready}, 0, kSteps, &seen);
@@ -459,7 +486,13 @@ INSTANTIATE_TEST_SUITE_P(Stages, MoeTest,
                                            Config{Stage::kGradients, false, true},
                                            Config{Stage::kGradients, true, false},
                                            Config{Stage::kParameters, false, false},
-                                           Config{Stage::kParameters, true, false}),
+                                           Config{Stage::kParameters, true, false},
+                                           // Backend::kCuda: the union gathers and reductions on its streams.
+                                           Config{Stage::kDataParallel, false, true, Backend::kCuda},
+                                           Config{Stage::kOptimizerStates, true, false, Backend::kCuda},
+                                           Config{Stage::kGradients, false, true, Backend::kCuda},
+                                           Config{Stage::kParameters, false, false, Backend::kCuda},
+                                           Config{Stage::kParameters, true, false, Backend::kCuda}),
                          Name);
 
 // Stage 3 gathers only the union of the declarations: an expert that no rank declared costs no gather, so the
