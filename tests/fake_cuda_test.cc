@@ -14,7 +14,8 @@
 //     complete;
 //   - cudaHostRegister/Unregister's rules and cudaPointerGetAttributes' answer for device, registered and
 //     unregistered memory; cudaSetDevice, cudaMemGetInfo and the capacity cudaMalloc refuses beyond;
-//   - concurrent calls from several threads (the engine's communication thread and the trainer's);
+//   - concurrent calls from several threads (a trainer's second thread, e.g. a data loader on its Comm, next to
+//     the thread that drives the engine);
 //   - deferred mode: work runs when waited for and no earlier: a stream that does not wait for another reads its
 //     stale bytes, cudaStreamWaitEvent orders it, queries answer cudaErrorNotReady before the work ran (without
 //     making it the last error), copies follow the runtime's documented synchronization (a pageable cudaMemcpy
@@ -381,7 +382,7 @@ TEST_F(FakeCudaTest, HostRegistrationAndPointerAttributes) {
   EXPECT_EQ(cudaFree(d), cudaSuccess);
 }
 
-// The engine calls the runtime from its communication thread while the trainer's thread does: four threads
+// A trainer's second thread calls the runtime while the thread driving the engine does: four threads
 // allocating, copying round trips through their own device memory and freeing, at once, each on a stream of its
 // own, must each get their own bytes back, and leave nothing behind.
 TEST_F(FakeCudaTest, ConcurrentCallsFromSeveralThreads) {

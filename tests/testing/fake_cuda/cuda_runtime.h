@@ -21,8 +21,8 @@
 //   - with several devices (SetDeviceCount, ZERO_FAKE_CUDA_DEVICES), the multi-device rules: memory, streams and
 //     events belong to the thread's current device, a kernel launch on another device's stream fails, a kernel's
 //     operands must be on its stream's device, an event is recorded only on a stream of its own device.
-// Two modes of execution, both on the calling thread (the engine's own threads, its communication thread against
-// the trainer's, are real and concurrent; the runtime serializes their calls):
+// Two modes of execution, both on the calling threads (which stay real and concurrent: on Backend::kCuda the engine
+// calls the runtime from the thread that drives it, a trainer may call it from others; one lock serializes them):
 //   - at issue (the default): every copy, memset and kernel is complete when its call returns, so every event is
 //     complete once recorded, every stream idle, and cudaStreamWaitEvent orders nothing that is not already
 //     ordered: no missing wait, no host read of pinned memory before its copy landed, can show;
