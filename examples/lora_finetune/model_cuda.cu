@@ -70,13 +70,11 @@ const cudaStream_t kStream = nullptr;
 // kernel<<<grid, block, 0, kStream>>>(args...). In tests/lora_cuda_model_emulated_test this file is compiled for
 // the CPU against host-only stand-ins of the CUDA runtime and cuBLAS (tests/testing/fake_cuda) and the same kernel
 // source runs through the CPU emulation of a launch (tests/testing/cuda_emulation.h, a block's threads as fibers),
-// with the stand-in's device memory readable while it runs.
+// queued on the stream like the stand-in's copies and GEMMs (its deferred mode runs them only when something waits),
+// with its arguments copied at the launch as a real launch copies them, and device memory readable while it runs.
 #if defined(ZERO_CUDA_EMULATION)
-#define LORA_LAUNCH(kernel, grid, block, ...)                                   \
-  do {                                                                          \
-    fake_cuda::DeviceAccess device_access;                                      \
-    zero::testing::EmulateFibers(dim3(grid), dim3(block), kernel, __VA_ARGS__); \
-  } while (false)
+#define LORA_LAUNCH(kernel, grid, block, ...) \
+  (void)fake_cuda::Enqueue(kStream, [=] { zero::testing::EmulateFibers(dim3(grid), dim3(block), kernel, __VA_ARGS__); })
 #else
 #define LORA_LAUNCH(kernel, grid, block, ...) kernel<<<grid, block, 0, kStream>>>(__VA_ARGS__)
 #endif
