@@ -4,7 +4,7 @@
 //    saved master and optimizer state (this rank's checkpoint shard, byte for byte). Stages 1-3, AdamW and SGD, fp32,
 //    bf16, fp16 with its loss scaler; 2, 3 and 4 bounce buffers; blocks of 4 KiB so that records span several.
 //    Memory() equals zero::Estimate (device, host and NVMe bytes) and no optimizer byte is in host memory. On
-//    Backend::kCuda too (three of the cases; they need a GPU and run in the GPU run, scripts/gpu).
+//    Backend::kCuda too (three of the cases: in the cuda-emulated phase and in the GPU run, scripts/gpu).
 //  * Checkpoints both ways: a tier run saved mid-way resumes without the tier (host offload, and on the device) and
 //    the other way round, bitwise equal to the uninterrupted run.
 //  * Faults, each seen on every rank with the file, bucket and fix: a full disk in the middle of a step (injected
@@ -233,8 +233,9 @@ INSTANTIATE_TEST_SUITE_P(
 
 // On the GPU the tier's bounce buffers are registered with CUDA (cudaHostRegister) and the device copies run on the
 // engine's streams: the same bitwise claim against host offload on the same backend, for a stage-2 case, a stage-3
-// case with the shards on the tier and a half-precision one. (Skipped, with the reason, where there is no GPU; the
-// GPU run (scripts/gpu) runs them at 1, 2 and 4 ranks.)
+// case with the shards on the tier and a half-precision one. They run on the CUDA runtime's stand-in in the
+// cuda-emulated phase of scripts/test.sh and on a GPU in the GPU run (scripts/gpu), at 1, 2 and 4 ranks; a plain
+// build without a GPU skips them, saying why.
 INSTANTIATE_TEST_SUITE_P(Cuda, NvmeEquivalenceTest,
                          ::testing::Combine(::testing::Values(kStage2Bf16FourBuffers, kStage3ParamsOnNvmePersistent,
                                                               kStage3SgdFp16ParamsOnNvme),
