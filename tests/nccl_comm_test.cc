@@ -5,6 +5,7 @@
 // communicator's ncclInProgress path, which only a world of two or more takes), on a Duplicate() too, and a
 // stalled peer (or, with ZERO_NCCL_TEST_VICTIM=kill under mpiexec --enable-recovery, a killed one) ends in a
 // Timeout on every other rank.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -86,8 +87,10 @@ TEST(NcclPlacementTest, OneGpuPerRankUnlessTheNcclLetsRanksShare) {
 // NCCL takes NCCL_MULTI_RANK_GPU_ENABLE from its configuration files too (the environment first, then the user's
 // file, then /etc/nccl.conf): OpenNccl reads it the same way, or it would refuse a node NCCL accepts.
 TEST(NcclPlacementTest, TheParameterComesFromTheEnvironmentThenTheConfigurationFiles) {
-  const std::string dir = ::testing::TempDir();
-  const std::string user = dir + "/zero_nccl_user.conf", system = dir + "/zero_nccl_system.conf";
+  // Files of this process's own: every rank of the suite runs this case at once.
+  const std::string dir = ::testing::TempDir() + "/zero_nccl_conf_" + std::to_string(getpid());
+  ASSERT_EQ(mkdir(dir.c_str(), 0700), 0) << dir;
+  const std::string user = dir + "/user.conf", system = dir + "/system.conf";
   std::ofstream(user) << "# a comment\nNCCL_DEBUG=WARN\n  NCCL_MULTI_RANK_GPU_ENABLE = 1\n";
   std::ofstream(system) << "NCCL_MULTI_RANK_GPU_ENABLE=0\nNCCL_SOCKET_IFNAME=eth0\n";
   const char* name = "ZERO_TEST_NCCL_PARAM";
@@ -116,6 +119,7 @@ TEST(NcclPlacementTest, TheParameterComesFromTheEnvironmentThenTheConfigurationF
   EXPECT_NE(files[0].find("/.nccl.conf"), std::string::npos) << files[0];
   std::remove(user.c_str());
   std::remove(system.c_str());
+  rmdir(dir.c_str());
 }
 
 TEST(NcclCommTest, OpensOnEveryRankOrFailsOnEveryRankSayingWhy) {
