@@ -157,6 +157,9 @@ TEST(NcclCommTest, CollectivesOnDeviceMemory) {
   float* dev = nullptr;
   ASSERT_EQ(cudaMalloc(&dev, host.size() * sizeof(float)), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(dev, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  // A copy from pageable memory may return before its device write (the runtime's synchronization notes); the
+  // collective runs on a non-blocking stream, not ordered after it.
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   ASSERT_TRUE(comm->ReduceScatter(dev, dev + r * count, count, DType::kF32).ok());  // in place
   std::vector<float> out(static_cast<size_t>(count));
   ASSERT_EQ(cudaMemcpy(out.data(), dev + r * count, count * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
@@ -179,6 +182,9 @@ class DeviceFloats {
   explicit DeviceFloats(const std::vector<float>& host) : n_(host.size()) {
     EXPECT_EQ(cudaMalloc(&p_, n_ * sizeof(float)), cudaSuccess);
     EXPECT_EQ(cudaMemcpy(p_, host.data(), n_ * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+    // Landed before any collective on a non-blocking stream reads it: a copy from pageable memory may return
+    // before its device write, which the legacy stream does not order with such streams.
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   }
   ~DeviceFloats() { cudaFree(p_); }
   DeviceFloats(const DeviceFloats&) = delete;
