@@ -35,7 +35,8 @@
 //
 // Compiled with warnings as errors; without a GPU, OpenNccl returns Unavailable on every rank (tested). The GPU
 // half (tests/nccl_comm_test.cc at 1, 2 and 4 ranks, with NCCL >= 2.30 for ranks sharing one GPU) runs through
-// scripts/gpu/.
+// scripts/gpu/, and on every CI machine in the ZERO_CUDA_EMULATION build, where this file is compiled against the
+// host-only CUDA and NCCL stand-ins (tests/testing/fake_cuda, tests/testing/fake_nccl).
 #include <mpi.h>
 
 #include <chrono>

@@ -459,6 +459,55 @@ TEST_F(FakeCudaTest, DeferredWorkRunsWhenWaitedForAndNotBefore) {
   EXPECT_EQ(cudaFree(d), cudaSuccess);
 }
 
+// A step (EnqueueStep: the NCCL stand-in's collectives) stays at the head of its stream until it says it is
+// complete: at issue too, later work waits behind it, queries answer cudaErrorNotReady, an event behind it is not
+// complete, another stream that waits for that event waits too, and a synchronization polls it to the end.
+TEST_F(FakeCudaTest, AStepHoldsItsStreamUntilComplete) {
+  for (bool deferred : {false, true}) {
+    fake_cuda::SetDeferred(deferred);
+    cudaStream_t s1 = nullptr, s2 = nullptr;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking), cudaSuccess);
+    ASSERT_EQ(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking), cudaSuccess);
+    float* d = nullptr;
+    ASSERT_EQ(cudaMalloc(&d, 2 * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(cudaMemset(d, 0, 2 * sizeof(float)), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    int runs = 0;
+    bool release = false;
+    ASSERT_EQ(fake_cuda::EnqueueStep(s1,
+                                     [&runs, &release] {
+                                       ++runs;
+                                       return release;
+                                     }),
+              cudaSuccess);
+    EXPECT_EQ(runs, deferred ? 0 : 1) << "at issue, a step first runs when it is enqueued";
+    ASSERT_EQ(fake_cuda::Enqueue(s1, [d] { d[0] = 1.f; }), cudaSuccess);
+    cudaEvent_t e = nullptr;
+    ASSERT_EQ(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), cudaSuccess);
+    ASSERT_EQ(cudaEventRecord(e, s1), cudaSuccess);
+    ASSERT_EQ(cudaStreamWaitEvent(s2, e, 0), cudaSuccess);
+    ASSERT_EQ(fake_cuda::Enqueue(s2, [d] { d[1] = 2.f; }), cudaSuccess);
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_EQ(cudaStreamQuery(s1), cudaErrorNotReady);
+      EXPECT_EQ(cudaEventQuery(e), cudaErrorNotReady);
+      EXPECT_EQ(cudaStreamQuery(s2), cudaErrorNotReady);
+    }
+    std::vector<float> host(2, -1.f);
+    ASSERT_EQ(cudaMemcpyAsync(host.data(), d, 2 * sizeof(float), cudaMemcpyDeviceToHost, nullptr), cudaSuccess);
+    EXPECT_EQ(host, (std::vector<float>{0.f, 0.f})) << "work behind the incomplete step ran";
+    const int before = runs;
+    EXPECT_GT(before, 3);
+    release = true;
+    ASSERT_EQ(cudaStreamSynchronize(s2), cudaSuccess);
+    EXPECT_EQ(runs, before + 1);
+    ASSERT_EQ(cudaMemcpy(host.data(), d, 2 * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(host, (std::vector<float>{1.f, 2.f}));
+    EXPECT_EQ(cudaEventDestroy(e), cudaSuccess);
+    for (cudaStream_t s : {s1, s2}) EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+    EXPECT_EQ(cudaFree(d), cudaSuccess);
+  }
+}
+
 // The runtime's documented synchronization of copies ("API synchronization behavior"), deferred as late as it
 // allows. cudaMemcpy from pageable memory returns once the bytes are staged (the source may be reused), "but the
 // DMA to final destination may not have completed": it lands on the legacy stream, which a non-blocking stream

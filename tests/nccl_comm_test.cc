@@ -157,6 +157,9 @@ TEST(NcclCommTest, CollectivesOnDeviceMemory) {
   float* dev = nullptr;
   ASSERT_EQ(cudaMalloc(&dev, host.size() * sizeof(float)), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(dev, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  // A copy from pageable memory may return before its device write (the runtime's synchronization notes); the
+  // collective runs on a non-blocking stream, not ordered after it.
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   ASSERT_TRUE(comm->ReduceScatter(dev, dev + r * count, count, DType::kF32).ok());  // in place
   std::vector<float> out(static_cast<size_t>(count));
   ASSERT_EQ(cudaMemcpy(out.data(), dev + r * count, count * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
@@ -179,6 +182,9 @@ class DeviceFloats {
   explicit DeviceFloats(const std::vector<float>& host) : n_(host.size()) {
     EXPECT_EQ(cudaMalloc(&p_, n_ * sizeof(float)), cudaSuccess);
     EXPECT_EQ(cudaMemcpy(p_, host.data(), n_ * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+    // Landed before any collective on a non-blocking stream reads it: a copy from pageable memory may return
+    // before its device write, which the legacy stream does not order with such streams.
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   }
   ~DeviceFloats() { cudaFree(p_); }
   DeviceFloats(const DeviceFloats&) = delete;
@@ -268,6 +274,44 @@ TEST(NcclCommTest, DuplicateAndParentBothWorkRightAfterTheSplit) {
   EXPECT_EQ(y.Host()[63], 2.0f * n);
   EXPECT_EQ(dup->counters().all_reduce, 64);
   dup.reset();  // before its parent (comm.h)
+  ASSERT_TRUE(comm->Barrier().ok());
+#endif
+}
+
+// AllToAll is a group of ncclSend/ncclRecv to and from every rank, itself included; Split is an ncclCommSplit
+// settled on the parent. Element i of the block rank r sends to rank p is 100 r + 10 p + i, so each received block
+// says who sent it and for whom; the split by parity (keys reversed) sums its members' ranks.
+TEST(NcclCommTest, AllToAllAndSplitOnDeviceMemory) {
+  Status s;
+  auto comm = OpenNcclWorld(&s);
+  if (!s.ok()) GTEST_SKIP() << "no GPU: " << s.message();
+#if defined(ZERO_WITH_CUDA)
+  const int n = comm->world_size(), r = comm->rank();
+  const int64_t count = 3;
+  std::vector<float> send(static_cast<size_t>(n * count));
+  for (int p = 0; p < n; ++p) {
+    for (int64_t i = 0; i < count; ++i) send[p * count + i] = static_cast<float>(100 * r + 10 * p + i);
+  }
+  DeviceFloats a(send), b(std::vector<float>(send.size(), -1.0f));
+  ASSERT_TRUE(comm->AllToAll(a.get(), b.get(), count, DType::kF32).ok());
+  const std::vector<float> got = b.Host();
+  for (int p = 0; p < n; ++p) {
+    for (int64_t i = 0; i < count; ++i) {
+      EXPECT_EQ(got[p * count + i], static_cast<float>(100 * p + 10 * r + i)) << "block " << p << " element " << i;
+    }
+  }
+  EXPECT_EQ(comm->counters().all_to_all, count * n);
+  std::unique_ptr<Comm> half;
+  ASSERT_TRUE(comm->Split(r % 2, n - r, &half).ok());
+  const int members = (n - r % 2 + 1) / 2;  // the ranks of this parity
+  EXPECT_EQ(half->world_size(), members);
+  EXPECT_EQ(half->rank(), members - 1 - r / 2);  // the highest key last
+  DeviceFloats x(std::vector<float>{static_cast<float>(r)});
+  ASSERT_TRUE(half->AllReduce(x.get(), x.get(), 1, DType::kF32, ReduceOp::kSum).ok());
+  int expected = 0;
+  for (int q = r % 2; q < n; q += 2) expected += q;
+  EXPECT_EQ(x.Host()[0], static_cast<float>(expected));
+  half.reset();  // before its parent (comm.h)
   ASSERT_TRUE(comm->Barrier().ok());
 #endif
 }

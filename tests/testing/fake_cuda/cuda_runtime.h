@@ -118,6 +118,11 @@ cudaError_t cudaPeekAtLastError();
 const char* cudaGetErrorString(cudaError_t e);
 
 cudaError_t cudaMalloc(void** p, size_t bytes);
+// The runtime's C++ overload for typed pointers (cuda_runtime.h's template), which tests call with float**.
+template <class T>
+cudaError_t cudaMalloc(T** p, size_t bytes) {
+  return cudaMalloc(reinterpret_cast<void**>(p), bytes);
+}
 cudaError_t cudaFree(void* p);
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream);
 cudaError_t cudaFreeAsync(void* p, cudaStream_t stream);
@@ -190,6 +195,12 @@ bool Deferred();
 // memory accessible. cudaErrorInvalidResourceHandle (the thread's last error too) for a stream that is not live
 // or not of the calling thread's current device (a kernel launch there fails).
 cudaError_t Enqueue(cudaStream_t stream, std::function<void()> work);
+// A unit of work that may take several runs to complete (the NCCL stand-in's collectives, which wait for their
+// peers' messages): each run of the stream calls `step`, which returns whether it is complete; until it is, it
+// stays at the head of the stream, later work waits behind it, queries answer cudaErrorNotReady, and
+// synchronizations poll it (the runtime's lock held, as a synchronization blocks on a GPU). The first run is when
+// the stream reaches it: at issue unless deferred or behind an incomplete step. Errors as Enqueue's.
+cudaError_t EnqueueStep(cudaStream_t stream, std::function<bool()> step);
 
 // Several devices (ZERO_FAKE_CUDA_DEVICES=N at the first call, or SetDeviceCount; 1 unless set), each with its
 // legacy stream and capacity. Allocations, streams and events belong to the calling thread's current device

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -30,9 +32,12 @@ namespace fake_cuda {
 // A stream's work in issue order: operations numbered 1, 2, ... as enqueued; those up to `executed` have run.
 // Shared, so that an event or a wait still refers to the work of a stream destroyed since.
 struct Queue {
-  std::deque<std::pair<uint64_t, std::function<void()>>> pending;
+  // An operation returns whether it is complete: a step (EnqueueStep: a collective waiting for its peers) may need
+  // several runs, and the queue stays at it until it says so.
+  std::deque<std::pair<uint64_t, std::function<bool()>>> pending;
   uint64_t enqueued = 0;
   uint64_t executed = 0;
+  bool running = false;   // an operation of this queue is running (a nested run of it must not overtake it)
   bool blocking = false;  // created without cudaStreamNonBlocking: ordered with the legacy stream both ways
 };
 }  // namespace fake_cuda
@@ -163,40 +168,55 @@ const std::shared_ptr<Queue>& QueueOf(cudaStream_t s) { return s == nullptr ? S(
 // The device a stream belongs to: the current one for the legacy stream.
 int DeviceOfStream(cudaStream_t s) { return s == nullptr ? current_device : s->device; }
 
-// Runs q's operations up to `position` (all when it is q->enqueued), in order, on this thread. An operation may
-// run another queue's (a wait); a wait only ever names work enqueued before it, so this cannot cycle.
-void RunUpTo(const std::shared_ptr<Queue>& q, uint64_t position) {
+// Runs q's operations up to `position` (all when it is q->enqueued), in order, on this thread, as far as they go:
+// a step that is not complete (EnqueueStep) stops the queue there. Returns whether q got to `position`. An
+// operation may run another queue's (a wait); a wait only ever names work enqueued before it, so this cannot cycle.
+bool RunUpTo(const std::shared_ptr<Queue>& q, uint64_t position) {
+  if (q->running) return q->executed >= position;
   while (q->executed < position && !q->pending.empty()) {
     auto op = std::move(q->pending.front());
     q->pending.pop_front();
+    bool done = false;
+    q->running = true;
     {
       DeviceAccess access;
-      op.second();
+      done = op.second();
+    }
+    q->running = false;
+    if (!done) {
+      q->pending.push_front(std::move(op));
+      return false;
     }
     q->executed = op.first;
   }
+  return q->executed >= position;
 }
-void RunAll(const std::shared_ptr<Queue>& q) { RunUpTo(q, q->enqueued); }
+bool RunAll(const std::shared_ptr<Queue>& q) { return RunUpTo(q, q->enqueued); }
+
+// The blocking forms (a synchronization): run until the work is complete, polling steps that wait for something
+// outside this process (a peer's messages) with the runtime's lock held, as a synchronization blocks on a GPU.
+void WaitUpTo(const std::shared_ptr<Queue>& q, uint64_t position) {
+  while (!RunUpTo(q, position)) std::this_thread::sleep_for(std::chrono::microseconds(20));
+}
+void DrainAll(const std::shared_ptr<Queue>& q) { WaitUpTo(q, q->enqueued); }
 void RunEverything() {
-  for (const auto& q : S().legacy) RunAll(q);
-  for (const FakeCudaStream* st : S().streams) RunAll(st->queue);
+  for (;;) {
+    bool done = true;
+    for (const auto& q : S().legacy) done = RunAll(q) && done;
+    for (const FakeCudaStream* st : S().streams) done = RunAll(st->queue) && done;
+    if (done) return;
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
 }
 
-// Appends `work` to q: runs it now unless deferred. The legacy stream and blocking streams wait for each other's
-// earlier work (the runtime's implicit synchronization); non-blocking streams wait for nothing they are not told to.
-void Push(const std::shared_ptr<Queue>& q, std::function<void()> work) {
+// Appends `step` to q: runs it now (as far as q goes) unless deferred. The legacy stream and blocking streams wait
+// for each other's earlier work (the runtime's implicit synchronization); non-blocking streams wait for nothing
+// they are not told to. At issue, only a step that is not complete yet (EnqueueStep) leaves work queued.
+void PushStep(const std::shared_ptr<Queue>& q, std::function<bool()> step) {
   State& s = S();
-  if (!s.deferred) {
-    {
-      DeviceAccess access;
-      work();
-    }
-    q->executed = ++q->enqueued;
-    return;
-  }
   const auto wait_for = [&](const std::shared_ptr<Queue>& other) {
     if (other->executed < other->enqueued) {
-      q->pending.emplace_back(++q->enqueued, [other, at = other->enqueued] { RunUpTo(other, at); });
+      q->pending.emplace_back(++q->enqueued, [other, at = other->enqueued] { return RunUpTo(other, at); });
     }
   };
   for (int d = 0; d < kMaxDevices; ++d) {  // a device's legacy stream and its blocking streams
@@ -211,7 +231,14 @@ void Push(const std::shared_ptr<Queue>& q, std::function<void()> work) {
       if (st->queue == q) wait_for(s.legacy[st->device]);
     }
   }
-  q->pending.emplace_back(++q->enqueued, std::move(work));
+  q->pending.emplace_back(++q->enqueued, std::move(step));
+  if (!s.deferred) RunAll(q);
+}
+void Push(const std::shared_ptr<Queue>& q, std::function<void()> work) {
+  PushStep(q, [work = std::move(work)] {
+    work();
+    return true;
+  });
 }
 
 bool IsRegistered(const void* p) { return FindRegistered(p) != S().registered.end(); }
@@ -329,6 +356,15 @@ cudaError_t Enqueue(cudaStream_t stream, std::function<void()> work) {
     return Fail(cudaErrorInvalidResourceHandle);
   }
   Push(QueueOf(stream), std::move(work));
+  return cudaSuccess;
+}
+
+cudaError_t EnqueueStep(cudaStream_t stream, std::function<bool()> step) {
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (!ValidStream(stream) || DeviceOfStream(stream) != current_device) {
+    return Fail(cudaErrorInvalidResourceHandle);
+  }
+  PushStep(QueueOf(stream), std::move(step));
   return cudaSuccess;
 }
 
@@ -558,19 +594,19 @@ cudaError_t Copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, 
   const std::shared_ptr<Queue>& q = QueueOf(stream);
   const auto move = [dst, src, bytes] { std::memmove(dst, src, bytes); };
   if (!dst_dev && !src_dev) {
-    RunAll(q);
+    DrainAll(q);
     move();
   } else if (!dst_dev) {
     Push(q, move);
-    if (!async || !IsRegistered(dst)) RunAll(q);
+    if (!async || !IsRegistered(dst)) DrainAll(q);
   } else if (!src_dev && !IsRegistered(src)) {
-    if (!async) RunAll(q);  // "a stream sync is performed before the copy is initiated"
+    if (!async) DrainAll(q);  // "a stream sync is performed before the copy is initiated"
     auto staged =
         std::make_shared<std::vector<char>>(static_cast<const char*>(src), static_cast<const char*>(src) + bytes);
     Push(q, [dst, staged] { std::memcpy(dst, staged->data(), staged->size()); });
   } else if (!src_dev) {
     Push(q, move);
-    if (!async) RunAll(q);
+    if (!async) DrainAll(q);
   } else {
     Push(q, move);
   }
@@ -633,7 +669,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   // The legacy stream cannot be destroyed; nor can a stream twice.
   if (stream == nullptr || S().streams.count(stream) == 0) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
-  fake_cuda::RunAll(stream->queue);
+  fake_cuda::DrainAll(stream->queue);
   S().streams.erase(stream);
   delete stream;
   return cudaSuccess;
@@ -651,7 +687,7 @@ cudaError_t cudaStreamQuery(cudaStream_t stream) {
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   if (!fake_cuda::ValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
-  fake_cuda::RunAll(fake_cuda::QueueOf(stream));
+  fake_cuda::DrainAll(fake_cuda::QueueOf(stream));
   return cudaSuccess;
 }
 
@@ -663,8 +699,8 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
     return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
   }
   if (event->queue != nullptr && event->queue->executed < event->position) {
-    fake_cuda::Push(fake_cuda::QueueOf(stream),
-                    [q = event->queue, at = event->position] { fake_cuda::RunUpTo(q, at); });
+    fake_cuda::PushStep(fake_cuda::QueueOf(stream),
+                        [q = event->queue, at = event->position] { return fake_cuda::RunUpTo(q, at); });
   }
   return cudaSuccess;
 }
@@ -722,7 +758,7 @@ cudaError_t cudaEventQuery(cudaEvent_t event) {
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   if (!fake_cuda::ValidEvent(event)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
-  if (event->queue != nullptr) fake_cuda::RunUpTo(event->queue, event->position);
+  if (event->queue != nullptr) fake_cuda::WaitUpTo(event->queue, event->position);
   return cudaSuccess;
 }
 
