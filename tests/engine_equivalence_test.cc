@@ -106,6 +106,7 @@ TEST_P(EquivalenceTest, MatchesUnshardedReference) {
   Reference naive(rc);
 
   int clipped = 0;
+  double norm_dev = 0;  // the largest relative deviation of a later step's norm (printed below)
   for (int step = 0; step < kSteps; ++step) {
     const StepResult got = TrainToyStep(*engine, *comm, step, kMicros, kGlobalBatch);
     const StepResult want = mirrored.Step(step);
@@ -125,7 +126,12 @@ TEST_P(EquivalenceTest, MatchesUnshardedReference) {
       const double ulp = c.grad_dtype == DType::kBF16  ? 1.0 / 256
                          : c.grad_dtype == DType::kF16 ? 1.0 / 2048
                                                        : std::ldexp(1.0, -24);
-      const double rel = step == 0 ? 8 * ulp : 0.04;
+      // fp32 in another summation order: two trajectories a few fp32 roundings apart, like the final parameters
+      // (bound 1e-4 below); measured at most 2.3e-6 relative over the SGD and AdamW cases (cuda-emulated phase,
+      // engine_equivalence_test.np4.nccl). Bound 1e-4: 40 times that, for NCCL's own algorithms on a GPU.
+      const double later = c.grad_dtype == DType::kF32 ? 1e-4 : 0.04;
+      const double rel = step == 0 ? 8 * ulp : later;
+      if (step > 0) norm_dev = std::max(norm_dev, std::fabs(got.grad_norm - want.grad_norm) / want.grad_norm);
       ASSERT_NEAR(got.grad_norm, want.grad_norm, rel * want.grad_norm) << "step " << step;
     }
     ASSERT_FALSE(got.skipped);
@@ -169,8 +175,9 @@ TEST_P(EquivalenceTest, MatchesUnshardedReference) {
   // Training must actually have moved the parameters (a no-op engine would match a no-op reference).
   EXPECT_GT(MaxRelError(params, ToyInitialParams()), 1e-3);
   if (comm->rank() == 0) {
-    std::printf("[ max error ] %s world %d: mirrored %.3g, naive %.3g (bound %.0e), clipped %d/%d steps\n", c.name,
-                comm->world_size(), mirror_err, naive_err, bound, clipped, kSteps);
+    std::printf("[ max error ] %s world %d: mirrored %.3g, naive %.3g (bound %.0e), later norms %.3g, clipped %d/%d "
+                "steps\n",
+                c.name, comm->world_size(), mirror_err, naive_err, bound, norm_dev, clipped, kSteps);
   }
 }
 
