@@ -214,6 +214,13 @@ class TrainerCollectivesThreadTest : public ::testing::TestWithParam<Backend> {}
 
 TEST_P(TrainerCollectivesThreadTest, ASecondThreadTalksWhileTheMainThreadTrains) {
   ZERO_BACKEND_COMM(comm, GetParam());
+  if (IsNcclComm(*comm)) {
+    // comm.h: over NCCL the kernels of a Comm and its duplicates (the engine's) run in host issue order, so a
+    // trainer issues its collectives from the thread that drives the engine; two threads issuing in different
+    // orders on different ranks deadlock there by design (seen on the NCCL stand-in). The one-thread cases above
+    // cover NCCL; this one runs over MPI and StagedComm.
+    GTEST_SKIP() << "not supported over NCCL (include/zero/comm.h): collectives from a second thread";
+  }
   for (Stage stage : {Stage::kOptimizerStates, Stage::kGradients, Stage::kParameters}) {
     SCOPED_TRACE(std::to_string(static_cast<int>(stage)));
     const Config c{stage, stage != Stage::kGradients, false, true, GetParam()};

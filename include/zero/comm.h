@@ -165,8 +165,10 @@ class Comm {
   // zero; breaking one does not break the other. Collective: every rank calls it, and calls it in the same order
   // with respect to its other Duplicates. Over MPI it may overlap collectives that other threads run on this Comm;
   // over NCCL it waits for them (so with NCCL, create engines before other threads use the Comm). Engine::Open
-  // calls it; a trainer may use it to give another thread collectives of its own, in an order independent of its
-  // main thread's. The duplicate must be destroyed before this Comm.
+  // calls it; over MPI a trainer may use it to give another thread collectives of its own, in an order independent
+  // of its main thread's. Not over NCCL: there a Comm and its duplicates run their kernels in host issue order (the
+  // file comment says why), so collectives on any of them must be issued in the same order on every rank, from one
+  // thread in practice. The duplicate must be destroyed before this Comm.
   Status Duplicate(std::unique_ptr<Comm>* out);
   // A new Comm over the ranks of this one that pass the same `color` (>= 0), ordered by `key` (ties by rank), with
   // the same options; its topology is this one's restricted to its ranks and its counters start at zero.

@@ -136,4 +136,8 @@ bool SumsInRingOrder(const Comm& comm) {
   return comm.world_size() == 1 || comm.cuda_device() < 0 || dynamic_cast<const StagedComm*>(&comm) != nullptr;
 }
 
+bool IsNcclComm(const Comm& comm) {
+  return comm.cuda_device() >= 0 && dynamic_cast<const StagedComm*>(&comm) == nullptr;
+}
+
 }  // namespace zero::testing

@@ -30,4 +30,7 @@ int LocalCudaDevice(MPI_Comm mpi_comm, std::string* skip);
 // that the mirrored reference (reference.h) is bitwise; NcclComm at several ranks sums in its own order.
 bool SumsInRingOrder(const Comm& comm);
 
+// True when the Comm is an NcclComm (a real one, or on the NCCL stand-in of the ZERO_CUDA_EMULATION build).
+bool IsNcclComm(const Comm& comm);
+
 }  // namespace zero::testing
