@@ -91,7 +91,7 @@ TEST(NcclPlacementTest, TheParameterComesFromTheEnvironmentThenTheConfigurationF
   const std::string dir = ::testing::TempDir() + "/zero_nccl_conf_" + std::to_string(getpid());
   ASSERT_EQ(mkdir(dir.c_str(), 0700), 0) << dir;
   const std::string user = dir + "/user.conf", system = dir + "/system.conf";
-  std::ofstream(user) << "# a comment\nNCCL_DEBUG=WARN\n  NCCL_MULTI_RANK_GPU_ENABLE = 1\n";
+  std::ofstream(user) << "# a comment\nNCCL_DEBUG=WARN\n  ZERO_TEST_NCCL_SPACED = 1\n";
   std::ofstream(system) << "NCCL_MULTI_RANK_GPU_ENABLE=0\nNCCL_SOCKET_IFNAME=eth0\n";
   const char* name = "ZERO_TEST_NCCL_PARAM";
   unsetenv(name);
@@ -102,8 +102,10 @@ TEST(NcclPlacementTest, TheParameterComesFromTheEnvironmentThenTheConfigurationF
   EXPECT_EQ(internal::NcclParamValue(name, {system, user}).value_or("unset"), "0");
   EXPECT_EQ(internal::NcclParamValue(name, {dir + "/missing.conf", system}).value_or("unset"), "0");
   EXPECT_FALSE(internal::NcclParamValue(name, {dir + "/missing.conf"}).has_value());
-  // Spaces around the name are ignored.
-  EXPECT_EQ(internal::NcclParamValue("NCCL_MULTI_RANK_GPU_ENABLE", {user}).value_or("unset"), " 1");
+  // Spaces around the name are ignored. (Names of this test's own: the GPU run sets NCCL_MULTI_RANK_GPU_ENABLE in
+  // the environment, which wins over any file.)
+  unsetenv("ZERO_TEST_NCCL_SPACED");
+  EXPECT_EQ(internal::NcclParamValue("ZERO_TEST_NCCL_SPACED", {user}).value_or("unset"), " 1");
   // The environment wins over every file.
   setenv(name, "2", 1);
   EXPECT_EQ(internal::NcclParamValue(name, {user, system}).value_or("unset"), "2");
@@ -111,12 +113,15 @@ TEST(NcclPlacementTest, TheParameterComesFromTheEnvironmentThenTheConfigurationF
   // What placement makes of a value read from a file: " 0x1" lets ranks share on NCCL 2.30.
   EXPECT_EQ(internal::PlaceRankOnGpu(1, 2, 1, 23007, " 0x1").device, 0);
   // The list: $NCCL_CONF_FILE replaces the user's ~/.nccl.conf; /etc/nccl.conf always comes last.
+  const char* conf = std::getenv("NCCL_CONF_FILE");  // restored below: later cases open real communicators
+  const std::string saved_conf = conf == nullptr ? "" : conf;
   setenv("NCCL_CONF_FILE", user.c_str(), 1);
   EXPECT_EQ(internal::NcclConfFiles(), (std::vector<std::string>{user, "/etc/nccl.conf"}));
   unsetenv("NCCL_CONF_FILE");
   const std::vector<std::string> files = internal::NcclConfFiles();
   ASSERT_EQ(files.size(), 2u);
   EXPECT_NE(files[0].find("/.nccl.conf"), std::string::npos) << files[0];
+  if (conf != nullptr) setenv("NCCL_CONF_FILE", saved_conf.c_str(), 1);
   std::remove(user.c_str());
   std::remove(system.c_str());
   rmdir(dir.c_str());
