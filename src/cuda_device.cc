@@ -1,7 +1,7 @@
 // CudaDevice: the Device interface over the CUDA runtime (never the driver library, so binaries load and report
 // Unavailable on machines without a driver). Streams are non-blocking (no implicit ordering with the legacy
-// default stream, which is the compute stream the trainer launches on unless it passes its own); events are
-// created with cudaEventDisableTiming. Nothing here synchronizes the whole device.
+// default stream, which is the compute stream the trainer launches on unless it passes its own in
+// Options::cuda_stream); events are created with cudaEventDisableTiming. Nothing here synchronizes the whole device.
 //
 // Because the engine's streams do not wait for the legacy stream, the calls documented as synchronous are made
 // complete before they return, not merely issued: CopyToDevice waits for its copy (a cudaMemcpy from pageable
@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 
@@ -120,7 +121,9 @@ class CudaStream final : public Stream {
 class CudaDevice final : public Device {
  public:
   // `fill_stream`: a non-blocking stream of this device for the zero-fill of new allocations (owned).
-  CudaDevice(int ordinal, cudaStream_t fill_stream) : ordinal_(ordinal), fill_stream_(fill_stream) {}
+  // `compute`: the trainer's stream (not owned; nullptr: the legacy default stream).
+  CudaDevice(int ordinal, cudaStream_t fill_stream, cudaStream_t compute)
+      : ordinal_(ordinal), fill_stream_(fill_stream), compute_(compute) {}
   ~CudaDevice() override {
     cudaStreamDestroy(fill_stream_);
     (void)cudaGetLastError();
@@ -158,10 +161,11 @@ class CudaDevice final : public Device {
     *out = std::make_unique<CudaEvent>(e);
     return Status::Ok();
   }
-  // The compute stream is the legacy default stream (0). RecordCompute cannot return a status: a failed record
-  // is kept and returned by the next WaitCompute (an event whose record failed orders nothing).
+  // The compute stream is the trainer's (Options::cuda_stream; by default the legacy default stream). RecordCompute
+  // cannot return a status: a failed record is kept and returned by the next WaitCompute (an event whose record
+  // failed orders nothing).
   void RecordCompute(Event* event) override {
-    const cudaError_t rc = cudaEventRecord(static_cast<CudaEvent*>(event)->event, nullptr);
+    const cudaError_t rc = cudaEventRecord(static_cast<CudaEvent*>(event)->event, compute_);
     if (rc != cudaSuccess) {
       (void)Reported(rc);
       int expected = cudaSuccess;
@@ -173,7 +177,7 @@ class CudaDevice final : public Device {
       return CudaError("recording an event on the compute stream (before waiting for " + what + ")",
                        static_cast<cudaError_t>(failed));
     }
-    const cudaError_t rc = cudaStreamWaitEvent(nullptr, static_cast<const CudaEvent&>(event).event, 0);
+    const cudaError_t rc = cudaStreamWaitEvent(compute_, static_cast<const CudaEvent&>(event).event, 0);
     return rc == cudaSuccess ? Status::Ok() : CudaError("waiting for " + what, rc);
   }
 
@@ -186,23 +190,24 @@ class CudaDevice final : public Device {
     cudaPointerAttributes attr{};
     if (Reported(cudaPointerGetAttributes(&attr, p)) != cudaSuccess) attr.type = cudaMemoryTypeUnregistered;
     if (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged) {
-      return Check("cudaMemsetAsync", cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), Native(stream)));
+      return Check("cudaMemsetAsync", cudaMemsetAsync(p, 0, static_cast<size_t>(bytes), Native(On(stream))));
     }
     ZERO_RETURN_IF_ERROR(Check("cudaStreamSynchronize before zeroing host memory",
-                               cudaStreamSynchronize(Native(stream))));
+                               cudaStreamSynchronize(Native(On(stream)))));
     std::memset(p, 0, static_cast<size_t>(bytes));
     return Status::Ok();
   }
   Status Accumulate(void* acc, const void* x, DType dtype, int64_t n, void* stream) override {
-    return Launched("accumulate", kernels::AccumulateCuda(acc, x, Grad(dtype), n, stream));
+    return Launched("accumulate", kernels::AccumulateCuda(acc, x, Grad(dtype), n, On(stream)));
   }
   Status AdamW(const kernels::AdamWCoeffs& c, float* p, float* m, float* v, const void* g, DType g_dtype, void* copy,
                DType copy_dtype, int64_t n, void* stream) override {
-    return Launched("AdamW", kernels::AdamWCuda(c, p, m, v, g, Grad(g_dtype), copy, Kind(copy, copy_dtype), n, stream));
+    return Launched("AdamW",
+                    kernels::AdamWCuda(c, p, m, v, g, Grad(g_dtype), copy, Kind(copy, copy_dtype), n, On(stream)));
   }
   Status Sgd(const kernels::SgdCoeffs& c, float* p, float* buf, const void* g, DType g_dtype, void* copy,
              DType copy_dtype, int64_t n, void* stream) override {
-    return Launched("SGD", kernels::SgdCuda(c, p, buf, g, Grad(g_dtype), copy, Kind(copy, copy_dtype), n, stream));
+    return Launched("SGD", kernels::SgdCuda(c, p, buf, g, Grad(g_dtype), copy, Kind(copy, copy_dtype), n, On(stream)));
   }
   // All ranges in one batch: one table upload, two kernels, one copy of the totals, one wait (kernels/reduce.cu).
   Status SumSquares(std::span<const kernels::SumSquaresRange> ranges, DType dtype, void* scratch, int64_t scratch_bytes,
@@ -219,8 +224,8 @@ class CudaDevice final : public Device {
     }
     ZERO_RETURN_IF_ERROR(
         Launched("sum of squares", kernels::SumSquaresCuda(ranges.data(), static_cast<int64_t>(ranges.size()),
-                                                           Grad(dtype), scratch, out->data(), nullptr)));
-    return Check("cudaStreamSynchronize", cudaStreamSynchronize(nullptr));  // the compute stream only, once
+                                                           Grad(dtype), scratch, out->data(), compute_)));
+    return Check("cudaStreamSynchronize", cudaStreamSynchronize(compute_));  // the compute stream only, once
   }
   int64_t SumSquaresScratchBytes(std::span<const int64_t> sizes) const override {
     return kernels::SumSquaresScratchBytes(sizes.data(), static_cast<int64_t>(sizes.size()));
@@ -228,19 +233,24 @@ class CudaDevice final : public Device {
   Status Copy(void* dst, const void* src, int64_t bytes, void* stream) override {
     if (bytes <= 0) return Status::Ok();
     return Check("cudaMemcpyAsync",
-                 cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, Native(stream)));
+                 cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault, Native(On(stream))));
   }
   // cudaMemcpy from pageable memory returns once the data is staged, "but the DMA to final destination may not
   // have completed" (the runtime's API synchronization notes), and the engine's non-blocking streams do not wait
   // for the legacy stream it ran on: wait for it, so that a gather issued next reads the copied data.
+  // Both copies come after the work on the compute stream (the legacy stream's own rule, which a trainer's
+  // non-blocking stream does not follow: waited for here): the trainer's kernels may still read or write the
+  // buffer.
   Status CopyToDevice(void* dst, const void* src, int64_t bytes) override {
     if (bytes <= 0) return Status::Ok();
+    ZERO_RETURN_IF_ERROR(AfterCompute());
     ZERO_RETURN_IF_ERROR(
         Check("cudaMemcpy to the device", cudaMemcpy(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault)));
     return Check("cudaStreamSynchronize after a copy to the device", cudaStreamSynchronize(nullptr));
   }
   Status CopyToHost(void* dst, const void* src, int64_t bytes) override {
     if (bytes <= 0) return Status::Ok();
+    ZERO_RETURN_IF_ERROR(AfterCompute());
     return Check("cudaMemcpy to the host", cudaMemcpy(dst, src, static_cast<size_t>(bytes), cudaMemcpyDefault));
   }
   bool host_addressable() const override { return false; }
@@ -291,6 +301,14 @@ class CudaDevice final : public Device {
  private:
   static constexpr size_t kHostAlign = 64;
   static cudaStream_t Native(void* stream) { return static_cast<cudaStream_t>(stream); }
+  // A Device call's stream: a StreamTask's, or the compute stream for null (device.h).
+  void* On(void* stream) const { return stream != nullptr ? stream : static_cast<void*>(compute_); }
+  // The host waits for the trainer's stream when it is not the legacy one (whose work every synchronous copy
+  // follows anyway).
+  Status AfterCompute() const {
+    if (compute_ == nullptr) return Status::Ok();
+    return Check("cudaStreamSynchronize on the trainer's stream (Options::cuda_stream)", cudaStreamSynchronize(compute_));
+  }
   // The engine validates dtypes at Open: gradients are kF32, kBF16 or kF16.
   static kernels::GradKind Grad(DType dtype) {
     return dtype == DType::kBF16 ? kernels::GradKind::kBf16
@@ -309,6 +327,7 @@ class CudaDevice final : public Device {
 
   int ordinal_;
   cudaStream_t fill_stream_;
+  cudaStream_t compute_;
   std::atomic<int> record_error_{cudaSuccess};  // a failed RecordCompute, for the next WaitCompute
   // Huge pages for large buffers, first-touched by the allocating thread, then registered with CUDA; a refused
   // registration falls back to pageable memory with a warning (host_memory.h).
@@ -324,7 +343,7 @@ class CudaDevice final : public Device {
 
 }  // namespace
 
-Status NewCudaDevice(int ordinal, std::unique_ptr<Device>* device) {
+Status NewCudaDevice(int ordinal, void* compute_stream, std::unique_ptr<Device>* device) {
   device->reset();
   int count = 0;
   cudaError_t rc = cudaGetDeviceCount(&count);
@@ -346,7 +365,25 @@ Status NewCudaDevice(int ordinal, std::unique_ptr<Device>* device) {
     (void)Reported(rc);
     return Status::Unavailable("CUDA device " + std::to_string(ordinal) + " cannot be used: " + cudaGetErrorString(rc));
   }
-  auto d = std::make_unique<CudaDevice>(ordinal, fill_stream);
+  // The trainer's stream must be a live stream of this device: an event of the device recorded on it says so
+  // (cudaEventRecord fails for a stream of another device or a destroyed handle).
+  if (compute_stream != nullptr) {
+    cudaEvent_t probe = nullptr;
+    rc = cudaEventCreateWithFlags(&probe, cudaEventDisableTiming);
+    if (rc == cudaSuccess) rc = cudaEventRecord(probe, static_cast<cudaStream_t>(compute_stream));
+    if (probe != nullptr) (void)cudaEventDestroy(probe);
+    if (rc != cudaSuccess) {
+      (void)Reported(rc);
+      cudaStreamDestroy(fill_stream);
+      std::ostringstream os;
+      os << "Options::cuda_stream (" << compute_stream << ") is not a live stream of CUDA device " << ordinal
+         << ", the device this rank's Comm uses (cudaEventRecord on it: " << cudaGetErrorString(rc)
+         << "); create it with that device current (cudaSetDevice(comm->cuda_device())), keep it alive while the "
+            "engine is, or pass nullptr for the legacy default stream";
+      return Status::InvalidArgument(os.str());
+    }
+  }
+  auto d = std::make_unique<CudaDevice>(ordinal, fill_stream, static_cast<cudaStream_t>(compute_stream));
   d->set_capacity(static_cast<int64_t>(total_bytes));
   *device = std::move(d);
   return Status::Ok();
@@ -354,7 +391,7 @@ Status NewCudaDevice(int ordinal, std::unique_ptr<Device>* device) {
 
 #else
 
-Status NewCudaDevice(int ordinal, std::unique_ptr<Device>* device) {
+Status NewCudaDevice(int ordinal, void*, std::unique_ptr<Device>* device) {
   device->reset();
   return Status::Unavailable("CUDA device " + std::to_string(ordinal) +
                              ": this build of zero has no CUDA support (configured with ZERO_WITH_CUDA=OFF or no "

@@ -164,9 +164,13 @@ class Device {
 std::unique_ptr<Device> NewCpuDevice();
 
 // The CUDA device `ordinal`: device memory from cudaMalloc, pinned host memory mapped and first-touched by
-// host_memory.h, then registered with cudaHostRegister (portable), pageable host memory 64-byte aligned; the capacity defaults to the device's total memory. Fails with Unavailable, saying
-// why, when this build has no CUDA support or the machine has no usable device (no driver, no GPU).
-Status NewCudaDevice(int ordinal, std::unique_ptr<Device>* device);
+// host_memory.h, then registered with cudaHostRegister (portable), pageable host memory 64-byte aligned; the
+// capacity defaults to the device's total memory. `compute_stream` (a cudaStream_t; nullptr: the legacy default
+// stream) is the trainer's stream: RecordCompute/WaitCompute and every call given a null stream use it, and
+// CopyToDevice/CopyToHost wait for it first. Fails with Unavailable, saying why, when this build has no CUDA
+// support or the machine has no usable device (no driver, no GPU); with InvalidArgument when `compute_stream` is
+// not a live stream of that device.
+Status NewCudaDevice(int ordinal, void* compute_stream, std::unique_ptr<Device>* device);
 
 // Bytes of `kind` allocated through any Device in this process and not yet freed (tests: an engine's
 // destruction must bring this back to where it was).

@@ -85,6 +85,10 @@ std::vector<std::string> Split(const std::string& text) {
 Status ValidateOptions(const Options& o, int num_units) {
   auto bad = [](const std::string& m) { return Status::InvalidArgument("invalid Options: " + m); };
   if (o.backend != Backend::kCpu && o.backend != Backend::kCuda) return bad("backend must be kCpu or kCuda");
+  if (o.cuda_stream != nullptr && o.backend != Backend::kCuda) {
+    return bad("cuda_stream is set but backend is kCpu, whose compute stream is the calling thread; leave it null, "
+               "or use Backend::kCuda with a Comm from Comm::OpenNccl");
+  }
   if (static_cast<int>(o.stage) > 3 && o.stage != Stage::kAuto) return bad("stage must be one of Stage::k*");
   if (o.stage == Stage::kAuto) {
     if (o.reserved_bytes < 0 && o.activation_model.layers <= 0) {
@@ -520,7 +524,7 @@ Status Engine::Open(const Options& options, Comm* comm, std::vector<ParamSpec> s
         return Status::InvalidArgument("Options.backend = kCuda needs a Comm from Comm::OpenNccl, which moves device "
                                        "memory; this Comm moves host memory. Use Backend::kCpu with it");
       }
-      ZERO_RETURN_IF_ERROR(NewCudaDevice(comm->cuda_device(), &e.device));
+      ZERO_RETURN_IF_ERROR(NewCudaDevice(comm->cuda_device(), options.cuda_stream, &e.device));
     } else {
       if (comm->cuda_device() >= 0) {
         return Status::InvalidArgument("Options.backend = kCpu with a Comm from Comm::OpenNccl, which moves device "

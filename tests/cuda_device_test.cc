@@ -10,13 +10,14 @@
 #include <gtest/gtest.h>
 
 #include "device.h"
+#include "testing/device_memory.h"
 
 namespace zero {
 namespace {
 
 TEST(CudaDeviceTest, OpensOrSaysWhyNot) {
   std::unique_ptr<Device> device;
-  const Status s = NewCudaDevice(0, &device);
+  const Status s = NewCudaDevice(0, nullptr, &device);
   if (!s.ok()) {
     std::printf("[ no device ] %s\n", s.ToString().c_str());
     EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
@@ -31,7 +32,7 @@ TEST(CudaDeviceTest, OpensOrSaysWhyNot) {
 
 TEST(CudaDeviceTest, RejectsAnOrdinalThatDoesNotExist) {
   std::unique_ptr<Device> device;
-  const Status s = NewCudaDevice(1 << 20, &device);
+  const Status s = NewCudaDevice(1 << 20, nullptr, &device);
   EXPECT_FALSE(s.ok());
   EXPECT_TRUE(s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kInvalidArgument) << s.ToString();
   EXPECT_EQ(device, nullptr);
@@ -39,7 +40,7 @@ TEST(CudaDeviceTest, RejectsAnOrdinalThatDoesNotExist) {
 
 TEST(CudaDeviceTest, AccountsLikeTheCpuDevice) {
   std::unique_ptr<Device> device;
-  if (!NewCudaDevice(0, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
+  if (!NewCudaDevice(0, nullptr, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
   DeviceBuffer params, pinned;
   ASSERT_TRUE(device->Allocate(1 << 20, MemoryCategory::kParams, MemoryKind::kDevice, "params", &params).ok());
   ASSERT_TRUE(device->Allocate(4096, MemoryCategory::kOptimizer, MemoryKind::kPinnedHost, "state", &pinned).ok());
@@ -53,23 +54,26 @@ TEST(CudaDeviceTest, AccountsLikeTheCpuDevice) {
   EXPECT_EQ(s.code(), StatusCode::kOutOfMemory) << s.ToString();
 }
 
-// Keeps the legacy (compute) stream busy for a few milliseconds, as a trainer's queued kernels do: 32 passes of
-// acc += x over 64 Mi floats (about 25 GB of traffic).
+// Keeps the compute stream busy for a few milliseconds, as a trainer's queued kernels do: 32 passes of
+// acc += x over 64 Mi floats (about 25 GB of traffic); x is all ones, so each element of acc ends at 32.
 class BusyComputeStream {
  public:
+  static constexpr int64_t kElements = int64_t{64} << 20;
   explicit BusyComputeStream(Device* device) : device_(device) {
     const int64_t bytes = kElements * 4;
     EXPECT_TRUE(device->Allocate(bytes, MemoryCategory::kBuffers, MemoryKind::kDevice, "busy acc", &acc_).ok());
     EXPECT_TRUE(device->Allocate(bytes, MemoryCategory::kBuffers, MemoryKind::kDevice, "busy x", &x_).ok());
+    const std::vector<float> ones(static_cast<size_t>(kElements), 1.0f);
+    EXPECT_TRUE(device->CopyToDevice(x_.data(), ones.data(), bytes).ok());
   }
   void Queue() {
     for (int i = 0; i < 32; ++i) {
       ASSERT_TRUE(device_->Accumulate(acc_.data(), x_.data(), DType::kF32, kElements, nullptr).ok());
     }
   }
+  const DeviceBuffer& acc() const { return acc_; }
 
  private:
-  static constexpr int64_t kElements = int64_t{64} << 20;
   Device* device_;
   DeviceBuffer acc_, x_;
 };
@@ -79,7 +83,7 @@ class BusyComputeStream {
 // which landed whenever the stream got to it (after the trainer's queued kernels), possibly after the moments.
 TEST(CudaDeviceTest, ZeroOfHostMemoryIsDoneWhenItReturns) {
   std::unique_ptr<Device> device;
-  if (!NewCudaDevice(0, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
+  if (!NewCudaDevice(0, nullptr, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
   const int64_t bytes = int64_t{64} << 20;
   DeviceBuffer state;
   ASSERT_TRUE(device->Allocate(bytes, MemoryCategory::kOptimizer, MemoryKind::kPinnedHost, "state", &state).ok());
@@ -102,7 +106,7 @@ TEST(CudaDeviceTest, ZeroOfHostMemoryIsDoneWhenItReturns) {
 // returns once the data is staged, before its DMA completes.
 TEST(CudaDeviceTest, CopyToDeviceHasLandedForTheEnginesStreams) {
   std::unique_ptr<Device> device;
-  if (!NewCudaDevice(0, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
+  if (!NewCudaDevice(0, nullptr, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
   const int64_t n = int64_t{64} << 20;  // 256 MiB of floats: the staged copy takes tens of milliseconds
   DeviceBuffer dev, seen;
   ASSERT_TRUE(device->Allocate(n * 4, MemoryCategory::kParams, MemoryKind::kDevice, "params", &dev).ok());
@@ -128,7 +132,7 @@ TEST(CudaDeviceTest, CopyToDeviceHasLandedForTheEnginesStreams) {
 // done when Allocate returns, not queued behind the trainer's kernels on the compute stream.
 TEST(CudaDeviceTest, NewDeviceMemoryIsZeroForTheEnginesStreams) {
   std::unique_ptr<Device> device;
-  if (!NewCudaDevice(0, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
+  if (!NewCudaDevice(0, nullptr, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
   const int64_t bytes = int64_t{64} << 20;
   std::vector<unsigned char> ones(static_cast<size_t>(bytes), 0xFF);
   {
@@ -161,7 +165,7 @@ TEST(CudaDeviceTest, NewDeviceMemoryIsZeroForTheEnginesStreams) {
 // kernel failed: out of memory").
 TEST(CudaDeviceTest, AFailedAllocationIsNotReportedAgainByTheNextLaunch) {
   std::unique_ptr<Device> device;
-  if (!NewCudaDevice(0, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
+  if (!NewCudaDevice(0, nullptr, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
   device->set_capacity(0);  // unlimited: let cudaMalloc itself refuse
   DeviceBuffer huge;
   const Status s = device->Allocate(int64_t{1} << 50, MemoryCategory::kBuffers, MemoryKind::kDevice, "1 PiB", &huge);
@@ -176,7 +180,7 @@ TEST(CudaDeviceTest, AFailedAllocationIsNotReportedAgainByTheNextLaunch) {
 // An event whose work is done is complete; one never recorded is complete too (device.h).
 TEST(CudaDeviceTest, EventsCompleteWhenTheirWorkIsDone) {
   std::unique_ptr<Device> device;
-  if (!NewCudaDevice(0, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
+  if (!NewCudaDevice(0, nullptr, &device).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
   std::unique_ptr<Event> event;
   ASSERT_TRUE(device->NewEvent(&event).ok());
   EXPECT_TRUE(event->Query());
@@ -186,6 +190,52 @@ TEST(CudaDeviceTest, EventsCompleteWhenTheirWorkIsDone) {
   ASSERT_TRUE(event->Synchronize(std::chrono::milliseconds(60'000), "the busy kernels").ok());
   EXPECT_TRUE(event->Query());
   ASSERT_TRUE(device->WaitCompute(*event, std::chrono::milliseconds(1000), "the busy kernels").ok());
+}
+
+// Options::cuda_stream: a trainer's own non-blocking stream is the compute stream. The device's compute-side work
+// (a null stream) runs there, RecordCompute captures it, and the synchronous copies wait for it: the legacy
+// stream's cudaMemcpy does not wait for a non-blocking stream by itself, so without that wait the host would read
+// the accumulator before the kernels queued on the trainer's stream have written it.
+TEST(CudaDeviceTest, ATrainersOwnStreamIsTheComputeStream) {
+  void* stream = nullptr;
+  if (!testing::NewNonBlockingStream(&stream).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
+  {
+    std::unique_ptr<Device> device;
+    const Status s = NewCudaDevice(0, stream, &device);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    BusyComputeStream busy(device.get());
+    busy.Queue();
+    std::unique_ptr<Event> event;
+    ASSERT_TRUE(device->NewEvent(&event).ok());
+    device->RecordCompute(event.get());  // on the trainer's stream, behind the 32 passes
+    std::vector<float> got(static_cast<size_t>(BusyComputeStream::kElements));
+    ASSERT_TRUE(device->CopyToHost(got.data(), busy.acc().data(), BusyComputeStream::kElements * 4).ok());
+    EXPECT_TRUE(event->Query()) << "CopyToHost returned before the trainer's stream got past its work";
+    int64_t wrong = 0;
+    for (float v : got) wrong += v != 32.0f;
+    EXPECT_EQ(wrong, 0) << "elements read before the trainer's stream finished writing them";
+    ASSERT_TRUE(testing::StreamSynchronize(stream).ok());
+  }
+  testing::DestroyStream(stream);
+}
+
+// A stream of another device cannot be the compute stream (cudaEventRecord of the device's events on it fails):
+// Open says so, naming the option, instead of failing later at the first GradsReady.
+TEST(CudaDeviceTest, AStreamOfAnotherDeviceIsRefused) {
+  int count = 0;
+  if (!testing::CudaDeviceCount(&count).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
+  if (count < 2) GTEST_SKIP() << "one CUDA device: no stream of another device to pass";
+  ASSERT_TRUE(testing::CudaSetDevice(1).ok());
+  void* stream = nullptr;
+  ASSERT_TRUE(testing::NewNonBlockingStream(&stream).ok());
+  ASSERT_TRUE(testing::CudaSetDevice(0).ok());
+  std::unique_ptr<Device> device;
+  const Status s = NewCudaDevice(0, stream, &device);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  EXPECT_NE(s.message().find("Options::cuda_stream"), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find("device 0"), std::string::npos) << s.ToString();
+  EXPECT_EQ(device, nullptr);
+  testing::DestroyStream(stream);
 }
 
 }  // namespace

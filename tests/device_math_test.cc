@@ -33,7 +33,7 @@ class DeviceMathTest : public ::testing::TestWithParam<Backend> {
       device_->set_threads(3);  // results must not depend on the thread count
       return;
     }
-    const Status s = NewCudaDevice(0, &device_);
+    const Status s = NewCudaDevice(0, nullptr, &device_);
     if (!s.ok()) GTEST_SKIP() << "CUDA device math cannot run here: " << s.ToString();
   }
 

@@ -8,7 +8,9 @@
 //    parameters (bf16, fp16 with the dynamic loss scale) are mirrored bitwise too; their naive bound is in ulps.
 // Parameterised on the backend. On CUDA, NCCL sums in its own order, so only the naive bounds apply there (and
 // the grad norm to 1e-12 relative: fp64 sums of the same fp32 squares in another order); without a GPU the CUDA
-// cases skip, saying why.
+// cases skip, saying why. The TrainerStream cases (CUDA only) train on a non-blocking stream of the trainer's own
+// (Options::cuda_stream) instead of the legacy default stream, under the same bounds: on the fake runtime's
+// deferred streams an engine that recorded or waited on the wrong stream reads gradients before they are written.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -40,6 +42,18 @@ struct Case {
   DType param_dtype = DType::kF32;
   DType grad_dtype = DType::kF32;
   int offload = 0;  // 1: optimizer state and master on the host; 2: and (stage 3) the parameter shards
+  bool own_stream = false;  // CUDA: the trainer computes on a non-blocking stream of its own (Options::cuda_stream)
+};
+
+// A non-blocking stream of the Comm's device, destroyed (after its work) when this goes: declared before the
+// engine that computes on it, so that it outlives the engine.
+struct TrainerStream {
+  void* stream = nullptr;
+  ~TrainerStream() {
+    if (stream == nullptr) return;
+    (void)StreamSynchronize(stream);
+    DestroyStream(stream);
+  }
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
@@ -93,6 +107,13 @@ TEST_P(EquivalenceTest, MatchesUnshardedReference) {
   ZERO_BACKEND_COMM(comm, backend);
   Options options = MakeOptions(c);
   options.backend = backend;
+  TrainerStream own;
+  if (c.own_stream) {
+    ASSERT_EQ(backend, Backend::kCuda) << "a trainer's own stream is a CUDA stream";
+    ASSERT_TRUE(CudaSetDevice(comm->cuda_device()).ok());
+    ASSERT_TRUE(NewNonBlockingStream(&own.stream).ok());
+    options.cuda_stream = own.stream;
+  }
   auto engine = OpenToyEngine(options, comm.get());
   ASSERT_NE(engine, nullptr);
 
@@ -226,12 +247,32 @@ const Case kCases[] = {
      DType::kF16, DType::kF16, 2},
 };
 
+std::string CaseName(const ::testing::TestParamInfo<std::tuple<Case, Backend>>& info) {
+  return std::string(std::get<0>(info.param).name) + "_" + BackendName(std::get<1>(info.param));
+}
+
 INSTANTIATE_TEST_SUITE_P(AllStages, EquivalenceTest,
                          ::testing::Combine(::testing::ValuesIn(kCases), ::testing::Values(Backend::kCpu, Backend::kCuda)),
-                         [](const ::testing::TestParamInfo<std::tuple<Case, Backend>>& info) {
-                           return std::string(std::get<0>(info.param).name) + "_" +
-                                  BackendName(std::get<1>(info.param));
-                         });
+                         CaseName);
+
+// The trainer's own CUDA stream: every stage, offload of the optimizer and of the parameters, 16-bit gradients
+// under the loss scaler (the norm and the overflow check read back from that stream).
+const Case kTrainerStreamCases[] = {
+    {"stage0_sgd_own_stream", Stage::kDataParallel, OptimizerKind::kSgdMomentum, 64, 0, 1 << 20, {}, DType::kF32,
+     DType::kF32, 0, true},
+    {"stage1_adamw_offload_own_stream", Stage::kOptimizerStates, OptimizerKind::kAdamW, 64, 0, 1 << 20, {},
+     DType::kF32, DType::kF32, 1, true},
+    {"stage2_adamw_fp16_fp16grads_own_stream", Stage::kGradients, OptimizerKind::kAdamW, 64, 0, 1 << 20, {},
+     DType::kF16, DType::kF16, 0, true},
+    {"stage3_adamw_persistent_kept_own_stream", Stage::kParameters, OptimizerKind::kAdamW, 64, 1024, 1 << 20, {0},
+     DType::kF32, DType::kF32, 0, true},
+    {"stage3_adamw_offload_params_persistent_own_stream", Stage::kParameters, OptimizerKind::kAdamW, 64, 512,
+     1 << 20, {0}, DType::kF32, DType::kF32, 2, true},
+};
+
+INSTANTIATE_TEST_SUITE_P(TrainerStream, EquivalenceTest,
+                         ::testing::Combine(::testing::ValuesIn(kTrainerStreamCases), ::testing::Values(Backend::kCuda)),
+                         CaseName);
 
 }  // namespace
 }  // namespace zero::testing

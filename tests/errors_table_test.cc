@@ -162,6 +162,11 @@ class Cases {
     m["open-backend-comm"] = opt([](Options& o) {
       o.backend = o.backend == Backend::kCpu ? Backend::kCuda : Backend::kCpu;
     });
+    m["open-cuda-stream-cpu"] = opt([](Options& o) {  // on either backend's Comm: the options are checked first
+      static int not_a_stream;
+      o.backend = Backend::kCpu;
+      o.cuda_stream = &not_a_stream;
+    });
     m["spec-none"] = spec([](std::vector<ParamSpec>& s) { s.clear(); });
     m["spec-empty-name"] = spec([](std::vector<ParamSpec>& s) { s[1].name = ""; });
     m["spec-duplicate"] = spec([](std::vector<ParamSpec>& s) { s[2].name = s[1].name; });

@@ -160,7 +160,7 @@ struct NormCase {
 
 void BM_Norm(benchmark::State& state, NormCase c) {
   std::unique_ptr<Device> device;
-  if (Status s = NewCudaDevice(0, &device); !s.ok()) {
+  if (Status s = NewCudaDevice(0, nullptr, &device); !s.ok()) {
     state.SkipWithError(s.ToString().c_str());
     return;
   }
@@ -259,7 +259,7 @@ struct CopyCase {
 
 void BM_OffloadCopy(benchmark::State& state, CopyCase c) {
   std::unique_ptr<Device> device;
-  if (Status s = NewCudaDevice(0, &device); !s.ok()) {
+  if (Status s = NewCudaDevice(0, nullptr, &device); !s.ok()) {
     state.SkipWithError(s.ToString().c_str());
     return;
   }

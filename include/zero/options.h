@@ -96,6 +96,14 @@ struct ZeroPlusPlusOptions {
 struct Options {
   Stage stage = Stage::kGradients;
   Backend backend = Backend::kCpu;
+  // Backend::kCuda: the trainer's compute stream, a cudaStream_t of the Comm's device (Comm::cuda_device()) that
+  // outlives the engine. The trainer launches its kernels there; the engine records GradsReady/Release/Step on
+  // it, makes it wait for gathers (Acquire, Param) and runs its own compute-side work there (the optimizer,
+  // gradient zeroing, the norm). Its synchronous calls (InitParams, Load, Save, GatherFull's host reads) first
+  // wait for the work already on it. nullptr (default): the legacy default stream, which is what kernels
+  // launched without a stream use and PyTorch's default stream. A stream of another device, or a destroyed one,
+  // is refused at Open. Per rank: ranks may pass different streams. Must be null with Backend::kCpu.
+  void* cuda_stream = nullptr;
 
   // Parameters as the trainer computes with them: kF32, kBF16 or kF16. With bf16/fp16 the engine keeps an fp32
   // master copy (counted as optimizer state, so AdamW costs 12 bytes per trainable parameter on its owner) and

@@ -17,6 +17,7 @@
 #include "engine_impl.h"
 #include "kernels/cpu_kernels.h"
 #include "testing/device_copy.h"
+#include "testing/device_memory.h"
 #include "testing/toy_kernel_model.h"
 #include "testing/toy_model.h"
 #include "zero/zero.h"
@@ -45,6 +46,14 @@ struct EngineTestPeer {
 }  // namespace zero
 
 namespace zero::testing {
+
+// The host waits for the trainer's own stream (Options::cuda_stream), where the engine's views become ready: the
+// tests' synchronous copies run on the legacy stream, which does not wait for a non-blocking stream. Nothing to
+// wait for on the CPU or with the legacy stream as the compute stream.
+inline Status SyncTrainerStream(const Engine& engine) {
+  if (engine.options().backend != Backend::kCuda || engine.options().cuda_stream == nullptr) return Status::Ok();
+  return StreamSynchronize(engine.options().cuda_stream);
+}
 
 // A view's elements widened exactly to fp32 on the host (copied from the device first on Backend::kCuda).
 inline Status ReadWidened(const TensorView& v, std::vector<float>* out) {
@@ -90,6 +99,7 @@ class EngineAccess : public ToyAccess {
           raw_.resize(static_cast<size_t>(bytes));
           kernels::CastCpu(grad_mirror_[p].data(), DType::kF32, raw_.data(), v.dtype, v.numel, 1);
           if (device_) {
+            Check(SyncTrainerStream(*engine_));
             Check(CopyToDevice(v.data, raw_.data(), bytes));
           } else {
             std::memcpy(v.data, raw_.data(), static_cast<size_t>(bytes));
@@ -106,6 +116,7 @@ class EngineAccess : public ToyAccess {
     if ((!device_ && !convert_) || d == scratch_.data()) return d;
     // Device memory is copied to the host; bf16/fp16 parameters are widened to fp32 (exactly).
     std::vector<float>& m = param_mirror_[static_cast<size_t>(p)];
+    if (device_) Check(SyncTrainerStream(*engine_));
     Check(ReadWidened(v, &m));
     return m.data();
   }
@@ -131,7 +142,10 @@ class EngineAccess : public ToyAccess {
     if ((!device_ && !convert_grads_) || d == scratch_.data()) return d;
     std::vector<float>& m = grad_mirror_[static_cast<size_t>(p)];
     // First use in this micro-step: start from the engine's (zeroed or accumulated) values.
-    if (m.empty()) Check(ReadWidened(v, &m));
+    if (m.empty()) {
+      if (device_) Check(SyncTrainerStream(*engine_));
+      Check(ReadWidened(v, &m));
+    }
     return m.data();
   }
   float* OrScratch(float* p, const char* what, int param) {
@@ -222,7 +236,7 @@ class EngineKernelAccess : public ToyKernelAccess {
       ADD_FAILURE() << s.ToString();
     }
   }
-  void Run(ToyOp op, const ToyArgs& a) { Check(RunToyOp(ws_->exec(), op, a)); }
+  void Run(ToyOp op, const ToyArgs& a) { Check(RunToyOp(ws_->exec(), op, a, ws_->stream())); }
   float* Invalid(const char* what, int param) {
     failed_ = true;
     ADD_FAILURE() << what << "(" << param << ") returned an invalid view";
@@ -315,6 +329,7 @@ inline void RunToyMicroSteps(Engine& engine, Comm& comm, int step, int micros, i
     Status s = SharedToyWorkspace(engine.options().backend == Backend::kCuda ? ToyExec::kCuda : ToyExec::kCpu, &ws);
     EXPECT_TRUE(s.ok()) << s.ToString();
     if (!s.ok()) return;
+    ws->set_stream(engine.options().cuda_stream);  // the trainer's stream: the engine's compute stream
     EngineKernelAccess access(&engine, ws);
     access.set_poison(options.poison_param);
     for (int m = 0; m < micros; ++m) {
@@ -354,6 +369,8 @@ inline std::vector<std::vector<float>> GatherToyParams(Engine& engine) {
   for (int u = 0; u < engine.num_units(); ++u) all_units[static_cast<size_t>(u)] = u;
   FullParamsScope scope;
   Status s = engine.GatherFull(all_units, &scope);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  s = SyncTrainerStream(engine);  // stages 0-2: the optimizer wrote the parameters there
   EXPECT_TRUE(s.ok()) << s.ToString();
   std::vector<std::vector<float>> out;
   for (int p = 0; p < static_cast<int>(engine.specs().size()); ++p) {

@@ -81,7 +81,7 @@ Status ToyWorkspace::Generate(int b, int step, int micro, int rank, int world, i
   a.batch_rank = rank;
   a.batch_world = world;
   a.batch_global = global;
-  return RunToyOp(exec_, ToyOp::kMakeBatch, a);
+  return RunToyOp(exec_, ToyOp::kMakeBatch, a, stream_);
 }
 
 Status ToyWorkspace::Upload(int b, const ToyBatch& batch) {
@@ -98,6 +98,7 @@ Status ToyWorkspace::Upload(int b, const ToyBatch& batch) {
     std::memcpy(a.targets, batch.targets.data(), static_cast<size_t>(bytes));
     return Status::Ok();
   }
+  if (stream_ != nullptr) ZERO_RETURN_IF_ERROR(StreamSynchronize(stream_));  // kernels may still read the slot
   ZERO_RETURN_IF_ERROR(CopyToDevice(a.tokens, batch.tokens.data(), bytes));
   return CopyToDevice(a.targets, batch.targets.data(), bytes);
 }
@@ -108,6 +109,8 @@ Status ToyWorkspace::Loss(int b, float* out) const {
     *out = *at;
     return Status::Ok();
   }
+  // The copy runs on the legacy stream, which waits for the work of another stream only if that one is blocking.
+  if (stream_ != nullptr) ZERO_RETURN_IF_ERROR(StreamSynchronize(stream_));
   return CopyFromDevice(out, at, sizeof(float));
 }
 
@@ -150,7 +153,7 @@ class Runner {
     for (int p : params) args_.grad[p] = access_.Grad(p);
   }
   void Run(ToyOp op) {
-    if (status_.ok()) status_ = RunToyOp(ws_.exec(), op, args_);
+    if (status_.ok()) status_ = RunToyOp(ws_.exec(), op, args_, ws_.stream());
   }
   ToyArgs& args() { return args_; }
   ToyKernelAccess& access() { return access_; }

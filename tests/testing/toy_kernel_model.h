@@ -1,6 +1,6 @@
 // The toy model (toy_model.h) as a trainer with kernels: its forward and backward run as work items
-// (toy_math.cuh) on an executor, the CPU or CUDA (toy_kernels.h). On CUDA every op is a kernel on the legacy
-// default stream, the engine's compute stream: kernels read Param views and add into Grad views while the
+// (toy_math.cuh) on an executor, the CPU or CUDA (toy_kernels.h). On CUDA every op is a kernel on the workspace's
+// stream, the engine's compute stream (by default the legacy default stream; ToyWorkspace::set_stream): kernels read Param views and add into Grad views while the
 // engine's communication stream works, and the host never waits between Acquire and Release. Same protocol
 // calls in the same order as ToyForwardBackward, and the same bits (toy_kernels_test checks both).
 #pragma once
@@ -42,6 +42,10 @@ class ToyWorkspace {
   ToyWorkspace& operator=(const ToyWorkspace&) = delete;
 
   ToyExec exec() const { return exec_; }
+  // The CUDA stream the ops run on (the trainer's: the engine's Options::cuda_stream); nullptr, the default: the
+  // legacy default stream. Upload and Loss wait for it.
+  void* stream() const { return stream_; }
+  void set_stream(void* stream) { stream_ = stream; }
   int max_tokens() const { return max_tokens_; }
   int max_batches() const { return static_cast<int>(batch_n_.size()); }
   // Slot `b` gets ToyMicroBatch(step, micro, rank, world, global), made by the executor (on CUDA a kernel on the
@@ -64,6 +68,7 @@ class ToyWorkspace {
   Status CheckSlot(int b, int n) const;
 
   ToyExec exec_;
+  void* stream_ = nullptr;
   char* base_ = nullptr;      // the allocation (host memory or device memory)
   std::vector<double> host_;  // backs base_ on the CPU (double: 8-byte alignment for the fp64 loss parts)
   int max_tokens_ = 0;

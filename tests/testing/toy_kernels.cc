@@ -10,14 +10,14 @@
 
 namespace zero::testing {
 
-Status RunToyOp(ToyExec exec, ToyOp op, const ToyArgs& args) {
+Status RunToyOp(ToyExec exec, ToyOp op, const ToyArgs& args, [[maybe_unused]] void* stream) {
   if (exec == ToyExec::kCpu) {
     const int64_t n = ToyOpCount(op, args);
     for (int64_t i = 0; i < n; ++i) RunToyOpItem(op, args, i);
     return Status::Ok();
   }
 #if defined(ZERO_WITH_CUDA)
-  const std::string error = LaunchToyOpCuda(op, args);
+  const std::string error = LaunchToyOpCuda(op, args, stream);
   return error.empty() ? Status::Ok() : Status::Internal(error);
 #else
   return Status::Unavailable("RunToyOp: this build has no CUDA (ZERO_WITH_CUDA=OFF or no toolkit)");

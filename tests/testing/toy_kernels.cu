@@ -1,6 +1,6 @@
 // CUDA instantiation of the toy model's work items (toy_math.cuh): one grid-stride kernel per op, launched on the
-// legacy default stream, which is the engine's compute stream on CUDA (src/cuda_device.cc: RecordCompute and
-// WaitCompute use stream 0). Built with --fmad=false so that the items give the CPU loop's bits.
+// trainer's stream, which is the engine's compute stream on CUDA (Options::cuda_stream; by default the legacy
+// default stream). Built with --fmad=false so that the items give the CPU loop's bits.
 #include <cuda_runtime.h>
 
 #include <string>
@@ -19,11 +19,11 @@ __global__ void ToyOpKernel(ToyOp op, ToyArgs args, int64_t n) {
 
 }  // namespace
 
-std::string LaunchToyOpCuda(ToyOp op, const ToyArgs& args) {
+std::string LaunchToyOpCuda(ToyOp op, const ToyArgs& args, void* stream) {
   const int64_t n = ToyOpCount(op, args);
   if (n == 0) return "";
-  // Stream 0 is the legacy default stream: this build does not use --default-stream per-thread.
-  ToyOpKernel<<<kernels::BlocksFor(n), kernels::kThreads, 0, cudaStream_t{nullptr}>>>(op, args, n);
+  // A null stream is the legacy default stream: this build does not use --default-stream per-thread.
+  ToyOpKernel<<<kernels::BlocksFor(n), kernels::kThreads, 0, static_cast<cudaStream_t>(stream)>>>(op, args, n);
   const cudaError_t rc = cudaGetLastError();
   return rc == cudaSuccess ? std::string() : std::string("toy op kernel launch: ") + cudaGetErrorString(rc);
 }

@@ -8,8 +8,8 @@
 
 namespace zero::testing {
 
-// Enqueues one grid-stride kernel running every item of `op` on the legacy default stream, without waiting.
-// Returns the launch's error text, empty on success.
-std::string LaunchToyOpCuda(ToyOp op, const ToyArgs& args);
+// Enqueues one grid-stride kernel running every item of `op` on `stream` (a cudaStream_t; nullptr: the legacy
+// default stream), without waiting. Returns the launch's error text, empty on success.
+std::string LaunchToyOpCuda(ToyOp op, const ToyArgs& args, void* stream);
 
 }  // namespace zero::testing

@@ -13,9 +13,9 @@
 namespace zero::testing {
 namespace {
 
-// The first non-null pointer of `args` that is not memory of the current device, or nullptr; *name says which.
-const void* HostPointer(const ToyArgs& a, const char** name) {
-  const int device = fake_cuda::StreamDevice(nullptr);  // the legacy stream's: the current device
+// The first non-null pointer of `args` that is not memory of the stream's device, or nullptr; *name says which.
+const void* HostPointer(const ToyArgs& a, cudaStream_t stream, const char** name) {
+  const int device = fake_cuda::StreamDevice(stream);  // the legacy stream's: the current device
   const auto bad = [&](const void* p, const char* what) {
     if (p == nullptr || fake_cuda::DeviceOf(p) == device) return false;
     *name = what;
@@ -39,16 +39,21 @@ const void* HostPointer(const ToyArgs& a, const char** name) {
 
 }  // namespace
 
-std::string LaunchToyOpCuda(ToyOp op, const ToyArgs& args) {
+std::string LaunchToyOpCuda(ToyOp op, const ToyArgs& args, void* stream) {
   const int64_t n = ToyOpCount(op, args);
   if (n == 0) return "";
+  const auto s = static_cast<cudaStream_t>(stream);
   const char* name = "";
-  if (const void* p = HostPointer(args, &name); p != nullptr) {
-    std::fprintf(stderr, "emulated toy op %d: %s (%p) is not memory of the current device\n", static_cast<int>(op),
+  if (!fake_cuda::IsValidStream(s)) {
+    std::fprintf(stderr, "emulated toy op %d: launched on stream %p, which is not a live stream\n",
+                 static_cast<int>(op), stream);
+    fake_cuda::SetLastError(cudaErrorInvalidResourceHandle);
+  } else if (const void* p = HostPointer(args, s, &name); p != nullptr) {
+    std::fprintf(stderr, "emulated toy op %d: %s (%p) is not memory of the stream's device\n", static_cast<int>(op),
                  name, p);
     fake_cuda::SetLastError(cudaErrorIllegalAddress);
-  } else {  // on the legacy stream: now, or when it gets there in the fake runtime's deferred mode
-    (void)fake_cuda::Enqueue(nullptr, [op, args, n] {
+  } else {  // on the stream: now, or when it gets there in the fake runtime's deferred mode
+    (void)fake_cuda::Enqueue(s, [op, args, n] {
       for (int64_t i = 0; i < n; ++i) RunToyOpItem(op, args, i);
     });
   }
