@@ -29,6 +29,8 @@ class MpiComm final : public Comm {
 
   void Abort(const Status& reason) override;
   Status health() const override;
+  // The MPI communicator this Comm's collectives use (Comm::OpenNccl bootstraps over it).
+  MPI_Comm mpi_comm() const { return data_; }
 
  protected:
   Status DoReduceScatter(const void* send, void* recv, int64_t count, DType dtype,

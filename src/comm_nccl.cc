@@ -53,6 +53,7 @@
 #include <vector>
 
 #include "comm_internal.h"
+#include "comm_mpi.h"
 #include "cuda_placement.h"
 #include "zero/comm.h"
 
@@ -834,6 +835,7 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   return Status::Ok();
 }
 
+
 #else
 
 Status Comm::OpenNccl(int64_t, const CommOptions&, std::unique_ptr<Comm>* comm) {
@@ -844,5 +846,17 @@ Status Comm::OpenNccl(int64_t, const CommOptions&, std::unique_ptr<Comm>* comm) 
 }
 
 #endif
+
+// Either build: a Comm without an MPI communicator is refused first, then the handle form opens (or says why not).
+Status Comm::OpenNccl(const Comm& mpi, const CommOptions& options, std::unique_ptr<Comm>* comm) {
+  comm->reset();
+  const auto* over = dynamic_cast<const internal::MpiComm*>(&mpi);
+  if (over == nullptr) {
+    return Status::InvalidArgument("Comm::OpenNccl on rank " + std::to_string(mpi.rank()) +
+                                   ": the Comm to bootstrap over must come from Comm::OpenMpi or Comm::FromMpiComm "
+                                   "(this one has no MPI communicator)");
+  }
+  return OpenNccl(MPI_Comm_c2f(over->mpi_comm()), options, comm);
+}
 
 }  // namespace zero

@@ -150,6 +150,47 @@ TEST(NcclCommTest, OpensOnEveryRankOrFailsOnEveryRankSayingWhy) {
   EXPECT_EQ(x, WorldSize());
 }
 
+// For trainers without mpi.h (the libtorch example): NCCL bootstrapped over a zero Comm's MPI communicator opens
+// exactly when the handle form does, and then reduces on device memory; a Comm without one is refused, saying
+// which Comms have one.
+TEST(NcclCommTest, OpensOverTheCommunicatorOfAnMpiComm) {
+  auto mpi = WorldComm();
+  ASSERT_NE(mpi, nullptr);
+  CommOptions options;
+  options.timeout = std::chrono::milliseconds(20'000);
+  std::unique_ptr<Comm> comm;
+  const Status s = Comm::OpenNccl(*mpi, options, &comm);
+  Status direct_status;
+  auto direct = OpenNcclWorld(&direct_status);
+  EXPECT_EQ(s.ok(), direct_status.ok()) << s.ToString() << " / " << direct_status.ToString();
+  if (!s.ok()) {
+    EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+    EXPECT_EQ(comm, nullptr);
+  } else {
+    EXPECT_EQ(comm->rank(), mpi->rank());
+    EXPECT_EQ(comm->world_size(), mpi->world_size());
+#if defined(ZERO_WITH_CUDA)
+    float* dev = nullptr;
+    ASSERT_EQ(cudaMalloc(&dev, sizeof(float)), cudaSuccess);
+    const float mine = static_cast<float>(comm->rank() + 1);
+    ASSERT_EQ(cudaMemcpy(dev, &mine, sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // a pageable copy may land after it returns
+    ASSERT_TRUE(comm->AllReduce(dev, dev, 1, DType::kF32, ReduceOp::kSum).ok());
+    float sum = 0.0f;
+    ASSERT_EQ(cudaMemcpy(&sum, dev, sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+    const int n = comm->world_size();
+    EXPECT_EQ(sum, static_cast<float>(n * (n + 1) / 2));
+    cudaFree(dev);
+#endif
+  }
+  const auto single = Comm::Single();
+  std::unique_ptr<Comm> refused;
+  const Status bad = Comm::OpenNccl(*single, options, &refused);
+  EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument) << bad.ToString();
+  EXPECT_NE(bad.message().find("Comm::OpenMpi"), std::string::npos) << bad.ToString();
+  EXPECT_EQ(refused, nullptr);
+}
+
 TEST(NcclCommTest, CollectivesOnDeviceMemory) {
   Status s;
   auto comm = OpenNcclWorld(&s);

@@ -125,6 +125,10 @@ class Comm {
   // memory. Every rank returns Unavailable, saying why, when any rank has no usable GPU or this build has no
   // NCCL. Unlike OpenMpi's Comm, Abort must be called from the thread that issues the collectives.
   static Status OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& options, std::unique_ptr<Comm>* comm);
+  // The same, bootstrapped over the MPI communicator of `mpi`, a Comm from OpenMpi or FromMpiComm (collective over
+  // its ranks), for trainers that do not include mpi.h. `mpi` must outlive the NCCL Comm when it owns MPI (OpenMpi
+  // initialized it); it stays usable, e.g. as the fallback with Backend::kCpu when this returns Unavailable.
+  static Status OpenNccl(const Comm& mpi, const CommOptions& options, std::unique_ptr<Comm>* comm);
   // A world of one rank: every collective is a copy.
   static std::unique_ptr<Comm> Single();
 
