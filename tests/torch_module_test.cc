@@ -354,6 +354,20 @@ TEST(TorchModuleTest, BadUseGetsAClearStatus) {
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(Contains(s, "kF32")) << s.ToString();
 
+  // The device and dtype of the parameters must be the backend's: a CUDA engine needs a Comm that moves device
+  // memory, and a CPU engine fp32 CPU parameters (the message names the parameter and the way to the GPU).
+  Options on_gpu = ZeroOptions(Stage::kGradients);
+  on_gpu.backend = Backend::kCuda;
+  s = TorchModule::Wrap(net.ptr(), on_gpu, comm.get(), {}, &zm);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(s, "Comm::OpenNccl")) << s.ToString();
+  Net wide = MakeNet();
+  wide->to(torch::kFloat64);
+  s = TorchModule::Wrap(wide.ptr(), ZeroOptions(Stage::kGradients), comm.get(), {}, &zm);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(s, "parameter 'scale' is Double on cpu")) << s.ToString();
+  EXPECT_TRUE(Contains(s, "Backend::kCuda")) << s.ToString();
+
   TorchOptions gap;
   gap.unit_of = [](const std::string& name) { return name.rfind("head", 0) == 0 ? 2 : 0; };  // unit 1 unused
   s = TorchModule::Wrap(net.ptr(), ZeroOptions(Stage::kGradients), comm.get(), gap, &zm);

@@ -1,6 +1,7 @@
 // zero::TorchModule: ZeRO stages 0-3 for an existing libtorch module (the optional CMake component zero::torch).
 //
-// Built only when CMake finds libtorch; compiled and tested against Debian 12's libtorch-dev 1.13 (CPU) only. The
+// Built only when CMake finds libtorch; tested against Debian 12's libtorch-dev 1.13 (CPU), compiled against PyTorch's
+// CUDA libtorch (parameters on the GPU with Backend::kCuda: README "libtorch"; not yet run on a GPU). The
 // core library and the other zero headers know nothing of torch; this header forward-declares the two torch types
 // it names, so including it costs nothing until the caller includes torch itself.
 //
@@ -92,7 +93,8 @@ class TorchModule {
   // Registers `module`'s parameters with a new Engine (collective: every rank wraps the same module structure),
   // copies their current values in (rank 0's values are not broadcast: initialize identically on every rank,
   // e.g. with torch::manual_seed) and re-points them at zero's buffers. `comm` must outlive the TorchModule.
-  // Fails for a module already wrapped, a module without parameters, non-fp32 or non-CPU parameters, 16-bit
+  // Fails for a module already wrapped, a module without parameters, parameters that are not fp32 on the backend's
+  // device (the CPU for kCpu; Comm::cuda_device() for kCuda, whose Comm must come from Comm::OpenNccl), 16-bit
   // options dtypes, Stage::kAuto, or a bad unit mapping.
   static Status Wrap(std::shared_ptr<torch::nn::Module> module, const Options& options, Comm* comm,
                      const TorchOptions& torch_options, std::unique_ptr<TorchModule>* out);

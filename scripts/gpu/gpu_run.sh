@@ -286,14 +286,18 @@ run_np1() {
   torch_lines
 }
 
-# zero::torch against the machine's libtorch (scripts/gpu/torch_consumer.sh, from the hf-torch work): its own
+# zero::torch against the machine's libtorch (scripts/gpu/torch_consumer.sh, from the hf-torch work), on the CPU
+# and on the GPU (the install consumer and the libtorch example with --device cuda): its own
 # summary lines follow its verdict in summary.txt; its log is in logs.tgz (torch/).
 queue_torch() {
   if [[ ! -f $PWD/scripts/gpu/torch_consumer.sh || ! -f $here/zero-prefix.tar.xz ]]; then
     note "SKIP torch-consumer (no scripts/gpu/torch_consumer.sh or .gpu/zero-prefix.tar.xz)"
     return 0
   fi
-  bg torch-consumer 150 bash "$PWD/scripts/gpu/torch_consumer.sh" run "$here/zero-prefix.tar.xz" "$L/torch"
+  # With the carried NCCL the example's CUDA runs take two ranks on the GPU (its environment: MR); else one.
+  local cuda=(env ZERO_TORCH_CUDA_RANKS=1)
+  [[ -n $nccl230 ]] && cuda=("${MR[@]}" ZERO_TORCH_CUDA_RANKS=2)
+  bg torch-consumer 150 "${cuda[@]}" bash "$PWD/scripts/gpu/torch_consumer.sh" run "$here/zero-prefix.tar.xz" "$L/torch"
 }
 torch_lines() {
   [[ -f $L/torch/torch_consumer_summary.txt ]] && sed 's/^/  torch: /' "$L/torch/torch_consumer_summary.txt" |

@@ -13,9 +13,10 @@
 #                                  PREFIX + that libtorch and installs zero::torch into PREFIX, then builds
 #                                  tests/install_consumer_torch with find_package(zero COMPONENTS torch) and runs it
 #                                  (an MLP through zero::TorchModule at stages 0 and 3 against torch::optim::AdamW, and
-#                                  with a GPU: a module on CUDA is refused with a status naming the device), and the
-#                                  libtorch example (examples/libtorch_finetune) under mpiexec -n 2 at stages 0 and 3
-#                                  when an mpiexec is found (below). Logs go to OUT_DIR (default $OUT, else
+#                                  with a GPU the same on CUDA against torch's AdamW on CUDA), and the libtorch example
+#                                  (examples/libtorch_finetune) under mpiexec -n 2 at stages 0 and 3 when an mpiexec is
+#                                  found (below), and with a GPU again with --device cuda at ZERO_TORCH_CUDA_RANKS
+#                                  ranks (default 1: two ranks on one GPU need an NCCL that lets them share it). Logs go to OUT_DIR (default $OUT, else
 #                                  /tmp/zero-torch-out): torch_consumer.log and one line per step in
 #                                  torch_consumer_summary.txt.
 #
@@ -139,6 +140,12 @@ PY
       step "libtorch_finetune_stage$stage" "$mpiexec" -n 2 "${mpi_flags[@]}" "$work/consumer/libtorch_finetune" \
         --stage "$stage"
     done
+    if [[ $available == True ]]; then
+      for stage in 0 3; do
+        step "libtorch_finetune_cuda_stage$stage" "$mpiexec" -n "${ZERO_TORCH_CUDA_RANKS:-1}" "${mpi_flags[@]}" \
+          "$work/consumer/libtorch_finetune" --stage "$stage" --device cuda
+      done
+    fi
     grep '^loss_first=' "$log" | tee -a "$summary"
   elif [[ -x $work/consumer/libtorch_finetune ]]; then
     note "SKIP libtorch_finetune (no mpiexec on PATH)"

@@ -3,6 +3,7 @@
 // of libzero_torch: torch headers are slow to compile, so everything torch-facing stays here.
 #include "zero/torch.h"
 
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/function_hook.h>
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <mutex>
 #include <set>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -34,21 +36,44 @@ std::set<const torch::nn::Module*>& Wrapped() {
   return s;
 }
 
-at::Tensor ViewOf(const TensorView& v, const std::vector<int64_t>& shape) {
-  return torch::from_blob(v.data, shape, torch::TensorOptions().dtype(torch::kFloat32).device(torch::kCPU));
+// An fp32 tensor of `shape` over `data` (zero's memory, or nothing yet: stage 3) on `device`, owning nothing. Built
+// from a Storage rather than from_blob, which asks the CUDA runtime where a device pointer lives (and cannot
+// answer for a null one).
+at::Tensor TensorAt(void* data, const std::vector<int64_t>& shape, const c10::Device& device) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  c10::Storage storage(c10::Storage::use_byte_size_t(), static_cast<size_t>(n) * sizeof(float),
+                       at::DataPtr(data, device), /*allocator=*/nullptr, /*resizable=*/false);
+  at::Tensor t = torch::empty({0}, torch::TensorOptions().dtype(torch::kFloat32).device(device));
+  t.set_(storage, /*storage_offset=*/0, shape);
+  return t;
+}
+
+// The cudaStream_t torch launches on for `device` now, as an integer (0: the legacy default stream, which is
+// torch's default stream), where this libtorch can say (c10::Stream::native_handle, torch >= 2.2); -1 where not.
+int64_t TorchCurrentStream([[maybe_unused]] const c10::Device& device) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 2)
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+  const auto handle = reinterpret_cast<intptr_t>(stream.native_handle());
+  return handle == 1 ? 0 : static_cast<int64_t>(handle);  // cudaStreamLegacy is the legacy default stream too
+#else
+  return -1;
+#endif
 }
 
 }  // namespace
 
 class TorchModule::Impl {
  public:
+  // A parameter's AccumulateGrad node: a std::shared_ptr up to torch 2.x, an intrusive_ptr in later versions.
+  using AccumulatorPtr = decltype(torch::autograd::impl::grad_accumulator(std::declval<const at::Tensor&>()));
   struct Param {
     std::string name;
     at::Tensor tensor;  // the module's parameter (same TensorImpl the module holds)
     std::vector<int64_t> shape;
     int unit = 0;
     bool trainable = true;
-    std::shared_ptr<torch::autograd::Node> accumulator;  // kept alive: autograd holds it only weakly
+    AccumulatorPtr accumulator;  // kept alive: autograd holds it only weakly
     unsigned tensor_hook = 0;                             // Tensor::remove_hook key
     uintptr_t post_hook = 0;                              // Node::del_post_hook key
     void* grad_data = nullptr;                            // zero's gradient view this micro-step
@@ -66,6 +91,8 @@ class TorchModule::Impl {
 
   std::shared_ptr<torch::nn::Module> module;
   std::unique_ptr<Engine> engine;
+  c10::Device device{c10::kCPU};  // where the parameters and zero's buffers are (Options::backend)
+  int rank = 0;                   // the Comm's, for messages
   bool stage3 = false;  // parameters are views only while their unit is acquired
   std::vector<Param> params;
   std::vector<Unit> units;
@@ -103,7 +130,7 @@ class TorchModule::Impl {
       p.tensor.mutable_grad() = at::Tensor();
       if (p.tensor.data_ptr() == nullptr) {
         // Stage 3 with an engine that could not gather (poisoned): the values are lost; say so by shape.
-        p.tensor.set_data(torch::empty({0}, torch::kFloat32));
+        p.tensor.set_data(torch::empty({0}, torch::TensorOptions().dtype(torch::kFloat32).device(device)));
       } else {
         p.tensor.set_data(p.tensor.detach().clone());
       }
@@ -167,8 +194,8 @@ class TorchModule::Impl {
   // pointer is swapped inside the parameter's Storage, never by replacing the tensor: the autograd graph saves
   // the parameter and views of it (Linear saves weight.t()), which share that Storage object, so re-pointing
   // it before the unit's backward is what lets the saved tensors read the re-gathered values.
-  static void SetStorage(Param& q, void* data) {
-    q.tensor.storage().unsafeGetStorageImpl()->set_data_ptr_noswap(at::DataPtr(data, at::Device(at::kCPU)));
+  void SetStorage(Param& q, void* data) const {
+    q.tensor.storage().unsafeGetStorageImpl()->set_data_ptr_noswap(at::DataPtr(data, device));
   }
   void PointAtGathered(int unit) {
     for (int j : units[static_cast<size_t>(unit)].params) {
@@ -210,7 +237,7 @@ class TorchModule::Impl {
       if (g.data == nullptr) Fail(Status::Internal("no gradient view for '" + q.name + "' after Acquire"));
       q.grad_data = g.data;
       // Defined and laid out like the parameter: AccumulateGrad adds in place (variable_grad += new_grad).
-      q.tensor.mutable_grad() = ViewOf(g, q.shape);
+      q.tensor.mutable_grad() = TensorAt(g.data, q.shape, device);
     }
   }
 
@@ -238,7 +265,7 @@ class TorchModule::Impl {
       // copying it into the buffer is the same as having added.
       if (grad.defined()) {
         torch::NoGradGuard no_grad;
-        at::Tensor view = torch::from_blob(p.grad_data, p.shape, torch::kFloat32);
+        at::Tensor view = TensorAt(p.grad_data, p.shape, device);
         view.copy_(grad.detach());
         ++fallback_copies;
       }
@@ -301,6 +328,24 @@ class TorchModule::Impl {
                                         " were wrapped: do not remove parameters from a wrapped module");
     }
     return Status::Ok();
+  }
+
+  // On CUDA the module's kernels must run on the engine's compute stream (Options::cuda_stream; null: the legacy
+  // default stream, torch's default stream): zero orders its gathers and reductions after that stream only, so a
+  // forward or backward under a torch stream guard for another stream would race them. Checked where this
+  // libtorch can name its current stream.
+  Status CheckStream(const std::string& call) const {
+    if (device.is_cpu()) return Status::Ok();
+    const int64_t current = TorchCurrentStream(device);
+    const auto engine_stream = static_cast<int64_t>(reinterpret_cast<intptr_t>(engine->options().cuda_stream));
+    if (current < 0 || current == engine_stream) return Status::Ok();
+    std::ostringstream os;
+    os << call << " on rank " << rank << ": torch's current CUDA stream on " << device.str() << " is 0x"
+       << std::hex << current << ", not the engine's compute stream 0x" << engine_stream << std::dec
+       << " (Options::cuda_stream; 0: the legacy default stream, torch's default): zero orders its gathers and "
+          "reductions after that stream only. Pass at::cuda::getCurrentCUDAStream().stream() as "
+          "Options::cuda_stream, or run the module on the stream you passed";
+    return Status::FailedPrecondition(os.str());
   }
 
   // A micro-step whose loss never reached a parameter (no hook ran) still owes the engine its backward calls: in
@@ -409,9 +454,14 @@ Status TorchModule::Wrap(std::shared_ptr<torch::nn::Module> module, const Option
     return Status::InvalidArgument("TorchModule::Wrap: param_dtype and grad_dtype must be kF32 (the wrapper "
                                    "re-points fp32 torch parameters at zero's buffers)");
   }
-  if (options.backend != Backend::kCpu) {
-    return Status::InvalidArgument("TorchModule::Wrap: the CPU backend only (libtorch-dev 1.13 is CPU-only)");
+  const bool cuda = options.backend == Backend::kCuda;
+  if (cuda && comm != nullptr && comm->cuda_device() < 0) {
+    return Status::InvalidArgument("TorchModule::Wrap: Options.backend = kCuda needs a Comm from Comm::OpenNccl (this "
+                                   "one moves host memory); use Backend::kCpu with it, for a module on the CPU");
   }
+  const c10::Device device = cuda && comm != nullptr
+                                 ? c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(comm->cuda_device()))
+                                 : c10::Device(c10::kCPU);
   {
     std::lock_guard<std::mutex> lock(WrappedMutex());
     if (Wrapped().count(module.get()) != 0) {
@@ -421,15 +471,22 @@ Status TorchModule::Wrap(std::shared_ptr<torch::nn::Module> module, const Option
   }
 
   auto impl = std::make_unique<Impl>();
+  impl->device = device;
+  impl->rank = comm != nullptr ? comm->rank() : 0;
   std::vector<ParamSpec> specs;
   std::vector<std::string> unit_keys;  // default mapping: first name component, in order of appearance
   for (const auto& item : module->named_parameters(/*recurse=*/true)) {
     const std::string& name = item.key();
     const at::Tensor& t = item.value();
-    if (t.scalar_type() != torch::kFloat32 || !t.device().is_cpu()) {
+    if (t.scalar_type() != torch::kFloat32 || t.device() != device) {
+      const std::string fix =
+          cuda ? "; with Backend::kCuda every parameter must be fp32 on " + device.str() +
+                     ", this rank's GPU (Comm::cuda_device()): module->to(torch::Device(torch::kCUDA, "
+                     "comm->cuda_device())) before wrapping"
+               : "; with Backend::kCpu every parameter must be fp32 on the CPU (a module on a GPU takes "
+                 "Backend::kCuda and a Comm from Comm::OpenNccl)";
       return Status::InvalidArgument("TorchModule::Wrap: parameter '" + name + "' is " +
-                                     std::string(c10::toString(t.scalar_type())) + " on " + t.device().str() +
-                                     "; only fp32 CPU parameters are supported");
+                                     std::string(c10::toString(t.scalar_type())) + " on " + t.device().str() + fix);
     }
     if (!t.is_contiguous()) {
       return Status::InvalidArgument("TorchModule::Wrap: parameter '" + name + "' is not contiguous");
@@ -482,9 +539,16 @@ Status TorchModule::Wrap(std::shared_ptr<torch::nn::Module> module, const Option
 
   ZERO_RETURN_IF_ERROR(Engine::Open(options, comm, specs, &impl->engine));
   Impl* raw = impl.get();
+  ZERO_RETURN_IF_ERROR(raw->CheckStream("TorchModule::Wrap"));
   ZERO_RETURN_IF_ERROR(impl->engine->InitParams([raw](int param, int64_t off, int64_t count, float* dst) {
     const at::Tensor src = raw->params[static_cast<size_t>(param)].tensor.detach().contiguous();
-    std::memcpy(dst, src.data_ptr<float>() + off, static_cast<size_t>(count) * sizeof(float));
+    if (src.device().is_cpu()) {
+      std::memcpy(dst, src.data_ptr<float>() + off, static_cast<size_t>(count) * sizeof(float));
+      return;
+    }
+    // On the GPU: this slice, copied to the host on torch's stream and waited for.
+    const at::Tensor part = src.reshape({-1}).narrow(0, off, count).to(torch::kCPU);
+    std::memcpy(dst, part.data_ptr<float>(), static_cast<size_t>(count) * sizeof(float));
   }));
 
   impl->module = module;  // from here on, ~Impl gives the parameters their own memory back
@@ -498,12 +562,12 @@ Status TorchModule::Wrap(std::shared_ptr<torch::nn::Module> module, const Option
       p.tensor.mutable_grad() = at::Tensor();
       if (impl->stage3) {
         // A Storage of its own, pointing at nothing until the unit is acquired (Impl::PointAtGathered).
-        p.tensor.set_data(torch::from_blob(nullptr, p.shape, torch::kFloat32));
+        p.tensor.set_data(TensorAt(nullptr, p.shape, device));
         continue;
       }
       const TensorView v = impl->engine->Param(static_cast<int>(i));
       if (v.data == nullptr) return Status::Internal("TorchModule::Wrap: no parameter view for '" + p.name + "'");
-      p.tensor.set_data(ViewOf(v, p.shape));
+      p.tensor.set_data(TensorAt(v.data, p.shape, device));
     }
   }
   for (size_t i = 0; i < impl->params.size(); ++i) {
@@ -539,6 +603,7 @@ Status TorchModule::BeginMicroStep(int micro, bool is_last) {
   ZERO_RETURN_IF_ERROR(im.error);
   ZERO_RETURN_IF_ERROR(im.FinishMicroStep());
   ZERO_RETURN_IF_ERROR(im.CheckRegistration());
+  ZERO_RETURN_IF_ERROR(im.CheckStream("TorchModule::BeginMicroStep"));
   // Every unit may be used; which ones were is known at the start of backward (Impl::StartBackward).
   std::vector<int> all(im.units.size());
   for (size_t u = 0; u < all.size(); ++u) all[u] = static_cast<int>(u);
