@@ -9,8 +9,9 @@
 #               cuBLAS, every binary and Open MPI plugin resolving its libraries
 #   probes      zgpu-probe: versions, the CUDA runtime's error state, pinning, pageable copies, NCCL's answers
 #   np1         in parallel (ZGPU_JOBS): every CUDA test case at one rank (cuda_suites.txt: the suites with CUDA
-#               cases), compute-sanitizer memcheck/racecheck/synccheck on a stage-3 + offload engine case and on
-#               the LoRA model, the LoRA example end to end on --device cuda at one rank
+#               cases, in ZGPU_SUITE_ORDER's order first; ZGPU_SUITES keeps only the ones it names),
+#               compute-sanitizer memcheck/racecheck/synccheck on a stage-3 + offload engine case and on the LoRA
+#               model, the LoRA example end to end on --device cuda at one rank
 #   multirank   NCCL 2.30 with NCCL_MULTI_RANK_GPU_ENABLE=1 (two ranks share the GPU): the NCCL probe, then
 #               nccl_comm_test (asynchronous path, Duplicate, a stalled peer) and every suite's CUDA cases at 2 ranks
 #   lora2       the LoRA example end to end at 2 ranks on the GPU
@@ -233,6 +234,17 @@ if ((missing)); then note "FAIL libraries (see run.log: what is missing)"; else 
 ldd "$B/src/libzero.so.0" | grep -E "nccl|cudart|mpi|hwy|gomp" | awk '{print "  " $1 " -> " $3}'
 
 cuda_filter='*cuda*:*Cuda*:*CUDA*'
+# The suites in the order the phases take them: ZGPU_SUITE_ORDER first (the central ones, so that a phase that runs
+# out of time skips the rest), then the others as listed; ZGPU_SUITES, when set, keeps only those (a second run in
+# the same visit for what the first skipped).
+suites=$L/suites.txt
+order=${ZGPU_SUITE_ORDER:-"engine_equivalence_test checkpoint_test engine_loss_scale_test engine_errors_test
+  engine_teardown_test engine_accounting_test trainer_collectives_test"}
+{
+  for name in $order; do grep "^$name " "$Z/cuda_suites.txt"; done
+  grep -v -F -w -f <(printf '%s\n' $order) "$Z/cuda_suites.txt"
+} | awk -v keep="${ZGPU_SUITES:-}" 'keep == "" || index(" " keep " ", " " $1 " ") > 0' >"$suites"
+[[ -n ${ZGPU_SUITES:-} ]] && echo "only the suites $(cut -d' ' -f1 "$suites" | tr '\n' ' ')(ZGPU_SUITES)"
 suite_filter() { [[ $1 == *cuda* || $1 == *nccl* ]] && echo '*' || echo "$cuda_filter"; }
 has_rank() { [[ ,$2, == *,$1,* ]]; }  # has_rank N RANKS
 
@@ -272,7 +284,7 @@ run_np1() {
       bg "$name.np1" 120 "${MPI[@]}" -n 1 "$B/tests/$name" "--gtest_filter=$f-*PeerTest.*" \
         "--gtest_output=xml:$L/xml/$name.np1.xml"
     fi
-  done <"$Z/cuda_suites.txt"
+  done <"$suites"
   [[ ${ZGPU_TORCH:-1} == 1 ]] && queue_torch
   if ((${#cs[@]})); then
     local engine_case=${ZGPU_SANITIZE_FILTER:-*stage3_adamw_offload_params_persistent_cuda*} tool
@@ -351,7 +363,7 @@ suites_at() {
     [[ $name == nccl_comm_test ]] && continue  # run first, by the caller
     step "$name.np$at$suffix" 150 "${envs[@]}" "${MPI[@]}" -n "$at" "$B/tests/$name" \
       "--gtest_filter=$(suite_filter "$name")" "--gtest_output=xml:$L/xml/$name.np$at$suffix.xml"
-  done <"$Z/cuda_suites.txt"
+  done <"$suites"
 }
 
 run_multirank() {
