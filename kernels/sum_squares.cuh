@@ -1,7 +1,7 @@
 // Sum of squares (fp64) and non-finite count over fixed blocks, written once for the CPU (g++) and CUDA (nvcc).
 //
 // defines: SumSquares, kSumBlock, AddSquare, SumSquaresBlock, SumSquaresRange, SumBlocks, SumSquaresTask,
-//          SumSquaresScratchBytes
+//          BuildSumSquaresTasks, SumSquaresScratchBytes
 //
 // A range is cut into blocks of kSumBlock elements; each block is summed sequentially in fp64, then the block
 // sums are added in block order. That order is fixed (it is what a single-process reference mirrors, and the
@@ -60,6 +60,18 @@ struct SumSquaresTask {
   int64_t first_block;
   int64_t unused;
 };
+
+// The task table of a batch (`count` ranges into table[0..count)): each range's blocks numbered after the previous
+// ranges'. Returns the number of blocks of the batch. Host code (the launcher, kernels/reduce.cu, and its
+// emulation in tests/testing/fake_cuda/emulated_kernels.cc).
+inline int64_t BuildSumSquaresTasks(const SumSquaresRange* ranges, int64_t count, SumSquaresTask* table) {
+  int64_t blocks = 0;
+  for (int64_t r = 0; r < count; ++r) {
+    table[r] = SumSquaresTask{ranges[r].x, ranges[r].n, blocks, 0};
+    blocks += SumBlocks(ranges[r].n);
+  }
+  return blocks;
+}
 
 // Device scratch of the batched CUDA sum of squares over `count` ranges of sizes[0..count) elements: the task
 // table, one partial per block and one total per range, in that order. The one rule for its size: the CUDA

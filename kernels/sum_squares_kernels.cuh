@@ -3,7 +3,8 @@
 // through tests/testing/cuda_emulation.h) compile the same source.
 //
 // defines: kRows, kChunk, kWarps, kRowsPerWarp, kRounds, F32Elem, Bf16Elem, F16Elem, FindTask,
-//          BlockPartialsKernel, RangeTotalsKernel, BuildSumSquaresTasks
+//          BlockPartialsKernel, RangeTotalsKernel (BuildSumSquaresTasks, the table they read, is in
+//          kernels/sum_squares.cuh)
 //
 // Coalescing: a CUDA block takes kRows consecutive blocks of kSumBlock elements (one per thread) and walks them
 // together in rounds of kChunk elements. In a round, each warp loads kChunk consecutive elements of one row per
@@ -122,17 +123,6 @@ __global__ void RangeTotalsKernel(const SumSquaresTask* tasks, int64_t count, co
     }
     totals[r] = total;
   }
-}
-
-// The task table of a batch (`count` ranges into table[0..count)): each range's blocks numbered after the previous
-// ranges'. Returns the number of blocks of the batch.
-inline int64_t BuildSumSquaresTasks(const SumSquaresRange* ranges, int64_t count, SumSquaresTask* table) {
-  int64_t blocks = 0;
-  for (int64_t r = 0; r < count; ++r) {
-    table[r] = SumSquaresTask{ranges[r].x, ranges[r].n, blocks, 0};
-    blocks += SumBlocks(ranges[r].n);
-  }
-  return blocks;
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda_runtime.h"  // the stand-in
+#include "testing/fake_cuda/device_vectors.h"
 #include "kernels/cpu_adamw.h"
 #include "kernels/cpu_kernels.h"
 #include "kernels/cuda_kernels.h"
@@ -20,20 +21,8 @@
 namespace zero::kernels {
 namespace {
 
-template <typename T>
-T* ToDevice(const std::vector<T>& host) {
-  void* p = nullptr;
-  EXPECT_EQ(cudaMalloc(&p, host.size() * sizeof(T)), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  return static_cast<T*>(p);
-}
-
-template <typename T>
-std::vector<T> ToHost(const T* d, size_t n) {
-  std::vector<T> h(n);
-  EXPECT_EQ(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  return h;
-}
+using testing::ToDevice;
+using testing::ToHost;
 
 std::vector<float> Ramp(int64_t n, float scale) {
   std::vector<float> v(static_cast<size_t>(n));

@@ -37,22 +37,12 @@
 
 #include "cublas_v2.h"
 #include "cuda_runtime.h"
+#include "testing/fake_cuda/device_vectors.h"
 
 namespace {
 
-// A device copy of `host` (fp32).
-float* ToDevice(const std::vector<float>& host) {
-  void* p = nullptr;
-  EXPECT_EQ(cudaMalloc(&p, host.size() * 4), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(p, host.data(), host.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
-  return static_cast<float*>(p);
-}
-
-std::vector<float> ToHost(const float* d, size_t n) {
-  std::vector<float> h(n);
-  EXPECT_EQ(cudaMemcpy(h.data(), d, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  return h;
-}
+using zero::testing::ToDevice;
+using zero::testing::ToHost;
 
 uint16_t Bf16Bits(float f) {
   uint32_t b;

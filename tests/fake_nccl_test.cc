@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda_runtime.h"
+#include "testing/fake_cuda/device_vectors.h"
 #include "nccl.h"
 #include "testing/mpi_env.h"
 
@@ -51,24 +52,6 @@ ncclComm_t OpenWorld() {
   EXPECT_NE(comm, nullptr);
   EXPECT_EQ(Settle(comm, rc), ncclSuccess);
   return comm;
-}
-
-template <typename T>
-T* ToDevice(const std::vector<T>& host) {
-  void* p = nullptr;
-  EXPECT_EQ(cudaMalloc(&p, host.size() * sizeof(T)), cudaSuccess);
-  EXPECT_EQ(cudaMemcpy(p, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  // A copy from pageable memory may return before its device write, which the legacy stream does not order with
-  // the non-blocking streams the collectives run on (the stand-in runtime's deferred mode shows it).
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  return static_cast<T*>(p);
-}
-
-template <typename T>
-std::vector<T> ToHost(const T* dev, size_t n) {
-  std::vector<T> out(n);
-  EXPECT_EQ(cudaMemcpy(out.data(), dev, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  return out;
 }
 
 TEST(FakeNcclTest, InitGivesEachRankItsPlace) {

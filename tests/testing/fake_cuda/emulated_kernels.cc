@@ -156,12 +156,8 @@ int SumSquaresCuda(const SumSquaresRange* ranges, int64_t count, GradKind gk, vo
   auto s = static_cast<cudaStream_t>(stream);
   std::vector<SumSquaresTask> table(static_cast<size_t>(count));
   std::vector<int64_t> sizes(static_cast<size_t>(count));
-  int64_t blocks = 0;
-  for (int64_t r = 0; r < count; ++r) {
-    table[static_cast<size_t>(r)] = SumSquaresTask{ranges[r].x, ranges[r].n, blocks, 0};
-    sizes[static_cast<size_t>(r)] = ranges[r].n;
-    blocks += SumBlocks(ranges[r].n);
-  }
+  const int64_t blocks = BuildSumSquaresTasks(ranges, count, table.data());
+  for (int64_t r = 0; r < count; ++r) sizes[static_cast<size_t>(r)] = ranges[r].n;
   auto* tasks = static_cast<SumSquaresTask*>(scratch);
   auto* partials = reinterpret_cast<SumSquares*>(tasks + count);
   SumSquares* totals = partials + blocks;
