@@ -46,6 +46,7 @@ struct Config {
   DType grad_dtype = DType::kF32;
   int offload = 0;  // 1: optimizer; 2: and parameters (stage 3)
   OptimizerKind optimizer = OptimizerKind::kAdamW;
+  bool own_stream = false;  // CUDA: the trainer computes on a non-blocking stream of its own (Options::cuda_stream)
 };
 
 void PrintTo(const Config& c, std::ostream* os) { *os << c.name; }
@@ -100,7 +101,12 @@ class ResumeTest : public ::testing::TestWithParam<std::tuple<Config, Backend>> 
 TEST_P(ResumeTest, TenPlusTenEqualsTwentyBitwise) {
   const Config c = std::get<0>(GetParam());
   ZERO_BACKEND_COMM(comm, std::get<1>(GetParam()));
-  const Options o = MakeOptions(c, std::get<1>(GetParam()));
+  Options o = MakeOptions(c, std::get<1>(GetParam()));
+  TrainerStream own;  // outlives both engines
+  if (c.own_stream) {
+    ASSERT_TRUE(own.Create(*comm).ok());
+    o.cuda_stream = own.get();  // Save and Load must wait for it: the optimizer's last writes are queued there
+  }
   const std::string root = SharedDir("resume");
 
   auto a = OpenToyEngine(o, comm.get());
@@ -144,6 +150,21 @@ INSTANTIATE_TEST_SUITE_P(
                           Config{"stage3_fp16_scaler", Stage::kParameters, DType::kF16, DType::kF16},
                           Config{"stage3_offload_params", Stage::kParameters, DType::kF32, DType::kF32, 2}),
         ::testing::Values(Backend::kCpu, Backend::kCuda)),
+    [](const ::testing::TestParamInfo<std::tuple<Config, Backend>>& i) {
+      return std::string(std::get<0>(i.param).name) + "_" + BackendName(std::get<1>(i.param));
+    });
+
+// The same on a trainer's own CUDA stream (CUDA only): stage 2 with optimizer offload (Save reads host moments
+// the CPU AdamW wrote after the stream's copies), stage 3 with parameter offload.
+INSTANTIATE_TEST_SUITE_P(
+    TrainerStream, ResumeTest,
+    ::testing::Combine(::testing::Values(Config{"stage2_offload_own_stream", Stage::kGradients, DType::kF32,
+                                                DType::kF32, 1, OptimizerKind::kAdamW, true},
+                                         Config{"stage3_own_stream", Stage::kParameters, DType::kF32, DType::kF32, 0,
+                                                OptimizerKind::kAdamW, true},
+                                         Config{"stage3_offload_params_own_stream", Stage::kParameters, DType::kF32,
+                                                DType::kF32, 2, OptimizerKind::kAdamW, true}),
+                       ::testing::Values(Backend::kCuda)),
     [](const ::testing::TestParamInfo<std::tuple<Config, Backend>>& i) {
       return std::string(std::get<0>(i.param).name) + "_" + BackendName(std::get<1>(i.param));
     });

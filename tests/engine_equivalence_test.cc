@@ -45,16 +45,6 @@ struct Case {
   bool own_stream = false;  // CUDA: the trainer computes on a non-blocking stream of its own (Options::cuda_stream)
 };
 
-// A non-blocking stream of the Comm's device, destroyed (after its work) when this goes: declared before the
-// engine that computes on it, so that it outlives the engine.
-struct TrainerStream {
-  void* stream = nullptr;
-  ~TrainerStream() {
-    if (stream == nullptr) return;
-    (void)StreamSynchronize(stream);
-    DestroyStream(stream);
-  }
-};
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
@@ -107,12 +97,11 @@ TEST_P(EquivalenceTest, MatchesUnshardedReference) {
   ZERO_BACKEND_COMM(comm, backend);
   Options options = MakeOptions(c);
   options.backend = backend;
-  TrainerStream own;
+  TrainerStream own;  // outlives the engine
   if (c.own_stream) {
     ASSERT_EQ(backend, Backend::kCuda) << "a trainer's own stream is a CUDA stream";
-    ASSERT_TRUE(CudaSetDevice(comm->cuda_device()).ok());
-    ASSERT_TRUE(NewNonBlockingStream(&own.stream).ok());
-    options.cuda_stream = own.stream;
+    ASSERT_TRUE(own.Create(*comm).ok());
+    options.cuda_stream = own.get();
   }
   auto engine = OpenToyEngine(options, comm.get());
   ASSERT_NE(engine, nullptr);

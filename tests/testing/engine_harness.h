@@ -55,6 +55,28 @@ inline Status SyncTrainerStream(const Engine& engine) {
   return StreamSynchronize(engine.options().cuda_stream);
 }
 
+// A trainer's own CUDA stream (Options::cuda_stream): a non-blocking stream of the Comm's device, drained and
+// destroyed when this goes. Declare it before the engines that compute on it, so that it outlives them.
+class TrainerStream {
+ public:
+  TrainerStream() = default;
+  ~TrainerStream() {
+    if (stream_ == nullptr) return;
+    (void)StreamSynchronize(stream_);
+    DestroyStream(stream_);
+  }
+  TrainerStream(const TrainerStream&) = delete;
+  TrainerStream& operator=(const TrainerStream&) = delete;
+  Status Create(const Comm& comm) {
+    ZERO_RETURN_IF_ERROR(CudaSetDevice(comm.cuda_device()));
+    return NewNonBlockingStream(&stream_);
+  }
+  void* get() const { return stream_; }
+
+ private:
+  void* stream_ = nullptr;
+};
+
 // A view's elements widened exactly to fp32 on the host (copied from the device first on Backend::kCuda).
 inline Status ReadWidened(const TensorView& v, std::vector<float>* out) {
   const int64_t bytes = v.numel * static_cast<int64_t>(DTypeSize(v.dtype));
