@@ -10,6 +10,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/nn/module.h>
 #include <torch/torch.h>
+#include <torch/version.h>  // TORCH_VERSION_MAJOR/MINOR: TorchCurrentStream
 
 #include <algorithm>
 #include <cstdio>
