@@ -20,13 +20,16 @@
 #               (multirank and multirank4: when two ranks cannot share the GPU through NCCL, the suites run over
 #               the tests' StagedComm instead, steps named SUITE.npN.staged)
 #   staged      not by default: the suites' CUDA cases at 2 ranks over StagedComm
-#   bench       every zero_bench_gpu* benchmark with --quick (if built)
+#   bench       not by default (a second run, ZGPU_PHASES=bench, about 3 minutes): bench/gpu/run.sh --quick, i.e.
+#               zero_bench_gpu, zero_bench_gpu_card24 and lora_vs_torch.sh (issue 16's rows; ZGPU_BENCH_SECONDS,
+#               default 200, is its share; with other phases before it they keep ZGPU_BENCH_RESERVE for it)
 #   torch       scripts/gpu/torch_consumer.sh: zero::torch built against the machine's own libtorch and used from
 #               an installed zero (.gpu/zero-prefix.tar.xz); by default it runs inside np1's pool (its compile
 #               keeps the CPU cores busy while the GPU tests run); ZGPU_TORCH=0 leaves it out
 # Results in $OUT (at most 8 files): summary.txt (facts, then one PASS/FAIL/SKIP/TIMEOUT line per step),
-# run.log (everything), logs.tgz (each step's log, gtest XML, the example's outputs), bench-*.json (each
-# benchmark's JSON with the facts). Per-step logs live in ZGPU_WORK until the end, so a run killed by its timeout
+# run.log (everything), logs.tgz (each step's log, gtest XML, the example's outputs), facts.json, and the
+# benchmarks' JSON as bench/report.py reads them (zero_bench_gpu.json, zero_bench_gpu_card24.json,
+# lora_vs_torch.json, gpu_run.json). Per-step logs live in ZGPU_WORK until the end, so a run killed by its timeout
 # still leaves run.log and summary.txt.
 set -u
 start=$SECONDS
@@ -37,7 +40,8 @@ Z=${ZGPU:-/tmp/zero-gpu}
 O=${OUT:-/tmp/zgpu-out}
 L=${ZGPU_WORK:-/tmp/zgpu-work}
 jobs_max=${ZGPU_JOBS:-6}
-phases=${ZGPU_PHASES:-probes np1 multirank lora2 kill multirank4 bench}
+# The benchmarks take about 3 minutes of their own: a second run (ZGPU_PHASES=bench) in the same visit.
+phases=${ZGPU_PHASES:-probes np1 multirank lora2 kill multirank4}
 rm -rf "$L"
 mkdir -p "$O" "$L/logs" "$L/xml" "$L/verdicts" "$L/runs" "$L/bench"
 exec > >(tee "$O/run.log") 2>&1
@@ -402,7 +406,9 @@ run_kill() {
 }
 
 run_multirank4() {
-  begin_phase multirank4 $(($(left) - ${ZGPU_BENCH_RESERVE:-100}))
+  local reserve=0
+  [[ " $phases " == *" bench "* ]] && reserve=${ZGPU_BENCH_RESERVE:-200}
+  begin_phase multirank4 $(($(left) - reserve))
   if multirank_gate multirank4; then
     step nccl_comm_test.np4 60 "${MR[@]}" "${MPI[@]}" -n 4 "$B/tests/nccl_comm_test" \
       "--gtest_output=xml:$L/xml/nccl_comm_test.np4.xml"
@@ -414,17 +420,28 @@ run_multirank4() {
 
 # bench/gpu's binaries (zero_bench_gpu, zero_bench_gpu_card24: about 70 s and 35 s with --quick by their estimate)
 # write their JSON under the working directory (bench/results/gpu/ by default); every JSON found comes back.
-run_bench() {
-  begin_phase bench 120
-  local b found=0 name
-  for b in "$B"/bench/zero_bench_gpu*; do
-    [[ -x $b && -f $b ]] || continue
-    found=1
-    name=$(basename "$b")
-    mkdir -p "$L/bench/$name"
-    step "bench-$name" 100 bash -c 'cd "$1" && shift && exec "$@"' _ "$L/bench/$name" "$b" --quick
+# Issue 16's rows through bench/gpu/run.sh --quick, the same command a GPU machine with a build runs: zero_bench_gpu
+# (kernels, norm, copies, offloaded step, overhead, prefetch), zero_bench_gpu_card24, and lora_vs_torch.sh (the
+# LoRA example beside PyTorch + PEFT, with the first python3 that imports torch). Its JSON files come back under
+# their own names (bench/report.py reads them as they are: commit them under bench/results/gpu/).
+torch_python() {
+  local py
+  for py in ${ZGPU_TORCH_PYTHON:-} python3 /opt/torch/.venv/bin/python3 /usr/bin/python3; do
+    if "$py" -c 'import torch' >/dev/null 2>&1; then echo "$py"; return 0; fi
   done
-  ((found)) || note "SKIP bench (no zero_bench_gpu* in this build)"
+  echo python3
+}
+run_bench() {
+  begin_phase bench "${ZGPU_BENCH_SECONDS:-200}"
+  if [[ ! -x $B/bench/zero_bench_gpu || ! -f $PWD/bench/gpu/run.sh ]]; then
+    note "SKIP bench (no zero_bench_gpu in this build, or no bench/gpu/run.sh in the working tree)"
+    return 0
+  fi
+  mkdir -p "$L/bench/gpu"
+  step bench-gpu-quick 200 env "ZERO_BENCH_COMMIT=$commit" bash "$PWD/bench/gpu/run.sh" --quick --build "$B" \
+    --out "$L/bench/gpu" --python "$(torch_python)" --mpiexec "$Z/deps/bin/mpiexec -n 1 --bind-to none"
+  grep -hE '^  [a-z_0-9]+ +[0-9]+s +exit' "$L/logs/bench-gpu-quick.log" 2>/dev/null | sed 's/^/  bench:/' |
+    tee -a "$summary"
 }
 
 for ph in $phases; do
@@ -440,18 +457,16 @@ nvidia-smi --query-gpu=memory.used,temperature.gpu --format=csv,noheader 2>/dev/
 verdicts=$(grep -cE '^(PASS|FAIL|SKIP|TIMEOUT)' "$summary")
 bad=$(grep -cE '^(FAIL|TIMEOUT)' "$summary")
 note "total $((SECONDS - start))s: $verdicts steps, $bad failed or timed out"
-# Each benchmark's JSON (at most 4 files) with the facts beside its result.
+[[ " $phases " == *" bench "* ]] ||
+  note "next: the benchmarks (issue 16), about 3 minutes: ZGPU_PHASES=bench bash .gpu/gpu_run.sh"
+# The benchmarks' JSON as bench/gpu/run.sh wrote them (at most 4: zero_bench_gpu, zero_bench_gpu_card24,
+# lora_vs_torch, gpu_run), and the run's facts (machine, driver, NCCL, commit) beside them: 8 files in all.
 n=0
-while IFS= read -r -d '' j; do
-  ((n < 4)) || break
-  python3 - "$L/facts.json" "$j" "$O/bench-$(basename "$(dirname "$j")")-$(basename "$j")" <<'PY' 2>/dev/null || cp "$j" "$O/bench-$n.json"
-import json, sys
-facts = json.load(open(sys.argv[1]))
-result = json.load(open(sys.argv[2]))
-json.dump({"facts": facts, "result": result}, open(sys.argv[3], "w"), indent=1)
-PY
-  n=$((n + 1))
-done < <(find "$L/bench" -name '*.json' -print0 2>/dev/null)
+for j in "$L"/bench/gpu/*.json; do
+  [[ -f $j ]] && ((n < 4)) || continue
+  cp "$j" "$O/" && n=$((n + 1))
+done
+cp "$L/facts.json" "$O/facts.json" 2>/dev/null
 cp "$L/facts.json" "$L/logs/" 2>/dev/null
 tar -C "$L" -czf "$O/logs.tgz" logs xml runs bench verdicts $(test -d "$L/torch" && echo torch) 2>/dev/null
 exec 1>&- 2>&-
