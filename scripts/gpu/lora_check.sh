@@ -5,7 +5,10 @@
 #   * `all` pretrains and fine-tunes; the validation loss falls; the adapter file is written (not empty);
 #   * `merge` folds the adapter into the base and passes its own 1e-5 check (merged vs adapter logits);
 #   * the fine-tune interrupted after step 20 (--save-every 10 --stop-after 20) and resumed (--resume 1) ends at
-#     the uninterrupted run's validation loss (the CUDA model uses no atomics: the runs are bitwise equal).
+#     the uninterrupted run's validation loss (the CUDA model uses no atomics: the runs are bitwise equal);
+#   * the fine-tune with per-block recomputation (--recompute 1) ends at the same validation loss (recomputation
+#     changes no bit), its peak activation bytes are below the run without it, and both runs' peaks are within 10%
+#     of zero::EstimateActivations (issue 18's check, here on the device's own allocations).
 # Prints one line "lora_check: PASS ..." or "lora_check: FAIL ..." at the end; exits non-zero on failure.
 # usage: lora_check.sh BINARY N WORKDIR [DEVICE] -- MPIEXEC [mpiexec flags...]
 set -uo pipefail
@@ -53,4 +56,18 @@ grep -q "resumed from $work/ckpt at step 20" "$work/resumed.log" || fail "the ru
 resumed=$(sed -n 's/^val_loss_before=[0-9.]* val_loss_after=\([0-9.]*\)$/\1/p' "$work/resumed.log" | tail -n 1)
 [[ $resumed == "$after" ]] || fail "resumed run ends at validation loss '$resumed', the uninterrupted one at $after"
 
-echo "lora_check: PASS n=$n device=$device: val loss $before -> $after, resumed run $resumed, merge relative error $rel, adapter $(stat -c %s "$adapter") bytes"
+run recompute.log lora --device "$device" "${common[@]}" --recompute 1 || fail "the run with --recompute 1 failed"
+recomputed=$(sed -n 's/^val_loss_before=[0-9.]* val_loss_after=\([0-9.]*\)$/\1/p' "$work/recompute.log" | tail -n 1)
+[[ $recomputed == "$after" ]] ||
+  fail "with --recompute 1 the run ends at validation loss '$recomputed', without it at $after"
+peaks() {  # peaks LOG: "measured estimated" of the log's last activation line
+  sed -n 's/^peak_activation_bytes=\([0-9]*\) estimated_activation_bytes=\([0-9]*\)$/\1 \2/p' "$work/$1" | tail -n 1
+}
+read -r full_peak full_est <<<"$(peaks all.log)"
+read -r re_peak re_est <<<"$(peaks recompute.log)"
+[[ -n $full_peak && -n $re_peak ]] || fail "no peak_activation_bytes line in all.log or recompute.log"
+awk -v m="$full_peak" -v e="$full_est" -v rm="$re_peak" -v re="$re_est" 'BEGIN {
+  exit !(m > 0 && rm > 0 && rm < m && (e - m) / m <= 0.1 && (m - e) / m <= 0.1 && (re - rm) / rm <= 0.1 && (rm - re) / rm <= 0.1) }' ||
+  fail "activation peaks: $full_peak B measured / $full_est B estimated without recomputation, $re_peak / $re_est with it"
+
+echo "lora_check: PASS n=$n device=$device: val loss $before -> $after, resumed run $resumed, recomputed run $recomputed, activations $full_peak B (estimate $full_est) and $re_peak B recomputed (estimate $re_est), merge relative error $rel, adapter $(stat -c %s "$adapter") bytes"
