@@ -32,8 +32,9 @@
 // Units that depend on the data: every micro-step declares all units (Engine::BeginMicroStep with units), so a
 // unit the forward did not use (a branch this batch did not take, on this rank only or on every rank) contributes
 // zero gradients without holding back the reductions of the units below it. Stages 0-2 learn the units used from
-// the autograd graph at the start of backward; stage 3 from the Forward calls, which come in ascending unit order,
-// each unit at most once, and may leave units out.
+// the autograd graph at the start of backward; stage 3 from the Forward calls, which come in ascending unit order
+// and may leave units out; a unit whose weights are tied into a later use (an embedding that is also the output
+// head) runs Forward again there, and must then be persistent (Options::persist_bytes; the engine says so).
 // After a unit's GradsReady its parameters' .grad are reset to undefined: zero owns the gradient from then on
 // (clipping is Options::clip_norm; the optimizer is Options::adamw / sgd). Frozen parameters never get a .grad.
 //
@@ -48,7 +49,7 @@
 // (FSDP2's scheme): the output's backward re-gathers the unit before its backward nodes run (they read the saved
 // parameters, whose Storage is re-pointed in place), and the input's backward completes it (GradsReady, Release).
 // Outside its Forward (and its backward) a stage-3 unit's parameters have no data: evaluate between steps inside
-// Engine::GatherFull. Each unit runs once per micro-step (tied weights across units are not supported yet).
+// Engine::GatherFull. A unit's gradients are complete when backward has left every one of its Forward calls.
 // In stages 0-2 Forward simply calls fn.
 //
 // Parameters are views of zero's buffers while the TorchModule lives; its destructor gives every parameter a

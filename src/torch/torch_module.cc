@@ -86,7 +86,8 @@ class TorchModule::Impl {
     bool acquired = false;    // Acquire(u, kBackward) done this micro-step
     bool ready = false;       // GradsReady(u) done this micro-step
     bool in_graph = false;    // some trainable parameter is in a live autograd graph at the start of backward
-    bool ran_forward = false;  // stage 3: Forward(u) ran this micro-step
+    int forward_uses = 0;      // stage 3: Forward(u) calls this micro-step (a tied unit: more than one)
+    int inputs_passed = 0;     // stage 3: of those, the ones whose input's backward (UnitInput) has run
     bool used = false;         // at the start of backward: used in this micro-step's forward (see StartBackward)
   };
 
@@ -163,7 +164,7 @@ class TorchModule::Impl {
     MarkUnitsInGraph();
     for (int u = 0; u < static_cast<int>(units.size()); ++u) {
       Unit& unit = units[static_cast<size_t>(u)];
-      unit.used = stage3 ? unit.ran_forward : unit.in_graph;
+      unit.used = stage3 ? unit.forward_uses > 0 : unit.in_graph;
       if (!stage3 && unit.used) {
         Check(engine->Acquire(u, Pass::kForward));
         Check(engine->Release(u, Pass::kForward));
@@ -251,10 +252,14 @@ class TorchModule::Impl {
     StartBackward();
     if (!units[static_cast<size_t>(unit)].acquired) AcquireForBackward(unit);
   }
-  // Stage 3, backward left the unit through its input: its gradients are complete.
+  // Stage 3, backward left the unit through its input: its gradients are complete once backward has left every use
+  // of it (a tied unit runs Forward more than once). A use whose input needed no gradient has no such hook: then the
+  // last AccumulateGrad of the unit's parameters (AfterAccumulate), or the end of backward, completes it.
   void AfterUnitBackward(int unit) {
     if (!error.ok()) Fail(error);
-    if (!units[static_cast<size_t>(unit)].ready) Complete(unit);
+    Unit& u = units[static_cast<size_t>(unit)];
+    if (++u.inputs_passed < u.forward_uses) return;
+    if (!u.ready) Complete(unit);
   }
 
   // Post-hook of the parameter's AccumulateGrad node: the gradient is in .grad now.
@@ -354,7 +359,7 @@ class TorchModule::Impl {
   Status FinishMicroStep() {
     if (!in_micro_step) return Status::Ok();
     if (!backward_started) {
-      for (Unit& u : units) u.used = stage3 && u.ran_forward;
+      for (Unit& u : units) u.used = stage3 && u.forward_uses > 0;
     }
     try {
       EndOfBackward();
@@ -418,10 +423,15 @@ Status TorchModule::Forward(int unit, const at::Tensor& input, const UnitForward
                                       "steps: Engine::GatherFull)");
   }
   Impl::Unit& u = im.units[static_cast<size_t>(unit)];
-  if (u.ran_forward) {
-    return Status::FailedPrecondition("TorchModule::Forward(" + std::to_string(unit) +
-                                      ") twice in one micro-step: run each unit once (tied weights across units "
-                                      "are not supported by the wrapper yet)");
+  // A unit used again (tied weights) is acquired again, which stage 3 allows for a persistent unit only (it gathers
+  // each other unit once per pass). Refused here, before the engine sees it, so that the engine stays usable: a
+  // persistent unit's parameter views are valid while it is not acquired, another's are not.
+  if (u.forward_uses > 0 && im.engine->Param(u.params[0]).data == nullptr) {
+    return Status::FailedPrecondition(
+        "TorchModule::Forward(" + std::to_string(unit) + ") again in one micro-step (a tied use of unit " +
+        std::to_string(unit) + ") on rank " + std::to_string(im.rank) +
+        ": stage 3 gathers each unit once per pass, so a unit used twice must stay gathered; make it persistent "
+        "(Options::persist_bytes at least its full parameter bytes)");
   }
   ZERO_RETURN_IF_ERROR(im.engine->Acquire(unit, Pass::kForward));
   try {
@@ -436,7 +446,7 @@ Status TorchModule::Forward(int unit, const at::Tensor& input, const UnitForward
   ZERO_RETURN_IF_ERROR(im.engine->Release(unit, Pass::kForward));
   im.PointAtNothing(unit);
   if (torch::GradMode::is_enabled() && y.requires_grad()) y = UnitOutput::apply(y, self, unit);
-  u.ran_forward = true;
+  ++u.forward_uses;
   *output = y;
   return Status::Ok();
 }
@@ -613,7 +623,8 @@ Status TorchModule::BeginMicroStep(int micro, bool is_last) {
     u.accumulated = 0;
     u.acquired = false;
     u.ready = false;
-    u.ran_forward = false;
+    u.forward_uses = 0;
+    u.inputs_passed = 0;
     u.used = false;
   }
   im.in_micro_step = true;
