@@ -548,6 +548,85 @@ TEST(TorchModuleTest, TiedWeightsAcrossUnitsMatchTorchAdamW) {
   }
 }
 
+// A forward-only pass between steps with the training forward code: stage 3 gathers unit by unit (the module's
+// parameters have data only inside each Forward), stages 0-2 run the module as it is. After 4 steps the eval loss
+// equals the loss of torch's AdamW-trained reference on the same batch within 1e-5 relative (the parameters agree
+// within 3e-6, TwentyStepsMatchTorchAdamW), training goes on afterwards, and BeginEval inside a micro-step is
+// refused.
+TEST(TorchModuleTest, EvalPassBetweenStepsMatchesTorch) {
+  torch::set_num_threads(1);
+  auto comm = OpenComm();
+  ASSERT_NE(comm, nullptr);
+  const int world = comm->world_size(), rank = comm->rank();
+  constexpr int kTrainSteps = 4;
+  Net ref = MakeNet();
+  {
+    std::vector<torch::Tensor> trainable;
+    for (auto& p : ref->parameters()) {
+      if (p.requires_grad()) trainable.push_back(p);
+    }
+    torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(kLr).weight_decay(kWeightDecay));
+    for (int step = 0; step < kTrainSteps; ++step) {
+      Batch b = GlobalBatch(step);
+      opt.zero_grad();
+      torch::mse_loss(ref->forward(b.x, UseSide(step)), b.y).backward();
+      opt.step();
+    }
+  }
+  const Batch held_out = GlobalBatch(99);
+  double want = 0.0;
+  {
+    torch::NoGradGuard no_grad;
+    want = torch::mse_loss(ref->forward(held_out.x, false), held_out.y).item<double>();
+  }
+  for (Stage stage : {Stage::kGradients, Stage::kParameters}) {
+    Net net = MakeNet();
+    std::unique_ptr<TorchModule> zm;
+    Status s = TorchModule::Wrap(net.ptr(), ZeroOptions(stage), comm.get(), {}, &zm);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    const int64_t rows = kBatch / world;
+    auto train = [&](int step) {
+      Batch b = GlobalBatch(step);
+      ASSERT_TRUE(zm->BeginMicroStep(0, true).ok());
+      const torch::Tensor x = b.x.narrow(0, rank * rows, rows);
+      torch::Tensor out = stage == Stage::kParameters ? net->forward_units(*zm, x, UseSide(step))
+                                                      : net->forward(x, UseSide(step));
+      torch::mse_loss(out, b.y.narrow(0, rank * rows, rows)).backward();
+      StepResult result;
+      Status st = zm->Step(StepArgs(), &result);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+    };
+    for (int step = 0; step < kTrainSteps; ++step) train(step);
+
+    ASSERT_TRUE(zm->BeginEval().ok());
+    torch::Tensor out;
+    if (stage == Stage::kParameters) {
+      out = net->forward_units(*zm, held_out.x, false);  // grad mode on: each Forward turns it off itself
+      EXPECT_FALSE(out.requires_grad()) << "a stage-3 eval pass built an autograd graph";
+    } else {
+      torch::NoGradGuard no_grad;  // stages 0-2 run the module as it is: the trainer's guard, as without zero
+      out = net->forward(held_out.x, false);
+    }
+    ASSERT_TRUE(zm->EndEval().ok());
+    const double got = torch::mse_loss(out, held_out.y).item<double>();
+    if (rank == 0) {
+      std::printf("eval, stage %d world %d: loss %.9g, torch %.9g\n", static_cast<int>(stage), world, got, want);
+    }
+    EXPECT_NEAR(got, want, 1e-5 * want) << "stage " << static_cast<int>(stage);
+    if (stage == Stage::kParameters) {
+      EXPECT_EQ(net->head->weight.data_ptr(), nullptr);  // dropped again
+    }
+
+    train(kTrainSteps);  // training goes on after the eval pass
+    ASSERT_TRUE(zm->BeginMicroStep(0, true).ok());
+    s = zm->BeginEval();
+    EXPECT_EQ(s.code(), StatusCode::kFailedPrecondition) << s.ToString();
+    EXPECT_TRUE(Contains(s, "call Step first")) << s.ToString();
+    StepResult result;
+    ASSERT_TRUE(zm->Step(StepArgs(), &result).ok());
+  }
+}
+
 TEST(TorchModuleTest, ParameterRegisteredAfterWrapIsRefused) {
   auto comm = OpenComm();
   ASSERT_NE(comm, nullptr);

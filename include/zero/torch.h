@@ -48,8 +48,8 @@
 // points the parameters at nothing again; it puts identity autograd functions on the unit's input and output
 // (FSDP2's scheme): the output's backward re-gathers the unit before its backward nodes run (they read the saved
 // parameters, whose Storage is re-pointed in place), and the input's backward completes it (GradsReady, Release).
-// Outside its Forward (and its backward) a stage-3 unit's parameters have no data: evaluate between steps inside
-// Engine::GatherFull. A unit's gradients are complete when backward has left every one of its Forward calls.
+// Outside its Forward (and its backward) a stage-3 unit's parameters have no data: evaluate between steps with
+// BeginEval, the Forward calls, EndEval (below). A unit's gradients are complete when backward has left every one of its Forward calls.
 // In stages 0-2 Forward simply calls fn.
 //
 // Parameters are views of zero's buffers while the TorchModule lives; its destructor gives every parameter a
@@ -112,6 +112,14 @@ class TorchModule {
   // Completes the micro-steps' bookkeeping, then Engine::Step: reduces what remains, clips, updates, and waits
   // until the parameters the module reads hold the new values.
   Status Step(const StepArgs& args, StepResult* result);
+
+  // A forward-only pass between steps (validation), in any stage, with the training forward code: BeginEval, the
+  // forward (stage 3: its Forward calls, each gathering its unit and dropping it after, so the pass needs one
+  // unit's memory at a time, not the model's), EndEval. In an eval pass Forward runs fn without autograd
+  // (torch::NoGradGuard) and attaches no hooks. Collective (Engine::BeginEval / EndEval); not inside a step's
+  // micro-steps.
+  Status BeginEval();
+  Status EndEval();
 
   // Checkpoints and export under the parameters' state_dict names (the ParamSpec names; module buffers such as
   // BatchNorm statistics are not parameters and are not included). Collective, between steps; see Engine::Save,

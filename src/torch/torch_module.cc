@@ -99,6 +99,7 @@ class TorchModule::Impl {
   std::vector<Param> params;
   std::vector<Unit> units;
   bool in_micro_step = false;    // BeginMicroStep called, its backward not finished
+  bool in_eval = false;          // between BeginEval and EndEval
   bool backward_started = false;  // a hook of this micro-step ran
   int64_t fallback_copies = 0;
   Status error;  // first error of a hook; sticky
@@ -413,14 +414,31 @@ Status TorchModule::Forward(int unit, const at::Tensor& input, const UnitForward
     return Status::InvalidArgument("TorchModule::Forward: unit " + std::to_string(unit) + " does not exist (" +
                                    std::to_string(im.units.size()) + " units)");
   }
+  if (im.in_eval) {  // forward only, in every stage: no autograd, no hooks; stage 3 gathers the unit for fn
+    if (im.stage3) {
+      ZERO_RETURN_IF_ERROR(im.engine->Acquire(unit, Pass::kForward));
+      try {
+        im.PointAtGathered(unit);
+      } catch (const std::exception&) {
+        return im.error;
+      }
+    }
+    {
+      torch::NoGradGuard no_grad;  // a graph would keep parameters whose storage points at nothing after this
+      *output = fn(input);
+    }
+    if (!im.stage3) return Status::Ok();
+    im.PointAtNothing(unit);
+    return im.engine->Release(unit, Pass::kForward);
+  }
   if (!im.stage3) {  // parameters are always there
     *output = fn(input);
     return Status::Ok();
   }
   if (!im.in_micro_step) {
     return Status::FailedPrecondition("TorchModule::Forward(" + std::to_string(unit) +
-                                      ") outside a micro-step: call BeginMicroStep first (evaluation between "
-                                      "steps: Engine::GatherFull)");
+                                      ") outside a micro-step: call BeginMicroStep first (a forward-only pass "
+                                      "between steps: BeginEval)");
   }
   Impl::Unit& u = im.units[static_cast<size_t>(unit)];
   // A unit used again (tied weights) is acquired again, which stage 3 allows for a persistent unit only (it gathers
@@ -641,6 +659,26 @@ Status TorchModule::Step(const StepArgs& args, StepResult* result) {
   // Step queues the post-step all-gather; torch reads the buffers directly, so wait for it here (Param waits).
   // Stage 3 gathers at Acquire.
   if (!im.stage3 && im.engine->Param(0).data == nullptr) return im.engine->healthy();
+  return Status::Ok();
+}
+
+Status TorchModule::BeginEval() {
+  Impl& im = *impl_;
+  ZERO_RETURN_IF_ERROR(im.error);
+  if (im.in_micro_step) {
+    return Status::FailedPrecondition("TorchModule::BeginEval on rank " + std::to_string(im.rank) +
+                                      ": a micro-step is in progress; call Step first");
+  }
+  ZERO_RETURN_IF_ERROR(im.engine->BeginEval());
+  im.in_eval = true;
+  return Status::Ok();
+}
+
+Status TorchModule::EndEval() {
+  Impl& im = *impl_;
+  ZERO_RETURN_IF_ERROR(im.error);
+  ZERO_RETURN_IF_ERROR(im.engine->EndEval());
+  im.in_eval = false;
   return Status::Ok();
 }
 
