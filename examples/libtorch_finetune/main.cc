@@ -5,7 +5,8 @@
 //   mpiexec -n 2 build/examples/libtorch_finetune/libtorch_finetune [--stage 0|1|2|3] [--steps N] [--out DIR]
 //                                                                  [--device cpu|cuda]
 //
-// Prints one line per step (rank 0's loss, the gradient norm) and `loss_first=X loss_last=Y`; with --out it writes a
+// Prints one line per step (rank 0's loss, the gradient norm) and `loss_first=X loss_last=Y val_loss=Z` (Z on a
+// held-out batch, through TorchModule's eval pass); with --out it writes a
 // sharded checkpoint and a safetensors export (state_dict names). Exits 1 if the loss did not halve. --device cuda
 // (a CUDA libtorch and a zero built with CUDA): the module on this rank's GPU, zero's Backend::kCuda over NCCL
 // bootstrapped through the MPI Comm (no mpi.h needed); the data is made on the CPU, the same on every device.
@@ -119,11 +120,26 @@ int main(int argc, char** argv) {
       std::printf("step %3d  loss %.5f  grad_norm %.4f  clip %.3f\n", step, l, result.grad_norm, result.clip_coef);
     }
   }
+  // Validation on a held-out batch (every rank the whole batch): at stage 3 each unit is gathered for its Forward
+  // and dropped after, as in training, without autograd.
+  double val = 0.0;
+  {
+    torch::manual_seed(999);
+    torch::Tensor x = torch::randn({kBatch, kIn}).to(on);
+    torch::NoGradGuard no_grad;
+    const torch::Tensor y = teacher->forward(x);
+    CHECK_OK(zm->BeginEval());                                               // zero
+    torch::Tensor pred = stage == 3 ? model->forward_units(*zm, x) : model->forward(x);
+    CHECK_OK(zm->EndEval());                                                 // zero
+    val = torch::mse_loss(pred, y).item<double>();
+  }
   if (!out.empty()) {
     CHECK_OK(zm->Save(out, "step-" + std::to_string(steps)));                // zero: sharded checkpoint
     CHECK_OK(zm->Export(out + "/model.safetensors"));                        // zero: state_dict names
   }
-  if (rank == 0) std::printf("loss_first=%.5f loss_last=%.5f device=%s\n", first, last, on.str().c_str());
+  if (rank == 0) {
+    std::printf("loss_first=%.5f loss_last=%.5f val_loss=%.5f device=%s\n", first, last, val, on.str().c_str());
+  }
   zm.reset();  // the module gets private copies of its trained parameters back (stage 3: gathered)
   if (!(last < 0.5 * first)) {
     std::fprintf(stderr, "rank %d: the loss did not halve (%.5f -> %.5f)\n", rank, first, last);
