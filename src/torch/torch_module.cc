@@ -54,9 +54,13 @@ at::Tensor TensorAt(void* data, const std::vector<int64_t>& shape, const c10::De
 // torch's default stream), where this libtorch can say (c10::Stream::native_handle, torch >= 2.2); -1 where not.
 int64_t TorchCurrentStream([[maybe_unused]] const c10::Device& device) {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 2)
-  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
-  const auto handle = reinterpret_cast<intptr_t>(stream.native_handle());
-  return handle == 1 ? 0 : static_cast<int64_t>(handle);  // cudaStreamLegacy is the legacy default stream too
+  try {  // a libtorch whose CUDA backend cannot name its streams throws (c10::Error): then we cannot tell
+    const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+    const auto handle = reinterpret_cast<intptr_t>(stream.native_handle());
+    return handle == 1 ? 0 : static_cast<int64_t>(handle);  // cudaStreamLegacy is the legacy default stream too
+  } catch (const std::exception&) {
+    return -1;
+  }
 #else
   return -1;
 #endif
