@@ -573,21 +573,33 @@ Status TorchModule::Wrap(std::shared_ptr<torch::nn::Module> module, const Option
   ZERO_RETURN_IF_ERROR(Engine::Open(options, comm, specs, &impl->engine));
   Impl* raw = impl.get();
   ZERO_RETURN_IF_ERROR(raw->CheckStream("TorchModule::Wrap"));
-  ZERO_RETURN_IF_ERROR(impl->engine->InitParams([raw](int param, int64_t off, int64_t count, float* dst) {
-    const at::Tensor src = raw->params[static_cast<size_t>(param)].tensor.detach().contiguous();
-    if (src.device().is_cpu()) {
-      std::memcpy(dst, src.data_ptr<float>() + off, static_cast<size_t>(count) * sizeof(float));
-      return;
+  // torch reports errors by exception (c10::Error): a failed copy becomes Wrap's status, not an exception through
+  // the engine.
+  Status copy_error;
+  ZERO_RETURN_IF_ERROR(impl->engine->InitParams([raw, &copy_error](int param, int64_t off, int64_t count, float* dst) {
+    const Impl::Param& p = raw->params[static_cast<size_t>(param)];
+    try {
+      const at::Tensor src = p.tensor.detach().contiguous();
+      if (src.device().is_cpu()) {
+        std::memcpy(dst, src.data_ptr<float>() + off, static_cast<size_t>(count) * sizeof(float));
+        return;
+      }
+      // On the GPU: this slice, copied to the host on torch's stream and waited for.
+      const at::Tensor part = src.reshape({-1}).narrow(0, off, count).to(torch::kCPU);
+      std::memcpy(dst, part.data_ptr<float>(), static_cast<size_t>(count) * sizeof(float));
+    } catch (const std::exception& e) {
+      if (copy_error.ok()) {
+        copy_error = Status::Internal("TorchModule::Wrap: copying parameter '" + p.name + "' in failed: " + e.what());
+      }
+      std::memset(dst, 0, static_cast<size_t>(count) * sizeof(float));
     }
-    // On the GPU: this slice, copied to the host on torch's stream and waited for.
-    const at::Tensor part = src.reshape({-1}).narrow(0, off, count).to(torch::kCPU);
-    std::memcpy(dst, part.data_ptr<float>(), static_cast<size_t>(count) * sizeof(float));
   }));
+  ZERO_RETURN_IF_ERROR(copy_error);
 
   impl->module = module;  // from here on, ~Impl gives the parameters their own memory back
   // Re-point the parameters at zero's buffers (set_data keeps the Parameter object, its requires_grad and the
   // module's references; the same dtype and device keep its autograd metadata). Then hook the accumulators.
-  {
+  try {
     torch::NoGradGuard no_grad;
     impl->stage3 = options.stage == Stage::kParameters;
     for (size_t i = 0; i < impl->params.size(); ++i) {
@@ -602,6 +614,9 @@ Status TorchModule::Wrap(std::shared_ptr<torch::nn::Module> module, const Option
       if (v.data == nullptr) return Status::Internal("TorchModule::Wrap: no parameter view for '" + p.name + "'");
       p.tensor.set_data(TensorAt(v.data, p.shape, device));
     }
+  } catch (const std::exception& e) {
+    return Status::Internal(std::string("TorchModule::Wrap: pointing the parameters at zero's buffers failed: ") +
+                            e.what());
   }
   for (size_t i = 0; i < impl->params.size(); ++i) {
     Impl::Param& p = impl->params[i];
