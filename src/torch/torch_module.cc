@@ -204,6 +204,16 @@ class TorchModule::Impl {
   void SetStorage(Param& q, void* data) const {
     q.tensor.storage().unsafeGetStorageImpl()->set_data_ptr_noswap(at::DataPtr(data, device));
   }
+  // Stage 3, a unit's forward (training or eval): acquire it and point its parameters at the gathered copy.
+  Status AcquireForForward(int unit) {
+    ZERO_RETURN_IF_ERROR(engine->Acquire(unit, Pass::kForward));
+    try {
+      PointAtGathered(unit);
+    } catch (const std::exception&) {
+      return error;  // PointAtGathered recorded it
+    }
+    return Status::Ok();
+  }
   void PointAtGathered(int unit) {
     for (int j : units[static_cast<size_t>(unit)].params) {
       Param& q = params[static_cast<size_t>(j)];
@@ -420,12 +430,7 @@ Status TorchModule::Forward(int unit, const at::Tensor& input, const UnitForward
   }
   if (im.in_eval) {  // forward only, in every stage: no autograd, no hooks; stage 3 gathers the unit for fn
     if (im.stage3) {
-      ZERO_RETURN_IF_ERROR(im.engine->Acquire(unit, Pass::kForward));
-      try {
-        im.PointAtGathered(unit);
-      } catch (const std::exception&) {
-        return im.error;
-      }
+      ZERO_RETURN_IF_ERROR(im.AcquireForForward(unit));
     }
     {
       torch::NoGradGuard no_grad;  // a graph would keep parameters whose storage points at nothing after this
@@ -455,12 +460,7 @@ Status TorchModule::Forward(int unit, const at::Tensor& input, const UnitForward
         ": stage 3 gathers each unit once per pass, so a unit used twice must stay gathered; make it persistent "
         "(Options::persist_bytes at least its full parameter bytes)");
   }
-  ZERO_RETURN_IF_ERROR(im.engine->Acquire(unit, Pass::kForward));
-  try {
-    im.PointAtGathered(unit);
-  } catch (const std::exception&) {
-    return im.error;
-  }
+  ZERO_RETURN_IF_ERROR(im.AcquireForForward(unit));
   const auto self = static_cast<int64_t>(reinterpret_cast<intptr_t>(&im));
   at::Tensor x = input;
   if (torch::GradMode::is_enabled() && input.requires_grad()) x = UnitInput::apply(input, self, unit);
@@ -684,11 +684,7 @@ Status TorchModule::Step(const StepArgs& args, StepResult* result) {
 Status TorchModule::BeginEval() {
   Impl& im = *impl_;
   ZERO_RETURN_IF_ERROR(im.error);
-  if (im.in_micro_step) {
-    return Status::FailedPrecondition("TorchModule::BeginEval on rank " + std::to_string(im.rank) +
-                                      ": a micro-step is in progress; call Step first");
-  }
-  ZERO_RETURN_IF_ERROR(im.engine->BeginEval());
+  ZERO_RETURN_IF_ERROR(im.engine->BeginEval());  // refuses inside a training step, saying so
   im.in_eval = true;
   return Status::Ok();
 }
