@@ -365,8 +365,9 @@ Status NewCudaDevice(int ordinal, void* compute_stream, std::unique_ptr<Device>*
     (void)Reported(rc);
     return Status::Unavailable("CUDA device " + std::to_string(ordinal) + " cannot be used: " + cudaGetErrorString(rc));
   }
-  // The trainer's stream must be a live stream of this device: an event of the device recorded on it says so
-  // (cudaEventRecord fails for a stream of another device or a destroyed handle).
+  // The trainer's stream must be a stream of this device: an event of the device recorded on it says so
+  // (cudaEventRecord fails for a stream of another device; a destroyed handle is undefined behaviour, which the
+  // runtime may or may not report).
   if (compute_stream != nullptr) {
     cudaEvent_t probe = nullptr;
     rc = cudaEventCreateWithFlags(&probe, cudaEventDisableTiming);

@@ -169,7 +169,7 @@ std::unique_ptr<Device> NewCpuDevice();
 // stream) is the trainer's stream: RecordCompute/WaitCompute and every call given a null stream use it, and
 // CopyToDevice/CopyToHost wait for it first. Fails with Unavailable, saying why, when this build has no CUDA
 // support or the machine has no usable device (no driver, no GPU); with InvalidArgument when `compute_stream` is
-// not a live stream of that device.
+// a stream of another device.
 Status NewCudaDevice(int ordinal, void* compute_stream, std::unique_ptr<Device>* device);
 
 // Bytes of `kind` allocated through any Device in this process and not yet freed (tests: an engine's
