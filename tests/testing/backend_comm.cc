@@ -1,6 +1,7 @@
 // Which Comm the CUDA test cases get (backend_comm.h).
 #include "testing/backend_comm.h"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <set>
@@ -22,6 +23,42 @@ void Announce(int rank, const std::string& what) {
   std::fflush(stdout);
 }
 
+// What opening the CUDA cases' Comms cost this process, said by rank 0 when the process ends: on the GPU machine a
+// phase's time budget is mostly communicator set-up (each case opens a Comm, and Engine::Open splits it once more),
+// so the GPU run's summary shows the measured cost beside each suite's counts. The first open of the process also
+// times one Duplicate, the ncclCommSplit every Engine::Open does, which the harness cannot see otherwise.
+class OpenTimes {
+ public:
+  ~OpenTimes() {
+    if (rank_ != 0 || opens_ == 0) return;
+    std::printf("[ cuda comm ] opened %d %s in %.2f s (mean %.0f ms, slowest %.0f ms)%s\n", opens_, kind_.c_str(),
+                total_s_, 1e3 * total_s_ / opens_, 1e3 * max_s_, duplicate_.c_str());
+    std::fflush(stdout);
+  }
+  void Add(const std::string& kind, double seconds) {
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank_);  // world rank 0 speaks, whichever communicator it opened over
+    kind_ = kind_.empty() || kind_ == kind ? kind : "Comms";
+    ++opens_;
+    total_s_ += seconds;
+    if (seconds > max_s_) max_s_ = seconds;
+  }
+  bool duplicate_timed() const { return !duplicate_.empty(); }
+  void SetDuplicate(const std::string& what) { duplicate_ = what; }
+
+ private:
+  int rank_ = -1, opens_ = 0;
+  std::string kind_, duplicate_;
+  double total_s_ = 0, max_s_ = 0;
+};
+OpenTimes& Times() {
+  static OpenTimes times;
+  return times;
+}
+
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 std::string EnvOr(const char* name, const char* fallback) {
   const char* v = std::getenv(name);
   return v == nullptr ? fallback : v;
@@ -41,6 +78,24 @@ std::unique_ptr<Comm> OpenStaged(MPI_Comm mpi_comm, int device, std::chrono::mil
     return nullptr;
   }
   return std::make_unique<StagedComm>(std::move(inner), std::shared_ptr<StagingMemory>(std::move(memory)));
+}
+
+// One Duplicate of a fresh NcclComm, timed (collective: every rank of the Comm comes here for it, having agreed that
+// none has timed one yet). A failure is said, not fatal: the case goes on with `comm`.
+void TimeOneDuplicate(Comm& comm) {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::unique_ptr<Comm> dup;
+  const Status s = comm.Duplicate(&dup);
+  const double seconds = SecondsSince(t0);
+  dup.reset();
+  char line[160];
+  if (s.ok()) {
+    std::snprintf(line, sizeof(line), "; one Duplicate (Engine::Open's ncclCommSplit) %.0f ms", 1e3 * seconds);
+  } else {
+    std::snprintf(line, sizeof(line), "; one Duplicate failed after %.0f ms", 1e3 * seconds);
+    std::fprintf(stderr, "OpenCudaTestComm: timing a Duplicate: %s\n", s.ToString().c_str());
+  }
+  Times().SetDuplicate(line);
 }
 
 struct Placement {
@@ -84,9 +139,11 @@ std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseco
   const int local_size = place.local_size, devices = place.devices;
   // Once NCCL refused shared GPUs in this process, later comms go straight to StagedComm. Agreed with the
   // ranks of `mpi_comm` like the rest: a rank that was not in the earlier communicator does not know.
+  // The Duplicate is timed once, where no rank of `mpi_comm` has timed one yet (agreed, since it is collective).
   static bool nccl_refused_sharing = false;
-  int mine[2] = {local_size > devices ? 1 : 0, nccl_refused_sharing ? 1 : 0}, any[2] = {0, 0};
-  MPI_Allreduce(mine, any, 2, MPI_INT, MPI_MAX, mpi_comm);
+  int mine[3] = {local_size > devices ? 1 : 0, nccl_refused_sharing ? 1 : 0, Times().duplicate_timed() ? 1 : 0};
+  int any[3] = {0, 0, 0};
+  MPI_Allreduce(mine, any, 3, MPI_INT, MPI_MAX, mpi_comm);
   const bool any_shared = any[0] != 0;
   const std::string forced = EnvOr("ZERO_TEST_STAGED_COMM", "");
   const bool multi_rank_nccl = EnvOr("NCCL_MULTI_RANK_GPU_ENABLE", "") == "1";
@@ -109,9 +166,12 @@ std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseco
     options.timeout = timeout;
     options.ranks_per_node = ranks_per_node;
     std::unique_ptr<Comm> comm;
+    const auto t0 = std::chrono::steady_clock::now();
     const Status s = Comm::OpenNccl(MPI_Comm_c2f(mpi_comm), options, &comm);
     if (s.ok()) {
+      Times().Add("NcclComm", SecondsSince(t0));
       Announce(rank, "NcclComm, " + ranks + (any_shared ? " sharing GPUs (NCCL_MULTI_RANK_GPU_ENABLE=1)" : ""));
+      if (any[2] == 0) TimeOneDuplicate(*comm);
       return comm;
     }
     // OpenNccl agrees on its outcome across ranks, so every rank takes the same branch here.
@@ -129,7 +189,10 @@ std::unique_ptr<Comm> OpenCudaTestComm(MPI_Comm mpi_comm, std::chrono::milliseco
   }
   Announce(rank, "StagedComm (device buffers through host memory and MPI), " + ranks + " on " +
                      std::to_string(devices) + " GPU" + (devices == 1 ? "" : "s") + ": " + why);
-  return OpenStaged(mpi_comm, device, timeout, ranks_per_node);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto comm = OpenStaged(mpi_comm, device, timeout, ranks_per_node);
+  if (comm != nullptr) Times().Add("StagedComm", SecondsSince(t0));
+  return comm;
 }
 
 bool SumsInRingOrder(const Comm& comm) {
