@@ -457,6 +457,16 @@ nvidia-smi --query-gpu=memory.used,temperature.gpu --format=csv,noheader 2>/dev/
 verdicts=$(grep -cE '^(PASS|FAIL|SKIP|TIMEOUT)' "$summary")
 bad=$(grep -cE '^(FAIL|TIMEOUT)' "$summary")
 note "total $((SECONDS - start))s: $verdicts steps, $bad failed or timed out"
+# What the phases' time did not reach, as the command that runs just that (suites by name, in the phases they need).
+late=$(sed -n "s/^SKIP \([^ ]*\) (the phase's time is spent)$/\1/p" "$summary")
+late_suites=$(grep -oE '^[a-z_0-9]+_test' <<<"$late" | sort -u | tr '\n' ' ')
+if [[ -n $late_suites ]]; then
+  late_phases=""
+  grep -qE '_test\.np1$' <<<"$late" && late_phases+=" np1"
+  grep -qE '_test\.np2(\.staged)?$' <<<"$late" && late_phases+=" multirank"
+  grep -qE '_test\.np[34](\.staged)?$' <<<"$late" && late_phases+=" multirank4"
+  note "next: what the time did not reach: ZGPU_PHASES='${late_phases# }' ZGPU_SUITES='${late_suites% }' bash .gpu/gpu_run.sh"
+fi
 [[ " $phases " == *" bench "* ]] ||
   note "next: the benchmarks (issue 16), about 3 minutes: ZGPU_PHASES=bench bash .gpu/gpu_run.sh"
 # The benchmarks' JSON as bench/gpu/run.sh wrote them (at most 4: zero_bench_gpu, zero_bench_gpu_card24,
