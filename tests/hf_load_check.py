@@ -51,6 +51,13 @@ except ImportError as e:
     fail(f"{e}: install the Python packages with scripts/deps.sh (Debian's python3-torch, pinned transformers/peft)")
 
 
+def fp32():
+    """from_pretrained's keyword for fp32 weights: `dtype` since transformers 4.56, which deprecates `torch_dtype`
+    (it warns in 5.x and is to go in 6); the pinned 4.40 knows only `torch_dtype`."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
 def relative_error(got, want):
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
@@ -118,7 +125,7 @@ def main():
         fail(f"config.json says vocab_size {config.vocab_size}, zero's logits have {zero['base'].shape[-1]}")
 
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True,
-                                                             torch_dtype=torch.float32)
+                                                             **fp32())
     if not isinstance(base, transformers.LlamaForCausalLM):
         fail(f"{base_dir} loads as {type(base).__name__}")
     base.eval()
@@ -137,12 +144,12 @@ def main():
             named = json.load(f)["base_model_name_or_path"]
         if os.path.realpath(named) != os.path.realpath(base_dir):
             fail(f"adapter_config.json names {named!r} as the base, not {base_dir}")
-        auto = peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir, torch_dtype=torch.float32)
+        auto = peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir, **fp32())
         auto.eval()
         compare("adapter (AutoPeftModelForCausalLM)", logits_of(auto, tokens), zero["adapter"])
 
     merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, local_files_only=True,
-                                                               torch_dtype=torch.float32)
+                                                               **fp32())
     merged.eval()
     compare("merged", logits_of(merged, tokens), zero["merged"])
 
