@@ -1,6 +1,7 @@
 #include "checkpoint_format.h"
 
 #include <fcntl.h>
+#include <ftw.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -500,6 +501,11 @@ Status VerifyBuffer(std::string_view data, const File& file, int64_t block_bytes
 // ---------------------------------------------------------------------------------------------------------------
 // File system
 
+// MakeDirs uses std::filesystem's error_code form (it reports instead of throwing). RemoveAll walks the tree with
+// POSIX nftw instead of std::filesystem::remove_all: in a process with PyTorch's own libtorch.so (its pip wheels,
+// e.g. a zero::torch trainer), that library exports a copy of std::filesystem which takes precedence over
+// libstdc++'s, and its remove_all calls a libstdc++ function that an older libstdc++ lacks (GCC 12's, Debian 12):
+// with torch 2.11 on Debian 12 it jumps to address 0 for any non-empty directory, whichever form is called.
 Status MakeDirs(const std::string& path) {
   std::error_code ec;
   std::filesystem::create_directories(path, ec);
@@ -507,11 +513,27 @@ Status MakeDirs(const std::string& path) {
   return Status::Ok();
 }
 
+namespace {
+// Children before their directory (FTW_DEPTH), links not followed (FTW_PHYS). A non-zero return stops the walk and
+// is what nftw returns: the errno of the entry that could not be removed, its path kept for the message.
+thread_local std::string remove_failed_at;
+int RemoveEntry(const char* path, const struct stat*, int, struct FTW*) {
+  if (::remove(path) == 0 || errno == ENOENT) return 0;
+  remove_failed_at = path;
+  return errno;
+}
+}  // namespace
+
 Status RemoveAll(const std::string& path) {
-  std::error_code ec;
-  std::filesystem::remove_all(path, ec);
-  if (ec) return Status::IoError("cannot remove " + path + ": " + ec.message());
-  return Status::Ok();
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    return errno == ENOENT ? Status::Ok() : Status::IoError(Errno("cannot remove", path));
+  }
+  remove_failed_at.clear();
+  const int rc = ::nftw(path.c_str(), RemoveEntry, /*fd_limit=*/16, FTW_DEPTH | FTW_PHYS);
+  if (rc == 0) return Status::Ok();
+  if (rc > 0) errno = rc;  // from RemoveEntry; -1: nftw itself failed, errno says why
+  return Status::IoError(Errno("cannot remove", remove_failed_at.empty() ? path : remove_failed_at));
 }
 
 Status FsyncDir(const std::string& path) {

@@ -478,10 +478,26 @@ TEST_P(CorruptionTest, InterruptedSaveKeepsThePreviousCheckpoint) {
   ZERO_ASSERT_OK(e->Load(root_));
   EXPECT_EQ(e->step(), 3);
   EXPECT_EQ(MaxRelDiff(GatherToyParams(*e), before_), 0.0);
-  // The next save with the same tag replaces the leftover .tmp directory.
+  // The next save with the same tag replaces the leftover .tmp directory, all of it: a stray file and a nested
+  // directory planted in it are gone, and a symbolic link in it is removed without following it (the directory it
+  // points to keeps its file).
+  const fs::path leftover = fs::path(root_) / "broken.tmp", outside = fs::path(root_) / "outside";
+  if (WorldRank() == 0) {
+    fs::create_directories(leftover / "nested" / "deeper");  // the failed save's .tmp, or a new one
+    std::ofstream(leftover / "nested" / "deeper" / "stray") << "stray";
+    std::ofstream(leftover / "stray") << "stray";
+    fs::create_directories(outside);
+    std::ofstream(outside / "keep") << "keep";
+    fs::create_directory_symlink(outside, leftover / "link");
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
   EngineTestPeer::Hooks(*engine_).save_fail_rank = -1;
   ZERO_EXPECT_OK(engine_->Save(root_, "broken"));
   EXPECT_EQ(Slurp(fs::path(root_) / "latest"), "broken\n");
+  EXPECT_FALSE(fs::exists(leftover));
+  const fs::path saved = fs::path(root_) / "broken";
+  EXPECT_FALSE(fs::exists(saved / "stray") || fs::exists(saved / "nested") || fs::exists(saved / "link"));
+  EXPECT_EQ(Slurp(outside / "keep"), "keep");
 }
 
 TEST_P(CorruptionTest, SaveRejectsBadCalls) {
