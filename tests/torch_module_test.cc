@@ -3,11 +3,11 @@
 // this run's ranks (1-4, each on its slice of the batch), micro-steps 1 and 2; stage 3 through one
 // TorchModule::Forward call per unit. Also: gradients land in zero's buffers (not in tensors torch allocated),
 // frozen parameters cost no gradient or optimizer memory, and bad use gets a clear status.
+#include <ftw.h>
 #include <mpi.h>
 #include <unistd.h>
 
 #include <cmath>
-#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <stdexcept>
@@ -110,6 +110,18 @@ struct Trace {
   std::vector<double> grad_norm;  // per step, of the averaged gradient
 };
 
+// The optimizer semantics zero follows, on every libtorch: a trainable parameter that gets no gradient in a step is
+// stepped as if its gradient were zero (AdamW still decays it and its moments). libtorch 1.13's
+// Optimizer::zero_grad() zeroes defined gradients in place, which gives torch's AdamW the same semantics; since 2.0
+// it sets them undefined by default (set_to_none), and torch's AdamW then skips a parameter without a gradient
+// entirely (no decay, no moment update, its own step count held back). The references zero the gradients in place
+// so that they are the same on every version (the side branch below gets no gradient in odd steps).
+void ZeroGradsInPlace(const std::vector<torch::Tensor>& params) {
+  for (const auto& p : params) {
+    if (p.grad().defined()) p.grad().zero_();
+  }
+}
+
 // Plain libtorch: one process, whole batch, torch::optim::AdamW with the same hyper-parameters.
 Trace TrainReference(Net net) {
   std::vector<torch::Tensor> trainable;
@@ -121,7 +133,7 @@ Trace TrainReference(Net net) {
   Trace trace;
   for (int step = 0; step < kSteps; ++step) {
     Batch b = GlobalBatch(step);
-    opt.zero_grad();  // 1.13: zeroes defined gradients in place (a gradient once defined stays defined)
+    ZeroGradsInPlace(trainable);  // a gradient once defined stays defined, as with 1.13's zero_grad()
     torch::Tensor loss = torch::mse_loss(net->forward(b.x, UseSide(step)), b.y);
     loss.backward();
     double sq = 0.0;
@@ -500,7 +512,7 @@ TEST(TorchModuleTest, TiedWeightsAcrossUnitsMatchTorchAdamW) {
     torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(kLr).weight_decay(kWeightDecay));
     for (int step = 0; step < kSteps; ++step) {
       Batch b = GlobalBatch(step);
-      opt.zero_grad();
+      ZeroGradsInPlace(trainable);
       torch::mse_loss(ref->forward(b.x), target(b)).backward();
       opt.step();
     }
@@ -568,7 +580,7 @@ TEST(TorchModuleTest, EvalPassBetweenStepsMatchesTorch) {
     torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(kLr).weight_decay(kWeightDecay));
     for (int step = 0; step < kTrainSteps; ++step) {
       Batch b = GlobalBatch(step);
-      opt.zero_grad();
+      ZeroGradsInPlace(trainable);
       torch::mse_loss(ref->forward(b.x, UseSide(step)), b.y).backward();
       opt.step();
     }
@@ -649,6 +661,15 @@ std::string SharedDir(const std::string& what) {
   return dir;
 }
 
+// Removes a SharedDir tree. Not std::filesystem::remove_all: PyTorch's own libtorch.so (its pip wheels) exports a
+// copy of std::filesystem that takes precedence over libstdc++'s in this process, and its remove_all calls a
+// function that an older libstdc++ lacks (GCC 12's, Debian 12): with torch 2.11 there it jumps to address 0 (the
+// library's own checkpoint code avoids it the same way, src/checkpoint_format.cc).
+void RemoveTree(const std::string& dir) {
+  ::nftw(dir.c_str(), [](const char* path, const struct stat*, int, struct FTW*) { return ::remove(path); }, 16,
+         FTW_DEPTH | FTW_PHYS);
+}
+
 void TrainSteps(Net net, TorchModule& zm, const Comm& comm, Stage stage, int first, int last) {
   const int64_t rows = kBatch / comm.world_size();
   for (int step = first; step < last; ++step) {
@@ -711,7 +732,7 @@ TEST(TorchModuleTest, SaveLoadAndExportUseStateDictNames) {
     EXPECT_EQ(MaxError(b, a), 0.0) << "stage " << static_cast<int>(stage);
   }
   MPI_Barrier(MPI_COMM_WORLD);
-  if (comm->rank() == 0) std::filesystem::remove_all(root);
+  if (comm->rank() == 0) RemoveTree(root);
 }
 
 // Destroying the wrapper gives the module its own memory back, with the trained values, and removes the hooks:

@@ -112,7 +112,12 @@ PY
 
   local generator=()
   command -v ninja >/dev/null 2>&1 && generator=(-G Ninja)
-  local cmake_common=(-DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=$prefix;$torch_prefix" "${generator[@]}")
+  # torch's own folder first as a prefix too: TorchConfig.cmake's find_library searches the system's folders before
+  # the torch install it came from, so a machine that also has a system libtorch (Debian's libtorch-dev) would
+  # link that one's libtorch.so and libc10.so with this torch's headers.
+  local torch_root
+  torch_root=$(cd "$torch_prefix/../.." && pwd)
+  local cmake_common=(-DCMAKE_BUILD_TYPE=Release "-DCMAKE_PREFIX_PATH=$prefix;$torch_root;$torch_prefix" "${generator[@]}")
   local nvcc
   nvcc=$(command -v nvcc || true)
   [[ -z $nvcc && -x /usr/local/cuda/bin/nvcc ]] && nvcc=/usr/local/cuda/bin/nvcc
