@@ -19,7 +19,7 @@ const uint8_t* CodesOf(const void* payload, int64_t n) {
 int QuantizeCuda(const void* src, QuantElem kind, int64_t n, int bits, void* payload, void* stream) {
   if (n == 0) return cudaSuccess;
   const int64_t blocks = QuantBlocks(n);
-  const int grid = static_cast<int>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+  const int grid = QuantizeGrid(n);
   auto* scales = static_cast<float*>(payload);
   auto* codes = static_cast<uint8_t*>(payload) + 4 * blocks;
   QuantizeKernel<<<grid, kPairThreads, 0, static_cast<cudaStream_t>(stream)>>>(

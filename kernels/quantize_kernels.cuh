@@ -2,7 +2,8 @@
 // (kernels/quantize.cu, which launches them) and the CPU emulation test (tests/cuda_emulation_test.cc, through
 // tests/testing/cuda_emulation.h) compile the same source.
 //
-// defines: kPairThreads, QuantizeKernel, DequantizeKernel, DequantizeAddKernel, WidenAddKernel, ConvertKernel
+// defines: kPairThreads, QuantizeGrid, QuantizeKernel, DequantizeKernel, DequantizeAddKernel, WidenAddKernel,
+//          ConvertKernel
 //
 // Quantizing: one CUDA block of kPairThreads = kQuantBlock / 2 threads per quantization block (grid-stride over
 // blocks), each thread owning a pair of elements like the CPU loop's pairs; the block's maximum is a shared-memory
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/launch.cuh"
 #include "kernels/quantize.cuh"
 
 #if !defined(__CUDACC__) && !defined(ZERO_CUDA_EMULATION)
@@ -26,6 +28,13 @@ namespace zero::kernels {
 namespace {
 
 constexpr int kPairThreads = static_cast<int>(kQuantBlock / 2);
+// QuantizeKernel's maximum is a halving tree over kPairThreads slots: a power of two, or a slot is never read.
+static_assert((kPairThreads & (kPairThreads - 1)) == 0 && kPairThreads % 32 == 0 && kPairThreads <= kMaxBlockThreads,
+              "QuantizeKernel's block: a power of two of whole warps, within the runtime's block limit");
+
+// QuantizeKernel's grid for n > 0 elements: a CUDA block per quantization block, grid-stride beyond; its block is
+// kPairThreads threads (the kernel's shared arrays and pair indexing assume exactly that).
+inline int QuantizeGrid(int64_t n) { return static_cast<int>(std::min<int64_t>(kMaxBlocks, QuantBlocks(n))); }
 
 __global__ void QuantizeKernel(const void* src, QuantElem kind, int64_t n, int bits, float* scales, uint8_t* codes,
                                int64_t code_bytes, int64_t padded_code_bytes) {

@@ -31,7 +31,7 @@ int SumSquaresCuda(const SumSquaresRange* ranges, int64_t count, GradKind gk, vo
       cudaMemcpyAsync(tasks, table.data(), table.size() * sizeof(SumSquaresTask), cudaMemcpyHostToDevice, s);
   if (rc != cudaSuccess) return static_cast<int>(rc);
   if (blocks > 0) {
-    const int grid = static_cast<int>(std::min<int64_t>(kMaxBlocks, (blocks + kRows - 1) / kRows));
+    const int grid = SumSquaresGrid(blocks);
     switch (gk) {
       case GradKind::kF32:
         BlockPartialsKernel<F32Elem><<<grid, kRows, 0, s>>>(tasks, count, blocks, partials);

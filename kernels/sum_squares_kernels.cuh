@@ -3,8 +3,8 @@
 // through tests/testing/cuda_emulation.h) compile the same source.
 //
 // defines: kRows, kChunk, kWarps, kRowsPerWarp, kRounds, F32Elem, Bf16Elem, F16Elem, FindTask,
-//          BlockPartialsKernel, RangeTotalsKernel (BuildSumSquaresTasks, the table they read, is in
-//          kernels/sum_squares.cuh)
+//          BlockPartialsKernel, SumSquaresGrid, RangeTotalsKernel (BuildSumSquaresTasks, the table they read, is
+//          in kernels/sum_squares.cuh)
 //
 // Coalescing: a CUDA block takes kRows consecutive blocks of kSumBlock elements (one per thread) and walks them
 // together in rounds of kChunk elements. In a round, each warp loads kChunk consecutive elements of one row per
@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "kernels/cast.cuh"
+#include "kernels/launch.cuh"
 #include "kernels/sum_squares.cuh"
 
 #if !defined(__CUDACC__) && !defined(ZERO_CUDA_EMULATION)
@@ -34,6 +35,11 @@ constexpr int kWarps = kRows / 32;
 constexpr int kRowsPerWarp = kRows / kWarps;  // rows each warp stages per round, one element per lane of each
 constexpr int kRounds = static_cast<int>(kSumBlock / kChunk);
 static_assert(kSumBlock % kChunk == 0 && kChunk == 32, "a round is one element per lane of every row");
+static_assert(kRows % 32 == 0 && kRows <= kMaxBlockThreads, "whole warps, within the runtime's block limit");
+// A layout host and device compilers agree on (the host builds the table, the kernels read it): SumSquaresTask's
+// comment promises 32 bytes, so the partials after the table stay aligned for their fp64 / int64 members.
+static_assert(sizeof(SumSquaresTask) == 32 && sizeof(SumSquares) == 16 && alignof(SumSquares) == 8,
+              "the scratch layout of kernels/sum_squares.cuh");
 
 struct F32Elem {
   using T = float;
@@ -67,6 +73,9 @@ template <typename E>
 __global__ void __launch_bounds__(kRows)
     BlockPartialsKernel(const SumSquaresTask* tasks, int64_t count, int64_t blocks, SumSquares* partials) {
   using T = typename E::T;
+  static_assert(sizeof(float) * kRows * (kChunk + 1) + (sizeof(const T*) + sizeof(int)) * kRows <=
+                    kMaxStaticSharedBytes,
+                "static shared memory beyond 48 KiB fails the launch");
   __shared__ float tile[kRows][kChunk + 1];  // +1: thread t reads row t, column i: bank (t + i) % 32, no conflict
   __shared__ const T* row_x[kRows];
   __shared__ int row_len[kRows];
@@ -109,6 +118,11 @@ __global__ void __launch_bounds__(kRows)
     if (g < blocks) partials[g] = acc;
     __syncthreads();  // row_x / row_len are rewritten for the next tile
   }
+}
+
+// BlockPartialsKernel's grid for `blocks` > 0 blocks of the batch: one row per thread, a grid-stride loop beyond.
+inline int SumSquaresGrid(int64_t blocks) {
+  return static_cast<int>(std::min<int64_t>(kMaxBlocks, (blocks + kRows - 1) / kRows));
 }
 
 // One thread per range: its partials in block order, from zero (SumSquaresCpu's order).

@@ -7,7 +7,9 @@
 // complete before they return, not merely issued: CopyToDevice waits for its copy (a cudaMemcpy from pageable
 // memory returns once the data is staged, before the DMA lands), allocation zero-fills on a stream of its own and
 // waits, and Zero of host memory (offloaded optimizer state) is a CPU memset after the stream's earlier work.
-// Every failed call is reported through a Status and cleared from the runtime's last error (cuda_errors.h).
+// Every failed call is reported through a Status and cleared from the runtime's last error (cuda_errors.h); so are
+// the failures of the destroying calls nobody can report (event, stream, free), which would otherwise be what the
+// next kernel launch's check (kernels/*.cu: cudaGetLastError) returns as its own.
 //
 // Compiled with warnings as errors; the GPU half (tests/cuda_device_test.cc, the *cuda* engine suites) runs
 // through scripts/gpu/.
@@ -46,7 +48,7 @@ Status CudaError(const std::string& what, cudaError_t rc) {
 class CudaEvent final : public Event {
  public:
   explicit CudaEvent(cudaEvent_t e) : event(e) {}
-  ~CudaEvent() override { cudaEventDestroy(event); }
+  ~CudaEvent() override { (void)Reported(cudaEventDestroy(event)); }
   CudaEvent(const CudaEvent&) = delete;
   CudaEvent& operator=(const CudaEvent&) = delete;
   // An error is not completion: the work did not run as recorded. Synchronize reports the error.
@@ -76,7 +78,7 @@ class CudaStream final : public Stream {
   CudaStream(cudaStream_t stream, const char* name) : stream_(stream), name_(name) {}
   ~CudaStream() override {
     (void)Synchronize(std::chrono::milliseconds(300'000));
-    cudaStreamDestroy(stream_);
+    (void)Reported(cudaStreamDestroy(stream_));
   }
   CudaStream(const CudaStream&) = delete;
   CudaStream& operator=(const CudaStream&) = delete;
@@ -291,7 +293,7 @@ class CudaDevice final : public Device {
   }
   void RawFree(void* ptr, int64_t, MemoryKind kind) override {
     switch (kind) {
-      case MemoryKind::kDevice: cudaFree(ptr); break;
+      case MemoryKind::kDevice: (void)Reported(cudaFree(ptr)); break;
       case MemoryKind::kPinnedHost: pinned_.Free(ptr); break;
       case MemoryKind::kPageableHost: std::free(ptr); break;
       case MemoryKind::kNvme: break;

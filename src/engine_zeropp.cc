@@ -94,20 +94,37 @@ void Engine::Impl::GatherSlotUnit(int unit, char* dst) {
 
 void Engine::Impl::LaunchQuantizedGathers(const std::vector<int>& bucket_list, char* dst, const std::string& what) {
   // Shards on the NVMe tier (nvme_params) are first read into their place in the gathered layout, as LaunchGathers
-  // does, and quantized from there (in place); otherwise quantized straight from the shards (pinned host memory with
-  // offload_params): nothing to copy first.
+  // does, and quantized from there (in place). Otherwise quantized straight from the shards, except where a kernel
+  // quantizes and the shards are host memory (offload_params on CUDA): a kernel handed a pinned host pointer faults
+  // wherever the registration is not mapped for the device or fell back to pageable memory, so the shard is first
+  // copied into its place in the gathered layout, as LaunchGathers does (the dequantized gather overwrites it later,
+  // in stream order). On the CPU, host memory is what the quantization reads anyway: nothing to copy.
+  struct Copy {
+    char* to;
+    const char* from;
+    int64_t bytes;
+  };
+  std::vector<Copy> copies;
   std::shared_ptr<NvmeGather> from_nvme = nvme_layout.params ? StartNvmeGather(bucket_list, dst) : nullptr;
   std::vector<Comm::GatherItem> items;
   for (int bi : bucket_list) {
     const Bucket& b = plan.buckets[static_cast<size_t>(bi)];
     char* out = PAt(dst, buckets[static_cast<size_t>(bi)].unit_offset);
-    items.push_back({from_nvme ? PAt(out, rank * b.shard) : ShardParamBase(b), out, b.shard});
+    const char* src = from_nvme ? PAt(out, rank * b.shard) : ShardParamBase(b);
+    if (offload_params && !from_nvme && !device->host_addressable()) {
+      char* mine = PAt(out, rank * b.shard);
+      copies.push_back({mine, src, b.shard * pe});
+      src = mine;
+    }
+    items.push_back({src, out, b.shard});
   }
   internal::HierarchicalComm* h = hier.get();
   void* staging = qwz_staging.data();
   const DType dt = pdt;
+  Device* dev = device.get();
   LaunchComm([=, this, what = what](void* stream) -> Status {
     if (from_nvme) ZERO_RETURN_IF_ERROR(FinishNvmeGather(*from_nvme, stream));
+    for (const Copy& cp : copies) ZERO_RETURN_IF_ERROR(dev->Copy(cp.to, cp.from, cp.bytes, stream));
     CollectiveOptions co;
     co.what = what.c_str();
     co.stream = stream;

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 // First among the project's headers: the kernel headers below compile as emulated device code.
@@ -120,11 +121,18 @@ void ExpectSumSquaresLikeCpu(DType dtype, const std::vector<int64_t>& lengths, u
 // exactly one block, one past it, several blocks with a tail.
 const std::vector<int64_t> kSmallBatch = {0, 1, kSumBlock - 1, kSumBlock, 0, kSumBlock + 1, 3 * kSumBlock + 17, 5, 0};
 
+// The small batch on reduce.cu's own grid (SumSquaresGrid: one CUDA block for these few blocks).
+int64_t BatchBlocks(const std::vector<int64_t>& lengths) {
+  int64_t blocks = 0;
+  for (const int64_t n : lengths) blocks += SumBlocks(n);
+  return blocks;
+}
+
 TEST(CudaEmulationTest, SumSquaresF32EqualsCpuBitwise) {
-  ExpectSumSquaresLikeCpu<F32Elem>(DType::kF32, kSmallBatch, 1);
+  ExpectSumSquaresLikeCpu<F32Elem>(DType::kF32, kSmallBatch, SumSquaresGrid(BatchBlocks(kSmallBatch)));
 }
 TEST(CudaEmulationTest, SumSquaresF16EqualsCpuBitwise) {
-  ExpectSumSquaresLikeCpu<F16Elem>(DType::kF16, kSmallBatch, 1);
+  ExpectSumSquaresLikeCpu<F16Elem>(DType::kF16, kSmallBatch, SumSquaresGrid(BatchBlocks(kSmallBatch)));
 }
 
 // kRows + 3 blocks on one CUDA block: the grid-stride loop runs twice, the second time with only 3 rows holding a
@@ -132,9 +140,7 @@ TEST(CudaEmulationTest, SumSquaresF16EqualsCpuBitwise) {
 // each launch of kRows threads costs about a second of context switches, so each dtype gets one).
 TEST(CudaEmulationTest, SumSquaresGridStrideRepeats) {
   const std::vector<int64_t> lengths = {2 * kSumBlock + 1, 0, (kRows - 2) * kSumBlock + 100, 7};
-  int64_t blocks = 0;
-  for (const int64_t n : lengths) blocks += SumBlocks(n);
-  ASSERT_EQ(blocks, kRows + 3);
+  ASSERT_EQ(BatchBlocks(lengths), kRows + 3);
   ExpectSumSquaresLikeCpu<Bf16Elem>(DType::kBF16, lengths, 1);
 }
 
@@ -176,6 +182,13 @@ TEST(CudaEmulationTest, QuantizeEqualsCpuBytes) {
                 reinterpret_cast<float*>(emulated.data()), emulated.data() + 4 * blocks, QuantCodeBytes(n, bits),
                 QuantPayloadBytes(n, bits) - 4 * blocks);
         EXPECT_TRUE(SameBytes(cpu, emulated));
+        if (n > kQuantBlock) {  // again on quantize.cu's own grid (QuantizeGrid: a CUDA block per block here)
+          std::vector<uint8_t> launcher(bytes, 0x5A);
+          Emulate(dim3(QuantizeGrid(n)), dim3(kPairThreads), QuantizeKernel, src.data(), kind, n, bits,
+                  reinterpret_cast<float*>(launcher.data()), launcher.data() + 4 * blocks, QuantCodeBytes(n, bits),
+                  QuantPayloadBytes(n, bits) - 4 * blocks);
+          EXPECT_TRUE(SameBytes(cpu, launcher)) << "on the launcher's grid of " << QuantizeGrid(n);
+        }
 
         // Dequantizing the CPU payload: into each kind, and added to an fp32 accumulator.
         for (const QuantElem out : kKinds) {
@@ -210,6 +223,38 @@ TEST(CudaEmulationTest, WidenAndConvertEqualCpu) {
       EXPECT_TRUE(SameBytes(c_cpu, c_emu)) << "kind " << static_cast<int>(kind) << " to " << static_cast<int>(to);
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Launch configurations.
+
+__global__ void WritesItsBlock(unsigned* out) {
+  const bool first = threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0;  // one writer a block
+  if (first) out[blockIdx.y * gridDim.x + blockIdx.x] = blockIdx.x + 1;
+}
+
+// What the runtime refuses with cudaErrorInvalidConfiguration (and then runs nothing) the emulation refuses too
+// (Emulate aborts, naming the configuration), so that no suite passes a launch a GPU would fail: an empty grid (the
+// n == 0 launch every launcher must skip), more than 1024 threads a block, grid.y beyond 65535, block.z beyond 64.
+// Launches at the limits run.
+TEST(CudaEmulationTest, LaunchConfigurationsAsTheRuntimeChecksThem) {
+  using zero::testing::emulation_detail::LaunchRefusal;
+  EXPECT_NE(LaunchRefusal(dim3(0), dim3(32)).find("grid (0, 1, 1) x block (32, 1, 1)"), std::string::npos);
+  EXPECT_NE(LaunchRefusal(dim3(1), dim3(1025)).find("cudaErrorInvalidConfiguration"), std::string::npos);
+  EXPECT_NE(LaunchRefusal(dim3(1), dim3(32, 33)), "");
+  EXPECT_NE(LaunchRefusal(dim3(1, 65536), dim3(1)), "");
+  EXPECT_NE(LaunchRefusal(dim3(1, 1, 65536), dim3(1)), "");
+  EXPECT_NE(LaunchRefusal(dim3(1), dim3(1, 1, 65)), "");
+  EXPECT_NE(LaunchRefusal(dim3(1u << 31), dim3(1)), "");
+  EXPECT_EQ(LaunchRefusal(dim3((1u << 31) - 1, 65535, 65535), dim3(1024)), "");
+  EXPECT_EQ(LaunchRefusal(dim3(1), dim3(1, 16, 64)), "");
+  std::vector<unsigned> out(4, 0);
+  Emulate(dim3(2, 2), dim3(1, 1, 64), WritesItsBlock, out.data());  // block.z at its limit: runs
+  EXPECT_EQ(out, (std::vector<unsigned>{1, 2, 1, 2}));
+  // Every launcher's configuration is within them (BlocksFor's largest grid, the kernels' fixed blocks).
+  EXPECT_EQ(LaunchRefusal(dim3(BlocksFor(int64_t{1} << 40)), dim3(kThreads)), "");
+  EXPECT_EQ(LaunchRefusal(dim3(SumSquaresGrid(int64_t{1} << 40)), dim3(kRows)), "");
+  EXPECT_EQ(LaunchRefusal(dim3(QuantizeGrid(int64_t{1} << 40)), dim3(kPairThreads)), "");
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 // The engine's device math through the Device interface (src/device.h), parameterised on the backend: each
 // instantiation of the written-once kernels (CPU: kernels/cpu_kernels.cc; CUDA: kernels/*.cu) must equal a plain
-// scalar loop over the same element functors bit for bit, at sizes 0, 1, 7, 4096+3 and 2^20. The build disables
-// FMA contraction on both sides (-ffp-contract=off, --fmad=false), so exact equality is the right bar. Without a
-// GPU the CUDA cases skip, saying why.
+// scalar loop over the same element functors bit for bit, at sizes 0, 1, 7, 4096+3 and 2^20 (and once past the
+// largest grid, where grid-stride loops wrap). The build disables FMA contraction on both sides (-ffp-contract=off,
+// --fmad=false), so exact equality is the right bar. Without a GPU the CUDA cases skip, saying why.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -17,6 +17,7 @@
 #include "device.h"
 #include "kernels/cast.cuh"
 #include "kernels/cpu_kernels.h"
+#include "kernels/launch.cuh"
 #include "testing/engine_harness.h"
 #include "testing/random.h"
 
@@ -306,6 +307,48 @@ TEST_P(DeviceMathTest, SumSquaresOfManyRangesInOneCall) {
       EXPECT_EQ(short_scratch.code(), StatusCode::kInternal) << short_scratch.ToString();
     }
   }
+}
+
+// n values in [lo, hi) from a hash of the index: distinct along the whole range (no period a wrong stride could
+// hide behind), and cheap enough for the 16.8 M elements below (a Mersenne twister would take most of a second).
+std::vector<float> HashedFloats(int64_t n, uint64_t seed, float lo, float hi) {
+  std::vector<float> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t z = (static_cast<uint64_t>(i) + seed) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 31)) * 0xbf58476d1ce4e5b9ull;
+    v[static_cast<size_t>(i)] = lo + (hi - lo) * static_cast<float>(z >> 40) * 0x1p-24f;
+  }
+  return v;
+}
+
+// Past the element-wise launchers' largest grid (kMaxBlocks blocks of kThreads): there every thread's grid-stride
+// loop takes a second turn, which the sizes above never reach on a GPU (2^20 < 65535 * 256 = 16.7 M) and the CPU
+// instantiation has no counterpart of. AdamW with a bf16 gradient and a bf16 copy (its load and copy functors
+// indexed on the second turn) and the bf16 accumulation, bitwise against the scalar functors over every element.
+TEST_P(DeviceMathTest, GridStrideLoopsWrapPastTheLargestGrid) {
+  const int64_t n = kernels::kMaxBlocks * kernels::kThreads + 1001;
+  ASSERT_EQ(kernels::BlocksFor(n), kernels::kMaxBlocks);
+  std::vector<float> p = HashedFloats(n, 1, -1, 1), m = HashedFloats(n, 2, -0.1f, 0.1f),
+                     v = HashedFloats(n, 3, 0, 0.01f);
+  Grad g = UploadGrad(HashedFloats(n, 4, -2, 2), DType::kBF16);
+  const auto c = kernels::MakeAdamWCoeffs(1e-3, 0.9, 0.999, 1e-8, 0.01, 3, 0.5);
+  DeviceBuffer dp = Upload(p), dm = Upload(m), dv = Upload(v);
+  CopyTarget target(device_.get(), DType::kBF16, n);
+  ASSERT_TRUE(device_->AdamW(c, dp.as<float>(), dm.as<float>(), dv.as<float>(), g.buffer.data(), DType::kBF16,
+                             target.ptr(), DType::kBF16, n, nullptr).ok());
+  const kernels::AdamWElement f{c};
+  for (int64_t i = 0; i < n; ++i) f(p[i], m[i], v[i], g.widened[i]);
+  ExpectBitwise(Download(dp, n), p, "p");
+  ExpectBitwise(Download(dm, n), m, "m");
+  ExpectBitwise(Download(dv, n), v, "v");
+  target.Expect(p);
+
+  Grad x = UploadGrad(HashedFloats(n, 5, -1, 1), DType::kBF16);
+  ASSERT_TRUE(device_->Accumulate(g.buffer.data(), x.buffer.data(), DType::kBF16, n, nullptr).ok());
+  std::vector<uint16_t> got(static_cast<size_t>(n)), want(static_cast<size_t>(n));
+  ASSERT_TRUE(device_->CopyToHost(got.data(), g.buffer.data(), n * 2).ok());
+  for (int64_t i = 0; i < n; ++i) want[i] = kernels::FloatToBf16(g.widened[i] + x.widened[i]);
+  EXPECT_EQ(got, want);
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, DeviceMathTest, ::testing::Values(Backend::kCpu, Backend::kCuda),

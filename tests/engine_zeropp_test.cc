@@ -402,6 +402,25 @@ TEST(EngineZeroPPCudaTest, HpzExactAndQuantizedCloseOnTheGpu) {
   EXPECT_TRUE(comm->health().ok()) << comm->health().ToString();
 }
 
+// qwZ with the parameter shards in pinned host memory (offload_params) on the GPU: the quantization kernel reads the
+// shard, so it must read a device copy of it (as the plain gather does): handed the host shard it faults on a GPU
+// wherever the registration is not mapped for the device or fell back to pageable memory, and the emulated launcher
+// refuses it (an operand outside device memory). Where the shards live changes no bit.
+TEST(EngineZeroPPCudaTest, QwzWithOffloadedShardsOnTheGpu) {
+  std::string skip;
+  auto comm = OpenCudaTestComm(MPI_COMM_WORLD, std::chrono::milliseconds(60'000), &skip, RanksPerNode());
+  if (comm == nullptr && !skip.empty()) GTEST_SKIP() << skip;
+  ASSERT_NE(comm, nullptr);
+  Options o = ZeroPP(false, true, 0);
+  o.backend = Backend::kCuda;
+  o.offload_optimizer = true;
+  const auto want = Train(o, comm.get(), 3, 2);
+  ASSERT_FALSE(want.empty());
+  o.offload_params = true;
+  EXPECT_EQ(Train(o, comm.get(), 3, 2), want) << Name(o) << " with offload_params";
+  EXPECT_TRUE(comm->health().ok()) << comm->health().ToString();
+}
+
 // Nodes of N-1 and 1 ranks (at 3 and 4 ranks): hpZ and qgZ need equal nodes and say so on every rank; qwZ alone
 // does not. At 2 ranks no split is unequal: there the same options over 2 nodes of 1 must open and train (the check
 // is about equal nodes, not about how many there are).

@@ -47,6 +47,9 @@
 //     threads reach more often than others at one site is caught only when the others never arrive (it aborts
 //     after 120 s) -- not when they exit first;
 //   - one launch at a time per process (the statics standing for shared memory are per kernel, not per launch).
+// Launch configurations are checked as the runtime checks them (kernels/launch.cuh's limits): an empty grid, grid.y
+// or z beyond 65535, a block of more than 1024 threads (or z beyond 64) aborts, naming the configuration, where a GPU
+// would fail the launch with cudaErrorInvalidConfiguration and run nothing (a plain loop would just run it).
 // A block is blockDim.x * y * z threads created and joined per block: keep blocks few and sizes small.
 #pragma once
 
@@ -71,6 +74,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -78,6 +82,7 @@
 #include <vector>
 
 #include "kernels/device_code.cuh"
+#include "kernels/launch.cuh"  // the runtime's launch limits (host code only)
 
 #define __global__
 #define __device__
@@ -308,6 +313,26 @@ inline FiberBlock& ThreadFibers() {
   return fibers;
 }
 
+// Why the runtime would refuse a launch of `grid` x `block` (cudaErrorInvalidConfiguration), or "" when it would not.
+inline std::string LaunchRefusal(dim3 grid, dim3 block) {
+  if (zero::kernels::LaunchConfigValid(grid.x, grid.y, grid.z, block.x, block.y, block.z)) return "";
+  char text[320];
+  std::snprintf(text, sizeof(text),
+                "a launch of grid (%u, %u, %u) x block (%u, %u, %u) fails on a GPU with cudaErrorInvalidConfiguration "
+                "(every grid dimension >= 1, grid.y and z <= 65535, 1 to 1024 threads a block, block.z <= 64)",
+                grid.x, grid.y, grid.z, block.x, block.y, block.z);
+  return text;
+}
+
+// Such a launch ends the test here, naming it: on a GPU the kernel would not run at all and, where the launch is
+// not checked, leave its outputs as they were.
+inline void CheckLaunch(dim3 grid, dim3 block) {
+  const std::string refusal = LaunchRefusal(grid, block);
+  if (refusal.empty()) return;
+  std::fprintf(stderr, "cuda emulation: %s\n", refusal.c_str());
+  std::abort();
+}
+
 inline bool FibersFromEnvironment() {
   const char* mode = std::getenv("ZERO_CUDA_EMULATION_MODE");
   return mode != nullptr && std::strcmp(mode, "fibers") == 0;
@@ -320,6 +345,7 @@ inline bool FibersFromEnvironment() {
 template <typename... Params, typename... Args>
 void EmulateFibers(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "a launch passes one argument per kernel parameter");
+  emulation_detail::CheckLaunch(grid, block);
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   const int threads = static_cast<int>(block.x * block.y * block.z);
   emulation_detail::FiberBlock& fibers = emulation_detail::ThreadFibers();
@@ -352,6 +378,7 @@ void EmulateFibers(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... a
 template <typename... Params, typename... Args>
 void Emulate(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "a launch passes one argument per kernel parameter");
+  emulation_detail::CheckLaunch(grid, block);
   if (emulation_detail::FibersFromEnvironment()) {
     EmulateFibers(grid, block, kernel, std::forward<Args>(args)...);
     return;
