@@ -1,6 +1,6 @@
 // The LoRA example's CUDA model (model_cuda.h) against its CPU model (model.h) on the same bf16-representable
-// parameters: loss, logits and every trainable gradient, for full training and for LoRA with dropout; its
-// per-block recomputation (the same bits as without); and its measured activation peak against
+// parameters: loss, logits and every trainable gradient, for full training and for LoRA with dropout, and on two
+// devices in turn from one thread (where there are two; the emulation has them); its per-block recomputation (the same bits as without); and its measured activation peak against
 // zero::EstimateActivations (compute dtype bf16), within 10% (the bound; the estimate counts this model's
 // buffers one by one, so the two should agree to the byte, as they do for the CPU model in lora_activation_test),
 // at several batch sizes and sequence lengths, with and without recomputation, with the arena sized by the first
@@ -126,10 +126,16 @@ class DeviceModel : public CudaParamAccess {
 };
 #endif
 
-void CompareWithCpu(const ModelConfig& m, const LoraConfig& l) {
+// On `device` (current for the comparison, then device 0 again).
+void CompareWithCpu(const ModelConfig& m, const LoraConfig& l, int on_device = 0) {
   std::string why;
   if (!CudaModelAvailable(&why)) GTEST_SKIP() << "needs a CUDA GPU: " << why;
 #if ZERO_WITH_CUDA
+  SCOPED_TRACE("device " + std::to_string(on_device));
+  Check(cudaSetDevice(on_device));
+  struct BackToDevice0 {
+    ~BackToDevice0() { (void)cudaSetDevice(0); }
+  } back;
   HostModel host(m, l);
   DeviceModel device(host);
   CpuAccess cpu(&host);
@@ -193,6 +199,29 @@ LoraConfig AllAdaptersWithDropout() {
 }
 
 TEST(LoraCudaModelTest, LoraWithDropoutMatchesCpu) { CompareWithCpu(SmallModel(), AllAdaptersWithDropout()); }
+
+// One thread, two devices in turn: a cuBLAS handle belongs to the device current when it was created, so the
+// model needs one per device (a handle of device 0 driving device 1's products is refused by the stand-in, and on
+// GPUs launches on the wrong device). Emulated with two stand-in devices; on a machine with one GPU it skips.
+TEST(LoraCudaModelTest, OneThreadDrivesTwoDevices) {
+  std::string why;
+  if (!CudaModelAvailable(&why)) GTEST_SKIP() << "needs a CUDA GPU: " << why;
+#if ZERO_WITH_CUDA
+#if ZERO_CUDA_EMULATION
+  fake_cuda::SetDeviceCount(2);
+  struct OneDeviceAgain {
+    ~OneDeviceAgain() { fake_cuda::SetDeviceCount(1); }
+  } restore;
+#endif
+  int devices = 0;
+  Check(cudaGetDeviceCount(&devices));
+  if (devices < 2) GTEST_SKIP() << "needs two CUDA GPUs, found " << devices;
+  for (int device : {0, 1, 0}) {
+    CompareWithCpu(SmallModel(), LoraConfig(), device);
+    if (HasFatalFailure()) return;
+  }
+#endif
+}
 
 // Recomputation runs the same kernels on the same inputs: the same loss and gradients, bit for bit.
 TEST(LoraCudaModelTest, RecomputationGivesTheSameBits) {

@@ -130,18 +130,32 @@ void CopyDevice(float* dst, const float* src, int64_t n) {
 
 void ToBf16(const float* x, Bf16* y, int64_t n) { ForEach(n, kernels::CastElement<float, Bf16>{x, y}); }
 
-// One cuBLAS handle per thread, on kStream, created on first use.
+// One cuBLAS handle per thread and device, on kStream, created on first use. A handle belongs to the device that
+// was current at cublasCreate: a thread whose passes run on a second device (a test or trainer driving two GPUs from
+// one thread) gets a second handle instead of launching the first device's products on the wrong one.
 cublasHandle_t Blas() {
-  struct Handle {
-    cublasHandle_t h = nullptr;
-    Handle() {
-      LORA_CUBLAS(cublasCreate(&h));
-      LORA_CUBLAS(cublasSetStream(h, kStream));
+  struct Handles {
+    std::vector<cublasHandle_t> by_device;
+    ~Handles() {
+      int current = 0;
+      if (cudaGetDevice(&current) != cudaSuccess) return;  // the runtime is gone at exit: nothing left to release
+      for (size_t d = 0; d < by_device.size(); ++d) {
+        if (by_device[d] == nullptr || cudaSetDevice(static_cast<int>(d)) != cudaSuccess) continue;
+        cublasDestroy(by_device[d]);
+      }
+      (void)cudaSetDevice(current);
     }
-    ~Handle() { cublasDestroy(h); }
   };
-  thread_local Handle handle;
-  return handle.h;
+  thread_local Handles handles;
+  int device = 0;
+  LORA_CUDA(cudaGetDevice(&device));
+  if (static_cast<size_t>(device) >= handles.by_device.size()) handles.by_device.resize(static_cast<size_t>(device) + 1);
+  cublasHandle_t& h = handles.by_device[static_cast<size_t>(device)];
+  if (h == nullptr) {
+    LORA_CUBLAS(cublasCreate(&h));
+    LORA_CUBLAS(cublasSetStream(h, kStream));
+  }
+  return h;
 }
 
 // Row-major C[M,N] = alpha op(A) op(B) + beta C, `batch` times at element strides sa, sb, sc, with A [M,K]
