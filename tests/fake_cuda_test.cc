@@ -6,6 +6,7 @@
 //     ignoring a NaN C, beta != 0 accumulating, bf16 operands and a bf16 result rounded to nearest even), and the
 //     argument checks cuBLAS makes (leading dimension too small), and refusals of what cuBLAS leaves undefined
 //     (an in-place product, overlapping batches, a handle used with another device than its own);
+//   - launch configurations: the runtime's limits on grid and block dimensions (fake_cuda::CheckLaunch);
 //   - device memory is unreadable from host code outside runtime calls (a write(2) of it fails with EFAULT: the
 //     kernel checks the pointer, no signal needed), starts as a NaN pattern, and copies and memsets refuse a
 //     direction or range that does not match where the pointers are;
@@ -186,6 +187,30 @@ TEST_F(FakeCudaTest, GemmRefusesWhatAGpuWouldComputeGarbageFor) {
   EXPECT_EQ(gemm(h_, A, A, C), CUBLAS_STATUS_SUCCESS);
   EXPECT_EQ(cublasDestroy(h1), CUBLAS_STATUS_SUCCESS);
   for (float* p : {A, C, A1, C1}) EXPECT_EQ(cudaFree(p), cudaSuccess);
+}
+
+// The launch configurations the runtime refuses (cudaErrorInvalidConfiguration, also the last error) and the
+// largest it accepts.
+TEST_F(FakeCudaTest, LaunchConfigurationsFollowTheRuntimesLimits) {
+  EXPECT_EQ(fake_cuda::CheckLaunch(0x7fffffffu, 65535, 65535, 1024, 1, 1), cudaSuccess);
+  EXPECT_EQ(fake_cuda::CheckLaunch(1, 1, 1, 32, 32, 1), cudaSuccess);
+  EXPECT_EQ(fake_cuda::CheckLaunch(1, 1, 1, 1, 1, 64), cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  const unsigned int refused[][6] = {
+      {0, 1, 1, 256, 1, 1},      // an empty grid
+      {1, 1, 1, 0, 1, 1},        // an empty block
+      {1, 65536, 1, 256, 1, 1},  // grid.y
+      {1, 1, 65536, 256, 1, 1},  // grid.z
+      {1, 1, 1, 1025, 1, 1},     // more than 1024 threads
+      {1, 1, 1, 64, 32, 1},      // 2048 threads, each dimension within its limit
+      {1, 1, 1, 1, 1, 65},       // block.z
+  };
+  for (const auto& c : refused) {
+    SCOPED_TRACE(::testing::Message() << c[0] << "," << c[1] << "," << c[2] << " x " << c[3] << "," << c[4] << ","
+                                      << c[5]);
+    EXPECT_EQ(fake_cuda::CheckLaunch(c[0], c[1], c[2], c[3], c[4], c[5]), cudaErrorInvalidConfiguration);
+    EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+  }
 }
 
 TEST_F(FakeCudaTest, DeviceMemoryIsItsOwnWorld) {

@@ -1,12 +1,13 @@
 // The LoRA example's CUDA model (model_cuda.h) against its CPU model (model.h) on the same bf16-representable
 // parameters: loss, logits and every trainable gradient, for full training and for LoRA with dropout, and on two
-// devices in turn from one thread (where there are two; the emulation has them); its per-block recomputation (the same bits as without); and its measured activation peak against
-// zero::EstimateActivations (compute dtype bf16), within 10% (the bound; the estimate counts this model's
-// buffers one by one, so the two should agree to the byte, as they do for the CPU model in lora_activation_test),
-// at several batch sizes and sequence lengths, with and without recomputation, with the arena sized by the first
-// pass. Runs only where a CUDA GPU is usable; elsewhere every case skips and says why (built without CUDA, or no
-// GPU). Compiled a second time as lora_cuda_model_emulated_test against the model built for the CPU
-// (tests/testing/fake_cuda/model_cuda_emulated.cc): there every case runs on every CI machine, GPU or not.
+// devices in turn from one thread (where there are two; the emulation has them); its per-block recomputation (the
+// same bits as without); and its measured activation peak against zero::EstimateActivations (compute dtype bf16),
+// within 10% (the bound; the estimate counts this model's buffers one by one, so the two should agree to
+// the byte, as they do for the CPU model in lora_activation_test), at several batch sizes and sequence lengths, with
+// and without recomputation, with the arena sized by the first pass. Runs only where a CUDA GPU is usable;
+// elsewhere every case skips and says why (built without CUDA, or no GPU). Compiled a second time as
+// lora_cuda_model_emulated_test against the model built for the CPU (tests/testing/fake_cuda/model_cuda_emulated.cc):
+// there every case runs on every CI machine, GPU or not.
 //
 // Tolerances: the CPU model is fp32 throughout; the GPU rounds every matrix-product operand to bf16 (unit roundoff
 // 2^-8 = 3.9e-3), the attention probabilities included, and accumulates in fp32. Each layer adds a few such

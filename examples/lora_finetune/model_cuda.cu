@@ -72,9 +72,15 @@ const cudaStream_t kStream = nullptr;
 // source runs through the CPU emulation of a launch (tests/testing/cuda_emulation.h, a block's threads as fibers),
 // queued on the stream like the stand-in's copies and GEMMs (its deferred mode runs them only when something waits),
 // with its arguments copied at the launch as a real launch copies them, and device memory readable while it runs.
+// The stand-in first checks the configuration as the runtime does (fake_cuda::CheckLaunch), so that a launch a GPU
+// refuses (an empty grid, grid.y beyond 65535, more than 1024 threads) fails here at the launch check as well.
 #if defined(ZERO_CUDA_EMULATION)
-#define LORA_LAUNCH(kernel, grid, block, ...) \
-  (void)fake_cuda::Enqueue(kStream, [=] { zero::testing::EmulateFibers(dim3(grid), dim3(block), kernel, __VA_ARGS__); })
+bool LaunchConfigOk(dim3 g, dim3 b) { return fake_cuda::CheckLaunch(g.x, g.y, g.z, b.x, b.y, b.z) == cudaSuccess; }
+#define LORA_LAUNCH(kernel, grid, block, ...)                                                                          \
+  (LaunchConfigOk(dim3(grid), dim3(block))                                                                             \
+       ? (void)fake_cuda::Enqueue(kStream,                                                                             \
+                                  [=] { zero::testing::EmulateFibers(dim3(grid), dim3(block), kernel, __VA_ARGS__); }) \
+       : (void)0)
 #else
 #define LORA_LAUNCH(kernel, grid, block, ...) kernel<<<grid, block, 0, kStream>>>(__VA_ARGS__)
 #endif
@@ -149,8 +155,9 @@ cublasHandle_t Blas() {
   thread_local Handles handles;
   int device = 0;
   LORA_CUDA(cudaGetDevice(&device));
-  if (static_cast<size_t>(device) >= handles.by_device.size()) handles.by_device.resize(static_cast<size_t>(device) + 1);
-  cublasHandle_t& h = handles.by_device[static_cast<size_t>(device)];
+  const size_t d = static_cast<size_t>(device);
+  if (d >= handles.by_device.size()) handles.by_device.resize(d + 1);
+  cublasHandle_t& h = handles.by_device[d];
   if (h == nullptr) {
     LORA_CUBLAS(cublasCreate(&h));
     LORA_CUBLAS(cublasSetStream(h, kStream));

@@ -310,6 +310,15 @@ DeviceAccess::~DeviceAccess() {
 
 void SetLastError(cudaError_t e) { last_error = e; }
 
+cudaError_t CheckLaunch(unsigned int grid_x, unsigned int grid_y, unsigned int grid_z, unsigned int block_x,
+                        unsigned int block_y, unsigned int block_z) {
+  const uint64_t threads = uint64_t{block_x} * block_y * block_z;
+  const bool ok = grid_x >= 1 && grid_x <= 0x7fffffffu && grid_y >= 1 && grid_y <= 65535 && grid_z >= 1 &&
+                  grid_z <= 65535 && block_x >= 1 && block_x <= 1024 && block_y >= 1 && block_y <= 1024 &&
+                  block_z >= 1 && block_z <= 64 && threads <= 1024;
+  return ok ? cudaSuccess : Fail(cudaErrorInvalidConfiguration);
+}
+
 bool IsDevice(const void* p, size_t bytes) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   return Find(p, bytes) != S().live.end();
@@ -426,6 +435,8 @@ const char* cudaGetErrorString(cudaError_t e) {
       return "invalid argument";
     case cudaErrorMemoryAllocation:
       return "out of memory";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
     case cudaErrorNoDevice:
       return "no CUDA-capable device is detected";
     case cudaErrorInvalidDevice:
@@ -871,8 +882,7 @@ cublasStatus_t Gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation
   }
   // Batches' C at a stride shorter than one C's span write the same elements from concurrent products.
   if (batch > 1 && c_span > 0 && static_cast<unsigned long long>(sc < 0 ? -sc : sc) * ElementBytes(ct) < c_span) {
-    std::fprintf(stderr, "fake cuBLAS: batches' C overlap (stride %lld elements, one C spans %zu bytes)\n", sc,
-                 c_span);
+    std::fprintf(stderr, "fake cuBLAS: batches' C overlap (stride %lld elements, one C spans %zu bytes)\n", sc, c_span);
     return CUBLAS_STATUS_INVALID_VALUE;
   }
   // alpha and beta are read at the call (host pointer mode); the product runs on the handle's stream.
