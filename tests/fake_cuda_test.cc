@@ -4,7 +4,9 @@
 //   - cublasGemmEx / cublasGemmStridedBatchedEx against products worked out by hand from cuBLAS's column-major
 //     definition (op N and T on each side, leading dimensions larger than the rows, batch strides, beta = 0
 //     ignoring a NaN C, beta != 0 accumulating, bf16 operands and a bf16 result rounded to nearest even), and the
-//     argument checks cuBLAS makes (leading dimension too small);
+//     argument checks cuBLAS makes (leading dimension too small), and refusals of what cuBLAS leaves undefined
+//     (an in-place product, overlapping batches, a handle used with another device than its own);
+//   - launch configurations: the runtime's limits on grid and block dimensions (fake_cuda::CheckLaunch);
 //   - device memory is unreadable from host code outside runtime calls (a write(2) of it fails with EFAULT: the
 //     kernel checks the pointer, no signal needed), starts as a NaN pattern, and copies and memsets refuse a
 //     direction or range that does not match where the pointers are;
@@ -144,6 +146,71 @@ TEST_F(FakeCudaTest, StridedBatchedBf16RoundsItsResultToNearestEven) {
   ASSERT_EQ(cudaMemcpy(c.data(), C, 2, cudaMemcpyDeviceToHost), cudaSuccess);
   EXPECT_EQ(c[0], 0x4380);  // 256
   for (void* p : {A, B, C}) EXPECT_EQ(cudaFree(p), cudaSuccess);
+}
+
+// Calls cuBLAS answers with undefined results (races between tiles or batches, kernels on the wrong device) are
+// refused here rather than computed plausibly: an in-place product, batches whose C overlap, and a handle used
+// with another device than the one current at its cublasCreate (current device, or operands).
+TEST_F(FakeCudaTest, GemmRefusesWhatAGpuWouldComputeGarbageFor) {
+  const float one = 1.f, zero = 0.f;
+  float* A = ToDevice({1, 2, 3, 4});  // 2x2
+  float* C = ToDevice({0, 0, 0, 0, 0, 0, 0, 0});
+  const auto gemm = [&](cublasHandle_t h, const float* a, const float* b, float* c) {
+    return cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, a, CUDA_R_32F, 2, b, CUDA_R_32F, 2, &zero, c,
+                        CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  };
+  EXPECT_EQ(gemm(h_, A, A, C), CUBLAS_STATUS_SUCCESS);  // A read twice is fine
+  EXPECT_EQ(ToHost(C, 4), (std::vector<float>{7, 10, 15, 22}));
+  EXPECT_EQ(gemm(h_, A, C, C), CUBLAS_STATUS_INVALID_VALUE);       // C is B
+  EXPECT_EQ(gemm(h_, C + 1, A, C + 2), CUBLAS_STATUS_INVALID_VALUE);  // C overlaps A's last elements
+  // Two 2x2 products: C at stride 4 is fine, at stride 2 the second C overwrites half of the first.
+  const auto batched = [&](long long stride_c) {
+    return cublasGemmStridedBatchedEx(h_, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, A, CUDA_R_32F, 2, 0, A,
+                                      CUDA_R_32F, 2, 0, &zero, C, CUDA_R_32F, 2, stride_c, 2, CUBLAS_COMPUTE_32F,
+                                      CUBLAS_GEMM_DEFAULT);
+  };
+  EXPECT_EQ(batched(4), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(batched(2), CUBLAS_STATUS_INVALID_VALUE);
+
+  fake_cuda::SetDeviceCount(2);
+  ASSERT_EQ(cudaSetDevice(1), cudaSuccess);
+  float* A1 = ToDevice({1, 2, 3, 4});
+  float* C1 = ToDevice({0, 0, 0, 0});
+  EXPECT_EQ(gemm(h_, A1, A1, C1), CUBLAS_STATUS_INVALID_VALUE);  // h_ is device 0's, device 1 is current
+  cublasHandle_t h1 = nullptr;
+  ASSERT_EQ(cublasCreate(&h1), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(gemm(h1, A1, A1, C1), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(ToHost(C1, 4), (std::vector<float>{7, 10, 15, 22}));
+  EXPECT_EQ(gemm(h1, A, A, C1), CUBLAS_STATUS_INVALID_VALUE);  // operands of device 0
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  EXPECT_EQ(gemm(h1, A, A, C), CUBLAS_STATUS_INVALID_VALUE);  // h1 is device 1's, device 0 is current
+  EXPECT_EQ(gemm(h_, A, A, C), CUBLAS_STATUS_SUCCESS);
+  EXPECT_EQ(cublasDestroy(h1), CUBLAS_STATUS_SUCCESS);
+  for (float* p : {A, C, A1, C1}) EXPECT_EQ(cudaFree(p), cudaSuccess);
+}
+
+// The launch configurations the runtime refuses (cudaErrorInvalidConfiguration, also the last error) and the
+// largest it accepts.
+TEST_F(FakeCudaTest, LaunchConfigurationsFollowTheRuntimesLimits) {
+  EXPECT_EQ(fake_cuda::CheckLaunch(0x7fffffffu, 65535, 65535, 1024, 1, 1), cudaSuccess);
+  EXPECT_EQ(fake_cuda::CheckLaunch(1, 1, 1, 32, 32, 1), cudaSuccess);
+  EXPECT_EQ(fake_cuda::CheckLaunch(1, 1, 1, 1, 1, 64), cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  const unsigned int refused[][6] = {
+      {0, 1, 1, 256, 1, 1},      // an empty grid
+      {1, 1, 1, 0, 1, 1},        // an empty block
+      {1, 65536, 1, 256, 1, 1},  // grid.y
+      {1, 1, 65536, 256, 1, 1},  // grid.z
+      {1, 1, 1, 1025, 1, 1},     // more than 1024 threads
+      {1, 1, 1, 64, 32, 1},      // 2048 threads, each dimension within its limit
+      {1, 1, 1, 1, 1, 65},       // block.z
+  };
+  for (const auto& c : refused) {
+    SCOPED_TRACE(::testing::Message() << c[0] << "," << c[1] << "," << c[2] << " x " << c[3] << "," << c[4] << ","
+                                      << c[5]);
+    EXPECT_EQ(fake_cuda::CheckLaunch(c[0], c[1], c[2], c[3], c[4], c[5]), cudaErrorInvalidConfiguration);
+    EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration);
+  }
 }
 
 TEST_F(FakeCudaTest, DeviceMemoryIsItsOwnWorld) {

@@ -1,12 +1,13 @@
 // The LoRA example's CUDA model (model_cuda.h) against its CPU model (model.h) on the same bf16-representable
-// parameters: loss, logits and every trainable gradient, for full training and for LoRA with dropout; its
-// per-block recomputation (the same bits as without); and its measured activation peak against
-// zero::EstimateActivations (compute dtype bf16), within 10% (the bound; the estimate counts this model's
-// buffers one by one, so the two should agree to the byte, as they do for the CPU model in lora_activation_test),
-// at several batch sizes and sequence lengths, with and without recomputation, with the arena sized by the first
-// pass. Runs only where a CUDA GPU is usable; elsewhere every case skips and says why (built without CUDA, or no
-// GPU). Compiled a second time as lora_cuda_model_emulated_test against the model built for the CPU
-// (tests/testing/fake_cuda/model_cuda_emulated.cc): there every case runs on every CI machine, GPU or not.
+// parameters: loss, logits and every trainable gradient, for full training and for LoRA with dropout, and on two
+// devices in turn from one thread (where there are two; the emulation has them); its per-block recomputation (the
+// same bits as without); and its measured activation peak against zero::EstimateActivations (compute dtype bf16),
+// within 10% (the bound; the estimate counts this model's buffers one by one, so the two should agree to
+// the byte, as they do for the CPU model in lora_activation_test), at several batch sizes and sequence lengths, with
+// and without recomputation, with the arena sized by the first pass. Runs only where a CUDA GPU is usable;
+// elsewhere every case skips and says why (built without CUDA, or no GPU). Compiled a second time as
+// lora_cuda_model_emulated_test against the model built for the CPU (tests/testing/fake_cuda/model_cuda_emulated.cc):
+// there every case runs on every CI machine, GPU or not.
 //
 // Tolerances: the CPU model is fp32 throughout; the GPU rounds every matrix-product operand to bf16 (unit roundoff
 // 2^-8 = 3.9e-3), the attention probabilities included, and accumulates in fp32. Each layer adds a few such
@@ -126,10 +127,16 @@ class DeviceModel : public CudaParamAccess {
 };
 #endif
 
-void CompareWithCpu(const ModelConfig& m, const LoraConfig& l) {
+// On `device` (current for the comparison, then device 0 again).
+void CompareWithCpu(const ModelConfig& m, const LoraConfig& l, int on_device = 0) {
   std::string why;
   if (!CudaModelAvailable(&why)) GTEST_SKIP() << "needs a CUDA GPU: " << why;
 #if ZERO_WITH_CUDA
+  SCOPED_TRACE("device " + std::to_string(on_device));
+  Check(cudaSetDevice(on_device));
+  struct BackToDevice0 {
+    ~BackToDevice0() { (void)cudaSetDevice(0); }
+  } back;
   HostModel host(m, l);
   DeviceModel device(host);
   CpuAccess cpu(&host);
@@ -194,6 +201,39 @@ LoraConfig AllAdaptersWithDropout() {
 
 TEST(LoraCudaModelTest, LoraWithDropoutMatchesCpu) { CompareWithCpu(SmallModel(), AllAdaptersWithDropout()); }
 
+// Rows longer than a block's kRowLanes threads (the norms over dim, the cross-entropy over the vocabulary): each
+// lane then sums several elements before the lanes combine, the path a real vocabulary (49152) always takes and
+// the small model above never does on a GPU.
+TEST(LoraCudaModelTest, RowsLongerThanABlockMatchCpu) {
+  ModelConfig m = SmallModel();
+  m.vocab = 2 * kernels::kRowLanes + 37;
+  m.dim = 264;  // > kRowLanes, 6 heads of 44
+  CompareWithCpu(m, AllAdaptersWithDropout());
+}
+
+// One thread, two devices in turn: a cuBLAS handle belongs to the device current when it was created, so the
+// model needs one per device (a handle of device 0 driving device 1's products is refused by the stand-in, and on
+// GPUs launches on the wrong device). Emulated with two stand-in devices; on a machine with one GPU it skips.
+TEST(LoraCudaModelTest, OneThreadDrivesTwoDevices) {
+  std::string why;
+  if (!CudaModelAvailable(&why)) GTEST_SKIP() << "needs a CUDA GPU: " << why;
+#if ZERO_WITH_CUDA
+#if ZERO_CUDA_EMULATION
+  fake_cuda::SetDeviceCount(2);
+  struct OneDeviceAgain {
+    ~OneDeviceAgain() { fake_cuda::SetDeviceCount(1); }
+  } restore;
+#endif
+  int devices = 0;
+  Check(cudaGetDeviceCount(&devices));
+  if (devices < 2) GTEST_SKIP() << "needs two CUDA GPUs, found " << devices;
+  for (int device : {0, 1, 0}) {
+    CompareWithCpu(SmallModel(), LoraConfig(), device);
+    if (HasFatalFailure()) return;
+  }
+#endif
+}
+
 // Recomputation runs the same kernels on the same inputs: the same loss and gradients, bit for bit.
 TEST(LoraCudaModelTest, RecomputationGivesTheSameBits) {
   std::string why;
@@ -234,13 +274,11 @@ TEST(LoraCudaModelTest, ActivationPeakMatchesTheEstimate) {
   if (!CudaModelAvailable(&why)) GTEST_SKIP() << "needs a CUDA GPU: " << why;
 #if ZERO_WITH_CUDA
   const ModelConfig m = SmallModel();
-#if ZERO_CUDA_EMULATION
-  // The emulated build runs each block's 256 threads on one CPU core: fewer and shorter shapes, still several of
-  // each so that the peak's dependence on both is checked.
+  // Few and short shapes, still several of each so that the peak's dependence on both is checked. Both numbers are
+  // the host's arithmetic (the workspace's accounting, the estimate), the same on a GPU as in the emulation, so
+  // larger shapes there would add only launches: this case also runs under compute-sanitizer's tools on the GPU,
+  // where each launch costs milliseconds.
   const std::vector<int> batches = {1, 3}, seqs = {8, 24};
-#else
-  const std::vector<int> batches = {1, 2, 4}, seqs = {16, 64, 128};
-#endif
   for (const LoraConfig& l : {LoraConfig(), AllAdaptersWithDropout()}) {
     HostModel host(m, l);
     DeviceModel device(host);

@@ -72,9 +72,15 @@ const cudaStream_t kStream = nullptr;
 // source runs through the CPU emulation of a launch (tests/testing/cuda_emulation.h, a block's threads as fibers),
 // queued on the stream like the stand-in's copies and GEMMs (its deferred mode runs them only when something waits),
 // with its arguments copied at the launch as a real launch copies them, and device memory readable while it runs.
+// The stand-in first checks the configuration as the runtime does (fake_cuda::CheckLaunch), so that a launch a GPU
+// refuses (an empty grid, grid.y beyond 65535, more than 1024 threads) fails here at the launch check as well.
 #if defined(ZERO_CUDA_EMULATION)
-#define LORA_LAUNCH(kernel, grid, block, ...) \
-  (void)fake_cuda::Enqueue(kStream, [=] { zero::testing::EmulateFibers(dim3(grid), dim3(block), kernel, __VA_ARGS__); })
+bool LaunchConfigOk(dim3 g, dim3 b) { return fake_cuda::CheckLaunch(g.x, g.y, g.z, b.x, b.y, b.z) == cudaSuccess; }
+#define LORA_LAUNCH(kernel, grid, block, ...)                                                                          \
+  (LaunchConfigOk(dim3(grid), dim3(block))                                                                             \
+       ? (void)fake_cuda::Enqueue(kStream,                                                                             \
+                                  [=] { zero::testing::EmulateFibers(dim3(grid), dim3(block), kernel, __VA_ARGS__); }) \
+       : (void)0)
 #else
 #define LORA_LAUNCH(kernel, grid, block, ...) kernel<<<grid, block, 0, kStream>>>(__VA_ARGS__)
 #endif
@@ -130,18 +136,33 @@ void CopyDevice(float* dst, const float* src, int64_t n) {
 
 void ToBf16(const float* x, Bf16* y, int64_t n) { ForEach(n, kernels::CastElement<float, Bf16>{x, y}); }
 
-// One cuBLAS handle per thread, on kStream, created on first use.
+// One cuBLAS handle per thread and device, on kStream, created on first use. A handle belongs to the device that
+// was current at cublasCreate: a thread whose passes run on a second device (a test or trainer driving two GPUs from
+// one thread) gets a second handle instead of launching the first device's products on the wrong one.
 cublasHandle_t Blas() {
-  struct Handle {
-    cublasHandle_t h = nullptr;
-    Handle() {
-      LORA_CUBLAS(cublasCreate(&h));
-      LORA_CUBLAS(cublasSetStream(h, kStream));
+  struct Handles {
+    std::vector<cublasHandle_t> by_device;
+    ~Handles() {
+      int current = 0;
+      if (cudaGetDevice(&current) != cudaSuccess) return;  // the runtime is gone at exit: nothing left to release
+      for (size_t d = 0; d < by_device.size(); ++d) {
+        if (by_device[d] == nullptr || cudaSetDevice(static_cast<int>(d)) != cudaSuccess) continue;
+        cublasDestroy(by_device[d]);
+      }
+      (void)cudaSetDevice(current);
     }
-    ~Handle() { cublasDestroy(h); }
   };
-  thread_local Handle handle;
-  return handle.h;
+  thread_local Handles handles;
+  int device = 0;
+  LORA_CUDA(cudaGetDevice(&device));
+  const size_t d = static_cast<size_t>(device);
+  if (d >= handles.by_device.size()) handles.by_device.resize(d + 1);
+  cublasHandle_t& h = handles.by_device[d];
+  if (h == nullptr) {
+    LORA_CUBLAS(cublasCreate(&h));
+    LORA_CUBLAS(cublasSetStream(h, kStream));
+  }
+  return h;
 }
 
 // Row-major C[M,N] = alpha op(A) op(B) + beta C, `batch` times at element strides sa, sb, sc, with A [M,K]

@@ -10,6 +10,9 @@
 // k x n after op; lda >= max(1, rows of A as stored), likewise ldb, ldc >= max(1, m); when beta is 0, C is not
 // read (it may hold NaN). The strided-batched form repeats this `batch` times, operand i at X + i * strideX.
 // Sums run in l order in fp32; cuBLAS's own order differs, which the tests' bf16 tolerances cover.
+// Refused with CUBLAS_STATUS_INVALID_VALUE (and a line on stderr), where a GPU would silently compute garbage: an
+// operand outside device memory; a handle used while a device other than the one current at its cublasCreate is
+// current, or with a stream or an operand of another device; C overlapping A or B, or one batch's C another's.
 #pragma once
 
 #include <cstdint>

@@ -310,6 +310,15 @@ DeviceAccess::~DeviceAccess() {
 
 void SetLastError(cudaError_t e) { last_error = e; }
 
+cudaError_t CheckLaunch(unsigned int grid_x, unsigned int grid_y, unsigned int grid_z, unsigned int block_x,
+                        unsigned int block_y, unsigned int block_z) {
+  const uint64_t threads = uint64_t{block_x} * block_y * block_z;
+  const bool ok = grid_x >= 1 && grid_x <= 0x7fffffffu && grid_y >= 1 && grid_y <= 65535 && grid_z >= 1 &&
+                  grid_z <= 65535 && block_x >= 1 && block_x <= 1024 && block_y >= 1 && block_y <= 1024 &&
+                  block_z >= 1 && block_z <= 64 && threads <= 1024;
+  return ok ? cudaSuccess : Fail(cudaErrorInvalidConfiguration);
+}
+
 bool IsDevice(const void* p, size_t bytes) {
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   return Find(p, bytes) != S().live.end();
@@ -426,6 +435,8 @@ const char* cudaGetErrorString(cudaError_t e) {
       return "invalid argument";
     case cudaErrorMemoryAllocation:
       return "out of memory";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
     case cudaErrorNoDevice:
       return "no CUDA-capable device is detected";
     case cudaErrorInvalidDevice:
@@ -765,13 +776,18 @@ cudaError_t cudaEventSynchronize(cudaEvent_t event) {
 // ---------------------------------------------------------------------------------------------------------------
 // cuBLAS
 
+// A handle belongs to the device current at cublasCreate (cuBLAS: "the device associated with a particular cuBLAS
+// context is assumed to remain unchanged between the corresponding cublasCreate() and cublasDestroy() calls"; a
+// thread that drives another device needs another handle).
 struct FakeCublasContext {
   cudaStream_t stream = nullptr;
+  int device = 0;
 };
 
 cublasStatus_t cublasCreate(cublasHandle_t* handle) {
   if (handle == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
   *handle = new FakeCublasContext;
+  (void)cudaGetDevice(&(*handle)->device);
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -828,17 +844,46 @@ cublasStatus_t Gemm(cublasHandle_t handle, cublasOperation_t ta, cublasOperation
   }
   const float alpha = *static_cast<const float*>(alpha_p), beta = *static_cast<const float*>(beta_p);
   DeviceAccess access;
-  // Operands live in device memory, wholly inside their allocations (a GPU would read past them silently).
+  // The handle drives the device it was created on: a call while another device is current, or on a stream or
+  // with operands of another device, is a bug a GPU shows as a failed launch or garbage, never as a right answer.
+  int current = 0;
+  (void)cudaGetDevice(&current);
+  if (current != handle->device || fake_cuda::StreamDevice(handle->stream) != handle->device) {
+    std::fprintf(stderr, "fake cuBLAS: a handle of device %d used while device %d is current (stream of device %d)\n",
+                 handle->device, current, fake_cuda::StreamDevice(handle->stream));
+    return CUBLAS_STATUS_INVALID_VALUE;
+  }
+  const size_t c_span = Span(m, n, ldc, ct);
+  const auto overlaps = [](const char* x, size_t nx, const char* y, size_t ny) {
+    return nx > 0 && ny > 0 && x < y + ny && y < x + nx;
+  };
+  // Operands live in device memory of the handle's device, wholly inside their allocations (a GPU would read past
+  // them silently). C overlaps neither A nor B, nor another batch's C: cuBLAS's result is then undefined (tiles
+  // read what other tiles already wrote, batches race), while this loop would compute something plausible.
   for (int b = 0; b < batch; ++b) {
     const char* a = static_cast<const char*>(A) + b * sa * static_cast<long long>(ElementBytes(at));
     const char* bb = static_cast<const char*>(B) + b * sb * static_cast<long long>(ElementBytes(bt));
     char* c = static_cast<char*>(C) + b * sc * static_cast<long long>(ElementBytes(ct));
-    if ((k > 0 && !fake_cuda::IsDevice(a, Span(a_rows, a_cols, lda, at))) ||
-        (k > 0 && !fake_cuda::IsDevice(bb, Span(b_rows, b_cols, ldb, bt))) ||
-        !fake_cuda::IsDevice(c, Span(m, n, ldc, ct))) {
+    const size_t a_span = k > 0 ? Span(a_rows, a_cols, lda, at) : 0, b_span = k > 0 ? Span(b_rows, b_cols, ldb, bt) : 0;
+    if ((k > 0 && !fake_cuda::IsDevice(a, a_span)) || (k > 0 && !fake_cuda::IsDevice(bb, b_span)) ||
+        !fake_cuda::IsDevice(c, c_span)) {
       std::fprintf(stderr, "fake cuBLAS: an operand of batch %d lies outside device memory\n", b);
       return CUBLAS_STATUS_INVALID_VALUE;
     }
+    if ((k > 0 && (fake_cuda::DeviceOf(a) != handle->device || fake_cuda::DeviceOf(bb) != handle->device)) ||
+        fake_cuda::DeviceOf(c) != handle->device) {
+      std::fprintf(stderr, "fake cuBLAS: an operand of batch %d is not on the handle's device %d\n", b, handle->device);
+      return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    if (overlaps(c, c_span, a, a_span) || overlaps(c, c_span, bb, b_span)) {
+      std::fprintf(stderr, "fake cuBLAS: C of batch %d overlaps A or B (an in-place product is undefined)\n", b);
+      return CUBLAS_STATUS_INVALID_VALUE;
+    }
+  }
+  // Batches' C at a stride shorter than one C's span write the same elements from concurrent products.
+  if (batch > 1 && c_span > 0 && static_cast<unsigned long long>(sc < 0 ? -sc : sc) * ElementBytes(ct) < c_span) {
+    std::fprintf(stderr, "fake cuBLAS: batches' C overlap (stride %lld elements, one C spans %zu bytes)\n", sc, c_span);
+    return CUBLAS_STATUS_INVALID_VALUE;
   }
   // alpha and beta are read at the call (host pointer mode); the product runs on the handle's stream.
   const cudaError_t queued = fake_cuda::Enqueue(handle->stream, [=] {
