@@ -181,11 +181,11 @@ class DeviceAccess {
 
 // Records a failure as the calling thread's sticky last error (a kernel launch that was refused).
 void SetLastError(cudaError_t e);
-// A kernel launch's configuration as the runtime checks it (the limits of every GPU since sm_70): a block of at
-// most 1024 threads, x and y at most 1024 and z at most 64; a grid of at most 2^31 - 1 blocks in x, 65535 in y and
-// z; no dimension 0 (an empty grid is refused, not a no-op). Otherwise cudaErrorInvalidConfiguration, also as the
-// thread's last error, as a <<<...>>> launch reports it. Emulated launches call it first, so that a configuration
-// a GPU refuses fails on the CPU too.
+// A kernel launch's configuration as the runtime checks it (kernels/launch.cuh's LaunchConfigValid, the limits of
+// every GPU since sm_70): a block of at most 1024 threads, x and y at most 1024 and z at most 64; a grid of at most
+// 2^31 - 1 blocks in x, 65535 in y and z; no dimension 0 (an empty grid is refused, not a no-op). Otherwise
+// cudaErrorInvalidConfiguration, also as the thread's last error, as a <<<...>>> launch reports it. Emulated
+// launches call it first, so that a configuration a GPU refuses fails on the CPU too.
 cudaError_t CheckLaunch(unsigned int grid_x, unsigned int grid_y, unsigned int grid_z, unsigned int block_x,
                         unsigned int block_y, unsigned int block_z);
 // Whether [p, p + bytes) lies inside one device allocation.

@@ -27,6 +27,7 @@
 #include "cublas_v2.h"
 #include "cuda_runtime.h"
 #include "kernels/cast.cuh"
+#include "kernels/launch.cuh"  // the runtime's launch limits, as the CPU launch emulation checks them
 
 namespace fake_cuda {
 // A stream's work in issue order: operations numbered 1, 2, ... as enqueued; those up to `executed` have run.
@@ -312,10 +313,7 @@ void SetLastError(cudaError_t e) { last_error = e; }
 
 cudaError_t CheckLaunch(unsigned int grid_x, unsigned int grid_y, unsigned int grid_z, unsigned int block_x,
                         unsigned int block_y, unsigned int block_z) {
-  const uint64_t threads = uint64_t{block_x} * block_y * block_z;
-  const bool ok = grid_x >= 1 && grid_x <= 0x7fffffffu && grid_y >= 1 && grid_y <= 65535 && grid_z >= 1 &&
-                  grid_z <= 65535 && block_x >= 1 && block_x <= 1024 && block_y >= 1 && block_y <= 1024 &&
-                  block_z >= 1 && block_z <= 64 && threads <= 1024;
+  const bool ok = zero::kernels::LaunchConfigValid(grid_x, grid_y, grid_z, block_x, block_y, block_z);
   return ok ? cudaSuccess : Fail(cudaErrorInvalidConfiguration);
 }
 
