@@ -8,6 +8,7 @@
 #   * `sample` reads the base and the adapter back and continues a prompt with each;
 #   * an interrupted fine-tune resumed from its zero checkpoint ends where the uninterrupted one did;
 #   * --targets q,gate puts adapters on those projections only (config and file agree); a bad list is refused.
+#   * --synthetic-documents N sizes the synthetic corpus (a benchmark's larger batches); a bad N is refused.
 #   * --recompute 1 reports a measured activation peak below the stored one, each within 10% of the estimate.
 #   * `merge` folds the adapter into the base: merged logits equal adapter logits within 1e-5 (relative; the
 #     example checks it and fails otherwise, this reads its line), and merged/model.safetensors holds the base's
@@ -133,6 +134,18 @@ if "$mpiexec" -n 2 "$@" "$binary" "${lora_args[@]}" --targets q,nope > "$work/ba
   echo "FAIL: --targets q,nope was accepted"; exit 1
 fi
 grep -q "subset of q,k,v,o,gate,up,down" "$work/bad_targets.log" || { echo "FAIL: no clear error"; cat "$work/bad_targets.log"; exit 1; }
+
+# --synthetic-documents: the synthetic corpus grows (800 documents: 760 for training, every 20th for validation),
+# in a data directory of its own; a count below 40 is refused naming the range.
+"$mpiexec" -n 1 "$@" "$binary" prepare --out "$work" --data "$work/docs_data" --base-corpus synthetic \
+  --tune-corpus synthetic --synthetic-documents 800 > "$work/docs.log"
+grep -qE '^corpus synthetic +train [0-9]+ tokens \(760 docs\)' "$work/docs.log" ||
+  { echo "FAIL: --synthetic-documents 800 did not give 760 training documents"; cat "$work/docs.log"; exit 1; }
+if "$mpiexec" -n 1 "$@" "$binary" prepare --out "$work" --synthetic-documents 10 > "$work/docs_bad.log" 2>&1; then
+  echo "FAIL: --synthetic-documents 10 was accepted"; exit 1
+fi
+grep -q "synthetic-documents must be 40..10000000" "$work/docs_bad.log" ||
+  { echo "FAIL: no clear error for --synthetic-documents 10"; cat "$work/docs_bad.log"; exit 1; }
 
 # --recompute 1: the run reports its measured activation peak and zero::EstimateActivations' within 10%, below the
 # peak of the same micro-batch without recomputation (run1's fine-tune).

@@ -20,7 +20,14 @@ Status Blas(cublasStatus_t rc, const char* what) {
                                      : Status::Internal(std::string(what) + ": cuBLAS status " + std::to_string(rc));
 }
 cublasHandle_t Handle(void* h) { return static_cast<cublasHandle_t>(h); }
-cudaDataType GradType(DType d) { return d == DType::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
+// The gradient buffer's element type as cuBLAS names it (the product writes the gradient in the engine's dtype).
+cudaDataType GradType(DType d) {
+  switch (d) {
+    case DType::kBF16: return CUDA_R_16BF;
+    case DType::kF16: return CUDA_R_16F;
+    default: return CUDA_R_32F;
+  }
+}
 
 }  // namespace
 

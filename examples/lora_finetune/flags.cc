@@ -12,7 +12,7 @@ const char* const kUsage =
     "  [--micro M] [--batch B] [--seq S] [--pretrain-steps N] [--lora-steps N] [--pretrain-lr X] [--lora-lr X]\n"
     "  [--warmup N] [--dim D] [--layers L] [--heads H] [--kv-heads K] [--ffn F] [--r R] [--alpha A]\n"
     "  [--dropout P] [--eval-batches N] [--threads T] [--seed S] [--base-corpus fortunes|synthetic]\n"
-    "  [--tune-corpus bible|synthetic] [--prompt TEXT] [--sample-tokens N] [--save-every N] [--resume 0|1]\n"
+    "  [--tune-corpus bible|synthetic] [--synthetic-documents N] [--prompt TEXT] [--sample-tokens N] [--save-every N] [--resume 0|1]\n"
     "  [--targets q,k,v,o,gate,up,down] [--logits-out FILE]"
     "  [--stop-after N] [--device auto|cpu|cuda] [--recompute 0|1]\n"
     "  [--hpz 0|1] [--qwz 0|1] [--qgz-bits 0|4|8] [--ranks-per-node K]   (ZeRO++; README \"ZeRO++\")\n";
@@ -47,6 +47,7 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
     else if (k == "--data") f->data = v;
     else if (k == "--base-corpus") f->base_corpus = v;
     else if (k == "--tune-corpus") f->tune_corpus = v;
+    else if (k == "--synthetic-documents") ok = num(&f->synthetic_documents);
     else if (k == "--prompt") f->prompt = v;
     else if (k == "--device") f->device = v;
     else if (k == "--sample-tokens") ok = num(&f->sample_tokens);
@@ -116,6 +117,9 @@ bool ParseFlags(int argc, char** argv, Flags* f, std::string* error) {
   else if (f->offload && f->stage == 0) *error = "--offload 1 needs --stage 1, 2 or 3";
   else if (!f->nvme.empty() && !f->offload) *error = "--nvme DIR holds the offloaded optimizer state: add --offload 1";
   else if (f->device != "auto" && f->device != "cpu" && f->device != "cuda") *error = "--device: auto, cpu or cuda";
+  else if (f->synthetic_documents < 40 || f->synthetic_documents > 10'000'000) {
+    *error = "--synthetic-documents must be 40..10000000 (every 20th is validation: 40 gives 2)";
+  }
   if (f->data.empty()) f->data = f->out + "/data";
   return error->empty();
 }

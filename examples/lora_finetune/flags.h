@@ -17,6 +17,9 @@ struct Flags {
   std::string out = "runs/lora";
   std::string data = "";  // default: OUT/data
   std::string base_corpus = "fortunes", tune_corpus = "bible";
+  // Documents of the synthetic corpus (about 60 bytes each, every 20th for validation): 400 by default, more for a
+  // benchmark whose batch x seq needs more validation tokens than 400 documents give (about 990 BPE tokens).
+  int synthetic_documents = 400;
   std::string prompt = "And God said, ";
   int sample_tokens = 48;
   int stage = 3;

@@ -481,9 +481,11 @@ lora::PreparedCorpus Prepare(const Flags& f, const std::string& name) {
   lora::PreparedCorpus p;
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  if (rank == 0) Check(lora::PrepareCorpus(CorpusFor(name), f.data, lora::CorpusOptions(), &p), "prepare " + name);
+  lora::CorpusOptions options;
+  options.synthetic_documents = f.synthetic_documents;
+  if (rank == 0) Check(lora::PrepareCorpus(CorpusFor(name), f.data, options, &p), "prepare " + name);
   MPI_Barrier(MPI_COMM_WORLD);
-  if (rank != 0) Check(lora::PrepareCorpus(CorpusFor(name), f.data, lora::CorpusOptions(), &p), "prepare " + name);
+  if (rank != 0) Check(lora::PrepareCorpus(CorpusFor(name), f.data, options, &p), "prepare " + name);
   Say("corpus %-9s train %lld tokens (%lld docs), validation %lld tokens%s\n", name.c_str(),
       static_cast<long long>(p.train_tokens), static_cast<long long>(p.train_documents),
       static_cast<long long>(p.validation_tokens), p.reused ? " (reused)" : "");
