@@ -48,6 +48,10 @@ class DeviceMathTest : public ::testing::TestWithParam<Backend> {
   }
   // `values` rounded to dtype (kF32: as is) on the device, with their exact widening for the reference.
   struct Grad UploadGrad(const std::vector<float>& values, DType dtype);
+  // One AdamW step of the device on copies of p, m, v with gradient `g` (and a `copy`-typed parameter copy), bitwise
+  // against the scalar functor over every element; p, m, v become the expected values.
+  void ExpectAdamWBitwise(const kernels::AdamWCoeffs& c, std::vector<float>& p, std::vector<float>& m,
+                          std::vector<float>& v, const struct Grad& g, DType gd, DType copy);
   std::vector<float> Download(const DeviceBuffer& b, int64_t n) {
     std::vector<float> host(static_cast<size_t>(n));
     EXPECT_TRUE(device_->CopyToHost(host.data(), b.data(), n * 4).ok());
@@ -139,6 +143,21 @@ Grad DeviceMathTest::UploadGrad(const std::vector<float>& values, DType dtype) {
   return g;
 }
 
+void DeviceMathTest::ExpectAdamWBitwise(const kernels::AdamWCoeffs& c, std::vector<float>& p, std::vector<float>& m,
+                                        std::vector<float>& v, const Grad& g, DType gd, DType copy) {
+  const int64_t n = static_cast<int64_t>(p.size());
+  DeviceBuffer dp = Upload(p), dm = Upload(m), dv = Upload(v);
+  CopyTarget target(device_.get(), copy, n);
+  ASSERT_TRUE(device_->AdamW(c, dp.as<float>(), dm.as<float>(), dv.as<float>(), g.buffer.data(), gd, target.ptr(),
+                             copy, n, nullptr).ok());
+  const kernels::AdamWElement f{c};
+  for (int64_t i = 0; i < n; ++i) f(p[i], m[i], v[i], g.widened[i]);
+  ExpectBitwise(Download(dp, n), p, "p");
+  ExpectBitwise(Download(dm, n), m, "m");
+  ExpectBitwise(Download(dv, n), v, "v");
+  target.Expect(p);
+}
+
 TEST_P(DeviceMathTest, AdamWEqualsTheScalarFunctor) {
   for (DType gd : {DType::kF32, DType::kBF16, DType::kF16}) {
   for (DType copy : {DType::kF32, DType::kBF16, DType::kF16}) {
@@ -146,17 +165,7 @@ TEST_P(DeviceMathTest, AdamWEqualsTheScalarFunctor) {
       SCOPED_TRACE("n = " + std::to_string(n) + ", grad " + DTypeName(gd) + ", copy " + DTypeName(copy));
       std::vector<float> p = RandomFloats(n, 1, -1, 1), m = RandomFloats(n, 2, -0.1f, 0.1f), v = RandomFloats(n, 3, 0, 0.01f);
       Grad g = UploadGrad(RandomFloats(n, 4, -2, 2), gd);
-      const auto c = kernels::MakeAdamWCoeffs(1e-3, 0.9, 0.999, 1e-8, 0.01, 7, 0.25);
-      DeviceBuffer dp = Upload(p), dm = Upload(m), dv = Upload(v);
-      CopyTarget target(device_.get(), copy, n);
-      ASSERT_TRUE(device_->AdamW(c, dp.as<float>(), dm.as<float>(), dv.as<float>(), g.buffer.data(), gd,
-                                 target.ptr(), copy, n, nullptr).ok());
-      const kernels::AdamWElement f{c};
-      for (int64_t i = 0; i < n; ++i) f(p[i], m[i], v[i], g.widened[i]);
-      ExpectBitwise(Download(dp, n), p, "p");
-      ExpectBitwise(Download(dm, n), m, "m");
-      ExpectBitwise(Download(dv, n), v, "v");
-      target.Expect(p);
+      ExpectAdamWBitwise(kernels::MakeAdamWCoeffs(1e-3, 0.9, 0.999, 1e-8, 0.01, 7, 0.25), p, m, v, g, gd, copy);
     }
   }
   }
@@ -331,17 +340,8 @@ TEST_P(DeviceMathTest, GridStrideLoopsWrapPastTheLargestGrid) {
   std::vector<float> p = HashedFloats(n, 1, -1, 1), m = HashedFloats(n, 2, -0.1f, 0.1f),
                      v = HashedFloats(n, 3, 0, 0.01f);
   Grad g = UploadGrad(HashedFloats(n, 4, -2, 2), DType::kBF16);
-  const auto c = kernels::MakeAdamWCoeffs(1e-3, 0.9, 0.999, 1e-8, 0.01, 3, 0.5);
-  DeviceBuffer dp = Upload(p), dm = Upload(m), dv = Upload(v);
-  CopyTarget target(device_.get(), DType::kBF16, n);
-  ASSERT_TRUE(device_->AdamW(c, dp.as<float>(), dm.as<float>(), dv.as<float>(), g.buffer.data(), DType::kBF16,
-                             target.ptr(), DType::kBF16, n, nullptr).ok());
-  const kernels::AdamWElement f{c};
-  for (int64_t i = 0; i < n; ++i) f(p[i], m[i], v[i], g.widened[i]);
-  ExpectBitwise(Download(dp, n), p, "p");
-  ExpectBitwise(Download(dm, n), m, "m");
-  ExpectBitwise(Download(dv, n), v, "v");
-  target.Expect(p);
+  ExpectAdamWBitwise(kernels::MakeAdamWCoeffs(1e-3, 0.9, 0.999, 1e-8, 0.01, 3, 0.5), p, m, v, g, DType::kBF16,
+                     DType::kBF16);
 
   Grad x = UploadGrad(HashedFloats(n, 5, -1, 1), DType::kBF16);
   ASSERT_TRUE(device_->Accumulate(g.buffer.data(), x.buffer.data(), DType::kBF16, n, nullptr).ok());
