@@ -805,11 +805,23 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   if (crc == cudaSuccess) crc = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
   if (crc == cudaSuccess) crc = cudaMalloc(&scratch, sizeof(float));
   if (crc != cudaSuccess) (void)cudaGetLastError();
+  // Agree on the device setup before NCCL's init, which is collective: a rank that skipped it would leave the
+  // others in their init's bootstrap for the whole timeout (300 s by default) before they learn why.
+  ok = crc == cudaSuccess ? 1 : 0;
+  MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, parent);
+  if (!all_ok) {
+    ReleaseOpenResources(nullptr, stream, scratch);
+    return Status::Unavailable(where + ": " +
+                               (crc != cudaSuccess ? std::string("CUDA device ") + std::to_string(device) + ": " +
+                                                         cudaGetErrorString(crc)
+                                                   : std::string("another rank could not set up its CUDA device "
+                                                                 "(its own status says why)")) +
+                               "; use Comm::OpenMpi with Backend::kCpu if the GPUs cannot be used");
+  }
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
   ncclComm_t nccl = nullptr;
-  ncclResult_t rc = crc == cudaSuccess ? ncclCommInitRankConfig(&nccl, world, bootstrap.id, rank, &config)
-                                       : ncclSystemError;
+  ncclResult_t rc = ncclCommInitRankConfig(&nccl, world, bootstrap.id, rank, &config);
   const auto deadline = Clock::now() + options.timeout;
   while (rc == ncclInProgress && Clock::now() < deadline) {
     std::this_thread::sleep_for(kNap);
@@ -821,10 +833,8 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   if (!all_ok) {
     const std::string last = nccl != nullptr && rc != ncclSuccess ? ncclGetLastError(nccl) : "";
     ReleaseOpenResources(nccl, stream, scratch);
-    const std::string detail = crc != cudaSuccess ? std::string("CUDA device ") + std::to_string(device) + ": " +
-                                                        cudaGetErrorString(crc)
-                               : rc == ncclInProgress ? "timed out after " + std::to_string(options.timeout.count()) +
-                                                            " ms"
+    const std::string detail = rc == ncclInProgress ? "timed out after " + std::to_string(options.timeout.count()) +
+                                                          " ms"
                                : rc != ncclSuccess ? std::string(ncclGetErrorString(rc)) +
                                                          (last.empty() ? "" : " (" + last + ")")
                                                    : "another rank failed";

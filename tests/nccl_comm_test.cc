@@ -191,6 +191,30 @@ TEST(NcclCommTest, OpensOverTheCommunicatorOfAnMpiComm) {
   EXPECT_EQ(refused, nullptr);
 }
 
+#if defined(ZERO_FAKE_CUDA_RUNTIME)
+// NCCL's init is collective. A rank whose device setup fails (here the last one: its stand-in device is full, so
+// the scratch word's cudaMalloc fails) must not leave the others in the init's bootstrap: every rank returns
+// Unavailable at once, the failing one naming its CUDA error. Before, the others waited out the whole timeout.
+TEST(NcclCommTest, ADeviceSetupFailureOnOneRankFailsEveryRankAtOnce) {
+  const int r = WorldRank(), n = WorldSize();
+  if (r == n - 1) fake_cuda::SetCapacity(fake_cuda::LiveBytes());
+  const auto start = std::chrono::steady_clock::now();
+  Status s;
+  auto comm = OpenNcclWorld(&s, std::chrono::milliseconds(20'000));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (r == n - 1) fake_cuda::SetCapacity(int64_t{16} << 30);  // the stand-in's default
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+  EXPECT_EQ(comm, nullptr);
+  // Far below the 20 s timeout (MPI start-up and a few agreements; 2 cores shared by 4 ranks).
+  EXPECT_LT(secs, 10.0) << s.ToString();
+  EXPECT_NE(s.message().find(r == n - 1 ? "CUDA device" : "another rank"), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find("Comm::OpenMpi"), std::string::npos) << s.ToString();
+  // Nothing is left behind: the next open works on every rank.
+  auto again = OpenNcclWorld(&s);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+}
+#endif
+
 TEST(NcclCommTest, CollectivesOnDeviceMemory) {
   Status s;
   auto comm = OpenNcclWorld(&s);
