@@ -432,6 +432,46 @@ TEST(NcclCommTest, HealthFromAnotherThreadDuringCollectives) {
 #endif
 }
 
+// Destroying a communicator whose collective is stuck on a stalled peer (nobody asked for its status yet) is
+// bounded: NCCL's finalize waits for every collective issued on it, so NcclComm's destructor polls the finalize
+// against the timeout and then aborts, which also takes the stuck collective off the caller's stream. The stalled
+// (last) rank destroys its own idle communicator normally.
+TEST(NcclCommPeerTest, DestroyingWithACollectiveStuckOnAStalledPeerIsBounded) {
+  constexpr auto kTimeout = std::chrono::milliseconds(1'000);
+  Status s;
+  auto comm = OpenNcclWorld(&s, kTimeout * 3);  // the init of four ranks time-sharing two cores or one GPU
+  if (!s.ok()) GTEST_SKIP() << "no GPU: " << s.message();
+#if defined(ZERO_WITH_CUDA)
+  const int n = comm->world_size(), r = comm->rank();
+  DeviceFloats x(std::vector<float>(512, 1.0f));
+  // Connected first: NCCL connects at a communicator's first collective, with its peers.
+  ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 512, DType::kF32, ReduceOp::kSum).ok());
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const bool stalled = n > 1 && r == n - 1;
+  if (!stalled) {
+    CollectiveOptions co;
+    co.stream = stream;
+    co.what = "the collective left in flight";
+    ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 512, DType::kF32, ReduceOp::kSum, co).ok());
+  }
+  const auto start = std::chrono::steady_clock::now();
+  comm.reset();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // The finalize's timeout plus the abort (a hang fails the suite's own time limit instead).
+  EXPECT_LT(secs, 10.0);
+  // Nothing of NCCL's is left on the stream (polled, so that a kernel that spins on fails instead of hanging).
+  cudaError_t q = cudaStreamQuery(stream);
+  for (int i = 0; q == cudaErrorNotReady && i < 2000; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    q = cudaStreamQuery(stream);
+  }
+  EXPECT_EQ(q, cudaSuccess) << "the stuck collective is still on the stream after 10 s";
+  cudaStreamDestroy(stream);
+  MPI_Barrier(MPI_COMM_WORLD);
+#endif
+}
+
 // A peer that stops issuing collectives: every other rank gets a Timeout naming the collective within about the
 // communication timeout (through the watchdog for a collective in flight on the caller's stream, through the wait
 // for a waited one), NCCL's communicator is aborted (no kernel spins on), and MPI stays usable. The stalled rank
