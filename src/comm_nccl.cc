@@ -39,6 +39,7 @@
 // host-only CUDA and NCCL stand-ins (tests/testing/fake_cuda, tests/testing/fake_nccl).
 #include <mpi.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -725,6 +726,35 @@ class NcclComm final : public Comm {
   Status published_;
 };
 
+// The value NCCL makes of its integer parameter `name` (the environment, then its configuration files; strtoll with
+// base 0), when that is exactly `value`.
+bool NcclParamIs(const char* name, long long value) {
+  const std::optional<std::string> text = internal::NcclParamValue(name, internal::NcclConfFiles());
+  if (!text || text->empty()) return false;
+  errno = 0;
+  const long long v = std::strtoll(text->c_str(), nullptr, 0);
+  return errno == 0 && v == value;
+}
+
+// NCCL settings that override the communicators' configuration and break NcclComm's promises, or empty. Both are
+// read by NCCL over ncclConfig_t (init.cc, envConfigOverride), so NcclComm cannot opt out of them itself:
+//  * NCCL_COMM_BLOCKING=1 makes every communicator blocking: the init, split and finalize would wait for a stalled
+//    or dead peer with no timeout (NcclComm polls the non-blocking forms against CommOptions::timeout);
+//  * NCCL_COMM_SPLIT_SHARE_RESOURCES=1 makes Duplicate's and Split's communicators share their parent's abort flag:
+//    aborting the engine's communicator on a timeout would stop the trainer's collectives too, and NCCL would still
+//    report them successful (the parent's own state is untouched).
+std::string RefusedNcclSettings() {
+  if (NcclParamIs("NCCL_COMM_BLOCKING", 1)) {
+    return "NCCL_COMM_BLOCKING=1 is set (environment or nccl.conf): it makes NCCL's init, split and finalize wait for "
+           "a stalled peer with no timeout, where NcclComm relies on non-blocking communicators; unset it";
+  }
+  if (NcclParamIs("NCCL_COMM_SPLIT_SHARE_RESOURCES", 1)) {
+    return "NCCL_COMM_SPLIT_SHARE_RESOURCES=1 is set (environment or nccl.conf): a Duplicate would share its "
+           "parent's abort flag, so that aborting one silently ends the other's collectives; unset it";
+  }
+  return "";
+}
+
 // Frees what OpenNccl made before a communicator owned it.
 void ReleaseOpenResources(ncclComm_t nccl, cudaStream_t stream, void* scratch) {
   if (nccl != nullptr) ncclCommAbort(nccl);
@@ -768,12 +798,13 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
     place = internal::PlaceRankOnGpu(local_rank, local_ranks, devices, version,
                                      multi_rank ? multi_rank->c_str() : nullptr);
     why = place.refusal;
+    if (why.empty()) why = RefusedNcclSettings();
   }
   int ok = why.empty() ? 1 : 0, all_ok = 0;
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, parent);
   if (!all_ok) {
-    // A refused placement says what to do itself; the other causes get the CPU alternative.
-    const bool refused_placement = devices > 0 && !place.refusal.empty();
+    // A refused placement or setting says what to do itself; the other causes get the CPU alternative.
+    const bool refused_placement = devices > 0 && !why.empty() && crc == cudaSuccess;
     if (why.empty()) why = "another rank cannot use a GPU (its own status says why)";
     return Status::Unavailable(where + ": " + why +
                                (refused_placement ? "" : "; use Comm::OpenMpi and Backend::kCpu on machines without "

@@ -191,6 +191,44 @@ TEST(NcclCommTest, OpensOverTheCommunicatorOfAnMpiComm) {
   EXPECT_EQ(refused, nullptr);
 }
 
+// Two NCCL settings override the communicators' configuration and would break NcclComm's promises: blocking
+// communicators (an init, split or finalize that waits for a dead peer with no timeout) and Duplicates sharing their
+// parent's abort flag (an engine's timeout abort would silently end the trainer's collectives). Every rank refuses,
+// naming the variable, before NCCL reads it; with the variable gone the next open works.
+TEST(NcclCommTest, SettingsThatDefeatTheTimeoutsAreRefusedByName) {
+  for (const char* name : {"NCCL_COMM_BLOCKING", "NCCL_COMM_SPLIT_SHARE_RESOURCES"}) {
+    const char* before = std::getenv(name);
+    const std::string saved = before == nullptr ? "" : before;
+    setenv(name, "1", 1);
+    Status s;
+    auto comm = OpenNcclWorld(&s);
+    if (before != nullptr) {
+      setenv(name, saved.c_str(), 1);
+    } else {
+      unsetenv(name);
+    }
+    EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+    EXPECT_EQ(comm, nullptr);
+    int devices = 0;
+#if defined(ZERO_WITH_CUDA)
+    if (cudaGetDeviceCount(&devices) != cudaSuccess) (void)cudaGetLastError();
+#endif
+    // Without a GPU the missing device is the news; with one, the setting.
+    if (devices > 0) {
+      EXPECT_NE(s.message().find(name), std::string::npos) << s.ToString();
+    }
+  }
+  Status s;
+  auto comm = OpenNcclWorld(&s);
+  int devices = 0;
+#if defined(ZERO_WITH_CUDA)
+  if (cudaGetDeviceCount(&devices) != cudaSuccess) (void)cudaGetLastError();
+#endif
+  if (devices > 0) {
+    EXPECT_TRUE(s.ok()) << s.ToString();
+  }
+}
+
 #if defined(ZERO_FAKE_CUDA_RUNTIME)
 // NCCL's init is collective. A rank whose device setup fails (here the last one: its stand-in device is full, so
 // the scratch word's cudaMalloc fails) must not leave the others in the init's bootstrap: every rank returns
