@@ -194,7 +194,7 @@ TEST(NcclCommTest, OpensOverTheCommunicatorOfAnMpiComm) {
 // Two NCCL settings override the communicators' configuration and would break NcclComm's promises: blocking
 // communicators (an init, split or finalize that waits for a dead peer with no timeout) and Duplicates sharing their
 // parent's abort flag (an engine's timeout abort would silently end the trainer's collectives). Every rank refuses,
-// naming the variable, before NCCL reads it; with the variable gone the next open works.
+// naming the variable, before NCCL reads it.
 TEST(NcclCommTest, SettingsThatDefeatTheTimeoutsAreRefusedByName) {
   for (const char* name : {"NCCL_COMM_BLOCKING", "NCCL_COMM_SPLIT_SHARE_RESOURCES"}) {
     const char* before = std::getenv(name);
@@ -218,15 +218,7 @@ TEST(NcclCommTest, SettingsThatDefeatTheTimeoutsAreRefusedByName) {
       EXPECT_NE(s.message().find(name), std::string::npos) << s.ToString();
     }
   }
-  Status s;
-  auto comm = OpenNcclWorld(&s);
-  int devices = 0;
-#if defined(ZERO_WITH_CUDA)
-  if (cudaGetDeviceCount(&devices) != cudaSuccess) (void)cudaGetLastError();
-#endif
-  if (devices > 0) {
-    EXPECT_TRUE(s.ok()) << s.ToString();
-  }
+  // (The next cases open again with the variables restored.)
 }
 
 #if defined(ZERO_FAKE_CUDA_RUNTIME)
@@ -474,7 +466,8 @@ TEST(NcclCommTest, HealthFromAnotherThreadDuringCollectives) {
 // bounded: NCCL's finalize waits for every collective issued on it, so NcclComm's destructor polls the finalize
 // against the timeout and then aborts, which also takes the stuck collective off the caller's stream. The stalled
 // (last) rank destroys its own idle communicator normally.
-TEST(NcclCommPeerTest, DestroyingWithACollectiveStuckOnAStalledPeerIsBounded) {
+// (Named apart from *StalledPeer*: gpu_run.sh's killed-rank step selects the next case by that filter.)
+TEST(NcclCommPeerTest, DestroyingWithACollectiveStuckInFlightIsBounded) {
   constexpr auto kTimeout = std::chrono::milliseconds(1'000);
   Status s;
   auto comm = OpenNcclWorld(&s, kTimeout * 3);  // the init of four ranks time-sharing two cores or one GPU
