@@ -3,8 +3,9 @@
 // Bootstrap: ranks first agree over MPI that every one of them has a usable device (so a rank without one
 // makes all of them fail, instead of leaving the others in ncclCommInitRankConfig); the local device is the
 // node-local rank (MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)), and a node with more ranks than GPUs is refused
-// unless the loaded NCCL lets ranks share a GPU (cuda_placement.h); rank 0's ncclGetUniqueId (and whether it
-// worked) is broadcast with MPI_Bcast.
+// unless the loaded NCCL lets ranks share a GPU (cuda_placement.h), and NCCL settings that would defeat the timeouts
+// are refused by name (RefusedNcclSettings); rank 0's ncclGetUniqueId (and whether it worked) is broadcast with
+// MPI_Bcast, and the ranks agree that each set up its device before NCCL's collective init.
 //
 // The communicator is non-blocking (ncclConfig_t::blocking = 0) so that no NCCL call can wait for a peer without
 // a timeout. With more than one rank NCCL hands each call to a helper thread and returns ncclInProgress: the
