@@ -155,8 +155,11 @@ class NcclComm final : public Comm {
     }
     for (const InFlight& f : inflight_) cudaEventDestroy(f.event);
     for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
-    cudaFree(scratch_);
-    if (stage_ != nullptr) cudaFree(stage_);
+    // Stream-ordered frees (both were allocated on stream_): cudaFree would wait for the whole device, so a
+    // collective of another communicator stuck on a dead peer (the family's other member, say) would hang this
+    // destructor with no timeout.
+    cudaFreeAsync(scratch_, stream_);
+    if (stage_ != nullptr) cudaFreeAsync(stage_, stream_);
     if (order_event_ != nullptr) cudaEventDestroy(order_event_);
     if (family_event_ != nullptr) cudaEventDestroy(family_event_);
     cudaStreamDestroy(stream_);
@@ -415,7 +418,7 @@ class NcclComm final : public Comm {
     cudaStream_t stream = nullptr;
     void* scratch = nullptr;
     cudaError_t crc = Reported(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    if (crc == cudaSuccess) crc = Reported(cudaMalloc(&scratch, sizeof(float)));
+    if (crc == cudaSuccess) crc = Reported(cudaMallocAsync(&scratch, sizeof(float), stream));  // see ~NcclComm
     if (crc != cudaSuccess) {
       ncclCommAbort(child);
       if (stream != nullptr) cudaStreamDestroy(stream);
@@ -511,9 +514,9 @@ class NcclComm final : public Comm {
     return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, crc);
   }
 
-  // The staging buffer, allocated once at its largest (control messages: at most kMaxStagedBytes plus alignment)
-  // and freed with the Comm: growing it would cudaFree the old one, and cudaFree waits for the whole device, NCCL
-  // kernels of the engine's queued collectives included (no timeout when a peer stalls).
+  // The staging buffer, allocated once at its largest (control messages: at most kMaxStagedBytes plus alignment),
+  // on stream_ and freed there with the Comm: growing it would free the old one meanwhile, and a cudaFree waits for
+  // the whole device, NCCL kernels of the engine's queued collectives included (no timeout when a peer stalls).
   Status EnsureStage(const CallInfo& call, size_t bytes) {
     if (bytes <= stage_bytes_) return Status::Ok();
     const size_t largest = kMaxStagedBytes + kStageAlign;
@@ -524,7 +527,7 @@ class NcclComm final : public Comm {
       AbortNccl();  // peers wait for this rank's part
       return broken_;
     }
-    const cudaError_t crc = cudaMalloc(&stage_, largest);
+    const cudaError_t crc = cudaMallocAsync(&stage_, largest, stream_);
     if (crc != cudaSuccess) {
       stage_ = nullptr;
       return CudaBreak(call, crc);
@@ -759,7 +762,7 @@ std::string RefusedNcclSettings() {
 // Frees what OpenNccl made before a communicator owned it.
 void ReleaseOpenResources(ncclComm_t nccl, cudaStream_t stream, void* scratch) {
   if (nccl != nullptr) ncclCommAbort(nccl);
-  if (scratch != nullptr) cudaFree(scratch);
+  if (scratch != nullptr) cudaFreeAsync(scratch, stream);  // allocated on `stream`
   if (stream != nullptr) cudaStreamDestroy(stream);
   (void)cudaGetLastError();
 }
@@ -835,7 +838,8 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   cudaStream_t stream = nullptr;
   void* scratch = nullptr;
   if (crc == cudaSuccess) crc = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-  if (crc == cudaSuccess) crc = cudaMalloc(&scratch, sizeof(float));
+  // On the stream, as every buffer of NcclComm: freed there too, never with cudaFree (see ~NcclComm).
+  if (crc == cudaSuccess) crc = cudaMallocAsync(&scratch, sizeof(float), stream);
   if (crc != cudaSuccess) (void)cudaGetLastError();
   // Agree on the device setup before NCCL's init, which is collective: a rank that skipped it would leave the
   // others in their init's bootstrap for the whole timeout (300 s by default) before they learn why.

@@ -503,6 +503,65 @@ TEST(NcclCommPeerTest, DestroyingWithACollectiveStuckInFlightIsBounded) {
 #endif
 }
 
+// A communicator's teardown waits for its own work only: destroying a Duplicate while the parent's collective is
+// stuck on a stalled peer returns without waiting for that peer. (NcclComm freed its buffers with cudaFree, which
+// waits for the whole device: the teardown then waited for the peer, with no timeout.) The stalled (last) rank joins
+// the parent's collective once every other rank has said its Duplicate is gone, or after 10 s: then the case fails
+// on every rank instead of hanging.
+TEST(NcclCommPeerTest, DestroyingADuplicateDoesNotWaitForTheParentsStuckCollective) {
+  Status s;
+  auto comm = OpenNcclWorld(&s);
+  if (!s.ok()) GTEST_SKIP() << "no GPU: " << s.message();
+#if defined(ZERO_WITH_CUDA)
+  const int n = comm->world_size(), r = comm->rank(), last = n - 1;
+  std::unique_ptr<Comm> dup;
+  ASSERT_TRUE(comm->Duplicate(&dup).ok());
+  DeviceFloats x(std::vector<float>(256, 1.0f)), y(std::vector<float>(256, 1.0f));
+  // Both connected first (NCCL connects at a communicator's first collective, with its peers).
+  ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 256, DType::kF32, ReduceOp::kSum).ok());
+  ASSERT_TRUE(dup->AllReduce(y.get(), y.get(), 256, DType::kF32, ReduceOp::kSum).ok());
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  constexpr int kTag = 7321;
+  int notices_first = 1;  // the last rank's finding: every other rank's Duplicate was gone before it joined
+  if (r != last) {
+    CollectiveOptions co;
+    co.stream = stream;
+    co.what = "the parent's collective";
+    ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 256, DType::kF32, ReduceOp::kSum, co).ok());  // waits for `last`
+    dup.reset();
+    const int gone = 1;
+    MPI_Send(&gone, 1, MPI_INT, last, kTag, MPI_COMM_WORLD);
+  } else {
+    dup.reset();
+    int got = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (got < n - 1 && std::chrono::steady_clock::now() < deadline) {
+      int flag = 0;
+      MPI_Iprobe(MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, &flag, MPI_STATUS_IGNORE);
+      if (flag) {
+        int gone = 0;
+        MPI_Recv(&gone, 1, MPI_INT, MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        ++got;
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    }
+    notices_first = got == n - 1 ? 1 : 0;
+    ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 256, DType::kF32, ReduceOp::kSum).ok());  // the others' finish too
+    for (; got < n - 1; ++got) {  // late notices (the failing case)
+      int gone = 0;
+      MPI_Recv(&gone, 1, MPI_INT, MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    }
+  }
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);  // complete on every rank now
+  MPI_Bcast(&notices_first, 1, MPI_INT, last, MPI_COMM_WORLD);
+  EXPECT_EQ(notices_first, 1) << "destroying the Duplicate waited for the parent's collective stuck on rank " << last;
+  EXPECT_EQ(x.Host()[255], static_cast<float>(n * n));  // the warm-up's n, summed over n ranks
+  cudaStreamDestroy(stream);
+#endif
+}
+
 // A peer that stops issuing collectives: every other rank gets a Timeout naming the collective within about the
 // communication timeout (through the watchdog for a collective in flight on the caller's stream, through the wait
 // for a waited one), NCCL's communicator is aborted (no kernel spins on), and MPI stays usable. The stalled rank
