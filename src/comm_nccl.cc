@@ -3,8 +3,9 @@
 // Bootstrap: ranks first agree over MPI that every one of them has a usable device (so a rank without one
 // makes all of them fail, instead of leaving the others in ncclCommInitRankConfig); the local device is the
 // node-local rank (MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)), and a node with more ranks than GPUs is refused
-// unless the loaded NCCL lets ranks share a GPU (cuda_placement.h); rank 0's ncclGetUniqueId (and whether it
-// worked) is broadcast with MPI_Bcast.
+// unless the loaded NCCL lets ranks share a GPU (cuda_placement.h), and NCCL settings that would defeat the timeouts
+// are refused by name (RefusedNcclSettings); rank 0's ncclGetUniqueId (and whether it worked) is broadcast with
+// MPI_Bcast, and the ranks agree that each set up its device before NCCL's collective init.
 //
 // The communicator is non-blocking (ncclConfig_t::blocking = 0) so that no NCCL call can wait for a peer without
 // a timeout. With more than one rank NCCL hands each call to a helper thread and returns ncclInProgress: the
@@ -39,6 +40,7 @@
 // host-only CUDA and NCCL stand-ins (tests/testing/fake_cuda, tests/testing/fake_nccl).
 #include <mpi.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -153,8 +155,11 @@ class NcclComm final : public Comm {
     }
     for (const InFlight& f : inflight_) cudaEventDestroy(f.event);
     for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
-    cudaFree(scratch_);
-    if (stage_ != nullptr) cudaFree(stage_);
+    // Stream-ordered frees (both were allocated on stream_): cudaFree would wait for the whole device, so a
+    // collective of another communicator stuck on a dead peer (the family's other member, say) would hang this
+    // destructor with no timeout.
+    cudaFreeAsync(scratch_, stream_);
+    if (stage_ != nullptr) cudaFreeAsync(stage_, stream_);
     if (order_event_ != nullptr) cudaEventDestroy(order_event_);
     if (family_event_ != nullptr) cudaEventDestroy(family_event_);
     cudaStreamDestroy(stream_);
@@ -413,7 +418,7 @@ class NcclComm final : public Comm {
     cudaStream_t stream = nullptr;
     void* scratch = nullptr;
     cudaError_t crc = Reported(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    if (crc == cudaSuccess) crc = Reported(cudaMalloc(&scratch, sizeof(float)));
+    if (crc == cudaSuccess) crc = Reported(cudaMallocAsync(&scratch, sizeof(float), stream));  // see ~NcclComm
     if (crc != cudaSuccess) {
       ncclCommAbort(child);
       if (stream != nullptr) cudaStreamDestroy(stream);
@@ -509,9 +514,9 @@ class NcclComm final : public Comm {
     return crc == cudaSuccess ? Status::Ok() : CudaBreak(call, crc);
   }
 
-  // The staging buffer, allocated once at its largest (control messages: at most kMaxStagedBytes plus alignment)
-  // and freed with the Comm: growing it would cudaFree the old one, and cudaFree waits for the whole device, NCCL
-  // kernels of the engine's queued collectives included (no timeout when a peer stalls).
+  // The staging buffer, allocated once at its largest (control messages: at most kMaxStagedBytes plus alignment),
+  // on stream_ and freed there with the Comm: growing it would free the old one meanwhile, and a cudaFree waits for
+  // the whole device, NCCL kernels of the engine's queued collectives included (no timeout when a peer stalls).
   Status EnsureStage(const CallInfo& call, size_t bytes) {
     if (bytes <= stage_bytes_) return Status::Ok();
     const size_t largest = kMaxStagedBytes + kStageAlign;
@@ -522,7 +527,7 @@ class NcclComm final : public Comm {
       AbortNccl();  // peers wait for this rank's part
       return broken_;
     }
-    const cudaError_t crc = cudaMalloc(&stage_, largest);
+    const cudaError_t crc = cudaMallocAsync(&stage_, largest, stream_);
     if (crc != cudaSuccess) {
       stage_ = nullptr;
       return CudaBreak(call, crc);
@@ -725,10 +730,39 @@ class NcclComm final : public Comm {
   Status published_;
 };
 
+// The value NCCL makes of its integer parameter `name` (the environment, then its configuration files; strtoll with
+// base 0), when that is exactly `value`.
+bool NcclParamIs(const char* name, long long value) {
+  const std::optional<std::string> text = internal::NcclParamValue(name, internal::NcclConfFiles());
+  if (!text || text->empty()) return false;
+  errno = 0;
+  const long long v = std::strtoll(text->c_str(), nullptr, 0);
+  return errno == 0 && v == value;
+}
+
+// NCCL settings that override the communicators' configuration and break NcclComm's promises, or empty. Both are
+// read by NCCL over ncclConfig_t (init.cc, envConfigOverride), so NcclComm cannot opt out of them itself:
+//  * NCCL_COMM_BLOCKING=1 makes every communicator blocking: the init, split and finalize would wait for a stalled
+//    or dead peer with no timeout (NcclComm polls the non-blocking forms against CommOptions::timeout);
+//  * NCCL_COMM_SPLIT_SHARE_RESOURCES=1 makes Duplicate's and Split's communicators share their parent's abort flag:
+//    aborting the engine's communicator on a timeout would stop the trainer's collectives too, and NCCL would still
+//    report them successful (the parent's own state is untouched).
+std::string RefusedNcclSettings() {
+  if (NcclParamIs("NCCL_COMM_BLOCKING", 1)) {
+    return "NCCL_COMM_BLOCKING=1 is set (environment or nccl.conf): it makes NCCL's init, split and finalize wait for "
+           "a stalled peer with no timeout, where NcclComm relies on non-blocking communicators; unset it";
+  }
+  if (NcclParamIs("NCCL_COMM_SPLIT_SHARE_RESOURCES", 1)) {
+    return "NCCL_COMM_SPLIT_SHARE_RESOURCES=1 is set (environment or nccl.conf): a Duplicate would share its "
+           "parent's abort flag, so that aborting one silently ends the other's collectives; unset it";
+  }
+  return "";
+}
+
 // Frees what OpenNccl made before a communicator owned it.
 void ReleaseOpenResources(ncclComm_t nccl, cudaStream_t stream, void* scratch) {
   if (nccl != nullptr) ncclCommAbort(nccl);
-  if (scratch != nullptr) cudaFree(scratch);
+  if (scratch != nullptr) cudaFreeAsync(scratch, stream);  // allocated on `stream`
   if (stream != nullptr) cudaStreamDestroy(stream);
   (void)cudaGetLastError();
 }
@@ -768,12 +802,13 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
     place = internal::PlaceRankOnGpu(local_rank, local_ranks, devices, version,
                                      multi_rank ? multi_rank->c_str() : nullptr);
     why = place.refusal;
+    if (why.empty()) why = RefusedNcclSettings();
   }
   int ok = why.empty() ? 1 : 0, all_ok = 0;
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, parent);
   if (!all_ok) {
-    // A refused placement says what to do itself; the other causes get the CPU alternative.
-    const bool refused_placement = devices > 0 && !place.refusal.empty();
+    // A refused placement or setting says what to do itself; the other causes get the CPU alternative.
+    const bool refused_placement = devices > 0 && !why.empty() && crc == cudaSuccess;
     if (why.empty()) why = "another rank cannot use a GPU (its own status says why)";
     return Status::Unavailable(where + ": " + why +
                                (refused_placement ? "" : "; use Comm::OpenMpi and Backend::kCpu on machines without "
@@ -803,13 +838,26 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   cudaStream_t stream = nullptr;
   void* scratch = nullptr;
   if (crc == cudaSuccess) crc = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-  if (crc == cudaSuccess) crc = cudaMalloc(&scratch, sizeof(float));
+  // On the stream, as every buffer of NcclComm: freed there too, never with cudaFree (see ~NcclComm).
+  if (crc == cudaSuccess) crc = cudaMallocAsync(&scratch, sizeof(float), stream);
   if (crc != cudaSuccess) (void)cudaGetLastError();
+  // Agree on the device setup before NCCL's init, which is collective: a rank that skipped it would leave the
+  // others in their init's bootstrap for the whole timeout (300 s by default) before they learn why.
+  ok = crc == cudaSuccess ? 1 : 0;
+  MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, parent);
+  if (!all_ok) {
+    ReleaseOpenResources(nullptr, stream, scratch);
+    return Status::Unavailable(where + ": " +
+                               (crc != cudaSuccess ? std::string("CUDA device ") + std::to_string(device) + ": " +
+                                                         cudaGetErrorString(crc)
+                                                   : std::string("another rank could not set up its CUDA device "
+                                                                 "(its own status says why)")) +
+                               "; use Comm::OpenMpi with Backend::kCpu if the GPUs cannot be used");
+  }
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.blocking = 0;
   ncclComm_t nccl = nullptr;
-  ncclResult_t rc = crc == cudaSuccess ? ncclCommInitRankConfig(&nccl, world, bootstrap.id, rank, &config)
-                                       : ncclSystemError;
+  ncclResult_t rc = ncclCommInitRankConfig(&nccl, world, bootstrap.id, rank, &config);
   const auto deadline = Clock::now() + options.timeout;
   while (rc == ncclInProgress && Clock::now() < deadline) {
     std::this_thread::sleep_for(kNap);
@@ -821,10 +869,8 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   if (!all_ok) {
     const std::string last = nccl != nullptr && rc != ncclSuccess ? ncclGetLastError(nccl) : "";
     ReleaseOpenResources(nccl, stream, scratch);
-    const std::string detail = crc != cudaSuccess ? std::string("CUDA device ") + std::to_string(device) + ": " +
-                                                        cudaGetErrorString(crc)
-                               : rc == ncclInProgress ? "timed out after " + std::to_string(options.timeout.count()) +
-                                                            " ms"
+    const std::string detail = rc == ncclInProgress ? "timed out after " + std::to_string(options.timeout.count()) +
+                                                          " ms"
                                : rc != ncclSuccess ? std::string(ncclGetErrorString(rc)) +
                                                          (last.empty() ? "" : " (" + last + ")")
                                                    : "another rank failed";

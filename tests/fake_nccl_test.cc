@@ -226,7 +226,8 @@ TEST(FakeNcclTest, SplitSettlesInTheParentAndOrdersByKey) {
 }
 
 // The last rank never issues: the others' all-reduce stays incomplete on their streams (queries answer
-// cudaErrorNotReady, the host is not blocked), ncclCommAbort ends it, and the aborted handle is refused.
+// cudaErrorNotReady, the host is not blocked), a finalize stays in progress behind it (NCCL's waits for every
+// collective issued on the communicator), ncclCommAbort ends both, and the aborted handle is refused.
 TEST(FakeNcclPeerTest, StalledPeerLeavesTheStreamIncompleteUntilAbort) {
   ncclComm_t comm = OpenWorld();
   const int n = WorldSize(), r = WorldRank();
@@ -235,9 +236,13 @@ TEST(FakeNcclPeerTest, StalledPeerLeavesTheStreamIncompleteUntilAbort) {
     ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
     float* x = ToDevice(std::vector<float>(256, 1.0f));
     ASSERT_EQ(Settle(comm, ncclAllReduce(x, x, 256, ncclFloat32, ncclSum, comm, stream)), ncclSuccess);
+    ASSERT_EQ(ncclCommFinalize(comm), ncclInProgress);
     const auto until = Clock::now() + std::chrono::milliseconds(200);
     while (Clock::now() < until) {
       ASSERT_EQ(cudaStreamQuery(stream), cudaErrorNotReady);
+      ncclResult_t finalizing = ncclSuccess;
+      ASSERT_EQ(ncclCommGetAsyncError(comm, &finalizing), ncclSuccess);
+      ASSERT_EQ(finalizing, ncclInProgress);
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     ASSERT_EQ(ncclCommAbort(comm), ncclSuccess);

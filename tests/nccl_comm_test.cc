@@ -191,6 +191,60 @@ TEST(NcclCommTest, OpensOverTheCommunicatorOfAnMpiComm) {
   EXPECT_EQ(refused, nullptr);
 }
 
+// Two NCCL settings override the communicators' configuration and would break NcclComm's promises: blocking
+// communicators (an init, split or finalize that waits for a dead peer with no timeout) and Duplicates sharing their
+// parent's abort flag (an engine's timeout abort would silently end the trainer's collectives). Every rank refuses,
+// naming the variable, before NCCL reads it.
+TEST(NcclCommTest, SettingsThatDefeatTheTimeoutsAreRefusedByName) {
+  for (const char* name : {"NCCL_COMM_BLOCKING", "NCCL_COMM_SPLIT_SHARE_RESOURCES"}) {
+    const char* before = std::getenv(name);
+    const std::string saved = before == nullptr ? "" : before;
+    setenv(name, "1", 1);
+    Status s;
+    auto comm = OpenNcclWorld(&s);
+    if (before != nullptr) {
+      setenv(name, saved.c_str(), 1);
+    } else {
+      unsetenv(name);
+    }
+    EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+    EXPECT_EQ(comm, nullptr);
+    int devices = 0;
+#if defined(ZERO_WITH_CUDA)
+    if (cudaGetDeviceCount(&devices) != cudaSuccess) (void)cudaGetLastError();
+#endif
+    // Without a GPU the missing device is the news; with one, the setting.
+    if (devices > 0) {
+      EXPECT_NE(s.message().find(name), std::string::npos) << s.ToString();
+    }
+  }
+  // (The next cases open again with the variables restored.)
+}
+
+#if defined(ZERO_FAKE_CUDA_RUNTIME)
+// NCCL's init is collective. A rank whose device setup fails (here the last one: its stand-in device is full, so
+// the scratch word's cudaMalloc fails) must not leave the others in the init's bootstrap: every rank returns
+// Unavailable at once, the failing one naming its CUDA error. Before, the others waited out the whole timeout.
+TEST(NcclCommTest, ADeviceSetupFailureOnOneRankFailsEveryRankAtOnce) {
+  const int r = WorldRank(), n = WorldSize();
+  if (r == n - 1) fake_cuda::SetCapacity(fake_cuda::LiveBytes());
+  const auto start = std::chrono::steady_clock::now();
+  Status s;
+  auto comm = OpenNcclWorld(&s, std::chrono::milliseconds(20'000));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (r == n - 1) fake_cuda::SetCapacity(int64_t{16} << 30);  // the stand-in's default
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+  EXPECT_EQ(comm, nullptr);
+  // Far below the 20 s timeout (MPI start-up and a few agreements; 2 cores shared by 4 ranks).
+  EXPECT_LT(secs, 10.0) << s.ToString();
+  EXPECT_NE(s.message().find(r == n - 1 ? "CUDA device" : "another rank"), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find("Comm::OpenMpi"), std::string::npos) << s.ToString();
+  // Nothing is left behind: the next open works on every rank.
+  auto again = OpenNcclWorld(&s);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+}
+#endif
+
 TEST(NcclCommTest, CollectivesOnDeviceMemory) {
   Status s;
   auto comm = OpenNcclWorld(&s);
@@ -404,6 +458,106 @@ TEST(NcclCommTest, HealthFromAnotherThreadDuringCollectives) {
   watcher.join();
   EXPECT_GT(bad.load(), before) << "the other thread never saw the abort";
   EXPECT_EQ(comm->health().code(), StatusCode::kAborted) << comm->health().ToString();
+  cudaStreamDestroy(stream);
+#endif
+}
+
+// Destroying a communicator whose collective is stuck on a stalled peer (nobody asked for its status yet) is
+// bounded: NCCL's finalize waits for every collective issued on it, so NcclComm's destructor polls the finalize
+// against the timeout and then aborts, which also takes the stuck collective off the caller's stream. The stalled
+// (last) rank destroys its own idle communicator normally.
+// (Named apart from *StalledPeer*: gpu_run.sh's killed-rank step selects the next case by that filter.)
+TEST(NcclCommPeerTest, DestroyingWithACollectiveStuckInFlightIsBounded) {
+  constexpr auto kTimeout = std::chrono::milliseconds(1'000);
+  Status s;
+  auto comm = OpenNcclWorld(&s, kTimeout * 3);  // the init of four ranks time-sharing two cores or one GPU
+  if (!s.ok()) GTEST_SKIP() << "no GPU: " << s.message();
+#if defined(ZERO_WITH_CUDA)
+  const int n = comm->world_size(), r = comm->rank();
+  DeviceFloats x(std::vector<float>(512, 1.0f));
+  // Connected first: NCCL connects at a communicator's first collective, with its peers.
+  ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 512, DType::kF32, ReduceOp::kSum).ok());
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const bool stalled = n > 1 && r == n - 1;
+  if (!stalled) {
+    CollectiveOptions co;
+    co.stream = stream;
+    co.what = "the collective left in flight";
+    ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 512, DType::kF32, ReduceOp::kSum, co).ok());
+  }
+  const auto start = std::chrono::steady_clock::now();
+  comm.reset();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // The finalize's timeout plus the abort (a hang fails the suite's own time limit instead).
+  EXPECT_LT(secs, 10.0);
+  // Nothing of NCCL's is left on the stream (polled, so that a kernel that spins on fails instead of hanging).
+  cudaError_t q = cudaStreamQuery(stream);
+  for (int i = 0; q == cudaErrorNotReady && i < 2000; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    q = cudaStreamQuery(stream);
+  }
+  EXPECT_EQ(q, cudaSuccess) << "the stuck collective is still on the stream after 10 s";
+  cudaStreamDestroy(stream);
+  MPI_Barrier(MPI_COMM_WORLD);
+#endif
+}
+
+// A communicator's teardown waits for its own work only: destroying a Duplicate while the parent's collective is
+// stuck on a stalled peer returns without waiting for that peer. (NcclComm freed its buffers with cudaFree, which
+// waits for the whole device: the teardown then waited for the peer, with no timeout.) The stalled (last) rank joins
+// the parent's collective once every other rank has said its Duplicate is gone, or after 10 s: then the case fails
+// on every rank instead of hanging.
+TEST(NcclCommPeerTest, DestroyingADuplicateDoesNotWaitForTheParentsStuckCollective) {
+  Status s;
+  auto comm = OpenNcclWorld(&s);
+  if (!s.ok()) GTEST_SKIP() << "no GPU: " << s.message();
+#if defined(ZERO_WITH_CUDA)
+  const int n = comm->world_size(), r = comm->rank(), last = n - 1;
+  std::unique_ptr<Comm> dup;
+  ASSERT_TRUE(comm->Duplicate(&dup).ok());
+  DeviceFloats x(std::vector<float>(256, 1.0f)), y(std::vector<float>(256, 1.0f));
+  // Both connected first (NCCL connects at a communicator's first collective, with its peers).
+  ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 256, DType::kF32, ReduceOp::kSum).ok());
+  ASSERT_TRUE(dup->AllReduce(y.get(), y.get(), 256, DType::kF32, ReduceOp::kSum).ok());
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  constexpr int kTag = 7321;
+  int notices_first = 1;  // the last rank's finding: every other rank's Duplicate was gone before it joined
+  if (r != last) {
+    CollectiveOptions co;
+    co.stream = stream;
+    co.what = "the parent's collective";
+    ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 256, DType::kF32, ReduceOp::kSum, co).ok());  // waits for `last`
+    dup.reset();
+    const int gone = 1;
+    MPI_Send(&gone, 1, MPI_INT, last, kTag, MPI_COMM_WORLD);
+  } else {
+    dup.reset();
+    int got = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (got < n - 1 && std::chrono::steady_clock::now() < deadline) {
+      int flag = 0;
+      MPI_Iprobe(MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, &flag, MPI_STATUS_IGNORE);
+      if (flag) {
+        int gone = 0;
+        MPI_Recv(&gone, 1, MPI_INT, MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        ++got;
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    }
+    notices_first = got == n - 1 ? 1 : 0;
+    ASSERT_TRUE(comm->AllReduce(x.get(), x.get(), 256, DType::kF32, ReduceOp::kSum).ok());  // the others' finish too
+    for (; got < n - 1; ++got) {  // late notices (the failing case)
+      int gone = 0;
+      MPI_Recv(&gone, 1, MPI_INT, MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    }
+  }
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);  // complete on every rank now
+  MPI_Bcast(&notices_first, 1, MPI_INT, last, MPI_COMM_WORLD);
+  EXPECT_EQ(notices_first, 1) << "destroying the Duplicate waited for the parent's collective stuck on rank " << last;
+  EXPECT_EQ(x.Host()[255], static_cast<float>(n * n));  // the warm-up's n, summed over n ranks
   cudaStreamDestroy(stream);
 #endif
 }

@@ -70,7 +70,13 @@ struct CommState {
   // Issue order, on the issuing thread: what matches an op with its peers' (a message tag).
   uint64_t collectives = 0;
   std::vector<uint64_t> sends, recvs;  // per peer
-  bool Async() const { return !blocking && nranks > 1; }
+  // Steps of this communicator on streams that have not completed, per stream: what ncclCommFinalize waits for.
+  std::mutex work_mu;
+  std::vector<std::pair<cudaStream_t, int>> work;
+  // Whether a call goes to a helper thread and answers ncclInProgress. NCCL's group end does that for every
+  // non-blocking communicator with queued work: init, split, finalize and sends/receives (`job`) at any size; only
+  // a collective of a one-rank communicator is a plain copy, issued at once (enqueue.cc, ncclLaunchOneRank).
+  bool Async(bool job) const { return !blocking && (nranks > 1 || job); }
 };
 
 }  // namespace fake_nccl
@@ -440,6 +446,56 @@ bool RunStep(Task& t) {
   return true;
 }
 
+// The communicators of a task's ops, each once.
+std::vector<std::shared_ptr<CommState>> CommsOf(const Task& t) {
+  std::vector<std::shared_ptr<CommState>> comms;
+  for (const Op& o : t.ops) {
+    bool seen = false;
+    for (const auto& c : comms) seen = seen || c == o.comm;
+    if (!seen) comms.push_back(o.comm);
+  }
+  return comms;
+}
+
+// Counts a step of `c` on `stream` that has not completed (+1) or has (-1).
+void CountWork(CommState& c, cudaStream_t stream, int delta) {
+  std::lock_guard<std::mutex> lock(c.work_mu);
+  for (auto& w : c.work) {
+    if (w.first == stream) {
+      w.second += delta;
+      return;
+    }
+  }
+  c.work.emplace_back(stream, delta);
+}
+
+// ncclCommFinalize's work: NCCL's helper synchronizes the communicator's internal stream, which every launch makes
+// wait for the user's stream after its kernels (enqueue.cc), so finalize completes only once every collective
+// issued on the communicator has; until then the state reads ncclInProgress (forever for a collective stuck on a
+// stalled peer, until ncclCommAbort). Here the helper drives the streams that still hold steps of this
+// communicator (a GPU runs them by itself), polling.
+ncclResult_t DrainWork(const std::shared_ptr<CommState>& c) {
+  for (;;) {
+    std::vector<cudaStream_t> streams;
+    {
+      std::lock_guard<std::mutex> lock(c->work_mu);
+      for (const auto& w : c->work) {
+        if (w.second > 0) streams.push_back(w.first);
+      }
+    }
+    if (streams.empty() || c->aborted.load()) return ncclSuccess;
+    int before = 0;
+    cudaGetDevice(&before);
+    cudaSetDevice(c->device);
+    for (cudaStream_t st : streams) {
+      // A destroyed stream was drained by cudaStreamDestroy (its steps counted themselves done).
+      if (cudaStreamQuery(st) == cudaErrorInvalidResourceHandle) cudaGetLastError();
+    }
+    cudaSetDevice(before);
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
 // Puts each stream's ops on it as one step; from any thread (the stream's device is made current here).
 ncclResult_t EnqueueTasks(std::vector<Op> ops) {
   std::vector<std::shared_ptr<Task>> tasks;
@@ -456,9 +512,18 @@ ncclResult_t EnqueueTasks(std::vector<Op> ops) {
   ncclResult_t rc = ncclSuccess;
   for (auto& t : tasks) {
     const cudaStream_t stream = t->ops.front().stream;
+    const std::vector<std::shared_ptr<CommState>> comms = CommsOf(*t);
+    for (const auto& c : comms) CountWork(*c, stream, +1);
     cudaError_t crc = cudaSetDevice(t->ops.front().comm->device);
-    if (crc == cudaSuccess) crc = fake_cuda::EnqueueStep(stream, [t] { return RunStep(*t); });
+    if (crc == cudaSuccess) {
+      crc = fake_cuda::EnqueueStep(stream, [t, comms, stream] {
+        if (!RunStep(*t)) return false;
+        for (const auto& c : comms) CountWork(*c, stream, -1);
+        return true;
+      });
+    }
     if (crc != cudaSuccess) {
+      for (const auto& c : comms) CountWork(*c, stream, -1);
       cudaGetLastError();
       rc = Fail(ncclUnhandledCudaError, std::string("enqueue on the stream failed: ") + cudaGetErrorString(crc));
     }
@@ -483,9 +548,9 @@ void HelperDelay() {
 // Runs `work` (which returns the outcome) now, or, for a non-blocking communicator of more than one rank, on a
 // helper thread while `comms`' asynchronous states read ncclInProgress.
 template <typename Work>
-ncclResult_t Launch(const std::vector<std::shared_ptr<CommState>>& comms, Work work) {
+ncclResult_t Launch(const std::vector<std::shared_ptr<CommState>>& comms, bool job, Work work) {
   bool async = false;
-  for (const auto& c : comms) async = async || c->Async();
+  for (const auto& c : comms) async = async || c->Async(job);
   if (!async) return work();
   for (const auto& c : comms) c->async.store(ncclInProgress);
   std::thread([comms, work = std::move(work)]() mutable {
@@ -563,7 +628,7 @@ ncclResult_t Issue(Op o, ncclComm_t comm, const char* call) {
   }
   std::vector<Op> ops;
   ops.push_back(std::move(o));
-  return Launch({comm->state}, [ops = std::move(ops)]() mutable { return EnqueueTasks(std::move(ops)); });
+  return Launch({comm->state}, p2p, [ops = std::move(ops)]() mutable { return EnqueueTasks(std::move(ops)); });
 }
 
 // Builds the MPI communicator of rank `rank` of `nranks` for `id` (blocking): the ranks report to the id's root
@@ -655,7 +720,7 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int nranks, ncclUniqueId i
   state->recvs.assign(static_cast<size_t>(nranks), 0);
   cudaGetDevice(&state->device);
   *comm = new FakeNcclComm{state};
-  return fake_nccl::Launch({state}, [state, c, nranks, rank] {
+  return fake_nccl::Launch({state}, /*job=*/true, [state, c, nranks, rank] {
     MPI_Comm mpi = MPI_COMM_NULL;
     const ncclResult_t rc = fake_nccl::Bootstrap(c, nranks, rank, &mpi);
     std::lock_guard<std::mutex> lock(state->mu);
@@ -674,7 +739,7 @@ ncclResult_t ncclCommSplit(ncclComm_t comm, int color, int key, ncclComm_t* newc
   if (newcomm == nullptr) return Fail(ncclInvalidArgument, "ncclCommSplit: null pointer");
   auto parent = comm->state;
   const bool blocking = fake_nccl::BlockingConfig(config, parent->blocking);
-  return fake_nccl::Launch({parent}, [parent, color, key, newcomm, blocking] {
+  return fake_nccl::Launch({parent}, /*job=*/true, [parent, color, key, newcomm, blocking] {
     MPI_Comm mpi = MPI_COMM_NULL;
     if (MPI_Comm_split(parent->mpi, color == NCCL_SPLIT_NOCOLOR ? MPI_UNDEFINED : color, key, &mpi) != MPI_SUCCESS) {
       return Fail(ncclSystemError, "ncclCommSplit: MPI_Comm_split failed");
@@ -715,7 +780,8 @@ ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* async_error) {
 ncclResult_t ncclCommFinalize(ncclComm_t comm) {
   const ncclResult_t rc = fake_nccl::Usable(comm, "ncclCommFinalize");
   if (rc != ncclSuccess) return rc;
-  return fake_nccl::Launch({comm->state}, [] { return ncclSuccess; });
+  auto state = comm->state;
+  return fake_nccl::Launch({state}, /*job=*/true, [state] { return fake_nccl::DrainWork(state); });
 }
 
 ncclResult_t ncclCommDestroy(ncclComm_t comm) {
@@ -850,10 +916,13 @@ ncclResult_t ncclGroupEnd() {
   fake_nccl::group_ops.clear();
   if (ops.empty()) return ncclSuccess;
   std::vector<std::shared_ptr<fake_nccl::CommState>> comms;
+  bool p2p = false;
   for (const auto& o : ops) {
     bool seen = false;
     for (const auto& c : comms) seen = seen || c == o.comm;
     if (!seen) comms.push_back(o.comm);
+    p2p = p2p || o.kind == fake_nccl::Kind::kSend || o.kind == fake_nccl::Kind::kRecv;
   }
-  return fake_nccl::Launch(comms, [ops = std::move(ops)]() mutable { return fake_nccl::EnqueueTasks(std::move(ops)); });
+  return fake_nccl::Launch(comms, p2p,
+                           [ops = std::move(ops)]() mutable { return fake_nccl::EnqueueTasks(std::move(ops)); });
 }

@@ -5,12 +5,16 @@
 // real NCCL. One instance per process: the shared library zero_fake_nccl.
 //
 // What it keeps of NCCL's contracts (its documentation and init.cc/group.cc/enqueue.cc):
-//   - non-blocking communicators (ncclConfig_t::blocking = 0) with more than one rank: init, split, finalize and
-//     every collective or group end return ncclInProgress and finish on a helper thread, sometimes after a short
-//     delay; ncclCommGetAsyncError answers ncclInProgress until then, and any other call on the communicator
-//     meanwhile fails with ncclInvalidArgument. A collective's work reaches its stream only when that state is
-//     back to ncclSuccess (so an event recorded before that misses it); a split reports through the parent's state
-//     and writes *newcomm at the end;
+//   - non-blocking communicators (ncclConfig_t::blocking = 0): init, split, finalize and sends/receives at any
+//     size, and every collective or group end with more than one rank, return ncclInProgress and finish on a
+//     helper thread, sometimes after a short delay (NCCL's group end hands all queued work of a non-blocking
+//     communicator to a thread; only a one-rank collective is a plain copy issued at once);
+//     ncclCommGetAsyncError answers ncclInProgress until then, and any other call on the communicator meanwhile
+//     fails with ncclInvalidArgument. A collective's work reaches its stream only when that state is back to
+//     ncclSuccess (so an event recorded before that misses it); a split reports through the parent's state and
+//     writes *newcomm at the end; finalize completes only once every collective issued on the communicator has
+//     (NCCL's synchronizes its internal stream, which follows every launch), so with one stuck on a stalled peer
+//     it stays in progress until ncclCommAbort;
 //   - collectives run in stream order on device memory (host pointers are refused, as NCCL's pointer checks do):
 //     each is a step on its stream (fake_cuda::EnqueueStep) that posts its messages when the stream reaches it and
 //     completes when every peer's part has arrived, so a stalled peer leaves the stream incomplete (queries answer
