@@ -40,8 +40,10 @@
 // host-only CUDA and NCCL stand-ins (tests/testing/fake_cuda, tests/testing/fake_nccl).
 #include <mpi.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -419,6 +421,9 @@ class NcclComm final : public Comm {
     void* scratch = nullptr;
     cudaError_t crc = Reported(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     if (crc == cudaSuccess) crc = Reported(cudaMallocAsync(&scratch, sizeof(float), stream));  // see ~NcclComm
+    // Barrier uses the scratch word on the caller's stream too: the allocation must have happened first (a new,
+    // empty stream: this waits for nothing else).
+    if (crc == cudaSuccess) crc = Reported(cudaStreamSynchronize(stream));
     if (crc != cudaSuccess) {
       ncclCommAbort(child);
       if (stream != nullptr) cudaStreamDestroy(stream);
@@ -783,12 +788,31 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   int local_rank = 0, local_ranks = 1;
   MPI_Comm_rank(local, &local_rank);
   MPI_Comm_size(local, &local_ranks);
-  MPI_Comm_free(&local);
   const std::string where = "Comm::OpenNccl on rank " + std::to_string(rank);
 
-  // Every rank must have a device of its own (or a GPU it may share: cuda_placement.h), or none proceeds.
+  // Every rank must have a device of its own (or a GPU it may share: cuda_placement.h), or none proceeds. Whether
+  // ranks share is decided by the PCI bus id of the GPU each would use, gathered over the node: ranks that each see
+  // other devices (their own CUDA_VISIBLE_DEVICES) are not sharing however few devices each one sees.
   int devices = 0;
   cudaError_t crc = cudaGetDeviceCount(&devices);
+  if (crc != cudaSuccess) devices = 0;
+  char bus_id[32] = {};  // "" where this rank has no device: not a GPU any other rank uses
+  if (devices > 0 && cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), local_rank % devices) != cudaSuccess) {
+    (void)cudaGetLastError();
+    std::snprintf(bus_id, sizeof(bus_id), "ordinal %d", local_rank % devices);  // the count decides, as before
+  }
+  std::vector<char> all_ids(static_cast<size_t>(local_ranks) * sizeof(bus_id));
+  MPI_Allgather(bus_id, sizeof(bus_id), MPI_CHAR, all_ids.data(), sizeof(bus_id), MPI_CHAR, local);
+  MPI_Comm_free(&local);
+  std::vector<std::string> node_ids;
+  for (int r = 0; r < local_ranks; ++r) {
+    const char* id = all_ids.data() + static_cast<size_t>(r) * sizeof(bus_id);
+    if (id[0] != '\0') node_ids.emplace_back(id, strnlen(id, sizeof(bus_id)));
+  }
+  // A bus id that could not be read counts by the device count alone (0: unknown).
+  const bool ids_known = static_cast<int>(node_ids.size()) == local_ranks &&
+                         std::none_of(node_ids.begin(), node_ids.end(),
+                                      [](const std::string& id) { return id.rfind("ordinal ", 0) == 0; });
   std::string why;
   internal::GpuPlacement place;
   if (crc != cudaSuccess) {
@@ -800,7 +824,8 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
     const std::optional<std::string> multi_rank =
         internal::NcclParamValue("NCCL_MULTI_RANK_GPU_ENABLE", internal::NcclConfFiles());
     place = internal::PlaceRankOnGpu(local_rank, local_ranks, devices, version,
-                                     multi_rank ? multi_rank->c_str() : nullptr);
+                                     multi_rank ? multi_rank->c_str() : nullptr,
+                                     ids_known ? node_ids : std::vector<std::string>{});
     why = place.refusal;
     if (why.empty()) why = RefusedNcclSettings();
   }
@@ -840,6 +865,9 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   if (crc == cudaSuccess) crc = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
   // On the stream, as every buffer of NcclComm: freed there too, never with cudaFree (see ~NcclComm).
   if (crc == cudaSuccess) crc = cudaMallocAsync(&scratch, sizeof(float), stream);
+  // Barrier uses the scratch word on the caller's stream too: the allocation must have happened first (a new, empty
+  // stream: this waits for nothing else).
+  if (crc == cudaSuccess) crc = cudaStreamSynchronize(stream);
   if (crc != cudaSuccess) (void)cudaGetLastError();
   // Agree on the device setup before NCCL's init, which is collective: a rank that skipped it would leave the
   // others in their init's bootstrap for the whole timeout (300 s by default) before they learn why.

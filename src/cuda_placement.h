@@ -11,6 +11,7 @@
 #include <pwd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
@@ -79,17 +80,35 @@ struct GpuPlacement {
   std::string refusal;  // why this rank gets no GPU (an Unavailable message's body), or empty
 };
 
-// local_rank of local_ranks ranks on this node, `gpus` visible CUDA devices, the loaded NCCL's version code and
-// the value of NCCL_MULTI_RANK_GPU_ENABLE as NCCL sees it (NcclParamValue; null when unset).
+// The most ranks of a node that would run on one physical GPU, from what each node-local rank names as the GPU it
+// would use (its candidate, local_rank % its visible devices): ids[r] is local rank r's (the PCI bus id, which is
+// what NCCL's own "Duplicate GPU" check compares). 1 when every rank has a GPU of its own. Launchers that give each
+// rank its own CUDA_VISIBLE_DEVICES (one GPU each, say) make every rank see fewer devices than the node has ranks:
+// counting devices alone would call that sharing.
+inline int MostRanksOnOneGpu(const std::vector<std::string>& ids) {
+  int most = 0;
+  for (const std::string& id : ids) {
+    int n = 0;
+    for (const std::string& other : ids) n += other == id ? 1 : 0;
+    most = n > most ? n : most;
+  }
+  return most;
+}
+
+// local_rank of local_ranks ranks on this node, `gpus` visible CUDA devices, the loaded NCCL's version code, the
+// value of NCCL_MULTI_RANK_GPU_ENABLE as NCCL sees it (NcclParamValue; null when unset), and each node-local rank's
+// candidate GPU id (MostRanksOnOneGpu's ids; empty when unknown: then more ranks than visible devices is sharing).
 inline GpuPlacement PlaceRankOnGpu(int local_rank, int local_ranks, int gpus, int nccl_version,
-                                   const char* multi_rank_env) {
+                                   const char* multi_rank_env, const std::vector<std::string>& node_ids = {}) {
   GpuPlacement p;
   if (gpus <= 0) {
     p.refusal = "no CUDA device";
     return p;
   }
-  if (local_ranks <= gpus) {
-    p.device = local_rank;
+  const int on_one_gpu = node_ids.empty() ? 0 : MostRanksOnOneGpu(node_ids);
+  const bool shared = node_ids.empty() ? local_ranks > gpus : on_one_gpu > 1;
+  if (!shared) {
+    p.device = local_rank % gpus;
     return p;
   }
   const bool asked = NcclParamSet(multi_rank_env);
@@ -97,14 +116,29 @@ inline GpuPlacement PlaceRankOnGpu(int local_rank, int local_ranks, int gpus, in
     p.device = local_rank % gpus;
     return p;
   }
-  p.refusal = std::to_string(local_ranks) + " ranks on this node share its " + std::to_string(gpus) +
-              (gpus == 1 ? " GPU" : " GPUs") + ", and NCCL " + NcclVersionText(nccl_version) +
+  // With the bus ids known, name the GPU the ranks collide on: the count alone cannot tell too many ranks from ranks
+  // whose own CUDA_VISIBLE_DEVICES overlap.
+  std::string collided;
+  for (const std::string& id : node_ids) {
+    if (static_cast<int>(std::count(node_ids.begin(), node_ids.end(), id)) == on_one_gpu) {
+      collided = id;
+      break;
+    }
+  }
+  p.refusal = (node_ids.empty() ? std::to_string(local_ranks) + " ranks on this node share its " +
+                                      std::to_string(gpus) + (gpus == 1 ? " GPU" : " GPUs")
+                                : std::to_string(on_one_gpu) + " of this node's " + std::to_string(local_ranks) +
+                                      " ranks would run on GPU " + collided + " (each rank takes its local rank % its " +
+                                      std::to_string(gpus) + " visible device" + (gpus == 1 ? "" : "s") + ")") +
+              ", and NCCL " + NcclVersionText(nccl_version) +
               (asked ? std::string(" is older than 2.30, the first NCCL that lets ranks share a GPU "
                                    "(NCCL_MULTI_RANK_GPU_ENABLE=") +
                            multi_rank_env + " is set but has no effect)"
                      : " gives each rank a GPU of its own unless NCCL_MULTI_RANK_GPU_ENABLE=1 is set (NCCL >= 2.30)") +
-              "; start at most " + std::to_string(gpus) + " rank(s) per node, or use Comm::OpenMpi with "
-              "Backend::kCpu";
+              "; start at most " + (node_ids.empty() ? std::to_string(gpus) + " rank(s) per node"
+                                                     : std::string("as many ranks per node as it has GPUs, each "
+                                                                   "taking a different one")) +
+              ", or use Comm::OpenMpi with Backend::kCpu";
   return p;
 }
 

@@ -84,6 +84,35 @@ TEST(NcclPlacementTest, OneGpuPerRankUnlessTheNcclLetsRanksShare) {
   EXPECT_EQ(internal::NcclVersionText(23007), "2.30.7");
 }
 
+// Ranks decide whether they share a GPU by the PCI bus ids of the GPUs they would use, not by counting devices: a
+// launcher that gives each rank its own CUDA_VISIBLE_DEVICES makes every rank see one device on a node of many
+// ranks, and counting called that sharing (refused with NCCL < 2.30: a valid cluster layout turned away).
+TEST(NcclPlacementTest, SharingIsDecidedByBusIdsWhenTheyAreKnown) {
+  using internal::MostRanksOnOneGpu;
+  using internal::PlaceRankOnGpu;
+  const std::vector<std::string> own = {"0000:10:00.0", "0000:11:00.0", "0000:12:00.0", "0000:13:00.0"};
+  EXPECT_EQ(MostRanksOnOneGpu(own), 1);
+  // 4 ranks, each seeing one GPU of its own: each takes its device 0, with any NCCL.
+  const internal::GpuPlacement mine = PlaceRankOnGpu(2, 4, 1, 22809, nullptr, own);
+  EXPECT_EQ(mine.device, 0);
+  EXPECT_TRUE(mine.refusal.empty()) << mine.refusal;
+  // Two of them given the same GPU: refused, naming the GPU and how ranks pick, with what to do.
+  const std::vector<std::string> two = {"0000:10:00.0", "0000:11:00.0", "0000:10:00.0", "0000:13:00.0"};
+  EXPECT_EQ(MostRanksOnOneGpu(two), 2);
+  const internal::GpuPlacement refused = PlaceRankOnGpu(2, 4, 1, 22809, nullptr, two);
+  EXPECT_EQ(refused.device, -1);
+  for (const char* part : {"2 of this node's 4 ranks would run on GPU 0000:10:00.0", "local rank % its 1 visible",
+                           "NCCL_MULTI_RANK_GPU_ENABLE=1", "each taking a different one", "Comm::OpenMpi"}) {
+    EXPECT_NE(refused.refusal.find(part), std::string::npos) << part << " not in: " << refused.refusal;
+  }
+  // ... unless the NCCL lets them share.
+  EXPECT_EQ(PlaceRankOnGpu(2, 4, 1, 23007, "1", two).device, 0);
+  // The ids overrule the count both ways: 2 ranks seeing 2 GPUs in crossed orders ("1,0" and "0,1") both land on
+  // GPU 1; by count (2 ranks, 2 devices) they would not share.
+  EXPECT_EQ(PlaceRankOnGpu(1, 2, 2, 22809, nullptr, {"0000:11:00.0", "0000:11:00.0"}).device, -1);
+  EXPECT_EQ(PlaceRankOnGpu(1, 2, 2, 22809, nullptr).device, 1);
+}
+
 // NCCL takes NCCL_MULTI_RANK_GPU_ENABLE from its configuration files too (the environment first, then the user's
 // file, then /etc/nccl.conf): OpenNccl reads it the same way, or it would refuse a node NCCL accepts.
 TEST(NcclPlacementTest, TheParameterComesFromTheEnvironmentThenTheConfigurationFiles) {
@@ -148,6 +177,62 @@ TEST(NcclCommTest, OpensOnEveryRankOrFailsOnEveryRankSayingWhy) {
   double x = 1.0;
   ASSERT_TRUE(mpi->AllReduce(&x, &x, 1, DType::kF64, ReduceOp::kSum).ok());
   EXPECT_EQ(x, WorldSize());
+}
+
+// OpenNccl under any launch: the outcome this case predicts from the GPUs' PCI bus ids (each rank's candidate,
+// local rank % its visible devices, gathered over the node) is the one OpenNccl reaches. Ranks on GPUs of their own
+// open, each on its candidate; ranks on one GPU without NCCL_MULTI_RANK_GPU_ENABLE are refused naming that GPU. The
+// emulated build runs it under per-rank visible devices too (ctest nccl_comm_test.visible_*: the stand-in's
+// ZERO_FAKE_CUDA_VISIBLE_DEVICES, like a launcher's per-rank CUDA_VISIBLE_DEVICES); on the H200 at 2 ranks without
+// the variable it expects the refusal, and without a GPU the "no device" one.
+TEST(NcclCommTest, OpensExactlyWhenTheNodesRanksHaveGpusOfTheirOwn) {
+  MPI_Comm local = MPI_COMM_NULL;
+  MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, WorldRank(), MPI_INFO_NULL, &local);
+  int local_rank = 0, local_ranks = 1;
+  MPI_Comm_rank(local, &local_rank);
+  MPI_Comm_size(local, &local_ranks);
+  int devices = 0;
+  char id[32] = {};
+#if defined(ZERO_WITH_CUDA)
+  if (cudaGetDeviceCount(&devices) != cudaSuccess) {
+    devices = 0;
+    (void)cudaGetLastError();
+  }
+  if (devices > 0) {
+    EXPECT_EQ(cudaDeviceGetPCIBusId(id, sizeof(id), local_rank % devices), cudaSuccess);
+  }
+#endif
+  std::vector<char> ids(static_cast<size_t>(local_ranks) * sizeof(id));
+  MPI_Allgather(id, sizeof(id), MPI_CHAR, ids.data(), sizeof(id), MPI_CHAR, local);
+  MPI_Comm_free(&local);
+  std::vector<std::string> node;
+  for (int r = 0; r < local_ranks; ++r) {
+    const char* p = ids.data() + static_cast<size_t>(r) * sizeof(id);
+    if (p[0] != '\0') node.emplace_back(p);
+  }
+  int have = node.size() == static_cast<size_t>(local_ranks) ? 1 : 0, all_have = 0;
+  MPI_Allreduce(&have, &all_have, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  const int most = all_have ? internal::MostRanksOnOneGpu(node) : 0;
+  const bool sharing_asked = std::getenv("NCCL_MULTI_RANK_GPU_ENABLE") != nullptr;
+
+  Status s;
+  auto comm = OpenNcclWorld(&s);
+  if (!all_have) {
+    EXPECT_EQ(s.code(), StatusCode::kUnavailable) << "a rank without a GPU: " << s.ToString();
+  } else if (most == 1) {
+    ASSERT_TRUE(s.ok()) << "every rank of the node has a GPU of its own (bus ids), yet: " << s.ToString();
+    EXPECT_EQ(comm->cuda_device(), local_rank % devices);
+  } else if (!sharing_asked) {
+    EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.ToString();
+    EXPECT_NE(s.message().find(std::to_string(most) + " of this node's " + std::to_string(local_ranks) +
+                               " ranks would run on GPU"),
+              std::string::npos)
+        << s.ToString();
+  }
+  if (WorldRank() == 0) {
+    std::printf("[ placement ] %d local rank(s), %d visible device(s) each on rank 0, at most %d on one GPU: %s\n",
+                local_ranks, devices, most, s.ok() ? "opened" : s.message().c_str());
+  }
 }
 
 // For trainers without mpi.h (the libtorch example): NCCL bootstrapped over a zero Comm's MPI communicator opens

@@ -121,9 +121,12 @@ class Comm {
   static Status FromMpiComm(int64_t mpi_comm_fortran_handle, const CommOptions& options,
                             std::unique_ptr<Comm>* comm);
   // A communicator over NCCL on CUDA devices, bootstrapped over the given MPI communicator (Fortran handle;
-  // MPI must be initialized): each rank uses GPU (node-local rank % GPUs per node). Buffers must be device
-  // memory. Every rank returns Unavailable, saying why, when any rank has no usable GPU or this build has no
-  // NCCL. Unlike OpenMpi's Comm, Abort must be called from the thread that issues the collectives.
+  // MPI must be initialized): each rank uses its visible device (node-local rank % visible devices), so a launcher
+  // may give each rank all of the node's GPUs or its own (per-rank CUDA_VISIBLE_DEVICES). Two ranks of a node on
+  // one GPU (by PCI bus id) are refused unless NCCL >= 2.30 runs with NCCL_MULTI_RANK_GPU_ENABLE=1. Buffers must be
+  // device memory. Every rank returns Unavailable, saying why, when any rank has no usable GPU, ranks would share
+  // one without that, or this build has no NCCL. Unlike OpenMpi's Comm, Abort must be called from the thread that
+  // issues the collectives.
   static Status OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& options, std::unique_ptr<Comm>* comm);
   // The same, bootstrapped over the MPI communicator of `mpi`, a Comm from OpenMpi or FromMpiComm (collective over
   // its ranks), for trainers that do not include mpi.h. `mpi` must outlive the NCCL Comm when it owns MPI (OpenMpi

@@ -110,6 +110,9 @@ enum FakeCudaDataType : int {
 using cudaDataType = FakeCudaDataType;
 
 cudaError_t cudaGetDeviceCount(int* count);
+// "0000:BB:00.0", BB = 0x10 + the machine's GPU behind `device` (ZERO_FAKE_CUDA_VISIBLE_DEVICES, like
+// CUDA_VISIBLE_DEVICES, lists them; by default ordinal d is GPU d).
+cudaError_t cudaDeviceGetPCIBusId(char* id, int len, int device);
 cudaError_t cudaSetDevice(int device);
 cudaError_t cudaGetDevice(int* device);
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);

@@ -80,6 +80,7 @@ struct State {
   int64_t peak_bytes = 0;
   int64_t capacity = int64_t{16} << 30;  // each device's
   int devices = 1;
+  int physical[kMaxDevices] = {0, 1, 2, 3, 4, 5, 6, 7};  // the machine's GPU behind each visible ordinal
   int64_t device_bytes[kMaxDevices] = {};
   int access_depth = 0;                        // DeviceAccess nesting: > 0 while device memory is readable and writable
   std::shared_ptr<Queue> legacy[kMaxDevices];  // each device's legacy default stream (nullptr)
@@ -93,6 +94,18 @@ State& S() {
     state->deferred = env != nullptr && std::strcmp(env, "1") == 0;
     const char* devices = std::getenv("ZERO_FAKE_CUDA_DEVICES");
     if (devices != nullptr) state->devices = std::clamp(std::atoi(devices), 1, kMaxDevices);
+    // As CUDA_VISIBLE_DEVICES: the machine's GPUs this process sees, in order (a launcher gives each rank its own);
+    // it sets the device count, and cudaDeviceGetPCIBusId names the machine's GPU behind an ordinal.
+    if (const char* visible = std::getenv("ZERO_FAKE_CUDA_VISIBLE_DEVICES"); visible != nullptr && *visible != '\0') {
+      int n = 0;
+      for (const char* c = visible; *c != '\0' && n < kMaxDevices;) {
+        state->physical[n++] = std::clamp(std::atoi(c), 0, kMaxDevices - 1);
+        const char* comma = std::strchr(c, ',');
+        if (comma == nullptr) break;
+        c = comma + 1;
+      }
+      state->devices = std::max(n, 1);
+    }
     for (auto& q : state->legacy) q = std::make_shared<Queue>();
     return state;
   }();
@@ -386,6 +399,16 @@ cudaError_t cudaGetDeviceCount(int* count) {
   if (count == nullptr) return fake_cuda::Fail(cudaErrorInvalidValue);
   std::lock_guard<std::recursive_mutex> lock(S().mu);
   *count = S().devices;
+  return cudaSuccess;
+}
+
+// A bus id per machine GPU ("0000:1N:00.0" for GPU N), so that ranks that see one GPU under different ordinals
+// name it alike, and different GPUs differently.
+cudaError_t cudaDeviceGetPCIBusId(char* id, int len, int device) {
+  if (id == nullptr || len < 13) return fake_cuda::Fail(cudaErrorInvalidValue);
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (device < 0 || device >= S().devices) return fake_cuda::Fail(cudaErrorInvalidDevice);
+  std::snprintf(id, static_cast<size_t>(len), "0000:%02X:00.0", 0x10 + S().physical[device]);
   return cudaSuccess;
 }
 
