@@ -658,6 +658,9 @@ TEST(NcclCommPeerTest, StalledPeerEndsInTimeoutOnTheOthers) {
   constexpr auto kTimeout = std::chrono::milliseconds(3'000);
   Status s;
   auto comm = OpenNcclWorld(&s, kTimeout);
+  // An init that did not finish within kTimeout is this case's own doing, not a missing GPU: it fails, saying so.
+  ASSERT_EQ(s.message().find("timed out"), std::string::npos)
+      << "NCCL's init needed more than this case's " << kTimeout.count() << " ms (raise kTimeout): " << s.ToString();
   if (!s.ok()) GTEST_SKIP() << "no GPU: " << s.message();
 #if defined(ZERO_WITH_CUDA)
   const char* victim_env = std::getenv("ZERO_NCCL_TEST_VICTIM");
