@@ -3,6 +3,7 @@
 // copies to the device, zeroing offloaded host state), and a failed call is not reported again by the next
 // kernel launch. Without a GPU (the machines that build and test zero), opening it must fail with Unavailable and
 // say why, never crash. The GPU cases run through scripts/gpu/ (no CPU twin can show stream ordering).
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -217,6 +218,34 @@ TEST(CudaDeviceTest, ATrainersOwnStreamIsTheComputeStream) {
     ASSERT_TRUE(testing::StreamSynchronize(stream).ok());
   }
   testing::DestroyStream(stream);
+}
+
+// The runtime's special handles as Options::cuda_stream: cudaStreamLegacy is the legacy default stream (Open accepts
+// it as nullptr), cudaStreamPerThread names another stream in each host thread and is refused, saying what to pass.
+TEST(CudaDeviceTest, SpecialStreamHandlesAreMappedOrRefused) {
+  // Their values in the runtime's driver_types.h (this test builds without the CUDA headers too).
+  void* const legacy = reinterpret_cast<void*>(uintptr_t{0x1});
+  void* const per_thread = reinterpret_cast<void*>(uintptr_t{0x2});
+  int count = 0;
+  if (!testing::CudaDeviceCount(&count).ok()) GTEST_SKIP() << "no CUDA device on this machine (GPU test)";
+  std::unique_ptr<Device> device;
+  Status s = NewCudaDevice(0, legacy, &device);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  {
+    BusyComputeStream busy(device.get());  // compute-side work on the legacy stream, read back through it
+    busy.Queue();
+    std::vector<float> got(static_cast<size_t>(BusyComputeStream::kElements));
+    ASSERT_TRUE(device->CopyToHost(got.data(), busy.acc().data(), BusyComputeStream::kElements * 4).ok());
+    EXPECT_EQ(got.front(), 32.0f);
+    EXPECT_EQ(got.back(), 32.0f);
+  }  // its buffers go back to the device before the device goes
+  device.reset();
+  s = NewCudaDevice(0, per_thread, &device);
+  EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
+  for (const char* part : {"Options::cuda_stream", "cudaStreamPerThread", "cudaStreamCreateWithFlags", "nullptr"}) {
+    EXPECT_NE(s.message().find(part), std::string::npos) << part << " not in: " << s.ToString();
+  }
+  EXPECT_EQ(device, nullptr);
 }
 
 // A stream of another device cannot be the compute stream (cudaEventRecord of the device's events on it fails):

@@ -101,9 +101,10 @@ struct Options {
   // it, makes it wait for gathers (Acquire, Param) and runs its own compute-side work there (the optimizer,
   // gradient zeroing, the norm). Its synchronous calls (InitParams, Load, Save, GatherFull's host reads) first
   // wait for the work already on it. nullptr (default): the legacy default stream, which is what kernels
-  // launched without a stream use and PyTorch's default stream. A stream of another device is refused at Open
-  // (an event of the device recorded on it must succeed). Per rank: ranks may pass different streams. Must be
-  // null with Backend::kCpu.
+  // launched without a stream use and PyTorch's default stream (cudaStreamLegacy means the same). A stream of
+  // another device is refused at Open (an event of the device recorded on it must succeed), and so is
+  // cudaStreamPerThread, which names another stream in each host thread. Per rank: ranks may pass different
+  // streams. Must be null with Backend::kCpu.
   void* cuda_stream = nullptr;
 
   // Parameters as the trainer computes with them: kF32, kBF16 or kF16. With bf16/fp16 the engine keeps an fp32

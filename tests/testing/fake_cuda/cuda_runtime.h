@@ -70,6 +70,11 @@ using cudaMemcpyKind = FakeCudaMemcpyKind;
 // Streams: nullptr is the legacy default stream; others come from cudaStreamCreate*.
 struct FakeCudaStream;
 using cudaStream_t = FakeCudaStream*;
+// The runtime's special handles (as its driver_types.h defines them): the legacy default stream by name, and the
+// calling host thread's per-thread default stream. The stand-in takes neither as a stream to launch on: code that
+// must handle them maps or refuses them first.
+#define cudaStreamLegacy (reinterpret_cast<cudaStream_t>(0x1))
+#define cudaStreamPerThread (reinterpret_cast<cudaStream_t>(0x2))
 struct FakeCudaEvent;
 using cudaEvent_t = FakeCudaEvent*;
 
