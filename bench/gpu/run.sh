@@ -51,7 +51,43 @@ phase() {  # phase NAME COMMAND...: runs it, records its wall time and exit stat
 }
 start=$SECONDS
 if wanted bench; then
-  phase zero_bench_gpu "${launcher[@]}" "$build/bench/zero_bench_gpu" "${q[@]}" --out="$out" --benchmark_color=false
+  # One process per group of rows, merged into OUT/zero_bench_gpu.json: Google Benchmark closes its JSON only at
+  # the end, so a crash or an out-of-memory kill (the offloaded step pins ~18 GB of host memory) would otherwise
+  # leave a truncated file and lose every row of the run. Costs a CUDA context and an MPI start per group.
+  parts=$out/zero_bench_gpu_parts
+  mkdir -p "$parts"
+  rm -f "$parts"/*.json
+  groups=(kernels '^(Optimizer|Norm|OffloadCopy)/' offload '^OffloadStep/' engine '^(EngineOverhead|Prefetch)/')
+  part_files=()
+  for ((g = 0; g < ${#groups[@]}; g += 2)); do
+    part_files+=("$parts/${groups[g]}.json")
+    phase "zero_bench_gpu_${groups[g]}" "${launcher[@]}" "$build/bench/zero_bench_gpu" "${q[@]}" \
+      --benchmark_filter="${groups[g + 1]}" --benchmark_out="$parts/${groups[g]}.json" --benchmark_out_format=json \
+      --benchmark_color=false
+  done
+  # The context of the first part that completed (clocks_after and host_memory_after from the last), every row.
+  "$python" - "$out/zero_bench_gpu.json" "${part_files[@]}" <<'EOF'
+import json, os, sys
+docs = []
+for path in sys.argv[2:]:
+    if not os.path.exists(path):
+        continue
+    try:
+        with open(path) as f:
+            docs.append(json.load(f))
+    except ValueError as e:
+        print(f"run.sh: {path} is not complete JSON ({e}): that group's rows are lost", file=sys.stderr)
+if docs:
+    ctx = dict(docs[0].get("context", {}))
+    for key in ("clocks_after", "host_memory_after"):
+        if key in docs[-1].get("context", {}):
+            ctx[key] = docs[-1]["context"][key]
+    ctx["processes"] = str(len(docs))
+    merged = {"context": ctx, "benchmarks": [b for d in docs for b in d.get("benchmarks", [])]}
+    with open(sys.argv[1], "w") as f:
+        json.dump(merged, f, indent=2)
+    print(f"run.sh: {len(merged['benchmarks'])} rows from {len(docs)} processes in {sys.argv[1]}")
+EOF
 fi
 if wanted card24; then
   phase zero_bench_gpu_card24 "${launcher[@]}" "$build/bench/zero_bench_gpu_card24" "${q[@]}" --out="$out" \
