@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -111,6 +112,12 @@ bool StartGpuBenchmark(int* argc, char** argv, std::vector<std::string>* storage
   return true;
 }
 
+int64_t MemInfoBytes(const char* key) {
+  const std::string v = FirstMatch("/proc/meminfo", (std::string(key) + ":").c_str());  // "123456 kB"
+  if (v.empty()) return -1;
+  return std::atoll(v.c_str()) * (v.find("kB") != std::string::npos ? 1024 : 1);
+}
+
 std::string NvidiaSmi(const std::string& fields) {
   return Capture("nvidia-smi --query-gpu=" + fields + " --format=csv,noheader -i 0");
 }
@@ -176,7 +183,8 @@ void AddClocksAfter(const std::string& json_path) {
   for (char& c : value) {
     if (c == '"' || c == '\\') c = '\'';
   }
-  text.insert(at + key.size(), "\n    \"clocks_after\": \"" + value + "\",");
+  text.insert(at + key.size(), "\n    \"clocks_after\": \"" + value + "\",\n    \"host_memory_after\": \"" +
+                                    FirstMatch("/proc/meminfo", "MemTotal") + "\",");
   std::ofstream(json_path) << text;
 }
 
