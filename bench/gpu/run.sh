@@ -4,7 +4,8 @@
 # bench/report.py renders into the GPU section of docs/BENCHMARKS.md (commit them under bench/results/gpu/).
 #
 #   zero_bench_gpu          optimizer kernels, gradient norm, offload copies, offloaded step, engine overhead at
-#                           stages 0-3, stage-3 prefetch            -> OUT/zero_bench_gpu.json
+#                           stages 0-3, stage-3 prefetch            -> OUT/zero_bench_gpu.json (three processes:
+#                           kernel rows, offloaded step, engine rows; their JSON in OUT/zero_bench_gpu_parts/)
 #   zero_bench_gpu_card24   the "24 GB card": Stage::kAuto under a 24 GiB capacity -> OUT/zero_bench_gpu_card24.json
 #   lora_vs_torch.sh        the LoRA example at SmolLM2's shape against PyTorch     -> OUT/lora_vs_torch.json
 #
@@ -17,8 +18,8 @@
 #   --mpiexec  launcher for the MPI programs, e.g. "$Z/deps/bin/mpiexec -n 1 --bind-to none" (default: none,
 #              each runs as a singleton MPI process)
 #   --only     a comma-separated subset of bench,card24,lora
-# Expected wall time on an H200 (estimates until a run measures them): quick about 70 s + 35 s + 60 s; full about
-# 5 + 2 + 3 minutes.
+# Expected wall time on an H200 (estimates until a run measures them): quick about 75 s (15 kernel rows, 30
+# offloaded step at 1.1B, 30 engine rows) + 20 s + 70 s, close to the GPU run's 200 s; full about 5 + 2 + 3 minutes.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 quick=0 build=build out=bench/results/gpu python=python3 mpiexec="" only=bench,card24,lora
