@@ -157,9 +157,15 @@ void AddGpuContext() {
     benchmark::AddCustomContext("nccl", std::to_string(nccl / 10000) + "." + std::to_string(nccl / 100 % 100) + "." +
                                             std::to_string(nccl % 100));
   }
-  benchmark::AddCustomContext("cublas", std::to_string(cublasGetCudartVersion()) + " (cudart it was built for); " +
-                                            "library " + std::to_string(CUBLAS_VER_MAJOR) + "." +
-                                            std::to_string(CUBLAS_VER_MINOR) + " headers");
+  // The cuBLAS loaded at run time (cublasGetProperty needs no handle), beside the headers built against.
+  int blas_major = -1, blas_minor = -1, blas_patch = -1;
+  cublasGetProperty(MAJOR_VERSION, &blas_major);
+  cublasGetProperty(MINOR_VERSION, &blas_minor);
+  cublasGetProperty(PATCH_LEVEL, &blas_patch);
+  benchmark::AddCustomContext("cublas", std::to_string(blas_major) + "." + std::to_string(blas_minor) + "." +
+                                            std::to_string(blas_patch) + " (built against " +
+                                            std::to_string(CUBLAS_VER_MAJOR) + "." + std::to_string(CUBLAS_VER_MINOR) +
+                                            ", cudart " + std::to_string(cublasGetCudartVersion()) + ")");
   benchmark::AddCustomContext("clocks_before", NvidiaSmi("clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
                                                          "temperature.gpu,power.draw,pstate"));
   benchmark::AddCustomContext("cpu", FirstMatch("/proc/cpuinfo", "model name"));
