@@ -210,7 +210,7 @@ def summary(recs):
                 continue
         elif key == "lora":
             w = worst([r["ratio"] for r in rows], rule)
-            text = ", ".join(f"{r['batch']}×{r['seq']}×{r['micro']} stage {r['stage']}: {r['tokens_per_s']:,.0f} "
+            text = ", ".join(f"{r['batch']}×{r['seq']}×{r['micro']} stage {r['stage']}: {r['tokens_per_s'] or 0:,.0f} "
                              f"vs {r['torch_tokens_per_s'] or 0:,.0f} tok/s" for r in rows)
         elif key == "card24":
             r = rows[0]

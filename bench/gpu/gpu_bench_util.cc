@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -111,6 +112,12 @@ bool StartGpuBenchmark(int* argc, char** argv, std::vector<std::string>* storage
   return true;
 }
 
+int64_t MemInfoBytes(const char* key) {
+  const std::string v = FirstMatch("/proc/meminfo", (std::string(key) + ":").c_str());  // "123456 kB"
+  if (v.empty()) return -1;
+  return std::atoll(v.c_str()) * (v.find("kB") != std::string::npos ? 1024 : 1);
+}
+
 std::string NvidiaSmi(const std::string& fields) {
   return Capture("nvidia-smi --query-gpu=" + fields + " --format=csv,noheader -i 0");
 }
@@ -150,9 +157,15 @@ void AddGpuContext() {
     benchmark::AddCustomContext("nccl", std::to_string(nccl / 10000) + "." + std::to_string(nccl / 100 % 100) + "." +
                                             std::to_string(nccl % 100));
   }
-  benchmark::AddCustomContext("cublas", std::to_string(cublasGetCudartVersion()) + " (cudart it was built for); " +
-                                            "library " + std::to_string(CUBLAS_VER_MAJOR) + "." +
-                                            std::to_string(CUBLAS_VER_MINOR) + " headers");
+  // The cuBLAS loaded at run time (cublasGetProperty needs no handle), beside the headers built against.
+  int blas_major = -1, blas_minor = -1, blas_patch = -1;
+  cublasGetProperty(MAJOR_VERSION, &blas_major);
+  cublasGetProperty(MINOR_VERSION, &blas_minor);
+  cublasGetProperty(PATCH_LEVEL, &blas_patch);
+  benchmark::AddCustomContext("cublas", std::to_string(blas_major) + "." + std::to_string(blas_minor) + "." +
+                                            std::to_string(blas_patch) + " (built against " +
+                                            std::to_string(CUBLAS_VER_MAJOR) + "." + std::to_string(CUBLAS_VER_MINOR) +
+                                            ", cudart " + std::to_string(cublasGetCudartVersion()) + ")");
   benchmark::AddCustomContext("clocks_before", NvidiaSmi("clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,"
                                                          "temperature.gpu,power.draw,pstate"));
   benchmark::AddCustomContext("cpu", FirstMatch("/proc/cpuinfo", "model name"));
@@ -176,7 +189,8 @@ void AddClocksAfter(const std::string& json_path) {
   for (char& c : value) {
     if (c == '"' || c == '\\') c = '\'';
   }
-  text.insert(at + key.size(), "\n    \"clocks_after\": \"" + value + "\",");
+  text.insert(at + key.size(), "\n    \"clocks_after\": \"" + value + "\",\n    \"host_memory_after\": \"" +
+                                    FirstMatch("/proc/meminfo", "MemTotal") + "\",");
   std::ofstream(json_path) << text;
 }
 

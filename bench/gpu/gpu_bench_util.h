@@ -44,6 +44,10 @@ bool StartGpuBenchmark(int* argc, char** argv, std::vector<std::string>* storage
 void AddGpuContext();
 void AddClocksAfter(const std::string& json_path);
 
+// A /proc/meminfo line in bytes ("MemAvailable", "MemTotal"), or -1 when absent. The GPU machine's host memory
+// starts lower than its 128 GiB and grows: the host-heavy rows record what was there when they started.
+int64_t MemInfoBytes(const char* key);
+
 // "nvidia-smi --query-gpu=<fields> --format=csv,noheader" or "" when it is missing.
 std::string NvidiaSmi(const std::string& fields);
 
