@@ -113,6 +113,25 @@ struct NcclFamily {
   std::vector<NcclComm*> members;
 };
 
+// NcclComm's own buffers (the barrier's scratch word, the staging buffer) are stream-ordered allocations on its
+// stream where the device has memory pools: a cudaFree waits for the whole device, so a collective of another
+// communicator stuck on a dead peer would hang it with no timeout. A device without pools (some virtualized GPUs
+// refuse cudaMallocAsync) gets cudaMalloc and cudaFree, and that hazard back, rather than no NCCL at all.
+bool HasMemoryPools(int device) {
+  int pools = 0;
+  if (cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return pools != 0;
+}
+cudaError_t AllocOn(int device, void** p, size_t bytes, cudaStream_t stream) {
+  return HasMemoryPools(device) ? cudaMallocAsync(p, bytes, stream) : cudaMalloc(p, bytes);
+}
+cudaError_t FreeOn(int device, void* p, cudaStream_t stream) {
+  return HasMemoryPools(device) ? cudaFreeAsync(p, stream) : cudaFree(p);
+}
+
 class NcclComm final : public Comm {
  public:
   NcclComm(ncclComm_t comm, cudaStream_t stream, void* scratch, int device, int rank, int world,
@@ -157,11 +176,11 @@ class NcclComm final : public Comm {
     }
     for (const InFlight& f : inflight_) cudaEventDestroy(f.event);
     for (cudaEvent_t e : free_events_) cudaEventDestroy(e);
-    // Stream-ordered frees (both were allocated on stream_): cudaFree would wait for the whole device, so a
+    // Stream-ordered frees where the device has pools (AllocOn): cudaFree would wait for the whole device, so a
     // collective of another communicator stuck on a dead peer (the family's other member, say) would hang this
     // destructor with no timeout.
-    cudaFreeAsync(scratch_, stream_);
-    if (stage_ != nullptr) cudaFreeAsync(stage_, stream_);
+    (void)FreeOn(device_, scratch_, stream_);
+    if (stage_ != nullptr) (void)FreeOn(device_, stage_, stream_);
     if (order_event_ != nullptr) cudaEventDestroy(order_event_);
     if (family_event_ != nullptr) cudaEventDestroy(family_event_);
     cudaStreamDestroy(stream_);
@@ -420,7 +439,7 @@ class NcclComm final : public Comm {
     cudaStream_t stream = nullptr;
     void* scratch = nullptr;
     cudaError_t crc = Reported(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    if (crc == cudaSuccess) crc = Reported(cudaMallocAsync(&scratch, sizeof(float), stream));  // see ~NcclComm
+    if (crc == cudaSuccess) crc = Reported(AllocOn(device_, &scratch, sizeof(float), stream));  // see ~NcclComm
     // Barrier uses the scratch word on the caller's stream too: the allocation must have happened first (a new,
     // empty stream: this waits for nothing else).
     if (crc == cudaSuccess) crc = Reported(cudaStreamSynchronize(stream));
@@ -532,7 +551,7 @@ class NcclComm final : public Comm {
       AbortNccl();  // peers wait for this rank's part
       return broken_;
     }
-    const cudaError_t crc = cudaMallocAsync(&stage_, largest, stream_);
+    const cudaError_t crc = AllocOn(device_, &stage_, largest, stream_);
     if (crc != cudaSuccess) {
       stage_ = nullptr;
       return CudaBreak(call, crc);
@@ -765,9 +784,9 @@ std::string RefusedNcclSettings() {
 }
 
 // Frees what OpenNccl made before a communicator owned it.
-void ReleaseOpenResources(ncclComm_t nccl, cudaStream_t stream, void* scratch) {
+void ReleaseOpenResources(ncclComm_t nccl, cudaStream_t stream, void* scratch, int device) {
   if (nccl != nullptr) ncclCommAbort(nccl);
-  if (scratch != nullptr) cudaFreeAsync(scratch, stream);  // allocated on `stream`
+  if (scratch != nullptr) (void)FreeOn(device, scratch, stream);  // allocated by AllocOn on `stream`
   if (stream != nullptr) cudaStreamDestroy(stream);
   (void)cudaGetLastError();
 }
@@ -863,8 +882,8 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   cudaStream_t stream = nullptr;
   void* scratch = nullptr;
   if (crc == cudaSuccess) crc = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-  // On the stream, as every buffer of NcclComm: freed there too, never with cudaFree (see ~NcclComm).
-  if (crc == cudaSuccess) crc = cudaMallocAsync(&scratch, sizeof(float), stream);
+  // On the stream where the device has pools, as every buffer of NcclComm (AllocOn, ~NcclComm).
+  if (crc == cudaSuccess) crc = AllocOn(device, &scratch, sizeof(float), stream);
   // Barrier uses the scratch word on the caller's stream too: the allocation must have happened first (a new, empty
   // stream: this waits for nothing else).
   if (crc == cudaSuccess) crc = cudaStreamSynchronize(stream);
@@ -874,7 +893,7 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   ok = crc == cudaSuccess ? 1 : 0;
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, parent);
   if (!all_ok) {
-    ReleaseOpenResources(nullptr, stream, scratch);
+    ReleaseOpenResources(nullptr, stream, scratch, device);
     return Status::Unavailable(where + ": " +
                                (crc != cudaSuccess ? std::string("CUDA device ") + std::to_string(device) + ": " +
                                                          cudaGetErrorString(crc)
@@ -896,7 +915,7 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, parent);
   if (!all_ok) {
     const std::string last = nccl != nullptr && rc != ncclSuccess ? ncclGetLastError(nccl) : "";
-    ReleaseOpenResources(nccl, stream, scratch);
+    ReleaseOpenResources(nccl, stream, scratch, device);
     const std::string detail = rc == ncclInProgress ? "timed out after " + std::to_string(options.timeout.count()) +
                                                           " ms"
                                : rc != ncclSuccess ? std::string(ncclGetErrorString(rc)) +

@@ -103,16 +103,40 @@ void ForEachRow(int64_t rows, const F& f) {
 }
 
 // Device memory for a Workspace: stream-ordered, so the arena (or a buffer outside it) may be released while
-// kernels that use it are still queued.
+// kernels that use it are still queued. A device without memory pools (some virtualized GPUs refuse
+// cudaMallocAsync) gets cudaMalloc and cudaFree, which waits for the device's queued work before it frees.
 class DeviceMemory : public RawMemory {
  public:
   void* Allocate(int64_t bytes) override {
     void* p = nullptr;
-    LORA_CUDA(cudaMallocAsync(&p, static_cast<size_t>(bytes), kStream));
+    if (Pools()) {
+      LORA_CUDA(cudaMallocAsync(&p, static_cast<size_t>(bytes), kStream));
+    } else {
+      LORA_CUDA(cudaMalloc(&p, static_cast<size_t>(bytes)));
+    }
     return p;
   }
-  void Free(void* p) override { cudaFreeAsync(p, kStream); }  // a failure surfaces at the next checked call
+  void Free(void* p) override {  // a failure surfaces at the next checked call
+    if (Pools()) {
+      cudaFreeAsync(p, kStream);
+    } else {
+      cudaFree(p);
+    }
+  }
   bool device() const override { return true; }
+
+ private:
+  // Whether the current device has stream-ordered memory pools, asked once per memory (one device's workspace).
+  bool Pools() {
+    if (pools_ < 0) {
+      int device = 0, v = 0;
+      LORA_CUDA(cudaGetDevice(&device));
+      pools_ = cudaDeviceGetAttribute(&v, cudaDevAttrMemoryPoolsSupported, device) == cudaSuccess && v != 0 ? 1 : 0;
+      (void)cudaGetLastError();
+    }
+    return pools_ == 1;
+  }
+  int pools_ = -1;
 };
 
 template <typename T>

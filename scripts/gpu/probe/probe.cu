@@ -167,6 +167,17 @@ static int Basics() {
   cudaDeviceGetStreamPriorityRange(&least, &greatest);
   P("device: %s cc %d.%d, %d SMs, %.1f GiB, stream priorities %d..%d", prop.name, prop.major, prop.minor,
     prop.multiProcessorCount, prop.totalGlobalMem / 1073741824.0, least, greatest);
+  // Stream-ordered memory pools: NcclComm's buffers and the LoRA model's workspace use them where the device has
+  // them, cudaMalloc/cudaFree where not.
+  int pools = 0;
+  const cudaError_t pa = cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, 0);
+  void* pool_probe = nullptr;
+  const cudaError_t pm = cudaMallocAsync(&pool_probe, 1 << 20, nullptr);
+  const cudaError_t pf = pm == cudaSuccess ? cudaFreeAsync(pool_probe, nullptr) : cudaSuccess;
+  const cudaError_t ps = cudaStreamSynchronize(nullptr);
+  cudaGetLastError();
+  P("pools: cudaDevAttrMemoryPoolsSupported=%d (%s); cudaMallocAsync(1 MiB)=%s, cudaFreeAsync=%s, sync=%s", pools,
+    E(pa), E(pm), E(pf), E(ps));
   NotReadyProbe();
   HostRegisterProbe();
   PageableCopyRaceProbe();

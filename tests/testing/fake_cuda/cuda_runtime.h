@@ -48,6 +48,7 @@ enum FakeCudaError : int {
   cudaErrorInvalidValue = 1,
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorNotSupported = 801,
   cudaErrorNoDevice = 100,
   cudaErrorInvalidDevice = 101,
   cudaErrorInvalidResourceHandle = 400,
@@ -133,6 +134,11 @@ cudaError_t cudaMalloc(T** p, size_t bytes) {
   return cudaMalloc(reinterpret_cast<void**>(p), bytes);
 }
 cudaError_t cudaFree(void* p);
+// Device attributes: only whether the device has stream-ordered memory pools (1; 0 under ZERO_FAKE_CUDA_NO_POOLS=1,
+// like a virtualized GPU without them, where cudaMallocAsync then fails with cudaErrorNotSupported).
+enum FakeCudaDeviceAttr : int { cudaDevAttrMemoryPoolsSupported = 115 };
+using cudaDeviceAttr = FakeCudaDeviceAttr;
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream);
 cudaError_t cudaFreeAsync(void* p, cudaStream_t stream);
 cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned int flags);

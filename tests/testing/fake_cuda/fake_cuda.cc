@@ -458,6 +458,8 @@ const char* cudaGetErrorString(cudaError_t e) {
       return "out of memory";
     case cudaErrorInvalidConfiguration:
       return "invalid configuration argument";
+    case cudaErrorNotSupported:
+      return "operation not supported";
     case cudaErrorNoDevice:
       return "no CUDA-capable device is detected";
     case cudaErrorInvalidDevice:
@@ -516,7 +518,26 @@ cudaError_t cudaFree(void* p) {
   return cudaSuccess;
 }
 
+namespace fake_cuda {
+bool NoPools() {
+  static const bool none = [] {
+    const char* env = std::getenv("ZERO_FAKE_CUDA_NO_POOLS");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }();
+  return none;
+}
+}  // namespace fake_cuda
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (value == nullptr || attr != cudaDevAttrMemoryPoolsSupported) return fake_cuda::Fail(cudaErrorInvalidValue);
+  std::lock_guard<std::recursive_mutex> lock(S().mu);
+  if (device < 0 || device >= S().devices) return fake_cuda::Fail(cudaErrorInvalidDevice);
+  *value = fake_cuda::NoPools() ? 0 : 1;
+  return cudaSuccess;
+}
+
 cudaError_t cudaMallocAsync(void** p, size_t bytes, cudaStream_t stream) {
+  if (fake_cuda::NoPools()) return fake_cuda::Fail(cudaErrorNotSupported);
   if (!fake_cuda::IsValidStream(stream)) return fake_cuda::Fail(cudaErrorInvalidResourceHandle);
   return cudaMalloc(p, bytes);
 }
