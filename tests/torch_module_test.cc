@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -122,27 +123,47 @@ void ZeroGradsInPlace(const std::vector<torch::Tensor>& params) {
   }
 }
 
-// Plain libtorch: one process, whole batch, torch::optim::AdamW with the same hyper-parameters.
-Trace TrainReference(Net net) {
+// The parameters of `module` that train (the frozen ones excluded).
+std::vector<torch::Tensor> Trainable(const torch::nn::Module& module) {
   std::vector<torch::Tensor> trainable;
-  for (auto& p : net->parameters()) {
+  for (const auto& p : module.parameters()) {
     if (p.requires_grad()) trainable.push_back(p);
   }
+  return trainable;
+}
+
+// The references: `steps` steps of torch::optim::AdamW with zero's hyper-parameters on `trainable`, step s
+// minimizing loss(s); after_backward(s), when given, sees the gradients before the update.
+void TorchAdamWSteps(const std::vector<torch::Tensor>& trainable, int steps,
+                     const std::function<torch::Tensor(int)>& loss,
+                     const std::function<void(int)>& after_backward = nullptr) {
   torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(kLr).betas({0.9, 0.999}).eps(1e-8).weight_decay(
                                          kWeightDecay));
-  Trace trace;
-  for (int step = 0; step < kSteps; ++step) {
-    Batch b = GlobalBatch(step);
+  for (int step = 0; step < steps; ++step) {
     ZeroGradsInPlace(trainable);  // a gradient once defined stays defined, as with 1.13's zero_grad()
-    torch::Tensor loss = torch::mse_loss(net->forward(b.x, UseSide(step)), b.y);
-    loss.backward();
-    double sq = 0.0;
-    for (auto& p : trainable) {
-      if (p.grad().defined()) sq += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
-    }
-    trace.grad_norm.push_back(std::sqrt(sq));
+    loss(step).backward();
+    if (after_backward) after_backward(step);
     opt.step();
   }
+}
+
+// Plain libtorch: one process, whole batch, torch::optim::AdamW with the same hyper-parameters.
+Trace TrainReference(Net net) {
+  const std::vector<torch::Tensor> trainable = Trainable(*net);
+  Trace trace;
+  TorchAdamWSteps(
+      trainable, kSteps,
+      [&](int step) {
+        const Batch b = GlobalBatch(step);
+        return torch::mse_loss(net->forward(b.x, UseSide(step)), b.y);
+      },
+      [&](int) {
+        double sq = 0.0;
+        for (const auto& p : trainable) {
+          if (p.grad().defined()) sq += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+        }
+        trace.grad_norm.push_back(std::sqrt(sq));
+      });
   return trace;
 }
 
@@ -507,16 +528,10 @@ TEST(TorchModuleTest, TiedWeightsAcrossUnitsMatchTorchAdamW) {
   constexpr int kMicros = 2;
   auto target = [](const Batch& b) { return torch::cat({b.y, b.y, b.y.narrow(1, 0, 1)}, 1); };  // [N, 7]
   Tied ref = MakeTied();
-  {
-    std::vector<torch::Tensor> trainable = ref->parameters();
-    torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(kLr).weight_decay(kWeightDecay));
-    for (int step = 0; step < kSteps; ++step) {
-      Batch b = GlobalBatch(step);
-      ZeroGradsInPlace(trainable);
-      torch::mse_loss(ref->forward(b.x), target(b)).backward();
-      opt.step();
-    }
-  }
+  TorchAdamWSteps(Trainable(*ref), kSteps, [&](int step) {
+    const Batch b = GlobalBatch(step);
+    return torch::mse_loss(ref->forward(b.x), target(b));
+  });
   for (Stage stage : {Stage::kGradients, Stage::kParameters}) {
     Tied net = MakeTied();
     Options o = ZeroOptions(stage);
@@ -572,19 +587,10 @@ TEST(TorchModuleTest, EvalPassBetweenStepsMatchesTorch) {
   const int world = comm->world_size(), rank = comm->rank();
   constexpr int kTrainSteps = 4;
   Net ref = MakeNet();
-  {
-    std::vector<torch::Tensor> trainable;
-    for (auto& p : ref->parameters()) {
-      if (p.requires_grad()) trainable.push_back(p);
-    }
-    torch::optim::AdamW opt(trainable, torch::optim::AdamWOptions(kLr).weight_decay(kWeightDecay));
-    for (int step = 0; step < kTrainSteps; ++step) {
-      Batch b = GlobalBatch(step);
-      ZeroGradsInPlace(trainable);
-      torch::mse_loss(ref->forward(b.x, UseSide(step)), b.y).backward();
-      opt.step();
-    }
-  }
+  TorchAdamWSteps(Trainable(*ref), kTrainSteps, [&](int step) {
+    const Batch b = GlobalBatch(step);
+    return torch::mse_loss(ref->forward(b.x, UseSide(step)), b.y);
+  });
   const Batch held_out = GlobalBatch(99);
   double want = 0.0;
   {
