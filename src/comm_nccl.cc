@@ -40,10 +40,8 @@
 // host-only CUDA and NCCL stand-ins (tests/testing/fake_cuda, tests/testing/fake_nccl).
 #include <mpi.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -815,10 +813,10 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
   int devices = 0;
   cudaError_t crc = cudaGetDeviceCount(&devices);
   if (crc != cudaSuccess) devices = 0;
-  char bus_id[32] = {};  // "" where this rank has no device: not a GPU any other rank uses
+  char bus_id[32] = {};  // "" where this rank has no device or its bus id cannot be read
   if (devices > 0 && cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), local_rank % devices) != cudaSuccess) {
     (void)cudaGetLastError();
-    std::snprintf(bus_id, sizeof(bus_id), "ordinal %d", local_rank % devices);  // the count decides, as before
+    bus_id[0] = '\0';
   }
   std::vector<char> all_ids(static_cast<size_t>(local_ranks) * sizeof(bus_id));
   MPI_Allgather(bus_id, sizeof(bus_id), MPI_CHAR, all_ids.data(), sizeof(bus_id), MPI_CHAR, local);
@@ -828,10 +826,8 @@ Status Comm::OpenNccl(int64_t mpi_comm_fortran_handle, const CommOptions& option
     const char* id = all_ids.data() + static_cast<size_t>(r) * sizeof(bus_id);
     if (id[0] != '\0') node_ids.emplace_back(id, strnlen(id, sizeof(bus_id)));
   }
-  // A bus id that could not be read counts by the device count alone (0: unknown).
-  const bool ids_known = static_cast<int>(node_ids.size()) == local_ranks &&
-                         std::none_of(node_ids.begin(), node_ids.end(),
-                                      [](const std::string& id) { return id.rfind("ordinal ", 0) == 0; });
+  // Where some rank's bus id is missing, the device count decides, as it did before bus ids.
+  const bool ids_known = static_cast<int>(node_ids.size()) == local_ranks;
   std::string why;
   internal::GpuPlacement place;
   if (crc != cudaSuccess) {

@@ -11,12 +11,13 @@
 #include <pwd.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace zero::internal {
@@ -80,24 +81,23 @@ struct GpuPlacement {
   std::string refusal;  // why this rank gets no GPU (an Unavailable message's body), or empty
 };
 
-// The most ranks of a node that would run on one physical GPU, from what each node-local rank names as the GPU it
-// would use (its candidate, local_rank % its visible devices): ids[r] is local rank r's (the PCI bus id, which is
-// what NCCL's own "Duplicate GPU" check compares). 1 when every rank has a GPU of its own. Launchers that give each
-// rank its own CUDA_VISIBLE_DEVICES (one GPU each, say) make every rank see fewer devices than the node has ranks:
-// counting devices alone would call that sharing.
-inline int MostRanksOnOneGpu(const std::vector<std::string>& ids) {
-  int most = 0;
+// The physical GPU the most ranks of a node would run on, and how many: ids[r] names the GPU local rank r would use
+// (its candidate, local_rank % its visible devices, by PCI bus id, which is what NCCL's own "Duplicate GPU" check
+// compares). A count of 1 when every rank has a GPU of its own. Launchers that give each rank its own
+// CUDA_VISIBLE_DEVICES (one GPU each, say) make every rank see fewer devices than the node has ranks: counting
+// devices alone would call that sharing.
+inline std::pair<std::string, int> BusiestGpu(const std::vector<std::string>& ids) {
+  std::map<std::string, int> ranks;
+  std::pair<std::string, int> busiest{"", 0};
   for (const std::string& id : ids) {
-    int n = 0;
-    for (const std::string& other : ids) n += other == id ? 1 : 0;
-    most = n > most ? n : most;
+    if (const int n = ++ranks[id]; n > busiest.second) busiest = {id, n};
   }
-  return most;
+  return busiest;
 }
 
 // local_rank of local_ranks ranks on this node, `gpus` visible CUDA devices, the loaded NCCL's version code, the
 // value of NCCL_MULTI_RANK_GPU_ENABLE as NCCL sees it (NcclParamValue; null when unset), and each node-local rank's
-// candidate GPU id (MostRanksOnOneGpu's ids; empty when unknown: then more ranks than visible devices is sharing).
+// candidate GPU id (BusiestGpu's ids; empty when unknown: then more ranks than visible devices is sharing).
 inline GpuPlacement PlaceRankOnGpu(int local_rank, int local_ranks, int gpus, int nccl_version,
                                    const char* multi_rank_env, const std::vector<std::string>& node_ids = {}) {
   GpuPlacement p;
@@ -105,7 +105,7 @@ inline GpuPlacement PlaceRankOnGpu(int local_rank, int local_ranks, int gpus, in
     p.refusal = "no CUDA device";
     return p;
   }
-  const int on_one_gpu = node_ids.empty() ? 0 : MostRanksOnOneGpu(node_ids);
+  const auto [collided, on_one_gpu] = BusiestGpu(node_ids);
   const bool shared = node_ids.empty() ? local_ranks > gpus : on_one_gpu > 1;
   if (!shared) {
     p.device = local_rank % gpus;
@@ -118,13 +118,6 @@ inline GpuPlacement PlaceRankOnGpu(int local_rank, int local_ranks, int gpus, in
   }
   // With the bus ids known, name the GPU the ranks collide on: the count alone cannot tell too many ranks from ranks
   // whose own CUDA_VISIBLE_DEVICES overlap.
-  std::string collided;
-  for (const std::string& id : node_ids) {
-    if (static_cast<int>(std::count(node_ids.begin(), node_ids.end(), id)) == on_one_gpu) {
-      collided = id;
-      break;
-    }
-  }
   p.refusal = (node_ids.empty() ? std::to_string(local_ranks) + " ranks on this node share its " +
                                       std::to_string(gpus) + (gpus == 1 ? " GPU" : " GPUs")
                                 : std::to_string(on_one_gpu) + " of this node's " + std::to_string(local_ranks) +

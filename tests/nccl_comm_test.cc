@@ -88,17 +88,17 @@ TEST(NcclPlacementTest, OneGpuPerRankUnlessTheNcclLetsRanksShare) {
 // launcher that gives each rank its own CUDA_VISIBLE_DEVICES makes every rank see one device on a node of many
 // ranks, and counting called that sharing (refused with NCCL < 2.30: a valid cluster layout turned away).
 TEST(NcclPlacementTest, SharingIsDecidedByBusIdsWhenTheyAreKnown) {
-  using internal::MostRanksOnOneGpu;
+  using internal::BusiestGpu;
   using internal::PlaceRankOnGpu;
   const std::vector<std::string> own = {"0000:10:00.0", "0000:11:00.0", "0000:12:00.0", "0000:13:00.0"};
-  EXPECT_EQ(MostRanksOnOneGpu(own), 1);
+  EXPECT_EQ(BusiestGpu(own).second, 1);
   // 4 ranks, each seeing one GPU of its own: each takes its device 0, with any NCCL.
   const internal::GpuPlacement mine = PlaceRankOnGpu(2, 4, 1, 22809, nullptr, own);
   EXPECT_EQ(mine.device, 0);
   EXPECT_TRUE(mine.refusal.empty()) << mine.refusal;
   // Two of them given the same GPU: refused, naming the GPU and how ranks pick, with what to do.
   const std::vector<std::string> two = {"0000:10:00.0", "0000:11:00.0", "0000:10:00.0", "0000:13:00.0"};
-  EXPECT_EQ(MostRanksOnOneGpu(two), 2);
+  EXPECT_EQ(BusiestGpu(two), std::make_pair(std::string("0000:10:00.0"), 2));
   const internal::GpuPlacement refused = PlaceRankOnGpu(2, 4, 1, 22809, nullptr, two);
   EXPECT_EQ(refused.device, -1);
   for (const char* part : {"2 of this node's 4 ranks would run on GPU 0000:10:00.0", "local rank % its 1 visible",
@@ -212,7 +212,7 @@ TEST(NcclCommTest, OpensExactlyWhenTheNodesRanksHaveGpusOfTheirOwn) {
   }
   int have = node.size() == static_cast<size_t>(local_ranks) ? 1 : 0, all_have = 0;
   MPI_Allreduce(&have, &all_have, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  const int most = all_have ? internal::MostRanksOnOneGpu(node) : 0;
+  const int most = all_have ? internal::BusiestGpu(node).second : 0;
   const bool sharing_asked = std::getenv("NCCL_MULTI_RANK_GPU_ENABLE") != nullptr;
 
   Status s;
