@@ -366,11 +366,16 @@ TEST(EngineZeroPPTest, RefusesWhatCannotWork) {
 // it), so that a GPU run covers NcclComm's Split and AllToAll, the CUDA quantization kernels inside HierarchicalComm
 // and hpZ's device-side pieces: hpZ changes no value, and hpZ + qwZ + qgZ stays within the CPU test's bounds of the
 // unquantized GPU run and gives the same bits twice. Skipped, saying why, where no GPU is usable.
+// The CUDA cases' Comm over the world (nodes of RanksPerNode()); `skip` is set only where no GPU is usable
+// (OpenCudaTestComm's one reason to return null with a reason), and the case then skips saying so.
+#define ZERO_GPU_COMM(var)                                                                                      \
+  std::string var##_skip;                                                                                       \
+  auto var = OpenCudaTestComm(MPI_COMM_WORLD, std::chrono::milliseconds(60'000), &var##_skip, RanksPerNode()); \
+  if (var == nullptr && !var##_skip.empty()) GTEST_SKIP() << var##_skip; /* no usable GPU */                    \
+  ASSERT_NE(var, nullptr)
+
 TEST(EngineZeroPPCudaTest, HpzExactAndQuantizedCloseOnTheGpu) {
-  std::string skip;
-  auto comm = OpenCudaTestComm(MPI_COMM_WORLD, std::chrono::milliseconds(60'000), &skip, RanksPerNode());
-  if (comm == nullptr && !skip.empty()) GTEST_SKIP() << skip;
-  ASSERT_NE(comm, nullptr);
+  ZERO_GPU_COMM(comm);
   auto on_gpu = [](Options o) {
     o.backend = Backend::kCuda;
     o.adamw.lr = 1e-2f;
@@ -407,10 +412,7 @@ TEST(EngineZeroPPCudaTest, HpzExactAndQuantizedCloseOnTheGpu) {
 // wherever the registration is not mapped for the device or fell back to pageable memory, and the emulated launcher
 // refuses it (an operand outside device memory). Where the shards live changes no bit.
 TEST(EngineZeroPPCudaTest, QwzWithOffloadedShardsOnTheGpu) {
-  std::string skip;
-  auto comm = OpenCudaTestComm(MPI_COMM_WORLD, std::chrono::milliseconds(60'000), &skip, RanksPerNode());
-  if (comm == nullptr && !skip.empty()) GTEST_SKIP() << skip;
-  ASSERT_NE(comm, nullptr);
+  ZERO_GPU_COMM(comm);
   Options o = ZeroPP(false, true, 0);
   o.backend = Backend::kCuda;
   o.offload_optimizer = true;
