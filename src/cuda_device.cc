@@ -358,6 +358,17 @@ Status NewCudaDevice(int ordinal, void* compute_stream, std::unique_ptr<Device>*
     return Status::InvalidArgument("CUDA device " + std::to_string(ordinal) + " does not exist; this machine has " +
                                    std::to_string(count));
   }
+  // The runtime's special handles: cudaStreamLegacy is the legacy default stream by name (as null); the handle
+  // cudaStreamPerThread names a different stream in every host thread, so the engine's calls from another thread
+  // than the one whose stream the trainer meant (a data loader's, a second trainer thread's) would order nothing
+  // with the trainer's kernels: refused, naming what to pass instead.
+  if (compute_stream == static_cast<void*>(cudaStreamLegacy)) compute_stream = nullptr;
+  if (compute_stream == static_cast<void*>(cudaStreamPerThread)) {
+    return Status::InvalidArgument(
+        "Options::cuda_stream is cudaStreamPerThread, which names another stream in every host thread; pass the "
+        "cudaStream_t of a stream you created on CUDA device " +
+        std::to_string(ordinal) + " (cudaStreamCreateWithFlags), or nullptr for the legacy default stream");
+  }
   rc = cudaSetDevice(ordinal);
   size_t free_bytes = 0, total_bytes = 0;
   if (rc == cudaSuccess) rc = cudaMemGetInfo(&free_bytes, &total_bytes);
@@ -366,18 +377,6 @@ Status NewCudaDevice(int ordinal, void* compute_stream, std::unique_ptr<Device>*
   if (rc != cudaSuccess) {
     (void)Reported(rc);
     return Status::Unavailable("CUDA device " + std::to_string(ordinal) + " cannot be used: " + cudaGetErrorString(rc));
-  }
-  // The runtime's special handles: cudaStreamLegacy is the legacy default stream by name (as null); the handle
-  // cudaStreamPerThread names a different stream in every host thread, so the engine's calls from another thread
-  // than the one whose stream the trainer meant (a data loader's, a second trainer thread's) would order nothing
-  // with the trainer's kernels: refused, naming what to pass instead.
-  if (compute_stream == static_cast<void*>(cudaStreamLegacy)) compute_stream = nullptr;
-  if (compute_stream == static_cast<void*>(cudaStreamPerThread)) {
-    cudaStreamDestroy(fill_stream);
-    return Status::InvalidArgument(
-        "Options::cuda_stream is cudaStreamPerThread, which names another stream in every host thread; pass the "
-        "cudaStream_t of a stream you created on CUDA device " +
-        std::to_string(ordinal) + " (cudaStreamCreateWithFlags), or nullptr for the legacy default stream");
   }
   // The trainer's stream must be a stream of this device: an event of the device recorded on it says so
   // (cudaEventRecord fails for a stream of another device; a destroyed handle is undefined behaviour, which the
